@@ -1,0 +1,585 @@
+"""Benchmark minikv's index server against nginx, measured in the same run.
+
+Starts a private cluster on free loopback ports in a temp dir (5 `minikv volume` servers and one
+`minikv server` with 3 replicas and 10 subvolumes) and measures the figures of DESIGN.md
+"Performance method". Every figure is taken next to an nginx reference measured moments apart
+on the same machine, so the ratios hold up on a small, noisy machine where absolute numbers don't.
+
+    .venv/bin/python bench/run.py [--quick] [--out BENCHMARKS.md]
+
+--quick runs wrk for 3 s instead of 10 s and PUTs a 64 MB file instead of 256 MB (smoke runs).
+--out rewrites the file with the command, the table and the machine; whatever follows the line
+`<!-- notes -->` in the old file is kept, so notes written by people survive reruns.
+Exit status: 0 when every measurement ran and checked out (targets missed are results, not
+failures), 1 when a check failed (wrong status codes, thrash errors, md5 mismatch), 2 on usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import http.client
+import os
+import platform
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+THRASH_LUA = BENCH_DIR / "thrash.lua"
+NOTES_MARKER = "<!-- notes -->"
+
+N_VOLUMES = 5
+REPLICAS = 3
+SUBVOLUMES = 10
+SMALL_BODY = b"x" * 1024
+HOST = "127.0.0.1"
+
+
+class BenchError(Exception):
+    """A measurement could not be made or its result is wrong: the run stops."""
+
+
+def minikv_bin() -> str:
+    # The venv that runs this script is the one minikv is installed in.
+    here = Path(sys.executable).parent / "minikv"
+    if here.exists():
+        return str(here)
+    found = shutil.which("minikv")
+    if not found:
+        raise BenchError("cannot find the minikv command (run with .venv/bin/python)")
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    # Hold all sockets open until every port is picked so the kernel can't hand out one twice.
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10.0):
+    """One request without following redirects; returns (status, headers, body)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def expect_status(port: int, method: str, path: str, want: int, body: bytes | None = None):
+    status, headers, data = http_request(port, method, path, body)
+    if status != want:
+        raise BenchError(
+            f"{method} http://{HOST}:{port}{path}: got {status}, want {want}: {data[:200]!r}"
+        )
+    return headers
+
+
+# --- the cluster -------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    port: int
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+    volume_ports: list[int] = field(default_factory=list)
+    index_port: int = 0
+
+    def start(self, name: str, argv: list[str], port: int) -> Proc:
+        log = self.tmp / "logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "wb") as out:
+            # Own session = own process group, so stop() reaches nginx and forked workers too.
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.tmp, start_new_session=True,
+            )
+        proc = Proc(name, popen, log, port)
+        self.procs.append(proc)
+        return proc
+
+    def up(self) -> None:
+        exe = minikv_bin()
+        ports = free_ports(N_VOLUMES + 1)
+        self.volume_ports, self.index_port = ports[:N_VOLUMES], ports[N_VOLUMES]
+        for i, port in enumerate(self.volume_ports):
+            vdir = self.tmp / f"volume{i}"
+            vdir.mkdir()
+            self.start(f"volume{i}", [exe, "volume", "-host", HOST, "-port", str(port), str(vdir)], port)
+        for proc in self.procs:
+            wait_http(proc, timeout=20)
+        volumes = ",".join(f"{HOST}:{p}" for p in self.volume_ports)
+        index = self.start("index", [
+            exe, "server", "-host", HOST, "-port", str(self.index_port), "-volumes", volumes,
+            "-db", str(self.tmp / "index"), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
+        ], self.index_port)
+        wait_http(index, timeout=30)
+
+    @property
+    def index(self) -> Proc:
+        return next(p for p in self.procs if p.name == "index")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is still in a group (a stuck leader, an orphaned nginx worker) goes now.
+        for proc in self.procs:
+            _signal_group(proc, signal.SIGKILL)
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                print(f"bench: warning: {proc.name} (pid {proc.popen.pid}) did not exit", file=sys.stderr)
+
+
+def _signal_group(proc: Proc, sig: int) -> None:
+    try:
+        os.killpg(proc.popen.pid, sig)  # start_new_session: the pgid is the leader's pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def log_tail(proc: Proc, lines: int = 20) -> str:
+    try:
+        return "\n".join(proc.log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_http(proc: Proc, timeout: float) -> None:
+    """Wait until the port answers HTTP (any status); fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.popen.poll() is not None:
+            raise BenchError(
+                f"{proc.name} exited with {proc.popen.returncode} before answering on port "
+                f"{proc.port}; log {proc.log}:\n{log_tail(proc)}"
+            )
+        try:
+            http_request(proc.port, "GET", "/bench-probe-not-a-key", timeout=2)
+            return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"{proc.name} did not answer on port {proc.port} within {timeout:.0f}s:\n"
+                             f"{log_tail(proc)}")
+        time.sleep(0.1)
+
+
+# --- processes of the index, for RSS ------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and all its descendants, from the ppid field of /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # comm (field 2) may hold spaces and parentheses: split after the last ')'
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def peak_rss_mb(pids: list[int]) -> dict[int, float]:
+    """VmHWM (peak resident set) of each process, in MB."""
+    peaks = {}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmHWM:\s+(\d+)\s+kB", status, re.M)
+        if m:
+            peaks[pid] = int(m.group(1)) / 1024
+    return peaks
+
+
+# --- wrk ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    non_2xx_3xx: int
+    socket_errors: dict[str, int]
+    extra: dict[str, str]
+    output: str
+
+    @property
+    def socket_error_total(self) -> int:
+        return sum(self.socket_errors.values())
+
+
+def parse_wrk(text: str) -> WrkResult:
+    rps = re.search(r"^Requests/sec:\s*([\d.]+)", text, re.M)
+    total = re.search(r"^\s*(\d+) requests in ", text, re.M)
+    if not rps or not total:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    non = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    sock = re.search(r"Socket errors:\s*connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    socket_errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    if sock:
+        socket_errors = dict(zip(socket_errors, map(int, sock.groups()), strict=True))
+    # Lines the Lua script's done() prints: "thrash_<name> <value>"
+    extra = dict(re.findall(r"^(thrash_\w+)[ \t]*(.*)$", text, re.M))
+    return WrkResult(float(rps.group(1)), int(total.group(1)), int(non.group(1)) if non else 0,
+                     socket_errors, extra, text)
+
+
+def wrk(url: str, duration: int, threads: int, conns: int, script: list[str] | None = None) -> WrkResult:
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s"]
+    if script:
+        argv += ["-s", script[0], url, "--", *script[1:]]
+    else:
+        argv.append(url)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"wrk did not finish: {shlex.join(argv)}") from e
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+# --- the figures -------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    minikv: str
+    reference: str
+    ratio: str
+    target: str
+    met: str
+
+
+@dataclass
+class Bench:
+    cluster: Cluster
+    duration: int
+    big_mb: int
+    rows: list[Row] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def check_fetch(self, name: str, res: WrkResult, all_errors: bool) -> None:
+        # wrk counts every status >= 400 as "Non-2xx or 3xx": all of them for a 404 figure,
+        # none of them for a 200/302 figure.
+        want = res.requests if all_errors else 0
+        if res.non_2xx_3xx != want:
+            self.problems.append(f"{name}: {res.non_2xx_3xx} of {res.requests} responses were >= 400, "
+                                 f"expected {want}")
+        if res.socket_error_total:
+            self.notes.append(f"{name}: socket errors {res.socket_errors}")
+
+    def fetch(self) -> None:
+        c = self.cluster
+        vol = c.volume_ports[0]
+        ip = c.index_port
+        # Check by hand what wrk will hit, so a rate is never a rate of wrong answers.
+        expect_status(ip, "GET", "/bench-missing", 404)
+        expect_status(vol, "GET", "/bench/missing", 404)
+        expect_status(ip, "PUT", "/bench-present", 201, SMALL_BODY)
+        loc = expect_status(ip, "GET", "/bench-present", 302).get("Location", "")
+        if not loc:
+            raise BenchError("GET of a stored key: 302 without Location")
+        expect_status(vol, "PUT", "/bench/present", 201, SMALL_BODY)
+        expect_status(vol, "GET", "/bench/present", 200)
+
+        # A short first run so the index's workers are warm before anything counts.
+        wrk(f"http://{HOST}:{ip}/bench-missing", 1, 2, 100)
+
+        d = self.duration
+        ref404 = wrk(f"http://{HOST}:{vol}/bench/missing", d, 2, 100)
+        self.check_fetch("nginx 404", ref404, all_errors=True)
+        missing = wrk(f"http://{HOST}:{ip}/bench-missing", d, 2, 100)
+        self.check_fetch("fetch missing", missing, all_errors=True)
+        present = wrk(f"http://{HOST}:{ip}/bench-present", d, 2, 100)
+        self.check_fetch("fetch present", present, all_errors=False)
+        ref200 = wrk(f"http://{HOST}:{vol}/bench/present", d, 2, 100)
+        self.check_fetch("nginx 200", ref200, all_errors=False)
+
+        self.add_rate("fetch missing (404)", missing, ref404, "nginx 404", 1.0)
+        self.add_rate("fetch present (302)", present, ref404, "nginx 404", 0.8)
+        self.rows.append(Row("nginx present file (200), for information", "",
+                             f"{ref200.rps:,.0f} req/s", "", "", ""))
+
+    def add_rate(self, figure: str, res: WrkResult, ref: WrkResult, what: str, target: float) -> None:
+        ratio = res.rps / ref.rps
+        self.rows.append(Row(figure, f"{res.rps:,.0f} req/s", f"{ref.rps:,.0f} req/s ({what})",
+                             f"{ratio:.2f}×", f"≥ {target:.1f}×", "yes" if ratio >= target else "**no**"))
+
+    def thrash(self) -> None:
+        c = self.cluster
+        token = secrets.token_hex(4)
+        d = self.duration
+        # -t16 -c16: one connection per wrk thread, so each Lua state runs one sequential loop.
+        ref = wrk(f"http://{HOST}:{c.volume_ports[0]}", d, 16, 16,
+                  [str(THRASH_LUA), "nginx", f"/thrash/{token}"])
+        idx = wrk(f"http://{HOST}:{c.index_port}", d, 16, 16,
+                  [str(THRASH_LUA), "index", f"/thrash-{token}"])
+        errs = {}
+        for name, res in (("thrash nginx", ref), ("thrash index", idx)):
+            if "thrash_errors" not in res.extra:
+                raise BenchError(f"{name}: the Lua script printed no counters:\n{res.output}")
+            errs[name] = int(res.extra["thrash_errors"]) + res.socket_error_total
+            if errs[name]:
+                self.problems.append(
+                    f"{name}: {res.extra['thrash_errors']} unexpected statuses "
+                    f"({res.extra.get('thrash_bad', '').strip()[:120]}), socket errors {res.socket_errors}")
+        ratio = idx.rps / ref.rps
+        ok = ratio >= 0.35 and errs["thrash index"] == 0
+        self.rows.append(Row(
+            "thrash: PUT+GET+DELETE, 16 conns",
+            f"{idx.rps:,.0f} req/s, {errs['thrash index']} errors",
+            f"{ref.rps:,.0f} req/s, {errs['thrash nginx']} errors",
+            f"{ratio:.2f}×", "≥ 0.35×, 0 errors", "yes" if ok else "**no**"))
+
+    def big_put(self) -> None:
+        c = self.cluster
+        path = c.tmp / "big.bin"
+        want_md5 = hashlib.md5()
+        with open(path, "wb") as f:
+            for _ in range(self.big_mb):
+                chunk = os.urandom(1 << 20)
+                want_md5.update(chunk)
+                f.write(chunk)
+
+        ref_secs = curl_put(path, f"http://{HOST}:{c.volume_ports[0]}/bench/big")
+        idx_secs = curl_put(path, f"http://{HOST}:{c.index_port}/bigkey")
+        # Right after the PUT, before anything else could raise the peaks.
+        peaks = peak_rss_mb(descendants(c.index.popen.pid))
+        if not peaks:
+            raise BenchError("cannot read VmHWM of the index processes")
+
+        got = curl_md5(f"http://{HOST}:{c.index_port}/bigkey")
+        if got != want_md5.hexdigest():
+            raise BenchError(f"big PUT: GET through the index returned md5 {got}, "
+                             f"the file has {want_md5.hexdigest()}")
+        path.unlink()
+
+        ratio = idx_secs / ref_secs
+        self.rows.append(Row(
+            f"big PUT {self.big_mb} MB ({REPLICAS} replicas vs 1 PUT), time",
+            f"{idx_secs:.2f} s", f"{ref_secs:.2f} s (one PUT to nginx)",
+            f"{ratio:.2f}×", "≤ 2×", "yes" if ratio <= 2 else "**no**"))
+        worst = max(peaks.values())
+        self.rows.append(Row(
+            "big PUT, index peak RSS per process", f"{worst:.0f} MB (max of {len(peaks)} processes)",
+            "", "", "≤ 100 MB", "yes" if worst <= 100 else "**no**"))
+        self.notes.append("index peak RSS (VmHWM) by pid: "
+                          + ", ".join(f"{pid}: {mb:.0f} MB" for pid, mb in sorted(peaks.items())))
+
+
+def curl_put(path: Path, url: str) -> float:
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path), url]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    secs = time.perf_counter() - start
+    if done.returncode != 0 or done.stdout.strip() != "201":
+        raise BenchError(f"{shlex.join(argv)}: exit {done.returncode}, status {done.stdout.strip()!r}, "
+                         f"{done.stderr.strip()}")
+    return secs
+
+
+def curl_md5(url: str) -> str:
+    """GET with redirects followed, hashed as it streams (no copy of the file in memory)."""
+    argv = ["curl", "-sS", "-f", "-L", url]
+    md5 = hashlib.md5()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        while chunk := p.stdout.read(1 << 20):
+            md5.update(chunk)
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        if p.wait(timeout=60) != 0:
+            raise BenchError(f"{shlex.join(argv)}: exit {p.returncode}: {err.strip()}")
+    return md5.hexdigest()
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| figure | minikv | nginx reference | ratio | target | met |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.figure} | {r.minikv} | {r.reference} | {r.ratio} | {r.target} | {r.met} |" for r in rows]
+    return "\n".join(lines)
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    out = (done.stdout or done.stderr).strip().splitlines()
+    return out[0] if out else "?"
+
+
+def machine_info(n_index_procs: int) -> list[str]:
+    cpu = "?"
+    try:
+        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1) if m else cpu
+    except OSError:
+        pass
+    return [
+        f"date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"nproc: {len(os.sched_getaffinity(0))} ({cpu})",
+        f"kernel: {platform.system()} {platform.release()}",
+        f"python: {platform.python_version()} ({platform.python_implementation()})",
+        f"nginx: {first_line(['nginx', '-v']).removeprefix('nginx version: ')}",
+        f"wrk: {first_line(['wrk', '-v']).split(' Copyright')[0]}",
+        f"curl: {' '.join(first_line(['curl', '--version']).split()[:2])}",
+        f"index processes: {n_index_procs} (`minikv server` default workers)",
+    ]
+
+
+def command_line() -> str:
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(ROOT)
+    except ValueError:
+        pass
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return shlex.join([str(exe), str(script), *sys.argv[1:]])
+
+
+def write_out(path: Path, report: str) -> None:
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            kept = old.split(NOTES_MARKER, 1)[1].lstrip("\n")
+    text = report.rstrip("\n") + "\n\n" + NOTES_MARKER + "\n" + (kept if kept else "")
+    path.write_text(text)
+
+
+def render(bench: Bench, info: list[str], quick: bool) -> str:
+    d = bench.duration
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Made by `{command_line()}` from the repo root. Everything above the notes marker is "
+        "rewritten by each run; text below it is kept.",
+        "",
+        f"Each figure is minikv's index against nginx on the same machine in the same run "
+        f"(5 volumes, {REPLICAS} replicas, {SUBVOLUMES} subvolumes, all on 127.0.0.1). "
+        f"Fetches: `wrk -t2 -c100 -d{d}s`; the nginx reference is nginx answering a missing file (404). "
+        f"Thrash: `wrk -t16 -c16 -d{d}s -s bench/thrash.lua`, each connection looping PUT (1 KB), "
+        "GET (302 not followed; 200 on nginx), DELETE of fresh keys; rate is requests/s. "
+        f"Big PUT: `curl -T` of {bench.big_mb} MB of random bytes, checked by md5 through the index "
+        "(redirect followed); RSS is VmHWM of every index process right after the PUT.",
+        "",
+    ]
+    if quick:
+        parts += ["**Quick run (smoke test): shorter wrk runs and a smaller file; not the published figures.**", ""]
+    parts += [table(bench.rows), ""]
+    if bench.problems:
+        parts += ["Checks that failed:", "", *[f"- {p}" for p in bench.problems], ""]
+    if bench.notes:
+        parts += ["Details:", "", *[f"- {n}" for n in bench.notes], ""]
+    parts += ["Machine:", "", *[f"- {line}" for line in info], ""]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 s wrk runs and a 64 MB file (smoke test)")
+    ap.add_argument("--out", type=Path, help="rewrite this markdown file with the results")
+    opts = ap.parse_args(argv)
+    for tool in ("wrk", "curl", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} is not installed", file=sys.stderr)
+            return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-"))
+    # mkdtemp makes it 0700; run as root, the volumes' nginx workers drop to an unprivileged
+    # user who must be able to reach the volume folders inside.
+    tmp.chmod(0o755)
+    cluster = Cluster(tmp)
+    bench = Bench(cluster, duration=3 if opts.quick else 10, big_mb=64 if opts.quick else 256)
+    started = time.monotonic()
+    failed = True
+    try:
+        cluster.up()
+        n_index = len(descendants(cluster.index.popen.pid))
+        bench.fetch()
+        bench.thrash()
+        bench.big_put()
+        failed = False
+    except BenchError as e:
+        print(f"bench: FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+        if failed and (tmp / "logs").is_dir():
+            # The temp dir goes away; the servers' logs are what explains a failure.
+            keep = Path(tempfile.mkdtemp(prefix="minikv-bench-logs-"))
+            shutil.copytree(tmp / "logs", keep, dirs_exist_ok=True)
+            print(f"bench: server logs kept in {keep}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = render(bench, machine_info(n_index), opts.quick)
+    print(report)
+    print(f"(took {time.monotonic() - started:.0f} s)")
+    if opts.out:
+        write_out(opts.out, report)
+        print(f"wrote {opts.out}")
+    if bench.problems:
+        print("bench: some checks failed, see above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

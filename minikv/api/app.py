@@ -1,0 +1,330 @@
+"""The minikeyvalue API: what GET, HEAD, PUT, DELETE, UNLINK, REBALANCE and `?list` mean.
+
+`App.handle(request)` answers reads at once with the response bytes (one LMDB read, no network
+call, no task) and returns a coroutine for anything that talks to volumes.
+
+Order of writes (each arrow is one compare-and-set on the key's record, see index/record.py):
+- PUT: record -> PENDING(put, volumes) before the body is read; stream the body to every
+  replica at once; all answered 2xx -> LIVE -> 201. Any failure or a client that goes away:
+  delete what reached the volumes, drop the record, 5xx. A crash anywhere leaves PENDING,
+  which recovery undoes the same way.
+- DELETE: record -> PENDING(delete); delete every replica; -> absent -> 204. If a replica could
+  not be deleted the record becomes UNLINKED (unreadable, still listed by ?unlinked) and the
+  answer is a 5xx: DELETE again once the volume is back.
+- REBALANCE: record -> PENDING(rebalance); copy to the new volumes; -> LIVE on the new volumes;
+  then delete the copies on volumes no longer named. A failure before the switch deletes the
+  new copies and puts the old record back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from urllib.parse import parse_qs, unquote_to_bytes
+
+import httptools
+
+from minikv import replicas
+from minikv.config import Config
+from minikv.health import Health
+from minikv.http.client import Pool, VolumeError
+from minikv.http.response import ClientGone, HTTPError, head, http_date, response
+from minikv.http.server import Request
+from minikv.index.record import (
+    LIVE,
+    NO_MD5,
+    OP_DELETE,
+    OP_PUT,
+    OP_REBALANCE,
+    PENDING,
+    UNLINKED,
+    decode_data,
+    encode_data,
+    encode_pending,
+    with_state,
+)
+from minikv.index.store import MAX_KEY, Store
+from minikv.placement import host_of, key2path, key2volume, name_too_long
+
+MAX_LIST = 1_000_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def split_target(url: bytes) -> tuple[bytes, bytes, bytes]:
+    """(key, raw path, query) of a request target. The key is the decoded path."""
+    path, _, query = url.partition(b"?")
+    if not path.startswith(b"/"):
+        if path == b"*":
+            raise HTTPError(400, "request target `*` is not a key")
+        try:  # absolute form: http://host/key
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise HTTPError(400, "malformed request target") from None
+        path, query = parsed.path or b"/", parsed.query or b""
+    key = unquote_to_bytes(path) if b"%" in path else path
+    return key, path, query
+
+
+def check_key(key: bytes) -> None:
+    """Refuse, with the reason, a key that cannot be stored."""
+    if key == b"/":
+        raise HTTPError(400, "empty key: use PUT /<key>")
+    if b"\0" in key:
+        raise HTTPError(400, "key contains a NUL byte")
+    if len(key) > MAX_KEY:
+        raise HTTPError(414, f"key is {len(key)} bytes; the limit is {MAX_KEY}")
+    if too_long := name_too_long(key):
+        raise HTTPError(414, f"key is too long for a file name on the volumes "
+                             f"({too_long} bytes encoded, the limit is 255)")
+
+
+class App:
+    def __init__(self, config: Config, store: Store, pool: Pool, health: Health):
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.health = health
+        self.pid = os.getpid()
+        self.tasks: set[asyncio.Task] = set()
+        self.not_found = head(404)
+
+    # -- dispatch --
+    def handle(self, req: Request):
+        key, path, query = split_target(req.url)
+        method = req.method
+        if self.config.verbose:
+            print(f"{method.decode()} {req.url.decode('latin-1')}", file=sys.stderr)
+        if method == b"GET" or method == b"HEAD":
+            if query:
+                op = query.split(b"&", 1)[0]
+                if method == b"GET" and op in (b"list", b"unlinked"):
+                    return self.list(key, op, query)
+            return self.get(key, path, method == b"HEAD")
+        if method == b"PUT":
+            return self.put(req, key)
+        if method == b"DELETE":
+            return self.delete(key)
+        if method == b"UNLINK":
+            return self.unlink(key)
+        if method == b"REBALANCE":
+            return self.rebalance(key)
+        raise HTTPError(405, f"method {method.decode('latin-1')} is not supported",
+                        [("Allow", "GET, HEAD, PUT, DELETE, UNLINK, REBALANCE")])
+
+    # -- reads --
+    def get(self, key: bytes, path: bytes, is_head: bool):
+        raw = self.store.get(key) if len(key) <= MAX_KEY else None
+        if raw is None or raw[0] != LIVE:
+            if self.config.fallback:
+                return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
+            return self.not_found
+        volumes = raw[33:].decode().split(",")
+        if self.config.verify_get:
+            return self._get_verified(key, raw, volumes)
+        candidates = volumes
+        if self.health.down:
+            candidates = [v for v in volumes if host_of(v) not in self.health.down]
+            if not candidates:
+                raise HTTPError(503, "no replica of this key is on a volume that is up: "
+                                + "; ".join(self.health.reasons.get(host_of(v), host_of(v)) for v in volumes))
+        return self._redirect(key, raw, volumes, random.choice(candidates))
+
+    def _redirect(self, key: bytes, raw: bytes, volumes: list[str], volume: str) -> bytes:
+        c = self.config
+        balanced = volumes == key2volume(key, c.volumes, c.replicas, c.subvolumes)
+        md5 = raw[17:33]
+        return b"".join((
+            b"HTTP/1.1 302 Found\r\nLocation: http://", volume.encode(), key2path(key).encode(),
+            b"\r\nKey-Volumes: ", raw[33:],
+            b"\r\nKey-Balance: balanced" if balanced else b"\r\nKey-Balance: unbalanced",
+            b"" if md5 == NO_MD5 else b"\r\nContent-Md5: " + md5.hex().encode(),
+            b"\r\nDate: ", http_date().encode(),
+            b"\r\nContent-Length: 0\r\n\r\n",
+        ))
+
+    async def _get_verified(self, key: bytes, raw: bytes, volumes: list[str]) -> bytes:
+        """The Go original's read: HEAD replicas in random order, redirect to the first found."""
+        for volume in random.sample(volumes, len(volumes)):
+            try:
+                if await replicas.exists(self.pool, volume, key) is not None:
+                    return self._redirect(key, raw, volumes, volume)
+            except VolumeError:
+                continue
+        return self.not_found
+
+    def list(self, prefix: bytes, op: bytes, query: bytes) -> bytes:
+        params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        try:
+            limit = int(params.get("limit", ["0"])[0] or 0)
+        except ValueError:
+            raise HTTPError(400, "limit must be a whole number") from None
+        if limit < 0:
+            raise HTTPError(400, "limit must not be negative")
+        start = params.get("start", [""])[0].encode("latin-1")
+        start = unquote_to_bytes(start) if b"%" in start else start
+        state = LIVE if op == b"list" else UNLINKED
+        pairs, nxt = self.store.scan(prefix, start, limit or MAX_LIST + 1, lambda v: v[0] == state)
+        if not limit and len(pairs) > MAX_LIST:
+            raise HTTPError(413, f"more than {MAX_LIST} keys: page with &limit=N&start=KEY")
+        body = json.dumps(
+            {"next": nxt.decode("utf-8", "replace") if limit else "",
+             "keys": [k.decode("utf-8", "replace") for k, _ in pairs]},
+            separators=(",", ":"), ensure_ascii=False,
+        ).encode()
+        return response(200, [("Content-Type", "application/json")], body)
+
+    # -- writes --
+    def _volumes(self, key: bytes) -> list[str]:
+        c = self.config
+        return key2volume(key, c.volumes, c.replicas, c.subvolumes)
+
+    def _lock(self, key: bytes, expect: bytes | None, pending: bytes) -> None:
+        """Take the key's record from `expect` to PENDING, or answer why not."""
+        done, current = self.store.cas(key, expect, pending)
+        if not done:
+            raise self._conflict(current)
+
+    @staticmethod
+    def _conflict(current: bytes | None) -> HTTPError:
+        if current is None:
+            return HTTPError(404)
+        if current[0] == PENDING:
+            return HTTPError(409, "another write or delete of this key is in progress")
+        if current[0] == LIVE:
+            return HTTPError(403, "key exists: DELETE it first")
+        return HTTPError(409, "the key changed meanwhile")
+
+    def put(self, req: Request, key: bytes):
+        check_key(key)
+        if not req.has_body:
+            raise HTTPError(411, "PUT needs a body (Content-Length > 0): empty values cannot be stored")
+        length = None
+        if req.header(b"transfer-encoding") is None:
+            length = int(req.header(b"content-length"))
+        raw = self.store.get(key)
+        if raw is not None and raw[0] != UNLINKED:
+            raise self._conflict(raw)
+        volumes = self._volumes(key)
+        pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+        self._lock(key, raw, pending)
+        return self._put_body(req, key, volumes, pending, length, raw)
+
+    async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
+                        length: int | None, previous: bytes | None) -> bytes:
+        uploads = []
+        try:
+            opened = await asyncio.gather(
+                *(self.pool.upload(*replicas.locate(v, key), length) for v in volumes),
+                return_exceptions=True)
+            uploads = [u for u in opened if not isinstance(u, BaseException)]
+            for failure in opened:
+                if isinstance(failure, BaseException):
+                    raise failure
+            md5 = hashlib.md5() if self.config.md5sum else None
+            size = 0
+            while chunk := await req.body.read():
+                size += len(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
+                for u in uploads:
+                    u.write(chunk)
+                for u in uploads:
+                    if u.paused:
+                        await u.drain()
+            statuses = await asyncio.gather(*(u.finish() for u in uploads), return_exceptions=True)
+        except (VolumeError, ClientGone) as e:
+            for u in uploads:
+                u.abort()
+            if isinstance(e, VolumeError):
+                self.health.mark_down(e.host, str(e))
+            await self._abandon(key, pending, volumes)
+            if isinstance(e, ClientGone):
+                raise
+            raise HTTPError(503, f"{e}; nothing was stored") from None
+        failed = [f"{s}" if isinstance(s, BaseException) else f"volume {host_of(v)} answered {s} to PUT"
+                  for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
+        if failed or size == 0:
+            await self._abandon(key, pending, volumes)
+            if failed:
+                raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
+            raise HTTPError(411, "empty body: empty values cannot be stored")
+        live = encode_data(LIVE, volumes, size, now_ms(), md5.digest() if md5 is not None else NO_MD5)
+        done, _ = self.store.cas(key, pending, live)
+        if not done:
+            raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
+        if previous:  # an unlinked value on volumes placement no longer names
+            stale = [v for v in decode_data(previous).volumes if v not in volumes]
+            if stale:
+                await replicas.delete_all(self.pool, stale, key)
+        return head(201)
+
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> None:
+        """Undo a PUT: remove whatever reached the volumes, then the record."""
+        await replicas.delete_all(self.pool, volumes, key)
+        self.store.cas(key, pending, None)
+
+    def delete(self, key: bytes):
+        raw = self.store.get(key) if len(key) <= MAX_KEY else None
+        if raw is None:
+            return self.not_found
+        if raw[0] == PENDING:
+            raise self._conflict(raw)
+        if self.config.protect and raw[0] == LIVE:
+            raise HTTPError(403, "-protect is on: UNLINK the key before DELETE")
+        volumes = decode_data(raw).volumes
+        pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
+        self._lock(key, raw, pending)
+        return self._delete_files(key, volumes, pending, raw)
+
+    async def _delete_files(self, key: bytes, volumes: list[str], pending: bytes, raw: bytes) -> bytes:
+        failed = await replicas.delete_all(self.pool, volumes, key)
+        if failed:
+            self.store.cas(key, pending, with_state(raw, UNLINKED))
+            raise HTTPError(503, "; ".join(failed) + "; the key is now unlinked: DELETE it again later")
+        self.store.cas(key, pending, None)
+        return head(204)
+
+    def unlink(self, key: bytes) -> bytes:
+        raw = self.store.get(key) if len(key) <= MAX_KEY else None
+        if raw is None:
+            return self.not_found
+        if raw[0] == LIVE:
+            self._lock_unlink(key, raw)
+        elif raw[0] == PENDING:
+            raise self._conflict(raw)
+        return head(204)
+
+    def _lock_unlink(self, key: bytes, raw: bytes) -> None:
+        done, current = self.store.cas(key, raw, with_state(raw, UNLINKED))
+        if not done:
+            raise self._conflict(current)
+
+    def rebalance(self, key: bytes):
+        raw = self.store.get(key) if len(key) <= MAX_KEY else None
+        if raw is None or raw[0] == UNLINKED:
+            return self.not_found
+        if raw[0] == PENDING:
+            raise self._conflict(raw)
+        volumes = self._volumes(key)
+        if decode_data(raw).volumes == volumes:
+            return head(204)
+        pending = encode_pending(OP_REBALANCE, self.pid, now_ms(), volumes, raw)
+        self._lock(key, raw, pending)
+        return self._rebalance(key, raw, volumes, pending)
+
+    async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
+        from minikv.admin.move import move_key
+
+        try:
+            await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up)
+        except VolumeError as e:
+            raise HTTPError(503, f"{e}; the key stays where it was") from None
+        return head(204)

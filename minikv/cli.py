@@ -1,0 +1,225 @@
+"""The `minikv` command: Go-style flags (single or double dash, `-flag value` or `-flag=value`,
+before or after the command word) so scripts written for minikeyvalue's `mkv` keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+USAGE = """\
+Usage: minikv [flags] <command> [args]
+
+Commands:
+  server      run the index server (needs -volumes and -db)
+  volume DIR  run a volume server: nginx serving DIR (-port, or the PORT env var)
+  up          run a local cluster: 3 volumes + index on port 3000, data under -data
+  rebuild     rebuild the index at -db from the volumes' files
+  rebalance   move every key to the volumes its placement names now
+  verify      check that every key has all its replicas
+  repair      re-replicate what verify finds missing
+  gc          remove files of unlinked keys and stale temp files
+
+Flags:
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "t", "true", "yes", "on"):
+        return True
+    if low in ("0", "f", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go's time.ParseDuration for the forms people write: `1s`, `500ms`, `1m30s`, `2.5s`.
+    A bare number is taken as seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number, i = 0.0, "", 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        for unit in ("ns", "us", "µs", "ms", "s", "m", "h"):
+            if text.startswith(unit, i) and number:
+                total += float(number) * _UNITS[unit]
+                number, i = "", i + len(unit)
+                break
+        else:
+            raise ValueError(f"not a duration: {text!r} (try 1s or 500ms)")
+    if number:
+        raise ValueError(f"not a duration: {text!r} (missing unit, try 1s or 500ms)")
+    return total
+
+
+@dataclass
+class Flag:
+    kind: type | str  # int, str, bool, or "duration"
+    default: object
+    help: str
+
+
+FLAGS: dict[str, Flag] = {
+    "port": Flag(int, 3000, "port to listen on (volume: 3001 or $PORT)"),
+    "host": Flag(str, "", "address to listen on (default: all)"),
+    "db": Flag(str, "", "path to the index database (a directory)"),
+    "volumes": Flag(str, "", "volume servers, comma separated host:port"),
+    "replicas": Flag(int, 3, "copies of each value"),
+    "subvolumes": Flag(int, 10, "subvolumes (disks) per volume server"),
+    "protect": Flag(bool, False, "refuse DELETE unless the key was UNLINKed first"),
+    "fallback": Flag(str, "", "server to redirect to for keys not found"),
+    "md5sum": Flag(bool, True, "compute and store the md5 of every value"),
+    "voltimeout": Flag("duration", 1.0, "timeout for requests to volume servers"),
+    "v": Flag(bool, False, "verbose: log every request"),
+    "workers": Flag(int, 0, "index worker processes (default: one per core)"),
+    "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
+    "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),
+    "data": Flag(str, "data", "up: folder that holds the volumes and the index"),
+    "concurrency": Flag(int, 16, "admin commands: transfers at once"),
+    "dry-run": Flag(bool, False, "admin commands: report what would change, change nothing"),
+    "force": Flag(bool, False, "rebuild: write into a non-empty index"),
+    "md5": Flag(bool, False, "verify: also check every replica's md5 (reads all data)"),
+    "delete-orphans": Flag(bool, False, "repair: delete files that no record points to"),
+    "age": Flag("duration", 3600.0, "gc: only unlinked keys older than this"),
+    "server": Flag(str, "", "rebalance: run online through this running index (host:port)"),
+}
+
+
+@dataclass
+class Args:
+    command: str = ""
+    positionals: list[str] = field(default_factory=list)
+    flags: dict[str, object] = field(default_factory=dict)
+    given: set[str] = field(default_factory=set)
+
+    def __getattr__(self, name: str):
+        try:
+            return self.flags[name.replace("_", "-")]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def volume_list(self) -> list[str]:
+        return [v.strip() for v in str(self.flags["volumes"]).split(",") if v.strip()]
+
+
+def _convert(name: str, text: str):
+    kind = FLAGS[name].kind
+    try:
+        if kind is bool:
+            return parse_bool(text)
+        if kind == "duration":
+            return parse_duration(text)
+        return kind(text)
+    except ValueError as e:
+        raise UsageError(f"invalid value {text!r} for flag -{name}: {e}") from None
+
+
+def parse_args(argv: list[str]) -> Args:
+    args = Args(flags={name: f.default for name, f in FLAGS.items()})
+    i = 0
+    only_positionals = False
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if only_positionals or not arg.startswith("-") or arg == "-":
+            args.positionals.append(arg)
+            continue
+        if arg == "--":
+            only_positionals = True
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in ("h", "help"):
+            raise UsageError("")
+        if name not in FLAGS:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        if FLAGS[name].kind is bool and not eq:
+            args.flags[name] = True
+        else:
+            if not eq:
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+                i += 1
+            args.flags[name] = _convert(name, value)
+        args.given.add(name)
+    if args.positionals:
+        args.command, args.positionals = args.positionals[0], args.positionals[1:]
+    return args
+
+
+def usage() -> str:
+    lines = [USAGE]
+    for name, f in FLAGS.items():
+        kind = "" if f.kind is bool else (" duration" if f.kind == "duration" else f" {f.kind.__name__}")
+        lines.append(f"  -{name}{kind}\n        {f.help} (default {f.default!r})")
+    return "\n".join(lines)
+
+
+def _need(args: Args, *names: str) -> None:
+    for name in names:
+        if not args.flags[name]:
+            raise UsageError(f"{args.command} needs -{name}")
+
+
+def run(args: Args) -> int:
+    cmd = args.command
+    if cmd == "volume":
+        from minikv.volume.nginx import run_volume
+
+        if len(args.positionals) != 1:
+            raise UsageError("usage: minikv volume [-port 3001] DIR")
+        port = args.port if "port" in args.given else int(os.environ.get("PORT", "3001"))
+        return run_volume(port, args.positionals[0], host=args.host)
+    if cmd == "server":
+        _need(args, "volumes", "db")
+        from minikv.server import run_server
+
+        return run_server(args)
+    if cmd == "up":
+        from minikv.cluster import run_cluster
+
+        return run_cluster(args)
+    if cmd in ("rebuild", "rebalance", "verify", "repair", "gc"):
+        _need(args, "volumes", "db")
+        import importlib
+
+        module = importlib.import_module(f"minikv.admin.{cmd}")
+        return module.main(args)
+    if not cmd:
+        raise UsageError("")
+    raise UsageError(f"unknown command {cmd!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return run(args)
+    except UsageError as e:
+        if str(e):
+            print(f"minikv: {e}", file=sys.stderr)
+            print("run `minikv -h` for the flags", file=sys.stderr)
+            return 2
+        print(usage())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""What an index server (and the admin commands) are told by their flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    volumes: list[str]
+    db: str
+    port: int = 3000
+    host: str = ""
+    replicas: int = 3
+    subvolumes: int = 10
+    protect: bool = False
+    fallback: str = ""
+    md5sum: bool = True
+    voltimeout: float = 1.0
+    verbose: bool = False
+    workers: int = 0
+    verify_get: bool = False
+    fsync: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args) -> Config:
+        return cls(
+            volumes=args.volume_list, db=args.db, port=args.port, host=args.host,
+            replicas=args.replicas, subvolumes=args.subvolumes, protect=args.protect,
+            fallback=args.fallback, md5sum=args.md5sum, voltimeout=args.voltimeout,
+            verbose=args.v, workers=args.workers or os.cpu_count() or 1,
+            verify_get=args.verify_get, fsync=args.fsync,
+        )
+
+    def check(self) -> None:
+        if not self.volumes:
+            raise ValueError("no volumes: give -volumes host:port,host:port,...")
+        if self.replicas < 1:
+            raise ValueError("-replicas must be at least 1")
+        if self.replicas > len(self.volumes):
+            raise ValueError(f"-replicas {self.replicas} needs at least {self.replicas} volumes, "
+                             f"-volumes names {len(self.volumes)}")
+        if self.subvolumes < 1:
+            raise ValueError("-subvolumes must be at least 1")
+        for v in self.volumes:
+            if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
+                raise ValueError(f"volume {v!r} is not host:port")
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.volumes)

@@ -1,0 +1,65 @@
+"""Which volume servers are up, as one worker sees them.
+
+A background task probes every volume twice a second (a GET of a file that is never there:
+any HTTP answer means nginx is serving), and failures seen while serving requests mark a volume
+down at once. Redirects then go only to replicas on volumes that are up, with no network call
+on the read path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from minikv.http.client import Pool, VolumeError
+
+PROBE_PATH = "/.minikv-health-probe"
+
+
+class Health:
+    def __init__(self, pool: Pool, hosts: list[str], interval: float = 0.5):
+        self.pool = pool
+        self.hosts = hosts
+        self.interval = interval
+        self.down: set[str] = set()  # empty in the common case: the read path checks only that
+        self.reasons: dict[str, str] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def is_up(self, host: str) -> bool:
+        return host not in self.down
+
+    def mark_down(self, host: str, reason: str) -> None:
+        if host not in self.down:
+            self.down.add(host)
+            self.pool.forget(host)
+        self.reasons[host] = reason
+
+    def mark_up(self, host: str) -> None:
+        if host in self.down:
+            self.down.discard(host)
+            self.pool.forget(host)  # connections from before the outage are dead
+        self.reasons.pop(host, None)
+
+    async def probe(self, host: str) -> None:
+        try:
+            await self.pool.request(host, "GET", PROBE_PATH)
+        except VolumeError as e:
+            self.mark_down(host, str(e))
+        else:
+            self.mark_up(host)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(h) for h in self.hosts))
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.probe_all()
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,302 @@
+"""A small keep-alive HTTP/1.1 client for talking to volume servers (nginx).
+
+One request at a time per connection (no pipelining: a failure is then always the request's
+own), idle connections kept per volume for reuse, every wait bounded by the volume timeout,
+and bodies streamed both ways with flow control: an upload's `write` never buffers more than
+the transport's high-water mark before `drain` waits, and a download pauses the socket while
+its consumer is behind. Errors are `VolumeError`s whose message says which volume failed and
+how, ready to be shown to the client in a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import httptools
+
+from minikv.http.server import Body
+
+STALL_MIN = 5.0  # a transfer that makes no progress for this long (or the timeout) fails
+
+
+class VolumeError(Exception):
+    """A volume could not be reached or did not answer in time: `volume <host> <what>`."""
+
+    def __init__(self, host: str, what: str):
+        super().__init__(f"volume {host} {what}")
+        self.host = host
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {len(self.body)} bytes>"
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, host: str):
+        self.host = host
+        self.transport = None
+        self.closed = False
+        self.keep_alive = True
+        self.reused = False  # has served a request before: the volume may have closed it since
+        self._write_paused = False
+        self._drain: asyncio.Future | None = None
+        self._reset(False)
+
+    def _reset(self, head_only: bool) -> None:
+        loop = asyncio.get_event_loop()
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_only = head_only
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.head = loop.create_future()
+        self.done = loop.create_future()
+        self.body = Body(self, False)
+        self.got_bytes = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._lost(VolumeError(self.host, f"sent a malformed response: {e}"))
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._lost(VolumeError(self.host, "closed the connection"
+                               + (f" ({exc})" if exc else "")))
+
+    def _lost(self, err: Exception) -> None:
+        self.closed = True
+        for fut in (self.head, self.done):
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # mark retrieved: nobody may be waiting on both
+        self.body.fail(err)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # flow control hooks used by Body
+    def _pause(self, why: str) -> None:
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def _resume(self, why: str) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    # -- parser callbacks --
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.head.done():
+            self.head.set_result(None)
+        if self.head_only:
+            # httptools cannot be told a response answers HEAD; its Content-Length announces a
+            # body that will never come, so this response ends here.
+            self.body.finish()
+            self.done.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        self.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        self.body.finish()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def drain(self, timeout: float) -> None:
+        while self._write_paused and not self.closed:
+            self._drain = asyncio.get_event_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drain, timeout)
+            except asyncio.TimeoutError:
+                raise VolumeError(self.host, f"took no data for {timeout:g}s") from None
+        if self.closed:
+            await self.done  # raises the reason
+
+
+class Upload:
+    """A streaming PUT to one volume: write() chunks, then finish() for the status."""
+
+    def __init__(self, pool: Pool, conn: _Conn, chunked: bool):
+        self.pool = pool
+        self.conn = conn
+        self.chunked = chunked
+        self.host = conn.host
+
+    @property
+    def paused(self) -> bool:
+        return self.conn._write_paused or self.conn.closed
+
+    def write(self, chunk: bytes) -> None:
+        if self.chunked:
+            self.conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            self.conn.write(chunk)
+
+    async def drain(self) -> None:
+        await self.conn.drain(self.pool.stall)
+
+    async def finish(self) -> int:
+        if self.chunked:
+            self.conn.write(b"0\r\n\r\n")
+        try:
+            await asyncio.wait_for(asyncio.shield(self.conn.done), self.pool.stall)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise VolumeError(self.host, f"did not answer a PUT within {self.pool.stall:g}s") from None
+        self.pool.release(self.conn)
+        return self.conn.status
+
+    def abort(self) -> None:
+        """Drop the connection: nginx then discards the partial upload."""
+        self.pool.discard(self.conn)
+
+
+class Pool:
+    def __init__(self, timeout: float = 1.0, max_idle: int = 64):
+        self.timeout = timeout
+        self.stall = max(STALL_MIN, timeout)
+        self.max_idle = max_idle
+        self._idle: dict[str, collections.deque[_Conn]] = {}
+        self._addr: dict[str, tuple[str, int]] = {}
+
+    async def _connect(self, host: str) -> _Conn:
+        idle = self._idle.get(host)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        name, _, port = host.rpartition(":")
+        addr = self._addr.get(host) or (name or "localhost", int(port or 80))
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(host), addr[0], addr[1]), self.timeout)
+        except asyncio.TimeoutError:
+            raise VolumeError(host, f"did not accept a connection within {self.timeout:g}s") from None
+        except OSError as e:
+            raise VolumeError(host, f"is unreachable: {e.strerror or e}") from None
+        # resolve a name once: "localhost" would otherwise be looked up on every connection
+        self._addr.setdefault(host, conn.transport.get_extra_info("peername")[:2])
+        return conn
+
+    def release(self, conn: _Conn) -> None:
+        if conn.closed or not conn.keep_alive or not conn.done.done() or conn.done.exception():
+            self.discard(conn)
+            return
+        conn.reused = True
+        idle = self._idle.setdefault(conn.host, collections.deque())
+        if len(idle) >= self.max_idle:
+            conn.transport.close()
+            return
+        idle.append(conn)
+
+    def discard(self, conn: _Conn) -> None:
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def forget(self, host: str) -> None:
+        """Close every idle connection to a volume (it restarted or went down)."""
+        for conn in self._idle.pop(host, ()):
+            self.discard(conn)
+
+    def close(self) -> None:
+        for host in list(self._idle):
+            self.forget(host)
+
+    @staticmethod
+    def _head(method: str, host: str, path: str, headers, length: int | None) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"]
+        lines.extend(f"{n}: {v}\r\n" for n, v in headers)
+        if length is None:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        elif length or method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {length}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    async def request(self, host: str, method: str, path: str, body: bytes = b"",
+                      headers=(), timeout: float | None = None) -> Response:
+        """One whole request and response (small bodies: PUT of a buffer, DELETE, listings)."""
+        timeout = timeout or self.timeout
+        for attempt in (0, 1):
+            conn = await self._connect(host)
+            reused = conn.reused
+            conn._reset(method == "HEAD")
+            conn.write(self._head(method, host, path, headers, len(body)) + body)
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+                data = []
+                while chunk := await asyncio.wait_for(conn.body.read(), timeout):
+                    data.append(chunk)
+            except asyncio.TimeoutError:
+                self.discard(conn)
+                raise VolumeError(host, f"did not answer {method} within {timeout:g}s") from None
+            except VolumeError:
+                self.discard(conn)
+                # a kept-alive connection the volume closed meanwhile: one fresh try
+                if reused and not conn.got_bytes and attempt == 0:
+                    continue
+                raise
+            self.release(conn)
+            return Response(conn.status, conn.headers, b"".join(data))
+        raise AssertionError("unreachable")
+
+    async def upload(self, host: str, path: str, length: int | None, headers=()) -> Upload:
+        conn = await self._connect(host)
+        conn._reset(False)
+        conn.write(self._head("PUT", host, path, headers, length))
+        return Upload(self, conn, length is None)
+
+    async def download(self, host: str, path: str, headers=()) -> tuple[_Conn, Body]:
+        """GET with the body as a stream. Call `pool.finish_download(conn)` when done."""
+        conn = await self._connect(host)
+        conn._reset(False)
+        conn.write(self._head("GET", host, path, headers, 0))
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.head), self.timeout)
+        except asyncio.TimeoutError:
+            self.discard(conn)
+            raise VolumeError(host, f"did not answer GET within {self.timeout:g}s") from None
+        except VolumeError:
+            self.discard(conn)
+            raise
+        return conn, conn.body
+
+    def finish_download(self, conn: _Conn) -> None:
+        if conn.done.done() and not conn.done.exception():
+            self.release(conn)
+        else:
+            self.discard(conn)

@@ -1,0 +1,385 @@
+"""The index's HTTP/1.1 server: an asyncio Protocol on the httptools (llhttp) parser.
+
+One `Connection` per client socket. It only moves bytes, keeps requests in order and runs
+timers; what a request means is the application's business (`app.handle(request)`), which
+answers either at once with the response bytes (the hot path: GET/HEAD of a key costs no task
+and no await) or with a coroutine that streams the body and writes the answer later.
+
+Rules it keeps:
+- pipelined requests are answered in order: while one is being handled, later ones wait in a
+  queue and reading pauses, so nothing is buffered without bound;
+- a request body is a flow-controlled stream (`Body`): reading from the socket pauses when
+  more than BODY_HIGH bytes wait for the handler;
+- `Expect: 100-continue` is answered with `100 Continue` only when the handler starts reading
+  the body, so a request that is refused first (403/409/411) never has its body sent;
+- a response sent before its request body was fully read closes the connection afterwards,
+  since the rest of that body would otherwise be taken for the next request;
+- limits on the URL (414) and headers (431), a timeout to read a request's headers (408),
+  one for a stalled body (408), and one for idle keep-alive connections;
+- anything malformed gets a 400 with a reason and the connection is closed; nothing a client
+  sends can raise out of this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+from dataclasses import dataclass
+
+import httptools
+
+from minikv.http.response import ClientGone, HTTPError, add_close, error
+
+BODY_HIGH = 1 << 20  # pause reading the client when this much body waits for the handler
+BODY_LOW = 256 << 10
+
+
+@dataclass
+class Limits:
+    max_url: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout: float = 60.0  # longest wait for more body bytes
+    idle_timeout: float = 75.0  # keep-alive connection with no request
+
+
+class Body:
+    """The request body as an async stream of chunks, with flow control on the socket."""
+
+    __slots__ = ("_conn", "_chunks", "_buffered", "done", "_error", "_waiter", "_wants_continue")
+
+    def __init__(self, conn: Connection | None, wants_continue: bool):
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self.done = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future | None = None
+        self._wants_continue = wants_continue
+
+    # -- protocol side --
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > BODY_HIGH and self._conn is not None:
+            self._conn._pause("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if not self.done:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- handler side --
+    @property
+    def complete(self) -> bool:
+        return self.done and not self._chunks
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end. Raises ClientGone if the client went away."""
+        if self._wants_continue:
+            self._wants_continue = False
+            if self._conn is not None:
+                self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._buffered < BODY_LOW and self._conn is not None:
+            self._conn._resume("body")
+        return chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        parts, size = [], 0
+        while chunk := await self.read():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class Request:
+    __slots__ = ("method", "url", "headers", "keep_alive", "body", "conn", "has_body")
+
+    def __init__(self, method: bytes, url: bytes, headers: list, keep_alive: bool,
+                 body: Body, conn: Connection | None, has_body: bool):
+        self.method = method
+        self.url = url
+        self.headers = headers  # [(lower-case name, value)] as bytes
+        self.keep_alive = keep_alive
+        self.body = body
+        self.conn = conn
+        self.has_body = has_body
+
+    def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return default
+
+
+class Connection(asyncio.Protocol):
+    """One client connection. `app.handle(request)` returns bytes or a coroutine."""
+
+    connections: set[Connection] = set()  # for the per-process timeout sweep
+
+    def __init__(self, app, limits: Limits | None = None, loop=None):
+        self.app = app
+        self.limits = limits or Limits()
+        self.loop = loop or asyncio.get_event_loop()
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.last = self.loop.time()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._current: Request | None = None  # being handled
+        self._reading: Request | None = None  # whose body the parser is on
+        self._task: asyncio.Task | None = None
+        self._paused: set[str] = set()
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+        self._url = b""
+        self._headers: list = []
+        self._header_bytes = 0
+        self._started: float | None = None  # when the request being parsed began
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        Connection.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        Connection.connections.discard(self)
+        gone = ClientGone("client closed the connection")
+        for req in (self._reading, self._current, *self._queue):
+            if req is not None:
+                req.body.fail(gone)
+        self._wake_drain()
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, HTTPError):
+                self._fail(cause.status, cause.reason)
+            else:
+                self._internal_error(cause or e)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as e:
+            self._fail(400, f"malformed HTTP request: {_reason(e)}")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def eof_received(self):
+        # A half-closed client may still read our answer; keep the socket until we are done.
+        return True if (self._current or self._queue) else None
+
+    # -- parser callbacks --
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._started = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_url:
+            raise HTTPError(414, f"URL longer than {self.limits.max_url} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > self.limits.max_header_bytes or len(self._headers) >= self.limits.max_headers:
+            raise HTTPError(431, f"request headers larger than {self.limits.max_header_bytes} bytes "
+                                 f"or more than {self.limits.max_headers} of them")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self.closed:
+            return
+        p = self.parser
+        headers = self._headers
+        has_body = False
+        expect = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_body = value.strip() not in (b"0", b"")
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"expect":
+                if value.lower() != b"100-continue":
+                    raise HTTPError(417, "only `Expect: 100-continue` is supported")
+                expect = True
+        req = Request(p.get_method(), self._url, headers, p.should_keep_alive(), None, self, has_body)
+        req.body = Body(self, expect and has_body)
+        req.body.done = not has_body
+        self._started = None
+        self._reading = req
+        if self._current is None:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        self._reading.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        req = self._reading
+        if req is not None:
+            self._reading = None
+            req.body.finish()
+
+    # -- request cycle --
+    def _start(self, req: Request) -> None:
+        self._current = req
+        try:
+            result = self.app.handle(req)
+        except HTTPError as e:
+            result = error(e.status, e.reason, e.headers)
+        except Exception as e:  # a bug must cost one request, not the process
+            self._internal_error(e)
+            return
+        if isinstance(result, bytes):
+            self._respond(req, result)
+        else:
+            self._task = self.loop.create_task(self._run(req, result))
+
+    async def _run(self, req: Request, coro) -> None:
+        try:
+            result = await coro
+        except HTTPError as e:
+            result = error(e.status, e.reason, e.headers)
+        except ClientGone:
+            self.close()
+            return
+        except Exception as e:
+            self._internal_error(e)
+            return
+        finally:
+            self._task = None
+        self._respond(req, result)
+
+    def _respond(self, req: Request, data: bytes | None) -> None:
+        """Send what the handler returned (None: it wrote the response itself) and move on."""
+        close = not req.keep_alive or not req.body.done
+        if data:
+            self.write(add_close(data) if close else data)
+        if close:
+            self.close()
+            return
+        self._current = None
+        if self._queue:
+            nxt = self._queue.popleft()
+            if not self._queue:
+                self._resume("pipeline")
+            self._start(nxt)
+        else:
+            self._resume("pipeline")
+
+    def _fail(self, status: int, reason: str) -> None:
+        """A protocol error: answer it (unless another answer is under way) and close."""
+        if self._current is None and not self.closed:
+            self.write(add_close(error(status, reason)))
+        self.close()
+
+    def _internal_error(self, exc: BaseException) -> None:
+        print(f"minikv: internal error: {exc!r}", file=sys.stderr)
+        self._fail(500, f"internal error: {exc}")
+
+    # -- writing --
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the client has taken what was written; ClientGone if it left."""
+        while self._write_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+        if self.closed:
+            raise ClientGone("client closed the connection")
+
+    def _wake_drain(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        self._drain_waiter = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            Connection.connections.discard(self)
+            self.transport.close()
+            gone = ClientGone("connection closed")
+            for req in (self._reading, *self._queue):
+                if req is not None:
+                    req.body.fail(gone)
+
+    # -- flow control --
+    def _pause(self, why: str) -> None:
+        if not self._paused and not self.closed:
+            self.transport.pause_reading()
+        self._paused.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why in self._paused:
+            self._paused.discard(why)
+            if not self._paused and not self.closed:
+                self.transport.resume_reading()
+
+    # -- timers --
+    def check_timeouts(self, now: float) -> None:
+        lim = self.limits
+        if self._started is not None and now - self._started > lim.header_timeout:
+            self._fail(408, f"request headers not received within {lim.header_timeout:g}s")
+        elif self._reading is not None and "body" not in self._paused and now - self.last > lim.body_timeout:
+            self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
+            self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
+        elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
+            self.close()
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    return text.split(":", 1)[-1].strip() if text else type(e).__name__
+
+
+def start_timeout_sweep(loop, interval: float = 1.0) -> None:
+    """Check every connection's timers once per `interval`: cheaper than a timer per request."""
+
+    def sweep():
+        now = loop.time()
+        for conn in list(Connection.connections):
+            conn.check_timeouts(now)
+        loop.call_later(interval, sweep)
+
+    loop.call_later(interval, sweep)

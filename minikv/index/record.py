@@ -1,0 +1,105 @@
+"""Index records: what the index knows about one key, and the legal moves between states.
+
+A record is one LMDB value. Its first byte is the state:
+
+    LIVE      b"L" + <QQ16s size, mtime_ms, md5> + volumes (utf-8, comma separated)
+    UNLINKED  b"U" + same fields as LIVE (soft deleted: unreadable, listed by ?unlinked)
+    PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes + b"\\n" + previous record
+
+PENDING is the per-key lock (HTTP 409): a write, delete or rebalance is in flight. It names the
+volumes being touched and keeps the record it replaced, so that whoever finds it after a crash
+knows what to undo (see index/recovery.py). An md5 of 16 zero bytes means "not computed"
+(`-md5sum=false`). Volume names never contain "," or "\\n".
+
+    absent ──PUT──▶ PENDING(put) ──ok──▶ LIVE ──UNLINK──▶ UNLINKED ──DELETE──▶ PENDING(delete) ─▶ absent
+                         │                 │  ──DELETE──▶ PENDING(delete) ─▶ absent
+                         └──fail──▶ absent └─REBALANCE──▶ PENDING(rebalance) ─▶ LIVE
+    (a DELETE that could not remove every replica leaves the key UNLINKED, to be deleted again)
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+LIVE = ord("L")
+UNLINKED = ord("U")
+PENDING = ord("P")
+
+OP_PUT = b"p"
+OP_DELETE = b"d"
+OP_REBALANCE = b"r"
+
+_DATA = struct.Struct("<QQ16s")
+_PENDING = struct.Struct("<cIQ")
+NO_MD5 = bytes(16)
+
+
+class IllegalTransition(Exception):
+    """A state change the table below does not allow: a bug, never a client's fault."""
+
+
+# state before -> states a compare-and-set may move it to (None: absent)
+TRANSITIONS: dict[int | None, set[int | None]] = {
+    None: {PENDING},
+    PENDING: {LIVE, UNLINKED, None},
+    LIVE: {UNLINKED, PENDING},
+    UNLINKED: {PENDING, UNLINKED},
+}
+
+
+def check_transition(before: bytes | None, after: bytes | None) -> None:
+    b = before[0] if before else None
+    a = after[0] if after else None
+    if a not in TRANSITIONS.get(b, ()):
+        raise IllegalTransition(f"record cannot go from {_name(b)} to {_name(a)}")
+
+
+def _name(state: int | None) -> str:
+    return {LIVE: "LIVE", UNLINKED: "UNLINKED", PENDING: "PENDING", None: "absent"}.get(state, "?")
+
+
+class Data(NamedTuple):
+    """A LIVE or UNLINKED record."""
+
+    state: int
+    volumes: list[str]
+    size: int
+    mtime_ms: int
+    md5: bytes
+
+    @property
+    def md5_hex(self) -> str:
+        return "" if self.md5 == NO_MD5 else self.md5.hex()
+
+
+class Pending(NamedTuple):
+    op: bytes
+    owner: int
+    started_ms: int
+    volumes: list[str]
+    previous: bytes  # the encoded record this one replaced, b"" if none
+
+
+def encode_data(state: int, volumes: list[str], size: int, mtime_ms: int, md5: bytes) -> bytes:
+    return bytes((state,)) + _DATA.pack(size, mtime_ms, md5 or NO_MD5) + ",".join(volumes).encode()
+
+
+def decode_data(raw: bytes) -> Data:
+    size, mtime_ms, md5 = _DATA.unpack_from(raw, 1)
+    return Data(raw[0], raw[33:].decode().split(","), size, mtime_ms, md5)
+
+
+def encode_pending(op: bytes, owner: int, started_ms: int, volumes: list[str], previous: bytes = b"") -> bytes:
+    return b"P" + _PENDING.pack(op, owner, started_ms) + ",".join(volumes).encode() + b"\n" + previous
+
+
+def decode_pending(raw: bytes) -> Pending:
+    op, owner, started_ms = _PENDING.unpack_from(raw, 1)
+    volumes, _, previous = raw[1 + _PENDING.size:].partition(b"\n")
+    return Pending(op, owner, started_ms, volumes.decode().split(",") if volumes else [], previous)
+
+
+def with_state(raw: bytes, state: int) -> bytes:
+    """The same LIVE/UNLINKED record in another of those two states."""
+    return bytes((state,)) + raw[1:]

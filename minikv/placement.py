@@ -1,0 +1,73 @@
+"""Where a key lives: its path on a volume and the volumes that hold it.
+
+This is minikeyvalue's on-disk contract, byte for byte, so that a cluster written by the Go
+original can be read (and rebuilt) by minikv and back. No I/O here; the fixed-output tests in
+tests/test_placement.py pin it: if they change, existing clusters become unreadable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+# A name on a volume is one path component; ext4, xfs and most others cap it at 255 bytes.
+MAX_NAME_BYTES = 255
+
+
+def key2path(key: bytes) -> str:
+    """`/<md5[0]>/<md5[1]>/<base64(key)>`, the file's path below a (sub)volume."""
+    digest = hashlib.md5(key).digest()
+    return f"/{digest[0]:02x}/{digest[1]:02x}/{base64.b64encode(key).decode()}"
+
+
+def path2key(path: str) -> bytes | None:
+    """The key stored at `/<aa>/<bb>/<base64>` (subvolume folder removed), or None if the
+    path is not one minikeyvalue could have written."""
+    parts = path.lstrip("/").split("/", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        key = base64.b64decode(parts[2], validate=True)
+    except ValueError:
+        return None
+    return key if key and key2path(key) == "/" + path.lstrip("/") else None
+
+
+def score(key: bytes, volume: str) -> bytes:
+    return hashlib.md5(key + volume.encode()).digest()
+
+
+def key2volume(key: bytes, volumes: list[str], replicas: int, subvolumes: int) -> list[str]:
+    """The `replicas` volumes a key belongs on, best first.
+
+    Volumes are ranked by md5(key + name), compared as raw bytes, highest first; the sort is
+    stable so equal scores keep the order of `volumes`. With subvolumes, the chosen volume
+    becomes `volume/svXX` from the last four bytes of its score.
+    """
+    ranked = sorted(((score(key, v), v) for v in volumes), key=lambda sv: sv[0], reverse=True)
+    # sorted(reverse=True) keeps equal items in their original order, as Go's SliceStable does.
+    chosen = []
+    for s, volume in ranked[:replicas]:
+        if subvolumes > 1:
+            volume = f"{volume}/sv{int.from_bytes(s[12:16], 'big') % subvolumes:02X}"
+        chosen.append(volume)
+    return chosen
+
+
+def needs_rebalance(volumes: list[str] | tuple[str, ...], kvolumes: list[str]) -> bool:
+    """True when a key's replicas are not exactly where placement wants them (order counts,
+    as in the Go original: the first replica is the one placement ranks best)."""
+    return list(volumes) != list(kvolumes)
+
+
+def host_of(volume: str) -> str:
+    """`localhost:3001` for `localhost:3001/sv03`: the server a (sub)volume lives on."""
+    return volume.split("/", 1)[0]
+
+
+def name_too_long(key: bytes) -> int:
+    """0 if every component of the key's file name fits a filename, else the longest length."""
+    if len(key) <= 189:  # base64 of 189 bytes is 252 characters: always fits
+        return 0
+    longest = max(len(part) for part in base64.b64encode(key).split(b"/"))
+    return longest if longest > MAX_NAME_BYTES else 0

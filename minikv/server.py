@@ -1,0 +1,184 @@
+"""The index server's processes: one supervisor and N workers sharing one LMDB index.
+
+The supervisor binds one SO_REUSEPORT socket per worker (so a port in use is reported at once,
+and the kernel spreads connections over the workers), resolves the writes a previous crash left
+PENDING, then forks the workers. Each worker opens LMDB itself after the fork (LMDB handles
+must not cross a fork) and runs an asyncio loop on uvloop. When a worker dies, the supervisor
+undoes that worker's in-flight writes and starts a new one on the same socket: connections
+waiting in its backlog are served by the replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+from minikv.config import Config
+from minikv.health import Health
+from minikv.http.client import Pool
+from minikv.http.server import Connection, Limits, start_timeout_sweep
+from minikv.index.recovery import recover
+from minikv.index.store import Store
+
+SHUTDOWN_GRACE = 10.0  # seconds a stopping worker gives in-flight requests
+
+
+def log(msg: str) -> None:
+    print(f"minikv server [{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host or "0.0.0.0", port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"minikv server: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def recover_pending(config: Config, owner: int | None = None) -> None:
+    store = Store(config.db, sync=config.fsync)
+    try:
+        store.reader_check()
+
+        async def run() -> int:
+            pool = Pool(config.voltimeout)
+            try:
+                return await recover(store, pool, owner)
+            finally:
+                pool.close()
+
+        n = asyncio.run(run())
+        if n:
+            log(f"undid {n} write(s) left in flight" + (f" by worker {owner}" if owner else ""))
+    finally:
+        store.close()
+
+
+async def serve(config: Config, sock: socket.socket) -> None:
+    from minikv.api.app import App
+
+    loop = asyncio.get_running_loop()
+    store = Store(config.db, sync=config.fsync)
+    pool = Pool(config.voltimeout)
+    health = Health(pool, config.hosts)
+    await health.probe_all()
+    health.start()
+    app = App(config, store, pool, health)
+    limits = Limits()
+    server = await loop.create_server(lambda: Connection(app, limits, loop), sock=sock, backlog=4096)
+    start_timeout_sweep(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    # let requests under way finish (their records are PENDING until they do)
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while any(c._current is not None for c in Connection.connections) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    health.stop()
+    pool.close()
+    store.close()
+
+
+def worker_main(config: Config, sock: socket.socket) -> None:
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    try:
+        uvloop.run(serve(config, sock))
+    except KeyboardInterrupt:
+        pass
+
+
+def run_server(args) -> int:
+    config = Config.from_args(args)
+    try:
+        config.check()
+    except ValueError as e:
+        print(f"minikv server: {e}", file=sys.stderr)
+        return 2
+    sockets = [bind(config.host, config.port) for _ in range(config.workers)]
+    recover_pending(config)
+    log(f"listening on {config.host or '*'}:{config.port} with {config.workers} worker(s), "
+        f"volumes {','.join(config.volumes)}, {config.replicas} replica(s), {config.subvolumes} subvolume(s)")
+    if config.workers == 1:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        import uvloop
+
+        try:
+            uvloop.run(serve(config, sockets[0]))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    return supervise(config, sockets)
+
+
+def supervise(config: Config, sockets: list[socket.socket]) -> int:
+    workers: dict[int, int] = {}  # pid -> socket index
+    stopping = False
+
+    def spawn(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                worker_main(config, sockets[i])
+            except BaseException as e:  # noqa: BLE001 - a worker must never return into the supervisor
+                log(f"worker failed: {e!r}")
+                code = 1
+            finally:
+                os._exit(code)
+        workers[pid] = i
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(len(sockets)):
+        spawn(i)
+    restarts: list[float] = []
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        i = workers.pop(pid, None)
+        if i is None or stopping:
+            continue
+        log(f"worker {pid} died ({_describe(status)}); undoing its writes and starting another")
+        recover_pending(config, owner=pid)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 10] + [now]
+        if len(restarts) > 20:
+            log("workers keep dying; giving up")
+            on_signal(signal.SIGTERM, None)
+            continue
+        spawn(i)
+    return 0
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
