@@ -42,9 +42,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: str, timeout: float = 
         if proc.poll() is not None:
             raise AssertionError(f"minikv volume exited with {proc.returncode}:\n{read(log)}")
         try:
-            socket.create_connection((HOST, port), timeout=0.2).close()
+            # an answer, not just a connect: the master listens before any worker is up
+            requests.head(f"http://{HOST}:{port}/", timeout=0.5)
             return
-        except OSError:
+        except requests.RequestException:
             time.sleep(0.02)
     raise AssertionError(f"minikv volume did not answer on port {port}:\n{read(log)}")
 
@@ -96,12 +97,10 @@ class Volume:
                 os.unlink(self.log)
 
 
-def make_dir(owner_uid: int | None = None) -> str:
+def make_dir() -> str:
     # not pytest's tmp_path: as root it sits in a 0700 folder that nginx's workers cannot enter
     directory = tempfile.mkdtemp(prefix="minikv vol ")
     os.chmod(directory, 0o755)
-    if owner_uid is not None:
-        os.chown(directory, owner_uid, -1)
     return directory
 
 
@@ -119,12 +118,33 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def workers_of(master: int, uid: int, timeout: float = 5.0) -> list[int]:
+    """nginx's workers once they are all running as uid (a new worker starts as the master's
+    user and switches right after the fork)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = children(master)
+        try:
+            if workers and all(uid_of(pid) == uid for pid in workers):
+                return workers
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nginx {master} has no workers running as uid {uid}: {workers}")
+        time.sleep(0.02)
+
+
 def uid_of(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("Uid:"):
                 return int(line.split()[1])
     raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def worker_uid() -> int:
+    """The user root's nginx workers become, as run_volume picks it."""
+    return volume.worker_user()[2]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +161,20 @@ def own_dir():
     directory = make_dir()
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def start_volume(own_dir):
+    """Start servers on own_dir; whatever a test does, they are stopped before own_dir goes."""
+    started = []
+
+    def start(**kwargs) -> Volume:
+        started.append(Volume(own_dir, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 # ---------------------------------------------------------------- config
@@ -256,66 +290,51 @@ def test_volume_root_cannot_be_deleted(vol):
 # ---------------------------------------------------------------- starting and stopping
 
 
-def test_port_env_var(own_dir):
-    server = Volume(own_dir, port_from_env=True)
-    try:
-        assert "-port" not in server.proc.args
-        assert requests.put(f"{server.url}/k", data=b"v").status_code == 201
-    finally:
-        server.stop()
+def test_port_env_var(start_volume):
+    server = start_volume(port_from_env=True)
+    assert "-port" not in server.proc.args
+    assert requests.put(f"{server.url}/k", data=b"v").status_code == 201
 
 
-def test_sigterm_stops_nginx(own_dir):
-    server = Volume(own_dir)
+def test_sigterm_stops_nginx(start_volume, own_dir):
+    server = start_volume()
     master = server.nginx_pid()
-    workers = children(master)
-    assert workers, "nginx has no workers"
+    workers = workers_of(master, worker_uid() if IS_ROOT else os.geteuid())
     os.kill(server.proc.pid, signal.SIGTERM)  # only minikv: it must pass the signal on
     assert server.proc.wait(timeout=10) == 0
     for pid in [master, *workers]:
         assert not os.path.exists(f"/proc/{pid}"), f"nginx pid {pid} outlived minikv volume"
-    assert server.stop() == 0
     assert not [n for n in os.listdir(os.path.join(own_dir, ".nginx")) if n.endswith(".conf")]
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root")
-def test_as_root_workers_are_unprivileged_and_take_over_old_data(own_dir):
+def test_as_root_workers_are_unprivileged_and_take_over_old_data(start_volume, own_dir):
     # data left by a volume run as root (the Go original, say): root-owned folders and files
     old = os.path.join(own_dir, "sv00", "ab", "cd")
     os.makedirs(old)
     with open(os.path.join(old, "b2xk"), "wb") as f:
         f.write(b"old")
-    server = Volume(own_dir)
-    try:
-        assert "gave 3 directories" in read(server.log)  # sv00, ab and cd
-        workers = children(server.nginx_pid())
-        worker_uid = uid_of(workers[0])
-        assert worker_uid != 0
-        assert all(uid_of(pid) == worker_uid for pid in workers)
+    server = start_volume()
+    assert "gave 3 directories" in read(server.log)  # sv00, ab and cd
+    workers_of(server.nginx_pid(), worker_uid())  # not root
 
-        assert requests.put(f"{server.url}/sv00/ab/cd/b2xk", data=b"new").status_code == 204
-        assert requests.get(f"{server.url}/sv00/ab/cd/b2xk").content == b"new"
-        assert requests.delete(f"{server.url}/sv00/ab/cd/b2xk").status_code == 204
-        assert requests.put(f"{server.url}/sv09/ff/ee/bmV3", data=b"x").status_code == 201
-        assert os.stat(os.path.join(own_dir, "sv09/ff/ee/bmV3")).st_uid == worker_uid
-    finally:
-        server.stop()
+    assert requests.put(f"{server.url}/sv00/ab/cd/b2xk", data=b"new").status_code == 204
+    assert requests.get(f"{server.url}/sv00/ab/cd/b2xk").content == b"new"
+    assert requests.delete(f"{server.url}/sv00/ab/cd/b2xk").status_code == 204
+    assert requests.put(f"{server.url}/sv09/ff/ee/bmV3", data=b"x").status_code == 201
+    assert os.stat(os.path.join(own_dir, "sv09/ff/ee/bmV3")).st_uid == worker_uid()
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to become another user")
-def test_as_normal_user():
+def test_as_normal_user(start_volume, own_dir):
     nobody = pwd.getpwnam("nobody").pw_uid
-    directory = make_dir(owner_uid=nobody)
-    try:
-        server = Volume(directory, as_nobody=True)
-        try:
-            assert all(uid_of(pid) == nobody for pid in [server.nginx_pid(), *children(server.nginx_pid())])
-            assert requests.put(f"{server.url}/sv01/00/11/dXNlcg==", data=b"u").status_code == 201
-            assert requests.get(f"{server.url}/sv01/00/11/dXNlcg==").content == b"u"
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(directory)
+    os.chown(own_dir, nobody, -1)
+    server = start_volume(as_nobody=True)
+    assert uid_of(server.nginx_pid()) == nobody
+    workers_of(server.nginx_pid(), nobody)
+    assert requests.put(f"{server.url}/sv01/00/11/dXNlcg==", data=b"u").status_code == 201
+    assert requests.get(f"{server.url}/sv01/00/11/dXNlcg==").content == b"u"
+    assert os.stat(os.path.join(own_dir, "sv01/00/11/dXNlcg==")).st_uid == nobody
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="only root's workers change user")

@@ -33,6 +33,7 @@ from minikv.http.response import ClientGone, HTTPError, add_close, error
 
 BODY_HIGH = 1 << 20  # pause reading the client when this much body waits for the handler
 BODY_LOW = 256 << 10
+DISCARD_MAX = 1 << 20  # body bytes we read and drop after an early answer, to keep the connection
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Limits:
 class Body:
     """The request body as an async stream of chunks, with flow control on the socket."""
 
-    __slots__ = ("_conn", "_chunks", "_buffered", "done", "_error", "_waiter", "_wants_continue")
+    __slots__ = ("_conn", "_chunks", "_buffered", "done", "_error", "_waiter", "_wants_continue", "discard")
 
     def __init__(self, conn: Connection | None, wants_continue: bool):
         self._conn = conn
@@ -58,9 +59,15 @@ class Body:
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
         self._wants_continue = wants_continue
+        self.discard = 0  # > 0: answered already; drop up to this many more bytes, then give up
 
     # -- protocol side --
     def feed(self, data: bytes) -> None:
+        if self.discard:
+            self.discard -= len(data)
+            if self.discard <= 0 and self._conn is not None:
+                self._conn.close()
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > BODY_HIGH and self._conn is not None:
@@ -162,6 +169,8 @@ class Connection(asyncio.Protocol):
         self._headers: list = []
         self._header_bytes = 0
         self._started: float | None = None  # when the request being parsed began
+        self._idle = True  # between two requests
+        self._rebalance = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -180,7 +189,10 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
         try:
-            self.parser.feed_data(data)
+            if b"REBALANCE " in data:
+                self._feed_rebalance(data)
+            else:
+                self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, HTTPError):
@@ -191,6 +203,20 @@ class Connection(asyncio.Protocol):
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as e:
             self._fail(400, f"malformed HTTP request: {_reason(e)}")
+
+    def _feed_rebalance(self, data: bytes) -> None:
+        """minikeyvalue's REBALANCE is a method llhttp does not know: between requests it is
+        fed to the parser as REBIND (which we do not serve otherwise) and named back after."""
+        pos = 0
+        while (i := data.find(b"REBALANCE ", pos)) >= 0:
+            self.parser.feed_data(data[pos:i])
+            if self._idle:
+                self._rebalance = True
+                self.parser.feed_data(b"REBIND ")
+            else:
+                self.parser.feed_data(b"REBALANCE ")
+            pos = i + 10
+        self.parser.feed_data(data[pos:])
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -205,6 +231,7 @@ class Connection(asyncio.Protocol):
 
     # -- parser callbacks --
     def on_message_begin(self) -> None:
+        self._idle = False
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -238,7 +265,11 @@ class Connection(asyncio.Protocol):
                 if value.lower() != b"100-continue":
                     raise HTTPError(417, "only `Expect: 100-continue` is supported")
                 expect = True
-        req = Request(p.get_method(), self._url, headers, p.should_keep_alive(), None, self, has_body)
+        method = p.get_method()
+        if self._rebalance:
+            self._rebalance = False
+            method = b"REBALANCE"
+        req = Request(method, self._url, headers, p.should_keep_alive(), None, self, has_body)
         req.body = Body(self, expect and has_body)
         req.body.done = not has_body
         self._started = None
@@ -253,10 +284,13 @@ class Connection(asyncio.Protocol):
         self._reading.body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._idle = True
         req = self._reading
         if req is not None:
             self._reading = None
             req.body.finish()
+            if req.body.discard:  # the rest of an answered request's body is gone: next one
+                self._next()
 
     # -- request cycle --
     def _start(self, req: Request) -> None:
@@ -289,13 +323,31 @@ class Connection(asyncio.Protocol):
         self._respond(req, result)
 
     def _respond(self, req: Request, data: bytes | None) -> None:
-        """Send what the handler returned (None: it wrote the response itself) and move on."""
-        close = not req.keep_alive or not req.body.done
+        """Send what the handler returned (None: it wrote the response itself) and move on.
+
+        An answer given before the request body was read (a refused PUT) keeps the connection
+        only if the client is sending that body anyway (no unanswered `Expect: 100-continue`)
+        and it is small: the parser must read past it to find the next request."""
+        body = req.body
+        close = not req.keep_alive
+        if not body.done:
+            length = req.header(b"content-length")
+            remaining = int(length) - body._buffered if length is not None and length.isdigit() else -1
+            if body._wants_continue or not 0 < remaining <= DISCARD_MAX:
+                close = True
         if data:
             self.write(add_close(data) if close else data)
         if close:
             self.close()
             return
+        if not body.done:
+            body.discard = remaining + 1  # on_message_complete moves on
+            body._chunks.clear()
+            self._resume("body")
+            return
+        self._next()
+
+    def _next(self) -> None:
         self._current = None
         if self._queue:
             nxt = self._queue.popleft()

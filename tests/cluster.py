@@ -1,0 +1,137 @@
+"""Real clusters for the tests: nginx volume servers and index servers on loopback ports,
+started as `python -m minikv ...` processes in their own process groups and stopped by group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+class Proc:
+    """A minikv process in its own process group."""
+
+    def __init__(self, args: list[str], port: int, log: Path):
+        self.args = args
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Proc:
+        self.logfile = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "minikv", *self.args], stdout=self.logfile,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            wait_port(self.port, self.proc)
+        return self
+
+    def send(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        self.send(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send(signal.SIGKILL)
+            self.proc.wait(5)
+        # whatever the group still holds (nginx workers after a kill -9 of their master)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.logfile.close()
+        self.proc = None
+
+
+class Cluster:
+    def __init__(self, root: Path, volumes: int = 3, replicas: int = 3, subvolumes: int = 10,
+                 workers: int = 2, flags: list[str] | None = None):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.replicas = replicas
+        self.subvolumes = subvolumes
+        self.volumes = [
+            Proc(["volume", "-port", str(p := free_port()), str(root / f"vol{i}")], p, root / f"vol{i}.log")
+            for i in range(volumes)
+        ]
+        self.names = [f"{HOST}:{v.port}" for v in self.volumes]
+        self.port = free_port()
+        self.index = self._index(workers, flags or [])
+        self.session = requests.Session()
+
+    def _index(self, workers: int, flags: list[str]) -> Proc:
+        return Proc(["server", "-port", str(self.port), "-volumes", ",".join(self.names),
+                     "-db", str(self.root / "index"), "-replicas", str(self.replicas),
+                     "-subvolumes", str(self.subvolumes), "-workers", str(workers), *flags],
+                    self.port, self.root / "index.log")
+
+    def start(self) -> Cluster:
+        for v in self.volumes:
+            v.start(wait=False)
+        for v in self.volumes:
+            wait_port(v.port, v.proc)
+        self.index.start()
+        return self
+
+    def restart_index(self, workers: int = 2, flags: list[str] | None = None, sig: int = signal.SIGTERM) -> None:
+        self.index.stop(sig)
+        self.index = self._index(workers, flags or [])
+        self.index.start()
+
+    def stop(self) -> None:
+        self.index.stop()
+        for v in self.volumes:
+            v.stop()
+
+    def url(self, key: str) -> str:
+        return f"http://{HOST}:{self.port}{key}"
+
+    def volume_dir(self, name: str) -> Path:
+        """The directory of volume `host:port` (a subvolume suffix is kept as a subfolder)."""
+        host, _, sub = name.partition("/")
+        vol = self.volumes[self.names.index(host)]
+        return Path(vol.args[-1]) / sub if sub else Path(vol.args[-1])
+
+    def put(self, key: str, data: bytes, **kw) -> requests.Response:
+        return self.session.put(self.url(key), data=data, **kw)
+
+    def get(self, key: str, **kw) -> requests.Response:
+        return self.session.get(self.url(key), **kw)
+
+    def delete(self, key: str) -> requests.Response:
+        return self.session.delete(self.url(key))
+
+    def request(self, method: str, key: str, **kw) -> requests.Response:
+        return self.session.request(method, self.url(key), **kw)

@@ -1,0 +1,45 @@
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cluster import Cluster  # noqa: E402
+
+
+def _open_dir() -> Path:
+    # Not pytest's tmp_path: that sits below a 0700 folder, which nginx workers (www-data when
+    # the tests run as root) could not enter.
+    path = Path(tempfile.mkdtemp(prefix="minikv-test-"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 3-volume cluster (3 replicas, 10 subvolumes, 2 workers) shared by a test module."""
+    root = _open_dir()
+    c = Cluster(root).start()
+    yield c
+    c.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_cluster():
+    """Start a cluster of one's own (for tests that stop volumes or the index)."""
+    root = _open_dir()
+    made = []
+
+    def make(**kw):
+        c = Cluster(root / f"c{len(made)}", **kw).start()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+    shutil.rmtree(root, ignore_errors=True)
