@@ -226,6 +226,9 @@ class Connection(asyncio.Protocol):
         self._wake_drain()
 
     def eof_received(self):
+        if self._reading is not None:  # the client stopped sending mid-body: it is gone
+            self._reading.body.fail(ClientGone("client closed the connection mid-body"))
+            return None
         # A half-closed client may still read our answer; keep the socket until we are done.
         return True if (self._current or self._queue) else None
 

@@ -1,0 +1,197 @@
+"""What happens when things break: clients that vanish, volumes that stop, an index killed mid-write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import requests
+
+from cluster import HOST, wait_port
+from minikv.placement import key2volume
+
+
+def fresh() -> str:
+    return "/f/" + uuid.uuid4().hex
+
+
+def start_upload(port: int, key: str, length: int, sent: bytes) -> socket.socket:
+    """A PUT that announces `length` bytes and sends only `sent` of them (so far)."""
+    s = socket.create_connection((HOST, port))
+    s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + sent)
+    return s
+
+
+def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def files_of(c, key: str) -> list:
+    import base64
+    import hashlib
+
+    md5 = hashlib.md5(key.encode()).digest()
+    name = base64.b64encode(key.encode()).decode()
+    return [p for v in c.names for p in (c.volume_dir(v).glob(f"sv*/{md5[0]:02x}/{md5[1]:02x}/{name}"))]
+
+
+def test_client_disconnect_mid_upload_leaves_no_key_and_no_lock(cluster):
+    key = fresh()
+    s = start_upload(cluster.port, key, 10 << 20, os.urandom(3 << 20))
+    time.sleep(0.3)
+    # while the upload runs the key is locked
+    assert cluster.put(key, b"other").status_code == 409
+    s.close()
+    wait_until(lambda: cluster.put(key, b"after").status_code == 201, what="key writable again")
+    assert cluster.get(key).content == b"after"
+
+
+def test_disconnect_leaves_no_file_on_volumes(cluster):
+    key = fresh()
+    s = start_upload(cluster.port, key, 4 << 20, os.urandom(1 << 20))
+    time.sleep(0.3)
+    s.close()
+    wait_until(lambda: cluster.get("/f/?list").status_code == 200 and key not in cluster.get("/f/?list").json()["keys"])
+    time.sleep(0.3)
+    assert files_of(cluster, key) == []
+
+
+def test_volume_down_reads_still_work_writes_fail_cleanly(make_cluster):
+    c = make_cluster(volumes=4, replicas=2)
+    keys = [fresh() for _ in range(40)]
+    for k in keys:
+        assert c.put(k, k.encode()).status_code == 201
+    down = c.volumes[0]
+    down_name = c.names[0]
+    down.stop()
+    time.sleep(1.5)  # health probes notice
+    for k in keys:
+        r = c.get(k)
+        assert r.status_code == 200 and r.content == k.encode(), k
+    # a write that needs the stopped volume fails with a reason and stores nothing
+    needs = [k for k in (fresh() for _ in range(400))
+             if any(v.startswith(down_name + "/") for v in key2volume(k.encode(), c.names, 2, 10))][:5]
+    for k in needs:
+        r = c.put(k, b"x" * 1000)
+        assert 500 <= r.status_code < 600, r.status_code
+        assert down_name in r.text
+        assert c.get(k, allow_redirects=False).status_code == 404
+        assert files_of(c, k) == []
+    # a write that does not need it works
+    others = [k for k in (fresh() for _ in range(100))
+              if not any(v.startswith(down_name + "/") for v in key2volume(k.encode(), c.names, 2, 10))][:3]
+    for k in others:
+        assert c.put(k, b"fine").status_code == 201
+    down.start()
+    time.sleep(1.5)
+    for k in needs:
+        assert c.put(k, b"x" * 1000).status_code == 201
+        assert c.get(k).content == b"x" * 1000
+
+
+def test_kill_index_mid_upload_then_restart_key_is_writable(make_cluster):
+    c = make_cluster(workers=2)
+    key = fresh()
+    s = start_upload(c.port, key, 20 << 20, os.urandom(4 << 20))
+    time.sleep(0.5)
+    assert c.put(key, b"x").status_code == 409
+    c.restart_index(sig=signal.SIGKILL)
+    s.close()
+    assert c.get(key, allow_redirects=False).status_code == 404
+    assert key not in c.get("/f/?list").json()["keys"]
+    assert c.put(key, b"second try").status_code == 201
+    assert c.get(key).content == b"second try"
+
+
+def test_kill_one_worker_mid_upload_is_undone(make_cluster):
+    c = make_cluster(workers=2)
+    key = fresh()
+    workers = _children(c.index.proc.pid)
+    assert len(workers) == 2
+    # find the worker that takes our upload: keep the socket open and see who holds the lock
+    s = start_upload(c.port, key, 20 << 20, os.urandom(2 << 20))
+    time.sleep(0.4)
+    assert c.put(key, b"x").status_code == 409
+    owner = _owner_of_upload(workers, c.port)
+    os.kill(owner, signal.SIGKILL)
+    s.close()
+    wait_until(lambda: c.put(key, b"after").status_code == 201, what="key writable after worker death")
+    assert c.get(key).content == b"after"
+    wait_until(lambda: len(_children(c.index.proc.pid)) == 2, what="worker replaced")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _owner_of_upload(workers: list[int], port: int) -> int:
+    """The worker with an established connection from a client to `port`."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            local_port = int(parts[1].split(":")[1], 16)
+            if local_port == port and parts[3] == "01":  # ESTABLISHED
+                inodes.add(parts[9])
+    for pid in workers:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    raise AssertionError("no worker holds the upload")
+
+
+def test_two_workers_racing_on_one_key(make_cluster):
+    c = make_cluster(workers=2)
+    for _ in range(20):
+        key = fresh()
+        barrier = threading.Barrier(6)
+        codes = []
+
+        def put(i, key=key, barrier=barrier, codes=codes):
+            # a new connection each: SO_REUSEPORT spreads them over both workers
+            barrier.wait()
+            codes.append(requests.put(c.url(key), data=b"%d" % i * 50_000).status_code)
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes.count(201) == 1, codes
+        assert set(codes) <= {201, 403, 409}
+        body = c.get(key).content
+        assert len(body) == 50_000 and body == body[:1] * 50_000  # one writer's bytes, whole
+
+
+def test_delete_with_a_volume_down_leaves_key_unlinked_then_delete_again(make_cluster):
+    c = make_cluster(volumes=3, replicas=3)
+    key = fresh()
+    assert c.put(key, b"v").status_code == 201
+    c.volumes[1].stop()
+    time.sleep(1.2)
+    r = c.delete(key)
+    assert r.status_code == 503 and "DELETE it again" in r.text
+    assert c.get(key, allow_redirects=False).status_code == 404
+    assert key in c.get("/f/?unlinked").json()["keys"]
+    c.volumes[1].start()
+    wait_port(c.volumes[1].port)
+    time.sleep(1.2)
+    assert c.delete(key).status_code == 204
+    assert files_of(c, key) == []
