@@ -10,8 +10,8 @@ import time
 import uuid
 
 import requests
-
 from cluster import HOST, wait_port
+
 from minikv.placement import key2volume
 
 

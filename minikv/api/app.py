@@ -99,6 +99,8 @@ class App:
         self.pid = os.getpid()
         self.tasks: set[asyncio.Task] = set()
         self.not_found = head(404)
+        self.s3 = None  # the S3 front (minikv/s3), when the server runs one
+
 
     # -- dispatch --
     def handle(self, req: Request):
@@ -106,6 +108,8 @@ class App:
         method = req.method
         if self.config.verbose:
             print(f"{method.decode()} {req.url.decode('latin-1')}", file=sys.stderr)
+        if self.s3 is not None and self.s3.claims(req, query):
+            return self.s3.handle(req, key, path, query)
         if method == b"GET" or method == b"HEAD":
             if query:
                 op = query.split(b"&", 1)[0]
