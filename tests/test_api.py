@@ -235,3 +235,66 @@ def test_rebalance_of_a_balanced_key(cluster):
 
 def test_unknown_method_is_405(cluster):
     assert cluster.request("PATCH", fresh()).status_code == 405
+
+
+def test_protect_needs_unlink_before_delete(make_cluster):
+    c = make_cluster(flags=["-protect"])
+    assert c.put("/p/k", b"keep").status_code == 201
+    r = c.delete("/p/k")
+    assert r.status_code == 403 and "UNLINK" in r.text
+    assert c.get("/p/k").content == b"keep"
+    assert c.request("UNLINK", "/p/k").status_code == 204
+    assert c.delete("/p/k").status_code == 204
+
+
+def test_fallback_redirects_missing_keys(make_cluster):
+    other = make_cluster(volumes=1, replicas=1)
+    assert other.put("/old/file", b"from the old cluster").status_code == 201
+    c = make_cluster(flags=["-fallback", f"127.0.0.1:{other.port}"])
+    r = c.get("/old/file", allow_redirects=False)
+    assert r.status_code == 302
+    assert r.headers["Location"] == f"http://127.0.0.1:{other.port}/old/file"
+    assert c.get("/old/file").content == b"from the old cluster"  # followed twice
+    assert c.put("/new", b"n").status_code == 201
+    assert c.get("/new").content == b"n"
+
+
+def test_md5sum_off_stores_no_hash(make_cluster):
+    c = make_cluster(flags=["-md5sum=false"])
+    assert c.put("/nohash", b"x").status_code == 201
+    r = c.get("/nohash", allow_redirects=False)
+    assert r.status_code == 302 and "Content-Md5" not in r.headers
+
+
+def test_verify_get_mode_checks_a_replica(make_cluster):
+    c = make_cluster(volumes=3, replicas=1, flags=["-verify-get"])
+    assert c.put("/vg", b"x").status_code == 201
+    r = c.get("/vg", allow_redirects=False)
+    assert r.status_code == 302
+    loc = r.headers["Location"]
+    requests.delete(loc)  # the file vanishes behind the index's back
+    assert c.get("/vg", allow_redirects=False).status_code == 404
+
+
+def test_rebalance_moves_a_key_after_volumes_change(make_cluster):
+    c = make_cluster(volumes=4, replicas=2)
+    keys = [fresh("/rb/") for _ in range(30)]
+    for k in keys:
+        assert c.put(k, k.encode()).status_code == 201
+    # a new index with one volume fewer: keys placed on it are now unbalanced
+    names = c.names[:3]
+    c.index.stop()
+    c.index = c._index(2, [])
+    c.index.args[c.index.args.index("-volumes") + 1] = ",".join(names)
+    c.index.start()
+    moved = 0
+    for k in keys:
+        r = c.get(k, allow_redirects=False)
+        if r.headers["Key-Balance"] == "unbalanced":
+            assert c.request("REBALANCE", k).status_code == 204
+            moved += 1
+        r = c.get(k, allow_redirects=False)
+        assert r.headers["Key-Balance"] == "balanced"
+        assert r.headers["Key-Volumes"] == ",".join(key2volume(k.encode(), names, 2, 10))
+        assert c.get(k).content == k.encode()
+    assert moved > 0

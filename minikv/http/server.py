@@ -97,8 +97,8 @@ class Body:
         """The next chunk; b"" at the end. Raises ClientGone if the client went away."""
         if self._wants_continue:
             self._wants_continue = False
-            if self._conn is not None:
-                self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._conn is not None and not self._conn.closed:
+                self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -170,6 +170,8 @@ class Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._started: float | None = None  # when the request being parsed began
         self._idle = True  # between two requests
+        self._writes = 0  # response writes so far; compared with _answer_mark
+        self._answer_mark = 0  # _writes when the current request started
         self._rebalance = False
 
     # -- asyncio.Protocol --
@@ -298,6 +300,7 @@ class Connection(asyncio.Protocol):
     # -- request cycle --
     def _start(self, req: Request) -> None:
         self._current = req
+        self._answer_mark = self._writes
         try:
             result = self.app.handle(req)
         except HTTPError as e:
@@ -362,7 +365,7 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, status: int, reason: str) -> None:
         """A protocol error: answer it (unless another answer is under way) and close."""
-        if self._current is None and not self.closed:
+        if not self.closed and (self._current is None or self._writes == self._answer_mark):
             self.write(add_close(error(status, reason)))
         self.close()
 
@@ -373,6 +376,7 @@ class Connection(asyncio.Protocol):
     # -- writing --
     def write(self, data: bytes) -> None:
         if not self.closed:
+            self._writes += 1
             self.transport.write(data)
 
     async def drain(self) -> None:

@@ -1,0 +1,91 @@
+"""`minikv up`: a whole local cluster in one command, the first thing a newcomer runs.
+
+Three volume servers (ports 3001-3003) and the index (port 3000), all data under one folder
+(`-data`, default ./data: data/vol1..3 and data/index). Each part runs as its own child process
+in its own process group; Ctrl-C or SIGTERM stops them all, and if one of them dies the rest
+are stopped too, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+VOLUMES = 3
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run_cluster(args) -> int:
+    data = os.path.abspath(args.data)
+    os.makedirs(data, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chmod(data, 0o755)  # nginx workers (www-data) must be able to enter it
+    base = args.port if "port" in args.given else 3000
+    vports = [base + 1 + i for i in range(VOLUMES)]
+    volumes = ",".join(f"localhost:{p}" for p in vports)
+    me = [sys.executable, "-m", "minikv"]
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for i, port in enumerate(vports, 1):
+            procs.append(subprocess.Popen([*me, "volume", "-port", str(port), os.path.join(data, f"vol{i}")],
+                                          start_new_session=True))
+        for port, p in zip(vports, procs):
+            if not _wait_port(port, p):
+                print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
+                return 1
+        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index")]
+        for name in ("replicas", "subvolumes", "protect", "fallback", "md5sum", "voltimeout", "v",
+                     "workers", "verify-get", "fsync", "host"):
+            if name in args.given:
+                server += [f"-{name}={args.flags[name]}"]
+        procs.append(subprocess.Popen(server, start_new_session=True))
+        if not _wait_port(base, procs[-1]):
+            print(f"minikv up: index on port {base} did not start (see above)", file=sys.stderr)
+            return 1
+        print(f"\nminikv is up: index http://localhost:{base}, volumes {volumes}, data in {data}\n"
+              f"  curl -L -X PUT -d bigswag localhost:{base}/wehave\n"
+              f"  curl -L localhost:{base}/wehave\n"
+              f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
+        while not stopping:
+            if any(p.poll() is not None for p in procs):
+                print("minikv up: a part of the cluster exited; stopping the rest", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop(procs)

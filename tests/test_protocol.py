@@ -1,0 +1,303 @@
+"""The HTTP server protocol fed with byte strings: no sockets. Every reader is tried with the
+whole input, one byte at a time, and with trailing data, as h11 tests its parsers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from minikv.http.response import HTTPError, head, response
+from minikv.http.server import BODY_HIGH, Connection, Limits
+
+
+class FakeTransport:
+    def __init__(self):
+        self.out = bytearray()
+        self.closed = False
+        self.paused = False
+        self.pauses = 0
+
+    def write(self, data):
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class EchoApp:
+    """GET answers at once with the method and target; PUT reads its body in a task and
+    answers with its size and md5; PUT /refuse answers 403 before reading."""
+
+    def __init__(self):
+        self.seen = []
+
+    def handle(self, req):
+        self.seen.append((req.method, req.url))
+        if req.method in (b"GET", b"HEAD", b"REBALANCE"):
+            return response(200, [("X-Method", req.method.decode())], req.url)
+        if req.url == b"/refuse":
+            raise HTTPError(403, "no")
+        return self._put(req)
+
+    async def _put(self, req):
+        data = b""
+        while chunk := await req.body.read():
+            data += chunk
+        return response(201, [("X-Md5", hashlib.md5(data).hexdigest())], b"%d" % len(data))
+
+
+def make(limits=None):
+    loop = asyncio.new_event_loop()
+    conn = Connection(EchoApp(), limits or Limits(), loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    return loop, conn, t
+
+
+def run(loop):
+    loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def feed(conn, data: bytes, how: str):
+    if how == "whole":
+        conn.data_received(data)
+    else:
+        for i in range(len(data)):
+            conn.data_received(data[i:i + 1])
+
+
+def responses(out: bytes) -> list[bytes]:
+    """Split a byte stream of responses that all carry Content-Length."""
+    res, rest = [], bytes(out)
+    while rest:
+        headers, _, after = rest.partition(b"\r\n\r\n")
+        length = 0
+        for line in headers.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b": ")
+            if name.lower() == b"content-length":
+                length = int(value)
+        res.append(headers + b"\r\n\r\n" + after[:length])
+        rest = after[length:]
+    return res
+
+
+HOW = ["whole", "bytewise"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_simple_get(how):
+    loop, conn, t = make()
+    feed(conn, b"GET /key HTTP/1.1\r\nHost: x\r\n\r\n", how)
+    assert bytes(t.out) == response(200, [("X-Method", "GET")], b"/key")
+    assert not t.closed
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_trailing_partial_request_waits(how):
+    loop, conn, t = make()
+    feed(conn, b"GET /a HTTP/1.1\r\n\r\nGET /b HTT", how)
+    assert len(responses(t.out)) == 1
+    conn.data_received(b"P/1.1\r\n\r\n")
+    assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses(t.out)] == [b"/a", b"/b"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_pipelined_answers_in_order_around_a_slow_request(how):
+    loop, conn, t = make()
+    data = (b"GET /1 HTTP/1.1\r\n\r\n"
+            b"PUT /2 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /3 HTTP/1.1\r\n\r\n")
+    feed(conn, data, how)
+    run(loop)
+    bodies = [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses(t.out)]
+    assert bodies == [b"/1", b"5", b"/3"]
+    assert not t.paused  # reading resumed once the queue drained
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_chunked_body(how):
+    loop, conn, t = make()
+    feed(conn, b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", how)
+    run(loop)
+    assert responses(t.out)[0].endswith(b"\r\n\r\n11")
+    assert hashlib.md5(b"hello world").hexdigest().encode() in t.out
+
+
+def test_expect_continue_sent_when_the_handler_reads():
+    loop, conn, t = make()
+    conn.data_received(b"PUT /e HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    run(loop)
+    assert bytes(t.out) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    conn.data_received(b"abc")
+    run(loop)
+    assert bytes(t.out).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n")
+
+
+def test_expect_continue_refused_before_the_body():
+    loop, conn, t = make()
+    conn.data_received(b"PUT /refuse HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+    out = bytes(t.out)
+    assert out.startswith(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n")
+    assert b"100 Continue" not in out
+    assert t.closed
+
+
+def test_early_answer_with_small_body_keeps_the_connection():
+    loop, conn, t = make()
+    conn.data_received(b"PUT /refuse HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+    conn.data_received(b"56789GET /next HTTP/1.1\r\n\r\n")
+    res = responses(t.out)
+    assert res[0].startswith(b"HTTP/1.1 403") and res[1].endswith(b"/next")
+    assert not t.closed
+
+
+@pytest.mark.parametrize("data", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"\x00\x01\x02\x03",
+])
+def test_malformed_requests_get_400_and_close(data):
+    loop, conn, t = make()
+    conn.data_received(data)
+    assert bytes(t.out).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert t.closed
+
+
+def test_url_too_long_is_414():
+    loop, conn, t = make(Limits(max_url=100))
+    conn.data_received(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n\r\n")
+    assert bytes(t.out).startswith(b"HTTP/1.1 414 ")
+    assert t.closed
+
+
+def test_headers_too_large_is_431():
+    loop, conn, t = make(Limits(max_header_bytes=1000))
+    conn.data_received(b"GET / HTTP/1.1\r\n" + b"X-A: " + b"b" * 2000 + b"\r\n\r\n")
+    assert bytes(t.out).startswith(b"HTTP/1.1 431 ")
+
+
+def test_too_many_headers_is_431():
+    loop, conn, t = make(Limits(max_headers=10))
+    conn.data_received(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(20)) + b"\r\n")
+    assert bytes(t.out).startswith(b"HTTP/1.1 431 ")
+
+
+def test_http10_closes_after_the_answer():
+    loop, conn, t = make()
+    conn.data_received(b"GET /old HTTP/1.0\r\n\r\n")
+    assert b"Connection: close\r\n" in t.out
+    assert t.closed
+
+
+def test_connection_close_any_case():
+    loop, conn, t = make()
+    conn.data_received(b"GET /x HTTP/1.1\r\nConnection: CLOSE\r\n\r\n")
+    assert t.closed
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_rebalance_method(how):
+    loop, conn, t = make()
+    feed(conn, b"GET /a HTTP/1.1\r\n\r\nREBALANCE /k HTTP/1.1\r\n\r\n", how)
+    if how == "whole":
+        assert conn.app.seen[-1] == (b"REBALANCE", b"/k")
+        assert b"X-Method: REBALANCE" in t.out
+
+
+def test_header_timeout_is_408():
+    loop, conn, t = make(Limits(header_timeout=5))
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: sl")
+    conn.check_timeouts(loop.time() + 6)
+    assert bytes(t.out).startswith(b"HTTP/1.1 408 ")
+    assert t.closed
+
+
+def test_stalled_body_is_408_and_fails_the_handler():
+    loop, conn, t = make(Limits(body_timeout=5))
+    conn.data_received(b"PUT /s HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+    run(loop)
+    conn.check_timeouts(loop.time() + 6)
+    run(loop)
+    assert t.closed
+
+
+def test_idle_connection_is_closed():
+    loop, conn, t = make(Limits(idle_timeout=5))
+    conn.data_received(b"GET / HTTP/1.1\r\n\r\n")
+    conn.check_timeouts(loop.time() + 1)
+    assert not t.closed
+    conn.check_timeouts(loop.time() + 6)
+    assert t.closed
+
+
+def test_large_body_pauses_reading_until_the_handler_reads():
+    loop = asyncio.new_event_loop()
+
+    class SlowApp:
+        def handle(self, req):
+            self.req = req
+            return self._wait()
+
+        async def _wait(self):
+            await asyncio.sleep(3600)
+
+    app = SlowApp()
+    conn = Connection(app, Limits(), loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    conn.data_received(b"PUT /big HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (4 * BODY_HIGH))
+    for _ in range(8):
+        conn.data_received(b"x" * (BODY_HIGH // 4))
+    assert t.paused
+    body = app.req.body
+
+    async def drain():
+        while body._chunks:
+            await body.read()
+
+    loop.run_until_complete(drain())
+    assert not t.paused
+
+
+def test_client_gone_fails_the_body():
+    loop, conn, t = make()
+    conn.data_received(b"PUT /gone HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+    run(loop)
+    conn.connection_lost(None)
+    run(loop)
+    assert b"201" not in t.out
+
+
+def test_handler_bug_costs_one_request_not_the_process():
+    loop = asyncio.new_event_loop()
+
+    class Buggy:
+        def handle(self, req):
+            raise ZeroDivisionError("oops")
+
+    conn = Connection(Buggy(), Limits(), loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    conn.data_received(b"GET / HTTP/1.1\r\n\r\n")
+    assert bytes(t.out).startswith(b"HTTP/1.1 500 ")
+
+
+def test_response_head_refuses_crlf_injection():
+    with pytest.raises(ValueError):
+        head(302, [("Location", "http://x/\r\nSet-Cookie: a=b")])

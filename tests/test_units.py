@@ -1,0 +1,104 @@
+"""The pure parts, pinned by fixed outputs: placement (minikeyvalue's on-disk contract),
+record encoding and its state table, flag parsing."""
+
+import pytest
+
+from minikv.cli import UsageError, parse_args, parse_duration
+from minikv.index import record
+from minikv.placement import key2path, key2volume, name_too_long, needs_rebalance, path2key
+
+
+# ensure the volume hashing function doesn't change: existing clusters depend on it
+def test_key2path_vectors():
+    assert key2path(b"hello") == "/5d/41/aGVsbG8="
+    assert key2path(b"helloworld") == "/fc/5e/aGVsbG93b3JsZA=="
+
+
+def test_key2volume_vectors():
+    vols = ["larry", "moe", "curly"]
+    got = {k: key2volume(k.encode(), vols, 1, 3)[0].split("/")[0] for k in ("hello", "helloworld", "world", "blah")}
+    assert got == {"hello": "larry", "helloworld": "curly", "world": "moe", "blah": "curly"}
+
+
+def test_key2volume_subvolume_suffix_and_replicas():
+    assert key2volume(b"hello", ["larry", "moe", "curly"], 1, 3) == ["larry/sv00"]
+    three = key2volume(b"hello", ["larry", "moe", "curly"], 3, 1)
+    assert sorted(three) == ["curly", "larry", "moe"] and three[0] == "larry"
+    assert all("/sv" in v for v in key2volume(b"/k", ["a:1", "b:2", "c:3"], 3, 10))
+
+
+def test_path2key_round_trip_and_rejects():
+    for key in (b"/wehave", b"/with space", "/ünï".encode(), b"/" + bytes(range(1, 200))):
+        assert path2key(key2path(key)) == key
+    assert path2key("/00/00/aGVsbG8=") is None  # md5 folders do not match
+    assert path2key("/5d/41/not base64!") is None
+    assert path2key("body_temp/0000001") is None
+
+
+def test_needs_rebalance_is_order_sensitive():
+    assert not needs_rebalance(["a", "b"], ["a", "b"])
+    assert needs_rebalance(["b", "a"], ["a", "b"])
+    assert needs_rebalance(["a"], ["a", "b"])
+
+
+def test_name_too_long():
+    assert name_too_long(b"/" + b"k" * 180) == 0
+    assert name_too_long(b"/" + b"k" * 300) > 255
+
+
+def test_record_round_trip():
+    raw = record.encode_data(record.LIVE, ["a:1/sv01", "b:2/sv0A"], 12345, 1700000000123, bytes(range(16)))
+    d = record.decode_data(raw)
+    assert d == (record.LIVE, ["a:1/sv01", "b:2/sv0A"], 12345, 1700000000123, bytes(range(16)))
+    assert d.md5_hex == bytes(range(16)).hex()
+    assert record.decode_data(record.with_state(raw, record.UNLINKED)).state == record.UNLINKED
+    p = record.encode_pending(record.OP_REBALANCE, 4242, 99, ["x:1"], raw)
+    assert record.decode_pending(p) == (record.OP_REBALANCE, 4242, 99, ["x:1"], raw)
+    assert record.decode_pending(record.encode_pending(record.OP_PUT, 1, 2, [])).volumes == []
+
+
+def test_record_layout_is_pinned():
+    raw = record.encode_data(record.LIVE, ["v:1"], 1, 2, b"\x01" * 16)
+    assert raw == b"L" + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"\x01" * 16 + b"v:1"
+
+
+@pytest.mark.parametrize("before,after,ok", [
+    (None, "P", True), (None, "L", False), ("P", "L", True), ("P", None, True), ("P", "U", True),
+    ("L", "U", True), ("L", "P", True), ("L", None, False), ("U", "P", True), ("U", "L", False),
+])
+def test_transition_table(before, after, ok):
+    enc = {"L": record.encode_data(record.LIVE, ["v"], 1, 1, b""),
+           "U": record.encode_data(record.UNLINKED, ["v"], 1, 1, b""),
+           "P": record.encode_pending(record.OP_PUT, 1, 1, ["v"]), None: None}
+    if ok:
+        record.check_transition(enc[before], enc[after])
+    else:
+        with pytest.raises(record.IllegalTransition):
+            record.check_transition(enc[before], enc[after])
+
+
+def test_go_style_flags_anywhere():
+    a = parse_args(["-volumes", "a:1,b:2", "-db", "/tmp/idx", "server", "-protect", "--replicas=2",
+                    "-md5sum=false", "-voltimeout", "500ms"])
+    assert a.command == "server"
+    assert a.volume_list == ["a:1", "b:2"]
+    assert (a.protect, a.replicas, a.md5sum, a.voltimeout) == (True, 2, False, 0.5)
+    assert parse_args(["server", "-port", "3005"]).port == 3005
+
+
+def test_bad_flags():
+    with pytest.raises(UsageError):
+        parse_args(["-nope"])
+    with pytest.raises(UsageError):
+        parse_args(["-port"])
+    with pytest.raises(UsageError):
+        parse_args(["-port", "abc"])
+
+
+def test_durations():
+    assert parse_duration("1s") == 1.0
+    assert parse_duration("1m30s") == 90.0
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("2") == 2.0
+    with pytest.raises(ValueError):
+        parse_duration("1x")
