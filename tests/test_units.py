@@ -49,7 +49,7 @@ def test_name_too_long():
 def test_record_round_trip():
     raw = record.encode_data(record.LIVE, ["a:1/sv01", "b:2/sv0A"], 12345, 1700000000123, bytes(range(16)))
     d = record.decode_data(raw)
-    assert d == (record.LIVE, ["a:1/sv01", "b:2/sv0A"], 12345, 1700000000123, bytes(range(16)))
+    assert d == (record.LIVE, ["a:1/sv01", "b:2/sv0A"], 12345, 1700000000123, bytes(range(16)), 0)
     assert d.md5_hex == bytes(range(16)).hex()
     assert record.decode_data(record.with_state(raw, record.UNLINKED)).state == record.UNLINKED
     p = record.encode_pending(record.OP_REBALANCE, 4242, 99, ["x:1"], raw)
@@ -58,8 +58,9 @@ def test_record_round_trip():
 
 
 def test_record_layout_is_pinned():
-    raw = record.encode_data(record.LIVE, ["v:1"], 1, 2, b"\x01" * 16)
-    assert raw == b"L" + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"\x01" * 16 + b"v:1"
+    raw = record.encode_data(record.LIVE, ["v:1"], 1, 2, b"\x01" * 16, 7)
+    assert raw == (b"L" + (1).to_bytes(8, "little") + (2).to_bytes(8, "little") + b"\x01" * 16
+                   + (7).to_bytes(4, "little") + b"v:1")
 
 
 @pytest.mark.parametrize("before,after,ok", [

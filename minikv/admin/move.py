@@ -17,7 +17,7 @@ from minikv.placement import host_of
 
 
 async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: list[str], pending: bytes,
-                   is_up: Callable[[str], bool] = lambda host: True) -> None:
+                   is_up: Callable[[str], bool] = lambda host: True, epoch: int = 0) -> None:
     """Move the key whose LIVE record was `raw` (now locked as `pending`) onto `volumes`.
     On failure the new copies are deleted, the old record is back, and VolumeError is raised."""
     old = decode_data(raw)
@@ -39,6 +39,6 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
         await replicas.delete_all(pool, copied, key)
         store.cas(key, pending, raw)
         raise
-    store.cas(key, pending, encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5))
+    store.cas(key, pending, encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch))
     # a replica that cannot be deleted now is an orphan file: `minikv gc` finds it later
     await replicas.delete_all(pool, [v for v in old.volumes if v not in volumes], key)

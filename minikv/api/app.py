@@ -19,7 +19,6 @@ Order of writes (each arrow is one compare-and-set on the key's record, see inde
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import random
@@ -30,26 +29,30 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import httptools
 
 from minikv import replicas
+from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
 from minikv.http.response import ClientGone, HTTPError, head, http_date, response
 from minikv.http.server import Request
 from minikv.index.record import (
+    EPOCH_AT,
     LIVE,
+    MD5_AT,
     NO_MD5,
     OP_DELETE,
     OP_PUT,
     OP_REBALANCE,
     PENDING,
     UNLINKED,
+    VOLUMES_AT,
     decode_data,
     encode_data,
     encode_pending,
     with_state,
 )
 from minikv.index.store import MAX_KEY, Store
-from minikv.placement import host_of, key2path, key2volume, name_too_long
+from minikv.placement import epoch, host_of, key2path, key2volume, name_too_long
 
 MAX_LIST = 1_000_000
 
@@ -100,6 +103,8 @@ class App:
         self.tasks: set[asyncio.Task] = set()
         self.not_found = head(404)
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
+        self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+        self.epoch_bytes = self.epoch.to_bytes(4, "little")
 
 
     # -- dispatch --
@@ -134,7 +139,7 @@ class App:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
             return self.not_found
-        volumes = raw[33:].decode().split(",")
+        volumes = raw[VOLUMES_AT:].decode().split(",")
         if self.config.verify_get:
             return self._get_verified(key, raw, volumes)
         candidates = volumes
@@ -146,12 +151,11 @@ class App:
         return self._redirect(key, raw, volumes, random.choice(candidates))
 
     def _redirect(self, key: bytes, raw: bytes, volumes: list[str], volume: str) -> bytes:
-        c = self.config
-        balanced = volumes == key2volume(key, c.volumes, c.replicas, c.subvolumes)
-        md5 = raw[17:33]
+        balanced = raw[EPOCH_AT:VOLUMES_AT] == self.epoch_bytes or volumes == self._volumes(key)
+        md5 = raw[MD5_AT:EPOCH_AT]
         return b"".join((
             b"HTTP/1.1 302 Found\r\nLocation: http://", volume.encode(), key2path(key).encode(),
-            b"\r\nKey-Volumes: ", raw[33:],
+            b"\r\nKey-Volumes: ", raw[VOLUMES_AT:],
             b"\r\nKey-Balance: balanced" if balanced else b"\r\nKey-Balance: unbalanced",
             b"" if md5 == NO_MD5 else b"\r\nContent-Md5: " + md5.hex().encode(),
             b"\r\nDate: ", http_date().encode(),
@@ -228,6 +232,7 @@ class App:
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
         uploads = []
+        md5 = StreamingMd5() if self.config.md5sum else None
         try:
             opened = await asyncio.gather(
                 *(self.pool.upload(*replicas.locate(v, key), length) for v in volumes),
@@ -236,27 +241,29 @@ class App:
             for failure in opened:
                 if isinstance(failure, BaseException):
                     raise failure
-            md5 = hashlib.md5() if self.config.md5sum else None
             size = 0
             while chunk := await req.body.read():
                 size += len(chunk)
-                if md5 is not None:
-                    md5.update(chunk)
                 for u in uploads:
                     u.write(chunk)
+                if md5 is not None:
+                    await md5.update(chunk)
                 for u in uploads:
                     if u.paused:
                         await u.drain()
             statuses = await asyncio.gather(*(u.finish() for u in uploads), return_exceptions=True)
-        except (VolumeError, ClientGone) as e:
+            digest = await md5.digest() if md5 is not None else NO_MD5
+        except Exception as e:  # anything at all: undo, so no lock and no partial value stays
             for u in uploads:
                 u.abort()
+            if md5 is not None:
+                await md5.close()
             if isinstance(e, VolumeError):
                 self.health.mark_down(e.host, str(e))
             await self._abandon(key, pending, volumes)
-            if isinstance(e, ClientGone):
-                raise
-            raise HTTPError(503, f"{e}; nothing was stored") from None
+            if isinstance(e, VolumeError):
+                raise HTTPError(503, f"{e}; nothing was stored") from None
+            raise
         failed = [f"{s}" if isinstance(s, BaseException) else f"volume {host_of(v)} answered {s} to PUT"
                   for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
         if failed or size == 0:
@@ -264,7 +271,7 @@ class App:
             if failed:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
-        live = encode_data(LIVE, volumes, size, now_ms(), md5.digest() if md5 is not None else NO_MD5)
+        live = encode_data(LIVE, volumes, size, now_ms(), digest, self.epoch)
         done, _ = self.store.cas(key, pending, live)
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
@@ -332,7 +339,7 @@ class App:
         from minikv.admin.move import move_key
 
         try:
-            await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up)
+            await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up, self.epoch)
         except VolumeError as e:
             raise HTTPError(503, f"{e}; the key stays where it was") from None
         return head(204)

@@ -125,6 +125,10 @@ class Body:
         return b"".join(parts)
 
 
+NO_BODY = Body(None, False)  # shared by every request without a body: already complete
+NO_BODY.done = True
+
+
 class Request:
     __slots__ = ("method", "url", "headers", "keep_alive", "body", "conn", "has_body")
 
@@ -240,7 +244,7 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        self._started = self.loop.time()
+        self._started = self.last
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -259,24 +263,22 @@ class Connection(asyncio.Protocol):
             return
         p = self.parser
         headers = self._headers
-        has_body = False
-        expect = False
+        body = NO_BODY
         for name, value in headers:
             if name == b"content-length":
-                has_body = value.strip() not in (b"0", b"")
+                if value.strip() not in (b"0", b""):
+                    body = None
             elif name == b"transfer-encoding":
-                has_body = True
-            elif name == b"expect":
-                if value.lower() != b"100-continue":
-                    raise HTTPError(417, "only `Expect: 100-continue` is supported")
-                expect = True
+                body = None
+            elif name == b"expect" and value.lower() != b"100-continue":
+                raise HTTPError(417, "only `Expect: 100-continue` is supported")
+        if body is None:
+            body = Body(self, any(n == b"expect" for n, _ in headers))
         method = p.get_method()
         if self._rebalance:
             self._rebalance = False
             method = b"REBALANCE"
-        req = Request(method, self._url, headers, p.should_keep_alive(), None, self, has_body)
-        req.body = Body(self, expect and has_body)
-        req.body.done = not has_body
+        req = Request(method, self._url, headers, p.should_keep_alive(), body, self, body is not NO_BODY)
         self._started = None
         self._reading = req
         if self._current is None:

@@ -2,14 +2,16 @@
 
 A record is one LMDB value. Its first byte is the state:
 
-    LIVE      b"L" + <QQ16s size, mtime_ms, md5> + volumes (utf-8, comma separated)
+    LIVE      b"L" + <QQ16sI size, mtime_ms, md5, epoch> + volumes (utf-8, comma separated)
     UNLINKED  b"U" + same fields as LIVE (soft deleted: unreadable, listed by ?unlinked)
     PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes + b"\\n" + previous record
 
 PENDING is the per-key lock (HTTP 409): a write, delete or rebalance is in flight. It names the
 volumes being touched and keeps the record it replaced, so that whoever finds it after a crash
 knows what to undo (see index/recovery.py). An md5 of 16 zero bytes means "not computed"
-(`-md5sum=false`). Volume names never contain "," or "\\n".
+(`-md5sum=false`). Volume names never contain "," or "\\n". `epoch` is placement.epoch() of
+the cluster layout under which `volumes` were exactly the key's placement (0: not known), so a
+read can tell `Key-Balance` without hashing the key against every volume.
 
     absent ──PUT──▶ PENDING(put) ──ok──▶ LIVE ──UNLINK──▶ UNLINKED ──DELETE──▶ PENDING(delete) ─▶ absent
                          │                 │  ──DELETE──▶ PENDING(delete) ─▶ absent
@@ -30,7 +32,10 @@ OP_PUT = b"p"
 OP_DELETE = b"d"
 OP_REBALANCE = b"r"
 
-_DATA = struct.Struct("<QQ16s")
+_DATA = struct.Struct("<QQ16sI")
+VOLUMES_AT = 1 + _DATA.size  # where the volume list starts in a LIVE/UNLINKED record
+EPOCH_AT = VOLUMES_AT - 4
+MD5_AT = 17
 _PENDING = struct.Struct("<cIQ")
 NO_MD5 = bytes(16)
 
@@ -67,6 +72,7 @@ class Data(NamedTuple):
     size: int
     mtime_ms: int
     md5: bytes
+    epoch: int = 0
 
     @property
     def md5_hex(self) -> str:
@@ -81,13 +87,13 @@ class Pending(NamedTuple):
     previous: bytes  # the encoded record this one replaced, b"" if none
 
 
-def encode_data(state: int, volumes: list[str], size: int, mtime_ms: int, md5: bytes) -> bytes:
-    return bytes((state,)) + _DATA.pack(size, mtime_ms, md5 or NO_MD5) + ",".join(volumes).encode()
+def encode_data(state: int, volumes: list[str], size: int, mtime_ms: int, md5: bytes, epoch: int = 0) -> bytes:
+    return bytes((state,)) + _DATA.pack(size, mtime_ms, md5 or NO_MD5, epoch) + ",".join(volumes).encode()
 
 
 def decode_data(raw: bytes) -> Data:
-    size, mtime_ms, md5 = _DATA.unpack_from(raw, 1)
-    return Data(raw[0], raw[33:].decode().split(","), size, mtime_ms, md5)
+    size, mtime_ms, md5, epoch = _DATA.unpack_from(raw, 1)
+    return Data(raw[0], raw[VOLUMES_AT:].decode().split(","), size, mtime_ms, md5, epoch)
 
 
 def encode_pending(op: bytes, owner: int, started_ms: int, volumes: list[str], previous: bytes = b"") -> bytes:
