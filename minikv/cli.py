@@ -89,6 +89,17 @@ FLAGS: dict[str, Flag] = {
     "workers": Flag(int, 0, "index worker processes (default: one per core)"),
     "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
     "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),
+    "secret": Flag(str, "", "shared secret: volumes take PUT/DELETE/listings only with it, the index sends it "
+                            "(or $MINIKV_SECRET; `up` makes one)"),
+    "signed": Flag("duration", 0.0, "redirects carry a signature valid this long (server); volumes refuse "
+                                    "unsigned reads (volume, any value > 0)"),
+    "max-value-size": Flag(int, 0, "largest value a PUT may store, in bytes (413 above; 0: no limit)"),
+    "max-connections": Flag(int, 10000, "client connections per worker; more get 503"),
+    "max-header-bytes": Flag(int, 65536, "request headers larger than this get 431"),
+    "max-url": Flag(int, 8192, "request targets longer than this get 414"),
+    "header-timeout": Flag("duration", 10.0, "time to send a request's headers (408 after)"),
+    "body-timeout": Flag("duration", 60.0, "longest pause inside a request body (408 after)"),
+    "idle-timeout": Flag("duration", 75.0, "keep-alive connections idle this long are closed"),
     "data": Flag(str, "data", "up: folder that holds the volumes and the index"),
     "concurrency": Flag(int, 16, "admin commands: transfers at once"),
     "dry-run": Flag(bool, False, "admin commands: report what would change, change nothing"),
@@ -160,6 +171,8 @@ def parse_args(argv: list[str]) -> Args:
         args.given.add(name)
     if args.positionals:
         args.command, args.positionals = args.positionals[0], args.positionals[1:]
+    if "secret" not in args.given:
+        args.flags["secret"] = os.environ.get("MINIKV_SECRET", "")
     return args
 
 
@@ -185,7 +198,8 @@ def run(args: Args) -> int:
         if len(args.positionals) != 1:
             raise UsageError("usage: minikv volume [-port 3001] DIR")
         port = args.port if "port" in args.given else int(os.environ.get("PORT", "3001"))
-        return run_volume(port, args.positionals[0], host=args.host)
+        return run_volume(port, args.positionals[0], host=args.host, secret=args.secret,
+                          signed=args.signed > 0)
     if cmd == "server":
         _need(args, "volumes", "db")
         from minikv.server import run_server
@@ -196,7 +210,8 @@ def run(args: Args) -> int:
 
         return run_cluster(args)
     if cmd in ("rebuild", "rebalance", "verify", "repair", "gc"):
-        _need(args, "volumes", "db")
+        if not (cmd == "rebalance" and args.server):  # online: the running index knows both
+            _need(args, "volumes", "db")
         import importlib
 
         module = importlib.import_module(f"minikv.admin.{cmd}")

@@ -1,7 +1,9 @@
 """`minikv up`: a whole local cluster in one command, the first thing a newcomer runs.
 
 Three volume servers (ports 3001-3003) and the index (port 3000), all data under one folder
-(`-data`, default ./data: data/vol1..3 and data/index). Each part runs as its own child process
+(`-data`, default ./data: data/vol1..3 and data/index). The volumes take writes only from the
+index: a secret made at the first start is kept in data/secret and handed to every part through
+the environment. Each part runs as its own child process
 in its own process group; Ctrl-C or SIGTERM stops them all, and if one of them dies the rest
 are stopped too, so nothing is left running.
 """
@@ -9,6 +11,7 @@ are stopped too, so nothing is left running.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,11 +45,28 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def cluster_secret(data: str, given: str) -> str:
+    """The secret given, or the one kept in data/secret (made at the first start)."""
+    if given:
+        return given
+    path = os.path.join(data, "secret")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        secret = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        return secret
+
+
 def run_cluster(args) -> int:
     data = os.path.abspath(args.data)
     os.makedirs(data, exist_ok=True)
     if os.geteuid() == 0:
         os.chmod(data, 0o755)  # nginx workers (www-data) must be able to enter it
+    env = dict(os.environ, MINIKV_SECRET=cluster_secret(data, args.secret))
     base = args.port if "port" in args.given else 3000
     vports = [base + 1 + i for i in range(VOLUMES)]
     volumes = ",".join(f"localhost:{p}" for p in vports)
@@ -63,17 +83,17 @@ def run_cluster(args) -> int:
     try:
         for i, port in enumerate(vports, 1):
             procs.append(subprocess.Popen([*me, "volume", "-port", str(port), os.path.join(data, f"vol{i}")],
-                                          start_new_session=True))
+                                          start_new_session=True, env=env))
         for port, p in zip(vports, procs):
             if not _wait_port(port, p):
                 print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
                 return 1
         server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index")]
         for name in ("replicas", "subvolumes", "protect", "fallback", "md5sum", "voltimeout", "v",
-                     "workers", "verify-get", "fsync", "host"):
+                     "workers", "verify-get", "fsync", "host", "signed", "max-value-size", "max-connections"):
             if name in args.given:
                 server += [f"-{name}={args.flags[name]}"]
-        procs.append(subprocess.Popen(server, start_new_session=True))
+        procs.append(subprocess.Popen(server, start_new_session=True, env=env))
         if not _wait_port(base, procs[-1]):
             print(f"minikv up: index on port {base} did not start (see above)", file=sys.stderr)
             return 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from minikv.http.server import Limits
+
 
 @dataclass
 class Config:
@@ -22,6 +24,11 @@ class Config:
     workers: int = 0
     verify_get: bool = False
     fsync: bool = False
+    secret: str = ""
+    signed: float = 0.0  # seconds a signed redirect stays valid; 0: unsigned
+    max_value_size: int = 0
+    max_connections: int = 10000
+    limits: Limits = field(default_factory=Limits)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -31,7 +38,11 @@ class Config:
             replicas=args.replicas, subvolumes=args.subvolumes, protect=args.protect,
             fallback=args.fallback, md5sum=args.md5sum, voltimeout=args.voltimeout,
             verbose=args.v, workers=args.workers or os.cpu_count() or 1,
-            verify_get=args.verify_get, fsync=args.fsync,
+            verify_get=args.verify_get, fsync=args.fsync, secret=args.secret, signed=args.signed,
+            max_value_size=args.max_value_size, max_connections=args.max_connections,
+            limits=Limits(max_url=args.max_url, max_header_bytes=args.max_header_bytes,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          idle_timeout=args.idle_timeout),
         )
 
     def check(self) -> None:
@@ -44,6 +55,8 @@ class Config:
                              f"-volumes names {len(self.volumes)}")
         if self.subvolumes < 1:
             raise ValueError("-subvolumes must be at least 1")
+        if self.signed and not self.secret:
+            raise ValueError("-signed needs -secret (or MINIKV_SECRET): the signature is made with it")
         for v in self.volumes:
             if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
                 raise ValueError(f"volume {v!r} is not host:port")
@@ -51,3 +64,9 @@ class Config:
     @property
     def hosts(self) -> list[str]:
         return list(self.volumes)
+
+    def pool(self):
+        """A connection pool to the volumes that sends what this cluster needs (its secret)."""
+        from minikv.http.client import Pool
+
+        return Pool(self.voltimeout, secret=self.secret)

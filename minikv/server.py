@@ -19,8 +19,7 @@ import time
 
 from minikv.config import Config
 from minikv.health import Health
-from minikv.http.client import Pool
-from minikv.http.server import Connection, Limits, start_timeout_sweep
+from minikv.http.server import Connection, start_timeout_sweep
 from minikv.index.recovery import recover
 from minikv.index.store import Store
 
@@ -52,7 +51,7 @@ def recover_pending(config: Config, owner: int | None = None) -> None:
         store.reader_check()
 
         async def run() -> int:
-            pool = Pool(config.voltimeout)
+            pool = config.pool()
             try:
                 return await recover(store, pool, owner)
             finally:
@@ -70,13 +69,13 @@ async def serve(config: Config, sock: socket.socket) -> None:
 
     loop = asyncio.get_running_loop()
     store = Store(config.db, sync=config.fsync)
-    pool = Pool(config.voltimeout)
+    pool = config.pool()
     health = Health(pool, config.hosts)
     await health.probe_all()
     health.start()
     app = App(config, store, pool, health)
-    limits = Limits()
-    server = await loop.create_server(lambda: Connection(app, limits, loop), sock=sock, backlog=4096)
+    server = await loop.create_server(lambda: Connection(app, config.limits, loop, config.max_connections),
+                                      sock=sock, backlog=4096)
     start_timeout_sweep(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

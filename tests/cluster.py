@@ -77,13 +77,14 @@ class Proc:
 
 class Cluster:
     def __init__(self, root: Path, volumes: int = 3, replicas: int = 3, subvolumes: int = 10,
-                 workers: int = 2, flags: list[str] | None = None):
+                 workers: int = 2, flags: list[str] | None = None, volume_flags: list[str] | None = None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.replicas = replicas
         self.subvolumes = subvolumes
         self.volumes = [
-            Proc(["volume", "-port", str(p := free_port()), str(root / f"vol{i}")], p, root / f"vol{i}.log")
+            Proc(["volume", "-host", HOST, "-port", str(p := free_port()), *(volume_flags or []),
+                  str(root / f"vol{i}")], p, root / f"vol{i}.log")
             for i in range(volumes)
         ]
         self.names = [f"{HOST}:{v.port}" for v in self.volumes]

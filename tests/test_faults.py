@@ -195,3 +195,23 @@ def test_delete_with_a_volume_down_leaves_key_unlinked_then_delete_again(make_cl
     time.sleep(1.2)
     assert c.delete(key).status_code == 204
     assert files_of(c, key) == []
+
+
+def test_hung_volume_gives_a_clear_error_not_a_hang(make_cluster):
+    c = make_cluster(volumes=3, replicas=3)
+    assert c.put("/before", b"v").status_code == 201
+    c.volumes[2].send(signal.SIGSTOP)  # hung, not dead: connections open, nothing answers
+    try:
+        key = fresh()
+        t0 = time.monotonic()
+        r = c.put(key, os.urandom(8 << 20))
+        took = time.monotonic() - t0
+        assert 500 <= r.status_code < 600 and c.names[2] in r.text, (r.status_code, r.text)
+        assert took < 15
+        assert c.get(key, allow_redirects=False).status_code == 404
+        # reads of keys it holds go to the other replicas once the probe noticed
+        time.sleep(1.5)
+        assert c.get("/before").content == b"v"
+    finally:
+        c.volumes[2].send(signal.SIGCONT)
+    wait_until(lambda: c.put(key, b"after").status_code == 201, what="writes work after SIGCONT")

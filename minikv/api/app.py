@@ -19,6 +19,8 @@ Order of writes (each arrow is one compare-and-set on the key's record, see inde
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import random
@@ -29,11 +31,12 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import httptools
 
 from minikv import replicas
+from minikv.admin.move import readable
 from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
-from minikv.http.response import ClientGone, HTTPError, head, http_date, response
+from minikv.http.response import HTTPError, head, http_date, response
 from minikv.http.server import Request
 from minikv.index.record import (
     EPOCH_AT,
@@ -136,6 +139,9 @@ class App:
     def get(self, key: bytes, path: bytes, is_head: bool):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None or raw[0] != LIVE:
+            # a key being moved (REBALANCE, rebalance, repair) stays readable from its old record
+            raw = raw and readable(raw)
+        if raw is None:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
             return self.not_found
@@ -153,14 +159,26 @@ class App:
     def _redirect(self, key: bytes, raw: bytes, volumes: list[str], volume: str) -> bytes:
         balanced = raw[EPOCH_AT:VOLUMES_AT] == self.epoch_bytes or volumes == self._volumes(key)
         md5 = raw[MD5_AT:EPOCH_AT]
+        path = key2path(key)
+        if self.config.signed:
+            path = self._sign(volume, path)
         return b"".join((
-            b"HTTP/1.1 302 Found\r\nLocation: http://", volume.encode(), key2path(key).encode(),
+            b"HTTP/1.1 302 Found\r\nLocation: http://", volume.encode(), path.encode(),
             b"\r\nKey-Volumes: ", raw[VOLUMES_AT:],
             b"\r\nKey-Balance: balanced" if balanced else b"\r\nKey-Balance: unbalanced",
             b"" if md5 == NO_MD5 else b"\r\nContent-Md5: " + md5.hex().encode(),
             b"\r\nDate: ", http_date().encode(),
             b"\r\nContent-Length: 0\r\n\r\n",
         ))
+
+    def _sign(self, volume: str, path: str) -> str:
+        """The path with nginx secure_link arguments: valid for -signed seconds, for this file."""
+        _, slash, sub = volume.partition("/")
+        uri = (slash + sub if slash else "") + path
+        expires = int(time.time() + self.config.signed)
+        digest = hashlib.md5(f"{expires}{uri} {self.config.secret}".encode()).digest()
+        sig = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        return f"{path}?md5={sig}&expires={expires}"
 
     async def _get_verified(self, key: bytes, raw: bytes, volumes: list[str]) -> bytes:
         """The Go original's read: HEAD replicas in random order, redirect to the first found."""
@@ -183,7 +201,13 @@ class App:
         start = params.get("start", [""])[0].encode("latin-1")
         start = unquote_to_bytes(start) if b"%" in start else start
         state = LIVE if op == b"list" else UNLINKED
-        pairs, nxt = self.store.scan(prefix, start, limit or MAX_LIST + 1, lambda v: v[0] == state)
+        if state == LIVE:  # keys being moved are still there
+            def keep(v: bytes) -> bool:
+                return v[0] == LIVE or (v[0] == PENDING and readable(v) is not None)
+        else:
+            def keep(v: bytes) -> bool:
+                return v[0] == state
+        pairs, nxt = self.store.scan(prefix, start, limit or MAX_LIST + 1, keep)
         if not limit and len(pairs) > MAX_LIST:
             raise HTTPError(413, f"more than {MAX_LIST} keys: page with &limit=N&start=KEY")
         body = json.dumps(
@@ -221,6 +245,9 @@ class App:
         length = None
         if req.header(b"transfer-encoding") is None:
             length = int(req.header(b"content-length"))
+        limit = self.config.max_value_size
+        if limit and length is not None and length > limit:
+            raise HTTPError(413, f"value of {length} bytes is over the limit of {limit} (-max-value-size)")
         raw = self.store.get(key)
         if raw is not None and raw[0] != UNLINKED:
             raise self._conflict(raw)
@@ -242,8 +269,11 @@ class App:
                 if isinstance(failure, BaseException):
                     raise failure
             size = 0
+            limit = self.config.max_value_size
             while chunk := await req.body.read():
                 size += len(chunk)
+                if limit and size > limit:
+                    raise HTTPError(413, f"value is over the limit of {limit} bytes (-max-value-size)")
                 for u in uploads:
                     u.write(chunk)
                 if md5 is not None:
@@ -263,7 +293,7 @@ class App:
             await self._abandon(key, pending, volumes)
             if isinstance(e, VolumeError):
                 raise HTTPError(503, f"{e}; nothing was stored") from None
-            raise
+            raise  # ClientGone, an HTTPError of ours, or a bug (500)
         failed = [f"{s}" if isinstance(s, BaseException) else f"volume {host_of(v)} answered {s} to PUT"
                   for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
         if failed or size == 0:
@@ -336,10 +366,17 @@ class App:
         return self._rebalance(key, raw, volumes, pending)
 
     async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
-        from minikv.admin.move import move_key
+        from minikv.admin.move import LostLock, move_key
 
         try:
-            await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up, self.epoch)
+            # detach: the old copies are deleted a moment later, in the background (admin/move.py)
+            await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up, self.epoch,
+                           detach=True)
         except VolumeError as e:
             raise HTTPError(503, f"{e}; the key stays where it was") from None
+        except LostLock as e:
+            raise HTTPError(409, str(e)) from None
+        except Exception:
+            self.store.cas(key, pending, raw)  # a bug must not leave the key locked
+            raise
         return head(204)

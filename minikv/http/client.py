@@ -184,8 +184,10 @@ class Upload:
 
 
 class Pool:
-    def __init__(self, timeout: float = 1.0, max_idle: int = 64):
+    def __init__(self, timeout: float = 1.0, max_idle: int = 64, secret: str = ""):
         self.timeout = timeout
+        # proof for volumes started with -secret that this request comes from the index
+        self.extra_head = f"X-Minikv-Secret: {secret}\r\n" if secret else ""
         self.stall = max(STALL_MIN, timeout)
         self.max_idle = max_idle
         self._idle: dict[str, collections.deque[_Conn]] = {}
@@ -236,9 +238,8 @@ class Pool:
         for host in list(self._idle):
             self.forget(host)
 
-    @staticmethod
-    def _head(method: str, host: str, path: str, headers, length: int | None) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"]
+    def _head(self, method: str, host: str, path: str, headers, length: int | None) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{self.extra_head}"]
         lines.extend(f"{n}: {v}\r\n" for n, v in headers)
         if length is None:
             lines.append("Transfer-Encoding: chunked\r\n")

@@ -154,8 +154,9 @@ class Connection(asyncio.Protocol):
 
     connections: set[Connection] = set()  # for the per-process timeout sweep
 
-    def __init__(self, app, limits: Limits | None = None, loop=None):
+    def __init__(self, app, limits: Limits | None = None, loop=None, max_connections: int = 0):
         self.app = app
+        self.max_connections = max_connections
         self.limits = limits or Limits()
         self.loop = loop or asyncio.get_event_loop()
         self.transport = None
@@ -181,6 +182,11 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.max_connections and len(Connection.connections) >= self.max_connections:
+            self.closed = True
+            transport.write(add_close(error(503, f"more than {self.max_connections} connections: try again")))
+            transport.close()
+            return
         Connection.connections.add(self)
 
     def connection_lost(self, exc) -> None:
@@ -193,6 +199,8 @@ class Connection(asyncio.Protocol):
         self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.last = self.loop.time()
         try:
             if b"REBALANCE " in data:

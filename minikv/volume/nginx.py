@@ -19,6 +19,7 @@ import ctypes
 import grp
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -27,6 +28,8 @@ import sys
 import tempfile
 
 BODY_TEMP = "body_temp"
+SECRET_HEADER = "X-Minikv-Secret"  # the index's proof that a write comes from it
+SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{8,128}")
 STATE_DIR = ".nginx"
 NOFILE_WANTED = 100_000
 STOP_TIMEOUT = 10.0
@@ -72,12 +75,20 @@ def render_config(
     user: tuple[str, str] | None = None,
     prefix_dir: str | None = None,
     nofile: int | None = None,
+    secret: str = "",
+    signed: bool = False,
 ) -> str:
     """The nginx config serving `directory` (absolute) on `host:port`.
 
     `user` is (user, group) for the workers when nginx starts as root; `prefix_dir` holds the pid
     file and temp folders (default DIR/.nginx); `nofile` raises the workers' open-file limit.
+    With a `secret`, only requests carrying it (the index's) may PUT, DELETE or list folders;
+    anyone may still GET a file, and with `signed` only through a redirect the index signed.
     """
+    if secret and not SECRET_CHARS.fullmatch(secret):
+        raise VolumeError("a secret may hold only letters, digits, '-' and '_' (8 to 128 of them)")
+    if signed and not secret:
+        raise VolumeError("signed redirects need a secret: give -secret (or MINIKV_SECRET)")
     directory = directory.rstrip("/") or "/"
     prefix_dir = prefix_dir or os.path.join(directory, STATE_DIR)
     state = prefix_dir.rstrip("/")
@@ -120,12 +131,33 @@ def render_config(
     ]
     if "$" in directory:
         lines += ['    geo $dollar { default "$"; }']
+    guard: list[str] = []
+    if secret:
+        # map matches plain strings ignoring case; a `~` regex compares the secret exactly
+        lines += [
+            f'    map $http_{SECRET_HEADER.lower().replace("-", "_")} $minikv_trusted {{ default 0; "~^{secret}$" 1; }}',
+            '    map "$minikv_trusted:$request_method:$uri" $minikv_denied {',
+            "        default 1;",
+            '        "~^1:" 0;',  # the index may do anything
+            '        "~^0:(GET|HEAD):.*[^/]$" 0;',  # anyone may read a file, not list a folder
+            "    }",
+        ]
+        guard = ["            if ($minikv_denied) { return 403; }"]
+    if signed:
+        # secure_link: "" for a bad signature, "0" when expired, "1" when good
+        lines += ['    map "$minikv_trusted$secure_link" $minikv_unsigned { default 1; "~^1" 0; "01" 0; }']
+        guard += [
+            "            secure_link $arg_md5,$arg_expires;",
+            f'            secure_link_md5 "$secure_link_expires$uri {secret}";',
+            "            if ($minikv_unsigned) { return 403; }",
+        ]
     lines += [
         "",
         "    server {",
         f"        listen {listen_address(host, port)} default_server backlog=4096;",
         "",
         "        location / {",
+        *guard,
         f"            root {quote_with_variables(directory)};",
         "            client_max_body_size 0;",
         "            dav_methods PUT DELETE;",
@@ -137,6 +169,7 @@ def render_config(
         "",
         # DELETE / would remove the whole volume: the root is for reading only
         "        location = / {",
+        *guard,
         f"            root {quote_with_variables(directory)};",
         "            limit_except GET { deny all; }",
         "            autoindex on;",
@@ -339,7 +372,7 @@ def serve(nginx: str, directory: str, config: str, port: int) -> int:
             os.unlink(config_path)
 
 
-def run_volume(port: int, directory: str, host: str = "") -> int:
+def run_volume(port: int, directory: str, host: str = "", secret: str = "", signed: bool = False) -> int:
     """`minikv volume`: serve `directory` with nginx on `host:port` until nginx exits (or we are
     told to stop); returns nginx's exit code, or 1 with a message when it cannot start."""
     directory = os.path.abspath(directory)
@@ -355,6 +388,8 @@ def run_volume(port: int, directory: str, host: str = "") -> int:
             user=user[:2] if user else None,
             prefix_dir=os.path.join(directory, STATE_DIR),
             nofile=open_file_limit(),
+            secret=secret,
+            signed=signed,
         )
     except VolumeError as e:
         print(f"minikv volume: {e}", file=sys.stderr)
