@@ -47,20 +47,30 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.keep_alive = True
         self.reused = False  # has served a request before: the volume may have closed it since
+        self.expired = False  # a watchdog gave up on it
         self._write_paused = False
         self._drain: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.parser = None
+        self.head_only = False
         self._reset(False)
 
-    def _reset(self, head_only: bool) -> None:
+    def _reset(self, head_only: bool, collect: bool = False) -> None:
+        """Ready for the next request. `collect`: gather the whole body in `parts` (small
+        answers) instead of streaming it through `body` with flow control."""
         loop = asyncio.get_event_loop()
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None or self.head_only:
+            # after a HEAD the parser still waits for the body its Content-Length announced
+            self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.head = loop.create_future()
         self.done = loop.create_future()
-        self.body = Body(self, False)
+        self.parts: list[bytes] | None = [] if collect else None
+        self.body = None if collect else Body(self, False)
         self.got_bytes = False
+        self.last_rx = loop.time()
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -68,6 +78,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        self.last_rx = asyncio.get_event_loop().time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -75,8 +86,7 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
-        self._lost(VolumeError(self.host, "closed the connection"
-                               + (f" ({exc})" if exc else "")))
+        self._lost(VolumeError(self.host, "closed the connection" + (f" ({exc})" if exc else "")))
 
     def _lost(self, err: Exception) -> None:
         self.closed = True
@@ -84,8 +94,32 @@ class _Conn(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
                 fut.exception()  # mark retrieved: nobody may be waiting on both
-        self.body.fail(err)
+        if self.body is not None:
+            self.body.fail(err)
         self._wake()
+        self.unwatch()
+
+    # -- a watchdog instead of asyncio.wait_for: no task per request, and it measures
+    #    silence, so a long answer that keeps coming is not cut off --
+    def watch(self, timeout: float, what: str) -> None:
+        self.unwatch()
+        self._timer = asyncio.get_event_loop().call_later(timeout, self._check, timeout, what)
+
+    def unwatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self, timeout: float, what: str) -> None:
+        idle = asyncio.get_event_loop().time() - self.last_rx
+        if idle < timeout:
+            self._timer = asyncio.get_event_loop().call_later(timeout - idle, self._check, timeout, what)
+            return
+        self._timer = None
+        self.expired = True
+        self._lost(VolumeError(self.host, what))
+        if self.transport is not None:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -123,14 +157,17 @@ class _Conn(asyncio.Protocol):
         if self.head_only:
             # httptools cannot be told a response answers HEAD; its Content-Length announces a
             # body that will never come, so this response ends here.
-            self.body.finish()
-            self.done.set_result(None)
+            self.on_message_complete()
 
     def on_body(self, data: bytes) -> None:
-        self.body.feed(data)
+        if self.parts is not None:
+            self.parts.append(data)
+        else:
+            self.body.feed(data)
 
     def on_message_complete(self) -> None:
-        self.body.finish()
+        if self.body is not None:
+            self.body.finish()
         if not self.done.done():
             self.done.set_result(None)
 
@@ -148,11 +185,13 @@ class _Conn(asyncio.Protocol):
 class Upload:
     """A streaming PUT to one volume: write() chunks, then finish() for the status."""
 
-    def __init__(self, pool: Pool, conn: _Conn, chunked: bool):
+    def __init__(self, pool: Pool, conn: _Conn, chunked: bool, head: bytes):
         self.pool = pool
         self.conn = conn
         self.chunked = chunked
         self.host = conn.host
+        # sent with the first chunk: one write (one syscall, one packet) for a small value
+        self._head = head
 
     @property
     def paused(self) -> bool:
@@ -160,21 +199,26 @@ class Upload:
 
     def write(self, chunk: bytes) -> None:
         if self.chunked:
-            self.conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        else:
-            self.conn.write(chunk)
+            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        if self._head:
+            chunk, self._head = self._head + chunk, b""
+        self.conn.write(chunk)
 
     async def drain(self) -> None:
         await self.conn.drain(self.pool.stall)
 
     async def finish(self) -> int:
-        if self.chunked:
-            self.conn.write(b"0\r\n\r\n")
+        if self.chunked or self._head:
+            self.conn.write(self._head + (b"0\r\n\r\n" if self.chunked else b""))
+            self._head = b""
+        self.conn.watch(self.pool.stall, f"did not answer a PUT within {self.pool.stall:g}s")
         try:
-            await asyncio.wait_for(asyncio.shield(self.conn.done), self.pool.stall)
-        except asyncio.TimeoutError:
+            await self.conn.done
+        except VolumeError:
             self.abort()
-            raise VolumeError(self.host, f"did not answer a PUT within {self.pool.stall:g}s") from None
+            raise
+        finally:
+            self.conn.unwatch()
         self.pool.release(self.conn)
         return self.conn.status
 
@@ -250,50 +294,47 @@ class Pool:
 
     async def request(self, host: str, method: str, path: str, body: bytes = b"",
                       headers=(), timeout: float | None = None) -> Response:
-        """One whole request and response (small bodies: PUT of a buffer, DELETE, listings)."""
+        """One whole request and response (small bodies: DELETE, HEAD, listings). `timeout`
+        bounds the silence: an answer that keeps coming may take longer."""
         timeout = timeout or self.timeout
         for attempt in (0, 1):
             conn = await self._connect(host)
             reused = conn.reused
-            conn._reset(method == "HEAD")
+            conn._reset(method == "HEAD", collect=True)
             conn.write(self._head(method, host, path, headers, len(body)) + body)
+            conn.watch(timeout, f"did not answer {method} within {timeout:g}s")
             try:
-                await asyncio.wait_for(asyncio.shield(conn.head), timeout)
-                data = []
-                while chunk := await asyncio.wait_for(conn.body.read(), timeout):
-                    data.append(chunk)
-            except asyncio.TimeoutError:
-                self.discard(conn)
-                raise VolumeError(host, f"did not answer {method} within {timeout:g}s") from None
+                await conn.done
             except VolumeError:
                 self.discard(conn)
                 # a kept-alive connection the volume closed meanwhile: one fresh try
-                if reused and not conn.got_bytes and attempt == 0:
+                if reused and not conn.got_bytes and not conn.expired and attempt == 0:
                     continue
                 raise
+            finally:
+                conn.unwatch()
             self.release(conn)
-            return Response(conn.status, conn.headers, b"".join(data))
+            return Response(conn.status, conn.headers, b"".join(conn.parts))
         raise AssertionError("unreachable")
 
     async def upload(self, host: str, path: str, length: int | None, headers=()) -> Upload:
         conn = await self._connect(host)
         conn._reset(False)
-        conn.write(self._head("PUT", host, path, headers, length))
-        return Upload(self, conn, length is None)
+        return Upload(self, conn, length is None, self._head("PUT", host, path, headers, length))
 
     async def download(self, host: str, path: str, headers=()) -> tuple[_Conn, Body]:
         """GET with the body as a stream. Call `pool.finish_download(conn)` when done."""
         conn = await self._connect(host)
         conn._reset(False)
         conn.write(self._head("GET", host, path, headers, 0))
+        conn.watch(self.timeout, f"did not answer GET within {self.timeout:g}s")
         try:
-            await asyncio.wait_for(asyncio.shield(conn.head), self.timeout)
-        except asyncio.TimeoutError:
-            self.discard(conn)
-            raise VolumeError(host, f"did not answer GET within {self.timeout:g}s") from None
+            await conn.head
         except VolumeError:
             self.discard(conn)
             raise
+        finally:
+            conn.unwatch()
         return conn, conn.body
 
     def finish_download(self, conn: _Conn) -> None:
