@@ -430,7 +430,7 @@ class Connection(asyncio.Protocol):
         lim = self.limits
         if self._started is not None and now - self._started > lim.header_timeout:
             self._fail(408, f"request headers not received within {lim.header_timeout:g}s")
-        elif self._reading is not None and "body" not in self._paused and now - self.last > lim.body_timeout:
+        elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
         elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
