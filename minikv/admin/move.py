@@ -1,32 +1,97 @@
-"""Moving one key's replicas onto the volumes placement names now (REBALANCE, rebalance).
+"""Moving one key's replicas onto the volumes placement names now (REBALANCE, rebalance, repair).
 
-The record is the lock: the caller has taken it to PENDING(rebalance) first. Order: copy to the
-new volumes, switch the record, then delete from the volumes no longer named, so that at every
-moment one complete set of replicas is named by the record or by its PENDING predecessor.
+The record is the lock, and every step is one compare-and-set on it, so that at every moment a
+complete set of replicas is named by the record (or by the LIVE record a PENDING one keeps) and a
+crash anywhere is undone by index/recovery.py with its one rule for PENDING(rebalance): "delete
+the copies on `volumes` that `previous` does not name, put `previous` back".
+
+    LIVE(old) ─caller─▶ PENDING(rebalance, new, prev=LIVE(old))   copy to new volumes
+              ─────────▶ LIVE(new)                                switch
+              ─────────▶ PENDING(rebalance, stale, prev=LIVE(new)) wait GRACE, delete stale copies
+              ─────────▶ LIVE(new)
+
+Why the second lock and the wait: a reader may have been redirected to an old copy just before
+the switch and fetch it a moment later; deleting it at once would fail that read. During the
+wait the key is readable from LIVE(new) (the API reads a PENDING(rebalance) record's previous
+one) and the lock names the stale copies, so a crash during the wait still gets them deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import Callable
 
 from minikv import replicas
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import LIVE, decode_data, encode_data
+from minikv.index.record import (
+    LIVE,
+    OP_REBALANCE,
+    PENDING,
+    decode_data,
+    decode_pending,
+    encode_data,
+    encode_pending,
+)
 from minikv.index.store import Store
 from minikv.placement import host_of
 
+GRACE = 1.0  # seconds between the switch and deleting the old copies
+
+# Retirements running in the background (detach=True); kept here so they are not collected.
+_tails: set[asyncio.Task] = set()
+
+
+class LostLock(Exception):
+    """The key's record changed while we held it (someone ran recovery on it): nothing moved."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def readable(raw: bytes) -> bytes | None:
+    """What readers see of a record that is not LIVE: for a key being moved, the LIVE record its
+    lock keeps (every copy it names stays in place until the lock is released), else None."""
+    if raw[0] == PENDING and raw[1:2] == OP_REBALANCE:
+        previous = decode_pending(raw).previous
+        if previous[:1] == b"L":
+            return previous
+    return None
+
+
+def named(raw: bytes | None) -> set[str]:
+    """Every volume a record names, in any state (a PENDING one: its volumes and previous ones)."""
+    if raw is None:
+        return set()
+    if raw[0] == PENDING:
+        p = decode_pending(raw)
+        return set(p.volumes) | (named(p.previous) if p.previous else set())
+    return set(decode_data(raw).volumes)
+
 
 async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: list[str], pending: bytes,
-                   is_up: Callable[[str], bool] = lambda host: True, epoch: int = 0) -> None:
-    """Move the key whose LIVE record was `raw` (now locked as `pending`) onto `volumes`.
-    On failure the new copies are deleted, the old record is back, and VolumeError is raised."""
+                   is_up: Callable[[str], bool] = lambda host: True, epoch: int = 0, *,
+                   good: list[str] | None = None, grace: float = GRACE, detach: bool = False) -> list[str]:
+    """Move the key whose LIVE record was `raw` (now locked as `pending`) onto `volumes`, which
+    are its placement under layout `epoch` (placement.epoch; 0: unknown).
+
+    `good` are the replicas known to hold a right copy (default: all `raw` names); every volume
+    of `volumes` not among them gets a copy from one of them. On failure the new copies are
+    deleted, the record is `raw` again, and VolumeError (or LostLock) is raised. After the
+    switch the old copies are retired: awaited, or in the background with `detach` (then the
+    caller returns at once; `drain()` waits for them). Returns the deletions that failed."""
     old = decode_data(raw)
-    sources = [v for v in old.volumes if is_up(host_of(v))] or old.volumes
+    have = old.volumes if good is None else good
+    sources = [v for v in have if is_up(host_of(v))] or list(have)
     copied: list[str] = []
     try:
         for dst in volumes:
-            if dst in old.volumes:
+            if dst in have:
                 continue
+            if not sources:
+                raise VolumeError(host_of(dst), "cannot get a copy: no replica of the key is good")
             for i, src in enumerate(sources):
                 try:
                     await replicas.copy(pool, key, src, dst)
@@ -36,9 +101,58 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
                         raise
             copied.append(dst)
     except BaseException:
-        await replicas.delete_all(pool, copied, key)
+        # a copy over a bad replica the record names stays: it is no worse than what was there
+        await replicas.delete_all(pool, [v for v in copied if v not in old.volumes], key)
         store.cas(key, pending, raw)
         raise
-    store.cas(key, pending, encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch))
-    # a replica that cannot be deleted now is an orphan file: `minikv gc` finds it later
-    await replicas.delete_all(pool, [v for v in old.volumes if v not in volumes], key)
+    live = encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch)
+    done, current = store.cas(key, pending, live)
+    if not done:
+        # recovery (an index starting up) undid our move meanwhile: remove the copies it missed
+        keep = named(current) | set(old.volumes)
+        await replicas.delete_all(pool, [v for v in copied if v not in keep], key)
+        raise LostLock("the key's record was changed by another process during the move; run again")
+    stale = [v for v in old.volumes if v not in volumes]
+    if not stale:
+        return []
+    # lock again at once (no await since the switch), so the stale copies are always named
+    relock = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), stale, live)
+    locked, _ = store.cas(key, live, relock)
+    tail = retire(pool, store, key, live, relock if locked else None, stale, grace)
+    if not detach:
+        return await tail
+    task = asyncio.get_running_loop().create_task(tail)
+    _tails.add(task)
+    task.add_done_callback(_tails.discard)
+    return []
+
+
+async def retire(pool: Pool, store: Store, key: bytes, live: bytes, relock: bytes | None, stale: list[str],
+                 grace: float = GRACE) -> list[str]:
+    """Delete the copies on `stale` of a key now LIVE as `live`, GRACE seconds from now, then
+    put `live` back in place of its lock `relock` (see the module docstring). Returns the
+    deletions that failed (orphans for gc)."""
+    await asyncio.sleep(grace)
+    if relock is None:
+        # a DELETE or UNLINK got the key between the switch and the lock; its record does not
+        # name the stale copies unless placement changed again, so they go unless it does
+        stale = [v for v in stale if v not in named(store.get(key))]
+    failed = await replicas.delete_all(pool, stale, key)
+    if relock is not None:
+        store.cas(key, relock, live)
+    return failed
+
+
+async def drain() -> list[str]:
+    """Wait for every background retirement; the deletions that failed."""
+    failed: list[str] = []
+    seen: set[asyncio.Task] = set()
+    # a finished task leaves _tails by a callback that runs a moment later: count it once
+    while waiting := [t for t in _tails if t not in seen]:
+        seen.update(waiting)
+        for result in await asyncio.gather(*waiting, return_exceptions=True):
+            if isinstance(result, BaseException):
+                failed.append(f"retiring old copies failed: {result!r}")
+            else:
+                failed.extend(result)
+    return failed

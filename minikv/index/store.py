@@ -84,6 +84,16 @@ class Store:
             for key, value in items:
                 txn.put(key, value)
 
+    def merge_many(self, items: list[tuple[bytes, bytes]],
+                   merge: Callable[[bytes, bytes | None, bytes], bytes | None]) -> None:
+        """For rebuild: store merge(key, current record, value) for each (key, value), all in one
+        write transaction and without a state check; a merge that returns None leaves the key."""
+        with self.env.begin(write=True, db=self.keys) as txn:
+            for key, value in items:
+                new = merge(key, txn.get(key), value)
+                if new is not None:
+                    txn.put(key, new)
+
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
              keep: Callable[[bytes], bool] | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """Records whose key starts with `prefix`, from `start` on, in key order.

@@ -1,0 +1,98 @@
+"""Is a key's copy on a volume right? Shared by verify, repair and rebuild -md5.
+
+A replica is right when its file is there with the record's size and, when asked (-md5), its
+content hashes to the record's md5. A record without an md5 (`-md5sum=false`, or made by
+rebuild) is judged by the replicas themselves: the md5 most of them share wins, and with no
+majority none of them can be called wrong (reported as a conflict, left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from typing import NamedTuple
+
+from minikv import replicas
+from minikv.http.client import Pool, VolumeError
+from minikv.index.record import NO_MD5, Data
+
+
+class Replica(NamedTuple):
+    volume: str
+    size: int | None  # None: no file
+    md5: bytes | None  # None: not read (or no file)
+    error: str | None  # the volume could not be asked
+
+
+async def md5_of(pool: Pool, volume: str, key: bytes) -> tuple[int, bytes] | None:
+    """(size, md5) of the key's file on `volume`, read as a stream; None when there is none."""
+    host, path = replicas.locate(volume, key)
+    conn, body = await pool.download(host, path)
+    try:
+        if conn.status == 404:
+            return None
+        if conn.status != 200:
+            raise VolumeError(host, f"answered {conn.status} to GET of {path}")
+        digest, size = hashlib.md5(), 0
+        try:
+            while chunk := await asyncio.wait_for(body.read(), pool.stall):
+                digest.update(chunk)
+                size += len(chunk)
+        except asyncio.TimeoutError:
+            raise VolumeError(host, f"sent nothing for {pool.stall:g}s") from None
+        return size, digest.digest()
+    finally:
+        pool.finish_download(conn)
+
+
+async def inspect_one(pool: Pool, volume: str, key: bytes, with_md5: bool) -> Replica:
+    try:
+        if with_md5:
+            got = await md5_of(pool, volume, key)
+            return Replica(volume, *(got if got else (None, None)), None)
+        return Replica(volume, await replicas.exists(pool, volume, key), None, None)
+    except VolumeError as e:
+        return Replica(volume, None, None, str(e))
+
+
+async def inspect(pool: Pool, key: bytes, volumes: list[str], with_md5: bool) -> list[Replica]:
+    return list(await asyncio.gather(*(inspect_one(pool, v, key, with_md5) for v in volumes)))
+
+
+KINDS = ("missing", "wrong size", "wrong md5", "unreachable")
+
+
+class Verdict(NamedTuple):
+    good: list[str]  # replicas holding a right copy, in record order
+    problems: list[tuple[str, str, str]]  # (volume, kind, detail); kinds are KINDS
+    conflict: bool  # md5s disagree and nothing says which is right
+
+
+def judge(record: Data, found: list[Replica]) -> Verdict:
+    good: list[str] = []
+    problems: list[tuple[str, str, str]] = []
+    sized = []
+    for r in found:
+        if r.error is not None:
+            problems.append((r.volume, "unreachable", r.error))
+        elif r.size is None:
+            problems.append((r.volume, "missing", "no file"))
+        elif r.size != record.size:
+            problems.append((r.volume, "wrong size", f"{r.size} bytes, the record says {record.size}"))
+        else:
+            sized.append(r)
+    want = record.md5
+    conflict = False
+    if any(r.md5 is not None for r in sized) and want == NO_MD5:
+        (top, n), *rest = Counter(r.md5 for r in sized).most_common()
+        if rest and n == rest[0][1]:
+            conflict, want = True, None  # no majority: cannot tell which copy is right
+        else:
+            want = top
+    for r in sized:
+        if r.md5 is None or want is None or r.md5 == want:
+            good.append(r.volume)
+        else:
+            problems.append((r.volume, "wrong md5", f"md5 {r.md5.hex()}, expected {want.hex()}"))
+    return Verdict(good, problems, conflict)

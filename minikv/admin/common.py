@@ -1,0 +1,167 @@
+"""What the admin commands share: their set-up from the flags, resolving the locks that dead
+processes left, going through every record with N at once, and stopping cleanly on Ctrl-C.
+
+Every command is safe with an index server running on the same LMDB: each one that changes a
+key first takes its record to PENDING (owner: our pid), exactly as the server does, and a record
+another process holds is left alone (and retried or reported). A PENDING record whose owner is
+no longer alive was left by a crash or a kill; rebalance, repair and gc start by resolving those
+with index/recovery.py, which is why running them again after an interruption completes the work.
+Pids are compared as this machine sees them: run the admin commands where the server runs (LMDB
+needs that anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from minikv.admin.progress import Progress
+from minikv.config import Config
+from minikv.health import PROBE_PATH
+from minikv.http.client import Pool, VolumeError
+from minikv.index.record import PENDING, decode_data, decode_pending
+from minikv.index.recovery import recover
+from minikv.index.store import Store
+from minikv.placement import host_of
+
+PAGE = 1000  # records read per LMDB transaction (none is held across an await)
+
+
+def show(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def config_from(args, command: str) -> Config | None:
+    """The config of an admin command, or None after telling the operator what is wrong."""
+    config = Config.from_args(args)
+    try:
+        config.check()
+    except ValueError as e:
+        print(f"minikv {command}: {e}", file=sys.stderr)
+        return None
+    if args.concurrency < 1:
+        print(f"minikv {command}: -concurrency must be at least 1", file=sys.stderr)
+        return None
+    return config
+
+
+def open_index(config: Config, command: str) -> Store | None:
+    """The existing index at -db (None after a message when there is none: a typo in -db must
+    not silently create an empty index and report a clean cluster)."""
+    if not os.path.exists(os.path.join(config.db, "data.mdb")):
+        print(f"minikv {command}: no index at {config.db} (check -db; `minikv rebuild` makes one "
+              "from the volumes)", file=sys.stderr)
+        return None
+    store = Store(config.db, sync=config.fsync)
+    store.reader_check()
+    return store
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+async def resolve_stale(store: Store, pool: Pool) -> int:
+    """Undo or finish the PENDING records of processes that are gone (see index/recovery.py).
+    Returns how many records were resolved."""
+    owners = {decode_pending(raw).owner for _, raw in store.pending_records()}
+    resolved = 0
+    for owner in sorted(owners):
+        if owner != os.getpid() and not pid_alive(owner):
+            resolved += await recover(store, pool, owner)
+    return resolved
+
+
+async def probe(pool: Pool, hosts: list[str]) -> dict[str, str]:
+    """The volume servers among `hosts` that do not answer, with the reason."""
+
+    async def one(host: str) -> str | None:
+        try:
+            await pool.request(host, "GET", PROBE_PATH)
+        except VolumeError as e:
+            return str(e)
+        return None
+
+    results = await asyncio.gather(*(one(h) for h in hosts))
+    return {h: r for h, r in zip(hosts, results) if r}
+
+
+def stop_on_signal(stop: asyncio.Event, progress: Progress) -> None:
+    """First Ctrl-C (or SIGTERM): finish the keys in flight, then summarise. Second: quit now
+    (what was in flight stays PENDING until the next run resolves it)."""
+    loop = asyncio.get_running_loop()
+
+    def first(signum: int) -> None:
+        stop.set()
+        progress.say("stopping: finishing the keys in flight (Ctrl-C again to quit at once)")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, first, sig)
+
+
+async def each_record(store: Store, fn: Callable[[bytes, bytes], Awaitable[None]], concurrency: int,
+                      progress: Progress, stop: asyncio.Event) -> None:
+    """Call fn(key, record) for every record, `concurrency` at once, in key order. An unexpected
+    error on one key is counted as failed and reported; the others go on."""
+    queue: asyncio.Queue = asyncio.Queue(concurrency * 4)
+
+    async def produce() -> None:
+        start = b""
+        try:
+            while not stop.is_set():
+                pairs, start = store.scan(b"", start, PAGE)
+                for pair in pairs:
+                    if stop.is_set():
+                        break
+                    await queue.put(pair)
+                if not start:
+                    break
+        finally:
+            for _ in range(concurrency):
+                await queue.put(None)
+
+    async def consume() -> None:
+        while (pair := await queue.get()) is not None:
+            key, raw = pair
+            try:
+                await fn(key, raw)
+            except Exception as e:  # one bad key must not stop a long run; it is reported
+                progress.add("failed")
+                progress.problem(f"{show(key)}: {e if isinstance(e, VolumeError) else repr(e)}")
+            progress.tick()
+
+    await asyncio.gather(produce(), *(consume() for _ in range(concurrency)))
+
+
+def run(main: Callable[[], Awaitable[int]]) -> int:
+    """Run an admin command's coroutine on uvloop; its exit code."""
+    import uvloop
+
+    return uvloop.run(main())
+
+
+def foreign_names(store: Store, config: Config, sample: int = 1000) -> str | None:
+    """Why the volume names in the index seem not to be -volumes' (None when they match). A
+    record says `localhost:3001` where -volumes says `127.0.0.1:3001`, and every file would look
+    like an orphan: refuse before deleting any."""
+    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING)
+    hosts = {host_of(v) for _, raw in pairs for v in decode_data(raw).volumes}
+    if hosts and not hosts & set(config.volumes):
+        return (f"the index names volumes {', '.join(sorted(hosts)[:5])} and -volumes names "
+                f"{', '.join(config.volumes)}: give -volumes exactly as the server was given it")
+    return None

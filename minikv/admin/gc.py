@@ -1,0 +1,158 @@
+"""`minikv gc -volumes ... -db ... [-age 1h] [-delete-orphans] [VOLUME_DIR ...]`: take out the trash.
+
+- UNLINKED keys written more than -age ago: their files are deleted and the record dropped,
+  exactly as the server's DELETE does (record → PENDING(delete) → delete every copy → gone; a
+  copy that cannot be deleted leaves the key UNLINKED for the next run). The age counts from
+  the write: a record keeps no time of unlinking.
+- PENDING records whose owner process is dead (a crashed server or admin command): resolved by
+  index/recovery.py. Records of live processes are never touched.
+- with -delete-orphans: files no record names, older than -age (admin/orphans.py).
+- nginx's upload spool: files in VOLUME_DIR/body_temp older than -age, for each volume
+  directory given (this part needs the volumes' disks, so run gc on their machine). nginx
+  removes its temp files itself; only a killed nginx leaves some behind.
+`-dry-run` reports what would go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from minikv import replicas
+from minikv.admin.common import (
+    config_from,
+    each_record,
+    foreign_names,
+    open_index,
+    pid_alive,
+    resolve_stale,
+    run,
+    show,
+    stop_on_signal,
+)
+from minikv.admin.move import now_ms
+from minikv.admin.orphans import Orphans
+from minikv.admin.progress import Progress
+from minikv.admin.walk import Walker
+from minikv.http.client import Pool
+from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending
+from minikv.index.store import Store
+
+BODY_TEMP = "body_temp"  # as minikv/volume/nginx.py names nginx's upload spool
+
+
+class Collect:
+    def __init__(self, store: Store, pool: Pool, progress: Progress, age: float, dry_run: bool):
+        self.store = store
+        self.pool = pool
+        self.progress = progress
+        self.cutoff = now_ms() - int(age * 1000)
+        self.dry_run = dry_run
+
+    async def key(self, key: bytes, raw: bytes) -> None:
+        p = self.progress
+        p.add("seen")
+        if raw[0] != UNLINKED:
+            return
+        record = decode_data(raw)
+        if record.mtime_ms > self.cutoff:
+            p.add("young")
+            return
+        if self.dry_run:
+            p.add("deleted")
+            p.add("files", len(record.volumes))
+            return
+        pending = encode_pending(OP_DELETE, os.getpid(), now_ms(), record.volumes, raw)
+        done, _ = self.store.cas(key, raw, pending)
+        if not done:
+            p.add("busy")  # written, deleted or undeleted meanwhile
+            return
+        failed = await replicas.delete_all(self.pool, record.volumes, key)
+        if failed:
+            self.store.cas(key, pending, raw)  # still UNLINKED: deleted again by the next run
+            p.add("failed")
+            p.problem(f"{show(key)}: not deleted: {'; '.join(failed)}")
+            return
+        self.store.cas(key, pending, None)
+        p.add("deleted")
+        p.add("files", len(record.volumes))
+        p.show(deleted=p.counts["deleted"])
+
+
+def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -> None:
+    """Remove files older than `age` seconds from a volume directory's body_temp."""
+    spool = os.path.join(directory, BODY_TEMP)
+    if not os.path.isdir(spool):
+        progress.add("failed")
+        progress.problem(f"{directory} is not a volume directory (it has no {BODY_TEMP} folder)")
+        return
+    cutoff = time.time() - age
+    for root, _dirs, files in os.walk(spool):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if os.lstat(path).st_mtime >= cutoff:
+                    continue
+                if not dry_run:
+                    os.unlink(path)
+                progress.add("temp files")
+            except FileNotFoundError:
+                continue  # nginx finished with it meanwhile
+            except OSError as e:
+                progress.add("failed")
+                progress.problem(f"cannot remove {path}: {e.strerror}")
+
+
+async def gc(args, config) -> int:
+    store = open_index(config, "gc")
+    if store is None:
+        return 2
+    pool = config.pool()
+    try:
+        if args.delete_orphans and (why := foreign_names(store, config)):
+            print(f"minikv gc: {why}", file=sys.stderr)
+            return 2
+        progress = Progress("gc", total=store.count())
+        if args.dry_run:
+            progress.add("stale", sum(1 for _, raw in store.pending_records()
+                                      if not pid_alive(decode_pending(raw).owner)))
+        else:
+            progress.add("stale", await resolve_stale(store, pool))
+        stop = asyncio.Event()
+        stop_on_signal(stop, progress)
+        job = Collect(store, pool, progress, args.age, args.dry_run)
+        await each_record(store, job.key, args.concurrency, progress, stop)
+        for directory in args.positionals:
+            clean_spool(directory, args.age, args.dry_run, progress)
+        if args.delete_orphans and not stop.is_set():
+            progress.close()
+            walk = Progress("gc orphans", total=256, bar_unit="dirs")
+            walker = Walker(pool, config.volumes, args.concurrency)
+            orphans = Orphans(store, pool, walk, delete=not args.dry_run, min_age_ms=int(args.age * 1000))
+            await walker.walk(await walker.roots(), orphans.handle, walk.tick, stop)
+            walk.close()
+            progress.counts.update(walk.counts)
+            for err in walker.errors:
+                progress.add("failed")
+                progress.problem(f"orphan search incomplete: {err}")
+        dry = " (dry run)" if args.dry_run else ""
+        progress.summary([("seen", "keys seen"), ("deleted", f"unlinked keys deleted{dry}"), ("failed", "failed"),
+                          ("files", "files"), ("young", "unlinked keys younger than -age"),
+                          ("stale", "stale locks resolved"), ("temp files", f"temp files removed{dry}"),
+                          ("orphans", "orphan files"), ("orphans deleted", "orphans deleted"),
+                          ("busy", "busy")])
+        if stop.is_set():
+            return 130
+        return 1 if progress.counts["failed"] else 0
+    finally:
+        pool.close()
+        store.close()
+
+
+def main(args) -> int:
+    config = config_from(args, "gc")
+    if config is None:
+        return 2
+    return run(lambda: gc(args, config))

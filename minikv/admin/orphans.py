@@ -1,0 +1,92 @@
+"""Orphan files: copies on the volumes that no record names (verify reports them, repair and gc
+delete them with -delete-orphans).
+
+They are what a crash or a volume that was down leaves behind: a delete that could not reach a
+volume, a move killed between its switch and its clean-up, the copies of another size a rebuild
+left out. Found by walking the volumes (admin/walk.py) and asking the index about each file.
+
+Deleting one is done under the key's lock, like every other change: the record goes to PENDING
+naming the orphan copies (PENDING(delete) with nothing before it for a key with no record,
+PENDING(rebalance) keeping the record otherwise), the files are deleted, and the record is put
+back. A PUT of the same key meanwhile gets 409 instead of having its new copy deleted, and a
+crash in between is resolved by recovery, whose rules for those two records delete exactly the
+orphans.
+"""
+
+from __future__ import annotations
+
+import os
+
+from minikv import replicas
+from minikv.admin.common import show
+from minikv.admin.move import named, now_ms
+from minikv.admin.progress import Progress
+from minikv.admin.walk import Found
+from minikv.http.client import Pool, VolumeError
+from minikv.index.record import OP_DELETE, OP_REBALANCE, PENDING, encode_pending
+from minikv.index.store import Store
+
+
+class Orphans:
+    """A walk handler: counts (and with `delete`, deletes) the orphan files of each batch. Only
+    files older than `min_age_ms` (by their mtime on the volume) are touched."""
+
+    def __init__(self, store: Store, pool: Pool, progress: Progress, delete: bool, min_age_ms: int = 0):
+        self.store = store
+        self.pool = pool
+        self.progress = progress
+        self.delete = delete
+        self.cutoff = now_ms() - min_age_ms
+
+    async def handle(self, group: dict[bytes, list[Found]]) -> None:
+        for key, found in group.items():
+            names = named(self.store.get(key))
+            extra = [f.volume for f in found if f.volume not in names and f.mtime_ms <= self.cutoff]
+            if extra:
+                extra = await self.confirm(key, extra)
+            if not extra:
+                continue
+            if self.delete:
+                await self.drop(key, extra)
+            else:
+                self.progress.add("orphans", len(extra))
+                for volume in extra:
+                    self.progress.problem(f"{show(key)}: {volume}: orphan (no record names this copy)")
+
+    async def confirm(self, key: bytes, volumes: list[str]) -> list[str]:
+        """The copies that are still there and still unnamed (the listing is a moment old: a
+        move may have finished and cleaned up since)."""
+        still = []
+        for volume in volumes:
+            try:
+                if await replicas.exists(self.pool, volume, key) is not None:
+                    still.append(volume)
+            except VolumeError as e:
+                self.progress.problem(f"{show(key)}: {volume}: cannot check a possible orphan: {e}")
+        names = named(self.store.get(key))
+        return [v for v in still if v not in names]
+
+    async def drop(self, key: bytes, volumes: list[str]) -> None:
+        p = self.progress
+        raw = self.store.get(key)
+        volumes = [v for v in volumes if v not in named(raw)]
+        if not volumes:
+            return
+        if raw is not None and raw[0] == PENDING:
+            p.add("busy")
+            return
+        op = OP_DELETE if raw is None else OP_REBALANCE
+        pending = encode_pending(op, os.getpid(), now_ms(), volumes, raw or b"")
+        done, _ = self.store.cas(key, raw, pending)
+        if not done:
+            p.add("busy")  # changed meanwhile: the next run looks again
+            return
+        try:
+            failed = await replicas.delete_all(self.pool, volumes, key)
+        finally:
+            self.store.cas(key, pending, raw)
+        p.add("orphans", len(volumes))
+        p.add("orphans deleted", len(volumes) - len(failed))
+        for reason in failed:
+            p.add("failed")
+            p.problem(f"{show(key)}: orphan not deleted: {reason}")

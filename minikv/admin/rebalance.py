@@ -1,0 +1,268 @@
+"""`minikv rebalance`: move every key onto the volumes its placement names now.
+
+Run it after volumes were added to or removed from -volumes (and the index restarted with the
+new list). Two ways, both safe while the index server keeps serving:
+
+- offline, `-volumes ... -db ...`: this process walks the index itself and moves each key that
+  is not where placement says with admin/move.py: lock the record (PENDING, owner: our pid),
+  copy to the new volumes (streamed volume to volume, never whole in memory), switch the record,
+  then, a moment later and still locked, delete the copies on volumes no longer named. A key
+  some other write holds is retried, then reported. Keys being moved stay readable throughout;
+  their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight.
+- online, `-server host:port`: pages through the running index's `GET /?list` and asks it to
+  move each unbalanced key (`REBALANCE /key`), `-concurrency` at once. The server's own -volumes
+  decide placement; -db and -volumes are not needed. (Keys that are not valid UTF-8 cannot be
+  listed through the API: use the offline way for those.)
+
+It starts by resolving the PENDING records of processes that died (a killed earlier rebalance),
+so running it again after an interruption completes the work. UNLINKED keys are not moved:
+`minikv gc` deletes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from urllib.parse import quote
+
+from minikv.admin import move
+from minikv.admin.common import (
+    config_from,
+    each_record,
+    open_index,
+    probe,
+    resolve_stale,
+    run,
+    show,
+    stop_on_signal,
+)
+from minikv.admin.progress import Progress
+from minikv.config import Config
+from minikv.http.client import Pool, VolumeError
+from minikv.index.record import OP_REBALANCE, PENDING, UNLINKED, decode_data, encode_pending
+from minikv.index.store import Store
+from minikv.placement import epoch, key2volume, needs_rebalance
+
+BUSY_TRIES = 6  # a key another write holds is looked at again after 0.1, 0.2, ... 3.2 s
+LIST_PAGE = 1000
+REBALANCE_TIMEOUT = 3600.0  # the server copies the whole value before it answers
+
+
+# ---------------------------------------------------------------- offline
+
+
+class Offline:
+    def __init__(self, config: Config, args, store: Store, pool: Pool, progress: Progress):
+        self.config = config
+        self.dry_run = args.dry_run
+        self.store = store
+        self.pool = pool
+        self.progress = progress
+        self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+
+    async def key(self, key: bytes, raw: bytes | None) -> None:
+        p = self.progress
+        p.add("seen")
+        c = self.config
+        want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
+        for attempt in range(BUSY_TRIES):
+            if raw is None:
+                p.add("gone")  # deleted meanwhile
+                return
+            if raw[0] == PENDING:
+                await asyncio.sleep(0.1 * 2 ** attempt)
+                raw = self.store.get(key)
+                continue
+            if raw[0] == UNLINKED:
+                p.add("unlinked")
+                return
+            if not needs_rebalance(want, decode_data(raw).volumes):
+                return
+            if self.dry_run:
+                p.add("moved")
+                return
+            pending = encode_pending(OP_REBALANCE, os.getpid(), move.now_ms(), want, raw)
+            done, current = self.store.cas(key, raw, pending)
+            if not done:
+                raw = current  # changed since we read it: look again
+                continue
+            try:
+                await move.move_key(self.pool, self.store, key, raw, want, pending, epoch=self.epoch, detach=True)
+            except VolumeError as e:
+                p.add("failed")
+                p.problem(f"{show(key)}: not moved, it stays where it was: {e}")
+                return
+            except move.LostLock:
+                raw = self.store.get(key)
+                continue
+            p.add("moved")
+            p.show(moved=p.counts["moved"], failed=p.counts["failed"])
+            return
+        p.add("failed")
+        p.problem(f"{show(key)}: another write kept it busy; not moved (run rebalance again)")
+
+
+async def offline(args, config: Config) -> int:
+    store = open_index(config, "rebalance")
+    if store is None:
+        return 2
+    pool = config.pool()
+    try:
+        down = await probe(pool, config.volumes)
+        if down:
+            for reason in down.values():
+                print(f"minikv rebalance: {reason}", file=sys.stderr)
+            print("minikv rebalance: keys are moved onto every volume of -volumes, so all must be up: "
+                  "start them, or leave the dead ones out of -volumes (their copies are then read "
+                  "from the other replicas)", file=sys.stderr)
+            return 1
+        if not args.dry_run and (n := await resolve_stale(store, pool)):
+            print(f"rebalance: resolved {n} key(s) left locked by a process that died", file=sys.stderr)
+        progress = Progress("rebalance", total=store.count())
+        stop = asyncio.Event()
+        stop_on_signal(stop, progress)
+        job = Offline(config, args, store, pool, progress)
+        await each_record(store, job.key, args.concurrency, progress, stop)
+        leftovers = await move.drain()
+        for reason in leftovers:
+            progress.problem(f"an old copy could not be deleted ({reason}); `minikv repair "
+                             "-delete-orphans` removes it later")
+        progress.add("leftovers", len(leftovers))
+        moved = "to move (dry run)" if args.dry_run else "moved"
+        progress.summary([("seen", "keys seen"), ("moved", moved), ("failed", "failed"),
+                          ("unlinked", "unlinked skipped"), ("leftovers", "old copies not deleted")])
+        if stop.is_set():
+            return 130
+        return 1 if progress.counts["failed"] else 0
+    finally:
+        pool.close()
+        store.close()
+
+
+# ---------------------------------------------------------------- online
+
+
+def key_path(key: str) -> str:
+    return quote(key.encode(), safe="/:@!$&'()*+,;=")
+
+
+def start_param(key: str) -> str:
+    # quoted twice: the index decodes the query once as a form and `start` once more as a key
+    return quote(quote(key.encode(), safe=""), safe="")
+
+
+class Online:
+    def __init__(self, server: str, args, pool: Pool, progress: Progress):
+        self.server = server
+        self.dry_run = args.dry_run
+        self.pool = pool
+        self.progress = progress
+
+    async def pages(self, limit: int = LIST_PAGE):
+        """Every key the index lists, page by page."""
+        start = ""
+        while True:
+            path = f"/?list&limit={limit}" + (f"&start={start_param(start)}" if start else "")
+            resp = await self.pool.request(self.server, "GET", path, timeout=60.0)
+            if resp.status != 200:
+                raise VolumeError(self.server, f"answered {resp.status} to GET {path}: {resp.body[:200]!r}")
+            page = json.loads(resp.body)
+            yield page["keys"]
+            start = page.get("next", "")
+            if not start:
+                return
+
+    async def count(self) -> int:
+        return sum([len(keys) async for keys in self.pages(10_000)])
+
+    async def key(self, key: str) -> None:
+        p = self.progress
+        p.add("seen")
+        path = key_path(key)
+        for attempt in range(BUSY_TRIES):
+            resp = await self.pool.request(self.server, "GET", path)
+            balance = resp.headers.get(b"key-balance")
+            if resp.status != 302 or balance is None:
+                p.add("gone")  # deleted or unlinked meanwhile (or answered by -fallback)
+                return
+            if balance == b"balanced":
+                return
+            if self.dry_run:
+                p.add("moved")
+                return
+            resp = await self.pool.request(self.server, "REBALANCE", path, timeout=REBALANCE_TIMEOUT)
+            if resp.status == 204:
+                p.add("moved")
+                p.show(moved=p.counts["moved"], failed=p.counts["failed"])
+                return
+            if resp.status == 404:
+                p.add("gone")
+                return
+            if resp.status != 409:
+                p.add("failed")
+                p.problem(f"{key}: the index answered {resp.status}: {resp.body.decode('utf-8', 'replace')[:300]}")
+                return
+            await asyncio.sleep(0.1 * 2 ** attempt)  # another write holds the key
+        p.add("failed")
+        p.problem(f"{key}: another write kept it busy; not moved (run rebalance again)")
+
+
+async def online(args) -> int:
+    server = args.server.removeprefix("http://").rstrip("/")
+    pool = Pool(max(args.voltimeout, 5.0))
+    try:
+        job = Online(server, args, pool, Progress("rebalance"))
+        try:
+            total = await job.count()
+        except (VolumeError, ValueError, KeyError) as e:
+            print(f"minikv rebalance: cannot list the keys of the index at {server}: {e}. Is "
+                  "`minikv server` running there?", file=sys.stderr)
+            return 1
+        progress = job.progress = Progress("rebalance", total=total)
+        stop = asyncio.Event()
+        stop_on_signal(stop, progress)
+        queue: asyncio.Queue = asyncio.Queue(args.concurrency * 4)
+
+        async def produce() -> None:
+            try:
+                async for keys in job.pages():
+                    for key in keys:
+                        if stop.is_set():
+                            return
+                        await queue.put(key)
+            except (VolumeError, ValueError, KeyError) as e:
+                progress.add("failed")
+                progress.problem(f"listing the keys stopped: {e}")
+            finally:
+                for _ in range(args.concurrency):
+                    await queue.put(None)
+
+        async def consume() -> None:
+            while (key := await queue.get()) is not None:
+                try:
+                    await job.key(key)
+                except VolumeError as e:
+                    progress.add("failed")
+                    progress.problem(f"{key}: {e}")
+                progress.tick()
+
+        await asyncio.gather(produce(), *(consume() for _ in range(args.concurrency)))
+        moved = "to move (dry run)" if args.dry_run else "moved"
+        progress.summary([("seen", "keys seen"), ("moved", moved), ("failed", "failed"),
+                          ("gone", "gone meanwhile")])
+        if stop.is_set():
+            return 130
+        return 1 if progress.counts["failed"] else 0
+    finally:
+        pool.close()
+
+
+def main(args) -> int:
+    if args.server:
+        return run(lambda: online(args))
+    config = config_from(args, "rebalance")
+    if config is None:
+        return 2
+    return run(lambda: offline(args, config))

@@ -1,0 +1,169 @@
+"""Reading back which files the volumes hold, through nginx's JSON directory listings.
+
+A volume holds `[/svXX]/<aa>/<bb>/<base64 name>` (placement.key2path; a base64 name with `/` in
+it is a nested directory), written by minikv or by the Go minikeyvalue alike. Anything else at
+the top (nginx's `body_temp` upload spool, stray folders) is skipped, and so is every name that
+does not decode back to its own path.
+
+A key's file has the same `<aa>/<bb>` on every volume, so the walk goes prefix by prefix across
+all volumes at once: for each `<aa>` it lists that folder on every (sub)volume, then each `<bb>`
+found, and hands the caller every file of that `<aa>/<bb>` from all volumes together. One key's
+replicas thus arrive in one batch, and memory holds one `<aa>/<bb>` folder per worker, never the
+whole cluster's listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+from urllib.parse import quote
+
+from minikv.http.client import Pool, VolumeError
+from minikv.placement import path2key
+
+SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
+HEX2 = re.compile(r"[0-9a-f]{2}")
+LIST_TIMEOUT = 30.0  # a listing of a big folder takes a while to build
+ATTEMPTS = 3
+
+
+class Found(NamedTuple):
+    """One file on a volume: `volume` is `host:port` or `host:port/svXX`, as records name it."""
+
+    volume: str
+    size: int
+    mtime_ms: int
+
+
+class Root(NamedTuple):
+    host: str
+    prefix: str  # "" or "/svXX"
+
+    @property
+    def volume(self) -> str:
+        return self.host + self.prefix
+
+
+def parse_mtime(text: str) -> int:
+    try:
+        return int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return 0
+
+
+class Walker:
+    """Walks the volumes `hosts` with at most `concurrency` listings in flight."""
+
+    def __init__(self, pool: Pool, hosts: list[str], concurrency: int):
+        self.pool = pool
+        self.hosts = hosts
+        self.concurrency = concurrency
+        self.requests = asyncio.Semaphore(concurrency)
+        self.errors: list[str] = []  # listings that failed for good: the walk is incomplete
+
+    async def listing(self, host: str, path: str) -> list[dict]:
+        """The entries of one folder (`path` ends in `/`); [] when it is gone."""
+        url = quote(path)
+        for attempt in range(ATTEMPTS):
+            try:
+                async with self.requests:
+                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT))
+            except VolumeError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if resp.status == 404:
+                return []  # deleted since its parent was listed
+            if resp.status != 200:
+                raise VolumeError(host, f"answered {resp.status} to a listing of {path}")
+            try:
+                entries = json.loads(resp.body)
+            except ValueError:
+                raise VolumeError(host, f"sent a listing of {path} that is not JSON: is it a minikv "
+                                        "volume (nginx with `autoindex_format json`)?") from None
+            return entries if isinstance(entries, list) else []
+        raise AssertionError("unreachable")
+
+    async def roots(self) -> list[Root]:
+        """Where each volume keeps files: its subvolume folders, and its top level when that holds
+        `<aa>` folders too (a volume written without subvolumes, or with both over time)."""
+        found: list[Root] = []
+        for host, entries in zip(self.hosts, await asyncio.gather(*(self.listing(h, "/") for h in self.hosts))):
+            dirs = [e.get("name", "") for e in entries if e.get("type") == "directory"]
+            found += [Root(host, "/" + d) for d in sorted(dirs) if SUBVOLUME.fullmatch(d)]
+            if any(HEX2.fullmatch(d) for d in dirs):
+                found.append(Root(host, ""))
+        return found
+
+    async def files(self, root: Root, path: str) -> list[tuple[str, int, int]]:
+        """(path below the root, size, mtime_ms) of every file below folder `path`, recursively
+        (a base64 name holding `/` is a folder chain)."""
+        out: list[tuple[str, int, int]] = []
+        for e in await self.listing(root.host, root.prefix + path):
+            name = e.get("name", "")
+            if not name or "/" in name or name in (".", ".."):
+                continue
+            if e.get("type") == "directory":
+                out += await self.files(root, path + name + "/")
+            elif e.get("type") == "file":
+                out.append((path + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
+        return out
+
+    async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
+                   done: Callable[[], None], stop: asyncio.Event | None = None) -> int:
+        """Call handle({key: [Found, ...]}) once per `<aa>/<bb>` folder that exists anywhere,
+        with `concurrency` folders at once, and done() after each of the 256 `<aa>`. Returns
+        how many files were skipped as not minikeyvalue's (names that do not decode)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        for aa in range(256):
+            queue.put_nowait(f"{aa:02x}")
+        skipped = 0
+
+        async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
+            nonlocal skipped
+            group: dict[bytes, list[Found]] = {}
+            for root, files in zip(where, await asyncio.gather(
+                    *(self._files_or_error(r, f"/{aa}/{bb}/") for r in where))):
+                for path, size, mtime_ms in files:
+                    key = path2key(path)
+                    if key is None:
+                        skipped += 1
+                        continue
+                    group.setdefault(key, []).append(Found(root.volume, size, mtime_ms))
+            if group:
+                await handle(group)
+
+        async def worker() -> None:
+            while not queue.empty() and not (stop is not None and stop.is_set()):
+                aa = queue.get_nowait()
+                bbs: dict[str, list[Root]] = {}
+                listings = await asyncio.gather(*(self._listing_or_error(r, f"/{aa}/") for r in roots))
+                for root, entries in zip(roots, listings):
+                    for e in entries:
+                        if e.get("type") == "directory" and HEX2.fullmatch(e.get("name", "")):
+                            bbs.setdefault(e["name"], []).append(root)
+                for bb in sorted(bbs):
+                    await one_bb(aa, bb, bbs[bb])
+                done()
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        return skipped
+
+    async def _listing_or_error(self, root: Root, path: str) -> list[dict]:
+        try:
+            return await self.listing(root.host, root.prefix + path)
+        except VolumeError as e:
+            self.errors.append(f"{e} (listing {root.prefix}{path})")
+            return []
+
+    async def _files_or_error(self, root: Root, path: str) -> list[tuple[str, int, int]]:
+        try:
+            return await self.files(root, path)
+        except VolumeError as e:
+            self.errors.append(f"{e} (listing {root.prefix}{path})")
+            return []
