@@ -19,7 +19,7 @@ Commands:
   rebalance   move every key to the volumes its placement names now
   verify      check that every key has all its replicas
   repair      re-replicate what verify finds missing
-  gc          remove files of unlinked keys and stale temp files
+  gc [DIR...] remove unlinked keys' files, dead processes' locks, old temp files in DIR/body_temp
 
 Flags:
 """
@@ -104,10 +104,14 @@ FLAGS: dict[str, Flag] = {
     "concurrency": Flag(int, 16, "admin commands: transfers at once"),
     "dry-run": Flag(bool, False, "admin commands: report what would change, change nothing"),
     "force": Flag(bool, False, "rebuild: write into a non-empty index"),
-    "md5": Flag(bool, False, "verify: also check every replica's md5 (reads all data)"),
-    "delete-orphans": Flag(bool, False, "repair: delete files that no record points to"),
-    "age": Flag("duration", 3600.0, "gc: only unlinked keys older than this"),
+    "md5": Flag(bool, False, "verify, repair: also check every replica's md5; rebuild: compute it (reads all data)"),
+    "delete-orphans": Flag(bool, False, "repair, gc: delete files that no record points to"),
+    "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this"),
     "server": Flag(str, "", "rebalance: run online through this running index (host:port)"),
+    "s3-access-key": Flag(str, "", "S3: require SigV4 signatures with this access key "
+                                   "(or $MINIKV_S3_ACCESS_KEY); unset: S3 requests are not checked"),
+    "s3-secret-key": Flag(str, "", "S3: the secret key for -s3-access-key (or $MINIKV_S3_SECRET_KEY, "
+                                   "which keeps it out of `ps`)"),
 }
 
 

@@ -29,6 +29,8 @@ class Config:
     max_value_size: int = 0
     max_connections: int = 10000
     limits: Limits = field(default_factory=Limits)
+    s3_access_key: str = ""  # with s3_secret_key: S3 requests must be SigV4-signed with these
+    s3_secret_key: str = ""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -43,6 +45,8 @@ class Config:
             limits=Limits(max_url=args.max_url, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           idle_timeout=args.idle_timeout),
+            s3_access_key=args.s3_access_key or os.environ.get("MINIKV_S3_ACCESS_KEY", ""),
+            s3_secret_key=args.s3_secret_key or os.environ.get("MINIKV_S3_SECRET_KEY", ""),
         )
 
     def check(self) -> None:
@@ -57,6 +61,9 @@ class Config:
             raise ValueError("-subvolumes must be at least 1")
         if self.signed and not self.secret:
             raise ValueError("-signed needs -secret (or MINIKV_SECRET): the signature is made with it")
+        if bool(self.s3_access_key) != bool(self.s3_secret_key):
+            raise ValueError("S3 credentials need both -s3-access-key and -s3-secret-key "
+                             "(or MINIKV_S3_ACCESS_KEY and MINIKV_S3_SECRET_KEY)")
         for v in self.volumes:
             if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
                 raise ValueError(f"volume {v!r} is not host:port")

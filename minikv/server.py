@@ -74,6 +74,9 @@ async def serve(config: Config, sock: socket.socket) -> None:
     await health.probe_all()
     health.start()
     app = App(config, store, pool, health)
+    from minikv.s3 import S3
+
+    app.s3 = S3(app)
     server = await loop.create_server(lambda: Connection(app, config.limits, loop, config.max_connections),
                                       sock=sock, backlog=4096)
     start_timeout_sweep(loop)
@@ -88,6 +91,7 @@ async def serve(config: Config, sock: socket.socket) -> None:
         await asyncio.sleep(0.05)
     health.stop()
     pool.close()
+    app.s3.close()
     store.close()
 
 

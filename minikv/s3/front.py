@@ -1,0 +1,149 @@
+"""The S3 front of the index server: which requests are S3's, who may make them, and which
+operation each one is. Every S3 error is rendered here, in one place (`Ctx.error`).
+
+Requests are path-style: `/<bucket>/<object key>`, and the object `k` of bucket `b` is the
+plain API's key `/b/k`, so both APIs see the same data. Buckets are not stored: a bucket is
+the set of keys under `/b/`; CreateBucket and HeadBucket are harmless no-ops, DeleteBucket
+succeeds when nothing is left under it.
+
+Authentication: with no credentials configured every request is served, signed or not (the
+plain API has no authentication either). With `-s3-access-key` and `-s3-secret-key` (or
+MINIKV_S3_ACCESS_KEY / MINIKV_S3_SECRET_KEY) every S3 request must carry a valid SigV4
+signature (header or presigned URL): 403 SignatureDoesNotMatch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from minikv.http.response import ClientGone, HTTPError
+from minikv.s3 import listing, multipart, objects
+from minikv.s3.common import Ctx, md5_etag
+from minikv.s3.detect import claims
+from minikv.s3.errors import S3Error, from_http
+from minikv.s3.meta import Meta
+from minikv.s3.sigv4 import parse_query, verify
+from minikv.s3.values import Values
+
+# sub-resources of S3 this front does not implement: answered NotImplemented, never mistaken
+# for a read or write of the object or bucket itself
+UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "replication", "logging",
+               "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
+               "restore", "select", "versions", "accelerate", "requestPayment", "analytics", "metrics",
+               "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
+
+BUCKET_NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
+
+
+class S3:
+    def __init__(self, app):
+        self.app = app
+        self.config = app.config
+        self.store = app.store
+        self.pool = app.pool
+        self.health = app.health
+        self.values = Values(app.config, app.store, app.pool, app.health)
+        self.meta = Meta(os.path.join(app.config.db, "s3"), sync=app.config.fsync)
+        self.access_key = getattr(app.config, "s3_access_key", "") or ""
+        self.secret_key = getattr(app.config, "s3_secret_key", "") or ""
+
+    def close(self) -> None:
+        self.meta.close()
+
+    @staticmethod
+    def claims(req, query: bytes) -> bool:
+        return claims(req.headers, query)
+
+    def etag(self, key: bytes, raw: bytes) -> str:
+        return self.meta.etag(key, raw) or md5_etag(raw)
+
+    # -- entry point --
+    def handle(self, req, key: bytes, path: bytes, query: bytes):
+        ctx = Ctx(req, key, path, query)
+        try:
+            if query:
+                ctx.params = {n.decode("latin-1"): v for n, v in parse_query(query)}
+            if self.secret_key:
+                ctx.signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
+            result = self._dispatch(ctx)
+        except S3Error as e:
+            return ctx.error(e)
+        except HTTPError as e:
+            return ctx.error(from_http(e))
+        if isinstance(result, bytes):
+            return result
+        return self._finish(ctx, result)
+
+    async def _finish(self, ctx: Ctx, coro):
+        try:
+            return await coro
+        except S3Error as e:
+            return ctx.error(e)
+        except HTTPError as e:
+            return ctx.error(from_http(e))
+        except ClientGone:
+            raise
+        except Exception as e:  # a bug must cost one request, as an S3 error the client can read
+            print(f"minikv s3: internal error: {e!r}", file=sys.stderr)
+            return ctx.error(S3Error("InternalError", f"internal error: {e}"))
+
+    def _dispatch(self, ctx: Ctx):
+        m, p = ctx.method, ctx.params
+        if self.config.verbose:
+            print(f"S3 {m.decode()} bucket={ctx.bucket!r} object={ctx.obj!r} {sorted(p)}", file=sys.stderr)
+        if any(word in p for word in UNSUPPORTED):
+            raise S3Error("NotImplemented", "this S3 sub-resource is not implemented by minikv")
+        if not ctx.bucket:
+            if m == b"GET" and ctx.key == b"/":
+                return listing.list_buckets(self, ctx)
+            raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+        if not ctx.obj:  # bucket level
+            if m == b"GET":
+                if "uploads" in p:
+                    return multipart.list_uploads(self, ctx)
+                if "location" in p:
+                    return ctx.xml("LocationConstraint", [])
+                if "versioning" in p:
+                    return ctx.xml("VersioningConfiguration", [])
+                return listing.list_objects(self, ctx)
+            if m == b"HEAD":
+                # any bucket a key could be in "exists"; a name no S3 bucket could have does not
+                # (pyarrow probes with `$extremelyunlikelytoexist$` and needs an error back)
+                if not BUCKET_NAME.fullmatch(ctx.bucket):
+                    raise S3Error("NoSuchBucket", "The specified bucket does not exist")
+                return ctx.respond(200, [("x-amz-bucket-region", "us-east-1")])
+            if m == b"PUT":
+                return ctx.respond(200, [("Location", "/" + ctx.bucket.decode("latin-1"))])
+            if m == b"DELETE":
+                if not listing.bucket_is_empty(self, ctx):
+                    raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty",
+                                  BucketName=ctx.bucket.decode("utf-8", "replace"))
+                return ctx.respond(204)
+            if m == b"POST" and "delete" in p:
+                return objects.delete_objects(self, ctx)
+            raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")
+        if m == b"GET":
+            if "uploadId" in p:
+                return multipart.list_parts(self, ctx)
+            return objects.get_object(self, ctx)
+        if m == b"HEAD":
+            return objects.head_object(self, ctx)
+        if m == b"PUT":
+            if "uploadId" in p or "partNumber" in p:
+                return multipart.upload_part(self, ctx)
+            if ctx.header(b"x-amz-copy-source") is not None:
+                return objects.copy_object(self, ctx)
+            return objects.put_object(self, ctx)
+        if m == b"POST":
+            if "uploads" in p:
+                return multipart.create(self, ctx)
+            if "uploadId" in p:
+                return multipart.complete(self, ctx)
+            raise S3Error("NotImplemented", "POST object uploads (browser forms) are not implemented")
+        if m == b"DELETE":
+            if "uploadId" in p:
+                return multipart.abort(self, ctx)
+            return objects.delete_object(self, ctx)
+        raise S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.")

@@ -1,0 +1,171 @@
+"""ListObjectsV2, ListObjects (V1) and ListBuckets, read from the index in key order.
+
+Bucket `b`, object `k` is the key `/b/k`, so a listing is a prefix scan of `/b/<prefix>`. With a
+delimiter, the keys that share a common prefix are reported once, and the scan jumps past all of
+them at once (to the smallest key after that prefix) instead of reading them: a folder with a
+million files costs one seek. MaxKeys counts keys and common prefixes together, as S3 does.
+
+A continuation token is the key to resume at (the first entry not yet returned), base64url
+encoded; it is opaque to clients and stays valid whatever is written meanwhile.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from urllib.parse import quote
+
+from minikv.index.record import decode_data
+from minikv.s3.common import Ctx, md5_etag, quoted
+from minikv.s3.errors import S3Error
+from minikv.s3.values import readable
+from minikv.s3.xml import iso_time
+
+BATCH = 256
+MAX_KEYS = 1000
+
+
+def successor(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with `prefix` (None: there is none)."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return None
+
+
+def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int):
+    """Up to `limit` entries from `start` on: ("key", key, record) and ("prefix", common prefix),
+    and the key to resume at (None when the listing is complete)."""
+    entries: list[tuple] = []
+    pos = max(prefix, start)
+    while True:
+        pairs, nxt = store.scan(prefix, pos, BATCH)
+        jumped = False
+        for key, raw in pairs:
+            rec = readable(raw)
+            if rec is None:
+                continue
+            if len(entries) == limit:
+                return entries, key
+            if delimiter and (i := key.find(delimiter, len(prefix))) >= 0:
+                common = key[:i + len(delimiter)]
+                entries.append(("prefix", common, None))
+                pos = successor(common)
+                jumped = True
+                break
+            entries.append(("key", key, rec))
+        if jumped:
+            if pos is None:
+                return entries, None
+            continue
+        if not nxt:
+            return entries, None
+        pos = nxt
+
+
+def _text(data: bytes, url: bool) -> str:
+    if url:
+        return quote(data, safe="/")  # S3's encoding-type=url; botocore decodes it back
+    return data.decode("utf-8", "replace")
+
+
+def list_objects(s3, ctx: Ctx) -> bytes:
+    v2 = ctx.param("list-type") == "2"
+    prefix = ctx.params.get("prefix", b"")
+    delimiter = ctx.params.get("delimiter", b"")
+    max_keys = ctx.int_param("max-keys", MAX_KEYS, 0, 1 << 31)
+    limit = min(max_keys, MAX_KEYS)
+    encoding = ctx.param("encoding-type")
+    if encoding not in (None, "", "url"):
+        raise S3Error("InvalidArgument", "Invalid Encoding Method specified in Request")
+    url = encoding == "url"
+    base = b"/" + ctx.bucket + b"/"
+    start = b""
+    token = ctx.param("continuation-token") if v2 else None
+    after = ctx.params.get("start-after" if v2 else "marker", b"")
+    if token:
+        try:
+            start = base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from None
+        if not start.startswith(base):
+            raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
+    elif after:
+        start = base + after + b"\x00"  # strictly after
+    entries, resume = scan(s3.store, base + prefix, start, delimiter, limit) if limit else ([], None)
+    if not limit:  # MaxKeys=0: no entries, but say whether there are any
+        found, _ = scan(s3.store, base + prefix, start, delimiter, 1)
+        resume = base + prefix if found else None
+    truncated = resume is not None
+    etags = s3.meta.etags_for([(k, r) for kind, k, r in entries if kind == "key"])
+    cut = len(base)
+    items: list[tuple] = [("Name", ctx.bucket.decode("utf-8", "replace")),
+                          ("Prefix", _text(prefix, url))]
+    if v2:
+        if token:
+            items.append(("ContinuationToken", token))
+        if after:
+            items.append(("StartAfter", _text(after, url)))
+        items.append(("KeyCount", len(entries)))
+    else:
+        items.append(("Marker", _text(after, url)))
+    items.append(("MaxKeys", max_keys))
+    if delimiter:
+        items.append(("Delimiter", _text(delimiter, url)))
+    if url:
+        items.append(("EncodingType", "url"))
+    items.append(("IsTruncated", truncated))
+    if truncated:
+        if v2:
+            items.append(("NextContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
+        elif entries:
+            items.append(("NextMarker", _text(entries[-1][1][cut:], url)))
+    for kind, key, rec in entries:
+        if kind == "key":
+            data = decode_data(rec)
+            items.append(("Contents", [
+                ("Key", _text(key[cut:], url)),
+                ("LastModified", iso_time(data.mtime_ms)),
+                ("ETag", quoted(etags.get(key) or md5_etag(rec))),
+                ("Size", data.size),
+                ("StorageClass", "STANDARD"),
+            ]))
+    for kind, key, _ in entries:
+        if kind == "prefix":
+            items.append(("CommonPrefixes", [("Prefix", _text(key[cut:], url))]))
+    return ctx.xml("ListBucketResult", items)
+
+
+def buckets(store) -> list[bytes]:
+    """The distinct first path segments of keys that have a second one: `/b/...` -> b."""
+    out = []
+    pos = b"/"
+    while pos is not None:
+        pairs, _ = store.scan(b"/", pos, 1)
+        if not pairs:
+            break
+        key = pairs[0][0]
+        name, slash, _ = key[1:].partition(b"/")
+        if slash and name:
+            out.append(name)
+            pos = successor(b"/" + name + b"/")
+        else:
+            pos = key + b"\x00"
+    return out
+
+
+def list_buckets(s3, ctx: Ctx) -> bytes:
+    names = buckets(s3.store)
+    return ctx.xml("ListAllMyBucketsResult", [
+        ("Owner", [("ID", "minikv"), ("DisplayName", "minikv")]),
+        ("Buckets", [("Bucket", [("Name", n.decode("utf-8", "replace")),
+                                 ("CreationDate", iso_time(0))]) for n in names]),
+    ])
+
+
+def bucket_is_empty(s3, ctx: Ctx) -> bool:
+    entries, _ = scan(s3.store, b"/" + ctx.bucket + b"/", b"", b"", 1)
+    return not entries

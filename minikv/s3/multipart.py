@@ -1,0 +1,214 @@
+"""Multipart uploads: CreateMultipartUpload, UploadPart(Copy), CompleteMultipartUpload,
+AbortMultipartUpload, ListParts, ListMultipartUploads.
+
+Where things are:
+- an upload in progress is an entry of the `uploads` table of the S3 meta store (meta.py):
+  id -> (created, the object's key);
+- each part is an ordinary value on the volumes, under the internal index key
+  `\\0s3/mpu/<upload id>/<part number, 5 digits>`, written like any S3 value (values.py:
+  replicated, placed by its own key, md5 in its record, a retried part replaces the old one).
+  The leading NUL keeps these keys out of every `/...` listing of the plain API and S3, and no
+  HTTP client can write such a key (the plain API refuses NUL). They are real records, so
+  crash recovery, `verify`, `repair` and `rebuild` treat them like any other value.
+Nothing lives in /tmp and no part is ever held in memory.
+
+Complete streams the parts in order, each from one of its replicas, into one ordinary PUT of
+the object (values.py: all replicas at once, overwrite-safe, md5 of the whole computed on the
+way, so the record's md5 is the real one), stores the S3 ETag "md5-of-part-md5s-N" in the meta
+store, then deletes the parts and the upload. A failed Complete keeps the parts and the upload,
+so the client can retry it.
+
+Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
+`abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
+the two steps of an abort) are found with `orphan_parts(store, meta)`. `minikv gc` can use these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator
+
+from minikv.index.record import decode_data
+from minikv.s3.common import Ctx, md5_etag, object_key, quoted
+from minikv.s3.errors import S3Error
+from minikv.s3.objects import _payload, copy_source
+from minikv.s3.values import now_ms
+from minikv.s3.xml import iso_time, parse
+
+PART_PREFIX = b"\x00s3/mpu/"
+MAX_PART_NUMBER = 10_000
+MIN_PART_SIZE = 5 << 20  # every part but the last, as S3
+COMPLETE_BODY_LIMIT = 4 << 20
+DELETES_AT_ONCE = 16
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def part_key(upload_id: str, number: int) -> bytes:
+    return PART_PREFIX + upload_id.encode() + b"/%05d" % number
+
+
+def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
+    """The upload id of the request, checked to be in progress and to be for this key."""
+    if upload_id is None or not _UPLOAD_ID.fullmatch(upload_id):
+        raise S3Error("NoSuchUpload", "The specified upload does not exist.", UploadId=upload_id or "")
+    found = s3.meta.upload(upload_id)
+    if found is None or found[0] != ctx.key:
+        raise S3Error("NoSuchUpload", "The specified upload does not exist. The upload ID may be invalid, "
+                      "or the upload may have been aborted or completed.", UploadId=upload_id)
+    return upload_id
+
+
+def _names(ctx: Ctx) -> list[tuple[str, str]]:
+    return [("Bucket", ctx.bucket.decode("utf-8", "replace")), ("Key", ctx.obj.decode("utf-8", "replace"))]
+
+
+def create(s3, ctx: Ctx) -> bytes:
+    object_key(ctx.key)
+    upload_id = s3.meta.new_upload(ctx.key, now_ms())
+    return ctx.xml("InitiateMultipartUploadResult", [*_names(ctx), ("UploadId", upload_id)])
+
+
+async def upload_part(s3, ctx: Ctx) -> bytes:
+    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    number = ctx.int_param("partNumber", 0, 1, MAX_PART_NUMBER)
+    key = part_key(upload_id, number)
+    if ctx.header(b"x-amz-copy-source") is not None:
+        return await _upload_part_copy(s3, ctx, key)
+    payload = _payload(ctx)
+    live = await s3.values.put(key, payload.chunks(), payload.length)
+    return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
+
+
+async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
+    src, raw = copy_source(s3, ctx)
+    size = decode_data(raw).size
+    forward, length = [], size
+    if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
+        m = re.fullmatch(rb"bytes=(\d+)-(\d+)", rng.strip())
+        if m is None or int(m[1]) > int(m[2]) or int(m[2]) >= size:
+            raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form "
+                          "bytes=first-last where first and last are the zero-based offsets of the first and last "
+                          "bytes to copy, within the source object")
+        forward = [("Range", rng.decode("latin-1"))]
+        length = int(m[2]) - int(m[1]) + 1
+    live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
+    data = decode_data(live)
+    return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
+                                      ("ETag", quoted(md5_etag(live)))])
+
+
+async def complete(s3, ctx: Ctx) -> bytes:
+    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    doc = parse(await _payload(ctx).read_all(COMPLETE_BODY_LIMIT), COMPLETE_BODY_LIMIT)
+    if doc.tag != "CompleteMultipartUpload":
+        raise S3Error("MalformedXML", "expected a <CompleteMultipartUpload> document")
+    wanted = []
+    for node in doc.findall("Part"):
+        try:
+            number = int(node.value("PartNumber") or "")
+        except ValueError:
+            raise S3Error("MalformedXML", "a <Part> without a valid <PartNumber>") from None
+        wanted.append((number, (node.value("ETag") or "").strip('"')))
+    if not wanted:
+        raise S3Error("MalformedXML", "the upload must name at least one part")
+    if any(a[0] >= b[0] for a, b in zip(wanted, wanted[1:])):
+        raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. "
+                      "Parts must be ordered by part number.", UploadId=upload_id)
+    parts = []  # (key, record)
+    for i, (number, etag) in enumerate(wanted):
+        key = part_key(upload_id, number)
+        raw = s3.store.get(key)
+        if raw is None or raw[0] != ord("L") or md5_etag(raw) != etag:
+            raise S3Error("InvalidPart", "One or more of the specified parts could not be found. The part may "
+                          "not have been uploaded, or the specified entity tag may not match the part's entity tag.",
+                          UploadId=upload_id, PartNumber=str(number), ETag=etag)
+        if i < len(wanted) - 1 and decode_data(raw).size < MIN_PART_SIZE:
+            raise S3Error("EntityTooSmall", "Your proposed upload is smaller than the minimum allowed size",
+                          PartNumber=str(number), MinSizeAllowed=str(MIN_PART_SIZE))
+        parts.append((key, raw))
+    total = sum(decode_data(raw).size for _, raw in parts)
+    etag = hashlib.md5(b"".join(raw[17:33] for _, raw in parts)).hexdigest() + f"-{len(parts)}"
+
+    async def concatenated() -> AsyncIterator[bytes]:
+        for key, raw in parts:
+            async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
+                yield chunk
+
+    live = await s3.values.put(ctx.key, concatenated(), total)
+    s3.meta.set_etag(ctx.key, live, etag)
+    try:
+        await abort_upload(s3, upload_id)
+    except S3Error:
+        pass  # the object is complete; the upload stays listed, for an abort or `gc` to remove
+    location = f"http://{(ctx.header(b'host') or b'').decode('latin-1')}{ctx.path.decode('latin-1')}"
+    return ctx.xml("CompleteMultipartUploadResult",
+                   [("Location", location), *_names(ctx), ("ETag", quoted(etag))])
+
+
+async def abort(s3, ctx: Ctx) -> bytes:
+    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    await abort_upload(s3, upload_id)
+    return ctx.respond(204)
+
+
+def list_parts(s3, ctx: Ctx) -> bytes:
+    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    limit = ctx.int_param("max-parts", 1000, 0, 1000)
+    marker = ctx.int_param("part-number-marker", 0, 0, MAX_PART_NUMBER)
+    prefix = PART_PREFIX + upload_id.encode() + b"/"
+    pairs, nxt = s3.store.scan(prefix, part_key(upload_id, marker + 1), limit, lambda v: v[0] == ord("L"))
+    items = [*_names(ctx), ("UploadId", upload_id), ("PartNumberMarker", marker),
+             ("MaxParts", limit), ("IsTruncated", bool(nxt))]
+    if nxt and pairs:
+        items.append(("NextPartNumberMarker", int(pairs[-1][0][-5:])))
+    for key, raw in pairs:
+        data = decode_data(raw)
+        items.append(("Part", [("PartNumber", int(key[-5:])), ("LastModified", iso_time(data.mtime_ms)),
+                               ("ETag", quoted(md5_etag(raw))), ("Size", data.size)]))
+    return ctx.xml("ListPartsResult", items)
+
+
+def list_uploads(s3, ctx: Ctx) -> bytes:
+    base = b"/" + ctx.bucket + b"/"
+    prefix = base + ctx.params.get("prefix", b"")
+    items = [("Bucket", ctx.bucket.decode("utf-8", "replace")), ("IsTruncated", False)]
+    for upload_id, key, created in s3.meta.all_uploads():
+        if key.startswith(prefix):
+            items.append(("Upload", [("Key", key[len(base):].decode("utf-8", "replace")),
+                                     ("UploadId", upload_id), ("Initiated", iso_time(created))]))
+    return ctx.xml("ListMultipartUploadsResult", items)
+
+
+# -- clean-up, also for `minikv gc` --
+async def abort_upload(s3, upload_id: str) -> int:
+    """Delete every part of an upload, then the upload itself; how many parts were deleted.
+    If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised."""
+    pairs, _ = s3.store.scan(PART_PREFIX + upload_id.encode() + b"/")
+    gate = asyncio.Semaphore(DELETES_AT_ONCE)
+
+    async def one(key: bytes) -> bool:
+        async with gate:
+            return await s3.values.delete(key)
+
+    results = await asyncio.gather(*(one(k) for k, _ in pairs), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
+                      f"({failed[0]}); abort the upload again later")
+    s3.meta.drop_upload(upload_id)
+    return sum(1 for r in results if r)
+
+
+def stale_uploads(meta, age: float) -> list[tuple[str, bytes, int]]:
+    """Uploads started more than `age` seconds ago: (id, key, created ms)."""
+    cutoff = (time.time() - age) * 1000
+    return [u for u in meta.all_uploads() if u[2] < cutoff]
+
+
+def orphan_parts(store, meta) -> list[bytes]:
+    """Part keys whose upload no longer exists."""
+    pairs, _ = store.scan(PART_PREFIX)
+    return [k for k, _ in pairs if meta.upload(k[len(PART_PREFIX):len(PART_PREFIX) + 32].decode()) is None]

@@ -1,0 +1,184 @@
+"""Object operations: HeadObject, GetObject, PutObject, CopyObject, DeleteObject, DeleteObjects.
+
+HEAD answers from the index record alone (size, md5 as ETag, mtime as Last-Modified), with no
+redirect and no network call. GET streams the value from a healthy replica through the index,
+with the client's Range forwarded to nginx and its 206 / Content-Range relayed, and with flow
+control both ways (a slow client pauses the volume's socket). Writes go through values.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import unquote_to_bytes
+
+from minikv.http.client import VolumeError
+from minikv.http.response import ClientGone
+from minikv.index.record import decode_data
+from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_key, quoted
+from minikv.s3.errors import S3Error
+from minikv.s3.payload import Payload
+from minikv.s3.values import read_chunk, readable
+from minikv.s3.xml import iso_time, parse
+
+MAX_DELETE = 1000
+DELETE_BODY_LIMIT = 2 << 20
+DELETES_AT_ONCE = 16
+# response-* query parameters a (presigned) GET may use to set the answer's headers
+OVERRIDES = {"response-content-type": "Content-Type", "response-content-disposition": "Content-Disposition",
+             "response-content-encoding": "Content-Encoding", "response-content-language": "Content-Language",
+             "response-cache-control": "Cache-Control", "response-expires": "Expires"}
+
+
+def no_such_key(ctx: Ctx) -> S3Error:
+    return S3Error("NoSuchKey", "The specified key does not exist.",
+                   Key=ctx.obj.decode("utf-8", "replace"))
+
+
+def _record(s3, ctx: Ctx) -> bytes:
+    raw = readable(s3.store.get(ctx.key)) if len(ctx.key) <= 511 else None
+    if raw is None:
+        raise no_such_key(ctx)
+    return raw
+
+
+def _object_headers(s3, ctx: Ctx, raw: bytes) -> tuple[list, str]:
+    data = decode_data(raw)
+    etag = s3.etag(ctx.key, raw)
+    check_conditions(ctx, etag, data.mtime_ms)
+    headers = [("ETag", quoted(etag)), ("Last-Modified", http_time(data.mtime_ms)),
+               ("Accept-Ranges", "bytes")]
+    content_type = "binary/octet-stream"
+    for name, header in OVERRIDES.items():
+        if (value := ctx.param(name)) is not None:
+            if header == "Content-Type":
+                content_type = value
+            else:
+                headers.append((header, value))
+    headers.append(("Content-Type", content_type))
+    return headers, etag
+
+
+def head_object(s3, ctx: Ctx) -> bytes:
+    raw = _record(s3, ctx)
+    headers, _ = _object_headers(s3, ctx, raw)
+    return ctx.respond(200, headers, length=decode_data(raw).size)
+
+
+def get_object(s3, ctx: Ctx):
+    raw = _record(s3, ctx)
+    headers, _ = _object_headers(s3, ctx, raw)
+    forward = []
+    rng = ctx.header(b"range")
+    if rng is not None and b"," not in rng:  # S3 serves one range; several: the whole value
+        forward.append(("Range", rng.decode("latin-1")))
+    return _send(s3, ctx, raw, headers, forward)
+
+
+async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list) -> None:
+    if decode_data(raw).size == 0 and not forward:
+        return ctx.respond(200, headers, length=0)
+    conn, body = await s3.values.open(ctx.key, raw, forward)
+    out = ctx.req.conn
+    try:
+        length = conn.headers.get(b"content-length")
+        if length is None:
+            raise S3Error("InternalError", f"volume {conn.host} sent no Content-Length")
+        if conn.status == 206 and (cr := conn.headers.get(b"content-range")) is not None:
+            headers.append(("Content-Range", cr.decode("latin-1")))
+        out.write(ctx.respond(conn.status, headers, length=int(length)))
+        try:
+            while chunk := await read_chunk(body, s3.pool.stall):
+                out.write(chunk)
+                await out.drain()
+        except (asyncio.TimeoutError, VolumeError):
+            # the head is out: the only way left to tell the client is to cut the connection short
+            out.close()
+            raise ClientGone("the volume failed mid-answer") from None
+    finally:
+        s3.pool.finish_download(conn)
+    return None
+
+
+def _payload(ctx: Ctx) -> Payload:
+    payload = Payload(ctx.req.body.read, ctx.req.headers, ctx.signed)
+    if payload.length is None and not ctx.req.has_body:
+        payload.length = 0
+    return payload
+
+
+async def put_object(s3, ctx: Ctx) -> bytes:
+    object_key(ctx.key)
+    payload = _payload(ctx)
+    live = await s3.values.put(ctx.key, payload.chunks(), payload.length)
+    s3.meta.drop_etag(ctx.key)
+    return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
+
+
+def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
+    """(key, readable record) named by x-amz-copy-source: `/bucket/key` or `bucket/key`,
+    URL-encoded, maybe with `?versionId=` (there is only one version)."""
+    text = ctx.header(b"x-amz-copy-source") or b""
+    src = text.split(b"?", 1)[0]
+    src = b"/" + unquote_to_bytes(src.lstrip(b"/"))
+    if b"/" not in src[1:]:
+        raise S3Error("InvalidArgument", "x-amz-copy-source must be /bucket/key")
+    raw = readable(s3.store.get(src)) if len(src) <= 511 else None
+    if raw is None:
+        raise S3Error("NoSuchKey", "The specified key does not exist.", Key=src.decode("utf-8", "replace"))
+    return src, raw
+
+
+async def copy_object(s3, ctx: Ctx) -> bytes:
+    object_key(ctx.key)
+    src, raw = copy_source(s3, ctx)
+    if src != ctx.key:  # onto itself: nothing to copy (there is no metadata to replace)
+        size = decode_data(raw).size
+        raw = await s3.values.put(ctx.key, s3.values.stream(src, raw, expect=size), size)
+        s3.meta.drop_etag(ctx.key)
+    data = decode_data(raw)
+    return ctx.xml("CopyObjectResult", [("LastModified", iso_time(data.mtime_ms)),
+                                        ("ETag", quoted(s3.etag(ctx.key, raw)))])
+
+
+async def delete_object(s3, ctx: Ctx) -> bytes:
+    if len(ctx.key) <= 511:
+        await s3.values.delete(ctx.key, s3.config.protect)
+        s3.meta.drop_etag(ctx.key)
+    return ctx.respond(204)  # S3 answers 204 whether or not the key existed
+
+
+async def delete_objects(s3, ctx: Ctx) -> bytes:
+    payload = _payload(ctx)
+    doc = parse(await payload.read_all(DELETE_BODY_LIMIT), DELETE_BODY_LIMIT)
+    if doc.tag != "Delete":
+        raise S3Error("MalformedXML", "expected a <Delete> document")
+    quiet = (doc.value("Quiet") or "").lower() == "true"
+    names = [o.value("Key") for o in doc.findall("Object")]
+    if len(names) > MAX_DELETE:
+        raise S3Error("MalformedXML", f"at most {MAX_DELETE} keys per DeleteObjects")
+    if any(n is None for n in names):
+        raise S3Error("MalformedXML", "every <Object> needs a <Key>")
+    # keys are taken verbatim: XML text is not trimmed for them
+    names = [o.find("Key").text for o in doc.findall("Object")]
+    gate = asyncio.Semaphore(DELETES_AT_ONCE)
+
+    async def one(name: str):
+        key = b"/" + ctx.bucket + b"/" + name.encode("utf-8", "surrogateescape")
+        async with gate:
+            try:
+                if len(key) <= 511:
+                    await s3.values.delete(key, s3.config.protect)
+                    s3.meta.drop_etag(key)
+            except S3Error as e:
+                return name, e
+        return name, None
+
+    results = await asyncio.gather(*(one(n) for n in names))
+    items = []
+    for name, err in results:
+        if err is None:
+            if not quiet:
+                items.append(("Deleted", [("Key", name)]))
+        else:
+            items.append(("Error", [("Key", name), ("Code", err.code), ("Message", err.message)]))
+    return ctx.xml("DeleteResult", items)

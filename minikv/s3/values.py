@@ -1,0 +1,314 @@
+"""Values the S3 way: overwrite allowed, empty values allowed, reads streamed from a replica.
+
+The record is the lock, as in the plain API (see api/app.py), and the volumes' atomic rename is
+the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, CompleteMultipartUpload):
+
+1. record -> PENDING(put, new volumes, previous record) before the body is read; a PENDING
+   record already there is 409 OperationAborted. Readers of the S3 API keep being served the
+   previous value meanwhile (`readable`); the plain API answers 404 for a key mid-write.
+2. One streaming PUT per replica. nginx spools each upload to a temp file and renames it over
+   the old file only when the whole body has arrived, so until then every replica still holds
+   the old value. We hold back the last chunk (or, without a length, the chunked terminator)
+   until the body has been read completely and every check passed (length, Content-MD5,
+   x-amz-content-sha256, checksums, chunk signatures): any failure before that point aborts
+   the uploads, nginx drops them, and the previous record is put back untouched.
+3. Send the last bytes: each volume renames. All answered 2xx -> record LIVE -> 200; then the
+   files on volumes the previous record named and the new one does not are deleted.
+4. If only some volumes renamed (a disk failed at the very end), the replicas differ: we roll
+   forward by copying the new value from one that has it to the others; if that fails too, the
+   key is deleted on every volume and the record dropped (the error says so). A failed
+   overwrite can thus lose the old value, but only in this narrow case, and never silently.
+
+A crash in steps 2-4 leaves PENDING(put), which recovery (index/recovery.py) resolves like any
+PUT: the files on the new volumes are deleted and the record dropped, so the key is gone (not
+stuck, not a phantom); it never holds a mix of two values.
+
+Parts of multipart uploads are values too, under internal keys (multipart.py), so all of this
+applies to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+
+from minikv import replicas
+from minikv.api.digest import StreamingMd5
+from minikv.http.client import VolumeError
+from minikv.index.record import (
+    LIVE,
+    OP_DELETE,
+    OP_PUT,
+    OP_REBALANCE,
+    PENDING,
+    UNLINKED,
+    decode_data,
+    decode_pending,
+    encode_data,
+    encode_pending,
+    with_state,
+)
+from minikv.placement import epoch, host_of, key2volume
+from minikv.s3.errors import S3Error
+
+OK = (200, 201, 204)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def readable(raw: bytes | None) -> bytes | None:
+    """The LIVE record a reader should see: the record itself, or, while a PUT or REBALANCE
+    replaces it, the one it replaces (its replicas stay complete until the switch)."""
+    if raw is None:
+        return None
+    if raw[0] == LIVE:
+        return raw
+    if raw[0] == PENDING:
+        p = decode_pending(raw)
+        if p.op in (OP_PUT, OP_REBALANCE) and p.previous and p.previous[0] == LIVE:
+            return p.previous
+    return None
+
+
+async def read_chunk(body, stall: float) -> bytes:
+    """The next chunk of a volume's answer, failing after `stall` seconds without one. Chunks
+    already buffered are taken without a timer (wait_for costs a task per call). The wait is
+    for the volume only: while we wait for a slow client instead, no timer runs."""
+    if body._chunks or body.done:
+        return await body.read()
+    return await asyncio.wait_for(body.read(), stall)
+
+
+def busy() -> S3Error:
+    return S3Error("OperationAborted",
+                   "A conflicting operation is currently in progress against this key. Please try again.")
+
+
+class Values:
+    """Reading, writing and deleting values for the S3 front (one per worker)."""
+
+    def __init__(self, config, store, pool, health):
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.health = health
+        self.pid = os.getpid()
+        self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+
+    def placement(self, key: bytes) -> list[str]:
+        c = self.config
+        return key2volume(key, c.volumes, c.replicas, c.subvolumes)
+
+    # -- reads --
+    def _replica_order(self, volumes: list[str]) -> list[str]:
+        """Healthy replicas in random order first, then the ones believed down."""
+        shuffled = random.sample(volumes, len(volumes))
+        if not self.health.down:
+            return shuffled
+        return ([v for v in shuffled if host_of(v) not in self.health.down]
+                + [v for v in shuffled if host_of(v) in self.health.down])
+
+    async def open(self, key: bytes, raw: bytes, headers=()):
+        """Start a GET of the value of record `raw` from one replica: (conn, body) with status
+        200 or 206. Tries each replica in turn; InvalidRange for a 416."""
+        reasons = []
+        for volume in self._replica_order(decode_data(raw).volumes):
+            host, path = replicas.locate(volume, key)
+            try:
+                conn, body = await self.pool.download(host, path, headers)
+            except VolumeError as e:
+                self.health.mark_down(host, str(e))
+                reasons.append(str(e))
+                continue
+            if conn.status in (200, 206):
+                return conn, body
+            self.pool.discard(conn)
+            if conn.status == 416:
+                raise S3Error("InvalidRange", "The requested range is not satisfiable")
+            reasons.append(f"volume {host} answered {conn.status} to GET")
+        raise S3Error("ServiceUnavailable", "no replica could be read: " + "; ".join(reasons))
+
+    async def stream(self, key: bytes, raw: bytes, headers=(), expect: int | None = None) -> AsyncIterator[bytes]:
+        """The value's bytes (or a range of them) from one replica, flow-controlled."""
+        conn, body = await self.open(key, raw, headers)
+        size = 0
+        try:
+            while chunk := await read_chunk(body, self.pool.stall):
+                size += len(chunk)
+                yield chunk
+        except asyncio.TimeoutError:
+            raise S3Error("ServiceUnavailable", f"volume {conn.host} sent nothing for {self.pool.stall:g}s") from None
+        except VolumeError as e:
+            raise S3Error("ServiceUnavailable", str(e)) from None
+        finally:
+            self.pool.finish_download(conn)
+        if expect is not None and size != expect:
+            raise S3Error("InternalError", f"volume {conn.host} sent {size} bytes of a {expect}-byte value")
+
+    # -- writes --
+    def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
+        """Take the key's record to PENDING(put): (pending, previous record, new volumes)."""
+        raw = self.store.get(key)
+        if raw is not None and raw[0] == PENDING:
+            raise busy()
+        volumes = self.placement(key)
+        pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+        done, _ = self.store.cas(key, raw, pending)
+        if not done:
+            raise busy()
+        return pending, raw, volumes
+
+    async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None) -> bytes:
+        """Store what `source` yields as the value of `key` (replacing any), following the
+        order above; the new LIVE record. `source` raises at its end if a check fails."""
+        pending, previous, volumes = self.lock(key)
+        try:
+            size, md5 = await self._write(key, source, length, volumes, pending, previous)
+        except BaseException:
+            if self.store.get(key) == pending:  # undo unless _write resolved the record itself
+                await self._restore(key, pending, previous, volumes)
+            raise
+        live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
+        done, _ = self.store.cas(key, pending, live)
+        if not done:
+            raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
+        if previous is not None:
+            stale = [v for v in decode_data(previous).volumes if v not in volumes]
+            if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
+                await replicas.delete_all(self.pool, stale, key)
+        return live
+
+    async def _restore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> None:
+        """Nothing was committed on any volume: put the previous record back (or none)."""
+        if previous is None:
+            await replicas.delete_all(self.pool, volumes, key)
+        self.store.cas(key, pending, previous)
+
+    async def _write(self, key, source, length, volumes, pending, previous) -> tuple[int, bytes]:
+        if length == 0:
+            # nothing to hold back in an empty PUT: check the whole (empty) body before sending it
+            async for _ in source:
+                raise S3Error("IncompleteBody", "the body is longer than the declared 0 bytes")
+        limit = self.config.max_value_size
+        if limit and length is not None and length > limit:
+            raise S3Error("EntityTooLarge", f"value of {length} bytes is over the limit of {limit} (-max-value-size)")
+        uploads = []
+        md5 = StreamingMd5()
+        try:
+            opened = await asyncio.gather(
+                *(self.pool.upload(*replicas.locate(v, key), length) for v in volumes), return_exceptions=True)
+            uploads = [u for u in opened if not isinstance(u, BaseException)]
+            for failure in opened:
+                if isinstance(failure, BaseException):
+                    raise failure
+            size = 0
+            held = b""
+            async for chunk in source:
+                if not chunk:
+                    continue
+                size += len(chunk)
+                if limit and size > limit:
+                    raise S3Error("EntityTooLarge", f"value is over the limit of {limit} bytes (-max-value-size)")
+                if held:
+                    for u in uploads:
+                        u.write(held)
+                await md5.update(chunk)
+                if held:
+                    for u in uploads:
+                        if u.paused:
+                            await u.drain()
+                held = chunk
+            if length is not None and size != length:
+                raise S3Error("IncompleteBody", f"got {size} bytes of the {length} declared")
+            digest = await md5.digest()
+        except BaseException as e:
+            for u in uploads:
+                u.abort()  # nginx drops a partial upload: the old files stay as they were
+            await md5.close()
+            if isinstance(e, VolumeError):
+                self.health.mark_down(e.host, str(e))
+                raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
+            raise
+        # the commit point: the last bytes make every volume rename its file into place
+        if held:
+            for u in uploads:
+                u.write(held)
+        results = await asyncio.gather(*(u.finish() for u in uploads), return_exceptions=True)
+        state = {v: "new" if isinstance(r, int) and r in OK else "old" if isinstance(r, int) else "unknown"
+                 for v, r in zip(volumes, results)}
+        if all(s == "new" for s in state.values()):
+            return size, digest
+        reasons = [str(r) if isinstance(r, BaseException) else f"volume {host_of(v)} answered {r} to PUT"
+                   for v, r in zip(volumes, results) if state[v] != "new"]
+        for v, r in zip(volumes, results):
+            if isinstance(r, VolumeError):
+                self.health.mark_down(host_of(v), str(r))
+        for v in [v for v in volumes if state[v] == "unknown"]:
+            state[v] = await self._settle(key, v, size, previous)
+        good = [v for v in volumes if state[v] == "new"]
+        if not good and all(s == "old" for s in state.values()):
+            # no volume renamed: the old value is intact everywhere
+            await self._restore(key, pending, previous, volumes)
+            raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; nothing was changed")
+        # some volumes hold the new value, others the old one or an unknown state: roll forward
+        for dst in [v for v in volumes if state[v] != "new"]:
+            try:
+                if not good:
+                    raise VolumeError(host_of(dst), "is in an unknown state after the PUT")
+                await replicas.copy(self.pool, key, good[0], dst)
+            except Exception as e:  # noqa: BLE001 - whatever failed, the replicas now differ
+                reasons.append(f"repair failed: {e}")
+                doomed = set(volumes) | (set(decode_data(previous).volumes) if previous else set())
+                await replicas.delete_all(self.pool, sorted(doomed), key)
+                self.store.cas(key, pending, None)
+                raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; the replicas could not be made "
+                              "equal, so the key was deleted") from None
+        return size, digest
+
+    async def _settle(self, key: bytes, volume: str, size: int, previous: bytes | None) -> str:
+        """What a volume that gave no answer to the last step holds, when its file's size tells:
+        "new" (the new value's size), "old" (the previous value's, or none when there was none),
+        else "unknown"."""
+        old_size = decode_data(previous).size if previous is not None and volume in decode_data(previous).volumes \
+            else None
+        try:
+            found = await replicas.exists(self.pool, volume, key)
+        except VolumeError:
+            return "unknown"
+        if found == size and found != old_size:
+            return "new"
+        if found == old_size and found != size:
+            return "old"
+        return "unknown"
+
+    # -- deletes --
+    async def delete(self, key: bytes, protect: bool = False) -> bool:
+        """Delete the key's value and record; False if there was none. With `protect`
+        (-protect) a LIVE key is only unlinked, as the plain API would require first."""
+        raw = self.store.get(key)
+        if raw is None:
+            return False
+        if raw[0] == PENDING:
+            raise busy()
+        if protect and raw[0] == LIVE:
+            done, _ = self.store.cas(key, raw, with_state(raw, UNLINKED))
+            if not done:
+                raise busy()
+            return True
+        volumes = decode_data(raw).volumes
+        pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
+        done, _ = self.store.cas(key, raw, pending)
+        if not done:
+            raise busy()
+        failed = await replicas.delete_all(self.pool, volumes, key)
+        if failed:
+            self.store.cas(key, pending, with_state(raw, UNLINKED))
+            raise S3Error("ServiceUnavailable", "; ".join(failed) + "; the key is now unlinked (unreadable): "
+                          "delete it again later")
+        self.store.cas(key, pending, None)
+        return True
