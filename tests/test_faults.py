@@ -105,6 +105,7 @@ def test_kill_index_mid_upload_then_restart_key_is_writable(make_cluster):
     time.sleep(0.5)
     assert c.put(key, b"x").status_code == 409
     c.restart_index(sig=signal.SIGKILL)
+    c.session = requests.Session()  # connections to the killed index are gone with it
     s.close()
     assert c.get(key, allow_redirects=False).status_code == 404
     assert key not in c.get("/f/?list").json()["keys"]
@@ -123,6 +124,7 @@ def test_kill_one_worker_mid_upload_is_undone(make_cluster):
     assert c.put(key, b"x").status_code == 409
     owner = _owner_of_upload(workers, c.port)
     os.kill(owner, signal.SIGKILL)
+    c.session = requests.Session()  # a kept-alive connection may have belonged to that worker
     s.close()
     wait_until(lambda: c.put(key, b"after").status_code == 201, what="key writable after worker death")
     assert c.get(key).content == b"after"
