@@ -89,6 +89,9 @@ async def serve(config: Config, sock: socket.socket) -> None:
     deadline = time.monotonic() + SHUTDOWN_GRACE
     while any(c._current is not None for c in Connection.connections) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    from minikv.admin import move
+
+    await move.drain()  # old copies of keys REBALANCEd moments ago
     health.stop()
     pool.close()
     app.s3.close()
@@ -135,6 +138,8 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
     def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:
+            # not the supervisor's handler: until the worker's loop takes SIGTERM, it must kill
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             code = 0
             try:
                 worker_main(config, sockets[i])

@@ -298,3 +298,18 @@ def test_rebalance_moves_a_key_after_volumes_change(make_cluster):
         assert r.headers["Key-Volumes"] == ",".join(key2volume(k.encode(), names, 2, 10))
         assert c.get(k).content == k.encode()
     assert moved > 0
+
+
+def test_list_pages_through_unicode_keys(cluster):
+    prefix = fresh("/uni-")
+    keys = sorted(f"{prefix}/ключ-{i}" for i in range(5))
+    for k in keys:
+        assert cluster.session.put(cluster.url(quote(k)), data=b"v").status_code == 201
+    got, start = [], ""
+    for _ in range(10):
+        page = cluster.get(f"{quote(prefix)}?list&limit=2" + (f"&start={quote(start)}" if start else "")).json()
+        got += page["keys"]
+        start = page["next"]
+        if not start:
+            break
+    assert got == keys

@@ -51,16 +51,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def readable(raw: bytes) -> bytes | None:
-    """What readers see of a record that is not LIVE: for a key being moved, the LIVE record its
-    lock keeps (every copy it names stays in place until the lock is released), else None."""
-    if raw[0] == PENDING and raw[1:2] == OP_REBALANCE:
-        previous = decode_pending(raw).previous
-        if previous[:1] == b"L":
-            return previous
-    return None
-
-
 def named(raw: bytes | None) -> set[str]:
     """Every volume a record names, in any state (a PENDING one: its volumes and previous ones)."""
     if raw is None:

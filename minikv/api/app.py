@@ -31,7 +31,6 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import httptools
 
 from minikv import replicas
-from minikv.admin.move import readable
 from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
@@ -52,6 +51,7 @@ from minikv.index.record import (
     decode_data,
     encode_data,
     encode_pending,
+    readable,
     with_state,
 )
 from minikv.index.store import MAX_KEY, Store
@@ -191,7 +191,8 @@ class App:
         return self.not_found
 
     def list(self, prefix: bytes, op: bytes, query: bytes) -> bytes:
-        params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        # latin-1 both ways: percent-escapes become the key's raw bytes, whatever they encode
+        params = parse_qs(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
         try:
             limit = int(params.get("limit", ["0"])[0] or 0)
         except ValueError:
@@ -199,7 +200,6 @@ class App:
         if limit < 0:
             raise HTTPError(400, "limit must not be negative")
         start = params.get("start", [""])[0].encode("latin-1")
-        start = unquote_to_bytes(start) if b"%" in start else start
         state = LIVE if op == b"list" else UNLINKED
         if state == LIVE:  # keys being moved are still there
             def keep(v: bytes) -> bool:

@@ -109,3 +109,14 @@ def decode_pending(raw: bytes) -> Pending:
 def with_state(raw: bytes, state: int) -> bytes:
     """The same LIVE/UNLINKED record in another of those two states."""
     return bytes((state,)) + raw[1:]
+
+
+def readable(raw: bytes) -> bytes | None:
+    """What readers see of a record that is not LIVE: the LIVE record a PENDING one keeps while
+    the key is being moved (rebalance, repair) or overwritten (S3 PutObject), whose copies stay
+    in place until the lock is released; None for anything else."""
+    if raw[0] == PENDING and raw[1:2] in (OP_REBALANCE, OP_PUT):
+        previous = decode_pending(raw).previous
+        if previous[:1] == b"L":
+            return previous
+    return None
