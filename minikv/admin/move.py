@@ -146,3 +146,19 @@ async def drain() -> list[str]:
             else:
                 failed.extend(result)
     return failed
+
+
+async def try_move(pool: Pool, store: Store, key: bytes, raw: bytes, want: list[str], epoch: int = 0,
+                   good: list[str] | None = None) -> tuple[bool, bytes | None]:
+    """Lock the key's LIVE record `raw` and move it onto `want`, retiring the old copies in the
+    background. (True, None) when moved; (False, the record now) when it changed meanwhile, to
+    be looked at again. Raises VolumeError when the move failed: the key stays where it was."""
+    pending = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), want, raw)
+    done, current = store.cas(key, raw, pending)
+    if not done:
+        return False, current
+    try:
+        await move_key(pool, store, key, raw, want, pending, epoch=epoch, good=good, detach=True)
+    except LostLock:
+        return False, store.get(key)
+    return True, None

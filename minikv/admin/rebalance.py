@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from urllib.parse import quote
 
@@ -41,7 +40,7 @@ from minikv.admin.common import (
 from minikv.admin.progress import Progress
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import OP_REBALANCE, PENDING, UNLINKED, decode_data, encode_pending
+from minikv.index.record import PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
 
@@ -83,20 +82,14 @@ class Offline:
             if self.dry_run:
                 p.add("moved")
                 return
-            pending = encode_pending(OP_REBALANCE, os.getpid(), move.now_ms(), want, raw)
-            done, current = self.store.cas(key, raw, pending)
-            if not done:
-                raw = current  # changed since we read it: look again
-                continue
             try:
-                await move.move_key(self.pool, self.store, key, raw, want, pending, epoch=self.epoch, detach=True)
+                moved, raw = await move.try_move(self.pool, self.store, key, raw, want, self.epoch)
             except VolumeError as e:
                 p.add("failed")
                 p.problem(f"{show(key)}: not moved, it stays where it was: {e}")
                 return
-            except move.LostLock:
-                raw = self.store.get(key)
-                continue
+            if not moved:
+                continue  # changed since we read it: look again
             p.add("moved")
             p.show(moved=p.counts["moved"], failed=p.counts["failed"])
             return

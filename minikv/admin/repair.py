@@ -15,7 +15,6 @@ would do. It starts by resolving the locks of processes that died, and running i
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 from minikv.admin import move
@@ -37,7 +36,7 @@ from minikv.admin.rebalance import BUSY_TRIES
 from minikv.admin.walk import Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import OP_REBALANCE, PENDING, UNLINKED, decode_data, encode_pending
+from minikv.index.record import PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
 
@@ -85,21 +84,15 @@ class Repair:
                 p.add("repaired")
                 p.problem(f"{show(key)}: would repair ({what})")
                 return
-            pending = encode_pending(OP_REBALANCE, os.getpid(), move.now_ms(), want, raw)
-            done, current = self.store.cas(key, raw, pending)
-            if not done:
-                raw = current
-                continue
             try:
-                await move.move_key(self.pool, self.store, key, raw, want, pending, epoch=self.epoch,
-                                    good=verdict.good, detach=True)
+                moved, raw = await move.try_move(self.pool, self.store, key, raw, want, self.epoch,
+                                                 good=verdict.good)
             except VolumeError as e:
                 p.add("failed")
                 p.problem(f"{show(key)}: not repaired ({what}): {e}")
                 return
-            except move.LostLock:
-                raw = self.store.get(key)
-                continue
+            if not moved:
+                continue  # changed since we read it: look again
             p.add("repaired")
             p.show(repaired=p.counts["repaired"], failed=p.counts["failed"])
             return
