@@ -1,8 +1,9 @@
 """The index server's processes: one supervisor and N workers sharing one LMDB index.
 
-The supervisor binds one SO_REUSEPORT socket per worker (so a port in use is reported at once,
-and the kernel spreads connections over the workers), resolves the writes a previous crash left
-PENDING, then forks the workers. Each worker opens LMDB itself after the fork (LMDB handles
+The supervisor locks the database (one server per index: a second one would take the first's
+writes in flight for a crash's), binds one SO_REUSEPORT socket per worker (the kernel spreads
+connections over them), resolves the writes a previous crash left PENDING, then forks the
+workers. Each worker opens LMDB itself after the fork (LMDB handles
 must not cross a fork) and runs an asyncio loop on uvloop. When a worker dies, the supervisor
 undoes that worker's in-flight writes and starts a new one on the same socket: connections
 waiting in its backlog are served by the replacement.
@@ -11,6 +12,8 @@ waiting in its backlog are served by the replacement.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import fcntl
 import os
 import signal
 import socket
@@ -28,6 +31,33 @@ SHUTDOWN_GRACE = 10.0  # seconds a stopping worker gives in-flight requests
 
 def log(msg: str) -> None:
     print(f"minikv server [{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+
+
+def lock_db(path: str) -> int:
+    """Hold an exclusive lock on the database for as long as this server (or a worker of it)
+    runs; wait a little for a previous server's workers that are still stopping."""
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, "minikv-server.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + SHUTDOWN_GRACE + 5
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"minikv server: another minikv server uses -db {path}: stop it first") from None
+            time.sleep(0.2)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """SO_REUSEPORT would let us share the port with another server: try it without first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host or "0.0.0.0", port))
+        except OSError as e:
+            raise SystemExit(f"minikv server: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -115,6 +145,8 @@ def run_server(args) -> int:
     except ValueError as e:
         print(f"minikv server: {e}", file=sys.stderr)
         return 2
+    lock_db(config.db)  # held until we exit; forked workers share it
+    check_port_free(config.host, config.port)
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]
     recover_pending(config)
     log(f"listening on {config.host or '*'}:{config.port} with {config.workers} worker(s), "
@@ -136,10 +168,12 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
     stopping = False
 
     def spawn(i: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             # not the supervisor's handler: until the worker's loop takes SIGTERM, it must kill
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _die_with_parent(parent)
             code = 0
             try:
                 worker_main(config, sockets[i])
@@ -184,6 +218,18 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
             continue
         spawn(i)
     return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the supervisor dies (even by kill -9): no orphan keeps serving
+    and holding the database lock."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
 
 
 def _describe(status: int) -> str:

@@ -36,6 +36,19 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
+def wait_closed(port: int, timeout: float = 10.0) -> None:
+    """Until nothing listens on `port` any more."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                pass
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} still open after {timeout}s")
+
+
 class Proc:
     """A minikv process in its own process group."""
 
@@ -108,6 +121,7 @@ class Cluster:
 
     def restart_index(self, workers: int = 2, flags: list[str] | None = None, sig: int = signal.SIGTERM) -> None:
         self.index.stop(sig)
+        wait_closed(self.port)  # killed workers' sockets would take (and reset) new connections
         self.index = self._index(workers, flags or [])
         self.index.start()
 

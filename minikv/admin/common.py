@@ -22,7 +22,7 @@ from minikv.admin.progress import Progress
 from minikv.config import Config
 from minikv.health import PROBE_PATH
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import PENDING, decode_data, decode_pending
+from minikv.index.record import PENDING, decode_data
 from minikv.index.recovery import recover
 from minikv.index.store import Store
 from minikv.placement import host_of
@@ -60,27 +60,10 @@ def open_index(config: Config, command: str) -> Store | None:
     return store
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
-
-
 async def resolve_stale(store: Store, pool: Pool) -> int:
     """Undo or finish the PENDING records of processes that are gone (see index/recovery.py).
     Returns how many records were resolved."""
-    owners = {decode_pending(raw).owner for _, raw in store.pending_records()}
-    resolved = 0
-    for owner in sorted(owners):
-        if owner != os.getpid() and not pid_alive(owner):
-            resolved += await recover(store, pool, owner)
-    return resolved
+    return await recover(store, pool)  # the records of processes that are gone
 
 
 async def probe(pool: Pool, hosts: list[str]) -> dict[str, str]:

@@ -26,7 +26,6 @@ from minikv.admin.common import (
     each_record,
     foreign_names,
     open_index,
-    pid_alive,
     resolve_stale,
     run,
     show,
@@ -38,6 +37,7 @@ from minikv.admin.progress import Progress
 from minikv.admin.walk import Walker
 from minikv.http.client import Pool
 from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending
+from minikv.index.recovery import owner_alive
 from minikv.index.store import Store
 
 BODY_TEMP = "body_temp"  # as minikv/volume/nginx.py names nginx's upload spool
@@ -117,7 +117,7 @@ async def gc(args, config) -> int:
         progress = Progress("gc", total=store.count())
         if args.dry_run:
             progress.add("stale", sum(1 for _, raw in store.pending_records()
-                                      if not pid_alive(decode_pending(raw).owner)))
+                                      if not owner_alive(*decode_pending(raw)[1:3])))
         else:
             progress.add("stale", await resolve_stale(store, pool))
         stop = asyncio.Event()

@@ -87,10 +87,11 @@ def check_key(key: bytes) -> None:
         raise HTTPError(400, "key contains a NUL byte")
     if len(key) > MAX_KEY:
         raise HTTPError(414, f"key is {len(key)} bytes; the limit is {MAX_KEY}")
-    if len(key) % 3 == 0 and key[-1] & 0x3F == 0x3F:
-        # its base64 name ends in "/", a folder: minikeyvalue's layout cannot hold it
+    name = base64.b64encode(key)
+    if name.endswith(b"/") or b"//" in name:
+        # a name ending in "/" would be a folder; nginx merges "//", so rebuild could not find it
         raise HTTPError(400, "this key cannot be stored in minikeyvalue's on-disk layout (its base64 "
-                             "file name ends in '/'): add or remove a character")
+                             "file name ends in '/' or holds '//'): add or remove a character")
     if too_long := name_too_long(key):
         raise HTTPError(414, f"key is too long for a file name on the volumes "
                              f"({too_long} bytes encoded, the limit is 255)")

@@ -178,6 +178,7 @@ class Connection(asyncio.Protocol):
         self._writes = 0  # response writes so far; compared with _answer_mark
         self._answer_mark = 0  # _writes when the current request started
         self._rebalance = False
+        self._held = b""  # the start of a REBALANCE method cut by the end of a read
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -202,9 +203,18 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.last = self.loop.time()
+        if self._held:
+            data, self._held = self._held + data, b""
         try:
             if b"REBALANCE " in data:
                 self._feed_rebalance(data)
+            elif data[-1:] in _REBALANCE_LETTERS and (cut := _rebalance_prefix(data)):
+                # the read may end inside a REBALANCE method: keep it for the next read
+                self.parser.feed_data(data[:-cut])
+                if self._idle:
+                    self._held = data[-cut:]
+                else:
+                    self.parser.feed_data(data[-cut:])
             else:
                 self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -296,7 +306,8 @@ class Connection(asyncio.Protocol):
             self._pause("pipeline")
 
     def on_body(self, data: bytes) -> None:
-        self._reading.body.feed(data)
+        if self._reading is not None:  # None once closed: the parser may still be mid-chunk
+            self._reading.body.feed(data)
 
     def on_message_complete(self) -> None:
         self._idle = True
@@ -346,6 +357,10 @@ class Connection(asyncio.Protocol):
         and it is small: the parser must read past it to find the next request."""
         body = req.body
         close = not req.keep_alive
+        if body._chunks:  # answered without reading it all: what waits is not needed any more
+            body._chunks.clear()
+            body._buffered = 0
+            self._resume("body")
         if not body.done:
             length = req.header(b"content-length")
             remaining = int(length) - body._buffered if length is not None and length.isdigit() else -1
@@ -358,7 +373,6 @@ class Connection(asyncio.Protocol):
             return
         if not body.done:
             body.discard = remaining + 1  # on_message_complete moves on
-            body._chunks.clear()
             self._resume("body")
             return
         self._next()
@@ -435,6 +449,18 @@ class Connection(asyncio.Protocol):
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
         elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
             self.close()
+
+
+_REBALANCE = b"REBALANCE "
+_REBALANCE_LETTERS = {bytes([c]) for c in _REBALANCE[:-1]}
+
+
+def _rebalance_prefix(data: bytes) -> int:
+    """The length of the longest end of `data` that begins the word REBALANCE, 0 if none."""
+    for n in range(min(len(_REBALANCE) - 1, len(data)), 0, -1):
+        if data.endswith(_REBALANCE[:n]):
+            return n
+    return 0
 
 
 def _reason(e: Exception) -> str:

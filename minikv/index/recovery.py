@@ -4,9 +4,15 @@ Every PENDING record names the volumes it was touching and the record it replace
 - put: the value was never acknowledged; delete whatever reached the volumes, drop the record;
 - delete: finish it; if a replica cannot be deleted now, leave the key UNLINKED (DELETE again);
 - rebalance: delete the new copies, put the old record back (its replicas were never touched).
+
+Whose records: a worker's when the supervisor saw it die; at start-up, those of every process
+that is gone. A record whose owner still runs belongs to a live admin command (only one server
+can hold a database: server.py locks it), and is left alone.
 """
 
 from __future__ import annotations
+
+import os
 
 from minikv import replicas
 from minikv.http.client import Pool
@@ -14,13 +20,51 @@ from minikv.index.record import OP_DELETE, OP_REBALANCE, UNLINKED, decode_data, 
 from minikv.index.store import Store
 
 
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def owner_alive(pid: int, started_ms: int) -> bool:
+    """Does the process that wrote a PENDING record at `started_ms` still run? Its pid must be
+    alive and have started before the record: a pid reused later is another process."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's
+    boot = _boot_time()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # a zombie no one reaped yet: dead all the same
+            return False
+        ticks = int(fields[19])  # field 22: when the process started
+    except (OSError, ValueError, IndexError):
+        return True
+    if boot is None:
+        return True
+    return boot + ticks / os.sysconf("SC_CLK_TCK") <= started_ms / 1000 + 1
+
+
 async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
-    """Resolve the PENDING records of `owner` (a worker pid), or all of them when None
-    (at start-up, when no worker runs). Returns how many were resolved."""
+    """Resolve the PENDING records of `owner` (a worker pid that died), or when None those of
+    every process that is gone. Returns how many were resolved."""
     resolved = 0
     for key, raw in store.pending_records():
         p = decode_pending(raw)
         if owner is not None and p.owner != owner:
+            continue
+        if owner is None and owner_alive(p.owner, p.started_ms):
             continue
         if p.op == OP_REBALANCE and p.previous:
             old = decode_data(p.previous).volumes

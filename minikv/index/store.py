@@ -7,9 +7,9 @@ writers are serialised by LMDB's own robust inter-process mutex, so a compare-an
 short write transaction and two workers can never both win a key.
 
 Durability: by default commits are not fsync'd (as goleveldb's default in the Go original).
-A crashed *process* loses nothing (the data is in the OS page cache); a power loss may lose the
-last commits but never corrupts the map (metasync keeps the meta pages ordered). `sync=True`
-(`-fsync`) fsyncs every commit.
+A crashed *process* loses nothing: its commits are in the OS page cache. A power loss or kernel
+crash may lose the last commits, and since nothing orders the writes then, may leave the map
+damaged: use `sync=True` (`-fsync`, every commit fsync'd) where that matters. See RELIABILITY.md.
 """
 
 from __future__ import annotations
