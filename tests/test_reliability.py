@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -69,8 +70,9 @@ def test_fault(cls):
 # ---------------------------------------------------------------- durability of the index
 
 
-def _fsync_calls(make_cluster, flags: list[str], puts: int = 40) -> int:
-    """fdatasync/fsync/msync calls the index workers make for `puts` PUTs (seen by strace)."""
+def _fsync_calls(make_cluster, flags: list[str], puts: int = 40, threads: int = 1) -> int:
+    """fdatasync/fsync/msync calls the index workers make for `puts` PUTs (seen by strace),
+    sent by `threads` clients at once."""
     c = make_cluster(volumes=1, replicas=1, subvolumes=1, workers=1, flags=flags)
     pid = c.index.proc.pid  # -workers 1: the server process is the worker
     out = Path(faults.tempfile.mktemp(prefix="minikv-strace-"))
@@ -78,9 +80,17 @@ def _fsync_calls(make_cluster, flags: list[str], puts: int = 40) -> int:
                                "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)  # attached
-        s = requests.Session()
-        for _ in range(puts):
-            assert s.put(c.url(f"/d/{uuid.uuid4().hex}"), data=b"v" * 100).status_code == 201
+
+        def client(n: int) -> None:
+            s = requests.Session()
+            for _ in range(n):
+                assert s.put(c.url(f"/d/{uuid.uuid4().hex}"), data=b"v" * 100).status_code == 201
+
+        workers = [threading.Thread(target=client, args=(puts // threads,)) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     finally:
         tracer.send_signal(signal.SIGINT)  # our own strace: detach and write the summary
         tracer.wait(10)
@@ -97,6 +107,14 @@ def test_fsync_flag_syncs_every_index_commit(make_cluster):
     it the index never syncs (a process crash loses nothing, a power loss may)."""
     assert _fsync_calls(make_cluster, []) == 0
     assert _fsync_calls(make_cluster, ["-fsync"], puts=40) >= 2 * 40
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+@pytest.mark.skipif(os.geteuid() != 0, reason="strace -p needs root (ptrace)")
+def test_fsync_commits_of_concurrent_writes_are_grouped(make_cluster):
+    """-fsync with 16 clients at once: commits that wait together share one flush
+    (index/group.py), so there are clearly fewer syncs than the 4 a lone PUT costs."""
+    assert _fsync_calls(make_cluster, ["-fsync"], puts=160, threads=16) < 0.75 * 4 * 160
 
 
 def test_acknowledged_writes_survive_kill9_of_the_index_without_fsync(make_cluster):

@@ -37,6 +37,7 @@ from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
 from minikv.http.response import HTTPError, head, http_date, response
 from minikv.http.server import Request
+from minikv.index.group import GroupCommit
 from minikv.index.record import (
     EPOCH_AT,
     LIVE,
@@ -106,6 +107,8 @@ class App:
         self.pid = os.getpid()
         self.tasks: set[asyncio.Task] = set()
         self.not_found = head(404)
+        # -fsync: record changes go through one helper thread, batched (index/group.py)
+        self.group = GroupCommit(store) if config.fsync else None
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.epoch_bytes = self.epoch.to_bytes(4, "little")
@@ -223,9 +226,15 @@ class App:
         c = self.config
         return key2volume(key, c.volumes, c.replicas, c.subvolumes)
 
-    def _lock(self, key: bytes, expect: bytes | None, pending: bytes) -> None:
+    async def _cas(self, key: bytes, expect: bytes | None, new: bytes | None) -> tuple[bool, bytes | None]:
+        """Store.cas, through the group commit when every commit is fsync'd (-fsync)."""
+        if self.group is None:
+            return self.store.cas(key, expect, new)
+        return await self.group.cas(key, expect, new)
+
+    async def _lock(self, key: bytes, expect: bytes | None, pending: bytes) -> None:
         """Take the key's record from `expect` to PENDING, or answer why not."""
-        done, current = self.store.cas(key, expect, pending)
+        done, current = await self._cas(key, expect, pending)
         if not done:
             raise self._conflict(current)
 
@@ -254,11 +263,12 @@ class App:
             raise self._conflict(raw)
         volumes = self._volumes(key)
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
-        self._lock(key, raw, pending)
         return self._put_body(req, key, volumes, pending, length, raw)
 
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
+        # before the body is read, so `Expect: 100-continue` clients are refused before sending it
+        await self._lock(key, previous, pending)
         uploads = []
         md5 = StreamingMd5() if self.config.md5sum else None
         try:
@@ -303,7 +313,7 @@ class App:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
         live = encode_data(LIVE, volumes, size, now_ms(), digest, self.epoch)
-        done, _ = self.store.cas(key, pending, live)
+        done, _ = await self._cas(key, pending, live)
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous:  # an unlinked value on volumes placement no longer names
@@ -315,7 +325,7 @@ class App:
     async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> None:
         """Undo a PUT: remove whatever reached the volumes, then the record."""
         await replicas.delete_all(self.pool, volumes, key)
-        self.store.cas(key, pending, None)
+        await self._cas(key, pending, None)
 
     def delete(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
@@ -327,31 +337,32 @@ class App:
             raise HTTPError(403, "-protect is on: UNLINK the key before DELETE")
         volumes = decode_data(raw).volumes
         pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
-        self._lock(key, raw, pending)
         return self._delete_files(key, volumes, pending, raw)
 
     async def _delete_files(self, key: bytes, volumes: list[str], pending: bytes, raw: bytes) -> bytes:
+        await self._lock(key, raw, pending)
         failed = await replicas.delete_all(self.pool, volumes, key)
         if failed:
-            self.store.cas(key, pending, with_state(raw, UNLINKED))
+            await self._cas(key, pending, with_state(raw, UNLINKED))
             raise HTTPError(503, "; ".join(failed) + "; the key is now unlinked: DELETE it again later")
-        self.store.cas(key, pending, None)
+        await self._cas(key, pending, None)
         return head(204)
 
-    def unlink(self, key: bytes) -> bytes:
+    def unlink(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None:
             return self.not_found
-        if raw[0] == LIVE:
-            self._lock_unlink(key, raw)
-        elif raw[0] == PENDING:
+        if raw[0] == PENDING:
             raise self._conflict(raw)
-        return head(204)
+        if raw[0] == UNLINKED:
+            return head(204)
+        return self._unlink(key, raw)
 
-    def _lock_unlink(self, key: bytes, raw: bytes) -> None:
-        done, current = self.store.cas(key, raw, with_state(raw, UNLINKED))
+    async def _unlink(self, key: bytes, raw: bytes) -> bytes:
+        done, current = await self._cas(key, raw, with_state(raw, UNLINKED))
         if not done:
             raise self._conflict(current)
+        return head(204)
 
     def rebalance(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
@@ -363,12 +374,12 @@ class App:
         if decode_data(raw).volumes == volumes:
             return head(204)
         pending = encode_pending(OP_REBALANCE, self.pid, now_ms(), volumes, raw)
-        self._lock(key, raw, pending)
         return self._rebalance(key, raw, volumes, pending)
 
     async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
         from minikv.admin.move import LostLock, move_key
 
+        await self._lock(key, raw, pending)
         try:
             # detach: the old copies are deleted a moment later, in the background (admin/move.py)
             await move_key(self.pool, self.store, key, raw, volumes, pending, self.health.is_up, self.epoch,

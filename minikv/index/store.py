@@ -53,20 +53,29 @@ class Store:
     def cas(self, key: bytes, expect: bytes | None, new: bytes | None) -> tuple[bool, bytes | None]:
         """Replace the record of `key` with `new` (None deletes it) only if it is `expect` now
         (None: absent). Returns (done, the record as it is after the call)."""
+        return self.cas_many([(key, expect, new)])[0]
+
+    def cas_many(self, ops: list[tuple[bytes, bytes | None, bytes | None]]) -> list[tuple[bool, bytes | None]]:
+        """Several compare-and-sets in one write transaction (one commit, one fsync with sync=True),
+        each seeing the ones before it; the same answers as cas() would give, in order."""
+        out: list[tuple[bool, bytes | None]] = []
         with self.env.begin(write=True, db=self.keys) as txn:
-            current = txn.get(key)
-            if current != expect:
-                return False, current
-            check_transition(current, new)
-            if new is None:
-                txn.delete(key)
-            else:
-                txn.put(key, new)
-            if new is not None and new[0] == PENDING:
-                txn.put(key, b"", db=self.pending)
-            elif current is not None and current[0] == PENDING:
-                txn.delete(key, db=self.pending)
-            return True, new
+            for key, expect, new in ops:
+                current = txn.get(key)
+                if current != expect:
+                    out.append((False, current))
+                    continue
+                check_transition(current, new)
+                if new is None:
+                    txn.delete(key)
+                else:
+                    txn.put(key, new)
+                if new is not None and new[0] == PENDING:
+                    txn.put(key, b"", db=self.pending)
+                elif current is not None and current[0] == PENDING:
+                    txn.delete(key, db=self.pending)
+                out.append((True, new))
+        return out
 
     def pending_records(self) -> list[tuple[bytes, bytes]]:
         """Every (key, record) whose record is PENDING."""
