@@ -80,6 +80,16 @@ async def probe(pool: Pool, hosts: list[str]) -> dict[str, str]:
     return {h: r for h, r in zip(hosts, results) if r}
 
 
+async def all_up(pool: Pool, config: Config, command: str, why: str) -> bool:
+    """True when every volume of -volumes answers; else say which do not, and `why` they must."""
+    down = await probe(pool, config.volumes)
+    for reason in down.values():
+        print(f"minikv {command}: {reason}", file=sys.stderr)
+    if down:
+        print(f"minikv {command}: {why}", file=sys.stderr)
+    return not down
+
+
 def stop_on_signal(stop: asyncio.Event, progress: Progress) -> None:
     """First Ctrl-C (or SIGTERM): finish the keys in flight, then summarise. Second: quit now
     (what was in flight stays PENDING until the next run resolves it)."""

@@ -28,10 +28,10 @@ from urllib.parse import quote
 
 from minikv.admin import move
 from minikv.admin.common import (
+    all_up,
     config_from,
     each_record,
     open_index,
-    probe,
     resolve_stale,
     run,
     show,
@@ -103,13 +103,10 @@ async def offline(args, config: Config) -> int:
         return 2
     pool = config.pool()
     try:
-        down = await probe(pool, config.volumes)
-        if down:
-            for reason in down.values():
-                print(f"minikv rebalance: {reason}", file=sys.stderr)
-            print("minikv rebalance: keys are moved onto every volume of -volumes, so all must be up: "
-                  "start them, or leave the dead ones out of -volumes (their copies are then read "
-                  "from the other replicas)", file=sys.stderr)
+        if not await all_up(pool, config, "rebalance",
+                            "keys are moved onto every volume of -volumes, so all must be up: "
+                            "start them, or leave the dead ones out of -volumes (their copies are then read "
+                            "from the other replicas)"):
             return 1
         if not args.dry_run and (n := await resolve_stale(store, pool)):
             print(f"rebalance: resolved {n} key(s) left locked by a process that died", file=sys.stderr)

@@ -29,7 +29,7 @@ import sys
 from collections import Counter
 
 from minikv.admin.check import md5_of
-from minikv.admin.common import config_from, probe, run, show, stop_on_signal
+from minikv.admin.common import all_up, config_from, run, show, stop_on_signal
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
@@ -149,12 +149,9 @@ async def rebuild(args, config: Config) -> int:
     pool = config.pool()
     store = None
     try:
-        down = await probe(pool, config.volumes)
-        if down:
-            for reason in down.values():
-                print(f"minikv rebuild: {reason}", file=sys.stderr)
-            print("minikv rebuild: every volume must be up, or its copies would be missing from the "
-                  "index: start it, or leave it out of -volumes", file=sys.stderr)
+        if not await all_up(pool, config, "rebuild",
+                            "every volume must be up, or its copies would be missing from the "
+                            "index: start it, or leave it out of -volumes"):
             return 1
         if not args.dry_run:
             fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))

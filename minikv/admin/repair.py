@@ -20,11 +20,11 @@ import sys
 from minikv.admin import move
 from minikv.admin.check import inspect, judge
 from minikv.admin.common import (
+    all_up,
     config_from,
     each_record,
     foreign_names,
     open_index,
-    probe,
     resolve_stale,
     run,
     show,
@@ -106,12 +106,9 @@ async def repair(args, config: Config) -> int:
         return 2
     pool = config.pool()
     try:
-        down = await probe(pool, config.volumes)
-        if down:
-            for reason in down.values():
-                print(f"minikv repair: {reason}", file=sys.stderr)
-            print("minikv repair: copies are made on the volumes of -volumes, so all must be up: start "
-                  "them, or leave the dead ones out of -volumes", file=sys.stderr)
+        if not await all_up(pool, config, "repair",
+                            "copies are made on the volumes of -volumes, so all must be up: start "
+                            "them, or leave the dead ones out of -volumes"):
             return 1
         if args.delete_orphans and (why := foreign_names(store, config)):
             print(f"minikv repair: {why}", file=sys.stderr)
