@@ -23,22 +23,17 @@ def url(volume: str, key: bytes) -> str:
     return "http://" + volume + key2path(key)
 
 
-async def delete_one(pool: Pool, volume: str, key: bytes) -> str | None:
-    """Delete the key's file on one volume; None when gone (404 counts), else why not."""
-    host, path = locate(volume, key)
-    try:
-        resp = await pool.request(host, "DELETE", path)
-    except VolumeError as e:
-        return str(e)
-    if resp.status in (200, 204, 404):
-        return None
-    return f"volume {host} answered {resp.status} to DELETE"
-
-
 async def delete_all(pool: Pool, volumes: list[str], key: bytes) -> list[str]:
-    """Delete the key's file on every volume at once; the reasons of those that failed."""
-    results = await asyncio.gather(*(delete_one(pool, v, key) for v in volumes))
-    return [r for r in results if r]
+    """Delete the key's file on every volume at once; the reasons of those that failed (a file
+    already gone counts as deleted)."""
+    targets = [(host, "DELETE", path) for host, path in (locate(v, key) for v in volumes)]
+    failed = []
+    for (host, _, _), result in zip(targets, await pool.request_many(targets)):
+        if isinstance(result, VolumeError):
+            failed.append(str(result))
+        elif result.status not in (200, 204, 404):
+            failed.append(f"volume {host} answered {result.status} to DELETE")
+    return failed
 
 
 async def exists(pool: Pool, volume: str, key: bytes) -> int | None:

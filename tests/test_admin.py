@@ -417,6 +417,9 @@ class _DeletesOnly:
         self.deleted.add(host)
         return type("R", (), {"status": 204})()
 
+    async def request_many(self, targets, *args, **kw):
+        return [await self.request(*t) for t in targets]
+
 
 def test_a_move_killed_between_any_two_steps_is_resolved_by_recovery(tmp_path):
     """admin/move.py's locked states, each as a kill leaves it, then index/recovery.py's one rule

@@ -100,6 +100,9 @@ class MemUpload:
     async def drain(self):
         pass
 
+    def end(self):
+        pass
+
     async def finish(self):
         self.pool.files[self.path] = b"".join(self.parts)
         return 201
@@ -128,6 +131,9 @@ class MemPool:
                 return MemResponse(404)
             return MemResponse(200, {b"content-length": b"%d" % len(data)}, b"" if method == "HEAD" else data)
         return MemResponse(405)
+
+    async def request_many(self, targets, body=b"", headers=(), timeout=None):
+        return [await self.request(*t, body, headers, timeout) for t in targets]
 
     def forget(self, host):
         pass

@@ -98,6 +98,13 @@ def check_key(key: bytes) -> None:
                              f"({too_long} bytes encoded, the limit is 255)")
 
 
+async def _status(upload) -> int | BaseException:
+    try:
+        return await upload.finish()
+    except VolumeError as e:
+        return e
+
+
 class App:
     def __init__(self, config: Config, store: Store, pool: Pool, health: Health):
         self.config = config
@@ -272,13 +279,8 @@ class App:
         uploads = []
         md5 = StreamingMd5() if self.config.md5sum else None
         try:
-            opened = await asyncio.gather(
-                *(self.pool.upload(*replicas.locate(v, key), length) for v in volumes),
-                return_exceptions=True)
-            uploads = [u for u in opened if not isinstance(u, BaseException)]
-            for failure in opened:
-                if isinstance(failure, BaseException):
-                    raise failure
+            for v in volumes:  # an idle kept-alive connection makes this immediate
+                uploads.append(await self.pool.upload(*replicas.locate(v, key), length))
             size = 0
             limit = self.config.max_value_size
             while chunk := await req.body.read():
@@ -292,7 +294,9 @@ class App:
                 for u in uploads:
                     if u.paused:
                         await u.drain()
-            statuses = await asyncio.gather(*(u.finish() for u in uploads), return_exceptions=True)
+            for u in uploads:
+                u.end()  # every replica has the whole value before we wait for any answer
+            statuses = [await _status(u) for u in uploads]
             digest = await md5.digest() if md5 is not None else NO_MD5
         except Exception as e:  # anything at all: undo, so no lock and no partial value stays
             for u in uploads:

@@ -207,10 +207,16 @@ class Upload:
     async def drain(self) -> None:
         await self.conn.drain(self.pool.stall)
 
-    async def finish(self) -> int:
+    def end(self) -> None:
+        """Send what completes the request (without waiting for the answer)."""
         if self.chunked or self._head:
             self.conn.write(self._head + (b"0\r\n\r\n" if self.chunked else b""))
             self._head = b""
+            self.chunked = False
+
+    async def finish(self) -> int:
+        """End the request and wait for the volume's status."""
+        self.end()
         self.conn.watch(self.pool.stall, f"did not answer a PUT within {self.pool.stall:g}s")
         try:
             await self.conn.done
@@ -296,26 +302,51 @@ class Pool:
                       headers=(), timeout: float | None = None) -> Response:
         """One whole request and response (small bodies: DELETE, HEAD, listings). `timeout`
         bounds the silence: an answer that keeps coming may take longer."""
+        result = (await self.request_many([(host, method, path)], body, headers, timeout))[0]
+        if isinstance(result, VolumeError):
+            raise result
+        return result
+
+    async def request_many(self, targets: list[tuple[str, str, str]], body: bytes = b"", headers=(),
+                           timeout: float | None = None) -> list[Response | VolumeError]:
+        """The same kind of request to several volumes at once: every request is sent before
+        any answer is awaited (no task per request). A Response or a VolumeError for each."""
         timeout = timeout or self.timeout
-        for attempt in (0, 1):
-            conn = await self._connect(host)
-            reused = conn.reused
+        sent: list[_Conn | VolumeError] = []
+        for host, method, path in targets:
+            try:
+                conn = await self._connect(host)
+            except VolumeError as e:
+                sent.append(e)
+                continue
             conn._reset(method == "HEAD", collect=True)
             conn.write(self._head(method, host, path, headers, len(body)) + body)
             conn.watch(timeout, f"did not answer {method} within {timeout:g}s")
+            sent.append(conn)
+        results: list[Response | VolumeError] = []
+        for (host, method, path), conn in zip(targets, sent):
+            if isinstance(conn, VolumeError):
+                results.append(conn)
+                continue
             try:
                 await conn.done
-            except VolumeError:
+            except VolumeError as e:
                 self.discard(conn)
                 # a kept-alive connection the volume closed meanwhile: one fresh try
-                if reused and not conn.got_bytes and not conn.expired and attempt == 0:
+                if conn.reused and not conn.got_bytes and not conn.expired:
+                    try:
+                        results.append((await self.request_many([(host, method, path)], body, headers,
+                                                                timeout))[0])
+                    except VolumeError as again:
+                        results.append(again)
                     continue
-                raise
+                results.append(e)
+                continue
             finally:
                 conn.unwatch()
             self.release(conn)
-            return Response(conn.status, conn.headers, b"".join(conn.parts))
-        raise AssertionError("unreachable")
+            results.append(Response(conn.status, conn.headers, b"".join(conn.parts)))
+        return results
 
     async def upload(self, host: str, path: str, length: int | None, headers=()) -> Upload:
         conn = await self._connect(host)
