@@ -71,7 +71,7 @@ class Proc:
             os.killpg(self.proc.pid, sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.proc is None:
+        if self.proc is None:  # never started, or stopped already
             return
         self.send(sig)
         try:

@@ -22,10 +22,12 @@ def _open_dir() -> Path:
 def cluster():
     """A 3-volume cluster (3 replicas, 10 subvolumes, 2 workers) shared by a test module."""
     root = _open_dir()
-    c = Cluster(root).start()
-    yield c
-    c.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    c = Cluster(root)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -35,9 +37,9 @@ def make_cluster():
     made = []
 
     def make(**kw):
-        c = Cluster(root / f"c{len(made)}", **kw).start()
-        made.append(c)
-        return c
+        c = Cluster(root / f"c{len(made)}", **kw)
+        made.append(c)  # before start: a start that fails half-way is stopped too
+        return c.start()
 
     yield make
     for c in made:
