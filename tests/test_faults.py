@@ -214,6 +214,11 @@ def test_hung_volume_gives_a_clear_error_not_a_hang(make_cluster):
         # reads of keys it holds go to the other replicas once the probe noticed
         time.sleep(1.5)
         assert c.get("/before").content == b"v"
+        # and writes that need it fail at once, with the probe's reason
+        t0 = time.monotonic()
+        r = c.put(fresh(), b"small")
+        assert r.status_code == 503 and c.names[2] in r.text
+        assert time.monotonic() - t0 < 1.0
     finally:
         c.volumes[2].send(signal.SIGCONT)
     wait_until(lambda: c.put(key, b"after").status_code == 201, what="writes work after SIGCONT")

@@ -269,6 +269,11 @@ class App:
         if raw is not None and raw[0] != UNLINKED:
             raise self._conflict(raw)
         volumes = self._volumes(key)
+        if self.health.down:  # fail now, not after a hung volume's stall timeout
+            down = [host_of(v) for v in volumes if host_of(v) in self.health.down]
+            if down:
+                raise HTTPError(503, "; ".join(self.health.reasons.get(h, f"volume {h} is down") for h in down)
+                                + "; nothing was stored")
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
         return self._put_body(req, key, volumes, pending, length, raw)
 
