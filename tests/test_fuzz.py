@@ -21,6 +21,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_protocol import FakeTransport  # noqa: F401 - also used by test_reliability
 
 from minikv.api.app import App, check_key, split_target
 from minikv.config import Config
@@ -137,29 +138,6 @@ class MemPool:
 
     def forget(self, host):
         pass
-
-
-class FakeTransport:
-    def __init__(self):
-        self.out = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data):
-        assert not self.closed, "write after close"
-        self.out += data
-
-    def close(self):
-        self.closed = True
-
-    def pause_reading(self):
-        self.paused = True
-
-    def resume_reading(self):
-        self.paused = False
-
-    def get_extra_info(self, name, default=None):
-        return default
 
 
 def make_app(**config) -> App:
