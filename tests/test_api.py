@@ -22,6 +22,18 @@ def fresh(prefix: str = "/t/") -> str:
     return prefix + uuid.uuid4().hex
 
 
+def list_in_pages(cluster, prefix: str, limit: int, most: int = 20) -> list[str]:
+    """Every key under `prefix`, read with ?list&limit=N, following `next`."""
+    got, start = [], ""
+    for _ in range(most):
+        page = cluster.get(f"{quote(prefix)}?list&limit={limit}" + (f"&start={quote(start)}" if start else "")).json()
+        got += page["keys"]
+        start = page["next"]
+        if not start:
+            return got
+    raise AssertionError(f"still paging after {most} pages")
+
+
 def test_put_get_delete_round_trip(cluster):
     key = fresh()
     assert cluster.put(key, b"bigswag").status_code == 201
@@ -129,14 +141,7 @@ def test_list_and_pages(cluster):
     r = cluster.get(prefix + "?list")
     assert r.headers["Content-Type"] == "application/json"
     assert r.json() == {"next": "", "keys": keys}
-    got, start = [], ""
-    for _ in range(10):
-        page = cluster.get(f"{prefix}?list&limit=10" + (f"&start={quote(start)}" if start else "")).json()
-        got += page["keys"]
-        start = page["next"]
-        if not start:
-            break
-    assert got == keys
+    assert list_in_pages(cluster, prefix, 10) == keys
     # unlinked keys are not listed, but are by ?unlinked
     assert cluster.request("UNLINK", keys[0]).status_code == 204
     assert keys[0] not in cluster.get(prefix + "?list").json()["keys"]
@@ -305,11 +310,4 @@ def test_list_pages_through_unicode_keys(cluster):
     keys = sorted(f"{prefix}/ключ-{i}" for i in range(5))
     for k in keys:
         assert cluster.session.put(cluster.url(quote(k)), data=b"v").status_code == 201
-    got, start = [], ""
-    for _ in range(10):
-        page = cluster.get(f"{quote(prefix)}?list&limit=2" + (f"&start={quote(start)}" if start else "")).json()
-        got += page["keys"]
-        start = page["next"]
-        if not start:
-            break
-    assert got == keys
+    assert list_in_pages(cluster, prefix, 2) == keys
