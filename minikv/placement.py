@@ -42,10 +42,6 @@ def path2key(path: str) -> bytes | None:
     return key if key and key2path(key) == "/" + path.lstrip("/") else None
 
 
-def score(key: bytes, volume: str) -> bytes:
-    return _md5(key + volume.encode()).digest()
-
-
 def key2volume(key: bytes, volumes: list[str], replicas: int, subvolumes: int) -> list[str]:
     """The `replicas` volumes a key belongs on, best first.
 

@@ -83,16 +83,6 @@ class Store:
             keys = [k for k, _ in txn.cursor(db=self.pending)]
             return [(k, v) for k in keys if (v := txn.get(k)) is not None and v[0] == PENDING]
 
-    def put_raw(self, key: bytes, value: bytes) -> None:
-        """Write without a state check: only for rebuild, which makes a fresh index."""
-        with self.env.begin(write=True, db=self.keys) as txn:
-            txn.put(key, value)
-
-    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        with self.env.begin(write=True, db=self.keys) as txn:
-            for key, value in items:
-                txn.put(key, value)
-
     def merge_many(self, items: list[tuple[bytes, bytes]],
                    merge: Callable[[bytes, bytes | None, bytes], bytes | None]) -> None:
         """For rebuild: store merge(key, current record, value) for each (key, value), all in one
