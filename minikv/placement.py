@@ -25,8 +25,13 @@ MAX_NAME_BYTES = 255
 
 def key2path(key: bytes) -> str:
     """`/<md5[0]>/<md5[1]>/<base64(key)>`, the file's path below a (sub)volume."""
+    return key2path_bytes(key).decode()
+
+
+def key2path_bytes(key: bytes) -> bytes:
+    """key2path as bytes, for the read path, which writes it straight into a response."""
     digest = _md5(key).digest()
-    return f"/{digest[0]:02x}/{digest[1]:02x}/{base64.b64encode(key).decode()}"
+    return b"/%02x/%02x/%s" % (digest[0], digest[1], base64.b64encode(key))
 
 
 def path2key(path: str) -> bytes | None:

@@ -35,7 +35,7 @@ from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
-from minikv.http.response import HTTPError, head, http_date, response
+from minikv.http.response import HTTPError, head, http_date_bytes, response
 from minikv.http.server import Request
 from minikv.index.group import GroupCommit
 from minikv.index.record import (
@@ -56,7 +56,7 @@ from minikv.index.record import (
     with_state,
 )
 from minikv.index.store import MAX_KEY, Store
-from minikv.placement import epoch, host_of, key2path, key2volume, name_too_long
+from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
 
 MAX_LIST = 1_000_000
 
@@ -156,29 +156,32 @@ class App:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
             return self.not_found
-        volumes = raw[VOLUMES_AT:].decode().split(",")
         if self.config.verify_get:
-            return self._get_verified(key, raw, volumes)
-        candidates = volumes
+            return self._get_verified(key, raw, raw[VOLUMES_AT:].decode().split(","))
+        # bytes all the way: the volume name goes from the record into the response as it is
+        candidates = raw[VOLUMES_AT:].split(b",")
         if self.health.down:
-            candidates = [v for v in volumes if host_of(v) not in self.health.down]
+            volumes = [v.decode() for v in candidates]
+            candidates = [v.encode() for v in volumes if host_of(v) not in self.health.down]
             if not candidates:
                 raise HTTPError(503, "no replica of this key is on a volume that is up: "
                                 + "; ".join(self.health.reasons.get(host_of(v), host_of(v)) for v in volumes))
-        return self._redirect(key, raw, volumes, random.choice(candidates))
+        return self._redirect(key, raw, random.choice(candidates))
 
-    def _redirect(self, key: bytes, raw: bytes, volumes: list[str], volume: str) -> bytes:
-        balanced = raw[EPOCH_AT:VOLUMES_AT] == self.epoch_bytes or volumes == self._volumes(key)
+    def _redirect(self, key: bytes, raw: bytes, volume: bytes) -> bytes:
+        volumes = raw[VOLUMES_AT:]
+        balanced = (raw[EPOCH_AT:VOLUMES_AT] == self.epoch_bytes
+                    or volumes == ",".join(self._volumes(key)).encode())
         md5 = raw[MD5_AT:EPOCH_AT]
-        path = key2path(key)
+        path = key2path_bytes(key)
         if self.config.signed:
-            path = self._sign(volume, path)
+            path = self._sign(volume.decode(), path.decode()).encode()
         return b"".join((
-            b"HTTP/1.1 302 Found\r\nLocation: http://", volume.encode(), path.encode(),
-            b"\r\nKey-Volumes: ", raw[VOLUMES_AT:],
+            b"HTTP/1.1 302 Found\r\nLocation: http://", volume, path,
+            b"\r\nKey-Volumes: ", volumes,
             b"\r\nKey-Balance: balanced" if balanced else b"\r\nKey-Balance: unbalanced",
             b"" if md5 == NO_MD5 else b"\r\nContent-Md5: " + md5.hex().encode(),
-            b"\r\nDate: ", http_date().encode(),
+            b"\r\nDate: ", http_date_bytes(),
             b"\r\nContent-Length: 0\r\n\r\n",
         ))
 
@@ -196,7 +199,7 @@ class App:
         for volume in random.sample(volumes, len(volumes)):
             try:
                 if await replicas.exists(self.pool, volume, key) is not None:
-                    return self._redirect(key, raw, volumes, volume)
+                    return self._redirect(key, raw, volume.encode())
             except VolumeError:
                 continue
         return self.not_found

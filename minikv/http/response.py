@@ -68,12 +68,21 @@ def add_close(data: bytes) -> bytes:
     return data[:end] + b"Connection: close\r\n" + data[end:]
 
 
-_date_cache = [0, ""]
+_date_cache: list = [0, "", b""]
+
+
+def _date_now() -> list:
+    now = int(time.time())
+    if _date_cache[0] != now:  # recomputed at most once a second
+        text = formatdate(now, usegmt=True)
+        _date_cache[:] = [now, text, text.encode()]
+    return _date_cache
 
 
 def http_date() -> str:
-    """An RFC 1123 date for headers, recomputed at most once a second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
-    return _date_cache[1]
+    """An RFC 1123 date for headers."""
+    return _date_now()[1]
+
+
+def http_date_bytes() -> bytes:
+    return _date_now()[2]
