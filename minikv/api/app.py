@@ -105,6 +105,11 @@ async def _status(upload) -> int | BaseException:
         return e
 
 
+def not_found() -> bytes:
+    """The 404 of minikeyvalue: no body (`Content-Length: 0`), built from cached bytes."""
+    return b"HTTP/1.1 404 Not Found\r\nDate: " + http_date_bytes() + b"\r\nContent-Length: 0\r\n\r\n"
+
+
 class App:
     def __init__(self, config: Config, store: Store, pool: Pool, health: Health):
         self.config = config
@@ -113,7 +118,6 @@ class App:
         self.health = health
         self.pid = os.getpid()
         self.tasks: set[asyncio.Task] = set()
-        self.not_found = head(404)
         # -fsync: record changes go through one helper thread, batched (index/group.py)
         self.group = GroupCommit(store) if config.fsync else None
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
@@ -155,7 +159,7 @@ class App:
         if raw is None:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
-            return self.not_found
+            return not_found()
         if self.config.verify_get:
             return self._get_verified(key, raw, raw[VOLUMES_AT:].decode().split(","))
         # bytes all the way: the volume name goes from the record into the response as it is
@@ -202,7 +206,7 @@ class App:
                     return self._redirect(key, raw, volume.encode())
             except VolumeError:
                 continue
-        return self.not_found
+        return not_found()
 
     def list(self, prefix: bytes, op: bytes, query: bytes) -> bytes:
         # latin-1 both ways: percent-escapes become the key's raw bytes, whatever they encode
@@ -342,7 +346,7 @@ class App:
     def delete(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None:
-            return self.not_found
+            return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
         if self.config.protect and raw[0] == LIVE:
@@ -363,7 +367,7 @@ class App:
     def unlink(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None:
-            return self.not_found
+            return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
         if raw[0] == UNLINKED:
@@ -379,7 +383,7 @@ class App:
     def rebalance(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None or raw[0] == UNLINKED:
-            return self.not_found
+            return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
         volumes = self._volumes(key)

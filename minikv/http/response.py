@@ -40,10 +40,12 @@ def _line(name, value) -> bytes:
 
 
 def head(status: int, headers=(), length: int | None = 0) -> bytes:
-    """Status line and headers. `length` None leaves Content-Length out (the caller sends
-    Transfer-Encoding or a Content-Length of its own in `headers`)."""
+    """Status line and headers, with a Date unless `headers` has one. `length` None leaves
+    Content-Length out (the caller sends Transfer-Encoding or a Content-Length of its own)."""
     out = [STATUS_LINES[status]]
     out.extend(_line(n, v) for n, v in headers)
+    if not any(n == "Date" for n, _ in headers):
+        out.append(b"Date: " + http_date_bytes() + b"\r\n")
     if length is not None:
         out.append(b"Content-Length: %d\r\n" % length)
     out.append(b"\r\n")
