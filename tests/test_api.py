@@ -48,7 +48,8 @@ def test_put_get_delete_round_trip(cluster):
     assert cluster.request("HEAD", key, allow_redirects=False).status_code == 302
     assert cluster.delete(key).status_code == 204
     r = cluster.get(key, allow_redirects=False)
-    assert r.status_code == 404 and r.headers["Content-Length"] == "0"
+    assert r.status_code == 404 and r.headers["Content-Length"] == "0" and r.content == b""
+    assert "Date" in r.headers
     assert cluster.delete(key).status_code == 404
 
 
