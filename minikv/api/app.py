@@ -35,7 +35,7 @@ from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
-from minikv.http.response import HTTPError, head, http_date_bytes, response
+from minikv.http.response import HTTPError, head, http_date_bytes, not_found, response
 from minikv.http.server import Request
 from minikv.index.group import GroupCommit
 from minikv.index.record import (
@@ -103,11 +103,6 @@ async def _status(upload) -> int | BaseException:
         return await upload.finish()
     except VolumeError as e:
         return e
-
-
-def not_found() -> bytes:
-    """The 404 of minikeyvalue: no body (`Content-Length: 0`), built from cached bytes."""
-    return b"HTTP/1.1 404 Not Found\r\nDate: " + http_date_bytes() + b"\r\nContent-Length: 0\r\n\r\n"
 
 
 class App:

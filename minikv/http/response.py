@@ -70,15 +70,21 @@ def add_close(data: bytes) -> bytes:
     return data[:end] + b"Connection: close\r\n" + data[end:]
 
 
-_date_cache: list = [0, "", b""]
+_date_cache: list = [0, "", b"", b""]
 
 
 def _date_now() -> list:
     now = int(time.time())
     if _date_cache[0] != now:  # recomputed at most once a second
         text = formatdate(now, usegmt=True)
-        _date_cache[:] = [now, text, text.encode()]
+        not_found = b"HTTP/1.1 404 Not Found\r\nDate: " + text.encode() + b"\r\nContent-Length: 0\r\n\r\n"
+        _date_cache[:] = [now, text, text.encode(), not_found]
     return _date_cache
+
+
+def not_found() -> bytes:
+    """minikeyvalue's 404: no body (`Content-Length: 0`); the hottest answer, made once a second."""
+    return _date_now()[3]
 
 
 def http_date() -> str:
