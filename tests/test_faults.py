@@ -116,8 +116,9 @@ def test_kill_index_mid_upload_then_restart_key_is_writable(make_cluster):
 def test_kill_one_worker_mid_upload_is_undone(make_cluster):
     c = make_cluster(workers=2)
     key = fresh()
+    # the port listens as soon as the supervisor bound it, a moment before it forks the workers
+    wait_until(lambda: len(_children(c.index.proc.pid)) == 2, what="two workers started")
     workers = _children(c.index.proc.pid)
-    assert len(workers) == 2
     # find the worker that takes our upload: keep the socket open and see who holds the lock
     s = start_upload(c.port, key, 20 << 20, os.urandom(2 << 20))
     time.sleep(0.4)
