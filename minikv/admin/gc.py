@@ -31,12 +31,11 @@ from minikv.admin.common import (
     show,
     stop_on_signal,
 )
-from minikv.admin.move import now_ms
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Walker
 from minikv.http.client import Pool
-from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending
+from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending, now_ms
 from minikv.index.recovery import owner_alive
 from minikv.index.store import Store
 

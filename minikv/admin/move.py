@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 
 from minikv import replicas
@@ -33,6 +32,7 @@ from minikv.index.record import (
     decode_pending,
     encode_data,
     encode_pending,
+    now_ms,
 )
 from minikv.index.store import Store
 from minikv.placement import host_of
@@ -46,9 +46,6 @@ _tails: set[asyncio.Task] = set()
 class LostLock(Exception):
     """The key's record changed while we held it (someone ran recovery on it): nothing moved."""
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def named(raw: bytes | None) -> set[str]:

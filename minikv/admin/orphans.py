@@ -19,11 +19,11 @@ import os
 
 from minikv import replicas
 from minikv.admin.common import show
-from minikv.admin.move import named, now_ms
+from minikv.admin.move import named
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import OP_DELETE, OP_REBALANCE, PENDING, encode_pending
+from minikv.index.record import OP_DELETE, OP_REBALANCE, PENDING, encode_pending, now_ms
 from minikv.index.store import Store
 
 

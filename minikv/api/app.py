@@ -52,6 +52,7 @@ from minikv.index.record import (
     decode_data,
     encode_data,
     encode_pending,
+    now_ms,
     readable,
     with_state,
 )
@@ -60,9 +61,6 @@ from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_to
 
 MAX_LIST = 1_000_000
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def split_target(url: bytes) -> tuple[bytes, bytes, bytes]:

@@ -22,6 +22,7 @@ read can tell `Key-Balance` without hashing the key against every volume.
 from __future__ import annotations
 
 import struct
+import time
 from typing import NamedTuple
 
 LIVE = ord("L")
@@ -38,6 +39,11 @@ EPOCH_AT = VOLUMES_AT - 4
 MD5_AT = 17
 _PENDING = struct.Struct("<cIQ")
 NO_MD5 = bytes(16)
+
+
+def now_ms() -> int:
+    """The clock of records (mtime_ms, started_ms): milliseconds since the epoch."""
+    return int(time.time() * 1000)
 
 
 class IllegalTransition(Exception):

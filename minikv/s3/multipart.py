@@ -31,11 +31,10 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from minikv.index.record import decode_data
+from minikv.index.record import decode_data, now_ms
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.objects import _payload, copy_source
-from minikv.s3.values import now_ms
 from minikv.s3.xml import iso_time, parse
 
 PART_PREFIX = b"\x00s3/mpu/"

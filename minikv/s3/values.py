@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from collections.abc import AsyncIterator
 
 from minikv import replicas
@@ -49,6 +48,7 @@ from minikv.index.record import (
     decode_pending,
     encode_data,
     encode_pending,
+    now_ms,
     with_state,
 )
 from minikv.placement import epoch, host_of, key2volume
@@ -56,9 +56,6 @@ from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def readable(raw: bytes | None) -> bytes | None:
