@@ -39,11 +39,16 @@ def lock_db(path: str) -> int:
     os.makedirs(path, exist_ok=True)
     fd = os.open(os.path.join(path, "minikv-server.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + SHUTDOWN_GRACE + 5
+    waiting = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
+            if not waiting:
+                waiting = True
+                log(f"another minikv server holds -db {path}; waiting up to {deadline - time.monotonic():.0f}s "
+                    "for it to stop")
             if time.monotonic() > deadline:
                 raise SystemExit(f"minikv server: another minikv server uses -db {path}: stop it first") from None
             time.sleep(0.2)
