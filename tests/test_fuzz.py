@@ -490,3 +490,111 @@ def test_decoding_garbage_fails_cleanly(raw):
             decode(raw)
         except (ValueError, struct.error):
             pass
+
+
+# ---------------------------------------------------------------- the fast path of the protocol
+
+
+class Seen:
+    """An app that records each request as the server read it and answers with a fixed 200."""
+
+    def __init__(self):
+        self.requests = []
+
+    def handle(self, req):
+        self.requests.append((req.method, req.url, list(req.headers), req.keep_alive, req.has_body))
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+class ParserOnly(Connection):
+    def _simple(self, data):
+        return None
+
+
+class CountSimple(Connection):
+    taken = 0
+
+    def _simple(self, data):
+        req = super()._simple(data)
+        CountSimple.taken += req is not None
+        return req
+
+
+def read_by(cls, chunks: list[bytes], limits: Limits | None = None):
+    app = Seen()
+    conn = cls(app, limits or Limits(), _loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    for chunk in chunks:
+        conn.data_received(chunk)
+    settle(3)
+    return app.requests, bytes(t.out), t.closed
+
+
+# targets and header lines near the edges of what llhttp accepts: mostly ordinary characters,
+# so that whole requests get through, and now and then any byte value at all
+any_byte = st.integers(0, 255).map(lambda c: bytes([c]))
+plain = st.sampled_from([b"a", b"Z", b"0", b"-", b"/", b".", b"~", b"%", b"?", b"=", b"&"])
+odd = st.one_of(any_byte, st.sampled_from([b"#", b" ", b"\t", b":", b"\x7f", b"\x80", b"\xff", b"\x01", b'"', b"{"]))
+odd_text = st.lists(st.one_of(plain, plain, plain, plain, odd), max_size=12).map(b"".join)
+fast_names = st.one_of(header_names, st.sampled_from([b"User-Agent", b"Accept", b"X-Amz-Date", b"Authorization",
+                                                      b"connection", b"UPGRADE", b"Keep-Alive"]), odd_text)
+fast_values = st.one_of(header_values, odd_text,
+                        st.sampled_from([b" close", b"Keep-Alive ", b"CLOSE", b"a\tb", b"x ", b"x\t", b"\tx",
+                                         b"close, te", b"keep-alive, close", b"Upgrade", b"x \t "]))
+
+
+@st.composite
+def simple_looking(draw) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"GET", b"PUT", b"get", b"GETX"]))
+    target = draw(st.one_of(st.just(b"/"), st.builds(lambda t: b"/" + t, odd_text), odd_text))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.10", b"http/1.1"]))
+    lines = [n + draw(st.sampled_from([b":", b": ", b":\t", b" : "])) + v
+             for n, v in draw(st.lists(st.tuples(fast_names, fast_values), max_size=4))]
+    eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
+    tail = draw(st.sampled_from([b"", b"", b"GET /next HTTP/1.1\r\n\r\n", b"x", b"\r\n"]))
+    return method + b" " + target + b" " + version + eol + b"".join(line + eol for line in lines) + eol + tail
+
+
+@FUZZ
+@given(simple_looking(), st.lists(st.integers(0, 300), max_size=3))
+def test_fast_path_reads_every_request_as_the_parser_does(data, cuts):
+    """Whatever the fast path takes, llhttp would have taken the same way: the same method,
+    target, headers and keep-alive, the same answers; and what it leaves, the parser gets."""
+    chunks = splits(data, cuts)
+    assert read_by(CountSimple, chunks) == read_by(ParserOnly, chunks)
+
+
+def test_fast_path_takes_the_requests_of_everyday_clients():
+    """It is taken (the test above is not vacuous), and gives what the parser gives."""
+    everyday = [
+        b"GET /key HTTP/1.1\r\nHost: 127.0.0.1:3000\r\n\r\n",  # wrk
+        b"GET /a%20b?list HTTP/1.1\r\nHost: localhost:3000\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n",
+        b"HEAD /key HTTP/1.1\r\nHost: h\r\nUser-Agent: python-requests/2.31.0\r\nAccept-Encoding: gzip, deflate\r\n"
+        b"Accept: */*\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /key HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    ]
+    for data in everyday:
+        CountSimple.taken = 0
+        fast = read_by(CountSimple, [data])
+        assert CountSimple.taken == 1, data
+        assert fast == read_by(ParserOnly, [data])
+    not_simple = [
+        b"GET /key HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",  # a body, even empty
+        b"GET /key HTTP/1.1\r\nHost: h\r\n\r\nGET /key2 HTTP/1.1\r\n\r\n",  # pipelined
+        b"GET /key HTTP/1.0\r\n\r\n",
+        b"GET /a#frag HTTP/1.1\r\n\r\n",
+        b"GET /key HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    ]
+    for data in not_simple:
+        CountSimple.taken = 0
+        read_by(CountSimple, [data])
+        assert CountSimple.taken == 0, data
+
+
+def test_fast_path_keeps_the_limits():
+    limits = Limits(max_url=64, max_headers=2)
+    for data in (b"GET /" + b"k" * 100 + b" HTTP/1.1\r\n\r\n",
+                 b"GET /k HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"):
+        _, out, closed = read_by(Connection, [data], limits)
+        assert out.startswith((b"HTTP/1.1 414", b"HTTP/1.1 431")) and closed, out
