@@ -43,6 +43,8 @@ class Response:
 class _Conn(asyncio.Protocol):
     def __init__(self, host: str):
         self.host = host
+        # kept, not looked up: asyncio.get_event_loop() makes a getpid() system call each time
+        self.loop = asyncio.get_running_loop()
         self.transport = None
         self.closed = False
         self.keep_alive = True
@@ -58,7 +60,7 @@ class _Conn(asyncio.Protocol):
     def _reset(self, head_only: bool, collect: bool = False) -> None:
         """Ready for the next request. `collect`: gather the whole body in `parts` (small
         answers) instead of streaming it through `body` with flow control."""
-        loop = asyncio.get_event_loop()
+        loop = self.loop
         if self.parser is None or self.head_only:
             # after a HEAD the parser still waits for the body its Content-Length announced
             self.parser = httptools.HttpResponseParser(self)
@@ -78,7 +80,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        self.last_rx = asyncio.get_event_loop().time()
+        self.last_rx = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -103,7 +105,7 @@ class _Conn(asyncio.Protocol):
     #    silence, so a long answer that keeps coming is not cut off --
     def watch(self, timeout: float, what: str) -> None:
         self.unwatch()
-        self._timer = asyncio.get_event_loop().call_later(timeout, self._check, timeout, what)
+        self._timer = self.loop.call_later(timeout, self._check, timeout, what)
 
     def unwatch(self) -> None:
         if self._timer is not None:
@@ -111,9 +113,9 @@ class _Conn(asyncio.Protocol):
             self._timer = None
 
     def _check(self, timeout: float, what: str) -> None:
-        idle = asyncio.get_event_loop().time() - self.last_rx
+        idle = self.loop.time() - self.last_rx
         if idle < timeout:
-            self._timer = asyncio.get_event_loop().call_later(timeout - idle, self._check, timeout, what)
+            self._timer = self.loop.call_later(timeout - idle, self._check, timeout, what)
             return
         self._timer = None
         self.expired = True
@@ -173,7 +175,7 @@ class _Conn(asyncio.Protocol):
 
     async def drain(self, timeout: float) -> None:
         while self._write_paused and not self.closed:
-            self._drain = asyncio.get_event_loop().create_future()
+            self._drain = self.loop.create_future()
             try:
                 await asyncio.wait_for(self._drain, timeout)
             except asyncio.TimeoutError:
