@@ -22,7 +22,7 @@ import time
 
 from minikv.config import Config
 from minikv.health import Health
-from minikv.http.server import Connection, start_timeout_sweep
+from minikv.http.server import Batch, Connection, start_timeout_sweep
 from minikv.index.recovery import recover
 from minikv.index.store import Store
 
@@ -112,8 +112,9 @@ async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.s3 import S3
 
     app.s3 = S3(app)
-    server = await loop.create_server(lambda: Connection(app, config.limits, loop, config.max_connections),
-                                      sock=sock, backlog=4096)
+    batch = Batch(loop)  # answers made in one pass of the loop are written together
+    server = await loop.create_server(
+        lambda: Connection(app, config.limits, loop, config.max_connections, batch), sock=sock, backlog=4096)
     start_timeout_sweep(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

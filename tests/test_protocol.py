@@ -78,6 +78,12 @@ def feed(conn, data: bytes, how: str):
     else:
         for i in range(len(data)):
             conn.data_received(data[i:i + 1])
+    flush(conn)
+
+
+def flush(conn):
+    """One pass of the loop: whole answers are written at the end of the pass they were made in."""
+    conn.loop.run_until_complete(asyncio.sleep(0))
 
 
 def responses(out: bytes) -> list[bytes]:
@@ -115,6 +121,7 @@ def test_trailing_partial_request_waits(how):
     feed(conn, b"GET /a HTTP/1.1\r\n\r\nGET /b HTT", how)
     assert len(responses(t.out)) == 1
     conn.data_received(b"P/1.1\r\n\r\n")
+    flush(conn)
     assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses(t.out)] == [b"/a", b"/b"]
 
 
@@ -150,6 +157,29 @@ def test_expect_continue_sent_when_the_handler_reads():
     assert bytes(t.out).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n")
 
 
+def test_answers_go_out_at_the_end_of_the_pass_in_order():
+    """Whole answers wait for the end of the event loop's pass; a 100 Continue, a streamed
+    write or a close made meanwhile sends what waits first."""
+    loop, conn, t = make()
+    conn.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+    assert bytes(t.out) == b""  # made, not yet written
+    flush(conn)
+    assert responses(t.out)[0].endswith(b"/a")
+    t.out.clear()
+    conn.data_received(b"GET /b HTTP/1.1\r\n\r\nPUT /e HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    run(loop)
+    assert bytes(t.out).endswith(b"/bHTTP/1.1 100 Continue\r\n\r\n")
+    conn.data_received(b"abc")
+    run(loop)
+    assert [r.split(b"\r\n", 1)[0] for r in responses(t.out)] == [
+        b"HTTP/1.1 200 OK", b"HTTP/1.1 100 Continue", b"HTTP/1.1 201 Created"]
+    t.out.clear()
+    conn.data_received(b"GET /c HTTP/1.1\r\n\r\n")
+    conn.write(b"streamed")
+    conn.close()
+    assert bytes(t.out).endswith(b"/cstreamed") and t.closed
+
+
 def test_expect_continue_refused_before_the_body():
     loop, conn, t = make()
     conn.data_received(b"PUT /refuse HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
@@ -163,6 +193,7 @@ def test_early_answer_with_small_body_keeps_the_connection():
     loop, conn, t = make()
     conn.data_received(b"PUT /refuse HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
     conn.data_received(b"56789GET /next HTTP/1.1\r\n\r\n")
+    flush(conn)
     res = responses(t.out)
     assert res[0].startswith(b"HTTP/1.1 403") and res[1].endswith(b"/next")
     assert not t.closed
