@@ -25,6 +25,7 @@ import http.client
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -242,6 +243,50 @@ def peak_rss_mb(pids: list[int]) -> dict[int, float]:
     return peaks
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of the living processes among `pids` (all their threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def children_cpu() -> float:
+    """CPU time of this script's finished children (wrk, curl)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+@dataclass
+class CpuUse:
+    """CPU-seconds spent by each part of the machine during some measurements."""
+    nginx: float = 0.0  # every volume: `minikv volume` and its nginx processes
+    index: float = 0.0  # `minikv server` and its workers
+    client: float = 0.0  # wrk or curl
+    wall: float = 0.0
+
+    def add(self, other: CpuUse) -> None:
+        self.nginx += other.nginx
+        self.index += other.index
+        self.client += other.client
+        self.wall += other.wall
+
+
+def measure_cpu(cluster: Cluster, action: Callable[[], object]) -> tuple[object, CpuUse]:
+    """Run `action` (which runs one client process) and say where the CPU went meanwhile."""
+    volumes = [pid for p in cluster.procs if p.name.startswith("volume") for pid in descendants(p.popen.pid)]
+    index = descendants(cluster.index.popen.pid)
+    before = (cpu_seconds(volumes), cpu_seconds(index), children_cpu(), time.perf_counter())
+    result = action()
+    after = (cpu_seconds(volumes), cpu_seconds(index), children_cpu(), time.perf_counter())
+    return result, CpuUse(*(b - a for a, b in zip(before, after)))
+
+
 # --- wrk ---------------------------------------------------------------------------------
 
 
@@ -347,6 +392,7 @@ class Bench:
     problems: list[str] = field(default_factory=list)
     data_dir: str = ""
     notes: list[str] = field(default_factory=list)
+    bounds: list[str] = field(default_factory=list)  # what limits the figures, measured in this run
 
     def check_fetch(self, name: str, res: WrkResult, all_errors: bool) -> None:
         # wrk counts every status >= 400 as "Non-2xx or 3xx": all of them for a 404 figure,
@@ -402,16 +448,27 @@ class Bench:
         c = self.cluster
         d = self.slice_secs
 
+        cpu = {"nginx": CpuUse(), "index": CpuUse(), "replicas": CpuUse()}
+
         def run(port: int, mode: str) -> WrkResult:
             # A fresh token per wrk run: the Lua counters restart at 0, the keys must not.
             token = secrets.token_hex(4)
             # -t16 -c16: one connection per wrk thread, so each Lua state runs one sequential loop.
-            return wrk(f"http://{HOST}:{port}", d, 16, 16, [str(THRASH_LUA), mode, f"/thrash/{token}"])
+            res, use = measure_cpu(c, lambda: wrk(f"http://{HOST}:{port}", d, 16, 16,
+                                                  [str(THRASH_LUA), mode, f"/thrash/{token}"]))
+            cpu[mode].add(use)
+            return res
 
         both = interleaved({
             "thrash nginx": lambda: run(c.volume_ports[0], "nginx"),
             "thrash index": lambda: run(c.index_port, "index"),
+            # not a figure: what the index's loop costs nginx, for the bound below
+            "thrash replicas": lambda: run(c.volume_ports[0], "replicas"),
         })
+        rep = both.pop("thrash replicas")
+        if rep.extra.get("thrash_errors") != "0" or rep.socket_error_total:
+            self.problems.append(f"thrash replicas (for the bound): {rep.extra.get('thrash_bad', '')[:120]}, "
+                                 f"socket errors {rep.socket_errors}")
         ref, idx = both["thrash nginx"], both["thrash index"]
         errs = {}
         for name, res in both.items():
@@ -425,11 +482,69 @@ class Bench:
                     f"({res.extra.get('thrash_bad', '').strip()[:120]}), socket errors {res.socket_errors}")
         ratio = idx.rps / ref.rps
         ok = ratio >= 0.35 and errs["thrash index"] == 0
+        self.thrash_bound(cpu, *(int(r.extra.get("thrash_loops", 0)) for r in (ref, idx, rep)))
         self.rows.append(Row(
             "thrash: PUT+GET+DELETE, 16 conns",
             f"{idx.rps:,.0f} req/s, {errs['thrash index']} errors",
             f"{ref.rps:,.0f} req/s, {errs['thrash nginx']} errors",
             f"{ratio:.2f}×", "≥ 0.35×, 0 errors", "yes" if ok else "**no**"))
+
+    def thrash_bound(self, cpu: dict[str, CpuUse], ref_loops: int, idx_loops: int, rep_loops: int) -> None:
+        """How far the thrash ratio could go at all, from the CPU each part spends per loop.
+
+        Both loops keep the cores busy, so loops/s go as 1 / (CPU-seconds per loop). With an
+        index that cost nothing, a loop through it would still cost what nginx spends on the
+        index's six requests (measured straight, `thrash.lua replicas`: PUT three files, DELETE
+        them) plus what wrk spends on its three requests (as in the direct loop)."""
+        if not (ref_loops and idx_loops and rep_loops):
+            return
+        ref, idx, reps = cpu["nginx"], cpu["index"], cpu["replicas"]
+        cores = len(os.sched_getaffinity(0))
+        us = 1e6
+        direct = (ref.nginx + ref.client) / ref_loops
+        six = reps.nginx / rep_loops
+        wrk3 = ref.client / ref_loops
+        own = idx.index / idx_loops
+        self.bounds += [
+            f"thrash, CPU per loop in µs: straight to nginx (PUT, GET, DELETE), nginx {ref.nginx / ref_loops * us:.0f}"
+            f" + wrk {wrk3 * us:.0f} = {direct * us:.0f}; through the index, nginx "
+            f"{idx.nginx / idx_loops * us:.0f} + wrk {idx.client / idx_loops * us:.0f} + the index {own * us:.0f} "
+            f"(the cores were {(ref.nginx + ref.client) / (ref.wall * cores):.0%} and "
+            f"{(idx.nginx + idx.client + idx.index) / (idx.wall * cores):.0%} busy with these processes); "
+            f"the index's six requests straight to nginx (3 PUTs, 3 DELETEs) cost nginx {six * us:.0f}.",
+            f"thrash ceiling: with an index that cost nothing, a loop would still cost nginx's {six * us:.0f} + "
+            f"wrk's {wrk3 * us:.0f} µs: at most {direct / (six + wrk3):.2f}× the direct loop "
+            f"({direct / ((idx.nginx + idx.client) / idx_loops):.2f}× at the costs seen under the index's own "
+            f"run, where everything is slower for sharing the cores with more processes). 0.35× needs the "
+            f"index at {max(0.0, direct / 0.35 - six - wrk3) * us:.0f} µs of CPU per loop or less "
+            f"(3 answers, 6 requests, 4 index writes); it takes {own * us:.0f} µs.",
+        ]
+
+    def big_put_bound(self, cpu: dict[str, CpuUse], path: Path, n_ref: int, n_idx: int, ref_secs: float,
+                      three_times: list[float]) -> None:
+        """How fast a 3-replica PUT could be on this machine at all: the replicas' nginx work and
+        the md5 of the value must both be done, on the same cores, whatever the index does. The
+        replicas' share is measured as three curls PUTting straight to three volumes at once."""
+        cores = len(os.sched_getaffinity(0))
+        ref, idx, three = cpu["nginx"], cpu["index"], cpu["three"]
+        md5 = md5_cpu_seconds(path)
+        replicas = three.nginx / len(three_times)
+        floor = (replicas + md5) / cores
+        own = idx.index / n_idx - md5
+        budget = 2 * ref_secs * cores - replicas - md5 - ref.client / n_ref
+        self.bounds += [
+            f"big PUT, CPU-seconds per PUT: straight to nginx, nginx {ref.nginx / n_ref:.2f} + curl "
+            f"{ref.client / n_ref:.2f} (it took {ref_secs:.2f} s); {REPLICAS} curls straight to {REPLICAS} volumes "
+            f"at once, nginx {replicas:.2f} (they took {statistics.median(three_times):.2f} s: "
+            f"{statistics.median(three_times) / ref_secs:.2f}× the reference); through the index, nginx "
+            f"{idx.nginx / n_idx:.2f} + curl {idx.client / n_idx:.2f} + the index {idx.index / n_idx:.2f}, "
+            f"of which the md5 of {self.big_mb} MB is {md5:.2f} (OpenSSL, measured here on one thread).",
+            f"big PUT floor: the replicas' nginx work and the md5 alone need {replicas + md5:.2f} CPU-seconds, "
+            f"at least {floor:.2f} s on {cores} cores: {floor / ref_secs:.2f}× the reference PUT if the index "
+            f"and curl cost nothing. 2× leaves the index {max(0.0, budget):.2f} CPU-seconds besides the md5 "
+            f"(receiving the value once, sending it {REPLICAS} times, with curl sending it once); it takes "
+            f"{own:.2f}.",
+        ]
 
     def big_put(self) -> None:
         c = self.cluster
@@ -441,8 +556,21 @@ class Bench:
                 want_md5.update(chunk)
                 f.write(chunk)
 
+        cpu = {"nginx": CpuUse(), "index": CpuUse(), "three": CpuUse()}
+
+        def put_three(n: int) -> float:
+            """Not a figure: the replicas' share of an index PUT, as {REPLICAS} curls straight to
+            {REPLICAS} volumes at once (what an index that cost nothing would leave)."""
+            urls = [f"http://{HOST}:{port}/bench/three{n}" for port in c.volume_ports[:REPLICAS]]
+            secs, use = measure_cpu(c, lambda: curl_put_many(path, urls))
+            cpu["three"].add(use)
+            for port in c.volume_ports[:REPLICAS]:
+                http_request(port, "DELETE", f"/bench/three{n}")
+            return secs
+
         def put_nginx(n: int) -> float:
-            secs = curl_put(path, f"http://{HOST}:{c.volume_ports[0]}/bench/big{n}")
+            secs, use = measure_cpu(c, lambda: curl_put(path, f"http://{HOST}:{c.volume_ports[0]}/bench/big{n}"))
+            cpu["nginx"].add(use)
             # deleted at once, on both sides, so every PUT starts with the same free memory
             http_request(c.volume_ports[0], "DELETE", f"/bench/big{n}")
             return secs
@@ -451,7 +579,8 @@ class Bench:
 
         def put_index(n: int) -> float:
             url = f"http://{HOST}:{c.index_port}/bigkey{n}"
-            secs = curl_put(path, url)
+            secs, use = measure_cpu(c, lambda: curl_put(path, url))
+            cpu["index"].add(use)
             # Right after the PUT, before anything else could raise the peaks.
             for pid, mb in peak_rss_mb(descendants(c.index.popen.pid)).items():
                 peaks[pid] = max(mb, peaks.get(pid, 0.0))
@@ -468,11 +597,13 @@ class Bench:
             return secs
 
         # Mirrored like the wrk runs, for the same reason: nginx, index, index, nginx, three times.
-        ref_times, idx_times = [], []
+        ref_times, idx_times, three_times = [], [], []
         for n in range(3):
             ref_times.append(put_nginx(2 * n))
             idx_times += [put_index(2 * n), put_index(2 * n + 1)]
             ref_times.append(put_nginx(2 * n + 1))
+        three_times = [put_three(n) for n in range(2)]
+        self.big_put_bound(cpu, path, len(ref_times), len(idx_times), statistics.median(ref_times), three_times)
         path.unlink()
         if not peaks:
             raise BenchError("cannot read VmHWM of the index processes")
@@ -491,6 +622,32 @@ class Bench:
             "", "", "≤ 100 MB", "yes" if worst <= 100 else "**no**"))
         self.notes.append("index peak RSS (VmHWM) by pid: "
                           + ", ".join(f"{pid}: {mb:.0f} MB" for pid, mb in sorted(peaks.items())))
+
+
+def md5_cpu_seconds(path: Path) -> float:
+    """CPU time of hashing the file with OpenSSL's md5 as the index does (1 MB updates, reads
+    not counted): the part of a PUT no amount of engineering in the index removes."""
+    md5 = hashlib.md5()
+    spent = 0.0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            start = time.thread_time()
+            md5.update(chunk)
+            spent += time.thread_time() - start
+    return spent
+
+
+def curl_put_many(path: Path, urls: list[str]) -> float:
+    """PUT the file to every URL at once, one curl each; seconds until the last answered."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path), url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for url in urls]
+    outs = [p.communicate(timeout=600) for p in procs]
+    secs = time.perf_counter() - start
+    for url, p, (out, err) in zip(urls, procs, outs):
+        if p.returncode != 0 or out.strip() != "201":
+            raise BenchError(f"curl -T {path} {url}: exit {p.returncode}, status {out.strip()!r}, {err.strip()}")
+    return secs
 
 
 def curl_put(path: Path, url: str) -> float:
@@ -612,6 +769,10 @@ def render(bench: Bench, info: list[str], quick: bool) -> str:
     parts += [table(bench.rows), ""]
     if bench.problems:
         parts += ["Checks that failed:", "", *[f"- {p}" for p in bench.problems], ""]
+    if bench.bounds:
+        parts += ["What bounds the figures, measured in this run (CPU time of each process group, "
+                  "from /proc, over the same wrk and curl runs as the table):", "",
+                  *[f"- {b}" for b in bench.bounds], ""]
     if bench.notes:
         parts += ["Details:", "", *[f"- {n}" for n in bench.notes], ""]
     parts += ["Machine:", "", *[f"- {line}" for line in info], ""]

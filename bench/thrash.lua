@@ -5,7 +5,9 @@
 -- PUT -> GET -> DELETE sequence below well defined.
 --
 -- Arguments after `--`: MODE PREFIX
---   MODE   "index" (GET expects 302, not followed) or "nginx" (GET expects 200)
+--   MODE   "index" (GET expects 302, not followed) or "nginx" (GET expects 200), or
+--          "replicas": what the index asks of nginx for one loop, straight to one nginx:
+--          PUT three files, then DELETE them (bench/run.py measures its CPU per loop)
 --   PREFIX path prefix that makes keys unique to this run, e.g. /thrash-1a2b or /thrash/1a2b
 -- Keys are PREFIX/<thread id>/<counter>, so they never collide across threads or runs.
 -- done() prints "thrash_errors N", "thrash_loops N" and a few unexpected statuses.
@@ -20,6 +22,7 @@ function setup(thread)
 end
 
 local steps = {"PUT", "GET", "DELETE"}
+local files = {"", "", ""}  -- the file of each step, below the loop's path
 local expected = {PUT = 201, GET = 302, DELETE = 204}
 local body = string.rep("x", 1024)
 local prefix = "/thrash"
@@ -34,6 +37,9 @@ function init(args)
    -- wrk passes the URL as args[0] and the words after `--` from args[1] on
    if args[1] == "nginx" then
       expected.GET = 200
+   elseif args[1] == "replicas" then
+      steps = {"PUT", "PUT", "PUT", "DELETE", "DELETE", "DELETE"}
+      files = {"/1", "/2", "/3", "/1", "/2", "/3"}
    end
    if args[2] then
       prefix = args[2]
@@ -41,7 +47,7 @@ function init(args)
 end
 
 local function path()
-   return string.format("%s/%d/%d", prefix, id, counter)
+   return string.format("%s/%d/%d%s", prefix, id, counter, files[step])
 end
 
 function request()
