@@ -15,8 +15,17 @@ from minikv.placement import key2path
 
 def locate(volume: str, key: bytes) -> tuple[str, str]:
     """(server, path) of a key's file on `volume` (`host:port` or `host:port/svXX`)."""
-    host, slash, sub = volume.partition("/")
-    return host, (slash + sub if slash else "") + key2path(key)
+    return locate_all([volume], key)[0]
+
+
+def locate_all(volumes: list[str], key: bytes) -> list[tuple[str, str]]:
+    """locate() for each volume, with the key's path worked out once."""
+    path = key2path(key)
+    out = []
+    for volume in volumes:
+        host, slash, sub = volume.partition("/")
+        out.append((host, slash + sub + path if slash else path))
+    return out
 
 
 def url(volume: str, key: bytes) -> str:
@@ -26,7 +35,7 @@ def url(volume: str, key: bytes) -> str:
 async def delete_all(pool: Pool, volumes: list[str], key: bytes) -> list[str]:
     """Delete the key's file on every volume at once; the reasons of those that failed (a file
     already gone counts as deleted)."""
-    targets = [(host, "DELETE", path) for host, path in (locate(v, key) for v in volumes)]
+    targets = [(host, "DELETE", path) for host, path in locate_all(volumes, key)]
     failed = []
     for (host, _, _), result in zip(targets, await pool.request_many(targets)):
         if isinstance(result, VolumeError):

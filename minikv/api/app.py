@@ -286,8 +286,8 @@ class App:
         uploads = []
         md5 = StreamingMd5() if self.config.md5sum else None
         try:
-            for v in volumes:  # an idle kept-alive connection makes this immediate
-                uploads.append(await self.pool.upload(*replicas.locate(v, key), length))
+            for host, path in replicas.locate_all(volumes, key):  # idle kept-alive connections: immediate
+                uploads.append(await self.pool.upload(host, path, length))
             size = 0
             limit = self.config.max_value_size
             while chunk := await req.body.read():

@@ -42,6 +42,12 @@ def _line(name, value) -> bytes:
 def head(status: int, headers=(), length: int | None = 0) -> bytes:
     """Status line and headers, with a Date unless `headers` has one. `length` None leaves
     Content-Length out (the caller sends Transfer-Encoding or a Content-Length of its own)."""
+    if not headers and length == 0:  # 201, 204, 404...: made once a second, like the Date
+        empty = _date_now()[4]
+        made = empty.get(status)
+        if made is None:
+            made = empty[status] = STATUS_LINES[status] + b"Date: " + _date_now()[2] + b"\r\nContent-Length: 0\r\n\r\n"
+        return made
     out = [STATUS_LINES[status]]
     out.extend(_line(n, v) for n, v in headers)
     if not any(n == "Date" for n, _ in headers):
@@ -70,7 +76,7 @@ def add_close(data: bytes) -> bytes:
     return data[:end] + b"Connection: close\r\n" + data[end:]
 
 
-_date_cache: list = [0, "", b"", b""]
+_date_cache: list = [0, "", b"", b"", {}]
 
 
 def _date_now() -> list:
@@ -78,7 +84,7 @@ def _date_now() -> list:
     if _date_cache[0] != now:  # recomputed at most once a second
         text = formatdate(now, usegmt=True)
         not_found = b"HTTP/1.1 404 Not Found\r\nDate: " + text.encode() + b"\r\nContent-Length: 0\r\n\r\n"
-        _date_cache[:] = [now, text, text.encode(), not_found]
+        _date_cache[:] = [now, text, text.encode(), not_found, {404: not_found}]
     return _date_cache
 
 

@@ -198,7 +198,7 @@ class Values:
         md5 = StreamingMd5()
         try:
             opened = await asyncio.gather(
-                *(self.pool.upload(*replicas.locate(v, key), length) for v in volumes), return_exceptions=True)
+                *(self.pool.upload(host, path, length) for host, path in replicas.locate_all(volumes, key)), return_exceptions=True)
             uploads = [u for u in opened if not isinstance(u, BaseException)]
             for failure in opened:
                 if isinstance(failure, BaseException):
