@@ -125,6 +125,7 @@ async def serve(config: Config, sock: socket.socket) -> None:
     deadline = time.monotonic() + SHUTDOWN_GRACE
     while any(c._current is not None for c in Connection.connections) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    batch.flush()  # answers made in the last pass go out before the loop ends
     from minikv.admin import move
 
     await move.drain()  # old copies of keys REBALANCEd moments ago
