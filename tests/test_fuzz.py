@@ -528,7 +528,8 @@ def read_by(cls, chunks: list[bytes], limits: Limits | None = None):
     for chunk in chunks:
         conn.data_received(chunk)
     settle(3)
-    return app.requests, bytes(t.out), t.closed
+    # the Date of an error answer may tick between the two reads being compared
+    return app.requests, re.sub(rb"Date: [^\r]*", b"Date: -", bytes(t.out)), t.closed
 
 
 # targets and header lines near the edges of what llhttp accepts: mostly ordinary characters,
