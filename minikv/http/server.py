@@ -25,7 +25,7 @@ Rules it keeps:
 
 The fast path: a read that holds exactly one plain GET or HEAD (no body, no pipelining, no
 upgrade) is matched whole by one regular expression instead of going through five parser
-callbacks; that is most of the traffic and about a third of its Python cost. The expression
+callbacks; that is most of the traffic, and 7% of the instructions of a 404. The expression
 accepts only requests llhttp also accepts, with the same target and headers
 (tests/test_fuzz.py checks this on generated requests); anything else goes to the parser.
 """
@@ -219,8 +219,8 @@ class Connection(asyncio.Protocol):
         self._started: float | None = None  # when the request being parsed began
         self._idle = True  # between two requests
         self._writes = 0  # response writes so far; compared with _answer_mark
-        self._out: list[bytes] = []  # whole answers waiting for the end of the loop's pass
         self._answer_mark = 0  # _writes when the current request started
+        self._out: list[bytes] = []  # whole answers waiting for the end of the loop's pass
         self._rebalance = False
         self._held = b""  # the start of a REBALANCE method cut by the end of a read
         # longer reads are never one plain request within the limits: the parser judges them
