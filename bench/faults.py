@@ -867,6 +867,9 @@ class Scenario:
     def cluster(self, root: Path) -> FaultCluster:
         return FaultCluster(root)
 
+    def before_load(self, c: FaultCluster) -> None:
+        """Anything the fault needs set up before the load starts (nothing by default)."""
+
     def inject(self, c: FaultCluster, load: Load) -> None:
         raise NotImplementedError
 
@@ -893,6 +896,7 @@ class Scenario:
         try:
             c.start()
             wait_for(lambda: self.recovered(c), 10)
+            self.before_load(c)
             load = Load(c.url("/"), "k", threads=self.threads, big_size=self.big,
                         seed=zlib_seed(self.name), pace=self.pace).start()
             time.sleep(self.t.warm)
@@ -1024,13 +1028,17 @@ class VolumeFull(Scenario):
     def cluster(self, root):
         return FaultCluster(root, tmpfs_mb=256 if self.big > (1 << 20) else 64)
 
-    def inject(self, c, load):
-        d = c.volume_dir(c.names[0])
-        st = os.statvfs(d)
-        free = st.f_bavail * st.f_frsize
-        self.ballast = d / "ballast.fill"
-        left = free - (256 << 10)
+    def before_load(self, c):
+        # Some space is taken now, before the load runs: a fast load can fill the small tmpfs
+        # on its own before inject(), and heal() must always have something to give back.
+        self.ballast = c.volume_dir(c.names[0]) / "ballast.fill"
         with open(self.ballast, "wb") as f:
+            f.write(_RANDOM[:1 << 20] * 8)
+
+    def inject(self, c, load):
+        st = os.statvfs(self.ballast.parent)
+        left = st.f_bavail * st.f_frsize - (256 << 10)
+        with open(self.ballast, "ab") as f:
             try:
                 while left > 0:  # the load writes too: it may fill up first
                     n = min(left, 1 << 20)
