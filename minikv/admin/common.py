@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from minikv.admin import move
 from minikv.admin.progress import Progress
 from minikv.config import Config
 from minikv.health import PROBE_PATH
@@ -146,6 +147,38 @@ def run(main: Callable[[], Awaitable[int]]) -> int:
     import uvloop
 
     return uvloop.run(main())
+
+
+async def counted_move(p: Progress, pool: Pool, store: Store, key: bytes, raw: bytes, want: list[str],
+                       epoch: int, done_as: str, not_done: str, good: list[str] | None = None
+                       ) -> tuple[bool, bytes | None]:
+    """move.try_move, counted in the command's progress. (True, None) when the key is settled:
+    moved (counted as `done_as`) or failed (counted, and said why after `not_done`); (False, the
+    record now) when it changed meanwhile and must be looked at again."""
+    try:
+        moved, current = await move.try_move(pool, store, key, raw, want, epoch, good=good)
+    except VolumeError as e:
+        p.add("failed")
+        p.problem(f"{show(key)}: {not_done}: {e}")
+        return True, None
+    if not moved:
+        return False, current
+    p.add(done_as)
+    p.show(**{done_as: p.counts[done_as], "failed": p.counts["failed"]})
+    return True, None
+
+
+def command_main(name: str, command: Callable[..., Awaitable[int]]) -> Callable[..., int]:
+    """The `main(args)` of an admin command: its config from the flags (exit 2 when they are
+    wrong, after saying why), then `command(args, config)` on uvloop."""
+
+    def main(args) -> int:
+        config = config_from(args, name)
+        if config is None:
+            return 2
+        return run(lambda: command(args, config))
+
+    return main
 
 
 def foreign_names(store: Store, config: Config, sample: int = 1000) -> str | None:

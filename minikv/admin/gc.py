@@ -22,12 +22,11 @@ import time
 
 from minikv import replicas
 from minikv.admin.common import (
-    config_from,
+    command_main,
     each_record,
     foreign_names,
     open_index,
     resolve_stale,
-    run,
     show,
     stop_on_signal,
 )
@@ -150,8 +149,4 @@ async def gc(args, config) -> int:
         store.close()
 
 
-def main(args) -> int:
-    config = config_from(args, "gc")
-    if config is None:
-        return 2
-    return run(lambda: gc(args, config))
+main = command_main("gc", gc)

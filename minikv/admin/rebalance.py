@@ -29,7 +29,8 @@ from urllib.parse import quote
 from minikv.admin import move
 from minikv.admin.common import (
     all_up,
-    config_from,
+    command_main,
+    counted_move,
     each_record,
     open_index,
     resolve_stale,
@@ -82,17 +83,10 @@ class Offline:
             if self.dry_run:
                 p.add("moved")
                 return
-            try:
-                moved, raw = await move.try_move(self.pool, self.store, key, raw, want, self.epoch)
-            except VolumeError as e:
-                p.add("failed")
-                p.problem(f"{show(key)}: not moved, it stays where it was: {e}")
-                return
-            if not moved:
-                continue  # changed since we read it: look again
-            p.add("moved")
-            p.show(moved=p.counts["moved"], failed=p.counts["failed"])
-            return
+            settled, raw = await counted_move(p, self.pool, self.store, key, raw, want, self.epoch,
+                                              "moved", "not moved, it stays where it was")
+            if settled:
+                return  # else it changed since we read it: look again
         p.add("failed")
         p.problem(f"{show(key)}: another write kept it busy; not moved (run rebalance again)")
 
@@ -249,10 +243,10 @@ async def online(args) -> int:
         pool.close()
 
 
+_offline_main = command_main("rebalance", offline)
+
+
 def main(args) -> int:
     if args.server:
         return run(lambda: online(args))
-    config = config_from(args, "rebalance")
-    if config is None:
-        return 2
-    return run(lambda: offline(args, config))
+    return _offline_main(args)

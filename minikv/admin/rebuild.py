@@ -29,7 +29,7 @@ import sys
 from collections import Counter
 
 from minikv.admin.check import md5_of
-from minikv.admin.common import all_up, config_from, run, show, stop_on_signal
+from minikv.admin.common import all_up, command_main, show, stop_on_signal
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
@@ -195,8 +195,4 @@ async def rebuild(args, config: Config) -> int:
             store.close()
 
 
-def main(args) -> int:
-    config = config_from(args, "rebuild")
-    if config is None:
-        return 2
-    return run(lambda: rebuild(args, config))
+main = command_main("rebuild", rebuild)

@@ -21,12 +21,12 @@ from minikv.admin import move
 from minikv.admin.check import inspect, judge
 from minikv.admin.common import (
     all_up,
-    config_from,
+    command_main,
+    counted_move,
     each_record,
     foreign_names,
     open_index,
     resolve_stale,
-    run,
     show,
     stop_on_signal,
 )
@@ -35,7 +35,7 @@ from minikv.admin.progress import Progress
 from minikv.admin.rebalance import BUSY_TRIES
 from minikv.admin.walk import Walker
 from minikv.config import Config
-from minikv.http.client import Pool, VolumeError
+from minikv.http.client import Pool
 from minikv.index.record import PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
@@ -84,18 +84,10 @@ class Repair:
                 p.add("repaired")
                 p.problem(f"{show(key)}: would repair ({what})")
                 return
-            try:
-                moved, raw = await move.try_move(self.pool, self.store, key, raw, want, self.epoch,
-                                                 good=verdict.good)
-            except VolumeError as e:
-                p.add("failed")
-                p.problem(f"{show(key)}: not repaired ({what}): {e}")
-                return
-            if not moved:
-                continue  # changed since we read it: look again
-            p.add("repaired")
-            p.show(repaired=p.counts["repaired"], failed=p.counts["failed"])
-            return
+            settled, raw = await counted_move(p, self.pool, self.store, key, raw, want, self.epoch,
+                                              "repaired", f"not repaired ({what})", good=verdict.good)
+            if settled:
+                return  # else it changed since we read it: look again
         p.add("failed")
         p.problem(f"{show(key)}: another write kept it busy; not repaired (run repair again)")
 
@@ -151,8 +143,4 @@ async def repair(args, config: Config) -> int:
         store.close()
 
 
-def main(args) -> int:
-    config = config_from(args, "repair")
-    if config is None:
-        return 2
-    return run(lambda: repair(args, config))
+main = command_main("repair", repair)

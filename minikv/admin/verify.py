@@ -18,12 +18,11 @@ import sys
 
 from minikv.admin.check import KINDS, inspect, judge
 from minikv.admin.common import (
-    config_from,
+    command_main,
     each_record,
     foreign_names,
     open_index,
     probe,
-    run,
     show,
     stop_on_signal,
 )
@@ -130,8 +129,4 @@ async def verify(args, config: Config) -> int:
         store.close()
 
 
-def main(args) -> int:
-    config = config_from(args, "verify")
-    if config is None:
-        return 2
-    return run(lambda: verify(args, config))
+main = command_main("verify", verify)
