@@ -559,8 +559,8 @@ class Bench:
         cpu = {"nginx": CpuUse(), "index": CpuUse(), "three": CpuUse()}
 
         def put_three(n: int) -> float:
-            """Not a figure: the replicas' share of an index PUT, as {REPLICAS} curls straight to
-            {REPLICAS} volumes at once (what an index that cost nothing would leave)."""
+            """Not a figure: the replicas' share of an index PUT, as one curl per replica straight
+            to its own volume, all at once (what an index that cost nothing would leave)."""
             urls = [f"http://{HOST}:{port}/bench/three{n}" for port in c.volume_ports[:REPLICAS]]
             secs, use = measure_cpu(c, lambda: curl_put_many(path, urls))
             cpu["three"].add(use)
@@ -597,7 +597,7 @@ class Bench:
             return secs
 
         # Mirrored like the wrk runs, for the same reason: nginx, index, index, nginx, three times.
-        ref_times, idx_times, three_times = [], [], []
+        ref_times, idx_times = [], []
         for n in range(3):
             ref_times.append(put_nginx(2 * n))
             idx_times += [put_index(2 * n), put_index(2 * n + 1)]

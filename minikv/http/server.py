@@ -486,9 +486,7 @@ class Connection(asyncio.Protocol):
         """Send now (part of a streamed answer: its writer drains between chunks)."""
         if not self.closed:
             self._writes += 1
-            if self._out:
-                self._send_out()
-            self.transport.write(data)
+            self.send_interim(data)
 
     def write_soon(self, data: bytes) -> None:
         """Send a whole answer at the end of this pass of the event loop, in order with the rest."""
@@ -499,7 +497,7 @@ class Connection(asyncio.Protocol):
             self._out.append(data)
 
     def send_interim(self, data: bytes) -> None:
-        """A `100 Continue`: now, after what is waiting, and not counted as an answer."""
+        """Send now, after what is waiting, and not counted as an answer (a `100 Continue`)."""
         if not self.closed:
             if self._out:
                 self._send_out()
