@@ -255,6 +255,23 @@ def test_rebalance_method(how):
         assert b"X-Method: REBALANCE" in t.out
 
 
+@pytest.mark.parametrize("cut", [0, 1, 30, 40, 41, 45, 60])
+def test_rebalance_after_a_body_that_mentions_it(cut):
+    """Reads of body bytes only skip the REBALANCE search; the read holding the body's end and
+    the next request still gets it, and the body's own bytes are passed on untouched."""
+    loop, conn, t = make()
+    body = b"REBALANCE /x HTTP/1.1\r\n\r\n" + b"y" * 20  # 45 bytes
+    data = b"PUT /p HTTP/1.1\r\nContent-Length: 45\r\n\r\n" + body + b"REBALANCE /k HTTP/1.1\r\n\r\n"
+    head = data.index(b"\r\n\r\n") + 4
+    conn.data_received(data[:head + cut])
+    conn.data_received(data[head + cut:])
+    run(loop)
+    flush(conn)
+    assert conn.app.seen == [(b"PUT", b"/p"), (b"REBALANCE", b"/k")]
+    assert hashlib.md5(body).hexdigest().encode() in t.out
+    assert b"X-Method: REBALANCE" in t.out
+
+
 def test_header_timeout_is_408():
     loop, conn, t = make(Limits(header_timeout=5))
     conn.data_received(b"GET / HTTP/1.1\r\nHost: sl")
