@@ -123,6 +123,9 @@ def render_config(
         "    log_not_found off;",
         "    keepalive_timeout 300s;",
         "    keepalive_requests 100000;",
+        # a PUT body goes to its file in 256 KB writes instead of 16 KB ones: half nginx's CPU
+        # on a 256 MB PUT; costs at most 256 KB of memory per upload in flight
+        "    client_body_buffer_size 256k;",
         f"    client_body_temp_path {quote(body_temp)};",
         f"    proxy_temp_path {quote(state + '/proxy_temp')};",
         f"    fastcgi_temp_path {quote(state + '/fastcgi_temp')};",
