@@ -254,9 +254,6 @@ class _Exchange:
         self.keep_alive = True
         self.started = False  # a byte of its answer came
 
-    def response(self) -> Response:
-        return Response(self.status, self.headers, b"".join(self.parts))
-
 
 class _Pipe(_Link):
     """A connection carrying whole requests, several at a time, answered in order."""
@@ -378,7 +375,12 @@ class WholeUpload:
         if self.sent is None:  # no idle connection was left: make one
             self.sent = self.pool._queue(await self.pool._pipe(self.host), b"".join(self.parts),
                                          self.pool.stall, self._what())
-        return (await self.pool._answer(*self.sent)).status
+        pipe, ex = self.sent
+        try:
+            await ex.done
+        except VolumeError as e:
+            ex = await self.pool._again(pipe, ex, e)
+        return ex.status
 
     def _what(self) -> str:
         return f"did not answer a PUT within {self.pool.stall:g}s"
@@ -532,17 +534,14 @@ class Pool:
         pipe.add(ex)
         return pipe, ex
 
-    async def _answer(self, pipe: _Pipe, ex: _Exchange) -> _Exchange:
-        """Wait for the answer; a request that got none because the connection closed under it
-        (after an earlier answer: it was kept alive, or the answer before closed it) is sent
-        once more, on another connection."""
-        try:
-            await ex.done
-        except VolumeError:
-            if ex.started or pipe.expired or not pipe.served:
-                raise
-            pipe, ex = self._queue(await self._pipe(pipe.host), ex.data, ex.timeout, ex.what)
-            await ex.done
+    async def _again(self, pipe: _Pipe, ex: _Exchange, err: VolumeError) -> _Exchange:
+        """After `ex` failed with `err`: a request that got no answer because the connection
+        closed under it (after an earlier answer: it was kept alive, or the answer before closed
+        it) is sent once more, on another connection; any other failure is raised."""
+        if ex.started or pipe.expired or not pipe.served:
+            raise err
+        pipe, ex = self._queue(self._pipe_now(pipe.host) or await self._pipe(pipe.host), ex.data, ex.timeout, ex.what)
+        await ex.done
         return ex
 
     def release(self, conn: _Conn) -> None:
@@ -602,7 +601,7 @@ class Pool:
             what = f"did not answer {method} within {timeout:g}s"
             try:
                 if method != "HEAD" and len(data) <= PIPE_MAX:
-                    sent.append(self._queue(await self._pipe(host), data, timeout, what))
+                    sent.append(self._queue(self._pipe_now(host) or await self._pipe(host), data, timeout, what))
                     continue
                 # a HEAD goes alone: httptools cannot be told that an answer is to HEAD, and
                 # would take the next answer for the body this one announced
@@ -620,7 +619,12 @@ class Pool:
                 if isinstance(item, VolumeError):
                     raise item
                 if isinstance(item, tuple):
-                    results.append((await self._answer(*item)).response())
+                    pipe, ex = item
+                    try:
+                        await ex.done
+                    except VolumeError as e:
+                        ex = await self._again(pipe, ex, e)
+                    results.append(Response(ex.status, ex.headers, b"".join(ex.parts)))
                 else:
                     results.append(await self._answered(item, (host, method, path), body, headers, timeout))
             except VolumeError as e:
