@@ -5,14 +5,16 @@ Two kinds of connection, kept idle per volume for reuse:
   size), with flow control both ways: an upload's `write` never buffers more than the
   transport's high-water mark before `drain` waits, and a download pauses the socket while its
   consumer is behind;
-- a `_Pipe` carries whole small requests (DELETE, GET, PUT of a small value), pipelined: the
-  ones made to one volume in one pass of the event loop go out in one write and are answered
-  in order. Under a write load a third or more of them share a pass with another request to
+- a `_Pipe` carries whole small writes (DELETE, PUT of a small value), pipelined: the ones
+  made to one volume in one pass of the event loop go out in one write and are answered in
+  order. Under a write load a third or more of them share a pass with another request to
   the same volume, and each one that does saves a send and a wake-up of nginx (9-15% more
   PUT+GET+DELETE loops per second in A/B runs, BENCHMARKS.md). A request queued behind an
   answer that closed the connection gets no answer at all: it is sent once more on another
   connection (these requests are whole and idempotent on a volume: a second send does no
-  harm). A HEAD always goes alone on a `_Conn` (see request_many).
+  harm). Other requests go alone on a `_Conn` (see request_many): a GET's answer may be big
+  or slow to come (a folder listing; a REBALANCE sent to an index) and would hold up the ones
+  queued behind it.
 
 Every wait is bounded by the volume timeout. Errors are `VolumeError`s whose message says
 which volume failed and how, ready to be shown to the client in a 5xx.
@@ -235,7 +237,8 @@ class _Conn(_Link):
             await self.done  # raises the reason
 
 
-PIPE_MAX = 64 << 10  # requests up to this size (head and body) go whole on a pipe
+PIPE_MAX = 64 << 10  # writes up to this size (head and body) go whole on a pipe
+PIPELINED = frozenset(("PUT", "DELETE"))  # quick for nginx to answer, and answered in a few bytes
 
 
 class _Exchange:
@@ -600,11 +603,12 @@ class Pool:
             data = self._head(method, host, path, headers, len(body)) + body
             what = f"did not answer {method} within {timeout:g}s"
             try:
-                if method != "HEAD" and len(data) <= PIPE_MAX:
+                if method in PIPELINED and len(data) <= PIPE_MAX:
                     sent.append(self._queue(self._pipe_now(host) or await self._pipe(host), data, timeout, what))
                     continue
-                # a HEAD goes alone: httptools cannot be told that an answer is to HEAD, and
-                # would take the next answer for the body this one announced
+                # alone: a slow answer would hold up the requests behind it, and httptools
+                # cannot be told that an answer is to HEAD (it would read the next answer as
+                # the body this one announced)
                 conn = self._kept(host) or await self._connect(host)
             except VolumeError as e:
                 sent.append(e)
