@@ -168,9 +168,15 @@ def run_admin(argv: list[str]) -> dict:
     done = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
     sampler.start()
-    stderr = proc.stderr.read().decode(errors="replace")
-    done.set()
-    sampler.join()
+    try:
+        stderr = proc.stderr.read().decode(errors="replace")
+    except BaseException:  # interrupted: the command goes with us
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+    finally:
+        done.set()
+        sampler.join()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - start
@@ -254,6 +260,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", type=Path)
     opts = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: finally stops what we started
     tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-admin-", dir="/tmp"))
     tmp.chmod(0o755)  # nginx workers run as www-data when we are root
     cluster = Cluster(tmp)

@@ -1157,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="writers (as many readers, and one deleter)")
     ap.add_argument("--json", help="write every result as JSON here")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: finally stops what we started
     unknown = set(args.faults) - {c.name for c in SCENARIOS}
     if unknown:
         ap.error(f"unknown fault(s): {', '.join(sorted(unknown))}")

@@ -798,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the volumes and index live (default: /dev/shm when it has room, so "
                          "the figures measure the software and not this machine's disk writeback)")
     opts = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: finally stops what we started
     for tool in ("wrk", "curl", "nginx"):
         if not shutil.which(tool):
             print(f"bench: {tool} is not installed", file=sys.stderr)

@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--size", type=int, default=4096)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: finally stops what we started
     return cmd_soak(args) if args.cmd == "soak" else cmd_putrate(args)
 
 
