@@ -133,8 +133,8 @@ def key_path(key: str) -> str:
 
 
 def start_param(key: str) -> str:
-    # quoted twice: the index decodes the query once as a form and `start` once more as a key
-    return quote(quote(key.encode(), safe=""), safe="")
+    # the index decodes the query once, as a form: `start` is then the key's own bytes
+    return quote(key.encode(), safe="")
 
 
 class Online:
