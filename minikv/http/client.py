@@ -8,7 +8,7 @@ Two kinds of connection, kept idle per volume for reuse:
 - a `_Pipe` carries whole small writes (DELETE, PUT of a small value), pipelined: the ones
   made to one volume in one pass of the event loop go out in one write and are answered in
   order. Under a write load a third or more of them share a pass with another request to
-  the same volume, and each one that does saves a send and a wake-up of nginx (9-15% more
+  the same volume, and each one that does saves a send and a wake-up of nginx (7-15% more
   PUT+GET+DELETE loops per second in A/B runs, BENCHMARKS.md). A request queued behind an
   answer that closed the connection gets no answer at all: it is sent once more on another
   connection (these requests are whole and idempotent on a volume: a second send does no
