@@ -74,6 +74,7 @@ def test_reads_go_alone_beside_pipelined_writes(cluster):
         assert [(r.status, len(r.body)) for r in got[:2]] == [(200, 0), (200, 5000)]
         assert [r.status for r in got[2:]] == [404, 200, 404, 404]
         assert got[0].headers[b"content-length"] == b"5000"
+        assert sum(p.served for p in pool._pipes[host]) == 2  # the two DELETEs, nothing else
         pool.close()
 
     run(main())

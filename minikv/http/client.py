@@ -311,8 +311,7 @@ class _Pipe(_Link):
     def expire(self) -> None:  # the watchdog's: the oldest request got no answer in time
         self.expired = True
         self._lost(None)
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
 
     # -- parser callbacks: the answer at the head of the queue --
     def on_message_begin(self) -> None:
@@ -369,15 +368,14 @@ class WholeUpload:
         if self.sent is None and self.left == 0:
             pipe = self.pool._pipe_now(self.host)
             if pipe is not None:
-                self.sent = self.pool._queue(pipe, b"".join(self.parts), self.pool.stall, self._what())
+                self._queue(pipe)
 
     async def finish(self) -> int:
         if self.left:
             raise VolumeError(self.host, f"was to get {self.left} more bytes of PUT body than were sent (a bug)")
         self.end()
         if self.sent is None:  # no idle connection was left: make one
-            self.sent = self.pool._queue(await self.pool._pipe(self.host), b"".join(self.parts),
-                                         self.pool.stall, self._what())
+            self._queue(await self.pool._pipe(self.host))
         pipe, ex = self.sent
         try:
             await ex.done
@@ -385,8 +383,9 @@ class WholeUpload:
             ex = await self.pool._again(pipe, ex, e)
         return ex.status
 
-    def _what(self) -> str:
-        return f"did not answer a PUT within {self.pool.stall:g}s"
+    def _queue(self, pipe: _Pipe) -> None:
+        stall = self.pool.stall
+        self.sent = self.pool._queue(pipe, b"".join(self.parts), stall, f"did not answer a PUT within {stall:g}s")
 
     def abort(self) -> None:
         """Nothing to undo: the request goes out whole or not at all (the connection may carry
