@@ -51,7 +51,9 @@ class Health:
         try:
             await self.pool.request(host, "GET", PROBE_PATH)
         except VolumeError as e:
-            self.mark_down(host, str(e))
+            # shown to clients whose writes need this volume: say it was the probe, not their request
+            what = str(e).removeprefix(f"volume {host} ")
+            self.mark_down(host, f"volume {host} is down (health check: {what})")
         else:
             self.mark_up(host)
 

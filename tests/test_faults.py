@@ -219,6 +219,8 @@ def test_hung_volume_gives_a_clear_error_not_a_hang(make_cluster):
         t0 = time.monotonic()
         r = c.put(fresh(), b"small")
         assert r.status_code == 503 and c.names[2] in r.text
+        # the reason is the probe's, and says so: this PUT never reached the volume
+        assert f"volume {c.names[2]} is down (health check: did not answer GET within" in r.text, r.text
         assert time.monotonic() - t0 < 1.0
     finally:
         c.volumes[2].send(signal.SIGCONT)
