@@ -52,8 +52,7 @@ class Health:
             await self.pool.request(host, "GET", PROBE_PATH)
         except VolumeError as e:
             # shown to clients whose writes need this volume: say it was the probe, not their request
-            what = str(e).removeprefix(f"volume {host} ")
-            self.mark_down(host, f"volume {host} is down (health check: {what})")
+            self.mark_down(host, f"volume {host} is down (health check: {e.what})")
         else:
             self.mark_up(host)
 

@@ -39,6 +39,7 @@ class VolumeError(Exception):
     def __init__(self, host: str, what: str):
         super().__init__(f"volume {host} {what}")
         self.host = host
+        self.what = what
 
 
 class Response:
