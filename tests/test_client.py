@@ -44,6 +44,7 @@ def test_one_pass_of_requests_to_a_volume_goes_on_one_connection(cluster):
         statuses = await asyncio.gather(*(put_small(pool, host, p, v) for p, v in values.items()))
         assert statuses == [201] * 6
         assert pipes(pool, host) == 1
+        assert pool._pipes[host][0].served == 7  # the DELETE, then the six PUTs
         got = await pool.request_many([(host, "GET", p) for p in values])
         assert [r.body for r in got] == list(values.values())
         # DELETEs with answers of two sizes (204 empty, 404 with a page): each its own request's
@@ -94,6 +95,8 @@ def test_a_request_behind_an_answer_that_closed_the_connection_is_sent_again(clu
         assert answers[0].status == 204
         assert answers[1] == 201
         assert answers[2].status == 404
+        # the two behind the close were answered on a new connection, sent again
+        assert sum(p.served for p in pool._pipes[host]) == 2
         pool.close()
 
     run(main())
