@@ -15,12 +15,19 @@ from pathlib import Path
 import requests
 
 HOST = "127.0.0.1"
+_given: set[int] = set()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never the same one twice in a test run: the kernel may hand a
+    just-closed port out again, and two servers told the same port would pass for one."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
@@ -117,6 +124,9 @@ class Cluster:
         for v in self.volumes:
             wait_port(v.port, v.proc)
         self.index.start()
+        for proc in [*self.volumes, self.index]:  # a port that opened may be another's
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} on port {proc.port} exited with {proc.proc.returncode}")
         return self
 
     def restart_index(self, workers: int = 2, flags: list[str] | None = None, sig: int = signal.SIGTERM) -> None:
@@ -129,6 +139,22 @@ class Cluster:
         self.index.stop()
         for v in self.volumes:
             v.stop()
+
+    def replica_report(self, key: bytes) -> str:
+        """Where placement puts `key` and what each volume holds there, with the last lines of
+        every log: for an assertion message when a replica is not where it should be."""
+        from minikv.placement import key2path, key2volume
+
+        lines = [f"key {key!r}, volumes {self.names}:"]
+        for vol in key2volume(key, self.names, self.replicas, self.subvolumes):
+            path = self.volume_dir(vol) / key2path(key).lstrip("/")
+            folder = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else "no folder"
+            lines.append(f"  {vol}: {path} exists={path.exists()}, folder holds {folder}")
+        for proc in [*self.volumes, self.index]:
+            tail = proc.log.read_text(errors="replace").splitlines()[-15:] if proc.log.exists() else []
+            running = proc.proc is not None and proc.proc.poll() is None
+            lines.append(f"  {proc.log.name} (running={running}): " + " | ".join(tail))
+        return "\n".join(lines)
 
     def url(self, key: str) -> str:
         return f"http://{HOST}:{self.port}{key}"

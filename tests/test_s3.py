@@ -229,7 +229,7 @@ def test_abort_multipart_leaves_nothing(s3, cluster):
         key = b"\x00s3/mpu/" + uid.encode() + b"/%05d" % n
         for vol in key2volume(key, cluster.names, cluster.replicas, cluster.subvolumes):
             path = cluster.volume_dir(vol) / key2path(key).lstrip("/")
-            assert path.exists()
+            assert path.exists(), cluster.replica_report(key)
             part_files.append(path)
     s3.abort_multipart_upload(Bucket=b, Key="aborted", UploadId=uid)
     assert not any(p.exists() for p in part_files)
