@@ -32,6 +32,20 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> bool
     return False
 
 
+def busy_ports(ports: list[int]) -> list[int]:
+    """The ones among `ports` that something already listens on (on any address): checked
+    before starting, since a port that answers would otherwise pass for a part that started."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+            try:
+                s.bind(("", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -71,7 +85,13 @@ def run_cluster(args) -> int:
     vports = [base + 1 + i for i in range(VOLUMES)]
     volumes = ",".join(f"localhost:{p}" for p in vports)
     me = [sys.executable, "-m", "minikv"]
+    busy = busy_ports([base, *vports])
+    if busy:
+        print(f"minikv up: port {', '.join(map(str, busy))} already in use (another minikv up, or another "
+              f"program): stop it, or give -port N to use ports N to N+{VOLUMES}", file=sys.stderr)
+        return 1
     procs: list[subprocess.Popen] = []
+    names = [f"volume on port {p}" for p in vports] + [f"index on port {base}"]
     stopping = False
 
     def on_signal(signum, frame):
@@ -102,8 +122,9 @@ def run_cluster(args) -> int:
               f"  curl -L localhost:{base}/wehave\n"
               f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
         while not stopping:
-            if any(p.poll() is not None for p in procs):
-                print("minikv up: a part of the cluster exited; stopping the rest", file=sys.stderr)
+            gone = [f"{name} (exit code {p.returncode})" for name, p in zip(names, procs) if p.poll() is not None]
+            if gone:
+                print(f"minikv up: {', '.join(gone)} exited; stopping the rest", file=sys.stderr)
                 return 1
             time.sleep(0.2)
         return 0

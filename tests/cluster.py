@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def free_port() -> int:
         if port not in _given:
             _given.add(port)
             return port
+
+
+def open_dir() -> Path:
+    """A new folder for a cluster's data. Not pytest's tmp_path: that sits below a 0700 folder,
+    which nginx workers (www-data when the tests run as root) could not enter."""
+    path = Path(tempfile.mkdtemp(prefix="minikv-test-"))
+    path.chmod(0o755)
+    return path
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:

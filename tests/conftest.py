@@ -1,27 +1,18 @@
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster import Cluster  # noqa: E402
-
-
-def _open_dir() -> Path:
-    # Not pytest's tmp_path: that sits below a 0700 folder, which nginx workers (www-data when
-    # the tests run as root) could not enter.
-    path = Path(tempfile.mkdtemp(prefix="minikv-test-"))
-    path.chmod(0o755)
-    return path
+from cluster import Cluster, open_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A 3-volume cluster (3 replicas, 10 subvolumes, 2 workers) shared by a test module."""
-    root = _open_dir()
+    root = open_dir()
     c = Cluster(root)
     try:
         yield c.start()
@@ -33,7 +24,7 @@ def cluster():
 @pytest.fixture
 def make_cluster():
     """Start a cluster of one's own (for tests that stop volumes or the index)."""
-    root = _open_dir()
+    root = open_dir()
     made = []
 
     def make(**kw):
