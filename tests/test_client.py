@@ -147,3 +147,34 @@ def test_a_silent_volume_fails_every_queued_request_with_the_reason(make_cluster
         pool.close()
 
     run(main())
+
+
+# A download whose last bytes came in the read that filled its buffer past BODY_HIGH ends with
+# the socket paused (flow control waits for the consumer). If the consumer then gives up (its
+# client went away), the connection is whole and goes back to the pool: the next request on
+# it must still be read, not wait for the timeout with its answer unread in the socket.
+def test_a_download_left_unread_does_not_stall_the_next_request_on_its_connection(cluster):
+    from minikv.http.server import BODY_HIGH
+
+    host = cluster.names[0]
+    value = os.urandom(BODY_HIGH + 1)
+    assert requests.put(f"http://{host}/unread", data=value).status_code in (201, 204)
+
+    async def main():
+        pool = Pool(timeout=1.0)
+        conn, body = await pool.download(host, "/unread")
+        deadline = time.monotonic() + 5
+        while not conn.done.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # nothing read: the whole answer lands in the buffer
+        assert conn.done.done()
+        assert await body.read()  # a first chunk, then the consumer is gone
+        pool.finish_download(conn)
+        t0 = time.monotonic()
+        answer = await pool.request(host, "GET", "/unread")
+        took = time.monotonic() - t0
+        pool.close()
+        return answer, took
+
+    answer, took = run(main())
+    assert answer.status == 200 and answer.body == value
+    assert took < 0.5, f"the next request waited {took:.1f}s"

@@ -119,6 +119,9 @@ class _Conn(_Link):
         self.reused = False  # has served a request before: the volume may have closed it since
         self.expired = False  # a watchdog gave up on it
         self._write_paused = False
+        # a download's consumer fell behind: may still hold when the answer is whole and the
+        # connection goes back to the pool (see release)
+        self.read_paused = False
         self._drain: asyncio.Future | None = None
         self.parser = None
         self.head_only = False
@@ -191,10 +194,12 @@ class _Conn(_Link):
     # flow control hooks used by Body
     def _pause(self, why: str) -> None:
         if not self.closed:
+            self.read_paused = True
             self.transport.pause_reading()
 
     def _resume(self, why: str) -> None:
         if not self.closed:
+            self.read_paused = False
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
@@ -556,6 +561,8 @@ class Pool:
             self.discard(conn)
             return
         conn.reused = True
+        if conn.read_paused:  # the next answer must be read, not left in the socket
+            conn._resume("reuse")
         idle = self._idle.setdefault(conn.host, collections.deque())
         if len(idle) >= self.max_idle:
             conn.transport.close()
