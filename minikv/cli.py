@@ -180,11 +180,33 @@ def parse_args(argv: list[str]) -> Args:
     return args
 
 
+def _shown_default(f: Flag) -> str:
+    """A default as Go's flag package shows it: nothing for a zero value, strings quoted."""
+    if not f.default or "(default" in f.help:
+        return ""
+    if f.kind is bool:
+        return " (default true)"
+    if f.kind == "duration":
+        return f" (default {go_duration(f.default)})"
+    return f' (default "{f.default}")' if f.kind is str else f" (default {f.default})"
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds written as Go's time.Duration prints them: 1s, 1m15s, 1h0m0s, 500ms."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h:.0f}h{m:.0f}m{sec:g}s"
+    return f"{m:.0f}m{sec:g}s" if m else f"{sec:g}s"
+
+
 def usage() -> str:
     lines = [USAGE]
     for name, f in FLAGS.items():
-        kind = "" if f.kind is bool else (" duration" if f.kind == "duration" else f" {f.kind.__name__}")
-        lines.append(f"  -{name}{kind}\n        {f.help} (default {f.default!r})")
+        kind = {bool: "", str: " string", int: " int", "duration": " duration"}[f.kind]
+        lines.append(f"  -{name}{kind}\n        {f.help}{_shown_default(f)}")
     return "\n".join(lines)
 
 

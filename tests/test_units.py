@@ -3,7 +3,7 @@ record encoding and its state table, flag parsing."""
 
 import pytest
 
-from minikv.cli import UsageError, parse_args, parse_duration
+from minikv.cli import UsageError, go_duration, parse_args, parse_duration, usage
 from minikv.index import record
 from minikv.placement import key2path, key2volume, name_too_long, needs_rebalance, path2key
 
@@ -103,3 +103,14 @@ def test_durations():
     assert parse_duration("2") == 2.0
     with pytest.raises(ValueError):
         parse_duration("1x")
+
+
+def test_usage_shows_flags_as_go_does():
+    assert [go_duration(s) for s in (0.5, 1, 60, 75, 3600)] == ["500ms", "1s", "1m0s", "1m15s", "1h0m0s"]
+    text = usage()
+    # zero values show no default; strings are quoted; durations are Go's
+    assert "  -db string\n        path to the index database (a directory)\n" in text
+    assert "  -port int\n        port to listen on (volume: 3001 or $PORT) (default 3000)\n" in text
+    assert "  -md5sum\n        compute and store the md5 of every value (default true)\n" in text
+    assert "  -protect\n        refuse DELETE unless the key was UNLINKed first\n" in text
+    assert "(default 1s)" in text and '(default "data")' in text and "(default False)" not in text
