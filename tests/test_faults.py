@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
 
+import pytest
 import requests
-from cluster import HOST, wait_port
+from cluster import HOST, Cluster, open_dir, wait_port
 
 from minikv.placement import key2volume
 
@@ -225,3 +228,40 @@ def test_hung_volume_gives_a_clear_error_not_a_hang(make_cluster):
     finally:
         c.volumes[2].send(signal.SIGCONT)
     wait_until(lambda: c.put(key, b"after").status_code == 201, what="writes work after SIGCONT")
+
+
+# The index's own disk fills up: writes get a 503 that says so, nothing is half-stored, reads
+# go on, and once there is space again writes work without a restart.
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root (mount a tmpfs)")
+def test_index_disk_full_refuses_writes_with_the_reason_and_recovers():
+    root = open_dir()
+    db = root / "index"
+    db.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(db)], check=True)
+    c = Cluster(root)
+    try:
+        c.start()
+        assert c.put("/before", b"kept").status_code == 201
+        ballast = db / "ballast"
+        with open(ballast, "wb") as f:  # all but the last 64 KB of the tmpfs
+            f.write(b"\0" * (shutil.disk_usage(db).free - (64 << 10)))
+        refused = None
+        for i in range(5000):
+            r = c.put(f"/fill/{i:05d}" + "k" * 100, b"x")
+            if r.status_code != 201:
+                refused = (i, r)
+                break
+        assert refused is not None, "the index never ran out of space"
+        i, r = refused
+        assert r.status_code == 503 and "could not be written" in r.text and "disk full" in r.text, r.text
+        key = f"/fill/{i:05d}" + "k" * 100
+        assert c.get(key, allow_redirects=False).status_code == 404
+        assert files_of(c, key) == []
+        assert c.get("/before").content == b"kept"  # reads go on
+        ballast.unlink()
+        assert c.put(key, b"x").status_code == 201  # space again: no restart needed
+        assert c.get(key).content == b"x"
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(db)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

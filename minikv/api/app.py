@@ -56,7 +56,7 @@ from minikv.index.record import (
     readable,
     with_state,
 )
-from minikv.index.store import MAX_KEY, Store
+from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
 
 MAX_LIST = 1_000_000
@@ -237,9 +237,12 @@ class App:
 
     async def _cas(self, key: bytes, expect: bytes | None, new: bytes | None) -> tuple[bool, bytes | None]:
         """Store.cas, through the group commit when every commit is fsync'd (-fsync)."""
-        if self.group is None:
-            return self.store.cas(key, expect, new)
-        return await self.group.cas(key, expect, new)
+        try:
+            if self.group is None:
+                return self.store.cas(key, expect, new)
+            return await self.group.cas(key, expect, new)
+        except StoreError as e:
+            raise HTTPError(503, str(e)) from None
 
     async def _lock(self, key: bytes, expect: bytes | None, pending: bytes) -> None:
         """Take the key's record from `expect` to PENDING, or answer why not."""
@@ -324,7 +327,14 @@ class App:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
         live = encode_data(LIVE, volumes, size, now_ms(), digest, self.epoch)
-        done, _ = await self._cas(key, pending, live)
+        try:
+            done, _ = await self._cas(key, pending, live)
+        except HTTPError as e:  # the index cannot record the value: take it off the volumes
+            try:
+                await self._abandon(key, pending, volumes)
+            except HTTPError:
+                e.reason += "; the key stays locked (409) until the index can write again and restarts"
+            raise HTTPError(503, f"{e.reason}; nothing was stored") from None
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous:  # an unlinked value on volumes placement no longer names

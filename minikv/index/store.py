@@ -26,6 +26,10 @@ MAP_SIZE = 1 << 40
 MAX_KEY = 511  # LMDB's compiled-in key size limit
 
 
+class StoreError(Exception):
+    """The database could not be written (its disk is full, or failing): nothing changed."""
+
+
 class Store:
     def __init__(self, path: str, sync: bool = False, readonly: bool = False):
         os.makedirs(path, exist_ok=True)
@@ -59,6 +63,13 @@ class Store:
     def cas_many(self, ops: list[tuple[bytes, bytes | None, bytes | None]]) -> list[tuple[bool, bytes | None]]:
         """Several compare-and-sets in one write transaction (one commit, one fsync with sync=True),
         each seeing the ones before it; the same answers as cas() would give, in order."""
+        try:
+            return self._cas_many(ops)
+        except lmdb.Error as e:  # the transaction was aborted whole
+            raise StoreError(f"the index database {self.path} could not be written ({e}): "
+                             "is its disk full?") from None
+
+    def _cas_many(self, ops):
         out: list[tuple[bool, bytes | None]] = []
         with self.env.begin(write=True, db=self.keys) as txn:
             for key, expect, new in ops:
