@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import fcntl
 import os
+import resource
 import signal
 import socket
 import sys
@@ -145,6 +146,31 @@ def worker_main(config: Config, sock: socket.socket) -> None:
         pass
 
 
+NOFILE_CAP = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft open-file limit to the hard one, as Go's runtime does at start (the soft
+    limit is often 1024, and every client and volume connection is a file); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_budget(max_connections: int, nofile: int) -> int:
+    """Client connections a worker can take with `nofile` open files, keeping a quarter (at
+    least 64) for its volume connections and the index: past that a client gets a 503 instead
+    of a reset, and writes do not fail for want of a socket to a volume."""
+    budget = max(1, nofile - max(64, nofile // 4))
+    return budget if max_connections <= 0 else min(max_connections, budget)
+
+
 def run_server(args) -> int:
     config = Config.from_args(args)
     try:
@@ -152,6 +178,12 @@ def run_server(args) -> int:
     except ValueError as e:
         print(f"minikv server: {e}", file=sys.stderr)
         return 2
+    nofile = raise_open_file_limit()
+    budget = connection_budget(config.max_connections, nofile)
+    if budget != config.max_connections:
+        log(f"open-file limit {nofile}: at most {budget} client connections per worker "
+            f"(raise `ulimit -n` for more)")
+        config.max_connections = budget
     lock_db(config.db)  # held until we exit; forked workers share it
     check_port_free(config.host, config.port)
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]

@@ -74,10 +74,11 @@ class Proc:
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> Proc:
+    def start(self, wait: bool = True, preexec=None) -> Proc:
+        """`preexec`: run in the child before minikv starts (to set its limits, say)."""
         self.logfile = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "minikv", *self.args], stdout=self.logfile,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
         if wait:
             wait_port(self.port, self.proc)
         return self

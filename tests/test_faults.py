@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 import requests
-from cluster import HOST, Cluster, open_dir, wait_port
+from cluster import HOST, Cluster, open_dir, wait_closed, wait_port
 
 from minikv.placement import key2volume
 
@@ -265,3 +265,66 @@ def test_index_disk_full_refuses_writes_with_the_reason_and_recovers():
         c.stop()
         subprocess.run(["umount", "-l", str(db)], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _nofile(soft: int, hard: int):
+    """A preexec for Proc.start: the child gets RLIMIT_NOFILE (soft, hard)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _connect_many(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        socks.append(socket.create_connection((HOST, port)))
+    return socks
+
+
+# A server started with the usual soft open-file limit of a shell (here 256) lifts it to the
+# hard limit, as the Go original's runtime does: 400 clients at once are all served.
+def test_a_low_soft_open_file_limit_is_lifted(make_cluster):
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("the hard open-file limit is too low to lift")
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    c.index.stop()
+    wait_closed(c.port)
+    c.index.start(preexec=_nofile(256, 4096))
+    socks = _connect_many(c.port, 400)
+    try:
+        time.sleep(0.3)
+        assert c.put(fresh(), b"x").status_code == 201
+        socks[-1].sendall(b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert socks[-1].recv(100).startswith(b"HTTP/1.1 404 ")
+    finally:
+        for s in socks:
+            s.close()
+
+
+# When the hard limit itself is low, clients past what it leaves get a 503 that says why
+# (instead of a reset), and the files kept back still let writes reach every volume.
+def test_clients_past_the_open_file_limit_get_a_503_and_writes_still_work(make_cluster):
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    c.index.stop()
+    wait_closed(c.port)
+    c.index.start(preexec=_nofile(256, 256))
+    assert "at most 192 client connections per worker" in c.index.log.read_text()
+    session = requests.Session()
+    assert session.put(c.url(fresh()), data=b"first").status_code == 201  # kept alive: 1 of 192
+    socks = _connect_many(c.port, 230)
+    try:
+        refused = 0
+        for s in socks:
+            s.settimeout(2)
+            s.sendall(b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
+            if s.recv(200).startswith(b"HTTP/1.1 503 "):
+                refused += 1
+        assert 230 - 191 <= refused <= 230 - 191 + 5  # the index's own probes may hold a few
+        key = fresh()
+        assert session.put(c.url(key), data=b"v").status_code == 201
+        assert session.get(c.url(key)).content == b"v"
+    finally:
+        for s in socks:
+            s.close()

@@ -114,3 +114,13 @@ def test_usage_shows_flags_as_go_does():
     assert "  -md5sum\n        compute and store the md5 of every value (default true)\n" in text
     assert "  -protect\n        refuse DELETE unless the key was UNLINKed first\n" in text
     assert "(default 1s)" in text and '(default "data")' in text and "(default False)" not in text
+
+
+def test_connection_budget_keeps_files_for_the_volumes():
+    from minikv.server import connection_budget
+
+    assert connection_budget(10000, 1 << 20) == 10000  # the flag rules when files are plenty
+    assert connection_budget(10000, 1024) == 768  # a quarter stays for volume connections
+    assert connection_budget(10000, 256) == 192  # at least 64
+    assert connection_budget(0, 1024) == 768  # -max-connections 0: only the files limit
+    assert connection_budget(100, 1024) == 100
