@@ -64,9 +64,12 @@ class Config:
         if bool(self.s3_access_key) != bool(self.s3_secret_key):
             raise ValueError("S3 credentials need both -s3-access-key and -s3-secret-key "
                              "(or MINIKV_S3_ACCESS_KEY and MINIKV_S3_SECRET_KEY)")
-        for v in self.volumes:
+        for i, v in enumerate(self.volumes):
             if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
                 raise ValueError(f"volume {v!r} is not host:port")
+            if v in self.volumes[:i]:
+                # placement would put two replicas of a key in one file: fewer copies than asked
+                raise ValueError(f"-volumes names {v} twice")
 
     @property
     def hosts(self) -> list[str]:

@@ -124,3 +124,15 @@ def test_connection_budget_keeps_files_for_the_volumes():
     assert connection_budget(10000, 256) == 192  # at least 64
     assert connection_budget(0, 1024) == 768  # -max-connections 0: only the files limit
     assert connection_budget(100, 1024) == 100
+
+
+def test_config_refuses_what_would_store_fewer_copies_than_asked():
+    from minikv.config import Config
+
+    Config(volumes=["a:1", "b:2", "c:3"], db="x").check()
+    with pytest.raises(ValueError, match="-volumes names a:1 twice"):
+        Config(volumes=["a:1", "b:2", "a:1"], db="x").check()
+    with pytest.raises(ValueError, match="-replicas 3 needs at least 3 volumes"):
+        Config(volumes=["a:1", "b:2"], db="x").check()
+    with pytest.raises(ValueError, match="is not host:port"):
+        Config(volumes=["a:1", "b"], db="x", replicas=1).check()
