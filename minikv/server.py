@@ -37,8 +37,12 @@ def log(msg: str) -> None:
 def lock_db(path: str) -> int:
     """Hold an exclusive lock on the database for as long as this server (or a worker of it)
     runs; wait a little for a previous server's workers that are still stopping."""
-    os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, "minikv-server.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, "minikv-server.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        what = "is a file, not a folder" if os.path.isfile(path) else f"cannot be written: {e.strerror}"
+        raise SystemExit(f"minikv server: -db {path} {what} (the index database is a folder)") from None
     deadline = time.monotonic() + SHUTDOWN_GRACE + 5
     waiting = False
     while True:

@@ -45,3 +45,23 @@ def test_long_get_key_is_just_missing(cluster):
 def test_delete_and_unlink_of_missing_key(cluster):
     assert cluster.delete("/never/was").status_code == 404
     assert cluster.request("UNLINK", "/never/was").status_code == 404
+
+
+# Bad flags: the server stops at once with one line that says what to change, no traceback.
+@pytest.mark.parametrize("flags,says", [
+    (["-volumes", "a:1,b:2,a:1"], "-volumes names a:1 twice"),
+    (["-volumes", "a:1", "-replicas", "1", "-db", "{file}"], "is a file, not a folder"),
+    (["-volumes", "a:1", "-replicas", "1", "-db", "{file}/index"], "cannot be written"),
+])
+def test_bad_server_flags_get_one_line(tmp_path, flags, says):
+    import subprocess
+    import sys
+
+    (tmp_path / "f").write_text("")
+    args = [f.replace("{file}", str(tmp_path / "f")) for f in flags]
+    if "-db" not in args:
+        args += ["-db", str(tmp_path / "db")]
+    out = subprocess.run([sys.executable, "-m", "minikv", "server", "-port", "1", *args],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0
+    assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
