@@ -315,7 +315,10 @@ class App:
                 await md5.close()
             if isinstance(e, VolumeError):
                 self.health.mark_down(e.host, str(e))
-            await self._abandon(key, pending, volumes)
+            try:
+                await self._abandon(key, pending, volumes)
+            except HTTPError:  # the database cannot be written either
+                self._drop_later(key, pending)
             if isinstance(e, VolumeError):
                 raise HTTPError(503, f"{e}; nothing was stored") from None
             raise  # ClientGone, an HTTPError of ours, or a bug (500)
@@ -333,7 +336,8 @@ class App:
             try:
                 await self._abandon(key, pending, volumes)
             except HTTPError:
-                e.reason += "; the key stays locked (409) until the index can write again and restarts"
+                self._drop_later(key, pending)
+                e.reason += "; the key stays locked (409) until the index can write again"
             raise HTTPError(503, f"{e.reason}; nothing was stored") from None
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
@@ -342,6 +346,22 @@ class App:
             if stale:
                 await replicas.delete_all(self.pool, stale, key)
         return head(201)
+
+    def _drop_later(self, key: bytes, pending: bytes) -> None:
+        """Drop the record of an undone PUT (its files are gone) once the database can be
+        written again, so the key does not stay locked until a restart."""
+        async def retry() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    self.store.cas(key, pending, None)  # done, or someone resolved it already
+                    return
+                except StoreError:
+                    continue
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> None:
         """Undo a PUT: remove whatever reached the volumes, then the record."""
@@ -366,7 +386,12 @@ class App:
         if failed:
             await self._cas(key, pending, with_state(raw, UNLINKED))
             raise HTTPError(503, "; ".join(failed) + "; the key is now unlinked: DELETE it again later")
-        await self._cas(key, pending, None)
+        try:
+            await self._cas(key, pending, None)
+        except HTTPError as e:  # the files are gone; the record goes once the database takes it
+            self._drop_later(key, pending)
+            raise HTTPError(503, f"{e.reason}; the key's files are deleted, and so will be its record "
+                                 "once the index can write again") from None
         return head(204)
 
     def unlink(self, key: bytes):

@@ -19,6 +19,7 @@ import re
 import sys
 
 from minikv.http.response import ClientGone, HTTPError
+from minikv.index.store import StoreError
 from minikv.s3 import listing, multipart, objects
 from minikv.s3.common import Ctx, md5_etag
 from minikv.s3.detect import claims
@@ -72,6 +73,8 @@ class S3:
             return ctx.error(e)
         except HTTPError as e:
             return ctx.error(from_http(e))
+        except StoreError as e:
+            return ctx.error(S3Error("ServiceUnavailable", str(e)))
         if isinstance(result, bytes):
             return result
         return self._finish(ctx, result)
@@ -83,6 +86,8 @@ class S3:
             return ctx.error(e)
         except HTTPError as e:
             return ctx.error(from_http(e))
+        except StoreError as e:  # the index's disk is full: nothing was acknowledged
+            return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except ClientGone:
             raise
         except Exception as e:  # a bug must cost one request, as an S3 error the client can read
