@@ -336,3 +336,41 @@ def test_clients_past_the_open_file_limit_get_a_503_and_writes_still_work(make_c
     finally:
         for s in socks:
             s.close()
+
+
+# The disk fills while a PUT is in flight: its record could be made PENDING, but neither LIVE
+# nor dropped. The answer says so, its files are taken off the volumes, and the key unlocks by
+# itself once there is space (no restart).
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root (mount a tmpfs)")
+def test_index_disk_full_mid_put_unlocks_the_key_once_there_is_space():
+    root = open_dir()
+    db = root / "index"
+    db.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(db)], check=True)
+    c = Cluster(root, workers=1)
+    try:
+        c.start()
+        key = fresh()
+        s = start_upload(c.port, key, 2000, b"a" * 1000)
+        wait_until(lambda: c.put(key, b"x").status_code == 409, what="the upload holds the key")
+        ballast = db / "ballast"
+        with open(ballast, "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(db).free - (32 << 10)))
+        for i in range(5000):  # use up what LMDB could still reuse
+            if c.put(f"/fill/{i:05d}" + "k" * 80, b"x").status_code != 201:
+                break
+        s.sendall(b"a" * 1000)
+        s.settimeout(10)
+        answer = s.recv(1000).decode()
+        s.close()
+        assert answer.startswith("HTTP/1.1 503 ") and "disk full" in answer, answer
+        assert "stays locked" in answer, answer  # this test is about the commit that failed last
+        assert files_of(c, key) == []
+        assert c.put(key, b"x").status_code == 409
+        ballast.unlink()
+        wait_until(lambda: c.put(key, b"y").status_code == 201, timeout=5, what="the key unlocked")
+        assert c.get(key).content == b"y"
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(db)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
