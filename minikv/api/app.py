@@ -348,8 +348,8 @@ class App:
         return head(201)
 
     def _drop_later(self, key: bytes, pending: bytes) -> None:
-        """Drop the record of an undone PUT (its files are gone) once the database can be
-        written again, so the key does not stay locked until a restart."""
+        """Drop the PENDING record of a PUT undone or a DELETE done (its files are gone) once
+        the database can be written again, so the key does not stay locked until a restart."""
         async def retry() -> None:
             while True:
                 await asyncio.sleep(1.0)
