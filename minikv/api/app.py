@@ -56,6 +56,7 @@ from minikv.index.record import (
     readable,
     with_state,
 )
+from minikv.index.recovery import drop_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
 
@@ -318,7 +319,7 @@ class App:
             try:
                 await self._abandon(key, pending, volumes)
             except HTTPError:  # the database cannot be written either
-                self._drop_later(key, pending)
+                drop_when_writable(self.store, key, pending)
             if isinstance(e, VolumeError):
                 raise HTTPError(503, f"{e}; nothing was stored") from None
             raise  # ClientGone, an HTTPError of ours, or a bug (500)
@@ -336,7 +337,7 @@ class App:
             try:
                 await self._abandon(key, pending, volumes)
             except HTTPError:
-                self._drop_later(key, pending)
+                drop_when_writable(self.store, key, pending)
                 e.reason += "; the key stays locked (409) until the index can write again"
             raise HTTPError(503, f"{e.reason}; nothing was stored") from None
         if not done:
@@ -346,22 +347,6 @@ class App:
             if stale:
                 await replicas.delete_all(self.pool, stale, key)
         return head(201)
-
-    def _drop_later(self, key: bytes, pending: bytes) -> None:
-        """Drop the PENDING record of a PUT undone or a DELETE done (its files are gone) once
-        the database can be written again, so the key does not stay locked until a restart."""
-        async def retry() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                try:
-                    self.store.cas(key, pending, None)  # done, or someone resolved it already
-                    return
-                except StoreError:
-                    continue
-
-        task = asyncio.get_running_loop().create_task(retry())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> None:
         """Undo a PUT: remove whatever reached the volumes, then the record."""
@@ -389,7 +374,7 @@ class App:
         try:
             await self._cas(key, pending, None)
         except HTTPError as e:  # the files are gone; the record goes once the database takes it
-            self._drop_later(key, pending)
+            drop_when_writable(self.store, key, pending)
             raise HTTPError(503, f"{e.reason}; the key's files are deleted, and so will be its record "
                                  "once the index can write again") from None
         return head(204)

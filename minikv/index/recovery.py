@@ -12,12 +12,16 @@ can hold a database: server.py locks it), and is left alone.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from minikv import replicas
 from minikv.http.client import Pool
 from minikv.index.record import OP_DELETE, OP_REBALANCE, UNLINKED, decode_data, decode_pending, with_state
-from minikv.index.store import Store
+from minikv.index.store import Store, StoreError
+
+RETRY_EVERY = 1.0  # seconds between tries to drop a record the database would not take
+_retries: set[asyncio.Task] = set()  # kept here so they are not collected
 
 
 def _boot_time() -> float | None:
@@ -78,3 +82,22 @@ async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
                 store.cas(key, raw, None)  # what could not be deleted is an orphan for `gc`
         resolved += 1
     return resolved
+
+
+def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
+    """Drop the PENDING record `pending` of `key`, whose files are already gone (a PUT undone,
+    a DELETE done), as soon as the database takes a write again: a full disk then leaves the
+    key locked for as long as it stays full, not until the next restart."""
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            try:
+                store.cas(key, pending, None)  # done, or someone resolved the record already
+                return
+            except StoreError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _retries.add(task)
+    task.add_done_callback(_retries.discard)

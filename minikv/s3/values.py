@@ -51,6 +51,8 @@ from minikv.index.record import (
     now_ms,
     with_state,
 )
+from minikv.index.recovery import drop_when_writable
+from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
 from minikv.s3.errors import S3Error
 
@@ -171,7 +173,10 @@ class Values:
                 await self._restore(key, pending, previous, volumes)
             raise
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
-        done, _ = self.store.cas(key, pending, live)
+        try:
+            done, _ = self.store.cas(key, pending, live)
+        except StoreError as e:
+            raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous is not None:
@@ -179,6 +184,18 @@ class Values:
             if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
                 await replicas.delete_all(self.pool, stale, key)
         return live
+
+    async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
+        """The value is on the volumes but its record cannot be made LIVE: do what recovery
+        would after a crash (delete the new files, drop the record), and say what became of
+        the key. Files of a replaced value on other volumes are orphans for `minikv gc`."""
+        await replicas.delete_all(self.pool, volumes, key)
+        try:
+            self.store.cas(key, pending, None)
+        except StoreError:
+            drop_when_writable(self.store, key, pending)
+        return ("the value was not stored" + (" and the one it replaced is gone" if previous else "")
+                + "; the key can be written again once the index can")
 
     async def _restore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> None:
         """Nothing was committed on any volume: put the previous record back (or none)."""
