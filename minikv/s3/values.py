@@ -324,5 +324,10 @@ class Values:
             self.store.cas(key, pending, with_state(raw, UNLINKED))
             raise S3Error("ServiceUnavailable", "; ".join(failed) + "; the key is now unlinked (unreadable): "
                           "delete it again later")
-        self.store.cas(key, pending, None)
+        try:
+            self.store.cas(key, pending, None)
+        except StoreError as e:  # the files are gone; the record goes once the database takes it
+            drop_when_writable(self.store, key, pending)
+            raise S3Error("ServiceUnavailable", f"{e}; the object's files are deleted, and so will be its "
+                          "record once the index can write again") from None
         return True
