@@ -35,15 +35,9 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> bool
 def busy_ports(ports: list[int]) -> list[int]:
     """The ones among `ports` that something already listens on (on any address): checked
     before starting, since a port that answers would otherwise pass for a part that started."""
-    busy = []
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
-            try:
-                s.bind(("", port))
-            except OSError:
-                busy.append(port)
-    return busy
+    from minikv.server import bind_error
+
+    return [port for port in ports if bind_error("", port) is not None]
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

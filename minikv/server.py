@@ -59,15 +59,22 @@ def lock_db(path: str) -> int:
             time.sleep(0.2)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """SO_REUSEPORT would let us share the port with another server: try it without first."""
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` ("": every address) cannot be listened on, or None. Tried without
+    SO_REUSEPORT, which would let us share the port with another server."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
         try:
             probe.bind((host or "0.0.0.0", port))
         except OSError as e:
-            raise SystemExit(f"minikv server: cannot listen on {host or '*'}:{port}: {e.strerror}") from None
+            return e
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    if (e := bind_error(host, port)) is not None:
+        raise SystemExit(f"minikv server: cannot listen on {host or '*'}:{port}: {e.strerror}")
 
 
 def bind(host: str, port: int) -> socket.socket:

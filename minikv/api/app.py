@@ -316,10 +316,7 @@ class App:
                 await md5.close()
             if isinstance(e, VolumeError):
                 self.health.mark_down(e.host, str(e))
-            try:
-                await self._abandon(key, pending, volumes)
-            except HTTPError:  # the database cannot be written either
-                drop_when_writable(self.store, key, pending)
+            await self._abandon(key, pending, volumes)
             if isinstance(e, VolumeError):
                 raise HTTPError(503, f"{e}; nothing was stored") from None
             raise  # ClientGone, an HTTPError of ours, or a bug (500)
@@ -334,12 +331,10 @@ class App:
         try:
             done, _ = await self._cas(key, pending, live)
         except HTTPError as e:  # the index cannot record the value: take it off the volumes
-            try:
-                await self._abandon(key, pending, volumes)
-            except HTTPError:
-                drop_when_writable(self.store, key, pending)
-                e.reason += "; the key stays locked (409) until the index can write again"
-            raise HTTPError(503, f"{e.reason}; nothing was stored") from None
+            why = e.reason
+            if await self._abandon(key, pending, volumes):
+                why += "; the key stays locked (409) until the index can write again"
+            raise HTTPError(503, f"{why}; nothing was stored") from None
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous:  # an unlinked value on volumes placement no longer names
@@ -348,10 +343,21 @@ class App:
                 await replicas.delete_all(self.pool, stale, key)
         return head(201)
 
-    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> None:
-        """Undo a PUT: remove whatever reached the volumes, then the record."""
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
+        """Undo a PUT: remove whatever reached the volumes, then the record ("" or, see _drop,
+        why it stays for now)."""
         await replicas.delete_all(self.pool, volumes, key)
-        await self._cas(key, pending, None)
+        return await self._drop(key, pending)
+
+    async def _drop(self, key: bytes, pending: bytes) -> str:
+        """Drop the PENDING record of a key whose files are gone: "" when done, else why it
+        could not be now; it is then dropped once the database takes writes again."""
+        try:
+            await self._cas(key, pending, None)
+        except HTTPError as e:
+            drop_when_writable(self.store, key, pending)
+            return e.reason
+        return ""
 
     def delete(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
@@ -371,12 +377,9 @@ class App:
         if failed:
             await self._cas(key, pending, with_state(raw, UNLINKED))
             raise HTTPError(503, "; ".join(failed) + "; the key is now unlinked: DELETE it again later")
-        try:
-            await self._cas(key, pending, None)
-        except HTTPError as e:  # the files are gone; the record goes once the database takes it
-            drop_when_writable(self.store, key, pending)
-            raise HTTPError(503, f"{e.reason}; the key's files are deleted, and so will be its record "
-                                 "once the index can write again") from None
+        if why := await self._drop(key, pending):
+            raise HTTPError(503, f"{why}; the key's files are deleted, and so will be its record "
+                                 "once the index can write again")
         return head(204)
 
     def unlink(self, key: bytes):

@@ -190,12 +190,19 @@ class Values:
         would after a crash (delete the new files, drop the record), and say what became of
         the key. Files of a replaced value on other volumes are orphans for `minikv gc`."""
         await replicas.delete_all(self.pool, volumes, key)
-        try:
-            self.store.cas(key, pending, None)
-        except StoreError:
-            drop_when_writable(self.store, key, pending)
+        self._drop(key, pending)
         return ("the value was not stored" + (" and the one it replaced is gone" if previous else "")
                 + "; the key can be written again once the index can")
+
+    def _drop(self, key: bytes, pending: bytes) -> str:
+        """Drop the PENDING record of a key whose files are gone: "" when done, else why it
+        could not be now; it is then dropped once the database takes writes again."""
+        try:
+            self.store.cas(key, pending, None)
+        except StoreError as e:
+            drop_when_writable(self.store, key, pending)
+            return str(e)
+        return ""
 
     async def _restore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> None:
         """Nothing was committed on any volume: put the previous record back (or none)."""
@@ -324,10 +331,7 @@ class Values:
             self.store.cas(key, pending, with_state(raw, UNLINKED))
             raise S3Error("ServiceUnavailable", "; ".join(failed) + "; the key is now unlinked (unreadable): "
                           "delete it again later")
-        try:
-            self.store.cas(key, pending, None)
-        except StoreError as e:  # the files are gone; the record goes once the database takes it
-            drop_when_writable(self.store, key, pending)
-            raise S3Error("ServiceUnavailable", f"{e}; the object's files are deleted, and so will be its "
-                          "record once the index can write again") from None
+        if why := self._drop(key, pending):
+            raise S3Error("ServiceUnavailable", f"{why}; the object's files are deleted, and so will be its "
+                          "record once the index can write again")
         return True
