@@ -329,7 +329,9 @@ def test_clients_past_the_open_file_limit_get_a_503_and_writes_still_work(make_c
             s.sendall(b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
             if s.recv(200).startswith(b"HTTP/1.1 503 "):
                 refused += 1
-        assert 230 - 191 <= refused <= 230 - 191 + 5  # the index's own probes may hold a few
+        # the session holds 1 of the 192; a few more may be refused while the server has not yet
+        # seen the close of wait_port's probe connections (its own volume probes do not count)
+        assert 230 - 191 <= refused <= 230 - 191 + 5
         key = fresh()
         assert session.put(c.url(key), data=b"v").status_code == 201
         assert session.get(c.url(key)).content == b"v"

@@ -121,7 +121,8 @@ def test_connection_budget_keeps_files_for_the_volumes():
 
     assert connection_budget(10000, 1 << 20) == 10000  # the flag rules when files are plenty
     assert connection_budget(10000, 1024) == 768  # a quarter stays for volume connections
-    assert connection_budget(10000, 256) == 192  # at least 64
+    assert connection_budget(10000, 256) == 192
+    assert connection_budget(10000, 128) == 64  # at least 64 stay, more than a quarter here
     assert connection_budget(0, 1024) == 768  # -max-connections 0: only the files limit
     assert connection_budget(100, 1024) == 100
 
