@@ -18,7 +18,6 @@ Order of writes (each arrow is one compare-and-set on the key's record, see inde
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -113,7 +112,6 @@ class App:
         self.pool = pool
         self.health = health
         self.pid = os.getpid()
-        self.tasks: set[asyncio.Task] = set()
         # -fsync: record changes go through one helper thread, batched (index/group.py)
         self.group = GroupCommit(store) if config.fsync else None
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
