@@ -109,9 +109,13 @@ FLAGS: dict[str, Flag] = {
     "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this"),
     "server": Flag(str, "", "rebalance: run online through this running index (host:port)"),
     "s3-access-key": Flag(str, "", "S3: require SigV4 signatures with this access key "
-                                   "(or $MINIKV_S3_ACCESS_KEY); unset: S3 requests are not checked"),
+                                   "(or $MINIKV_S3_ACCESS_KEY), and the pair as HTTP Basic on the plain "
+                                   "API (see -open-api); unset: nothing is checked"),
     "s3-secret-key": Flag(str, "", "S3: the secret key for -s3-access-key (or $MINIKV_S3_SECRET_KEY, "
                                    "which keeps it out of `ps`)"),
+    "open-api": Flag(str, "", "with S3 credentials set, what the plain API serves without them: none, "
+                              "read (GET, HEAD, ?list) or all (default none: plain-API requests "
+                              "need HTTP Basic, curl -u KEY:SECRET)"),
 }
 
 
