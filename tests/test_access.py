@@ -166,3 +166,22 @@ def test_open_api_needs_credentials_and_a_known_value(tmp_path):
     r = _server(str(tmp_path), "-open-api", "writes", env=dict(os.environ, MINIKV_S3_ACCESS_KEY=AK,
                                                                  MINIKV_S3_SECRET_KEY=SK))
     assert r.returncode == 2 and "give none, read or all" in r.stderr
+
+
+def test_online_rebalance_sends_the_credentials_from_the_environment(make_cluster, creds):
+    c = make_cluster(volumes=3, replicas=1, subvolumes=1, workers=1)
+    c.restart_index(workers=1, flags=["-volumes", ",".join(c.names[:2])])
+    for i in range(30):
+        assert c.put(f"/rb/{i}", b"v", auth=AUTH).status_code == 201
+    c.restart_index(workers=1)
+    cmd = [sys.executable, "-m", "minikv", "rebalance", "-server", f"{HOST}:{c.port}"]
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("MINIKV_")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=bare)
+    assert r.returncode == 1 and "MINIKV_S3_ACCESS_KEY" in r.stderr, r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    moved = int(r.stderr.split(" moved")[0].rsplit(" ", 1)[1])
+    assert moved > 0, r.stderr
+    for i in range(30):
+        r = c.get(f"/rb/{i}", auth=AUTH, allow_redirects=False)
+        assert r.headers["Key-Balance"] == "balanced", i

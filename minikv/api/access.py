@@ -75,6 +75,16 @@ def access_for(config) -> Access | None:
     return Access(config.s3_access_key, config.s3_secret_key, config.open_api)
 
 
+def client_headers(args) -> list[tuple[str, str]]:
+    """The headers an admin command sends to a running index: its credentials when it has them
+    (-s3-access-key, -s3-secret-key-file or MINIKV_S3_ACCESS_KEY / MINIKV_S3_SECRET_KEY)."""
+    import os
+
+    access = getattr(args, "s3_access_key", "") or os.environ.get("MINIKV_S3_ACCESS_KEY", "")
+    secret = getattr(args, "s3_secret_key", "") or os.environ.get("MINIKV_S3_SECRET_KEY", "")
+    return [("Authorization", basic_header(access, secret))] if access and secret else []
+
+
 def start_notes(config) -> list[str]:
     """What the server says at start about the access it gives."""
     if not config.s3_secret_key:
