@@ -18,6 +18,7 @@ from cluster import HOST
 
 from minikv.api.access import Access, basic_header
 from minikv.http.response import HTTPError
+from minikv.private import argv_warnings
 
 AK = "AKIDACCESS"
 SK = "s3cr3t:with/odd+chars"
@@ -69,6 +70,13 @@ def test_basic_credentials_are_checked_exactly():
     for method in (b"PUT", b"DELETE", b"UNLINK", b"REBALANCE", b"POST"):
         with pytest.raises(HTTPError, match="writes need credentials"):
             reads.check(method, [])
+
+
+def test_secret_flags_are_named_in_a_warning():
+    assert argv_warnings({"port", "v"}) == []
+    lines = argv_warnings({"secret", "s3-secret-key", "s3-access-key"})
+    assert len(lines) == 2 and "MINIKV_SECRET" in lines[0] and "MINIKV_S3_SECRET_KEY" in lines[1]
+    assert all(SK not in line for line in lines)
 
 
 # ---------------------------------------------------------------- a real server
@@ -166,6 +174,34 @@ def test_open_api_needs_credentials_and_a_known_value(tmp_path):
     r = _server(str(tmp_path), "-open-api", "writes", env=dict(os.environ, MINIKV_S3_ACCESS_KEY=AK,
                                                                  MINIKV_S3_SECRET_KEY=SK))
     assert r.returncode == 2 and "give none, read or all" in r.stderr
+
+
+def test_secret_key_file(make_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIKV_S3_SECRET_KEY", raising=False)
+    path = tmp_path / "s3-secret"
+    path.write_text(SK + "\n")
+    c = make_cluster(volumes=1, replicas=1, workers=1,
+                     flags=["-s3-access-key", AK, "-s3-secret-key-file", str(path)])
+    assert refused(c.put("/f/k", b"x"))
+    assert c.put("/f/k", b"x", auth=AUTH).status_code == 201
+    assert s3_client(c.port).get_object(Bucket="f", Key="k")["Body"].read() == b"x"
+    log = c.index.log.read_text()
+    assert "visible to every user" not in log and SK not in log
+    r = _server(str(tmp_path), "-s3-access-key", AK, "-s3-secret-key-file", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "cannot read -s3-secret-key-file" in r.stderr and "missing" in r.stderr
+
+
+def test_secret_flags_warn_at_start(make_cluster):
+    secret = "volume-secret-for-tests"
+    c = make_cluster(volumes=1, replicas=1, workers=1, volume_flags=["-secret", secret],
+                     flags=["-s3-access-key", AK, "-s3-secret-key", SK, "-secret", secret])
+    log = c.index.log.read_text()
+    assert "-s3-secret-key on the command line is visible to every user" in log, log
+    assert "-secret on the command line is visible to every user" in log
+    assert "MINIKV_S3_SECRET_KEY" in log and "MINIKV_SECRET" in log and SK not in log and secret not in log
+    assert "volumes take writes from anyone" not in log
+    assert "-secret on the command line" in c.volumes[0].log.read_text()  # every command warns
+    assert c.put("/w/k", b"x", auth=AUTH).status_code == 201
 
 
 def test_online_rebalance_sends_the_credentials_from_the_environment(make_cluster, creds):

@@ -1,0 +1,35 @@
+"""Keeping secrets out of sight: out of `ps`, out of logs, and the index out of other users' reach.
+
+- A secret given as a flag is in the process's argv, which every user of the machine can read
+  (`ps`, /proc/PID/cmdline): the commands warn and name the environment variable (or file) to
+  use instead.
+- Logged request targets lose the values of their signature parameters (SigV4 and SigV2
+  presigned URLs, nginx secure_link's `md5=`): a logged signature is a working credential until
+  it expires.
+- The index (the LMDB files under -db, the S3 metadata, the lock) is readable by the server's
+  user only: it names every key. Volumes' value files are nginx's business (its workers must
+  read them) and are not changed here.
+"""
+
+from __future__ import annotations
+
+# flag -> where the secret should come from instead
+SECRET_FLAGS = {
+    "secret": "MINIKV_SECRET",
+    "s3-secret-key": "MINIKV_S3_SECRET_KEY or -s3-secret-key-file",
+}
+
+
+def argv_warnings(given) -> list[str]:
+    """A line for every secret flag among `given` (the flags named on the command line)."""
+    return [f"warning: -{flag} on the command line is visible to every user of this machine (ps); "
+            f"use {instead} instead" for flag, instead in SECRET_FLAGS.items() if flag in given]
+
+
+def read_secret_file(path: str) -> str:
+    """The secret kept in a file (its first line, without the newline)."""
+    with open(path, encoding="utf-8") as f:
+        secret = f.readline().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
