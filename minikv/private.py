@@ -13,11 +13,16 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote_to_bytes
+
 # flag -> where the secret should come from instead
 SECRET_FLAGS = {
     "secret": "MINIKV_SECRET",
     "s3-secret-key": "MINIKV_S3_SECRET_KEY or -s3-secret-key-file",
 }
+# query parameters whose value is a signature or a token (names compared lower-case)
+_SECRET_PARAMS = frozenset((b"x-amz-signature", b"signature", b"md5", b"x-amz-security-token"))
+REDACTED = b"REDACTED"
 
 
 def argv_warnings(given) -> list[str]:
@@ -33,3 +38,16 @@ def read_secret_file(path: str) -> str:
     if not secret:
         raise ValueError(f"{path} is empty")
     return secret
+
+
+def redact_target(url: bytes) -> str:
+    """A request target fit for a log line: signature values replaced by REDACTED."""
+    path, q, query = url.partition(b"?")
+    if q:
+        parts = query.split(b"&")
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition(b"=")
+            if eq and unquote_to_bytes(name).lower() in _SECRET_PARAMS:
+                parts[i] = name + b"=" + REDACTED
+        url = path + b"?" + b"&".join(parts)
+    return url.decode("latin-1")

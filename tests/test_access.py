@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import boto3
 import pytest
@@ -18,7 +19,7 @@ from cluster import HOST
 
 from minikv.api.access import Access, basic_header
 from minikv.http.response import HTTPError
-from minikv.private import argv_warnings
+from minikv.private import argv_warnings, redact_target
 
 AK = "AKIDACCESS"
 SK = "s3cr3t:with/odd+chars"
@@ -70,6 +71,18 @@ def test_basic_credentials_are_checked_exactly():
     for method in (b"PUT", b"DELETE", b"UNLINK", b"REBALANCE", b"POST"):
         with pytest.raises(HTTPError, match="writes need credentials"):
             reads.check(method, [])
+
+
+def test_logged_targets_lose_their_signatures():
+    assert redact_target(b"/k") == "/k"
+    assert redact_target(b"/k?list&limit=3") == "/k?list&limit=3"
+    assert redact_target(b"/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=abcdef&X-Amz-Expires=60") == \
+        "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=REDACTED&X-Amz-Expires=60"
+    assert redact_target(b"/b/k?AWSAccessKeyId=AK&Signature=c2ln%3D&Expires=1") == \
+        "/b/k?AWSAccessKeyId=AK&Signature=REDACTED&Expires=1"
+    assert redact_target(b"/sv01/ab/cd/x?md5=SIG&expires=9") == "/sv01/ab/cd/x?md5=REDACTED&expires=9"
+    assert redact_target(b"/k?x-amz-security-token=T&X-Amz-Sign%61ture=S") == \
+        "/k?x-amz-security-token=REDACTED&X-Amz-Sign%61ture=REDACTED"
 
 
 def test_secret_flags_are_named_in_a_warning():
@@ -202,6 +215,21 @@ def test_secret_flags_warn_at_start(make_cluster):
     assert "volumes take writes from anyone" not in log
     assert "-secret on the command line" in c.volumes[0].log.read_text()  # every command warns
     assert c.put("/w/k", b"x", auth=AUTH).status_code == 201
+
+
+def test_verbose_log_shows_no_signature(make_cluster, creds):
+    c = make_cluster(volumes=1, replicas=1, workers=1, flags=["-v"])
+    s3 = s3_client(c.port)
+    s3.put_object(Bucket="v", Key="k", Body=b"x")
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": "v", "Key": "k"}, ExpiresIn=60)
+    signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    assert requests.get(url).content == b"x"
+    requests.get(c.url("/v/k?md5=SECRETMD5VALUE&expires=1"), auth=AUTH, allow_redirects=False)
+    time.sleep(0.2)
+    log = c.index.log.read_text()
+    assert "X-Amz-Signature=REDACTED" in log and "md5=REDACTED" in log, log
+    assert signature not in log and "SECRETMD5VALUE" not in log
+    assert SK not in log and basic_header(AK, SK)[6:] not in log
 
 
 def test_online_rebalance_sends_the_credentials_from_the_environment(make_cluster, creds):
