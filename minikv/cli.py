@@ -232,10 +232,12 @@ def _need(args: Args, *names: str) -> None:
 
 def run(args: Args) -> int:
     cmd = args.command
-    from minikv.private import argv_warnings
+    from minikv.private import argv_warnings, keep_index_private
 
     for line in argv_warnings(args.given):
         print(f"minikv {cmd}: {line}", file=sys.stderr)
+    if cmd in ("server", "rebuild", "rebalance", "verify", "repair", "gc"):
+        keep_index_private(str(args.db))  # not volume, not up: nginx's workers read what those make
     if cmd == "volume":
         from minikv.volume.nginx import run_volume
 

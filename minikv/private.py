@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from urllib.parse import unquote_to_bytes
 
 # flag -> where the secret should come from instead
@@ -51,3 +53,24 @@ def redact_target(url: bytes) -> str:
                 parts[i] = name + b"=" + REDACTED
         url = path + b"?" + b"&".join(parts)
     return url.decode("latin-1")
+
+
+INDEX_FILES = ("data.mdb", "lock.mdb", "minikv-server.lock", "s3/data.mdb", "s3/lock.mdb")
+
+
+def keep_index_private(db: str) -> None:
+    """From now on this process creates files for its user only (the index server and the admin
+    commands create no file anyone else needs), and the index files that exist become so."""
+    os.umask(0o077)
+    if not db or "://" in db:  # no local index (rebalance -server, a database server)
+        return
+    for name in (*INDEX_FILES, "s3"):
+        path = os.path.join(db, name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if st.st_uid == os.geteuid() and not stat.S_ISLNK(st.st_mode):
+                want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+                if stat.S_IMODE(st.st_mode) & ~want:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & want)
+        except OSError:
+            continue  # not there (yet): made private by the umask when it is created

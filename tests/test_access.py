@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -230,6 +231,25 @@ def test_verbose_log_shows_no_signature(make_cluster, creds):
     assert "X-Amz-Signature=REDACTED" in log and "md5=REDACTED" in log, log
     assert signature not in log and "SECRETMD5VALUE" not in log
     assert SK not in log and basic_header(AK, SK)[6:] not in log
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_index_files_are_the_servers_alone(make_cluster):
+    c = make_cluster(volumes=1, replicas=1, workers=1)
+    db = c.root / "index"
+    assert c.put("/p/k", b"x").status_code == 201
+    for path in (db, db / "data.mdb", db / "lock.mdb", db / "minikv-server.lock", db / "s3", db / "s3" / "data.mdb"):
+        assert _mode(path) & 0o077 == 0, (path, oct(_mode(path)))
+    # an index made before (world-readable) is made private at the next start
+    (db / "data.mdb").chmod(0o644)
+    c.restart_index(workers=1)
+    assert _mode(db / "data.mdb") == 0o600
+    assert c.get("/p/k").content == b"x"
+    # the volumes' files stay nginx's to read
+    assert requests.get(c.get("/p/k", allow_redirects=False).headers["Location"]).content == b"x"
 
 
 def test_online_rebalance_sends_the_credentials_from_the_environment(make_cluster, creds):
