@@ -138,6 +138,16 @@ def test_a_refused_upload_is_refused_before_its_body(make_cluster, creds):
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in head
     assert b'WWW-Authenticate: Basic realm="minikv"' in head
+    # a refused HEAD has no body, which the next answer on the connection would be taken for
+    with socket.create_connection((HOST, c.port), timeout=5) as sock:
+        sock.sendall(b"HEAD /big HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /missing HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic_header(AK, SK).encode()
+                     + b"\r\n\r\n")
+        data = b""
+        while data.count(b"\r\n\r\n") < 2:
+            data += sock.recv(4096)
+    first, rest = data.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 401 ") and rest.startswith(b"HTTP/1.1 404 "), data
     # the server keeps serving, and a refused request on a kept-alive connection spoils nothing
     s = requests.Session()
     assert s.put(c.url("/big"), data=b"x" * 100_000).status_code == 401
