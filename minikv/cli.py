@@ -109,9 +109,14 @@ FLAGS: dict[str, Flag] = {
     "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this"),
     "server": Flag(str, "", "rebalance: run online through this running index (host:port)"),
     "s3-access-key": Flag(str, "", "S3: require SigV4 signatures with this access key "
-                                   "(or $MINIKV_S3_ACCESS_KEY); unset: S3 requests are not checked"),
+                                   "(or $MINIKV_S3_ACCESS_KEY), and the pair as HTTP Basic on the plain "
+                                   "API (see -open-api); unset: nothing is checked"),
     "s3-secret-key": Flag(str, "", "S3: the secret key for -s3-access-key (or $MINIKV_S3_SECRET_KEY, "
                                    "which keeps it out of `ps`)"),
+    "s3-secret-key-file": Flag(str, "", "read -s3-secret-key from this file (its first line)"),
+    "open-api": Flag(str, "", "with S3 credentials set, what the plain API serves without them: none, "
+                              "read (GET, HEAD, ?list) or all (default none: plain-API requests "
+                              "need HTTP Basic, curl -u KEY:SECRET)"),
 }
 
 
@@ -177,6 +182,15 @@ def parse_args(argv: list[str]) -> Args:
         args.command, args.positionals = args.positionals[0], args.positionals[1:]
     if "secret" not in args.given:
         args.flags["secret"] = os.environ.get("MINIKV_SECRET", "")
+    if args.flags["s3-secret-key-file"]:
+        if "s3-secret-key" in args.given:
+            raise UsageError("give -s3-secret-key or -s3-secret-key-file, not both")
+        from minikv.private import read_secret_file
+
+        try:
+            args.flags["s3-secret-key"] = read_secret_file(str(args.flags["s3-secret-key-file"]))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read -s3-secret-key-file: {e}") from None
     return args
 
 
@@ -218,6 +232,12 @@ def _need(args: Args, *names: str) -> None:
 
 def run(args: Args) -> int:
     cmd = args.command
+    from minikv.private import argv_warnings, keep_index_private
+
+    for line in argv_warnings(args.given):
+        print(f"minikv {cmd}: {line}", file=sys.stderr)
+    if cmd in ("server", "rebuild", "rebalance", "verify", "repair", "gc"):
+        keep_index_private(str(args.db))  # not volume, not up: nginx's workers read what those make
     if cmd == "volume":
         from minikv.volume.nginx import run_volume
 

@@ -31,6 +31,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     s3_access_key: str = ""  # with s3_secret_key: S3 requests must be SigV4-signed with these
     s3_secret_key: str = ""
+    # with the S3 credentials, what the plain API serves without them: "" / none, read, all
+    open_api: str = ""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -47,6 +49,7 @@ class Config:
                           idle_timeout=args.idle_timeout),
             s3_access_key=args.s3_access_key or os.environ.get("MINIKV_S3_ACCESS_KEY", ""),
             s3_secret_key=args.s3_secret_key or os.environ.get("MINIKV_S3_SECRET_KEY", ""),
+            open_api=args.open_api,
         )
 
     def check(self) -> None:
@@ -64,6 +67,11 @@ class Config:
         if bool(self.s3_access_key) != bool(self.s3_secret_key):
             raise ValueError("S3 credentials need both -s3-access-key and -s3-secret-key "
                              "(or MINIKV_S3_ACCESS_KEY and MINIKV_S3_SECRET_KEY)")
+        if self.open_api not in ("", "none", "read", "all"):
+            raise ValueError(f"-open-api {self.open_api!r}: give none, read or all")
+        if self.open_api in ("none", "read") and not self.s3_secret_key:
+            raise ValueError(f"-open-api {self.open_api} closes the plain API to clients without credentials, "
+                             "and none are set: give -s3-access-key and MINIKV_S3_SECRET_KEY")
         for i, v in enumerate(self.volumes):
             if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
                 raise ValueError(f"volume {v!r} is not host:port")

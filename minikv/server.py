@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 
+from minikv.api.access import start_notes
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.server import Batch, Connection, start_timeout_sweep
@@ -201,6 +202,8 @@ def run_server(args) -> int:
     recover_pending(config)
     log(f"listening on {config.host or '*'}:{config.port} with {config.workers} worker(s), "
         f"volumes {','.join(config.volumes)}, {config.replicas} replica(s), {config.subvolumes} subvolume(s)")
+    for line in start_notes(config):
+        log(line)
     if config.workers == 1:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         import uvloop

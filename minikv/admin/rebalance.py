@@ -39,6 +39,7 @@ from minikv.admin.common import (
     stop_on_signal,
 )
 from minikv.admin.progress import Progress
+from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.record import PENDING, UNLINKED, decode_data
@@ -143,13 +144,17 @@ class Online:
         self.dry_run = args.dry_run
         self.pool = pool
         self.progress = progress
+        self.headers = client_headers(args)  # the index may need credentials (api/access.py)
 
     async def pages(self, limit: int = LIST_PAGE):
         """Every key the index lists, page by page."""
         start = ""
         while True:
             path = f"/?list&limit={limit}" + (f"&start={start_param(start)}" if start else "")
-            resp = await self.pool.request(self.server, "GET", path, timeout=60.0)
+            resp = await self.pool.request(self.server, "GET", path, headers=self.headers, timeout=60.0)
+            if resp.status == 401:
+                raise VolumeError(self.server, "asks for credentials: set MINIKV_S3_ACCESS_KEY and "
+                                               "MINIKV_S3_SECRET_KEY (the index's S3 credentials)")
             if resp.status != 200:
                 raise VolumeError(self.server, f"answered {resp.status} to GET {path}: {resp.body[:200]!r}")
             page = json.loads(resp.body)
@@ -166,7 +171,7 @@ class Online:
         p.add("seen")
         path = key_path(key)
         for attempt in range(BUSY_TRIES):
-            resp = await self.pool.request(self.server, "GET", path)
+            resp = await self.pool.request(self.server, "GET", path, headers=self.headers)
             balance = resp.headers.get(b"key-balance")
             if resp.status != 302 or balance is None:
                 p.add("gone")  # deleted or unlinked meanwhile (or answered by -fallback)
@@ -176,7 +181,8 @@ class Online:
             if self.dry_run:
                 p.add("moved")
                 return
-            resp = await self.pool.request(self.server, "REBALANCE", path, timeout=REBALANCE_TIMEOUT)
+            resp = await self.pool.request(self.server, "REBALANCE", path, headers=self.headers,
+                                           timeout=REBALANCE_TIMEOUT)
             if resp.status == 204:
                 p.add("moved")
                 p.show(moved=p.counts["moved"], failed=p.counts["failed"])

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import httptools
 
 from minikv import replicas
+from minikv.api.access import access_for
 from minikv.api.digest import StreamingMd5
 from minikv.config import Config
 from minikv.health import Health
@@ -58,6 +59,7 @@ from minikv.index.record import (
 from minikv.index.recovery import drop_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
+from minikv.private import redact_target
 
 MAX_LIST = 1_000_000
 _random = random.random  # a bound builtin: cheaper than random.choice's Python frames
@@ -115,6 +117,7 @@ class App:
         # -fsync: record changes go through one helper thread, batched (index/group.py)
         self.group = GroupCommit(store) if config.fsync else None
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
+        self.access = access_for(config)  # None: the plain API is open (api/access.py)
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.epoch_bytes = self.epoch.to_bytes(4, "little")
 
@@ -124,9 +127,11 @@ class App:
         key, path, query = split_target(req.url)
         method = req.method
         if self.config.verbose:
-            print(f"{method.decode()} {req.url.decode('latin-1')}", file=sys.stderr)
+            print(f"{method.decode()} {redact_target(req.url)}", file=sys.stderr)
         if self.s3 is not None and self.s3.claims(req, query):
-            return self.s3.handle(req, key, path, query)
+            return self.s3.handle(req, key, path, query)  # SigV4-checked there when credentials are set
+        if self.access is not None:
+            self.access.check(method, req.headers)
         if method == b"GET" or method == b"HEAD":
             if query:
                 op = query.split(b"&", 1)[0]

@@ -7,9 +7,10 @@ the set of keys under `/b/`; CreateBucket and HeadBucket are harmless no-ops, De
 succeeds when nothing is left under it.
 
 Authentication: with no credentials configured every request is served, signed or not (the
-plain API has no authentication either). With `-s3-access-key` and `-s3-secret-key` (or
-MINIKV_S3_ACCESS_KEY / MINIKV_S3_SECRET_KEY) every S3 request must carry a valid SigV4
-signature (header or presigned URL): 403 SignatureDoesNotMatch otherwise.
+plain API is open too). With `-s3-access-key` and `-s3-secret-key` (or MINIKV_S3_ACCESS_KEY /
+MINIKV_S3_SECRET_KEY) every S3 request must carry a valid SigV4 signature (header or presigned
+URL): 403 SignatureDoesNotMatch otherwise; the plain API then asks for the same pair as HTTP
+Basic (api/access.py).
 """
 
 from __future__ import annotations
