@@ -86,7 +86,7 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
     size = decode_data(raw).size
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
-        m = re.fullmatch(rb"bytes=(\d+)-(\d+)", rng.strip())
+        m = re.fullmatch(rb"bytes=([0-9]{1,19})-([0-9]{1,19})", rng.strip())  # bounded: no 5000-digit int()
         if m is None or int(m[1]) > int(m[2]) or int(m[2]) >= size:
             raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form "
                           "bytes=first-last where first and last are the zero-based offsets of the first and last "

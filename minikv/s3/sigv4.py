@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
 from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -127,9 +128,12 @@ def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[t
             raise S3Error("AuthorizationQueryParametersError", "X-Amz-Algorithm must be AWS4-HMAC-SHA256")
         try:
             credential, signed_list, signature = q["X-Amz-Credential"], q["X-Amz-SignedHeaders"], q["X-Amz-Signature"]
-            amz_date, expires = q["X-Amz-Date"], int(q.get("X-Amz-Expires", "0"))
-        except (KeyError, ValueError) as e:
-            raise S3Error("AuthorizationQueryParametersError", f"presigned URL lacks or mangles {e}") from None
+            amz_date = q["X-Amz-Date"]
+        except KeyError as e:
+            raise S3Error("AuthorizationQueryParametersError", f"presigned URL lacks {e}") from None
+        expires = decimal(q.get("X-Amz-Expires", "0"))
+        if expires is None:
+            raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires must be a plain decimal number")
         signed_names = signed_list.split(";")
         payload = UNSIGNED_PAYLOAD
         for n, v in headers:

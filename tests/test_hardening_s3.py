@@ -1,0 +1,202 @@
+"""Hostile and careless input to the S3 front (issue 11): chunk sizes that never run out,
+headers a signature does not cover, dates and overrides that used to give 500s, part numbers,
+and the statuses of races between the plain API and S3 on one key.
+
+Parsers are fed three ways (whole, one byte at a time, with trailing data); the rest runs
+against real nginx volumes and real index processes over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+
+import pytest
+import requests
+from cluster import HOST
+
+from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal, hex_size
+from minikv.s3.payload import Payload
+
+boto3 = pytest.importorskip("boto3")
+from botocore.config import Config as BotoConfig  # noqa: E402
+
+ACCESS, SECRET = "AKIDHARDEN", "hard/en+secret"
+CHUNKED = [(b"content-encoding", b"aws-chunked"), (b"x-amz-content-sha256", b"STREAMING-UNSIGNED-PAYLOAD-TRAILER")]
+
+
+def client(port: int, access: str = ACCESS, secret: str = SECRET):
+    return boto3.client("s3", endpoint_url=f"http://{HOST}:{port}", aws_access_key_id=access,
+                        aws_secret_access_key=secret, region_name="us-east-1",
+                        config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}))
+
+
+def name() -> str:
+    return "h" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def signed_cluster():
+    """A cluster whose S3 front requires SigV4 with ACCESS / SECRET."""
+    from cluster import Cluster, open_dir
+
+    root = open_dir()
+    c = Cluster(root, volumes=2, replicas=2, subvolumes=1, workers=1,
+                flags=["-s3-access-key", ACCESS, "-s3-secret-key", SECRET])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- item 1: chunk sizes
+
+
+def _feed(body: bytes, how: str):
+    """A read() giving `body` whole, one byte at a time, or whole with trailing data after it."""
+    if how == "bytes":
+        pieces = [body[i:i + 1] for i in range(len(body))]
+    elif how == "trailing":
+        pieces = [body + b"GET / HTTP/1.1\r\n\r\n"]
+    else:
+        pieces = [body]
+
+    async def read() -> bytes:
+        return pieces.pop(0) if pieces else b""
+
+    return read
+
+
+def _decode(body: bytes, how: str, headers=CHUNKED, timeout: float = 10.0):
+    """Decode in a thread that may not finish: a reader that spins must fail the test, not hang it."""
+    out: list = []
+
+    def run():
+        async def go():
+            return await Payload(_feed(body, how), headers, None).read_all(1 << 20)
+        try:
+            out.append(asyncio.run(go()))
+        except Exception as e:  # noqa: BLE001 - the test looks at what it is
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)  # daemon: a spinning reader must not block exit
+    t.start()
+    t.join(timeout)
+    assert out, f"the aws-chunked reader did not finish within {timeout}s on {body[:40]!r} ({how})"
+    return out[0]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+@pytest.mark.parametrize("size", [b"-1", b"0x1", b"1_0", b"+1", b" 1", b"1 ", b"-0", b"", b"\xd9\xa1", b"1" * 17])
+def test_chunk_size_must_be_plain_hex_digits(size, how):
+    body = size + b"\r\nxx\r\n0\r\n\r\n"
+    got = _decode(body, how)
+    assert isinstance(got, S3Error), f"chunk size {size!r} was accepted: {got!r}"
+    assert got.code == "InvalidRequest" and "chunk size" in got.message
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+def test_good_chunked_bodies_still_decode(how):
+    body = b"2\r\nxx\r\nA\r\n0123456789\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n"
+    assert _decode(body, how) == b"xx0123456789"
+    body = b"2;chunk-signature=00\r\nxx\r\n0;chunk-signature=00\r\n\r\n"
+    assert _decode(body, how) == b"xx"
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+def test_trailers_are_bounded(how):
+    body = b"0\r\n" + b"x-a: b\r\n" * 100 + b"\r\n"
+    got = _decode(body, how)
+    assert isinstance(got, S3Error) and "trailers" in got.message
+
+
+@pytest.mark.parametrize("declared", [b"+2", b"2_0", b" 2", b"-2", b"0x2", b"1" * 30])
+def test_declared_length_must_be_plain_decimal(declared):
+    with pytest.raises(S3Error) as e:
+        Payload(_feed(b"", "whole"), [*CHUNKED, (b"x-amz-decoded-content-length", declared)], None)
+    assert e.value.code == "InvalidArgument"
+
+
+def test_a_body_longer_than_declared_stops_at_once():
+    body = b"5\r\nxxxxx\r\n" + b"5\r\nxxxxx\r\n" * 1000 + b"0\r\n\r\n"
+    got = _decode(body, "whole", [*CHUNKED, (b"x-amz-decoded-content-length", b"3")])
+    assert isinstance(got, S3Error) and got.code == "IncompleteBody"
+
+
+def test_numbers_unit():
+    assert [decimal(t) for t in (b"0", b"12", "7", b"+1", b"1_0", b" 1", b"-1", "١", b"", None)] == \
+        [0, 12, 7, None, None, None, None, None, None, None]
+    assert [hex_size(t) for t in (b"0", b"fF", b"-1", b"0x1", b"1_0", b" 1")] == [0, 255, None, None, None, None]
+
+
+def test_numbers_in_s3_requests_are_plain_decimals(cluster):
+    s3 = client(cluster.port, "any", "key")
+    b = name()
+    s3.put_object(Bucket=b, Key="src", Body=b"0123456789")
+    upload = s3.create_multipart_upload(Bucket=b, Key="dst")["UploadId"]
+    sdk = {"User-Agent": "Boto3/1.0"}
+    url = cluster.url(f"/{b}/dst?partNumber=1&uploadId={upload}")
+    for rng in ("bytes=0-" + "9" * 5000, "bytes=+0-1", "bytes=0-1_0", "bytes=0x0-1"):
+        r = requests.put(url, headers={**sdk, "x-amz-copy-source": f"/{b}/src", "x-amz-copy-source-range": rng},
+                         timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (rng[:20], r.status_code)
+    for query in ("max-keys=+5", "max-keys=1_0", "max-keys=%205", "list-type=2&max-keys=-1", "max-keys=0x5"):
+        r = requests.get(cluster.url(f"/{b}?{query}"), headers=sdk, timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (query, r.status_code)
+    got = s3.upload_part_copy(Bucket=b, Key="dst", UploadId=upload, PartNumber=1,
+                              CopySource={"Bucket": b, "Key": "src"}, CopySourceRange="bytes=2-4")
+    s3.complete_multipart_upload(Bucket=b, Key="dst", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": 1, "ETag": got["CopyPartResult"]["ETag"]}]})
+    assert s3.get_object(Bucket=b, Key="dst")["Body"].read() == b"234"
+    assert s3.list_objects_v2(Bucket=b, MaxKeys=1)["KeyCount"] == 1
+
+
+def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data`, read until the server closes or a whole answer with its body arrived."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while True:
+            try:
+                more = s.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no complete answer within {timeout}s; got {got[:200]!r}") from None
+            if not more:
+                return got
+            got += more
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if length and len(body) >= length[0]:
+                    return got
+
+
+def test_negative_chunk_size_does_not_hang_the_worker(make_cluster):
+    """One worker, so a spinning loop would hang every later request too."""
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1, workers=1)
+    body = b"-1\r\nxx\r\n0\r\n\r\n"
+    req = (b"PUT /bk/spin HTTP/1.1\r\nHost: x\r\nx-amz-date: 20260101T000000Z\r\n"
+           b"Content-Encoding: aws-chunked\r\nx-amz-decoded-content-length: 2\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = _raw(c.port, req)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>InvalidRequest</Code>" in answer
+    # the key is not left locked and the worker serves the next requests
+    r = requests.put(c.url("/bk/spin"), data=b"fine", headers={"x-amz-date": "20260101T000000Z"}, timeout=10)
+    assert r.status_code == 200
+    assert c.get("/bk/spin", timeout=10).content == b"fine"
+
+
+def test_presigned_put_with_a_negative_chunk_is_refused(signed_cluster):
+    c = signed_cluster
+    url = client(c.port).generate_presigned_url("put_object", Params={"Bucket": "bk", "Key": "pre-spin"},
+                                                ExpiresIn=60)
+    body = b"-1\r\nxx\r\n0\r\n\r\n"
+    r = requests.put(url, data=body, headers={"Content-Encoding": "aws-chunked"}, timeout=10)
+    assert r.status_code == 400 and "chunk size" in r.text
+    assert requests.get(c.url("/bk/other"), timeout=10).status_code == 404  # still serving
