@@ -21,7 +21,10 @@ from minikv.s3.numbers import decimal, hex_size
 from minikv.s3.payload import Payload
 
 boto3 = pytest.importorskip("boto3")
+from botocore.auth import S3SigV4Auth  # noqa: E402
+from botocore.awsrequest import AWSRequest  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
+from botocore.credentials import Credentials  # noqa: E402
 
 ACCESS, SECRET = "AKIDHARDEN", "hard/en+secret"
 CHUNKED = [(b"content-encoding", b"aws-chunked"), (b"x-amz-content-sha256", b"STREAMING-UNSIGNED-PAYLOAD-TRAILER")]
@@ -200,3 +203,42 @@ def test_presigned_put_with_a_negative_chunk_is_refused(signed_cluster):
     r = requests.put(url, data=body, headers={"Content-Encoding": "aws-chunked"}, timeout=10)
     assert r.status_code == 400 and "chunk size" in r.text
     assert requests.get(c.url("/bk/other"), timeout=10).status_code == 404  # still serving
+
+
+# ---------------------------------------------------------------- item 3: unsigned x-amz-* headers
+
+
+def test_unsigned_copy_source_on_a_presigned_put_is_refused(signed_cluster):
+    c = signed_cluster
+    s3 = client(c.port)
+    b = name()
+    s3.put_object(Bucket=b, Key="secret", Body=b"the secret")
+    put = s3.generate_presigned_url("put_object", Params={"Bucket": b, "Key": "upload"}, ExpiresIn=60)
+    get = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "upload"}, ExpiresIn=60)
+    r = requests.put(put, data=b"", headers={"x-amz-copy-source": f"/{b}/secret"}, timeout=10)
+    assert r.status_code == 403 and "x-amz-copy-source" in r.text
+    assert requests.get(get, timeout=10).status_code == 404  # nothing was copied
+    r = requests.put(put, data=b"", headers={"x-amz-meta-a": "1"}, timeout=10)
+    assert r.status_code == 403
+    # the upload URL still does what it was made for
+    assert requests.put(put, data=b"mine", timeout=10).status_code == 200
+    assert requests.get(get, timeout=10).content == b"mine"
+
+
+def test_unsigned_amz_header_on_a_header_signed_request_is_refused(signed_cluster):
+    c = signed_cluster
+    s3 = client(c.port)
+    b = name()
+    s3.put_object(Bucket=b, Key="secret", Body=b"the secret")
+    url = f"http://{HOST}:{c.port}/{b}/copy"
+    req = AWSRequest(method="PUT", url=url, data=b"", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", "us-east-1").add_auth(req)
+    headers = dict(req.headers.items())
+    # a captured signed empty PUT, replayed with a copy source added
+    r = requests.put(url, data=b"", headers={**headers, "x-amz-copy-source": f"/{b}/secret"}, timeout=10)
+    assert r.status_code == 403 and "x-amz-copy-source" in r.text
+    assert requests.put(url, data=b"", headers=headers, timeout=10).status_code == 200
+    # boto3 signs what it sends: copies, metadata, multipart still work
+    s3.copy_object(Bucket=b, Key="copy2", CopySource={"Bucket": b, "Key": "secret"})
+    s3.put_object(Bucket=b, Key="meta", Body=b"m", Metadata={"a": "b"})
+    assert s3.get_object(Bucket=b, Key="copy2")["Body"].read() == b"the secret"

@@ -112,6 +112,19 @@ def _amz_time(amz_date: str) -> float:
         raise S3Error("AccessDenied", f"invalid x-amz-date {amz_date!r}") from None
 
 
+def unsigned_amz_headers(headers: list[tuple[bytes, bytes]], signed_names: list[str]) -> list[str]:
+    """The x-amz-* headers of a request that its signature does not cover. x-amz-content-sha256
+    is covered either way: its value is the payload line of the canonical request."""
+    signed = set(signed_names)
+    out = []
+    for name, _ in headers:
+        if name.startswith(b"x-amz-") and name != b"x-amz-content-sha256":
+            text = name.decode("latin-1")
+            if text not in signed and text not in out:
+                out.append(text)
+    return out
+
+
 def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
            access_key: str, secret_key: str, now: float | None = None) -> Signed:
     """Check a request's SigV4 signature (header or presigned); the signing context, or S3Error."""
@@ -176,6 +189,12 @@ def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[t
         raise S3Error("AuthorizationHeaderMalformed", "the credential date does not match x-amz-date")
     if "host" not in signed_names:
         raise S3Error("AccessDenied", "the Host header must be signed")
+    unsigned = unsigned_amz_headers(headers, signed_names)
+    if unsigned:
+        # as S3: an x-amz-* header changes what the request does (x-amz-copy-source turns an
+        # upload into a copy of any object), so one added to a signed request is refused
+        raise S3Error("AccessDenied", "There were headers present in the request which were not signed: "
+                      + ", ".join(unsigned), HeadersNotSigned=", ".join(unsigned))
     canonical_headers = []
     for name in signed_names:
         values = [v.decode("latin-1") for n, v in headers if n == name.encode("latin-1")]
