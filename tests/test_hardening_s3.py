@@ -242,3 +242,37 @@ def test_unsigned_amz_header_on_a_header_signed_request_is_refused(signed_cluste
     s3.copy_object(Bucket=b, Key="copy2", CopySource={"Bucket": b, "Key": "secret"})
     s3.put_object(Bucket=b, Key="meta", Body=b"m", Metadata={"a": "b"})
     assert s3.get_object(Bucket=b, Key="copy2")["Body"].read() == b"the secret"
+
+
+# ---------------------------------------------------------------- item 10: 500s from client input
+
+
+def test_absurd_dates_and_header_overrides_are_not_500s(cluster, signed_cluster):
+    b = name()
+    assert cluster.put(f"/{b}/k", b"value").status_code == 201
+    sdk = {"User-Agent": "Boto3/1.0"}  # an S3 request, anonymous
+    for date in ("Mon, 01 Jan 9999999999999999999 00:00:00 GMT", "Mon, 01 Jan 99999 00:00:00 GMT",
+                 "Mon, 01 Jan 2000 00:00:00 +9999", "garbage"):
+        for hdr in ("If-Modified-Since", "If-Unmodified-Since"):
+            for method in ("GET", "HEAD"):
+                r = requests.request(method, cluster.url(f"/{b}/k"), headers={**sdk, hdr: date}, timeout=10)
+                assert r.status_code == 200, (method, hdr, date, r.status_code, r.text)
+            # the plain API does not read these dates, and is not hurt by them either
+            r = requests.get(cluster.url(f"/{b}/k"), headers={hdr: date}, allow_redirects=False, timeout=10)
+            assert r.status_code == 302
+    # CR/LF in a response override: 400 in S3's format, on a signed request
+    s3 = client(signed_cluster.port)
+    s3.put_object(Bucket=b, Key="k", Body=b"value")
+    for value in ("text/plain\r\nX-Evil: 1", "text/plain\nX-Evil: 1", "a\rb", "a\x00b"):
+        params = {"Bucket": b, "Key": "k", "ResponseContentType": value}
+        for op, method in (("get_object", requests.get), ("head_object", requests.head)):
+            r = method(s3.generate_presigned_url(op, Params=params, ExpiresIn=60), timeout=10)
+            assert r.status_code == 400 and "X-Evil" not in r.headers, (value, op, r.status_code)
+        assert b"<Code>InvalidArgument</Code>" in r.content or op == "head_object"
+        r = requests.get(s3.generate_presigned_url("get_object", Params=params, ExpiresIn=60), timeout=10)
+        assert b"<Code>InvalidArgument</Code>" in r.content
+    # a UTF-8 file name in Content-Disposition goes through as the bytes it was sent as
+    got = s3.get_object(Bucket=b, Key="k", ResponseContentDisposition='attachment; filename="€.txt"')
+    assert got["ResponseMetadata"]["HTTPHeaders"]["content-disposition"].encode("latin-1").decode() \
+        == 'attachment; filename="€.txt"'
+    assert got["Body"].read() == b"value"

@@ -116,6 +116,6 @@ def _newer(mtime_ms: int, http_date_value: bytes) -> bool | None:
     """Was the value modified after that date? None if the date cannot be read (ignored, as S3 does)."""
     try:
         when = parsedate_to_datetime(http_date_value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year like 9999999999999999999 overflows
         return None
     return mtime_ms // 1000 > when

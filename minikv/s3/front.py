@@ -75,6 +75,9 @@ class S3:
             return ctx.error(from_http(e))
         except StoreError as e:
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
+        except Exception as e:  # a bug: an S3 error the client can read, as in _finish
+            print(f"minikv s3: internal error: {e!r}", file=sys.stderr)
+            return ctx.error(S3Error("InternalError", f"internal error: {e}"))
         if isinstance(result, bytes):
             return result
         return self._finish(ctx, result)
