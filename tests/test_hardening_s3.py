@@ -276,3 +276,26 @@ def test_absurd_dates_and_header_overrides_are_not_500s(cluster, signed_cluster)
     assert got["ResponseMetadata"]["HTTPHeaders"]["content-disposition"].encode("latin-1").decode() \
         == 'attachment; filename="€.txt"'
     assert got["Body"].read() == b"value"
+
+
+# ---------------------------------------------------------------- item 11: response-* on anonymous requests
+
+
+def test_response_overrides_need_a_signature(cluster):
+    b = name()
+    assert cluster.put(f"/{b}/page", b"<script>1</script>").status_code == 201
+    r = requests.get(cluster.url(f"/{b}/page?response-content-type=text/html"), timeout=10)
+    assert r.status_code == 400 and b"<Code>InvalidRequest</Code>" in r.content
+    assert "html" not in r.headers.get("Content-Type", "")
+    r = requests.get(cluster.url(f"/{b}/page?response-content-disposition=inline"), timeout=10)
+    assert r.status_code == 400
+    # signed, with whatever key (no credentials configured): kept, as S3 does for signed requests
+    s3 = client(cluster.port, "any", "key")
+    got = s3.get_object(Bucket=b, Key="page", ResponseContentType="text/html")
+    assert got["ContentType"] == "text/html" and got["Body"].read() == b"<script>1</script>"
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "page",
+                                                          "ResponseContentType": "text/plain"}, ExpiresIn=60)
+    assert requests.get(url, timeout=10).headers["Content-Type"] == "text/plain"
+    # without an override an anonymous GET is served as before
+    r = requests.get(cluster.url(f"/{b}/page"), headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+    assert r.status_code == 200 and r.content == b"<script>1</script>"

@@ -9,7 +9,9 @@ succeeds when nothing is left under it.
 Authentication: with no credentials configured every request is served, signed or not (the
 plain API has no authentication either). With `-s3-access-key` and `-s3-secret-key` (or
 MINIKV_S3_ACCESS_KEY / MINIKV_S3_SECRET_KEY) every S3 request must carry a valid SigV4
-signature (header or presigned URL): 403 SignatureDoesNotMatch otherwise.
+signature (header or presigned URL): 403 SignatureDoesNotMatch otherwise, and every x-amz-*
+header must be one the signature covers. Either way, the response-* overrides of a GET (which
+set the answer's Content-Type...) are refused on a request that carries no signature at all.
 """
 
 from __future__ import annotations

@@ -64,7 +64,13 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _check_override(ctx: Ctx, name: str, value: bytes) -> None:
-    """A response-* override is a header we send: never with CR/LF in it."""
+    """A response-* override is a header we send: only on signed requests (as S3: otherwise any
+    link could serve any object as text/html from this origin), and never with CR/LF in it."""
+    if ctx.signed is None and ctx.header(b"authorization") is None and "X-Amz-Signature" not in ctx.params:
+        # with credentials configured every request is verified (ctx.signed); without them a
+        # signature cannot be checked, but a request that carries none is anonymous for sure
+        raise S3Error("InvalidRequest", "Request specific response headers cannot be used for anonymous "
+                      f"GET requests ({name}): sign the request or drop the parameter")
     if _CONTROL.search(value):
         raise S3Error("InvalidArgument", f"{name} must not contain control characters (CR, LF, ...)")
 
