@@ -299,3 +299,32 @@ def test_response_overrides_need_a_signature(cluster):
     # without an override an anonymous GET is served as before
     r = requests.get(cluster.url(f"/{b}/page"), headers={"User-Agent": "Boto3/1.0"}, timeout=10)
     assert r.status_code == 200 and r.content == b"<script>1</script>"
+
+
+# ---------------------------------------------------------------- item 12: part numbers
+
+
+def test_upload_part_needs_a_valid_part_number(cluster):
+    s3 = client(cluster.port, "any", "key")
+    b = name()
+    upload = s3.create_multipart_upload(Bucket=b, Key="mp")["UploadId"]
+    url = cluster.url(f"/{b}/mp")
+    for query in (f"uploadId={upload}", f"uploadId={upload}&partNumber=", f"uploadId={upload}&partNumber=0",
+                  f"uploadId={upload}&partNumber=10001", f"uploadId={upload}&partNumber=%2B1",
+                  f"uploadId={upload}&partNumber=1_0", f"uploadId={upload}&partNumber=%201",
+                  f"uploadId={upload}&partNumber=-1", f"uploadId={upload}&partNumber=0x1"):
+        r = requests.put(f"{url}?{query}", data=b"part", headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (query, r.status_code)
+    assert s3.list_parts(Bucket=b, Key="mp", UploadId=upload).get("Parts", []) == []
+    etag = s3.upload_part(Bucket=b, Key="mp", UploadId=upload, PartNumber=10000, Body=b"last")["ETag"]
+    s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload,
+                                 MultipartUpload={"Parts": [{"PartNumber": 10000, "ETag": etag}]})
+    assert s3.get_object(Bucket=b, Key="mp")["Body"].read() == b"last"
+    # the part numbers of a Complete are plain decimals too
+    upload = s3.create_multipart_upload(Bucket=b, Key="mp2")["UploadId"]
+    etag = s3.upload_part(Bucket=b, Key="mp2", UploadId=upload, PartNumber=1, Body=b"one")["ETag"]
+    doc = f"<CompleteMultipartUpload><Part><PartNumber>+1</PartNumber><ETag>{etag}</ETag></Part>" \
+          "</CompleteMultipartUpload>"
+    r = requests.post(f"{cluster.url(f'/{b}/mp2')}?uploadId={upload}", data=doc.encode(),
+                      headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+    assert r.status_code == 400 and b"<Code>MalformedXML</Code>" in r.content
