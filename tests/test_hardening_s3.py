@@ -8,17 +8,29 @@ against real nginx volumes and real index processes over loopback."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from cluster import HOST
 
+from minikv.api.app import App
+from minikv.config import Config
+from minikv.health import Health
+from minikv.http.client import Pool
+from minikv.http.response import HTTPError
+from minikv.http.server import Body, Request
+from minikv.index.record import LIVE, OP_DELETE, OP_PUT, UNLINKED, encode_data, encode_pending, with_state
+from minikv.index.store import Store
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, hex_size
 from minikv.s3.payload import Payload
+from minikv.s3.values import Values
 
 boto3 = pytest.importorskip("boto3")
 from botocore.auth import S3SigV4Auth  # noqa: E402
@@ -328,3 +340,140 @@ def test_upload_part_needs_a_valid_part_number(cluster):
     r = requests.post(f"{cluster.url(f'/{b}/mp2')}?uploadId={upload}", data=doc.encode(),
                       headers={"User-Agent": "Boto3/1.0"}, timeout=10)
     assert r.status_code == 400 and b"<Code>MalformedXML</Code>" in r.content
+
+
+# ---------------------------------------------------------------- item 13: races between the two APIs
+
+
+def _app(tmp_path) -> App:
+    """The plain API over a real LMDB index; the volumes are never reached by these tests."""
+    cfg = Config(volumes=[f"{HOST}:1"], db=str(tmp_path), replicas=1, subvolumes=1)
+    pool = Pool()
+    return App(cfg, Store(str(tmp_path / "index")), pool, Health(pool, cfg.hosts))
+
+
+def _put_request(key: bytes) -> Request:
+    return Request(b"PUT", key, [(b"content-length", b"1")], True, Body(None, False), None, True)
+
+
+def _set(store: Store, key: bytes, new: bytes | None) -> None:
+    """Change a record as another worker's write does: through PENDING, one CAS each step."""
+    current = store.get(key)
+    pending = encode_pending(OP_PUT if new else OP_DELETE, 1, 1, [f"{HOST}:1"], current or b"")
+    assert store.cas(key, current, pending)[0]
+    assert store.cas(key, pending, new)[0]
+
+
+def _status_of(coro) -> int:
+    try:
+        asyncio.run(coro)
+    except HTTPError as e:
+        return e.status
+    raise AssertionError("the request was not refused")
+
+
+def test_plain_put_of_a_key_deleted_meanwhile_is_409(tmp_path):
+    """The plain PUT read an UNLINKED record; the S3 front (another worker) deleted it before the
+    PUT took the lock: the PUT was answered 404."""
+    app = _app(tmp_path)
+    key = b"/b/k"
+    unlinked = encode_data(UNLINKED, [f"{HOST}:1"], 5, 1, b"\1" * 16)
+    _set(app.store, key, unlinked)
+    started = app.put(_put_request(key), key)  # has read the record, takes the lock when run
+    _set(app.store, key, None)  # the S3 DELETE, on another worker
+    assert _status_of(started) == 409
+
+
+def test_plain_delete_of_a_key_overwritten_meanwhile_is_409(tmp_path):
+    """The plain DELETE read a LIVE record; an S3 PUT replaced it before the DELETE took the lock:
+    the DELETE was answered 403 "key exists: DELETE it first"."""
+    app = _app(tmp_path)
+    key = b"/b/k"
+    old = encode_data(LIVE, [f"{HOST}:1"], 5, 1, b"\1" * 16)
+    new = encode_data(LIVE, [f"{HOST}:1"], 6, 2, b"\2" * 16)
+    _set(app.store, key, old)
+    started = app.delete(key)
+    _set(app.store, key, new)  # the S3 overwrite commits
+    assert _status_of(started) == 409
+    # the same for UNLINK; a key gone meanwhile stays a 404 for DELETE
+    started = app.unlink(key)
+    _set(app.store, key, old)
+    assert _status_of(started) == 409
+    started = app.delete(key)
+    _set(app.store, key, None)
+    assert _status_of(started) == 404
+    # and a PUT that finds a new value committed meanwhile still hears "key exists"
+    _set(app.store, key, with_state(old, UNLINKED))
+    started = app.put(_put_request(key), key)
+    _set(app.store, key, new)
+    assert _status_of(started) == 403
+
+
+def test_s3_get_of_a_key_deleted_while_being_read_is_404(make_cluster):
+    """The S3 GET read the LIVE record, then a plain DELETE removed the files before the GET
+    reached a volume: every replica answers 404, which was reported as 503."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    key = b"/b/" + name().encode()
+    assert c.put(key.decode(), b"value").status_code == 201
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    async def read_after_delete():
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(key)  # what the GET read
+            assert (await asyncio.to_thread(c.delete, key.decode())).status_code == 204
+            values = Values(cfg, store, pool, Health(pool, cfg.hosts))
+            with pytest.raises(S3Error) as e:
+                await values.open(key, raw)
+            return e.value
+        finally:
+            pool.close()
+            store.close()
+
+    err = asyncio.run(read_after_delete())
+    assert err.code == "NoSuchKey" and err.status == 404
+
+
+def test_races_between_the_apis_give_the_right_statuses(make_cluster):
+    """Plain and S3 requests on one key at once, from two workers: each status is one its
+    request can rightly get, never a 404 to a PUT, a 403 to a DELETE or a 503 to a GET."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=2)
+    s3 = {"User-Agent": "Boto3/1.0"}
+    session_ok = {"plain PUT": {201, 403, 409}, "plain DELETE": {204, 404, 409},
+                  "S3 GET": {200, 404}, "S3 PUT": {200, 409}, "S3 DELETE": {204, 409}}
+    seen: dict[str, set] = {k: set() for k in session_ok}
+
+    def plain_put(key):
+        return "plain PUT", requests.put(c.url(key), data=b"plain", timeout=10).status_code
+
+    def plain_delete(key):
+        return "plain DELETE", requests.delete(c.url(key), timeout=10).status_code
+
+    def s3_get(key):
+        return "S3 GET", requests.get(c.url(key), headers=s3, timeout=10).status_code
+
+    def s3_put(key):
+        return "S3 PUT", requests.put(c.url(key), data=b"s3 value", headers=s3, timeout=10).status_code
+
+    def s3_delete(key):
+        return "S3 DELETE", requests.delete(c.url(key), headers=s3, timeout=10).status_code
+
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(8) as ex:
+        for i in range(150):  # bounded in count and in time
+            if time.monotonic() > deadline:
+                break
+            key = f"/race/{i}-{os.getpid()}"
+            assert c.put(key, b"first").status_code == 201
+            if i % 3 == 0:
+                assert requests.request("UNLINK", c.url(key), timeout=10).status_code == 204
+                jobs = [(plain_put, key), (s3_delete, key), (s3_get, key)]
+            elif i % 3 == 1:
+                jobs = [(plain_delete, key), (s3_put, key), (s3_get, key), (s3_get, key)]
+            else:
+                jobs = [(plain_delete, key), *[(s3_get, key)] * 5]
+            for what, status in ex.map(lambda job: job[0](job[1]), jobs):
+                seen[what].add(status)
+                assert status in session_ok[what], f"{what} answered {status} in round {i}"
+    assert seen["S3 GET"] and seen["plain DELETE"]
