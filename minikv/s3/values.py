@@ -25,6 +25,13 @@ stuck, not a phantom); it never holds a mix of two values.
 
 Parts of multipart uploads are values too, under internal keys (multipart.py), so all of this
 applies to them.
+
+An overwrite replaces the file at the same path: minikeyvalue's layout names a file after its
+key only, and `rebuild` reads keys back from file names, so there is no path per version. A
+plain-API 302 handed out before step 3 (with the old value's Content-Md5) and followed after it
+therefore fetches the new value; so does an S3 GET whose record was read before the rename (old
+ETag, new bytes). A download already under way keeps the file nginx opened, so it is whole. The
+plain API's own PUT never overwrites (403), so clusters written only through it never see this.
 """
 
 from __future__ import annotations
