@@ -280,7 +280,6 @@ def test_absurd_dates_and_header_overrides_are_not_500s(cluster, signed_cluster)
         for op, method in (("get_object", requests.get), ("head_object", requests.head)):
             r = method(s3.generate_presigned_url(op, Params=params, ExpiresIn=60), timeout=10)
             assert r.status_code == 400 and "X-Evil" not in r.headers, (value, op, r.status_code)
-        assert b"<Code>InvalidArgument</Code>" in r.content or op == "head_object"
         r = requests.get(s3.generate_presigned_url("get_object", Params=params, ExpiresIn=60), timeout=10)
         assert b"<Code>InvalidArgument</Code>" in r.content
     # a UTF-8 file name in Content-Disposition goes through as the bytes it was sent as
