@@ -252,7 +252,7 @@ class App:
         """Take the key's record from `expect` to PENDING, or answer why not."""
         done, current = await self._cas(key, expect, pending)
         if not done:
-            raise self._conflict(current)
+            raise self._raced(current, pending[1:2] == OP_PUT)
 
     @staticmethod
     def _conflict(current: bytes | None) -> HTTPError:
@@ -263,6 +263,19 @@ class App:
         if current[0] == LIVE:
             return HTTPError(403, "key exists: DELETE it first")
         return HTTPError(409, "the key changed meanwhile")
+
+    @classmethod
+    def _raced(cls, current: bytes | None, put: bool) -> HTTPError:
+        """Why a compare-and-set failed: the record changed since this request read it (another
+        worker, or the S3 front). "In progress", "missing" (but not to a PUT) and, to a PUT,
+        "key exists" are still true; anything else is a race the client should retry: 409, not
+        a 404 to a PUT nor a "key exists" to a DELETE of a value replaced meanwhile."""
+        if current is None:
+            return HTTPError(409, "the key was deleted while this PUT was starting: try again") if put \
+                else HTTPError(404)
+        if current[0] == PENDING or (put and current[0] == LIVE):
+            return cls._conflict(current)
+        return HTTPError(409, "the key changed while this request was being handled: try again")
 
     def put(self, req: Request, key: bytes):
         check_key(key)
@@ -398,7 +411,7 @@ class App:
     async def _unlink(self, key: bytes, raw: bytes) -> bytes:
         done, current = await self._cas(key, raw, with_state(raw, UNLINKED))
         if not done:
-            raise self._conflict(current)
+            raise self._raced(current, False)
         return head(204)
 
     def rebalance(self, key: bytes):

@@ -11,6 +11,7 @@ from minikv.http.response import HTTPError, head, http_date
 from minikv.http.server import Request
 from minikv.index.record import NO_MD5
 from minikv.s3.errors import S3Error, from_http
+from minikv.s3.numbers import decimal_in
 from minikv.s3.sigv4 import Signed
 from minikv.s3.xml import document
 
@@ -44,13 +45,8 @@ class Ctx:
         text = self.param(name)
         if text is None or text == "":
             return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise S3Error("InvalidArgument", f"{name} must be an integer") from None
-        if not low <= value <= high:
-            raise S3Error("InvalidArgument", f"{name} must be between {low} and {high}")
-        return value
+        return decimal_in(text, low, high, "InvalidArgument",
+                          f"{name} must be a whole number between {low} and {high}, not {text[:32]!r}")
 
     def respond(self, status: int = 200, headers=(), body: bytes = b"", length: int | None = None) -> bytes:
         hs = [("x-amz-request-id", self.rid), ("Date", http_date()), *headers]
@@ -120,6 +116,6 @@ def _newer(mtime_ms: int, http_date_value: bytes) -> bool | None:
     """Was the value modified after that date? None if the date cannot be read (ignored, as S3 does)."""
     try:
         when = parsedate_to_datetime(http_date_value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year like 9999999999999999999 overflows
         return None
     return mtime_ms // 1000 > when

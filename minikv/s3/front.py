@@ -9,8 +9,10 @@ succeeds when nothing is left under it.
 Authentication: with no credentials configured every request is served, signed or not (the
 plain API is open too). With `-s3-access-key` and `-s3-secret-key` (or MINIKV_S3_ACCESS_KEY /
 MINIKV_S3_SECRET_KEY) every S3 request must carry a valid SigV4 signature (header or presigned
-URL): 403 SignatureDoesNotMatch otherwise; the plain API then asks for the same pair as HTTP
-Basic (api/access.py).
+URL): 403 SignatureDoesNotMatch otherwise, and every x-amz-* header must be one the signature
+covers; the plain API then asks for the same pair as HTTP Basic (api/access.py). Either way,
+the response-* overrides of a GET (which set the answer's Content-Type...) are refused on a
+request that carries no signature at all.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class S3:
             return ctx.error(from_http(e))
         except StoreError as e:
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
+        except Exception as e:  # a bug: an S3 error the client can read, as in _finish
+            print(f"minikv s3: internal error: {e!r}", file=sys.stderr)
+            return ctx.error(S3Error("InternalError", f"internal error: {e}"))
         if isinstance(result, bytes):
             return result
         return self._finish(ctx, result)

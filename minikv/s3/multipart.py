@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator
 from minikv.index.record import decode_data, now_ms
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal, decimal_in
 from minikv.s3.objects import _payload, copy_source
 from minikv.s3.xml import iso_time, parse
 
@@ -72,7 +73,9 @@ def create(s3, ctx: Ctx) -> bytes:
 
 async def upload_part(s3, ctx: Ctx) -> bytes:
     upload_id = _upload(s3, ctx, ctx.param("uploadId"))
-    number = ctx.int_param("partNumber", 0, 1, MAX_PART_NUMBER)
+    # required: without it the part would be stored as number 0, which no Complete can name
+    number = decimal_in(ctx.param("partNumber"), 1, MAX_PART_NUMBER, "InvalidArgument",
+                        f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive")
     key = part_key(upload_id, number)
     if ctx.header(b"x-amz-copy-source") is not None:
         return await _upload_part_copy(s3, ctx, key)
@@ -86,7 +89,7 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
     size = decode_data(raw).size
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
-        m = re.fullmatch(rb"bytes=(\d+)-(\d+)", rng.strip())
+        m = re.fullmatch(rb"bytes=([0-9]{1,19})-([0-9]{1,19})", rng.strip())  # bounded: no 5000-digit int()
         if m is None or int(m[1]) > int(m[2]) or int(m[2]) >= size:
             raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form "
                           "bytes=first-last where first and last are the zero-based offsets of the first and last "
@@ -106,10 +109,9 @@ async def complete(s3, ctx: Ctx) -> bytes:
         raise S3Error("MalformedXML", "expected a <CompleteMultipartUpload> document")
     wanted = []
     for node in doc.findall("Part"):
-        try:
-            number = int(node.value("PartNumber") or "")
-        except ValueError:
-            raise S3Error("MalformedXML", "a <Part> without a valid <PartNumber>") from None
+        number = decimal(node.value("PartNumber"))
+        if number is None:
+            raise S3Error("MalformedXML", "a <Part> without a valid <PartNumber>")
         wanted.append((number, (node.value("ETag") or "").strip('"')))
     if not wanted:
         raise S3Error("MalformedXML", "the upload must name at least one part")

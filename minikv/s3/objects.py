@@ -9,6 +9,7 @@ control both ways (a slow client pauses the volume's socket). Writes go through 
 from __future__ import annotations
 
 import asyncio
+import re
 from urllib.parse import unquote_to_bytes
 
 from minikv.http.client import VolumeError
@@ -47,15 +48,31 @@ def _object_headers(s3, ctx: Ctx, raw: bytes) -> tuple[list, str]:
     check_conditions(ctx, etag, data.mtime_ms)
     headers = [("ETag", quoted(etag)), ("Last-Modified", http_time(data.mtime_ms)),
                ("Accept-Ranges", "bytes")]
-    content_type = "binary/octet-stream"
+    content_type: bytes | str = "binary/octet-stream"
     for name, header in OVERRIDES.items():
-        if (value := ctx.param(name)) is not None:
+        if (value := ctx.params.get(name)) is not None:
+            _check_override(ctx, name, value)
             if header == "Content-Type":
                 content_type = value
             else:
-                headers.append((header, value))
+                headers.append((header, value))  # the bytes as sent: UTF-8 file names pass through
     headers.append(("Content-Type", content_type))
     return headers, etag
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_override(ctx: Ctx, name: str, value: bytes) -> None:
+    """A response-* override is a header we send: only on signed requests (as S3: otherwise any
+    link could serve any object as text/html from this origin), and never with CR/LF in it."""
+    if ctx.signed is None and ctx.header(b"authorization") is None and "X-Amz-Signature" not in ctx.params:
+        # with credentials configured every request is verified (ctx.signed); without them a
+        # signature cannot be checked, but a request that carries none is anonymous for sure
+        raise S3Error("InvalidRequest", "Request specific response headers cannot be used for anonymous "
+                      f"GET requests ({name}): sign the request or drop the parameter")
+    if _CONTROL.search(value):
+        raise S3Error("InvalidArgument", f"{name} must not contain control characters (CR, LF, ...)")
 
 
 def head_object(s3, ctx: Ctx) -> bytes:

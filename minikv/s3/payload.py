@@ -26,9 +26,11 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal, hex_size
 from minikv.s3.sigv4 import Signed
 
 MAX_LINE = 8192  # a chunk header or trailer line
+MAX_TRAILERS = 64  # trailer lines are kept until the end: their count is bounded too
 
 
 class _Crc32:
@@ -60,12 +62,9 @@ class Payload:
         self.chunked = "aws-chunked" in encoding or self.content_sha256.startswith("STREAMING-")
         self.chunk_signed = self.content_sha256.startswith("STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
         declared = h.get(b"x-amz-decoded-content-length") if self.chunked else h.get(b"content-length")
-        try:
-            self.length = int(declared) if declared is not None else None
-        except ValueError:
-            raise S3Error("InvalidArgument", "the declared content length is not a number") from None
-        if self.length is not None and self.length < 0:
-            raise S3Error("InvalidArgument", "the declared content length is negative")
+        self.length = decimal(declared)
+        if declared is not None and self.length is None:
+            raise S3Error("InvalidArgument", "the declared content length is not a plain decimal number")
         self.md5 = None
         self.size = 0
         self._expect_md5 = None
@@ -95,6 +94,8 @@ class Payload:
         source = self._dechunk() if self.chunked else self._plain()
         async for data in source:
             self.size += len(data)
+            if self.length is not None and self.size > self.length:  # no need to read the rest
+                raise S3Error("IncompleteBody", f"the body is longer than the {self.length} bytes declared")
             if self.md5 is not None:
                 self.md5.update(data)
             if self._sha256 is not None:
@@ -138,10 +139,11 @@ class Payload:
         while True:
             header = await line()
             size_text, _, ext = header.partition(b";")
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise S3Error("InvalidRequest", "malformed aws-chunked body: bad chunk size") from None
+            # hex digits only: int(text, 16) would take "-1" (a size that never runs out), "0x1", " 1"
+            size = hex_size(size_text)
+            if size is None:
+                raise S3Error("InvalidRequest", "malformed aws-chunked body: a chunk size must be hex digits, "
+                              f"not {size_text[:32]!r}")
             signature = ext.partition(b"chunk-signature=")[2].strip().decode("latin-1")
             digest = hashlib.sha256() if self.chunk_signed and self.signed is not None else None
             remaining = size
@@ -164,6 +166,8 @@ class Payload:
                 raise S3Error("InvalidRequest", "malformed aws-chunked body: chunk longer than declared")
         trailer_lines = []
         while (text := await line()) != b"":
+            if len(trailer_lines) == MAX_TRAILERS:
+                raise S3Error("InvalidRequest", f"malformed aws-chunked body: more than {MAX_TRAILERS} trailers")
             trailer_lines.append(text)
         self._trailers(trailer_lines, previous)
 

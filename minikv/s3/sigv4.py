@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
 from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -111,6 +112,19 @@ def _amz_time(amz_date: str) -> float:
         raise S3Error("AccessDenied", f"invalid x-amz-date {amz_date!r}") from None
 
 
+def unsigned_amz_headers(headers: list[tuple[bytes, bytes]], signed_names: list[str]) -> list[str]:
+    """The x-amz-* headers of a request that its signature does not cover. x-amz-content-sha256
+    is covered either way: its value is the payload line of the canonical request."""
+    signed = set(signed_names)
+    out = []
+    for name, _ in headers:
+        if name.startswith(b"x-amz-") and name != b"x-amz-content-sha256":
+            text = name.decode("latin-1")
+            if text not in signed and text not in out:
+                out.append(text)
+    return out
+
+
 def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
            access_key: str, secret_key: str, now: float | None = None) -> Signed:
     """Check a request's SigV4 signature (header or presigned); the signing context, or S3Error."""
@@ -127,9 +141,12 @@ def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[t
             raise S3Error("AuthorizationQueryParametersError", "X-Amz-Algorithm must be AWS4-HMAC-SHA256")
         try:
             credential, signed_list, signature = q["X-Amz-Credential"], q["X-Amz-SignedHeaders"], q["X-Amz-Signature"]
-            amz_date, expires = q["X-Amz-Date"], int(q.get("X-Amz-Expires", "0"))
-        except (KeyError, ValueError) as e:
-            raise S3Error("AuthorizationQueryParametersError", f"presigned URL lacks or mangles {e}") from None
+            amz_date = q["X-Amz-Date"]
+        except KeyError as e:
+            raise S3Error("AuthorizationQueryParametersError", f"presigned URL lacks {e}") from None
+        expires = decimal(q.get("X-Amz-Expires", "0"))
+        if expires is None:
+            raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires must be a plain decimal number")
         signed_names = signed_list.split(";")
         payload = UNSIGNED_PAYLOAD
         for n, v in headers:
@@ -172,6 +189,12 @@ def verify(method: bytes, path: bytes, key: bytes, query: bytes, headers: list[t
         raise S3Error("AuthorizationHeaderMalformed", "the credential date does not match x-amz-date")
     if "host" not in signed_names:
         raise S3Error("AccessDenied", "the Host header must be signed")
+    unsigned = unsigned_amz_headers(headers, signed_names)
+    if unsigned:
+        # as S3: an x-amz-* header changes what the request does (x-amz-copy-source turns an
+        # upload into a copy of any object), so one added to a signed request is refused
+        raise S3Error("AccessDenied", "There were headers present in the request which were not signed: "
+                      + ", ".join(unsigned), HeadersNotSigned=", ".join(unsigned))
     canonical_headers = []
     for name in signed_names:
         values = [v.decode("latin-1") for n, v in headers if n == name.encode("latin-1")]

@@ -25,6 +25,13 @@ stuck, not a phantom); it never holds a mix of two values.
 
 Parts of multipart uploads are values too, under internal keys (multipart.py), so all of this
 applies to them.
+
+An overwrite replaces the file at the same path: minikeyvalue's layout names a file after its
+key only, and `rebuild` reads keys back from file names, so there is no path per version. A
+plain-API 302 handed out before step 3 (with the old value's Content-Md5) and followed after it
+therefore fetches the new value; so does an S3 GET whose record was read before the rename (old
+ETag, new bytes). A download already under way keeps the file nginx opened, so it is whole. The
+plain API's own PUT never overwrites (403), so clusters written only through it never see this.
 """
 
 from __future__ import annotations
@@ -112,10 +119,11 @@ class Values:
         return ([v for v in shuffled if host_of(v) not in self.health.down]
                 + [v for v in shuffled if host_of(v) in self.health.down])
 
-    async def open(self, key: bytes, raw: bytes, headers=()):
+    async def open(self, key: bytes, raw: bytes, headers=(), moved: bool = False):
         """Start a GET of the value of record `raw` from one replica: (conn, body) with status
         200 or 206. Tries each replica in turn; InvalidRange for a 416."""
         reasons = []
+        missing = 0
         for volume in self._replica_order(decode_data(raw).volumes):
             host, path = replicas.locate(volume, key)
             try:
@@ -130,6 +138,15 @@ class Values:
             if conn.status == 416:
                 raise S3Error("InvalidRange", "The requested range is not satisfiable")
             reasons.append(f"volume {host} answered {conn.status} to GET")
+            missing += conn.status == 404
+        if missing and (current := readable(self.store.get(key))) != raw:
+            # the files went because the record changed after we read it (the plain API or
+            # another worker): a key deleted meanwhile is missing, not the service broken
+            if current is None:
+                raise S3Error("NoSuchKey", "The specified key does not exist (it was deleted while being read).")
+            if current[1:33] == raw[1:33] and not moved:  # same value (size, mtime, md5), moved: once more
+                return await self.open(key, current, headers, moved=True)
+            reasons.append("the object was replaced while being read: retry")
         raise S3Error("ServiceUnavailable", "no replica could be read: " + "; ".join(reasons))
 
     async def stream(self, key: bytes, raw: bytes, headers=(), expect: int | None = None) -> AsyncIterator[bytes]:

@@ -1,0 +1,478 @@
+"""Hostile and careless input to the S3 front (issue 11): chunk sizes that never run out,
+headers a signature does not cover, dates and overrides that used to give 500s, part numbers,
+and the statuses of races between the plain API and S3 on one key.
+
+Parsers are fed three ways (whole, one byte at a time, with trailing data); the rest runs
+against real nginx volumes and real index processes over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from cluster import HOST
+
+from minikv.api.app import App
+from minikv.config import Config
+from minikv.health import Health
+from minikv.http.client import Pool
+from minikv.http.response import HTTPError
+from minikv.http.server import Body, Request
+from minikv.index.record import LIVE, OP_DELETE, OP_PUT, UNLINKED, encode_data, encode_pending, with_state
+from minikv.index.store import Store
+from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal, hex_size
+from minikv.s3.payload import Payload
+from minikv.s3.values import Values
+
+boto3 = pytest.importorskip("boto3")
+from botocore.auth import S3SigV4Auth  # noqa: E402
+from botocore.awsrequest import AWSRequest  # noqa: E402
+from botocore.config import Config as BotoConfig  # noqa: E402
+from botocore.credentials import Credentials  # noqa: E402
+
+ACCESS, SECRET = "AKIDHARDEN", "hard/en+secret"
+CHUNKED = [(b"content-encoding", b"aws-chunked"), (b"x-amz-content-sha256", b"STREAMING-UNSIGNED-PAYLOAD-TRAILER")]
+
+
+def client(port: int, access: str = ACCESS, secret: str = SECRET):
+    return boto3.client("s3", endpoint_url=f"http://{HOST}:{port}", aws_access_key_id=access,
+                        aws_secret_access_key=secret, region_name="us-east-1",
+                        config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}))
+
+
+def name() -> str:
+    return "h" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def signed_cluster():
+    """A cluster whose S3 front requires SigV4 with ACCESS / SECRET."""
+    from cluster import Cluster, open_dir
+
+    root = open_dir()
+    c = Cluster(root, volumes=2, replicas=2, subvolumes=1, workers=1,
+                flags=["-s3-access-key", ACCESS, "-s3-secret-key", SECRET])
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- item 1: chunk sizes
+
+
+def _feed(body: bytes, how: str):
+    """A read() giving `body` whole, one byte at a time, or whole with trailing data after it."""
+    if how == "bytes":
+        pieces = [body[i:i + 1] for i in range(len(body))]
+    elif how == "trailing":
+        pieces = [body + b"GET / HTTP/1.1\r\n\r\n"]
+    else:
+        pieces = [body]
+
+    async def read() -> bytes:
+        return pieces.pop(0) if pieces else b""
+
+    return read
+
+
+def _decode(body: bytes, how: str, headers=CHUNKED, timeout: float = 10.0):
+    """Decode in a thread that may not finish: a reader that spins must fail the test, not hang it."""
+    out: list = []
+
+    def run():
+        async def go():
+            return await Payload(_feed(body, how), headers, None).read_all(1 << 20)
+        try:
+            out.append(asyncio.run(go()))
+        except Exception as e:  # noqa: BLE001 - the test looks at what it is
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)  # daemon: a spinning reader must not block exit
+    t.start()
+    t.join(timeout)
+    assert out, f"the aws-chunked reader did not finish within {timeout}s on {body[:40]!r} ({how})"
+    return out[0]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+@pytest.mark.parametrize("size", [b"-1", b"0x1", b"1_0", b"+1", b" 1", b"1 ", b"-0", b"", b"\xd9\xa1", b"1" * 17])
+def test_chunk_size_must_be_plain_hex_digits(size, how):
+    body = size + b"\r\nxx\r\n0\r\n\r\n"
+    got = _decode(body, how)
+    assert isinstance(got, S3Error), f"chunk size {size!r} was accepted: {got!r}"
+    assert got.code == "InvalidRequest" and "chunk size" in got.message
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+def test_good_chunked_bodies_still_decode(how):
+    body = b"2\r\nxx\r\nA\r\n0123456789\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n"
+    assert _decode(body, how) == b"xx0123456789"
+    body = b"2;chunk-signature=00\r\nxx\r\n0;chunk-signature=00\r\n\r\n"
+    assert _decode(body, how) == b"xx"
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes", "trailing"])
+def test_trailers_are_bounded(how):
+    body = b"0\r\n" + b"x-a: b\r\n" * 100 + b"\r\n"
+    got = _decode(body, how)
+    assert isinstance(got, S3Error) and "trailers" in got.message
+
+
+@pytest.mark.parametrize("declared", [b"+2", b"2_0", b" 2", b"-2", b"0x2", b"1" * 30])
+def test_declared_length_must_be_plain_decimal(declared):
+    with pytest.raises(S3Error) as e:
+        Payload(_feed(b"", "whole"), [*CHUNKED, (b"x-amz-decoded-content-length", declared)], None)
+    assert e.value.code == "InvalidArgument"
+
+
+def test_a_body_longer_than_declared_stops_at_once():
+    body = b"5\r\nxxxxx\r\n" + b"5\r\nxxxxx\r\n" * 1000 + b"0\r\n\r\n"
+    got = _decode(body, "whole", [*CHUNKED, (b"x-amz-decoded-content-length", b"3")])
+    assert isinstance(got, S3Error) and got.code == "IncompleteBody"
+
+
+def test_numbers_unit():
+    assert [decimal(t) for t in (b"0", b"12", "7", b"+1", b"1_0", b" 1", b"-1", "١", b"", None)] == \
+        [0, 12, 7, None, None, None, None, None, None, None]
+    assert [hex_size(t) for t in (b"0", b"fF", b"-1", b"0x1", b"1_0", b" 1")] == [0, 255, None, None, None, None]
+
+
+def test_numbers_in_s3_requests_are_plain_decimals(cluster):
+    s3 = client(cluster.port, "any", "key")
+    b = name()
+    s3.put_object(Bucket=b, Key="src", Body=b"0123456789")
+    upload = s3.create_multipart_upload(Bucket=b, Key="dst")["UploadId"]
+    sdk = {"User-Agent": "Boto3/1.0"}
+    url = cluster.url(f"/{b}/dst?partNumber=1&uploadId={upload}")
+    for rng in ("bytes=0-" + "9" * 5000, "bytes=+0-1", "bytes=0-1_0", "bytes=0x0-1"):
+        r = requests.put(url, headers={**sdk, "x-amz-copy-source": f"/{b}/src", "x-amz-copy-source-range": rng},
+                         timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (rng[:20], r.status_code)
+    for query in ("max-keys=+5", "max-keys=1_0", "max-keys=%205", "list-type=2&max-keys=-1", "max-keys=0x5"):
+        r = requests.get(cluster.url(f"/{b}?{query}"), headers=sdk, timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (query, r.status_code)
+    got = s3.upload_part_copy(Bucket=b, Key="dst", UploadId=upload, PartNumber=1,
+                              CopySource={"Bucket": b, "Key": "src"}, CopySourceRange="bytes=2-4")
+    s3.complete_multipart_upload(Bucket=b, Key="dst", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": 1, "ETag": got["CopyPartResult"]["ETag"]}]})
+    assert s3.get_object(Bucket=b, Key="dst")["Body"].read() == b"234"
+    assert s3.list_objects_v2(Bucket=b, MaxKeys=1)["KeyCount"] == 1
+
+
+def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data`, read until the server closes or a whole answer with its body arrived."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while True:
+            try:
+                more = s.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no complete answer within {timeout}s; got {got[:200]!r}") from None
+            if not more:
+                return got
+            got += more
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if length and len(body) >= length[0]:
+                    return got
+
+
+def test_negative_chunk_size_does_not_hang_the_worker(make_cluster):
+    """One worker, so a spinning loop would hang every later request too."""
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1, workers=1)
+    body = b"-1\r\nxx\r\n0\r\n\r\n"
+    req = (b"PUT /bk/spin HTTP/1.1\r\nHost: x\r\nx-amz-date: 20260101T000000Z\r\n"
+           b"Content-Encoding: aws-chunked\r\nx-amz-decoded-content-length: 2\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = _raw(c.port, req)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>InvalidRequest</Code>" in answer
+    # the key is not left locked and the worker serves the next requests
+    r = requests.put(c.url("/bk/spin"), data=b"fine", headers={"x-amz-date": "20260101T000000Z"}, timeout=10)
+    assert r.status_code == 200
+    assert c.get("/bk/spin", timeout=10).content == b"fine"
+
+
+def test_presigned_put_with_a_negative_chunk_is_refused(signed_cluster):
+    c = signed_cluster
+    url = client(c.port).generate_presigned_url("put_object", Params={"Bucket": "bk", "Key": "pre-spin"},
+                                                ExpiresIn=60)
+    body = b"-1\r\nxx\r\n0\r\n\r\n"
+    r = requests.put(url, data=body, headers={"Content-Encoding": "aws-chunked"}, timeout=10)
+    assert r.status_code == 400 and "chunk size" in r.text
+    assert requests.get(c.url("/bk/other"), timeout=10).status_code == 404  # still serving
+
+
+# ---------------------------------------------------------------- item 3: unsigned x-amz-* headers
+
+
+def test_unsigned_copy_source_on_a_presigned_put_is_refused(signed_cluster):
+    c = signed_cluster
+    s3 = client(c.port)
+    b = name()
+    s3.put_object(Bucket=b, Key="secret", Body=b"the secret")
+    put = s3.generate_presigned_url("put_object", Params={"Bucket": b, "Key": "upload"}, ExpiresIn=60)
+    get = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "upload"}, ExpiresIn=60)
+    r = requests.put(put, data=b"", headers={"x-amz-copy-source": f"/{b}/secret"}, timeout=10)
+    assert r.status_code == 403 and "x-amz-copy-source" in r.text
+    assert requests.get(get, timeout=10).status_code == 404  # nothing was copied
+    r = requests.put(put, data=b"", headers={"x-amz-meta-a": "1"}, timeout=10)
+    assert r.status_code == 403
+    # the upload URL still does what it was made for
+    assert requests.put(put, data=b"mine", timeout=10).status_code == 200
+    assert requests.get(get, timeout=10).content == b"mine"
+
+
+def test_unsigned_amz_header_on_a_header_signed_request_is_refused(signed_cluster):
+    c = signed_cluster
+    s3 = client(c.port)
+    b = name()
+    s3.put_object(Bucket=b, Key="secret", Body=b"the secret")
+    url = f"http://{HOST}:{c.port}/{b}/copy"
+    req = AWSRequest(method="PUT", url=url, data=b"", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", "us-east-1").add_auth(req)
+    headers = dict(req.headers.items())
+    # a captured signed empty PUT, replayed with a copy source added
+    r = requests.put(url, data=b"", headers={**headers, "x-amz-copy-source": f"/{b}/secret"}, timeout=10)
+    assert r.status_code == 403 and "x-amz-copy-source" in r.text
+    assert requests.put(url, data=b"", headers=headers, timeout=10).status_code == 200
+    # boto3 signs what it sends: copies, metadata, multipart still work
+    s3.copy_object(Bucket=b, Key="copy2", CopySource={"Bucket": b, "Key": "secret"})
+    s3.put_object(Bucket=b, Key="meta", Body=b"m", Metadata={"a": "b"})
+    assert s3.get_object(Bucket=b, Key="copy2")["Body"].read() == b"the secret"
+
+
+# ---------------------------------------------------------------- item 10: 500s from client input
+
+
+def test_absurd_dates_and_header_overrides_are_not_500s(cluster, signed_cluster):
+    b = name()
+    assert cluster.put(f"/{b}/k", b"value").status_code == 201
+    sdk = {"User-Agent": "Boto3/1.0"}  # an S3 request, anonymous
+    for date in ("Mon, 01 Jan 9999999999999999999 00:00:00 GMT", "Mon, 01 Jan 99999 00:00:00 GMT",
+                 "Mon, 01 Jan 2000 00:00:00 +9999", "garbage"):
+        for hdr in ("If-Modified-Since", "If-Unmodified-Since"):
+            for method in ("GET", "HEAD"):
+                r = requests.request(method, cluster.url(f"/{b}/k"), headers={**sdk, hdr: date}, timeout=10)
+                assert r.status_code == 200, (method, hdr, date, r.status_code, r.text)
+            # the plain API does not read these dates, and is not hurt by them either
+            r = requests.get(cluster.url(f"/{b}/k"), headers={hdr: date}, allow_redirects=False, timeout=10)
+            assert r.status_code == 302
+    # CR/LF in a response override: 400 in S3's format, on a signed request
+    s3 = client(signed_cluster.port)
+    s3.put_object(Bucket=b, Key="k", Body=b"value")
+    for value in ("text/plain\r\nX-Evil: 1", "text/plain\nX-Evil: 1", "a\rb", "a\x00b"):
+        params = {"Bucket": b, "Key": "k", "ResponseContentType": value}
+        for op, method in (("get_object", requests.get), ("head_object", requests.head)):
+            r = method(s3.generate_presigned_url(op, Params=params, ExpiresIn=60), timeout=10)
+            assert r.status_code == 400 and "X-Evil" not in r.headers, (value, op, r.status_code)
+        r = requests.get(s3.generate_presigned_url("get_object", Params=params, ExpiresIn=60), timeout=10)
+        assert b"<Code>InvalidArgument</Code>" in r.content
+    # a UTF-8 file name in Content-Disposition goes through as the bytes it was sent as
+    got = s3.get_object(Bucket=b, Key="k", ResponseContentDisposition='attachment; filename="€.txt"')
+    assert got["ResponseMetadata"]["HTTPHeaders"]["content-disposition"].encode("latin-1").decode() \
+        == 'attachment; filename="€.txt"'
+    assert got["Body"].read() == b"value"
+
+
+# ---------------------------------------------------------------- item 11: response-* on anonymous requests
+
+
+def test_response_overrides_need_a_signature(cluster):
+    b = name()
+    assert cluster.put(f"/{b}/page", b"<script>1</script>").status_code == 201
+    r = requests.get(cluster.url(f"/{b}/page?response-content-type=text/html"), timeout=10)
+    assert r.status_code == 400 and b"<Code>InvalidRequest</Code>" in r.content
+    assert "html" not in r.headers.get("Content-Type", "")
+    r = requests.get(cluster.url(f"/{b}/page?response-content-disposition=inline"), timeout=10)
+    assert r.status_code == 400
+    # signed, with whatever key (no credentials configured): kept, as S3 does for signed requests
+    s3 = client(cluster.port, "any", "key")
+    got = s3.get_object(Bucket=b, Key="page", ResponseContentType="text/html")
+    assert got["ContentType"] == "text/html" and got["Body"].read() == b"<script>1</script>"
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": b, "Key": "page",
+                                                          "ResponseContentType": "text/plain"}, ExpiresIn=60)
+    assert requests.get(url, timeout=10).headers["Content-Type"] == "text/plain"
+    # without an override an anonymous GET is served as before
+    r = requests.get(cluster.url(f"/{b}/page"), headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+    assert r.status_code == 200 and r.content == b"<script>1</script>"
+
+
+# ---------------------------------------------------------------- item 12: part numbers
+
+
+def test_upload_part_needs_a_valid_part_number(cluster):
+    s3 = client(cluster.port, "any", "key")
+    b = name()
+    upload = s3.create_multipart_upload(Bucket=b, Key="mp")["UploadId"]
+    url = cluster.url(f"/{b}/mp")
+    for query in (f"uploadId={upload}", f"uploadId={upload}&partNumber=", f"uploadId={upload}&partNumber=0",
+                  f"uploadId={upload}&partNumber=10001", f"uploadId={upload}&partNumber=%2B1",
+                  f"uploadId={upload}&partNumber=1_0", f"uploadId={upload}&partNumber=%201",
+                  f"uploadId={upload}&partNumber=-1", f"uploadId={upload}&partNumber=0x1"):
+        r = requests.put(f"{url}?{query}", data=b"part", headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+        assert r.status_code == 400 and b"<Code>InvalidArgument</Code>" in r.content, (query, r.status_code)
+    assert s3.list_parts(Bucket=b, Key="mp", UploadId=upload).get("Parts", []) == []
+    etag = s3.upload_part(Bucket=b, Key="mp", UploadId=upload, PartNumber=10000, Body=b"last")["ETag"]
+    s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload,
+                                 MultipartUpload={"Parts": [{"PartNumber": 10000, "ETag": etag}]})
+    assert s3.get_object(Bucket=b, Key="mp")["Body"].read() == b"last"
+    # the part numbers of a Complete are plain decimals too
+    upload = s3.create_multipart_upload(Bucket=b, Key="mp2")["UploadId"]
+    etag = s3.upload_part(Bucket=b, Key="mp2", UploadId=upload, PartNumber=1, Body=b"one")["ETag"]
+    doc = f"<CompleteMultipartUpload><Part><PartNumber>+1</PartNumber><ETag>{etag}</ETag></Part>" \
+          "</CompleteMultipartUpload>"
+    r = requests.post(f"{cluster.url(f'/{b}/mp2')}?uploadId={upload}", data=doc.encode(),
+                      headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+    assert r.status_code == 400 and b"<Code>MalformedXML</Code>" in r.content
+
+
+# ---------------------------------------------------------------- item 13: races between the two APIs
+
+
+def _app(tmp_path) -> App:
+    """The plain API over a real LMDB index; the volumes are never reached by these tests."""
+    cfg = Config(volumes=[f"{HOST}:1"], db=str(tmp_path), replicas=1, subvolumes=1)
+    pool = Pool()
+    return App(cfg, Store(str(tmp_path / "index")), pool, Health(pool, cfg.hosts))
+
+
+def _put_request(key: bytes) -> Request:
+    return Request(b"PUT", key, [(b"content-length", b"1")], True, Body(None, False), None, True)
+
+
+def _set(store: Store, key: bytes, new: bytes | None) -> None:
+    """Change a record as another worker's write does: through PENDING, one CAS each step."""
+    current = store.get(key)
+    pending = encode_pending(OP_PUT if new else OP_DELETE, 1, 1, [f"{HOST}:1"], current or b"")
+    assert store.cas(key, current, pending)[0]
+    assert store.cas(key, pending, new)[0]
+
+
+def _status_of(coro) -> int:
+    try:
+        asyncio.run(coro)
+    except HTTPError as e:
+        return e.status
+    raise AssertionError("the request was not refused")
+
+
+def test_plain_put_of_a_key_deleted_meanwhile_is_409(tmp_path):
+    """The plain PUT read an UNLINKED record; the S3 front (another worker) deleted it before the
+    PUT took the lock: the PUT was answered 404."""
+    app = _app(tmp_path)
+    key = b"/b/k"
+    unlinked = encode_data(UNLINKED, [f"{HOST}:1"], 5, 1, b"\1" * 16)
+    _set(app.store, key, unlinked)
+    started = app.put(_put_request(key), key)  # has read the record, takes the lock when run
+    _set(app.store, key, None)  # the S3 DELETE, on another worker
+    assert _status_of(started) == 409
+
+
+def test_plain_delete_of_a_key_overwritten_meanwhile_is_409(tmp_path):
+    """The plain DELETE read a LIVE record; an S3 PUT replaced it before the DELETE took the lock:
+    the DELETE was answered 403 "key exists: DELETE it first"."""
+    app = _app(tmp_path)
+    key = b"/b/k"
+    old = encode_data(LIVE, [f"{HOST}:1"], 5, 1, b"\1" * 16)
+    new = encode_data(LIVE, [f"{HOST}:1"], 6, 2, b"\2" * 16)
+    _set(app.store, key, old)
+    started = app.delete(key)
+    _set(app.store, key, new)  # the S3 overwrite commits
+    assert _status_of(started) == 409
+    # the same for UNLINK; a key gone meanwhile stays a 404 for DELETE
+    started = app.unlink(key)
+    _set(app.store, key, old)
+    assert _status_of(started) == 409
+    started = app.delete(key)
+    _set(app.store, key, None)
+    assert _status_of(started) == 404
+    # and a PUT that finds a new value committed meanwhile still hears "key exists"
+    _set(app.store, key, with_state(old, UNLINKED))
+    started = app.put(_put_request(key), key)
+    _set(app.store, key, new)
+    assert _status_of(started) == 403
+
+
+def test_s3_get_of_a_key_deleted_while_being_read_is_404(make_cluster):
+    """The S3 GET read the LIVE record, then a plain DELETE removed the files before the GET
+    reached a volume: every replica answers 404, which was reported as 503."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    key = b"/b/" + name().encode()
+    assert c.put(key.decode(), b"value").status_code == 201
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    async def read_after_delete():
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(key)  # what the GET read
+            assert (await asyncio.to_thread(c.delete, key.decode())).status_code == 204
+            values = Values(cfg, store, pool, Health(pool, cfg.hosts))
+            with pytest.raises(S3Error) as e:
+                await values.open(key, raw)
+            return e.value
+        finally:
+            pool.close()
+            store.close()
+
+    err = asyncio.run(read_after_delete())
+    assert err.code == "NoSuchKey" and err.status == 404
+
+
+def test_races_between_the_apis_give_the_right_statuses(make_cluster):
+    """Plain and S3 requests on one key at once, from two workers: each status is one its
+    request can rightly get, never a 404 to a PUT, a 403 to a DELETE or a 503 to a GET."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=2)
+    s3 = {"User-Agent": "Boto3/1.0"}
+    session_ok = {"plain PUT": {201, 403, 409}, "plain DELETE": {204, 404, 409},
+                  "S3 GET": {200, 404}, "S3 PUT": {200, 409}, "S3 DELETE": {204, 409}}
+    seen: dict[str, set] = {k: set() for k in session_ok}
+
+    def plain_put(key):
+        return "plain PUT", requests.put(c.url(key), data=b"plain", timeout=10).status_code
+
+    def plain_delete(key):
+        return "plain DELETE", requests.delete(c.url(key), timeout=10).status_code
+
+    def s3_get(key):
+        return "S3 GET", requests.get(c.url(key), headers=s3, timeout=10).status_code
+
+    def s3_put(key):
+        return "S3 PUT", requests.put(c.url(key), data=b"s3 value", headers=s3, timeout=10).status_code
+
+    def s3_delete(key):
+        return "S3 DELETE", requests.delete(c.url(key), headers=s3, timeout=10).status_code
+
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(8) as ex:
+        for i in range(150):  # bounded in count and in time
+            if time.monotonic() > deadline:
+                break
+            key = f"/race/{i}-{os.getpid()}"
+            assert c.put(key, b"first").status_code == 201
+            if i % 3 == 0:
+                assert requests.request("UNLINK", c.url(key), timeout=10).status_code == 204
+                jobs = [(plain_put, key), (s3_delete, key), (s3_get, key)]
+            elif i % 3 == 1:
+                jobs = [(plain_delete, key), (s3_put, key), (s3_get, key), (s3_get, key)]
+            else:
+                jobs = [(plain_delete, key), *[(s3_get, key)] * 5]
+            for what, status in ex.map(lambda job: job[0](job[1]), jobs):
+                seen[what].add(status)
+                assert status in session_ok[what], f"{what} answered {status} in round {i}"
+    assert seen["S3 GET"] and seen["plain DELETE"]
