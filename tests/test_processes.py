@@ -1,0 +1,165 @@
+"""The processes minikv starts: every flag `minikv up` takes reaches the parts it applies to
+(secrets through the environment, never the command line) or is refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import requests
+from cluster import HOST, open_dir, wait_closed, wait_port
+from test_up import free_base
+
+from minikv.cli import FLAGS, parse_args
+from minikv.cluster import SECRET_ENV, SERVER, UP_FLAGS, VOLUME, VOLUMES
+
+# ---------------------------------------------------------------- minikv up passes its flags on
+
+# a value unlike the default for every flag `up` hands to a part
+GIVEN = {
+    "host": HOST, "signed": "1m", "secret": "up-test-secret-0123", "s3-access-key": "AKIDUPTEST",
+    "s3-secret-key": "up-test-s3-secret/+x", "replicas": "2", "subvolumes": "4", "protect": "true",
+    "fallback": "127.0.0.1:9", "md5sum": "false", "voltimeout": "3s", "v": "true", "workers": "2",
+    "verify-get": "true", "fsync": "true", "max-value-size": "1000", "max-connections": "50",
+    "max-header-bytes": "4000", "max-url": "1000", "header-timeout": "7s", "body-timeout": "9s",
+    "idle-timeout": "11s",
+}
+PASSED = sorted(name for name, parts in UP_FLAGS.items() if isinstance(parts, tuple) and parts)
+REFUSED = sorted(name for name, parts in UP_FLAGS.items() if isinstance(parts, str))
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0")[:-1]]
+
+
+def environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [a.decode().partition("=") for a in f.read().split(b"\0") if a]
+    return {k: v for k, _, v in pairs}
+
+
+def tree(pid: int) -> list[int]:
+    """`pid`'s descendants."""
+    out = []
+    for child in children(pid):
+        out += [child, *tree(child)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def up_all():
+    """`minikv up` given every flag it passes on; yields (base port, up's pid)."""
+    root = open_dir()
+    base = free_base()
+    argv = [sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port", str(base)]
+    for name in PASSED:
+        argv += [f"-{name}", GIVEN[name]]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for port in range(base, base + VOLUMES + 1):
+            wait_port(port, up, timeout=20)
+        yield base, up.pid
+    finally:
+        up.send_signal(signal.SIGINT)
+        out = up.communicate(timeout=20)[0].decode()
+        shutil.rmtree(root, ignore_errors=True)
+    assert up.returncode == 0, out
+
+
+def parts(up_pid: int) -> dict[str, list[int]]:
+    """The pids of up's children by part (server, volume)."""
+    found: dict[str, list[int]] = {SERVER: [], VOLUME: []}
+    for pid in children(up_pid):
+        argv = cmdline(pid)
+        found[argv[argv.index("minikv") + 1]].append(pid)
+    assert len(found[SERVER]) == 1 and len(found[VOLUME]) == VOLUMES, found
+    return found
+
+
+def test_every_flag_has_its_line_in_up_flags():
+    """A new flag must say where `up` sends it (minikv/cluster.py UP_FLAGS), or it is refused."""
+    assert sorted(UP_FLAGS) == sorted(FLAGS)
+    assert sorted(GIVEN) == PASSED
+
+
+@pytest.mark.parametrize("name", PASSED)
+def test_up_passes_the_flag_to_each_part_it_applies_to(up_all, name):
+    base, up_pid = up_all
+    by_part = parts(up_pid)
+    want = parse_args([f"-{name}", GIVEN[name]]).flags[name]
+    for part, pids in by_part.items():
+        for pid in pids:
+            argv = cmdline(pid)
+            got = parse_args(argv[argv.index("minikv") + 1:])
+            env = environ(pid)
+            if name in SECRET_ENV:
+                assert name not in got.given, argv  # never on a command line
+                if part in UP_FLAGS[name]:
+                    assert env.get(SECRET_ENV[name]) == GIVEN[name], (part, name)
+                else:
+                    assert SECRET_ENV[name] not in env, (part, name)
+            elif part in UP_FLAGS[name]:
+                assert name in got.given and got.flags[name] == want, (part, argv)
+            else:
+                assert name not in got.given, (part, argv)
+
+
+def test_no_secret_on_any_command_line_below_up(up_all):
+    base, up_pid = up_all
+    secrets = [GIVEN[name] for name in ("secret", "s3-secret-key")]
+    below = tree(up_pid)
+    assert len(below) > 1 + VOLUMES  # the server's workers and nginx's processes too
+    for pid in below:
+        try:
+            line = " ".join(cmdline(pid))
+        except FileNotFoundError:
+            continue  # an nginx worker replaced meanwhile
+        assert not any(s in line for s in secrets), line
+
+
+def test_up_flags_take_effect(up_all):
+    """What the flags protect, seen from outside: S3 requests need a signature, volumes serve
+    only signed reads and listen on -host only, the index enforces its limits."""
+    base, _ = up_all
+    url = f"http://{HOST}:{base}"
+    r = requests.get(f"{url}/bucket/k", headers={"x-amz-date": "20260101T000000Z"})
+    assert r.status_code == 403, r.text  # unsigned S3 requests: refused
+    assert requests.put(f"{url}/k", data=b"x" * 1001).status_code == 413  # -max-value-size
+    assert requests.get(f"{url}/k", headers={"X-Big": "b" * 4000}).status_code == 431  # -max-header-bytes
+    assert requests.put(f"{url}/k", data=b"value").status_code == 201
+    loc = requests.get(f"{url}/k", allow_redirects=False).headers["Location"]
+    assert requests.get(loc).content == b"value"
+    assert requests.get(loc.split("?")[0]).status_code == 403  # -signed reached the volumes
+    for port in range(base + 1, base + 1 + VOLUMES):  # -host reached the volumes
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.2", port), timeout=1).close()
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_up_refuses_a_flag_it_does_not_pass_on(name):
+    root = open_dir()
+    base = free_base()
+    value = [] if FLAGS[name].kind is bool else ["1"]
+    try:
+        run = subprocess.run([sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port",
+                              str(base), f"-{name}", *value], capture_output=True, text=True, timeout=20)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert run.returncode == 2
+    assert f"-{name} " in run.stderr and "minikv up:" in run.stderr, run.stderr
+    for port in range(base, base + VOLUMES + 1):
+        wait_closed(port, timeout=1)
