@@ -45,6 +45,7 @@ UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "fsync": (SERVER,),
     "max-value-size": (SERVER,),
     "max-connections": (SERVER,),
+    "worker-timeout": (SERVER,),
     "max-header-bytes": (SERVER,),
     "max-url": (SERVER,),
     "header-timeout": (SERVER,),

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 from cluster import HOST, open_dir, wait_closed, wait_port
+from test_faults import _owner_of_upload, fresh, start_upload, wait_until
 from test_up import free_base
 
 from minikv.cli import FLAGS, parse_args
@@ -27,7 +30,7 @@ GIVEN = {
     "fallback": "127.0.0.1:9", "md5sum": "false", "voltimeout": "3s", "v": "true", "workers": "2",
     "verify-get": "true", "fsync": "true", "max-value-size": "1000", "max-connections": "50",
     "max-header-bytes": "4000", "max-url": "1000", "header-timeout": "7s", "body-timeout": "9s",
-    "idle-timeout": "11s",
+    "idle-timeout": "11s", "worker-timeout": "13s",
 }
 PASSED = sorted(name for name, parts in UP_FLAGS.items() if isinstance(parts, tuple) and parts)
 REFUSED = sorted(name for name, parts in UP_FLAGS.items() if isinstance(parts, str))
@@ -163,3 +166,76 @@ def test_up_refuses_a_flag_it_does_not_pass_on(name):
     assert f"-{name} " in run.stderr and "minikv up:" in run.stderr, run.stderr
     for port in range(base, base + VOLUMES + 1):
         wait_closed(port, timeout=1)
+
+
+# ---------------------------------------------------------------- a worker whose loop hangs
+
+# SIGSTOP stands in for a loop that spins or blocks: the process is alive, holds its connections
+# and locked keys, and its event loop does not turn.
+
+
+def _status(c, method: str, key: str, data: bytes = b"") -> int:
+    try:
+        return c.request(method, key, data=data, timeout=3).status_code
+    except requests.RequestException:
+        return 0  # a connection the stopped worker accepted
+
+
+def _workers(c, n: int) -> list[int]:
+    wait_until(lambda: len(children(c.index.proc.pid)) == n, what=f"{n} worker(s) running")
+    return children(c.index.proc.pid)
+
+
+def test_a_worker_whose_loop_stops_is_replaced_and_its_writes_undone(make_cluster):
+    c = make_cluster(workers=2, flags=["-worker-timeout", "2s"])
+    workers = _workers(c, 2)
+    key = fresh()
+    owner = 0
+    upload = start_upload(c.port, key, 20 << 20, os.urandom(1 << 20))
+    try:
+        # DELETE, not PUT: a PUT sent before the upload's worker took the key would write it
+        wait_until(lambda: _status(c, "DELETE", key) == 409, what="the upload holds the key")
+        c.session.close()  # its kept-alive connection would pass for the upload's
+        c.session = requests.Session()
+        owner = _owner_of_upload(workers, c.port)
+        os.kill(owner, signal.SIGSTOP)
+        wait_until(lambda: not os.path.exists(f"/proc/{owner}"), timeout=15, what="the stopped worker killed")
+        wait_until(lambda: _status(c, "PUT", key, b"after") == 201, timeout=10, what="the key writable again")
+        assert c.get(key).content == b"after"
+        assert owner not in _workers(c, 2)
+        log = c.index.log.read_text()
+        assert f"worker {owner}'s event loop has not turned" in log and "undid 1 write(s)" in log, log
+    finally:
+        upload.close()
+        if owner:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner, signal.SIGCONT)
+
+
+def test_a_single_worker_is_supervised_too(make_cluster):
+    """-workers 1 runs under a supervisor like any other count: its hang (or death) is not the
+    end of the server."""
+    c = make_cluster(workers=1, flags=["-worker-timeout", "2s"])
+    [worker] = _workers(c, 1)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        wait_until(lambda: _workers(c, 1) != [worker], timeout=15, what="the stopped worker replaced")
+        assert c.put("/one/k", b"v", timeout=5).status_code == 201
+        [second] = _workers(c, 1)
+        os.kill(second, signal.SIGKILL)
+        wait_until(lambda: _status(c, "PUT", "/one/k2", b"w") == 201, timeout=10, what="a new worker serving")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+
+
+def test_a_short_pause_is_not_a_hang(make_cluster):
+    """A loop silent for less than -worker-timeout (a loaded machine, a long commit) is left alone."""
+    c = make_cluster(workers=1, flags=["-worker-timeout", "3s"])
+    [worker] = _workers(c, 1)
+    os.kill(worker, signal.SIGSTOP)
+    time.sleep(1.5)
+    os.kill(worker, signal.SIGCONT)
+    time.sleep(2.5)  # past the timeout counted from the last beat before the pause
+    assert _workers(c, 1) == [worker]
+    assert c.put("/pause/k", b"v", timeout=5).status_code == 201
