@@ -17,9 +17,12 @@ import requests
 from cluster import HOST, open_dir, wait_closed, wait_port
 from test_faults import _owner_of_upload, fresh, start_upload, wait_until
 from test_up import free_base
+from test_volume import Volume, make_dir, read
+from test_volume import free_port as vol_port
 
 from minikv.cli import FLAGS, parse_args
 from minikv.cluster import SECRET_ENV, SERVER, UP_FLAGS, VOLUME, VOLUMES
+from minikv.volume import nginx as volume
 
 # ---------------------------------------------------------------- minikv up passes its flags on
 
@@ -239,3 +242,115 @@ def test_a_short_pause_is_not_a_hang(make_cluster):
     time.sleep(2.5)  # past the timeout counted from the last beat before the pause
     assert _workers(c, 1) == [worker]
     assert c.put("/pause/k", b"v", timeout=5).status_code == 201
+
+
+# ---------------------------------------------------------------- a root-run volume follows no link
+
+# The volume's folders belong to the user nginx's workers run as (www-data), who can plant a
+# symlink to a folder of root's anywhere in them. `outside` stands for such a folder (/etc, say).
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only a root-run volume changes owners")
+
+
+@pytest.fixture
+def planted():
+    """(volume folder, a root-owned folder outside it with a file in it)."""
+    directory, outside = make_dir(), make_dir()
+    with open(os.path.join(outside, "keep"), "w") as f:
+        f.write("root's")
+    yield directory, outside
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(outside, ignore_errors=True)
+
+
+def untouched(outside: str) -> None:
+    st = os.stat(outside)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o755), st
+    assert sorted(os.listdir(outside)) == ["keep"]
+    with open(os.path.join(outside, "keep")) as f:
+        assert f.read() == "root's"
+    assert os.stat(os.path.join(outside, "keep")).st_uid == 0
+
+
+def plant(link: str, target: str) -> None:
+    os.symlink(target, link)
+    uid, gid = volume.worker_user()[2:]
+    os.lchown(link, uid, gid)  # as the workers' user would have made it
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["body_temp", ".nginx"])
+def test_volume_refuses_a_link_in_place_of_its_own_folders(planted, name):
+    directory, outside = planted
+    plant(os.path.join(directory, name), outside)
+    proc = subprocess.Popen([sys.executable, "-m", "minikv", "volume", "-host", HOST, "-port", str(vol_port()),
+                             directory], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=15)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=15)[0]
+        raise AssertionError(f"the volume started on a planted {name}:\n{out}") from None
+    finally:
+        untouched(outside)
+    assert proc.returncode == 1 and f"{name} is a symlink" in out and "remove it" in out, out
+
+
+@needs_root
+def test_a_state_folder_the_workers_user_owned_is_made_anew(planted):
+    """DIR/.nginx owned by the workers' user (as minikv made it before) may hold links where
+    root's nginx writes its pid file and makes its temp folders: it is replaced by root's own."""
+    directory, outside = planted
+    state = os.path.join(directory, ".nginx")
+    os.mkdir(state)
+    plant(os.path.join(state, "nginx.pid"), os.path.join(outside, "keep"))
+    plant(os.path.join(state, "proxy_temp"), outside)
+    uid, gid = volume.worker_user()[2:]
+    os.chown(state, uid, gid)
+    server = Volume(directory)
+    try:
+        untouched(outside)
+        st = os.lstat(state)
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o755)
+        assert "made " + state + " anew" in read(server.log)
+        assert requests.put(f"{server.url}/ab/cd/a2V5", data=b"v" * 100_000).status_code == 201
+    finally:
+        server.stop()
+    untouched(outside)
+
+
+@needs_root
+def test_links_in_the_data_are_not_followed(planted):
+    directory, outside = planted
+    os.makedirs(os.path.join(directory, "sv01", "ab"))
+    plant(os.path.join(directory, "sv01", "ab", "cd"), outside)
+    plant(os.path.join(directory, "ef"), outside)
+    server = Volume(directory)
+    try:
+        untouched(outside)
+        assert os.stat(os.path.join(directory, "sv01", "ab")).st_uid == volume.worker_user()[2]
+    finally:
+        server.stop()
+
+
+@needs_root
+def test_folders_swapped_for_links_while_running_redirect_nothing(planted):
+    """nginx makes its folders again (and gives them to the workers' user) on every reload
+    (SIGHUP): it reaches them through the folders minikv opened, not through their names."""
+    directory, outside = planted
+    server = Volume(directory)
+    try:
+        for name in ("body_temp", ".nginx"):
+            os.rename(os.path.join(directory, name), os.path.join(directory, name + ".moved"))
+            plant(os.path.join(directory, name), outside)
+        os.kill(server.proc.pid, signal.SIGHUP)  # forwarded to nginx: a reload
+        time.sleep(1)
+        untouched(outside)
+        # uploads still spool to the real body_temp (a body past the memory buffer goes to a file)
+        assert requests.put(f"{server.url}/ab/cd/a2V5", data=b"v" * 1_000_000).status_code == 201
+        assert requests.get(f"{server.url}/ab/cd/a2V5").content == b"v" * 1_000_000
+        untouched(outside)
+    finally:
+        server.stop()
+    untouched(outside)
