@@ -354,3 +354,29 @@ def test_folders_swapped_for_links_while_running_redirect_nothing(planted):
     finally:
         server.stop()
     untouched(outside)
+
+
+@needs_root
+@pytest.mark.parametrize("where", ["body_temp", "body_temp/sub"])
+def test_gc_does_not_follow_a_link_in_the_upload_spool(planted, where, capsys):
+    from minikv.admin.gc import clean_spool
+    from minikv.admin.progress import Progress
+
+    directory, outside = planted
+    spool = os.path.join(directory, "body_temp")
+    os.mkdir(spool)
+    with open(os.path.join(spool, "0000000001"), "w") as f:
+        f.write("old upload")
+    old = time.time() - 7200
+    for path in (os.path.join(outside, "keep"), os.path.join(spool, "0000000001")):
+        os.utime(path, (old, old))
+    if where == "body_temp":  # the spool itself swapped for a link
+        os.rename(spool, os.path.join(directory, "spool"))
+    plant(os.path.join(directory, where), outside)
+    progress = Progress("gc", bar=False)
+    clean_spool(directory, 3600, False, progress)
+    untouched(outside)
+    if where == "body_temp":
+        assert progress.counts["failed"] == 1 and "is a symlink" in capsys.readouterr().err
+    else:  # the real old upload is gone, the link's target stays
+        assert progress.counts["temp files"] == 1 and os.listdir(spool) == ["sub"]
