@@ -136,6 +136,10 @@ def run_cluster(args) -> int:
     if refused := refused_flags(args):
         print("minikv up: " + "; ".join(refused), file=sys.stderr)
         return 2
+    for name in sorted(args.given & {"secret", "s3-secret-key"}):
+        print(f"minikv up: -{name} on the command line is visible to every user of this machine (ps); "
+              f"set {SECRET_ENV[name]} instead (the parts get it through the environment either way)",
+              file=sys.stderr)
     data = os.path.abspath(args.data)
     os.makedirs(data, exist_ok=True)
     if os.geteuid() == 0:

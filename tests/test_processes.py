@@ -68,22 +68,25 @@ def tree(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def up_all():
-    """`minikv up` given every flag it passes on; yields (base port, up's pid)."""
+    """`minikv up` given every flag it passes on; yields (base port, up's pid, its output)."""
     root = open_dir()
     base = free_base()
     argv = [sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port", str(base)]
     for name in PASSED:
         argv += [f"-{name}", GIVEN[name]]
-    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = root / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for port in range(base, base + VOLUMES + 1):
             wait_port(port, up, timeout=20)
-        yield base, up.pid
+        yield base, up.pid, log
     finally:
         up.send_signal(signal.SIGINT)
-        out = up.communicate(timeout=20)[0].decode()
+        up.wait(timeout=20)
+        text = log.read_text()
         shutil.rmtree(root, ignore_errors=True)
-    assert up.returncode == 0, out
+    assert up.returncode == 0, text
 
 
 def parts(up_pid: int) -> dict[str, list[int]]:
@@ -104,7 +107,7 @@ def test_every_flag_has_its_line_in_up_flags():
 
 @pytest.mark.parametrize("name", PASSED)
 def test_up_passes_the_flag_to_each_part_it_applies_to(up_all, name):
-    base, up_pid = up_all
+    base, up_pid, _ = up_all
     by_part = parts(up_pid)
     want = parse_args([f"-{name}", GIVEN[name]]).flags[name]
     for part, pids in by_part.items():
@@ -125,7 +128,7 @@ def test_up_passes_the_flag_to_each_part_it_applies_to(up_all, name):
 
 
 def test_no_secret_on_any_command_line_below_up(up_all):
-    base, up_pid = up_all
+    base, up_pid, _ = up_all
     secrets = [GIVEN[name] for name in ("secret", "s3-secret-key")]
     below = tree(up_pid)
     assert len(below) > 1 + VOLUMES  # the server's workers and nginx's processes too
@@ -137,10 +140,19 @@ def test_no_secret_on_any_command_line_below_up(up_all):
         assert not any(s in line for s in secrets), line
 
 
+def test_up_warns_of_a_secret_given_on_its_own_command_line(up_all):
+    """`up` cannot hide its own argv: it says how to keep a secret out of it."""
+    out = up_all[2].read_text()
+    for name in ("secret", "s3-secret-key"):
+        assert f"-{name} on the command line is visible to every user" in out and SECRET_ENV[name] in out
+    assert "-s3-access-key on the command line" not in out  # not a secret
+    assert GIVEN["secret"] not in out and GIVEN["s3-secret-key"] not in out
+
+
 def test_up_flags_take_effect(up_all):
     """What the flags protect, seen from outside: S3 requests need a signature, volumes serve
     only signed reads and listen on -host only, the index enforces its limits."""
-    base, _ = up_all
+    base, _, _ = up_all
     url = f"http://{HOST}:{base}"
     r = requests.get(f"{url}/bucket/k", headers={"x-amz-date": "20260101T000000Z"})
     assert r.status_code == 403, r.text  # unsigned S3 requests: refused
