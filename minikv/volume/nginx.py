@@ -292,7 +292,8 @@ def _own_state_dir(top: int, directory: str) -> int:
     if os.fstat(fd).st_uid != os.geteuid():
         os.close(fd)
         try:
-            shutil.rmtree(STATE_DIR, dir_fd=top)  # unlinks links, never follows them
+            # through the open DIR (rmtree's dir_fd needs Python 3.11); rmtree unlinks links, never follows them
+            shutil.rmtree(os.path.join(fd_path(top), STATE_DIR))
             os.mkdir(STATE_DIR, 0o755, dir_fd=top)
         except OSError as e:
             raise VolumeError(f"cannot make {shown} anew: {e.strerror}") from None
