@@ -51,9 +51,9 @@ UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "header-timeout": (SERVER,),
     "body-timeout": (SERVER,),
     "idle-timeout": (SERVER,),
-    "db": "up keeps the index in DATA/index: give -data DATA instead",
-    "volumes": "up runs its own volumes: to use others, run `minikv server -volumes ...`",
-    **{name: "is for the admin commands (rebuild, rebalance, verify, repair, gc), not up"
+    "db": "up keeps the index in DATA/index; give -data DATA instead",
+    "volumes": "up runs its own volumes; to use others, run `minikv server -volumes ...`",
+    **{name: "only the admin commands (rebuild, rebalance, verify, repair, gc) take it"
        for name in ("concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")},
 }
 # secrets reach the parts through the environment: argv is readable by every user (`ps`)
@@ -63,8 +63,8 @@ SECRET_ENV = {"secret": "MINIKV_SECRET", "s3-access-key": "MINIKV_S3_ACCESS_KEY"
 
 def refused_flags(args) -> list[str]:
     """A line for each flag given to `up` that it does not pass on."""
-    return [f"-{name} {why}" for name in sorted(args.given)
-            if isinstance(why := UP_FLAGS.get(name, "is not passed on by up (a bug: add it to UP_FLAGS)"), str)]
+    return [f"-{name}: {why}" for name in sorted(args.given)
+            if isinstance(why := UP_FLAGS.get(name, "up does not pass it on (a bug: add it to UP_FLAGS)"), str)]
 
 
 def part_flags(args, part: str) -> list[str]:
