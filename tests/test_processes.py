@@ -172,13 +172,17 @@ def test_up_refuses_a_flag_it_does_not_pass_on(name):
     root = open_dir()
     base = free_base()
     value = [] if FLAGS[name].kind is bool else ["1"]
+    up = subprocess.Popen([sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port", str(base),
+                           f"-{name}", *value], stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        run = subprocess.run([sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port",
-                              str(base), f"-{name}", *value], capture_output=True, text=True, timeout=20)
+        err = up.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        up.send_signal(signal.SIGINT)  # it started instead: up stops what it started
+        err = up.communicate(timeout=20)[1]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    assert run.returncode == 2
-    assert f"minikv up: -{name}: " in run.stderr, run.stderr
+    assert up.returncode == 2
+    assert f"minikv up: -{name}: " in err, err
     for port in range(base, base + VOLUMES + 1):
         wait_closed(port, timeout=1)
 
