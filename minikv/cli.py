@@ -95,6 +95,8 @@ FLAGS: dict[str, Flag] = {
                                     "unsigned reads (volume, any value > 0)"),
     "max-value-size": Flag(int, 0, "largest value a PUT may store, in bytes (413 above; 0: no limit)"),
     "max-connections": Flag(int, 10000, "client connections per worker; more get 503"),
+    "worker-timeout": Flag("duration", 15.0, "a worker whose event loop has not turned this long (stuck) is "
+                                             "killed and replaced, its writes undone (0: never)"),
     "max-header-bytes": Flag(int, 65536, "request headers larger than this get 431"),
     "max-url": Flag(int, 8192, "request targets longer than this get 414"),
     "header-timeout": Flag("duration", 10.0, "time to send a request's headers (408 after)"),

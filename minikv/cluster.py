@@ -3,9 +3,10 @@
 Three volume servers (ports 3001-3003) and the index (port 3000), all data under one folder
 (`-data`, default ./data: data/vol1..3 and data/index). The volumes take writes only from the
 index: a secret made at the first start is kept in data/secret and handed to every part through
-the environment. Each part runs as its own child process
-in its own process group; Ctrl-C or SIGTERM stops them all, and if one of them dies the rest
-are stopped too, so nothing is left running.
+the environment. Every flag `up` takes reaches each part it applies to (UP_FLAGS says which),
+secrets through the environment, never the command line; the others are refused. Each part
+runs as its own child process in its own process group; Ctrl-C or SIGTERM stops them all, and
+if one of them dies the rest are stopped too, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -19,13 +20,77 @@ import sys
 import time
 
 VOLUMES = 3
+SERVER, VOLUME = "server", "volume"
+
+# Where every flag `up` accepts goes: the parts it is handed to, () for the ones `up` uses itself,
+# or why `up` refuses it. A flag missing here is refused (a test checks every flag of cli.FLAGS
+# has its line): a flag must never silently not reach the process it protects.
+UP_FLAGS: dict[str, tuple[str, ...] | str] = {
+    "port": (),  # the index's; the volumes take the next ones
+    "data": (),
+    "host": (SERVER, VOLUME),
+    "signed": (SERVER, VOLUME),
+    "secret": (SERVER, VOLUME),
+    "s3-access-key": (SERVER,),
+    "s3-secret-key": (SERVER,),
+    "s3-secret-key-file": (),  # read into -s3-secret-key by the flag parser, passed on as that
+    "open-api": (SERVER,),
+    "replicas": (SERVER,),
+    "subvolumes": (SERVER,),
+    "protect": (SERVER,),
+    "fallback": (SERVER,),
+    "md5sum": (SERVER,),
+    "voltimeout": (SERVER,),
+    "v": (SERVER,),
+    "workers": (SERVER,),
+    "verify-get": (SERVER,),
+    "fsync": (SERVER,),
+    "max-value-size": (SERVER,),
+    "max-connections": (SERVER,),
+    "worker-timeout": (SERVER,),
+    "max-header-bytes": (SERVER,),
+    "max-url": (SERVER,),
+    "header-timeout": (SERVER,),
+    "body-timeout": (SERVER,),
+    "idle-timeout": (SERVER,),
+    "db": "up keeps the index in DATA/index; give -data DATA instead",
+    "volumes": "up runs its own volumes; to use others, run `minikv server -volumes ...`",
+    **{name: "only the admin commands (rebuild, rebalance, verify, repair, gc) take it"
+       for name in ("concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")},
+}
+# secrets reach the parts through the environment: argv is readable by every user (`ps`)
+SECRET_ENV = {"secret": "MINIKV_SECRET", "s3-access-key": "MINIKV_S3_ACCESS_KEY",
+              "s3-secret-key": "MINIKV_S3_SECRET_KEY"}
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> bool:
+def refused_flags(args) -> list[str]:
+    """A line for each flag given to `up` that it does not pass on."""
+    return [f"-{name}: {why}" for name in sorted(args.given)
+            if isinstance(why := UP_FLAGS.get(name, "up does not pass it on (a bug: add it to UP_FLAGS)"), str)]
+
+
+def part_flags(args, part: str) -> list[str]:
+    """The flags given to `up` that `part` takes, as its command line (secrets left out)."""
+    return [f"-{name}={args.flags[name]}" for name, parts in UP_FLAGS.items()
+            if name in args.given and part in parts and name not in SECRET_ENV]
+
+
+def part_env(args, part: str, secret: str) -> dict[str, str]:
+    """`part`'s environment: ours with the secrets it takes, and without those it does not."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV.values()}
+    for name, var in SECRET_ENV.items():
+        if part in UP_FLAGS[name]:
+            value = secret if name == "secret" else str(args.flags[name] or os.environ.get(var, ""))
+            if value:
+                env[var] = value
+    return env
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host or "127.0.0.1", port), timeout=0.2):
                 return True
         except OSError:
             time.sleep(0.05)
@@ -70,14 +135,23 @@ def cluster_secret(data: str, given: str) -> str:
 
 
 def run_cluster(args) -> int:
+    if refused := refused_flags(args):
+        print("minikv up: " + "; ".join(refused), file=sys.stderr)
+        return 2
+    for name in sorted(args.given & {"secret", "s3-secret-key"}):
+        print(f"minikv up: -{name} on the command line is visible to every user of this machine (ps); "
+              f"set {SECRET_ENV[name]} instead (the parts get it through the environment either way)",
+              file=sys.stderr)
     data = os.path.abspath(args.data)
     os.makedirs(data, exist_ok=True)
     if os.geteuid() == 0:
         os.chmod(data, 0o755)  # nginx workers (www-data) must be able to enter it
-    env = dict(os.environ, MINIKV_SECRET=cluster_secret(data, args.secret))
+    secret = cluster_secret(data, args.secret)
     base = args.port if "port" in args.given else 3000
     vports = [base + 1 + i for i in range(VOLUMES)]
-    volumes = ",".join(f"localhost:{p}" for p in vports)
+    host = args.host or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    volumes = ",".join(f"{host}:{p}" for p in vports)
     me = [sys.executable, "-m", "minikv"]
     busy = busy_ports([base, *vports])
     if busy:
@@ -96,24 +170,22 @@ def run_cluster(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         for i, port in enumerate(vports, 1):
-            procs.append(subprocess.Popen([*me, "volume", "-port", str(port), os.path.join(data, f"vol{i}")],
-                                          start_new_session=True, env=env))
+            procs.append(subprocess.Popen([*me, "volume", "-port", str(port), *part_flags(args, VOLUME),
+                                           os.path.join(data, f"vol{i}")],
+                                          start_new_session=True, env=part_env(args, VOLUME, secret)))
         for port, p in zip(vports, procs):
-            if not _wait_port(port, p):
+            if not _wait_port(args.host, port, p):
                 print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
                 return 1
-        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index")]
-        for name in ("replicas", "subvolumes", "protect", "fallback", "md5sum", "voltimeout", "v",
-                     "workers", "verify-get", "fsync", "host", "signed", "max-value-size", "max-connections"):
-            if name in args.given:
-                server += [f"-{name}={args.flags[name]}"]
-        procs.append(subprocess.Popen(server, start_new_session=True, env=env))
-        if not _wait_port(base, procs[-1]):
+        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index"),
+                  *part_flags(args, SERVER)]
+        procs.append(subprocess.Popen(server, start_new_session=True, env=part_env(args, SERVER, secret)))
+        if not _wait_port(args.host, base, procs[-1]):
             print(f"minikv up: index on port {base} did not start (see above)", file=sys.stderr)
             return 1
-        print(f"\nminikv is up: index http://localhost:{base}, volumes {volumes}, data in {data}\n"
-              f"  curl -L -X PUT -d bigswag localhost:{base}/wehave\n"
-              f"  curl -L localhost:{base}/wehave\n"
+        print(f"\nminikv is up: index http://{host}:{base}, volumes {volumes}, data in {data}\n"
+              f"  curl -L -X PUT -d bigswag {host}:{base}/wehave\n"
+              f"  curl -L {host}:{base}/wehave\n"
               f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
         while not stopping:
             gone = [f"{name} (exit code {p.returncode})" for name, p in zip(names, procs) if p.poll() is not None]

@@ -28,6 +28,7 @@ class Config:
     signed: float = 0.0  # seconds a signed redirect stays valid; 0: unsigned
     max_value_size: int = 0
     max_connections: int = 10000
+    worker_timeout: float = 15.0  # a worker whose loop is silent this long is replaced; 0: never
     limits: Limits = field(default_factory=Limits)
     s3_access_key: str = ""  # with s3_secret_key: S3 requests must be SigV4-signed with these
     s3_secret_key: str = ""
@@ -44,6 +45,7 @@ class Config:
             verbose=args.v, workers=args.workers or os.cpu_count() or 1,
             verify_get=args.verify_get, fsync=args.fsync, secret=args.secret, signed=args.signed,
             max_value_size=args.max_value_size, max_connections=args.max_connections,
+            worker_timeout=args.worker_timeout,
             limits=Limits(max_url=args.max_url, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           idle_timeout=args.idle_timeout),

@@ -6,7 +6,11 @@ connections over them), resolves the writes a previous crash left PENDING, then 
 workers. Each worker opens LMDB itself after the fork (LMDB handles
 must not cross a fork) and runs an asyncio loop on uvloop. When a worker dies, the supervisor
 undoes that worker's in-flight writes and starts a new one on the same socket: connections
-waiting in its backlog are served by the replacement.
+waiting in its backlog are served by the replacement. A worker whose event loop stops turning
+(a request spinning, a stopped process) would hold its connections and locked keys forever while
+looking alive: each loop writes the time into a shared slot every HEARTBEAT_EVERY seconds, and
+the supervisor kills a worker silent for -worker-timeout, which then goes the way of a dead one.
+There is always a supervisor, even for one worker, so that a single worker is watched too.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import fcntl
+import mmap
 import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -29,6 +35,7 @@ from minikv.index.recovery import recover
 from minikv.index.store import Store
 
 SHUTDOWN_GRACE = 10.0  # seconds a stopping worker gives in-flight requests
+HEARTBEAT_EVERY = 0.5  # seconds between two heartbeats of a worker's loop
 
 
 def log(msg: str) -> None:
@@ -148,12 +155,36 @@ async def serve(config: Config, sock: socket.socket) -> None:
     store.close()
 
 
-def worker_main(config: Config, sock: socket.socket) -> None:
+class Heartbeats:
+    """One slot per worker in memory shared across the fork, where the worker's event loop
+    writes the (monotonic, system-wide) time; the supervisor reads how long each has been silent."""
+
+    def __init__(self, workers: int):
+        self.mem = mmap.mmap(-1, 8 * workers)  # anonymous and MAP_SHARED: forked workers write into it
+
+    def beat(self, i: int) -> None:
+        struct.pack_into("d", self.mem, 8 * i, time.monotonic())
+
+    def silence(self, i: int) -> float:
+        return time.monotonic() - struct.unpack_from("d", self.mem, 8 * i)[0]
+
+
+def _heartbeat(loop: asyncio.AbstractEventLoop, beat) -> None:
+    beat()  # a timer callback: it runs only while the loop turns
+    loop.call_later(HEARTBEAT_EVERY, _heartbeat, loop, beat)
+
+
+def worker_main(config: Config, sock: socket.socket, beat=lambda: None) -> None:
     import uvloop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+
+    async def main() -> None:
+        _heartbeat(asyncio.get_running_loop(), beat)
+        await serve(config, sock)
+
     try:
-        uvloop.run(serve(config, sock))
+        uvloop.run(main())
     except KeyboardInterrupt:
         pass
 
@@ -204,24 +235,18 @@ def run_server(args) -> int:
         f"volumes {','.join(config.volumes)}, {config.replicas} replica(s), {config.subvolumes} subvolume(s)")
     for line in start_notes(config):
         log(line)
-    if config.workers == 1:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        import uvloop
-
-        try:
-            uvloop.run(serve(config, sockets[0]))
-        except KeyboardInterrupt:
-            pass
-        return 0
     return supervise(config, sockets)
 
 
 def supervise(config: Config, sockets: list[socket.socket]) -> int:
     workers: dict[int, int] = {}  # pid -> socket index
+    hung: set[int] = set()  # workers killed for a silent loop, not reaped yet
+    beats = Heartbeats(len(sockets))
     stopping = False
 
     def spawn(i: int) -> None:
         parent = os.getpid()
+        beats.beat(i)  # the new worker has the whole timeout to start its loop
         pid = os.fork()
         if pid == 0:
             # not the supervisor's handler: until the worker's loop takes SIGTERM, it must kill
@@ -229,7 +254,7 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
             _die_with_parent(parent)
             code = 0
             try:
-                worker_main(config, sockets[i])
+                worker_main(config, sockets[i], lambda: beats.beat(i))
             except BaseException as e:  # noqa: BLE001 - a worker must never return into the supervisor
                 log(f"worker failed: {e!r}")
                 code = 1
@@ -253,11 +278,15 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
     restarts: list[float] = []
     while workers:
         try:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        except InterruptedError:
+        if pid == 0:
+            if config.worker_timeout > 0:  # stopping too: a stuck worker would never stop
+                _kill_silent(workers, hung, beats, config.worker_timeout)
+            time.sleep(0.2)
             continue
+        hung.discard(pid)
         i = workers.pop(pid, None)
         if i is None or stopping:
             continue
@@ -271,6 +300,20 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
             continue
         spawn(i)
     return 0
+
+
+def _kill_silent(workers: dict[int, int], hung: set[int], beats: Heartbeats, timeout: float) -> None:
+    """SIGKILL every worker whose loop has not beaten for `timeout` seconds: its in-flight
+    writes are then undone and it is replaced, as for a worker that died."""
+    for pid, i in workers.items():
+        if pid not in hung and (silent := beats.silence(i)) > timeout:
+            log(f"worker {pid}'s event loop has not turned for {silent:.0f}s (-worker-timeout {timeout:g}s): "
+                "a request stuck in a loop, or the process stopped; killing it")
+            hung.add(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _die_with_parent(parent: int) -> None:

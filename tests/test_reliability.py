@@ -74,7 +74,11 @@ def _fsync_calls(make_cluster, flags: list[str], puts: int = 40, threads: int = 
     """fdatasync/fsync/msync calls the index workers make for `puts` PUTs (seen by strace),
     sent by `threads` clients at once."""
     c = make_cluster(volumes=1, replicas=1, subvolumes=1, workers=1, flags=flags)
-    pid = c.index.proc.pid  # -workers 1: the server process is the worker
+    from test_faults import _children, wait_until
+
+    # its one worker: `strace -f` follows only what is forked after it attached, not the supervisor's
+    wait_until(lambda: len(_children(c.index.proc.pid)) == 1, what="the worker started")
+    [pid] = _children(c.index.proc.pid)
     out = Path(faults.tempfile.mktemp(prefix="minikv-strace-"))
     tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync,msync,sync_file_range",
                                "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import time
@@ -80,27 +81,39 @@ class Collect:
 
 
 def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -> None:
-    """Remove files older than `age` seconds from a volume directory's body_temp."""
+    """Remove files older than `age` seconds from a volume directory's body_temp. The volume's
+    folders belong to nginx's workers' user, who could make body_temp (or a folder in it) a
+    link to a folder of root's: nothing is followed, each file is removed through the folder
+    it was found in."""
     spool = os.path.join(directory, BODY_TEMP)
-    if not os.path.isdir(spool):
+    try:
+        top = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
         progress.add("failed")
-        progress.problem(f"{directory} is not a volume directory (it has no {BODY_TEMP} folder)")
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            progress.problem(f"{spool} is a symlink or not a folder: not cleaned (remove it; minikv volume makes it)")
+        else:
+            progress.problem(f"{directory} is not a volume directory (cannot open its {BODY_TEMP} folder: "
+                             f"{e.strerror})")
         return
     cutoff = time.time() - age
-    for root, _dirs, files in os.walk(spool):
-        for name in files:
-            path = os.path.join(root, name)
-            try:
-                if os.lstat(path).st_mtime >= cutoff:
-                    continue
-                if not dry_run:
-                    os.unlink(path)
-                progress.add("temp files")
-            except FileNotFoundError:
-                continue  # nginx finished with it meanwhile
-            except OSError as e:
-                progress.add("failed")
-                progress.problem(f"cannot remove {path}: {e.strerror}")
+    try:
+        for root, _dirs, files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            for name in files:
+                path = os.path.normpath(os.path.join(spool, root, name))
+                try:
+                    if os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(name, dir_fd=fd)
+                    progress.add("temp files")
+                except FileNotFoundError:
+                    continue  # nginx finished with it meanwhile
+                except OSError as e:
+                    progress.add("failed")
+                    progress.problem(f"cannot remove {path}: {e.strerror}")
+    finally:
+        os.close(top)
 
 
 async def gc(args, config) -> int:

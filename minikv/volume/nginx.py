@@ -10,12 +10,18 @@ Everything nginx writes lives inside the volume directory: uploads are spooled t
 as in the Go original) and the pid file and other temp folders go to DIR/.nginx. Both folders are
 closed to HTTP clients. Started as root, nginx workers run as an unprivileged user that owns the
 volume's directories, so no system nginx setup is needed either way.
+
+That user can plant symlinks anywhere in the volume, and root must not follow them: folders are
+opened with O_NOFOLLOW (a link is refused, with the reason), owners changed through the open
+folder (fchown), DIR/.nginx stays root's and is made anew if it was not, and nginx reaches its
+folders and config only through descriptors we opened (/proc/self/fd/N, the config in a memfd),
+so renaming or swapping a folder inside the volume later redirects nothing root writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import grp
 import os
 import pwd
@@ -25,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 BODY_TEMP = "body_temp"
 SECRET_HEADER = "X-Minikv-Secret"  # the index's proof that a write comes from it
@@ -77,11 +82,13 @@ def render_config(
     nofile: int | None = None,
     secret: str = "",
     signed: bool = False,
+    body_temp: str | None = None,
 ) -> str:
     """The nginx config serving `directory` (absolute) on `host:port`.
 
     `user` is (user, group) for the workers when nginx starts as root; `prefix_dir` holds the pid
-    file and temp folders (default DIR/.nginx); `nofile` raises the workers' open-file limit.
+    file and temp folders (default DIR/.nginx), `body_temp` the uploads in progress (default
+    DIR/body_temp); `nofile` raises the workers' open-file limit.
     With a `secret`, only requests carrying it (the index's) may PUT, DELETE or list folders;
     anyone may still GET a file, and with `signed` only through a redirect the index signed.
     """
@@ -92,7 +99,7 @@ def render_config(
     directory = directory.rstrip("/") or "/"
     prefix_dir = prefix_dir or os.path.join(directory, STATE_DIR)
     state = prefix_dir.rstrip("/")
-    body_temp = os.path.join(directory, BODY_TEMP)
+    body_temp = body_temp or os.path.join(directory, BODY_TEMP)
     lines = ["# written by minikv volume; regenerated on every start, edits are lost", ""]
     if user is not None:
         lines.append(f"user {quote(user[0])} {quote(user[1])};")
@@ -235,24 +242,68 @@ def worker_user() -> tuple[str, str, int, int] | None:
     raise VolumeError("running as root, but neither user www-data nor nobody exists for nginx's workers")
 
 
-def take_over_directories(directory: str, uid: int, gid: int) -> int:
-    """Make every data directory of the volume belong to the workers' user, so PUT can create
-    and replace files and DELETE can remove them. Files can stay as they are (a rename or
-    unlink only needs the directory): data written by another user, the Go original run as
-    root say, just works. Returns how many data directories changed owner."""
-    for own in (directory, os.path.join(directory, BODY_TEMP), os.path.join(directory, STATE_DIR)):
-        os.chown(own, uid, gid)
+def fd_path(fd: int) -> str:
+    """A path to the folder open as `fd`, for nginx (which inherits it): it names that folder
+    whatever is renamed or replaced inside the volume later."""
+    return f"/proc/self/fd/{fd}"
+
+
+def open_real_dir(name: str, dir_fd: int | None, shown: str) -> int:
+    """Open folder `name` (relative to `dir_fd`) without following a symlink, or refuse it."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise VolumeError(
+                f"{shown} is a symlink or not a folder. minikv volume follows no links in a volume (the "
+                "user nginx's workers run as could plant one to take over files outside it): remove it, "
+                "or make it a real folder, and start again."
+            ) from None
+        raise VolumeError(f"cannot open {shown}: {e.strerror}") from None
+
+
+def take_over_directories(top: int, uid: int, gid: int) -> int:
+    """Make every data directory of the volume open as `top` belong to the workers' user, so PUT
+    can create and replace files and DELETE can remove them. Files can stay as they are (a
+    rename or unlink only needs the directory): data written by another user, the Go original
+    run as root say, just works. Symlinks are neither followed nor changed: fwalk opens each
+    folder without following links and checks it is the one it listed, and the owner is
+    changed through that descriptor. Returns how many data directories changed owner."""
+    os.fchown(top, uid, gid)
     changed = 0
-    for root, dirs, _files in os.walk(directory):
-        if root == directory:
-            # nginx's own folders: nginx sets up their insides itself
+    for root, dirs, _files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+        if root == ".":
+            # nginx's own folders: set up by prepare_directory
             dirs[:] = [d for d in dirs if d not in (BODY_TEMP, STATE_DIR)]
             continue
-        st = os.lstat(root)
+        st = os.fstat(fd)
         if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(root, uid, gid, follow_symlinks=False)
+            os.fchown(fd, uid, gid)
             changed += 1
     return changed
+
+
+def _own_state_dir(top: int, directory: str) -> int:
+    """DIR/.nginx, open, belonging to root and writable only by it: nginx's master writes its
+    pid file and makes its temp folders there as root. One the workers' user owned (as minikv
+    made it before) may hold its links, so it is made anew."""
+    shown = os.path.join(directory, STATE_DIR)
+    fd = open_real_dir(STATE_DIR, top, shown)
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        try:
+            # through the open DIR (rmtree's dir_fd needs Python 3.11); rmtree unlinks links, never follows them
+            shutil.rmtree(os.path.join(fd_path(top), STATE_DIR))
+            os.mkdir(STATE_DIR, 0o755, dir_fd=top)
+        except OSError as e:
+            raise VolumeError(f"cannot make {shown} anew: {e.strerror}") from None
+        print(f"minikv volume: made {shown} anew: it belonged to another user, and nginx writes there as root",
+              file=sys.stderr)
+        fd = open_real_dir(STATE_DIR, top, shown)
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise VolumeError(f"{shown} was replaced while it was being made: start again")
+    os.fchmod(fd, 0o755)
+    return fd
 
 
 def can_write_as(directory: str, uid: int, gid: int) -> bool:
@@ -272,31 +323,47 @@ def can_write_as(directory: str, uid: int, gid: int) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def prepare_directory(directory: str, user: tuple[str, str, int, int] | None) -> None:
-    for path in (directory, os.path.join(directory, BODY_TEMP), os.path.join(directory, STATE_DIR)):
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise VolumeError(f"cannot create {path}: {e.strerror}") from None
-    if user is None:
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise VolumeError(f"{directory} is not writable by you: pick another folder or fix its owner")
-        return
-    name, _group, uid, gid = user
+def prepare_directory(directory: str, user: tuple[str, str, int, int] | None) -> tuple[int, int]:
+    """Make the volume's folders and hand the data to the workers' user; returns the open
+    folders nginx is to use (body_temp, .nginx), checked to be real folders."""
     try:
-        changed = take_over_directories(directory, uid, gid)
+        os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise VolumeError(
-            f"cannot give {e.filename} to {name}, the user nginx's workers run as: {e.strerror}. "
-            "Fix its owner by hand, or start minikv volume as that user."
-        ) from None
-    if changed:
-        print(f"minikv volume: gave {changed} directories under {directory} to {name}", file=sys.stderr)
-    if not can_write_as(directory, uid, gid):
-        raise VolumeError(
-            f"nginx's workers run as {name}, who cannot reach {directory}: a parent folder is closed "
-            f"to other users. Open it (`chmod o+x` on each parent) or put the volume elsewhere."
-        )
+        raise VolumeError(f"cannot create {directory}: {e.strerror}") from None
+    top = open_real_dir(directory, None, directory)
+    try:
+        for name in (BODY_TEMP, STATE_DIR):
+            try:
+                os.mkdir(name, 0o755, dir_fd=top)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise VolumeError(f"cannot create {os.path.join(directory, name)}: {e.strerror}") from None
+        body = open_real_dir(BODY_TEMP, top, os.path.join(directory, BODY_TEMP))
+        if user is None:
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise VolumeError(f"{directory} is not writable by you: pick another folder or fix its owner")
+            return body, open_real_dir(STATE_DIR, top, os.path.join(directory, STATE_DIR))
+        name, _group, uid, gid = user
+        state = _own_state_dir(top, directory)
+        try:
+            os.fchown(body, uid, gid)
+            changed = take_over_directories(top, uid, gid)
+        except OSError as e:
+            raise VolumeError(
+                f"cannot give {e.filename or directory} to {name}, the user nginx's workers run as: {e.strerror}. "
+                "Fix its owner by hand, or start minikv volume as that user."
+            ) from None
+        if changed:
+            print(f"minikv volume: gave {changed} directories under {directory} to {name}", file=sys.stderr)
+        if not can_write_as(directory, uid, gid):
+            raise VolumeError(
+                f"nginx's workers run as {name}, who cannot reach {directory}: a parent folder is closed "
+                f"to other users. Open it (`chmod o+x` on each parent) or put the volume elsewhere."
+            )
+        return body, state
+    finally:
+        os.close(top)
 
 
 def open_file_limit() -> int | None:
@@ -321,11 +388,12 @@ def _die_with_parent() -> None:
         pass  # not Linux: stopping nginx is then up to run_volume's cleanup
 
 
-def start_nginx(nginx: str, prefix_dir: str, config_path: str) -> subprocess.Popen:
+def start_nginx(nginx: str, prefix_dir: str, config_path: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
     return subprocess.Popen(
         [nginx, "-e", "stderr", "-p", prefix_dir + "/", "-c", config_path],
         stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
+        pass_fds=fds,
     )
 
 
@@ -345,18 +413,16 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def serve(nginx: str, directory: str, config: str, port: int) -> int:
-    """Write the config to a temp file, run nginx on it until it exits, forward signals."""
-    prefix_dir = os.path.join(directory, STATE_DIR)
-    # beside the pid file rather than in /tmp: a SIGKILLed minikv leaves no litter outside the volume
-    fd, config_path = tempfile.mkstemp(prefix="nginx-", suffix=".conf", dir=prefix_dir)
+def serve(nginx: str, directory: str, config: str, port: int, folders: tuple[int, int]) -> int:
+    """Run nginx on `config` until it exits, forward signals. nginx inherits the open folders
+    (body_temp, .nginx) and reads the config from memory: no file of it is left anywhere, even
+    by a SIGKILLed minikv, and none can be swapped under nginx (which reads it again on SIGHUP)."""
+    conf = os.memfd_create("minikv-nginx.conf")
+    os.write(conf, config.encode())
     previous = {}
     proc = None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
-        # the master reads the config as root or as us; workers never need it
-        proc = start_nginx(nginx, prefix_dir, config_path)
+        proc = start_nginx(nginx, fd_path(folders[1]), fd_path(conf), (conf, *folders))
         child = proc
 
         def forward(signum, _frame):
@@ -371,30 +437,36 @@ def serve(nginx: str, directory: str, config: str, port: int) -> int:
             stop_nginx(proc)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config_path)
+        for fd in (conf, *folders):
+            os.close(fd)
 
 
 def run_volume(port: int, directory: str, host: str = "", secret: str = "", signed: bool = False) -> int:
     """`minikv volume`: serve `directory` with nginx on `host:port` until nginx exits (or we are
     told to stop); returns nginx's exit code, or 1 with a message when it cannot start."""
-    directory = os.path.abspath(directory)
+    # the links of the path given are the admin's: resolved once, the volume's own are refused
+    directory = os.path.realpath(directory)
+    folders = None
     try:
         nginx = find_nginx()
         check_nginx(nginx)
         user = worker_user()
-        prepare_directory(directory, user)
+        folders = prepare_directory(directory, user)
         config = render_config(
             port,
             directory,
             host,
             user=user[:2] if user else None,
-            prefix_dir=os.path.join(directory, STATE_DIR),
+            prefix_dir=fd_path(folders[1]),
+            body_temp=fd_path(folders[0]),
             nofile=open_file_limit(),
             secret=secret,
             signed=signed,
         )
     except VolumeError as e:
+        if folders is not None:
+            for fd in folders:
+                os.close(fd)
         print(f"minikv volume: {e}", file=sys.stderr)
         return 1
-    return serve(nginx, directory, config, port)
+    return serve(nginx, directory, config, port, folders)
