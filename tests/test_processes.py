@@ -150,15 +150,18 @@ def test_up_warns_of_a_secret_given_on_its_own_command_line(up_all):
 
 
 def test_up_flags_take_effect(up_all):
-    """What the flags protect, seen from outside: S3 requests need a signature, volumes serve
+    """What the flags protect, seen from outside: S3 requests need a signature, plain writes the
+    credentials (reads are open: -open-api read), volumes serve
     only signed reads and listen on -host only, the index enforces its limits."""
     base, _, _ = up_all
     url = f"http://{HOST}:{base}"
     r = requests.get(f"{url}/bucket/k", headers={"x-amz-date": "20260101T000000Z"})
     assert r.status_code == 403, r.text  # unsigned S3 requests: refused
-    assert requests.put(f"{url}/k", data=b"x" * 1001).status_code == 413  # -max-value-size
+    auth = (GIVEN["s3-access-key"], GIVEN["s3-secret-key"])
+    assert requests.put(f"{url}/k", data=b"value").status_code == 401  # -open-api read: writes need them
+    assert requests.put(f"{url}/k", data=b"x" * 1001, auth=auth).status_code == 413  # -max-value-size
     assert requests.get(f"{url}/k", headers={"X-Big": "b" * 4000}).status_code == 431  # -max-header-bytes
-    assert requests.put(f"{url}/k", data=b"value").status_code == 201
+    assert requests.put(f"{url}/k", data=b"value", auth=auth).status_code == 201
     loc = requests.get(f"{url}/k", allow_redirects=False).headers["Location"]
     assert requests.get(loc).content == b"value"
     assert requests.get(loc.split("?")[0]).status_code == 403  # -signed reached the volumes
