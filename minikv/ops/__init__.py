@@ -1,0 +1,138 @@
+"""Seeing a running cluster: metrics, health endpoints, a status page, access logs.
+
+How it fits the server without slowing it:
+- each worker counts its requests in plain Python (counters.py) and, a few times a second,
+  copies the figures into a file of its own in a folder the server's processes share
+  (publish.py);
+- the operations listener (`-metrics-port`, listener.py) is one socket bound before the workers
+  fork; every worker accepts on it and answers from the sum of all the files, so a scrape sees
+  the whole server whichever worker answers;
+- one worker at a time (the leader) reads the volumes' disk figures and logs volumes going down
+  and coming back (volumes.py); volumes report their disks in a file nginx serves (disk.py).
+
+The server calls `prepare(config, args)` before it forks and `start(app)` in each worker; with
+neither -metrics-port nor -v nothing here runs and the request path is untouched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+
+_prepared: dict = {}  # this server's ops setup, made before the fork and inherited by workers
+SECRET_FLAGS = ("secret", "s3-secret-key", "s3-access-key")
+ADMIN_FLAGS = ("data", "concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("minikv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def shown_flags(args) -> dict:
+    """The server's flags for the page: secrets only as set or not."""
+    from minikv.cli import FLAGS
+
+    shown = {}
+    for name in FLAGS:
+        if name in ADMIN_FLAGS:
+            continue
+        value = args.flags.get(name)
+        if name in SECRET_FLAGS:
+            value = "(set)" if value else ""
+        shown[name] = value
+    return shown
+
+
+def prepare(config, args) -> None:
+    """Before the workers fork: bind -metrics-port and make the shared folder."""
+    from minikv.server import bind, check_port_free
+
+    port = int(args.flags.get("metrics-port") or 0)
+    verbose = bool(config.verbose)
+    if not port and not verbose:
+        return
+    if port and port == config.port:
+        raise SystemExit("minikv server: -metrics-port must differ from -port (the main port's URLs are all keys)")
+    _prepared.update(sock=None, json_logs=bool(args.flags.get("log-json")), verbose=verbose)
+    if not port:
+        return  # -v alone: access lines, no listener
+    check_port_free(config.host, port)
+    sock = bind(config.host, port)
+    folder = tempfile.mkdtemp(prefix="minikv-ops-")
+    owner = os.getpid()
+
+    def cleanup() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(cleanup)
+    from minikv.ops.publish import write_json
+
+    write_json(folder, "server.json", {
+        "pid": owner, "started": time.time(), "version": version(), "port": config.port,
+        "metrics_port": port, "workers": config.workers, "flags": shown_flags(args),
+    })
+    _prepared.update(sock=sock, folder=folder)
+    from minikv.server import log
+
+    log(f"operations listener on {config.host or '*'}:{port}: /metrics /healthz /readyz and a status page at /")
+
+
+def start(app) -> None:
+    """In a worker, once its app exists: count, publish, lead, listen (as far as asked)."""
+    if not _prepared:
+        return
+    import asyncio
+
+    from minikv.ops.counters import Counters, access_logger, instrument
+
+    counters = Counters()
+    errors: dict[str, int] = {}
+    instrument(app, counters, access_logger(_prepared["json_logs"]) if _prepared["verbose"] else None)
+    mark_down = app.health.mark_down
+
+    def counted_mark_down(host: str, reason: str) -> None:
+        errors[host] = errors.get(host, 0) + 1
+        mark_down(host, reason)
+
+    app.health.mark_down = counted_mark_down
+    if _prepared["sock"] is None:
+        return
+    loop = asyncio.get_running_loop()
+    folder = _prepared["folder"]
+    tasks = app.__dict__.setdefault("_ops_tasks", [])  # held so they are not collected
+    tasks.append(loop.create_task(_publish(counters, errors, folder)))
+    from minikv.ops.volumes import watch
+
+    tasks.append(loop.create_task(watch(app, folder)))
+    tasks.append(loop.create_task(_listen(app, folder, _prepared["sock"])))
+
+
+async def _publish(counters, errors, folder: str) -> None:
+    import asyncio
+
+    from minikv.ops.publish import PUBLISH_EVERY, worker_snapshot, write_json
+
+    name = f"{os.getpid()}.json"
+    while True:
+        with contextlib.suppress(OSError):
+            counters.sample(time.time())
+            write_json(folder, name, worker_snapshot(counters, errors))
+        await asyncio.sleep(PUBLISH_EVERY)
+
+
+async def _listen(app, folder: str, sock) -> None:
+    from minikv.ops.listener import Listener
+    from minikv.ops.report import Reporter
+
+    await Listener(Reporter(app, folder)).serve(sock)
