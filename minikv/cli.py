@@ -85,7 +85,10 @@ FLAGS: dict[str, Flag] = {
     "fallback": Flag(str, "", "server to redirect to for keys not found"),
     "md5sum": Flag(bool, True, "compute and store the md5 of every value"),
     "voltimeout": Flag("duration", 1.0, "timeout for requests to volume servers"),
-    "v": Flag(bool, False, "verbose: log every request"),
+    "v": Flag(bool, False, "verbose: log every request (one access-log line each)"),
+    "log-json": Flag(bool, False, "with -v: log each request as a JSON object per line"),
+    "metrics-port": Flag(int, 0, "server: port of the operations listener (/metrics, /healthz, /readyz, a status "
+                                 "page at /); 0: off (up: -port + 100)"),
     "workers": Flag(int, 0, "index worker processes (default: one per core)"),
     "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
     "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),

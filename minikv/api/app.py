@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from urllib.parse import parse_qs, unquote_to_bytes
 
@@ -123,8 +122,6 @@ class App:
     def handle(self, req: Request):
         key, path, query = split_target(req.url)
         method = req.method
-        if self.config.verbose:
-            print(f"{method.decode()} {req.url.decode('latin-1')}", file=sys.stderr)
         if self.s3 is not None and self.s3.claims(req, query):
             return self.s3.handle(req, key, path, query)
         if method == b"GET" or method == b"HEAD":
