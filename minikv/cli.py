@@ -20,6 +20,7 @@ Commands:
   verify      check that every key has all its replicas
   repair      re-replicate what verify finds missing
   gc [DIR...] remove unlinked keys' files, dead processes' locks, old temp files in DIR/body_temp
+  status      show a running server's volumes, index and requests (-server host:port); exits 1 if not ready
 
 Flags:
 """
@@ -234,6 +235,10 @@ def run(args: Args) -> int:
         from minikv.server import run_server
 
         return run_server(args)
+    if cmd == "status":
+        from minikv.ops.status import main as status
+
+        return status(args)
     if cmd == "up":
         from minikv.cluster import run_cluster
 
