@@ -102,7 +102,9 @@ def run_cluster(args) -> int:
             if not _wait_port(port, p):
                 print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
                 return 1
-        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index")]
+        metrics = args.flags["metrics-port"] if "metrics-port" in args.given else base + 100
+        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index"),
+                  "-metrics-port", str(metrics)]
         for name in ("replicas", "subvolumes", "protect", "fallback", "md5sum", "voltimeout", "v",
                      "workers", "verify-get", "fsync", "host", "signed", "max-value-size", "max-connections"):
             if name in args.given:
@@ -114,6 +116,7 @@ def run_cluster(args) -> int:
         print(f"\nminikv is up: index http://localhost:{base}, volumes {volumes}, data in {data}\n"
               f"  curl -L -X PUT -d bigswag localhost:{base}/wehave\n"
               f"  curl -L localhost:{base}/wehave\n"
+              f"status page http://localhost:{metrics}/ (metrics at /metrics; `minikv status -server localhost:{base}`)\n"
               f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
         while not stopping:
             gone = [f"{name} (exit code {p.returncode})" for name, p in zip(names, procs) if p.poll() is not None]
