@@ -1,0 +1,265 @@
+"""Seeing the cluster (minikv/ops): /metrics counts exactly what was served, summed over the
+workers; /readyz, the page and `minikv status` say when a volume is down and why, and when it
+is back; volumes report their disks; -v writes access lines. Real nginx volumes, real index
+processes, and the page loaded in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cluster import HOST, free_port, wait_port
+from prometheus_client.parser import text_string_to_metric_families
+
+RESULTS = Path(__file__).resolve().parent.parent / "test-results"
+
+
+def ops_cluster(make_cluster, flags=(), **kw):
+    port = free_port()
+    c = make_cluster(flags=["-metrics-port", str(port), *flags], **kw)
+    wait_port(port)
+    c.ops = f"http://{HOST}:{port}"
+    c.ops_address = f"{HOST}:{port}"
+    return c
+
+
+def samples(c) -> dict:
+    """{(name, ((label, value), ...)): value} of the cluster's /metrics, by prometheus_client's parser."""
+    r = requests.get(c.ops + "/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def requests_total(m: dict) -> dict:
+    return {(dict(labels)["method"], dict(labels)["status"]): v
+            for (name, labels), v in m.items() if name == "minikv_requests_total"}
+
+
+def wait_for(check, timeout: float = 10.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            assert result, f"not within {timeout}s: {what}"
+            return result
+        time.sleep(0.1)
+
+
+def status_cmd(server: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minikv", "status", "-server", server],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_metrics_count_every_request_of_both_workers(make_cluster):
+    c = ops_cluster(make_cluster, workers=2)
+    body = b"v" * 100
+    expected: dict[tuple[str, str], int] = {}
+
+    def send(method: str, key: str, status: int, **kw) -> None:
+        # a new connection each time: the kernel spreads them over both workers' sockets
+        r = requests.request(method, c.url(key), allow_redirects=False, timeout=10, **kw)
+        assert r.status_code == status, (method, key, r.text)
+        expected[(method, str(status))] = expected.get((method, str(status)), 0) + 1
+
+    for i in range(30):
+        send("PUT", f"/m{i}", 201, data=body)
+    for i in range(30):
+        send("GET", f"/m{i}", 302)
+    for i in range(10):
+        send("GET", f"/missing{i}", 404)
+    for i in range(5):
+        send("PUT", f"/m{i}", 403, data=body)
+    for i in range(5):
+        send("DELETE", f"/m{i}", 204)
+    for i in range(5, 8):
+        send("HEAD", f"/m{i}", 302)
+
+    wait_for(lambda: requests_total(samples(c)) == expected, what=f"request counts {expected}")
+    time.sleep(0.6)  # past two more publications: nothing counted twice
+    m = samples(c)
+    assert requests_total(m) == expected
+    for method in {m_ for m_, _ in expected}:
+        answered = sum(n for (m_, _), n in expected.items() if m_ == method)
+        assert m[("minikv_request_duration_seconds_count", (("method", method),))] == answered
+        assert m[("minikv_request_duration_seconds_bucket", (("le", "+Inf"), ("method", method)))] == answered
+    assert m[("minikv_received_bytes_total", ())] >= 35 * len(body)
+    assert m[("minikv_sent_bytes_total", ())] > 0
+    assert m[("minikv_conflicts_total", ())] == 0
+    assert m[("minikv_workers", ())] == 2
+    assert m[("minikv_index_keys", ())] == 25
+    assert m[("minikv_index_pending_records", ())] == 0
+    assert m[("minikv_writes_in_flight", (("method", "PUT"),))] == 0
+    for name in c.names:  # every PUT and DELETE went to all three
+        assert m[("minikv_volume_requests_total", (("volume", name),))] >= 40
+        assert m[("minikv_volume_up", (("volume", name),))] == 1
+    assert m[("minikv_process_open_fds", ())] > 0
+    # both workers served (and were counted): the sum is not one worker's view
+    workers = requests.get(c.ops + "/status.json", timeout=10).json()["workers"]
+    assert len(workers) == 2 and all(n > 0 for n in workers.values()), workers
+    assert sum(workers.values()) == sum(expected.values())
+
+
+def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(make_cluster):
+    c = ops_cluster(make_cluster, workers=2)
+    assert requests.get(c.ops + "/readyz", timeout=10).status_code == 200
+    assert requests.get(c.ops + "/healthz", timeout=10).text == "ok\n"
+    wait_for(lambda: status_cmd(c.ops_address).returncode == 0, what="minikv status exits 0")
+    gone = c.names[0]
+    c.volumes[0].stop()
+
+    why = wait_for(lambda: (r := requests.get(c.ops + "/readyz", timeout=10)).status_code == 503 and r.text,
+                   what="readyz 503")
+    assert gone in why and "2 of 3 volumes are up" in why and "Connection refused" in why, why
+    m = samples(c)
+    assert m[("minikv_volume_up", (("volume", gone),))] == 0
+    reasons = [dict(labels)["reason"] for (name, labels), v in m.items()
+               if name == "minikv_volume_down_info" and dict(labels)["volume"] == gone and v == 1]
+    assert len(reasons) == 1 and "Connection refused" in reasons[0], reasons
+    wait_for(lambda: samples(c)[("minikv_volume_errors_total", (("volume", gone),))] > 0, what="errors counted")
+    assert m[("minikv_ready", ())] == 0
+    page = requests.get(c.ops + "/", timeout=10).text
+    assert f'data-volume="{gone}" data-state="down"' in page and "Connection refused" in page
+    assert f'data-volume="{c.names[1]}" data-state="up"' in page
+    out = status_cmd(c.ops_address)
+    assert out.returncode == 1, out
+    row = next(line for line in out.stdout.splitlines() if line.startswith(gone))
+    assert "DOWN" in row and "Connection refused" in row, out.stdout
+
+    c.volumes[0].start()
+    wait_for(lambda: requests.get(c.ops + "/readyz", timeout=10).status_code == 200, what="readyz 200 again")
+    wait_for(lambda: samples(c)[("minikv_volume_up", (("volume", gone),))] == 1, what="volume up in /metrics")
+    wait_for(lambda: status_cmd(c.ops_address).returncode == 0, what="minikv status exits 0 again")
+    time.sleep(1.5)  # a few more leader rounds: the change is logged once, not once a round
+    log = c.index.log.read_text()
+    assert log.count(f"volume {gone} is down") == 1, log
+    assert log.count(f"volume {gone} is up again") == 1, log
+
+
+def test_volumes_report_their_disk_as_statvfs_sees_it(make_cluster):
+    c = ops_cluster(make_cluster, workers=2)
+
+    def disks():
+        vs = requests.get(c.ops + "/status.json", timeout=10).json()["volumes"]
+        return vs if all(v["disk"] for v in vs) else None
+
+    volumes = wait_for(disks, what="disk figures")
+    m = samples(c)
+    slack = 256 << 20  # other programs write to the same disk meanwhile
+    for v, proc in zip(volumes, c.volumes):
+        folder = proc.args[-1]
+        st = os.statvfs(folder)
+        assert v["disk"]["size"] == st.f_blocks * st.f_frsize
+        assert abs(v["disk"]["used"] - (st.f_blocks - st.f_bfree) * st.f_frsize) < slack
+        assert abs(v["disk"]["free"] - st.f_bavail * st.f_frsize) < slack
+        assert abs(m[("minikv_volume_disk_free_bytes", (("volume", v["host"]),))] - st.f_bavail * st.f_frsize) < slack
+        assert m[("minikv_volume_disk_size_bytes", (("volume", v["host"]),))] == st.f_blocks * st.f_frsize
+        assert v["latency"] is not None and v["latency"] < 1.0
+        # the file nginx serves keeps its size: overwritten in place, so a full disk still updates it
+        assert os.path.getsize(os.path.join(folder, ".minikv-disk.json")) == 512
+
+
+def test_v_writes_access_lines_as_text_or_json_and_one_worker_serves_metrics_too(make_cluster):
+    c = ops_cluster(make_cluster, workers=1, flags=["-v", "-log-json"])
+    assert c.put("/logged key", b"hello").status_code == 201
+    assert c.get("/logged key", allow_redirects=False).status_code == 302
+
+    def lines():
+        found = []
+        for line in c.index.log.read_text().splitlines():
+            if line.startswith("{"):
+                found.append(json.loads(line))
+        return found if len(found) >= 2 else None
+
+    put, get = wait_for(lines, what="two JSON access lines")[:2]
+    assert put["method"] == "PUT" and put["key"] == "/logged key" and put["status"] == 201
+    assert get["method"] == "GET" and get["status"] == 302 and get["client"] == HOST
+    assert get["bytes"] > 0 and 0 <= get["duration"] < 5
+    wait_for(lambda: requests_total(samples(c)) == {("PUT", "201"): 1, ("GET", "302"): 1},
+             what="counts with one worker")
+
+    c2 = make_cluster(workers=2, flags=["-v"])
+    assert c2.get("/nothing", allow_redirects=False).status_code == 404
+    line = wait_for(lambda: next((x for x in c2.index.log.read_text().splitlines() if '"GET /nothing' in x), None),
+                    what="a text access line")
+    # common log format, then the duration in seconds
+    assert line.startswith(f"{HOST} - - [") and '] "GET /nothing HTTP/1.1" 404 ' in line, line
+    assert float(line.rsplit(" ", 1)[1]) < 5
+
+
+def test_operations_port_refuses_what_it_does_not_serve_and_keeps_serving(make_cluster):
+    import socket
+
+    c = ops_cluster(make_cluster, workers=1)
+    port = int(c.ops_address.rsplit(":", 1)[1])
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection((HOST, port), timeout=10) as s:
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    assert raw(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 431 ")
+    assert raw(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert raw(b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+    assert raw(b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    # the main port reserves nothing: /metrics there is a key like any other
+    assert c.get("/metrics", allow_redirects=False).status_code == 404
+    assert c.put("/metrics", b"mine").status_code == 201
+    assert status_cmd(f"{HOST}:{c.port}").returncode == 2  # no listener at the main port nor +100
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                       capture_output=True, timeout=900, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        found = shutil.which("chromium")
+    return found
+
+
+def test_status_page_in_a_real_browser_shows_a_stopped_volume_down(make_cluster):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed and cannot be (apt-get install chromium)")
+    c = ops_cluster(make_cluster, workers=2)
+    for i in range(10):
+        assert c.put(f"/page{i}", b"x" * 1000).status_code == 201
+    gone = c.names[2]
+    c.volumes[2].stop()
+    wait_for(lambda: requests.get(c.ops + "/readyz", timeout=10).status_code == 503, what="volume seen down")
+    profile = tempfile.mkdtemp(prefix="minikv-chromium-")
+    RESULTS.mkdir(exist_ok=True)
+    shot = RESULTS / "ops-status-page.png"
+    shot.unlink(missing_ok=True)
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--hide-scrollbars"]
+    try:
+        dom = subprocess.run([*base, "--dump-dom", c.ops + "/"], capture_output=True, text=True, timeout=120)
+        subprocess.run([*base, f"--screenshot={shot}", "--window-size=412,1400", c.ops + "/"],
+                       capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    html = dom.stdout
+    assert "<table id=\"volumes\">" in html, dom.stderr[-2000:]
+    for name in c.names:
+        assert f'data-volume="{name}"' in html
+    assert f'data-volume="{gone}" data-state="down"' in html and "DOWN" in html
+    assert "Connection refused" in html and "Not ready" in html
+    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no screenshot"
+    print(f"\nstatus page screenshot: {shot}")
