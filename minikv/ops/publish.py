@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
 
 def gather(folder: str) -> dict:
     """Every worker's figures summed: the whole server's."""
-    total: dict = {"requests": {}, "hist": {}, "in_flight": {}, "rx": 0, "tx": 0, "volume_requests": {},
+    total: dict = {"answers": {}, "in_flight": {}, "rx": 0, "tx": 0, "volume_requests": {},
                    "volume_errors": {}, "history": {}, "workers": {}}
     names = []
     with contextlib.suppress(OSError):
@@ -71,12 +71,10 @@ def gather(folder: str) -> dict:
             continue
         live = alive(snap["pid"])
         served = 0
-        for method, status, n in snap["requests"]:
-            total["requests"][(method, status)] = total["requests"].get((method, status), 0) + n
-            served += n
-        for method, counts in snap["hist"].items():
-            have = total["hist"].get(method)
-            total["hist"][method] = counts if have is None else [a + b for a, b in zip(have, counts)]
+        for method, status, entry in snap["answers"]:
+            have = total["answers"].get((method, status))
+            total["answers"][(method, status)] = entry if have is None else [a + b for a, b in zip(have, entry)]
+            served += sum(entry[:-1])
         for key in ("volume_requests", "volume_errors"):
             for host, n in snap[key].items():
                 total[key][host] = total[key].get(host, 0) + n

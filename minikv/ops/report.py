@@ -13,6 +13,15 @@ from minikv.ops.volumes import VOLUMES_FILE
 STALE_AFTER = 10.0  # seconds: disk figures older than this are shown as such
 
 
+def by_method(answers: dict) -> dict[str, list]:
+    """Latency buckets and seconds per method (the statuses added up)."""
+    out: dict[str, list] = {}
+    for (method, _), entry in answers.items():
+        have = out.get(method)
+        out[method] = list(entry) if have is None else [a + b for a, b in zip(have, entry)]
+    return out
+
+
 class Reporter:
     """Made in each worker: reads the shared folder and asks this worker's health and store."""
 
@@ -68,8 +77,8 @@ class Reporter:
             "not_ready": not_ready,
             "index": index,
             "in_flight": total["in_flight"],
-            "requests": [[m, s, n] for (m, s), n in sorted(total["requests"].items())],
-            "hist": total["hist"],
+            "requests": [[m, s, sum(e[:-1])] for (m, s), e in sorted(total["answers"].items())],
+            "hist": by_method(total["answers"]),
             "rx": total["rx"],
             "tx": total["tx"],
             "rates": rates(total["history"]),
