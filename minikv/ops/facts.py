@@ -16,6 +16,7 @@ from minikv.index.record import PENDING, decode_pending
 
 PENDING_SCAN = 1000
 PROBE_KEY = b"\0minikv-ready"  # no key holds a NUL (the API refuses them): never a record
+MIN_FREE = 64 << 10  # bytes: less, and the index's next page splits may find no room
 WRITABLE_TTL = 1.0  # seconds a write check is reused: probes cannot make the index write more
 
 
@@ -37,13 +38,25 @@ def index_facts(store) -> dict:
         size = os.stat(os.path.join(store.path, "data.mdb")).st_size
     except OSError:
         size = 0
-    return {"keys": keys, "pending": pending, "db_bytes": size,
+    try:
+        free = disk_free(store.path)
+    except OSError:
+        free = None
+    return {"keys": keys, "pending": pending, "db_bytes": size, "disk_free": free,
             "oldest_pending_seconds": None if oldest is None else max(0.0, (now_ms - oldest) / 1000)}
 
 
+def disk_free(path: str) -> int:
+    """Bytes the server may still write on the disk holding `path` (root may use the reserve)."""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 class WriteCheck:
-    """Can the index be written? One write transaction (a record put and dropped in it, so
-    nothing changes), at most once per WRITABLE_TTL."""
+    """Can the index be written? Its disk must have room to grow (LMDB takes new pages for most
+    writes) and one write transaction (a record put and dropped in it, so nothing changes) must
+    commit: a small commit alone can still fit in pages LMDB freed while real writes fail. At
+    most once per WRITABLE_TTL."""
 
     def __init__(self, store):
         self.store = store
@@ -52,6 +65,13 @@ class WriteCheck:
 
     def __call__(self) -> str | None:
         """None when the index takes writes, else why not."""
+        path = self.store.path
+        try:
+            free = disk_free(path)  # one system call: asked every time, so every worker agrees at once
+        except OSError as e:
+            return f"the disk holding the index database {path} cannot be read ({e.strerror})"
+        if free < MIN_FREE:
+            return f"the disk holding the index database {path} is full ({free} bytes free): free some space"
         now = time.monotonic()
         if now - self.at > WRITABLE_TTL:
             self.at = now
@@ -61,7 +81,7 @@ class WriteCheck:
                     txn.delete(PROBE_KEY)
                 self.reason = None
             except lmdb.Error as e:
-                self.reason = f"the index database {self.store.path} cannot be written ({e}): is its disk full?"
+                self.reason = f"the index database {path} cannot be written ({e}): is its disk full?"
         return self.reason
 
 

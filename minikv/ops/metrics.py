@@ -76,6 +76,9 @@ def families(r: dict):
                             value=index["keys"])
     yield GaugeMetricFamily("minikv_index_database_bytes", "Size of the index database file.",
                             value=index["db_bytes"])
+    if index["disk_free"] is not None:
+        yield GaugeMetricFamily("minikv_index_disk_free_bytes", "Bytes free on the disk holding the index.",
+                                value=index["disk_free"])
     yield GaugeMetricFamily("minikv_index_pending_records", "Keys whose write or delete is in flight (PENDING).",
                             value=index["pending"])
     if index["oldest_pending_seconds"] is not None:

@@ -114,7 +114,7 @@ def render(r: dict) -> bytes:
     oldest = index["oldest_pending_seconds"]
     index_rows = [
         ("keys", f"{index['keys']:,}"),
-        ("database", size(index["db_bytes"])),
+        ("database", f"{size(index['db_bytes'])}, {size(index['disk_free'])} free on its disk"),
         ("writable", "yes" if not index["write_error"] else f"NO: {index['write_error']}"),
         ("PENDING records", f"{index['pending']}" + (f" (oldest {oldest:.1f}s)" if oldest is not None else "")),
         ("in flight", f"PUT {r['in_flight'].get('PUT', 0)}, DELETE {r['in_flight'].get('DELETE', 0)}"),
