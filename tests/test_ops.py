@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cluster import HOST, free_port, wait_port
+from cluster import HOST, Cluster, free_port, open_dir, wait_port
 from prometheus_client.parser import text_string_to_metric_families
 
 RESULTS = Path(__file__).resolve().parent.parent / "test-results"
@@ -263,3 +264,55 @@ def test_status_page_in_a_real_browser_shows_a_stopped_volume_down(make_cluster)
     assert "Connection refused" in html and "Not ready" in html
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "no screenshot"
     print(f"\nstatus page screenshot: {shot}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root (mount a tmpfs)")
+def test_readyz_says_when_the_index_cannot_write_and_recovers():
+    root = open_dir()
+    db = root / "index"
+    db.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(db)], check=True)
+    port = free_port()
+    c = Cluster(root, flags=["-metrics-port", str(port)])
+    ops = f"http://{HOST}:{port}"
+    try:
+        c.start()
+        wait_port(port)
+        assert requests.get(ops + "/readyz", timeout=10).status_code == 200
+        ballast = db / "ballast"
+        with open(ballast, "wb") as f:  # all but the last 64 KB of the tmpfs
+            f.write(b"\0" * (shutil.disk_usage(db).free - (64 << 10)))
+        ready = None
+        for i in range(5000):  # until the write check fails too (small commits fit in freed pages a while)
+            c.put(f"/fill/{i:05d}" + "k" * 100, b"x")
+            if i % 20 == 0 and (ready := requests.get(ops + "/readyz", timeout=10)).status_code == 503:
+                break
+        assert ready is not None and ready.status_code == 503, "readyz never saw the full disk"
+        assert "index database" in ready.text and "full" in ready.text, ready.text
+        out = status_cmd(f"{HOST}:{port}")
+        assert out.returncode == 1 and "NOT WRITABLE" in out.stdout, out
+        ballast.unlink()
+        wait_for(lambda: requests.get(ops + "/readyz", timeout=10).status_code == 200, what="readyz 200 with space")
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(db)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_up_starts_the_operations_listener_on_port_plus_100():
+    from test_up import free_base
+
+    root = open_dir()
+    base = free_base()
+    up = subprocess.Popen([sys.executable, "-m", "minikv", "up", "-data", str(root / "data"), "-port", str(base)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_port(base + 100, up, timeout=20)
+        wait_port(base, up, timeout=20)
+        assert requests.get(f"http://{HOST}:{base + 100}/healthz", timeout=10).text == "ok\n"
+        wait_for(lambda: status_cmd(f"{HOST}:{base}").returncode == 0, what="minikv status via the main port")
+    finally:
+        up.send_signal(signal.SIGINT)
+        out = up.communicate(timeout=30)[0].decode()
+        shutil.rmtree(root, ignore_errors=True)
+    assert f"status page http://localhost:{base + 100}/" in out, out
