@@ -113,6 +113,25 @@ def test_metrics_count_every_request_of_both_workers(make_cluster):
     assert sum(workers.values()) == sum(expected.values())
 
 
+def test_a_dead_workers_counts_stay_in_the_totals(make_cluster):
+    c = ops_cluster(make_cluster, workers=2)
+    for i in range(20):
+        assert requests.put(c.url(f"/w{i}"), data=b"x", timeout=10).status_code == 201
+    wait_for(lambda: requests_total(samples(c)) == {("PUT", "201"): 20}, what="20 PUTs counted")
+
+    def workers() -> dict:
+        return requests.get(c.ops + "/status.json", timeout=10).json()["workers"]
+
+    victim = max(workers(), key=lambda pid: workers()[pid])
+    os.kill(int(victim), signal.SIGKILL)  # a worker of the server this test started
+    wait_for(lambda: len(w := workers()) == 2 and victim not in w, what="a new worker replaces the dead one")
+    assert requests_total(samples(c)) == {("PUT", "201"): 20}  # counters never go back
+    for i in range(10):
+        assert requests.get(c.url(f"/w{i}"), allow_redirects=False, timeout=10).status_code == 302
+    wait_for(lambda: requests_total(samples(c)) == {("PUT", "201"): 20, ("GET", "302"): 10}, what="new counts")
+    assert samples(c)[("minikv_workers", ())] == 2
+
+
 def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(make_cluster):
     c = ops_cluster(make_cluster, workers=2)
     assert requests.get(c.ops + "/readyz", timeout=10).status_code == 200
