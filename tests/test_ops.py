@@ -168,8 +168,14 @@ def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(ma
     assert log.count(f"volume {gone} is up again") == 1, log
 
 
+SECRET = "ops-test-secret-4242"
+
+
 def test_volumes_report_their_disk_as_statvfs_sees_it(make_cluster):
-    c = ops_cluster(make_cluster, workers=2)
+    # with a secret and signed redirects (volumes refuse unsigned reads): the index still reads
+    # the disk files, and the secret shows nowhere
+    secret = ["-secret", SECRET, "-signed", "1h"]
+    c = ops_cluster(make_cluster, workers=2, flags=secret, volume_flags=secret)
 
     def disks():
         vs = requests.get(c.ops + "/status.json", timeout=10).json()["volumes"]
@@ -189,6 +195,26 @@ def test_volumes_report_their_disk_as_statvfs_sees_it(make_cluster):
         assert v["latency"] is not None and v["latency"] < 1.0
         # the file nginx serves keeps its size: overwritten in place, so a full disk still updates it
         assert os.path.getsize(os.path.join(folder, ".minikv-disk.json")) == 512
+    for path in ("/", "/status.json", "/metrics"):
+        assert SECRET not in requests.get(c.ops + path, timeout=10).text
+
+
+def test_a_metrics_port_that_cannot_be_had_stops_the_server_with_the_reason():
+    import socket
+
+    root = open_dir()
+    with socket.socket() as held:
+        held.bind((HOST, 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        port = free_port()
+        base = [sys.executable, "-m", "minikv", "server", "-host", HOST, "-port", str(port), "-volumes",
+                "127.0.0.1:1", "-replicas", "1", "-db", str(root / "index")]
+        out = subprocess.run([*base, "-metrics-port", str(taken)], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and f"cannot listen on {HOST}:{taken}" in out.stderr, out
+        out = subprocess.run([*base, "-metrics-port", str(port)], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "-metrics-port must differ from -port" in out.stderr, out
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_v_writes_access_lines_as_text_or_json_and_one_worker_serves_metrics_too(make_cluster):
