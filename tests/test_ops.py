@@ -273,8 +273,10 @@ def test_operations_port_refuses_what_it_does_not_serve_and_keeps_serving(make_c
 def _chromium() -> str | None:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
-                       capture_output=True, timeout=900, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+                       capture_output=True, timeout=900, env=env)
         found = shutil.which("chromium")
     return found
 
