@@ -168,6 +168,21 @@ def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(ma
     assert log.count(f"volume {gone} is up again") == 1, log
 
 
+def test_without_flags_a_volume_going_down_and_up_is_logged_once(make_cluster):
+    c = make_cluster(workers=2)
+    gone = c.names[1]
+    c.volumes[1].stop()
+    wait_for(lambda: f"volume {gone} is down" in c.index.log.read_text(), what="the down line")
+    c.volumes[1].start()
+    wait_for(lambda: f"volume {gone} is up again" in c.index.log.read_text(), what="the up line")
+    time.sleep(1.5)
+    log = c.index.log.read_text()
+    line = next(x for x in log.splitlines() if f"volume {gone} is down" in x)
+    assert "Connection refused" in line, line  # with the reason
+    assert log.count(f"volume {gone} is down") == 1 and log.count(f"volume {gone} is up again") == 1, log
+    assert "operations listener" not in log
+
+
 SECRET = "ops-test-secret-4242"
 
 

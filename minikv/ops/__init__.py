@@ -11,7 +11,8 @@ How it fits the server without slowing it:
   and coming back (volumes.py); volumes report their disks in a file nginx serves (disk.py).
 
 The server calls `prepare(config, args)` before it forks and `start(app)` in each worker; with
-neither -metrics-port nor -v nothing here runs and the request path is untouched.
+neither -metrics-port nor -v only the leader's volume watch runs (it logs volumes going down and
+coming back), and the request path is untouched.
 """
 
 from __future__ import annotations
@@ -54,20 +55,16 @@ def shown_flags(args) -> dict:
 
 
 def prepare(config, args) -> None:
-    """Before the workers fork: bind -metrics-port and make the shared folder."""
-    from minikv.server import bind, check_port_free
+    """Before the workers fork: make the shared folder, bind -metrics-port if given."""
+    from minikv.server import bind, check_port_free, log
 
     port = int(args.flags.get("metrics-port") or 0)
-    verbose = bool(config.verbose)
-    if not port and not verbose:
-        return
     if port and port == config.port:
         raise SystemExit("minikv server: -metrics-port must differ from -port (the main port's URLs are all keys)")
-    _prepared.update(sock=None, json_logs=bool(args.flags.get("log-json")), verbose=verbose)
-    if not port:
-        return  # -v alone: access lines, no listener
-    check_port_free(config.host, port)
-    sock = bind(config.host, port)
+    sock = None
+    if port:
+        check_port_free(config.host, port)
+        sock = bind(config.host, port)
     # in memory where there is /dev/shm: the workers rewrite their files four times a second
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
     folder = tempfile.mkdtemp(prefix="minikv-ops-", dir=shm)
@@ -84,18 +81,29 @@ def prepare(config, args) -> None:
         "pid": owner, "started": time.time(), "version": version(), "port": config.port,
         "metrics_port": port, "workers": config.workers, "flags": shown_flags(args),
     })
-    _prepared.update(sock=sock, folder=folder)
-    from minikv.server import log
-
-    log(f"operations listener on {config.host or '*'}:{port}: /metrics /healthz /readyz and a status page at /")
+    _prepared.update(sock=sock, folder=folder, verbose=bool(config.verbose),
+                     json_logs=bool(args.flags.get("log-json")))
+    if port:
+        log(f"operations listener on {config.host or '*'}:{port}: /metrics /healthz /readyz and a status page at /")
 
 
 def start(app) -> None:
-    """In a worker, once its app exists: count, publish, lead, listen (as far as asked)."""
+    """In a worker, once its app exists. Always: take part in leading (volumes going down or
+    up are logged once). With -v or -metrics-port: count requests (and log them with -v). With
+    -metrics-port: publish the counts and serve the listener."""
     if not _prepared:
         return
     import asyncio
 
+    from minikv.ops.volumes import watch
+
+    loop = asyncio.get_running_loop()
+    folder = _prepared["folder"]
+    tasks = app.__dict__.setdefault("_ops_tasks", [])  # held so they are not collected
+    tasks.append(loop.create_task(watch(app, folder)))
+    sock = _prepared["sock"]
+    if sock is None and not _prepared["verbose"]:
+        return  # the request path stays as it is
     from minikv.ops.counters import Counters, access_logger, instrument
 
     counters = Counters()
@@ -108,16 +116,9 @@ def start(app) -> None:
         mark_down(host, reason)
 
     app.health.mark_down = counted_mark_down
-    if _prepared["sock"] is None:
-        return
-    loop = asyncio.get_running_loop()
-    folder = _prepared["folder"]
-    tasks = app.__dict__.setdefault("_ops_tasks", [])  # held so they are not collected
-    tasks.append(loop.create_task(_publish(counters, errors, folder)))
-    from minikv.ops.volumes import watch
-
-    tasks.append(loop.create_task(watch(app, folder)))
-    tasks.append(loop.create_task(_listen(app, folder, _prepared["sock"])))
+    if sock is not None:
+        tasks.append(loop.create_task(_publish(counters, errors, folder)))
+        tasks.append(loop.create_task(_listen(app, folder, sock)))
 
 
 async def _publish(counters, errors, folder: str) -> None:
