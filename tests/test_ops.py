@@ -253,11 +253,16 @@ def test_v_writes_access_lines_as_text_or_json_and_one_worker_serves_metrics_too
 
     c2 = make_cluster(workers=2, flags=["-v"])
     assert c2.get("/nothing", allow_redirects=False).status_code == 404
+    # a signature in a URL is a credential: it never reaches the log
+    assert c2.get("/signed?md5=topsecret&expires=1", allow_redirects=False).status_code == 404
     line = wait_for(lambda: next((x for x in c2.index.log.read_text().splitlines() if '"GET /nothing' in x), None),
                     what="a text access line")
     # common log format, then the duration in seconds
     assert line.startswith(f"{HOST} - - [") and '] "GET /nothing HTTP/1.1" 404 ' in line, line
     assert float(line.rsplit(" ", 1)[1]) < 5
+    wait_for(lambda: '"GET /signed?md5=REDACTED&expires=1 HTTP/1.1" 404' in c2.index.log.read_text(),
+             what="the signed GET's line")
+    assert "topsecret" not in c2.index.log.read_text()
 
 
 def test_operations_port_refuses_what_it_does_not_serve_and_keeps_serving(make_cluster):

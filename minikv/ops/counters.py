@@ -155,6 +155,25 @@ def _client(req) -> str:
         return "-"
 
 
+# query parameters whose value is a signature or a token: a logged one is a working credential
+# until it expires (SigV4/SigV2 presigned URLs, nginx secure_link's md5). The same list as
+# minikv/private.py's redact_target on main: one of the two should go when they meet.
+SECRET_PARAMS = frozenset((b"x-amz-signature", b"signature", b"md5", b"x-amz-security-token"))
+
+
+def redact(url: bytes) -> str:
+    """A request target fit for a log line: signature values replaced by REDACTED."""
+    path, q, query = url.partition(b"?")
+    if q:
+        parts = query.split(b"&")
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition(b"=")
+            if eq and unquote_to_bytes(name).lower() in SECRET_PARAMS:
+                parts[i] = name + b"=REDACTED"
+        url = path + b"?" + b"&".join(parts)
+    return url.decode("latin-1")
+
+
 def _printable(text: str) -> str:
     """A URL as it may stand in a log line: no quote, backslash or control character raw."""
     return "".join(ch if " " < ch < "\x7f" and ch not in '"\\' else f"\\x{ord(ch):02x}" for ch in text)
@@ -167,7 +186,7 @@ def access_logger(json_lines: bool, out=None):
 
     def text_line(req, status: bytes, size: int | None, seconds: float) -> None:
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        url = _printable(req.url.decode("latin-1"))
+        url = _printable(redact(req.url))
         out.write(f'{_client(req)} - - [{when}] "{req.method.decode("latin-1")} {url} HTTP/1.1" '
                   f'{status.decode("latin-1")} {"-" if size is None else size} {seconds:.6f}\n')
         out.flush()
@@ -179,7 +198,7 @@ def access_logger(json_lines: bool, out=None):
             "client": _client(req),
             "method": req.method.decode("latin-1"),
             "key": unquote_to_bytes(path).decode("utf-8", "replace"),
-            "url": req.url.decode("latin-1"),
+            "url": redact(req.url),
             "status": int(status) if status.isdigit() else 0,
             "bytes": size,
             "duration": round(seconds, 6),
