@@ -383,3 +383,50 @@ def test_up_starts_the_operations_listener_on_port_plus_100():
         out = up.communicate(timeout=30)[0].decode()
         shutil.rmtree(root, ignore_errors=True)
     assert f"status page http://localhost:{base + 100}/" in out, out
+
+
+# -- pure parts --
+
+
+def test_history_steps_add_up_across_workers_and_a_histogram_renders_cumulative(tmp_path):
+    from minikv.ops.counters import HISTORY_STEP, Counters, redact
+    from minikv.ops.metrics import render
+    from minikv.ops.publish import gather, rates, write_json
+
+    t0 = 1_000_000 * HISTORY_STEP  # a step boundary
+    workers = [Counters(), Counters()]
+    for i, c in enumerate(workers):
+        c.sample(t0 + 1)
+        for _ in range(10 * (i + 1)):
+            c.done(b"GET", b"302", 0.00005)
+        c.done(b"PUT", b"503", 0.2)
+        c.sample(t0 + HISTORY_STEP + 1)  # closes the first step
+        snap = c.snapshot()
+        snap.update(pid=10**7 + i, time=0, rx=0, tx=0, volume_requests={}, volume_errors={})
+        write_json(str(tmp_path), f"{10**7 + i}.json", snap)
+    total = gather(str(tmp_path))
+    assert rates(total["history"]) == [(t0, 32 / HISTORY_STEP, 0.0, 2 / HISTORY_STEP)]
+    assert total["workers"] == {}  # no such processes: their counts stay, their gauges do not
+    assert total["answers"][("GET", "302")][0] == 30 and total["answers"][("PUT", "503")][10] == 2
+
+    from minikv.ops.report import by_method
+
+    report = {"requests": [[m, s, sum(e[:-1])] for (m, s), e in total["answers"].items()],
+              "hist": by_method(total["answers"]), "rx": 0, "tx": 0, "in_flight": {}, "volumes": [],
+              "index": {"keys": 0, "db_bytes": 0, "disk_free": None, "pending": 0, "oldest_pending_seconds": None,
+                        "write_error": None},
+              "ready": True, "process": {"cpu_seconds": 0, "rss_bytes": 0, "open_fds": 0}, "workers": {},
+              "version": "test"}
+    got = {}
+    for family in text_string_to_metric_families(render(report).decode()):
+        for s in family.samples:
+            got[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    buckets = [v for (name, labels), v in got.items()
+               if name == "minikv_request_duration_seconds_bucket" and dict(labels)["method"] == "PUT"]
+    assert buckets == sorted(buckets) and buckets[-1] == 2  # cumulative, +Inf is the count
+    assert got[("minikv_request_duration_seconds_bucket", (("le", "0.25"), ("method", "PUT")))] == 2
+    assert got[("minikv_request_duration_seconds_bucket", (("le", "0.1"), ("method", "PUT")))] == 0
+    assert got[("minikv_requests_total", (("method", "GET"), ("status", "302")))] == 30
+
+    assert redact(b"/k?X-Amz-Signature=abc&x=1&%6Dd5=zz") == "/k?X-Amz-Signature=REDACTED&x=1&%6Dd5=REDACTED"
+    assert redact(b"/plain") == "/plain"
