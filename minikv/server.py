@@ -125,7 +125,7 @@ async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.s3 import S3
 
     app.s3 = S3(app)
-    ops.start(app)  # -metrics-port, -v: count, publish, listen (minikv/ops)
+    ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
     server = await loop.create_server(
         lambda: Connection(app, config.limits, loop, config.max_connections, batch), sock=sock, backlog=4096)
