@@ -183,6 +183,30 @@ def test_without_flags_a_volume_going_down_and_up_is_logged_once(make_cluster):
     assert "operations listener" not in log
 
 
+def test_a_killed_servers_folder_is_swept_at_the_next_start(make_cluster):
+    from minikv.ops.publish import read_json, write_json
+
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    dead = tempfile.mkdtemp(prefix="minikv-ops-", dir=base)
+    write_json(dead, "server.json", {"pid": 10**7})  # no such process
+    c = ops_cluster(make_cluster, workers=2)
+    assert not os.path.exists(dead)
+
+    def folder_of(pid: int) -> str | None:
+        for name in os.listdir(base):
+            info = read_json(os.path.join(base, name), "server.json") if name.startswith("minikv-ops-") else None
+            if info and info.get("pid") == pid:
+                return os.path.join(base, name)
+        return None
+
+    mine = folder_of(requests.get(c.ops + "/status.json", timeout=10).json()["server"]["pid"])
+    assert mine is not None
+    c.index.stop(signal.SIGKILL)  # the supervisor (its workers follow): no cleanup runs
+    assert os.path.exists(mine)
+    c.restart_index(workers=2, flags=["-metrics-port", c.ops_address.rsplit(":", 1)[1]])
+    assert not os.path.exists(mine)
+
+
 SECRET = "ops-test-secret-4242"
 
 

@@ -21,10 +21,12 @@ import atexit
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 
 _prepared: dict = {}  # this server's ops setup, made before the fork and inherited by workers
+FOLDER_PREFIX = "minikv-ops-"
 SECRET_FLAGS = ("secret", "s3-secret-key", "s3-access-key")
 ADMIN_FLAGS = ("data", "concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")
 
@@ -54,6 +56,31 @@ def shown_flags(args) -> dict:
     return shown
 
 
+def sweep(base: str) -> None:
+    """Remove the folders of servers that died without cleaning up (kill -9): ours (same user),
+    whose server is gone. A folder is a few KB, but in /dev/shm it is memory, and each start
+    makes one."""
+    from minikv.ops.publish import alive, read_json
+
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        info = read_json(path, "server.json")
+        pid = info.get("pid") if isinstance(info, dict) else None
+        gone = not alive(pid) if isinstance(pid, int) else time.time() - st.st_mtime > 60
+        if gone:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare(config, args) -> None:
     """Before the workers fork: make the shared folder, bind -metrics-port if given."""
     from minikv.server import bind, check_port_free, log
@@ -66,8 +93,9 @@ def prepare(config, args) -> None:
         check_port_free(config.host, port)
         sock = bind(config.host, port)
     # in memory where there is /dev/shm: the workers rewrite their files four times a second
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
-    folder = tempfile.mkdtemp(prefix="minikv-ops-", dir=shm)
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    sweep(base)
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=base)
     owner = os.getpid()
 
     def cleanup() -> None:
