@@ -10,6 +10,8 @@ of wrk, which is the design's 10 s per figure.
     .venv/bin/python bench/run.py [--quick] [--out BENCHMARKS.md]
 
 --quick runs wrk 2 x 3 s per side and PUTs a 64 MB file instead of 256 MB (smoke runs).
+--metrics runs the index with its operations listener (-metrics-port) and scrapes /metrics every
+second: an A/B against a run without it shows what seeing the cluster costs the request path.
 --out rewrites the file with the command, the table and the machine; whatever follows the line
 `<!-- notes -->` in the old file is kept, so notes written by people survive reruns.
 Exit status: 0 when every measurement ran and checked out (targets missed are results, not
@@ -35,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,17 @@ def minikv_bin() -> str:
     if not found:
         raise BenchError("cannot find the minikv command (run with .venv/bin/python)")
     return found
+
+
+def _scrape(port: int) -> None:
+    """A scraper far keener than Prometheus's usual 15 s, for the whole run (a daemon thread)."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
+                resp.read()
+        except OSError:
+            pass
+        time.sleep(1.0)
 
 
 def free_ports(n: int) -> list[int]:
@@ -118,6 +133,7 @@ class Cluster:
     procs: list[Proc] = field(default_factory=list)
     volume_ports: list[int] = field(default_factory=list)
     index_port: int = 0
+    metrics: bool = False  # --metrics: the index runs its operations listener, scraped every second
 
     def start(self, name: str, argv: list[str], port: int) -> Proc:
         log = self.tmp / "logs" / f"{name}.log"
@@ -134,8 +150,9 @@ class Cluster:
 
     def up(self) -> None:
         exe = minikv_bin()
-        ports = free_ports(N_VOLUMES + 1)
+        ports = free_ports(N_VOLUMES + 2)
         self.volume_ports, self.index_port = ports[:N_VOLUMES], ports[N_VOLUMES]
+        extra = ["-metrics-port", str(ports[-1])] if self.metrics else []
         for i, port in enumerate(self.volume_ports):
             vdir = self.tmp / f"volume{i}"
             vdir.mkdir()
@@ -145,9 +162,11 @@ class Cluster:
         volumes = ",".join(f"{HOST}:{p}" for p in self.volume_ports)
         index = self.start("index", [
             exe, "server", "-host", HOST, "-port", str(self.index_port), "-volumes", volumes,
-            "-db", str(self.tmp / "index"), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
+            "-db", str(self.tmp / "index"), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), *extra,
         ], self.index_port)
         wait_http(index, timeout=30)
+        if self.metrics:
+            threading.Thread(target=_scrape, args=(ports[-1],), daemon=True).start()
 
     @property
     def index(self) -> Proc:
@@ -794,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 s wrk runs and a 64 MB file (smoke test)")
     ap.add_argument("--out", type=Path, help="rewrite this markdown file with the results")
+    ap.add_argument("--metrics", action="store_true",
+                    help="run the index with -metrics-port and scrape /metrics every second (A/B its cost)")
     ap.add_argument("--dir", type=Path, default=default_dir(),
                     help="where the volumes and index live (default: /dev/shm when it has room, so "
                          "the figures measure the software and not this machine's disk writeback)")
@@ -808,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     # mkdtemp makes it 0700; run as root, the volumes' nginx workers drop to an unprivileged
     # user who must be able to reach the volume folders inside.
     tmp.chmod(0o755)
-    cluster = Cluster(tmp)
+    cluster = Cluster(tmp, metrics=opts.metrics)
     # Two runs per side: 2 x 5 s = the design's 10 s per figure; --quick runs 2 x 3 s.
     bench = Bench(cluster, slice_secs=3 if opts.quick else 5, big_mb=64 if opts.quick else 256)
     bench.data_dir = "tmpfs (/dev/shm)" if str(tmp).startswith("/dev/shm") else f"{tmp.parent} (disk)"

@@ -20,6 +20,7 @@ Commands:
   verify      check that every key has all its replicas
   repair      re-replicate what verify finds missing
   gc [DIR...] remove unlinked keys' files, dead processes' locks, old temp files in DIR/body_temp
+  status      show a running server's volumes, index and requests (-server host:port); exits 1 if not ready
 
 Flags:
 """
@@ -85,7 +86,10 @@ FLAGS: dict[str, Flag] = {
     "fallback": Flag(str, "", "server to redirect to for keys not found"),
     "md5sum": Flag(bool, True, "compute and store the md5 of every value"),
     "voltimeout": Flag("duration", 1.0, "timeout for requests to volume servers"),
-    "v": Flag(bool, False, "verbose: log every request"),
+    "v": Flag(bool, False, "verbose: log every request (one access-log line each)"),
+    "log-json": Flag(bool, False, "with -v: log each request as a JSON object per line"),
+    "metrics-port": Flag(int, 0, "server: port of the operations listener (/metrics, /healthz, /readyz, a status "
+                                 "page at /); 0: off (up: -port + 100)"),
     "workers": Flag(int, 0, "index worker processes (default: one per core)"),
     "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
     "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),
@@ -253,6 +257,10 @@ def run(args: Args) -> int:
         from minikv.server import run_server
 
         return run_server(args)
+    if cmd == "status":
+        from minikv.ops.status import main as status
+
+        return status(args)
     if cmd == "up":
         from minikv.cluster import run_cluster
 

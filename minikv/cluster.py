@@ -35,6 +35,8 @@ UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "s3-secret-key": (SERVER,),
     "s3-secret-key-file": (),  # read into -s3-secret-key by the flag parser, passed on as that
     "open-api": (SERVER,),
+    "metrics-port": (),  # up passes its own: -port + 100 unless given
+    "log-json": (SERVER,),
     "replicas": (SERVER,),
     "subvolumes": (SERVER,),
     "protect": (SERVER,),
@@ -149,14 +151,15 @@ def run_cluster(args) -> int:
     secret = cluster_secret(data, args.secret)
     base = args.port if "port" in args.given else 3000
     vports = [base + 1 + i for i in range(VOLUMES)]
+    metrics = args.flags["metrics-port"] if "metrics-port" in args.given else base + 100
     host = args.host or "localhost"
     host = f"[{host}]" if ":" in host else host
     volumes = ",".join(f"{host}:{p}" for p in vports)
     me = [sys.executable, "-m", "minikv"]
-    busy = busy_ports([base, *vports])
+    busy = busy_ports([base, *vports, metrics])
     if busy:
         print(f"minikv up: port {', '.join(map(str, busy))} already in use (another minikv up, or another "
-              f"program): stop it, or give -port N to use ports N to N+{VOLUMES}", file=sys.stderr)
+              f"program): stop it, or give -port N to use ports N to N+{VOLUMES} and N+100", file=sys.stderr)
         return 1
     procs: list[subprocess.Popen] = []
     names = [f"volume on port {p}" for p in vports] + [f"index on port {base}"]
@@ -178,7 +181,7 @@ def run_cluster(args) -> int:
                 print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
                 return 1
         server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index"),
-                  *part_flags(args, SERVER)]
+                  "-metrics-port", str(metrics), *part_flags(args, SERVER)]
         procs.append(subprocess.Popen(server, start_new_session=True, env=part_env(args, SERVER, secret)))
         if not _wait_port(args.host, base, procs[-1]):
             print(f"minikv up: index on port {base} did not start (see above)", file=sys.stderr)
@@ -186,6 +189,7 @@ def run_cluster(args) -> int:
         print(f"\nminikv is up: index http://{host}:{base}, volumes {volumes}, data in {data}\n"
               f"  curl -L -X PUT -d bigswag {host}:{base}/wehave\n"
               f"  curl -L {host}:{base}/wehave\n"
+              f"status page http://{host}:{metrics}/ (metrics at /metrics; `minikv status -server {host}:{base}`)\n"
               f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
         while not stopping:
             gone = [f"{name} (exit code {p.returncode})" for name, p in zip(names, procs) if p.poll() is not None]

@@ -27,6 +27,7 @@ import struct
 import sys
 import time
 
+from minikv import ops
 from minikv.api.access import start_notes
 from minikv.config import Config
 from minikv.health import Health
@@ -132,6 +133,7 @@ async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.s3 import S3
 
     app.s3 = S3(app)
+    ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
     server = await loop.create_server(
         lambda: Connection(app, config.limits, loop, config.max_connections, batch), sock=sock, backlog=4096)
@@ -229,6 +231,7 @@ def run_server(args) -> int:
         config.max_connections = budget
     lock_db(config.db)  # held until we exit; forked workers share it
     check_port_free(config.host, config.port)
+    ops.prepare(config, args)  # binds -metrics-port before the workers fork
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]
     recover_pending(config)
     log(f"listening on {config.host or '*'}:{config.port} with {config.workers} worker(s), "

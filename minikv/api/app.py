@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from urllib.parse import parse_qs, unquote_to_bytes
 
@@ -59,7 +58,6 @@ from minikv.index.record import (
 from minikv.index.recovery import drop_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
-from minikv.private import redact_target
 
 MAX_LIST = 1_000_000
 _random = random.random  # a bound builtin: cheaper than random.choice's Python frames
@@ -126,8 +124,6 @@ class App:
     def handle(self, req: Request):
         key, path, query = split_target(req.url)
         method = req.method
-        if self.config.verbose:
-            print(f"{method.decode()} {redact_target(req.url)}", file=sys.stderr)
         if self.s3 is not None and self.s3.claims(req, query):
             return self.s3.handle(req, key, path, query)  # SigV4-checked there when credentials are set
         if self.access is not None:

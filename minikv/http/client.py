@@ -31,6 +31,7 @@ from minikv.http.server import Body
 
 STALL_MIN = 5.0  # a transfer that makes no progress for this long (or the timeout) fails
 WATCH_TICK = 0.1  # how often waiting connections are checked: timeouts fire up to this late
+VOLUME_REQUESTS: dict[str, int] = {}  # requests this process sent to each volume (for minikv/ops)
 
 
 class VolumeError(Exception):
@@ -586,6 +587,7 @@ class Pool:
             self.forget(host)
 
     def _head(self, method: str, host: str, path: str, headers, length: int | None) -> bytes:
+        VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + 1
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{self.extra_head}"]
         lines.extend(f"{n}: {v}\r\n" for n, v in headers)
         if length is None:

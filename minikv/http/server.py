@@ -45,6 +45,7 @@ from minikv.http.response import ClientGone, HTTPError, add_close, error
 BODY_HIGH = 1 << 20  # pause reading the client when this much body waits for the handler
 BODY_LOW = 256 << 10
 DISCARD_MAX = 1 << 20  # body bytes we read and drop after an early answer, to keep the connection
+IO = [0, 0]  # bytes this process received from and sent to clients (for minikv/ops: one add each)
 
 
 @dataclass
@@ -251,6 +252,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        IO[0] += len(data)
         self.last = self.loop.time()
         if self._idle and self._current is None and len(data) <= self._simple_max and not self._held:
             req = self._simple(data)
@@ -502,6 +504,7 @@ class Connection(asyncio.Protocol):
     def write_soon(self, data: bytes) -> None:
         """Send a whole answer at the end of this pass of the event loop, in order with the rest."""
         if not self.closed:
+            IO[1] += len(data)
             self._writes += 1
             if not self._out:
                 self._batch.add(self)
@@ -512,6 +515,7 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             if self._out:
                 self._send_out()
+            IO[1] += len(data)
             self.transport.write(data)
 
     def _send_out(self) -> None:

@@ -32,6 +32,8 @@ import signal
 import subprocess
 import sys
 
+from minikv.ops.disk import start_reporter as start_disk_reporter
+
 BODY_TEMP = "body_temp"
 SECRET_HEADER = "X-Minikv-Secret"  # the index's proof that a write comes from it
 SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{8,128}")
@@ -431,6 +433,7 @@ def serve(nginx: str, directory: str, config: str, port: int, folders: tuple[int
         for sig in FORWARDED_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
         print(f"minikv volume: serving {directory} on :{port} (nginx pid {proc.pid})", file=sys.stderr)
+        start_disk_reporter(directory)  # DIR/.minikv-disk.json: the index shows this disk's space
         return exit_code(proc.wait())
     finally:
         if proc is not None:
