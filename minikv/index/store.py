@@ -106,12 +106,17 @@ class Store:
                     txn.put(key, new)
 
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
-             keep: Callable[[bytes], bool] | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+             keep: Callable[[bytes], bool] | None = None,
+             budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """Records whose key starts with `prefix`, from `start` on, in key order.
 
         Returns up to `limit` (0: all) pairs for which keep(value) holds, and the key to start
-        the next page at (b"" when there is none)."""
+        the next page at (b"" when there is none). With `budget`, at most that many records are
+        read, so that a caller on an event loop can take a turn between chunks of a long scan
+        (each chunk its own read transaction: none is held across an await); the key returned
+        is then the first one not read, whether or not it will be kept."""
         out: list[tuple[bytes, bytes]] = []
+        read = 0
         with self.env.begin(db=self.keys) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(max(prefix, start)):
@@ -119,6 +124,9 @@ class Store:
             for key, value in cursor.iternext():
                 if not key.startswith(prefix):
                     break
+                if read == budget and budget:
+                    return out, key
+                read += 1
                 if keep is not None and not keep(value):
                     continue
                 if limit and len(out) == limit:

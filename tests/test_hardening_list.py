@@ -1,0 +1,161 @@
+"""Hardening of listings and of the status codes (issue 11, items 6, 15, 16, 18): work bounded per
+request, listings that never hold a worker's loop, exact keys and `next` for keys that are not
+UTF-8, keys that would squat another key's file, and the status codes of minikeyvalue.
+
+The big index (a million flat keys, minikeyvalue style) is written straight into the LMDB before
+its server starts: a million PUTs would take minutes."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+import time
+import uuid
+from urllib.parse import quote, unquote_to_bytes
+
+import pytest
+import requests
+from cluster import Cluster, open_dir
+
+from minikv.index.record import LIVE, encode_data, now_ms
+from minikv.index.store import Store
+
+FLAT = 1_000_010  # just past MAX_LIST (1,000,000), the most one answer may hold
+
+
+def fresh(prefix: str = "/h/") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def big():
+    """One volume, one worker (every request meets the same loop), and an index holding FLAT
+    flat keys `/flat0000000`... plus the key `/probe`."""
+    root = open_dir()
+    c = Cluster(root / "big", volumes=1, replicas=1, subvolumes=1, workers=1)
+    store = Store(str(root / "big" / "index"))
+    record = encode_data(LIVE, [c.names[0]], 5, now_ms(), b"\1" * 16)
+    with store.env.begin(write=True, db=store.keys) as txn:
+        txn.cursor().putmulti(((b"/flat%07d" % i, record) for i in range(FLAT)), append=True)
+        txn.put(b"/probe", record)
+    store.close()
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- item 6: bounded work per request
+
+
+def test_a_huge_listing_is_capped_and_leaves_the_worker_serving(big):
+    """`limit` above MAX_LIST gives a page of MAX_LIST keys with `next` (before: every key, 17 MB),
+    and while it is read and encoded, a GET on the same worker's loop stays fast (before: it
+    waited for the whole listing, about a second)."""
+    out = {}
+
+    def listing():
+        t = time.monotonic()
+        out["r"] = requests.get(big.url("/flat?list&limit=100000000"), timeout=60)
+        out["took"] = time.monotonic() - t
+
+    thread = threading.Thread(target=listing)
+    s = requests.Session()
+    assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
+    thread.start()
+    waits = []
+    while thread.is_alive():
+        t = time.monotonic()
+        assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
+        waits.append(time.monotonic() - t)
+        time.sleep(0.005)
+    thread.join()
+    assert len(waits) >= 5, f"the listing took {out['took']:.2f}s, too short to measure"
+    assert max(waits) < 0.3, f"a GET waited {max(waits):.2f}s while a listing ran ({out['took']:.2f}s)"
+    page = out["r"].json()
+    assert len(page["keys"]) == 1_000_000 and page["next"] == "/flat1000000"
+    assert page["keys"][0] == "/flat0000000" and page["keys"][-1] == "/flat0999999"
+
+
+def test_past_a_million_keys_without_a_limit_is_413_and_the_next_page_works(big):
+    assert big.get("/flat?list").status_code == 413
+    page = big.get("/flat?list&limit=100000000&start=/flat1000000").json()
+    assert page == {"next": "", "keys": [f"/flat{i:07d}" for i in range(1_000_000, FLAT)]}
+
+
+def test_unlinked_listing_over_a_million_live_keys_leaves_the_worker_serving(big):
+    """?unlinked reads every record to find none: in chunks, between which the loop serves."""
+    done = threading.Event()
+    out = {}
+
+    def listing():
+        out["r"] = requests.get(big.url("/?unlinked"), timeout=60)
+        done.set()
+
+    thread = threading.Thread(target=listing)
+    s = requests.Session()
+    thread.start()
+    waits = []
+    while not done.is_set():
+        t = time.monotonic()
+        assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
+        waits.append(time.monotonic() - t)
+        time.sleep(0.005)
+    thread.join()
+    assert out["r"].json() == {"next": "", "keys": []}
+    assert max(waits) < 0.3, f"a GET waited {max(waits):.2f}s while ?unlinked ran"
+
+
+# ---------------------------------------------------------------- item 15: exact keys in listings
+
+
+def storable(key: bytes) -> bool:
+    name = base64.b64encode(key)
+    return not name.endswith(b"/") and b"//" not in name
+
+
+def put_raw(c, key: bytes, data: bytes = b"v") -> requests.Response:
+    return c.session.put(c.url(quote(key, safe="/")), data=data)
+
+
+def walk(c, prefix: str, extra: str, rounds: int) -> tuple[list[str], int]:
+    """Every key of a listing, one per page, `next` passed back as given; and the pages read."""
+    keys, start = [], ""
+    for n in range(1, rounds + 1):
+        page = c.get(f"{prefix}?list&limit=1{extra}&start={start}").json()
+        keys += page["keys"]
+        if not page["next"]:
+            return keys, n
+        start = page["next"]
+    return keys, rounds
+
+
+def test_listing_walk_over_keys_that_are_not_utf8_ends_and_is_exact(cluster):
+    base = fresh("/nu").encode() + b"/"
+    tails = [b"a\xfc", b"a\xfd", b"a\xfe\x01", b"a\xc3", b"a\xc3(", b"\xff\xfe", b"ok-\xc3\xa9", b"plain"]
+    keys = sorted(base + t for t in tails if storable(base + t))
+    assert len(keys) >= 6
+    for k in keys:
+        assert put_raw(cluster, k).status_code == 201, k
+    prefix = quote(base, safe="/")
+    # encoding=url: every key and `next` percent-encoded, exact
+    got, pages = walk(cluster, prefix, "&encoding=url", len(keys) + 3)
+    assert [unquote_to_bytes(k) for k in got] == keys and pages == len(keys)
+    whole = cluster.get(f"{prefix}?list&encoding=url").json()
+    assert [unquote_to_bytes(k) for k in whole["keys"]] == keys and whole["next"] == ""
+    # without it: keys as the Go original shows them, and a `next` that still leads on
+    got, pages = walk(cluster, prefix, "", len(keys) + 3)
+    assert got == [k.decode("utf-8", "replace") for k in keys] and pages == len(keys)
+    assert cluster.get(f"{prefix}?list&encoding=base64").status_code == 400
+
+
+def test_utf8_keys_list_as_before(cluster):
+    base = fresh("/u8")
+    keys = sorted([f"{base}/é", f"{base}/日本", f"{base}/a b", f"{base}/plain"])
+    for k in keys:
+        assert cluster.put(quote(k), b"v").status_code == 201
+    assert cluster.get(f"{base}?list").json() == {"next": "", "keys": keys}
+    page = cluster.get(f"{base}?list&limit=2").json()
+    assert page == {"next": keys[2], "keys": keys[:2]}
