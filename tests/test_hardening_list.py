@@ -159,3 +159,16 @@ def test_utf8_keys_list_as_before(cluster):
     assert cluster.get(f"{base}?list").json() == {"next": "", "keys": keys}
     page = cluster.get(f"{base}?list&limit=2").json()
     assert page == {"next": keys[2], "keys": keys[:2]}
+
+
+# ---------------------------------------------------------------- item 18: minikeyvalue's status codes
+
+
+def test_unlink_of_an_unlinked_key_is_404_as_in_minikeyvalue(cluster):
+    key = fresh()
+    assert cluster.put(key, b"v").status_code == 201
+    assert cluster.request("UNLINK", key).status_code == 204
+    r = cluster.request("UNLINK", key)
+    assert r.status_code == 404 and r.headers["Content-Length"] == "0"
+    assert cluster.delete(key).status_code == 204  # DELETE of an unlinked key still works
+    assert cluster.request("UNLINK", key).status_code == 404

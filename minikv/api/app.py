@@ -445,8 +445,8 @@ class App:
             return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
-        if raw[0] == UNLINKED:
-            return head(204)
+        if raw[0] == UNLINKED:  # as minikeyvalue: only a readable key can be unlinked
+            return not_found()
         return self._unlink(key, raw)
 
     async def _unlink(self, key: bytes, raw: bytes) -> bytes:
