@@ -21,6 +21,7 @@ from cluster import Cluster, open_dir
 from minikv.index.record import LIVE, encode_data, now_ms
 from minikv.index.store import Store
 from minikv.s3.listing import buckets
+from minikv.s3.meta import Meta
 
 FLAT = 1_000_010  # just past MAX_LIST (1,000,000), the most one answer may hold
 BUCKET_KEYS = [b"/bkt-a/x", b"/bkt-b/y/z", b"/bkt-b/w", b"/fl/x", b"/zz/1"]
@@ -142,6 +143,46 @@ def test_the_folder_table_follows_puts_and_deletes(big):
     assert "newbkt" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
     assert big.delete("/newbkt/two").status_code == 204
     assert "newbkt" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_list_multipart_uploads_pages_within_its_bucket(cluster):
+    boto3 = pytest.importorskip("boto3")
+    s3 = boto3.client("s3", endpoint_url=cluster.url(""), aws_access_key_id="k", aws_secret_access_key="s",
+                      region_name="us-east-1")
+    mine, other = fresh("/mpu").strip("/"), fresh("/mpu").strip("/")
+    made = [(k, s3.create_multipart_upload(Bucket=mine, Key=k)["UploadId"])
+            for k in ["b", "a/1", "b", "c", "a/2"]]
+    s3.create_multipart_upload(Bucket=other, Key="a/0")
+    want = sorted(made)  # key order, then upload id order
+    pages, got, marker = 0, [], {}
+    while True:
+        r = s3.list_multipart_uploads(Bucket=mine, MaxUploads=2, **marker)
+        pages += 1
+        got += [(u["Key"], u["UploadId"]) for u in r.get("Uploads", [])]
+        if not r["IsTruncated"]:
+            break
+        marker = {"KeyMarker": r["NextKeyMarker"], "UploadIdMarker": r["NextUploadIdMarker"]}
+        assert pages < 10
+    assert got == want and pages == 3
+    r = s3.list_multipart_uploads(Bucket=mine, Prefix="a/")
+    assert [(u["Key"], u["UploadId"]) for u in r["Uploads"]] == want[:2] and not r["IsTruncated"]
+    r = s3.list_multipart_uploads(Bucket=mine, KeyMarker="b")  # past every upload of b
+    assert [(u["Key"], u["UploadId"]) for u in r["Uploads"]] == want[4:]
+    for key, upload_id in made:
+        s3.abort_multipart_upload(Bucket=mine, Key=key, UploadId=upload_id)
+    assert s3.list_multipart_uploads(Bucket=mine).get("Uploads", []) == []
+
+
+def test_uploads_in_key_order_are_built_for_a_store_made_before_them(tmp_path):
+    meta = Meta(str(tmp_path))
+    ids = [meta.new_upload(k, 7) for k in [b"/b/z", b"/b/a", b"/c/a"]]
+    with meta.env.begin(write=True) as txn:  # as a store written before the table existed
+        txn.drop(meta.upload_keys, delete=True)
+    meta.close()
+    meta = Meta(str(tmp_path))
+    assert meta.uploads_from(b"", b"/b/", 10) == [(b"/b/a", ids[1], 7), (b"/b/z", ids[0], 7)]
+    meta.drop_upload(ids[1])
+    assert meta.uploads_from(b"", b"/b/", 10) == [(b"/b/z", ids[0], 7)]
 
 
 def test_the_folder_table_is_built_for_a_database_made_before_it(tmp_path):
