@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +22,7 @@ from cluster import Cluster, open_dir
 
 from minikv.index.record import LIVE, encode_data, now_ms
 from minikv.index.store import Store
+from minikv.placement import key2path, keys_above
 from minikv.s3.listing import buckets
 from minikv.s3.meta import Meta
 
@@ -254,6 +257,74 @@ def test_utf8_keys_list_as_before(cluster):
     assert cluster.get(f"{base}?list").json() == {"next": "", "keys": keys}
     page = cluster.get(f"{base}?list&limit=2").json()
     assert page == {"next": keys[2], "keys": keys[:2]}
+
+
+# ---------------------------------------------------------------- item 16: keys squatting others' files
+
+
+def plain_key() -> bytes:
+    """A key of a whole number of 3-byte groups (its base64 has no padding, so another key's
+    name can continue it) whose name has no '/'."""
+    while "/" in base64.b64encode(key := fresh("/sq").encode()[:30]).decode():
+        pass
+    return key
+
+
+def squatter(above: bytes) -> bytes:
+    """A key whose file is below `above`'s: the same md5 folder, and a base64 name that is
+    `above`'s followed by '/'. Needs a byte 0xFC-0xFF, and about 65536 tries for the folder."""
+    for i in range(1_000_000):
+        key = above + b"\xfc" + b"%d" % i
+        if key2path(key)[:7] == key2path(above)[:7] and storable(key):
+            assert base64.b64encode(key).startswith(base64.b64encode(above) + b"/")
+            return key
+    raise AssertionError("no squatter found")
+
+
+def test_keys_above():
+    a = b"/ab"
+    b = squatter(a)
+    assert keys_above(b) == [a] and keys_above(a) == []
+    assert keys_above(b + b"\xfc" + b"x") in ([], [b], [a], [a, b])  # only those in b's md5 folder
+    assert keys_above(b"/what?abc") == []  # a "/" inside a group makes a folder no key is named
+
+
+def gc_volumes(c, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minikv", "gc", "-volumes", ",".join(c.names), "-db",
+                           str(c.root / "index"), "-replicas", "1", "-subvolumes", "1", *flags],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_key_cannot_squat_anothers_file_and_gc_clears_the_folders_deletes_leave(make_cluster):
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1)  # every key on the one volume
+    vol = str(c.volume_dir(c.names[0]))
+    a = plain_key()
+    b = squatter(a)
+    assert put_raw(c, a, b"A").status_code == 201
+    r = put_raw(c, b, b"B")  # before: 502, the volume's 500 (Not a directory)
+    assert r.status_code == 409 and "below the file of the key " + quote(a, safe="/") in r.text, r.text
+    assert c.get(quote(a)).content == b"A"
+    assert c.delete(quote(a)).status_code == 204
+    assert put_raw(c, b, b"B").status_code == 201  # now a's file name is b's folder
+    r = put_raw(c, a, b"A")  # before: 502, the volume's 409
+    assert r.status_code == 409 and "is a folder" in r.text and "minikv gc" in r.text, r.text
+    assert c.get(quote(b)).content == b"B"
+    assert c.delete(quote(b)).status_code == 204
+    assert put_raw(c, a, b"A").status_code == 409  # the empty folder b's DELETE left
+    folder = c.volume_dir(c.names[0]) / key2path(a)[1:]
+    assert folder.is_dir() and not any(folder.iterdir())
+    # another squatting pair whose folder holds a file: gc must leave it
+    a2 = plain_key()
+    b2 = squatter(a2)
+    assert put_raw(c, b2, b"B2").status_code == 201
+    young = gc_volumes(c, vol)  # -age 24h: the folder is younger
+    assert young.returncode == 0 and folder.is_dir(), young.stderr
+    r = gc_volumes(c, "-age", "0", vol)
+    assert r.returncode == 0 and "1 empty folders removed" in r.stderr, r.stderr
+    assert not folder.exists()
+    assert c.get(quote(b2)).content == b"B2"
+    assert put_raw(c, a, b"A").status_code == 201
+    assert c.get(quote(a)).content == b"A"
 
 
 # ---------------------------------------------------------------- item 18: minikeyvalue's status codes

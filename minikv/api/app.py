@@ -50,6 +50,7 @@ from minikv.index.record import (
     UNLINKED,
     VOLUMES_AT,
     decode_data,
+    decode_pending,
     encode_data,
     encode_pending,
     now_ms,
@@ -58,7 +59,7 @@ from minikv.index.record import (
 )
 from minikv.index.recovery import drop_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
-from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
+from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
 MAX_LIST = 1_000_000
 LIST_CHUNK = 5000  # index records a listing reads between two turns of the event loop
@@ -332,6 +333,7 @@ class App:
         if raw is not None and raw[0] != UNLINKED:
             raise self._conflict(raw)
         volumes = self._volumes(key)
+        self._check_not_below(key, volumes)
         if self.health.down:  # fail now, not after a hung volume's stall timeout
             down = [host_of(v) for v in volumes if host_of(v) in self.health.down]
             if down:
@@ -339,6 +341,19 @@ class App:
                                 + "; nothing was stored")
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
         return self._put_body(req, key, volumes, pending, length, raw)
+
+    def _check_not_below(self, key: bytes, volumes: list[str]) -> None:
+        """Refuse a key whose file would be below another key's file (their base64 names share a
+        folder): the volume could not write it, and answers only 500."""
+        for other in keys_above(key):
+            raw = self.store.get(other)
+            if raw is None:
+                continue
+            theirs = decode_pending(raw).volumes if raw[0] == PENDING else decode_data(raw).volumes
+            if set(theirs) & set(volumes):
+                raise HTTPError(409, f"this key's file would be below the file of the key "
+                                     f"{quote(other, safe='/')} (its base64 name continues that key's "
+                                     f"with '/'): DELETE that key first, or choose another name")
 
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
@@ -381,6 +396,12 @@ class App:
                   for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
         if failed or size == 0:
             await self._abandon(key, pending, volumes)
+            if folders := [host_of(v) for v, s in zip(volumes, statuses) if s == 409]:
+                # nginx's 409 to PUT: the file's path is a folder (another key's file sits below it)
+                raise HTTPError(409, f"this key's file is a folder on volume {folders[0]}: other keys' "
+                                     "files are below it (base64 names that continue this one's with '/'), "
+                                     "or were: once those keys are deleted, `minikv gc` given the volume "
+                                     "directories removes the empty folders; nothing was stored")
             if failed:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
