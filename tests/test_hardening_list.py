@@ -20,14 +20,15 @@ import pytest
 import requests
 from cluster import Cluster, open_dir
 
-from minikv.index.record import LIVE, encode_data, now_ms
+from minikv.index.record import LIVE, UNLINKED, encode_data, now_ms, with_state
 from minikv.index.store import Store
 from minikv.placement import key2path, keys_above
 from minikv.s3.listing import buckets
 from minikv.s3.meta import Meta
 
 FLAT = 1_000_010  # just past MAX_LIST (1,000,000), the most one answer may hold
-BUCKET_KEYS = [b"/bkt-a/x", b"/bkt-b/y/z", b"/bkt-b/w", b"/fl/x", b"/zz/1"]
+BUCKET_KEYS = [b"/bkt-a/x", b"/bkt-b/y/z", b"/bkt-b/w", b"/fl/x", b"/ul/z", b"/zz/1"]
+UNLINKED_KEYS = 50_000  # in bucket ul, before its one object z: more than one S3 listing reads
 
 
 def fresh(prefix: str = "/h/") -> str:
@@ -47,6 +48,8 @@ def big():
         txn.put(b"/probe", record)
     # through the store's interface (as rebuild writes), which keeps its folder table
     store.merge_many([(key, record) for key in BUCKET_KEYS], lambda key, current, new: new)
+    unlinked = with_state(record, UNLINKED)
+    store.merge_many([(b"/ul/k%05d" % i, unlinked) for i in range(UNLINKED_KEYS)], lambda key, current, new: new)
     store.close()
     try:
         yield c.start()
@@ -99,7 +102,7 @@ def test_unlinked_listing_over_a_million_live_keys_leaves_the_worker_serving(big
     out = {}
 
     def listing():
-        out["r"] = requests.get(big.url("/?unlinked"), timeout=60)
+        out["r"] = requests.get(big.url("/flat?unlinked"), timeout=60)
         done.set()
 
     thread = threading.Thread(target=listing)
@@ -125,7 +128,7 @@ def test_list_buckets_does_not_walk_the_flat_keys(big):
     t = time.monotonic()
     names = [b["Name"] for b in s3.list_buckets()["Buckets"]]
     took = time.monotonic() - t
-    assert names == ["bkt-a", "bkt-b", "fl", "zz"]
+    assert names == ["bkt-a", "bkt-b", "fl", "ul", "zz"]
     assert took < 0.5, f"ListBuckets took {took:.2f}s"
     # paged as S3 pages it
     first = s3.list_buckets(MaxBuckets=3)
@@ -133,6 +136,27 @@ def test_list_buckets_does_not_walk_the_flat_keys(big):
     rest = s3.list_buckets(MaxBuckets=3, ContinuationToken=first["ContinuationToken"])
     assert [b["Name"] for b in rest["Buckets"]] == names[3:] and "ContinuationToken" not in rest
     assert [b["Name"] for b in s3.list_buckets(Prefix="bkt")["Buckets"]] == ["bkt-a", "bkt-b"]
+
+
+def s3_client(c):
+    boto3 = pytest.importorskip("boto3")
+    return boto3.client("s3", endpoint_url=c.url(""), aws_access_key_id="k", aws_secret_access_key="s",
+                        region_name="us-east-1")
+
+
+def test_s3_listing_reads_a_bounded_number_of_records_per_page(big):
+    """50,000 unlinked keys before the bucket's one object: a page ends, truncated, after about
+    20,000 records read (before: one answer read them all), and both V2 tokens and V1 markers
+    lead on to the object."""
+    s3 = s3_client(big)
+    first = s3.list_objects_v2(Bucket="ul")
+    assert first["IsTruncated"] and first["KeyCount"] == 0
+    pages = list(s3.get_paginator("list_objects_v2").paginate(Bucket="ul"))
+    assert [o["Key"] for p in pages for o in p.get("Contents", [])] == ["z"] and len(pages) == 3
+    pages = list(s3.get_paginator("list_objects").paginate(Bucket="ul"))
+    assert [o["Key"] for p in pages for o in p.get("Contents", [])] == ["z"] and len(pages) == 3
+    with pytest.raises(Exception, match="BucketNotEmpty"):
+        s3.delete_bucket(Bucket="ul")
 
 
 def test_the_folder_table_follows_puts_and_deletes(big):

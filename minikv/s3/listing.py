@@ -24,6 +24,7 @@ from minikv.s3.xml import iso_time
 BATCH = 256
 MAX_KEYS = 1000
 MAX_BUCKETS = 10_000  # S3's largest max-buckets
+READ_BUDGET = 20_000  # index records one ListObjects reads at most
 
 
 def successor(prefix: bytes) -> bytes | None:
@@ -37,13 +38,22 @@ def successor(prefix: bytes) -> bytes | None:
     return None
 
 
-def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int):
+def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int, budget: int = READ_BUDGET):
     """Up to `limit` entries from `start` on: ("key", key, record) and ("prefix", common prefix),
-    and the key to resume at (None when the listing is complete)."""
+    and the key to resume at (None when the listing is complete). At most about `budget` records
+    are read: records no listing shows (unlinked, being written) cost reads too, and a page
+    may end early, truncated, as S3's may."""
     entries: list[tuple] = []
     pos = max(prefix, start)
+    last = b""  # the last record read
     while True:
+        if budget <= 0:
+            # with nothing to show, resume right after the last record read (a V1 marker then)
+            return entries, pos if entries else last + b"\x00"
         pairs, nxt = store.scan(prefix, pos, BATCH)
+        budget -= len(pairs)
+        if pairs:
+            last = pairs[-1][0]
         jumped = False
         for key, raw in pairs:
             rec = readable(raw)
@@ -124,6 +134,8 @@ def list_objects(s3, ctx: Ctx) -> bytes:
             items.append(("NextContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
         elif entries:
             items.append(("NextMarker", _text(entries[-1][1][cut:], url)))
+        elif limit:  # the records read showed nothing: resume after the last one (scan)
+            items.append(("NextMarker", _text(resume[cut:-1], url)))
     for kind, key, rec in entries:
         if kind == "key":
             data = decode_data(rec)
@@ -199,5 +211,5 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
 
 
 def bucket_is_empty(s3, ctx: Ctx) -> bool:
-    entries, _ = scan(s3.store, b"/" + ctx.bucket + b"/", b"", b"", 1)
-    return not entries
+    entries, resume = scan(s3.store, b"/" + ctx.bucket + b"/", b"", b"", 1)
+    return not entries and resume is None  # many records no listing shows: not known to be empty
