@@ -159,6 +159,19 @@ def test_s3_listing_reads_a_bounded_number_of_records_per_page(big):
         s3.delete_bucket(Bucket="ul")
 
 
+def test_s3_v1_pages_with_a_delimiter_move_past_each_common_prefix(cluster):
+    """NextMarker may be a common prefix: the next page starts past its keys (before: the same
+    prefix again, and boto3 stopped with 'The same next token was received twice')."""
+    s3 = s3_client(cluster)
+    b = fresh("/v").strip("/")
+    for key in ["a/1", "a/2", "b/1", "c"]:
+        s3.put_object(Bucket=b, Key=key, Body=b"x")
+    pages = list(s3.get_paginator("list_objects").paginate(Bucket=b, Delimiter="/",
+                                                            PaginationConfig={"PageSize": 1}))
+    assert [([p["Prefix"] for p in page.get("CommonPrefixes", [])], [o["Key"] for o in page.get("Contents", [])])
+            for page in pages] == [(["a/"], []), (["b/"], []), ([], ["c"])]
+
+
 def test_the_folder_table_follows_puts_and_deletes(big):
     boto3 = pytest.importorskip("boto3")
     s3 = boto3.client("s3", endpoint_url=big.url(""), aws_access_key_id="k", aws_secret_access_key="s",

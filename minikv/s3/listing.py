@@ -106,6 +106,10 @@ def list_objects(s3, ctx: Ctx) -> bytes:
             raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
     elif after:
         start = base + after + b"\x00"  # strictly after
+        if delimiter and after.startswith(prefix) and after.find(delimiter, len(prefix)) == len(after) - len(delimiter):
+            # a common prefix, as NextMarker gives them: past all of its keys, not into them again
+            past = successor(base + after)
+            start = past if past is not None else base[:-1] + b"0"  # "0" follows "/": past the bucket
     entries, resume = scan(s3.store, base + prefix, start, delimiter, limit) if limit else ([], None)
     if not limit:  # MaxKeys=0: no entries, but say whether there are any
         found, _ = scan(s3.store, base + prefix, start, delimiter, 1)
