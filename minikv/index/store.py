@@ -128,7 +128,7 @@ class Store:
                 else:
                     txn.put(key, new)
                 if (current is None) != (new is None) and (top := top_of(key)) is not None:
-                    self._count_top(txn, top, new is not None)
+                    self._track_top(txn, top, new is not None)
                 if new is not None and new[0] == PENDING:
                     txn.put(key, b"", db=self.pending)
                 elif current is not None and current[0] == PENDING:
@@ -136,7 +136,7 @@ class Store:
                 out.append((True, new))
         return out
 
-    def _count_top(self, txn, top: bytes, added: bool) -> None:
+    def _track_top(self, txn, top: bytes, added: bool) -> None:
         """Keep `tops` right after a key below `top` was added or removed."""
         if added:
             if txn.get(top, db=self.tops) is None:  # a read first: most keys join a known folder
@@ -181,7 +181,7 @@ class Store:
                 if new is not None:
                     txn.put(key, new)
                     if current is None and (top := top_of(key)) is not None:
-                        self._count_top(txn, top, True)
+                        self._track_top(txn, top, True)
 
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
              keep: Callable[[bytes], bool] | None = None,
