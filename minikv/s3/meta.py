@@ -42,11 +42,14 @@ class Meta:
         self.uploads = self.env.open_db(b"uploads")
         self.etags = self.env.open_db(b"etags")
         self.upload_keys = self.env.open_db(b"upload_keys")
-        with self.env.begin(write=True) as txn:
-            if txn.get(UPLOAD_KEYS_BUILT, db=self.upload_keys) is None:
-                for upload_id, raw in txn.cursor(db=self.uploads):
-                    txn.put(raw[_CREATED.size:] + b"\0" + upload_id, raw[:_CREATED.size], db=self.upload_keys)
-                txn.put(UPLOAD_KEYS_BUILT, b"", db=self.upload_keys)
+        try:
+            with self.env.begin(write=True) as txn:
+                if txn.get(UPLOAD_KEYS_BUILT, db=self.upload_keys) is None:
+                    for upload_id, raw in txn.cursor(db=self.uploads):
+                        txn.put(raw[_CREATED.size:] + b"\0" + upload_id, raw[:_CREATED.size], db=self.upload_keys)
+                    txn.put(UPLOAD_KEYS_BUILT, b"", db=self.upload_keys)
+        except lmdb.Error:  # its disk full, say: uploads_from reads every upload until a later start
+            pass
 
     def close(self) -> None:
         self.env.close()
@@ -79,6 +82,10 @@ class Meta:
         position `start` (a key, or key + NUL + id) on: (key, id, created ms)."""
         out = []
         with self.env.begin(db=self.upload_keys) as txn:
+            if txn.get(UPLOAD_KEYS_BUILT) is None:  # not built yet: the slow way
+                found = sorted((k + b"\0" + i.encode(), k, i, t) for i, k, t in self.all_uploads()
+                               if k.startswith(prefix))
+                return [(k, i, t) for entry, k, i, t in found if entry >= start][:limit]
             cursor = txn.cursor()
             if not cursor.set_range(max(start, prefix)):
                 return out
