@@ -61,31 +61,44 @@ def big():
 # ---------------------------------------------------------------- item 6: bounded work per request
 
 
-def test_a_huge_listing_is_capped_and_leaves_the_worker_serving(big):
-    """`limit` above MAX_LIST gives a page of MAX_LIST keys with `next` (before: every key, 17 MB),
-    and while it is read and encoded, a GET on the same worker's loop stays fast (before: it
-    waited for the whole listing, about a second)."""
+def gets_during(c, target: str) -> tuple[requests.Response, float, list[float]]:
+    """GET `target` in a thread and, meanwhile, GET /probe again and again on the same worker:
+    the answer, how long it took, and how long each probe waited."""
     out = {}
 
     def listing():
         t = time.monotonic()
-        out["r"] = requests.get(big.url("/flat?list&limit=100000000"), timeout=60)
+        out["r"] = requests.get(c.url(target), timeout=120)
         out["took"] = time.monotonic() - t
 
     thread = threading.Thread(target=listing)
     s = requests.Session()
-    assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
+    assert s.get(c.url("/probe"), allow_redirects=False).status_code == 302
     thread.start()
     waits = []
     while thread.is_alive():
         t = time.monotonic()
-        assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
+        assert s.get(c.url("/probe"), allow_redirects=False).status_code == 302
         waits.append(time.monotonic() - t)
         time.sleep(0.005)
     thread.join()
-    assert len(waits) >= 5, f"the listing took {out['took']:.2f}s, too short to measure"
-    assert max(waits) < 0.5, f"a GET waited {max(waits):.2f}s while a listing ran ({out['took']:.2f}s)"
-    page = out["r"].json()
+    return out["r"], out["took"], waits
+
+
+def served_meanwhile(took: float, waits: list[float]) -> None:
+    """No probe waited for a large part of the listing (a loop held by it makes one wait for
+    nearly all of it); relative, so that a loaded machine slowing both does not fail it."""
+    assert took >= 0.3 and waits, f"the listing took {took:.2f}s, too short to measure"
+    assert max(waits) < max(0.3, took / 4), f"a GET waited {max(waits):.2f}s while a listing ran ({took:.2f}s)"
+
+
+def test_a_huge_listing_is_capped_and_leaves_the_worker_serving(big):
+    """`limit` above MAX_LIST gives a page of MAX_LIST keys with `next` (before: every key, 17 MB),
+    and while it is read and encoded, a GET on the same worker's loop stays fast (before: it
+    waited for the whole listing, about 2 s)."""
+    r, took, waits = gets_during(big, "/flat?list&limit=100000000")
+    served_meanwhile(took, waits)
+    page = r.json()
     assert len(page["keys"]) == 1_000_000 and page["next"] == "/flat1000000"
     assert page["keys"][0] == "/flat0000000" and page["keys"][-1] == "/flat0999999"
 
@@ -97,30 +110,15 @@ def test_past_a_million_keys_without_a_limit_is_413_and_the_next_page_works(big)
 
 
 def test_unlinked_listing_over_a_million_live_keys_leaves_the_worker_serving(big):
-    """?unlinked reads every record to find none: in chunks, between which the loop serves."""
-    done = threading.Event()
-    out = {}
-
-    def listing():
-        out["r"] = requests.get(big.url("/flat?unlinked"), timeout=60)
-        done.set()
-
-    thread = threading.Thread(target=listing)
-    s = requests.Session()
-    thread.start()
-    waits = []
-    while not done.is_set():
-        t = time.monotonic()
-        assert s.get(big.url("/probe"), allow_redirects=False).status_code == 302
-        waits.append(time.monotonic() - t)
-        time.sleep(0.005)
-    thread.join()
-    assert out["r"].json() == {"next": "", "keys": []}
-    assert max(waits) < 0.5, f"a GET waited {max(waits):.2f}s while ?unlinked ran"
+    """?unlinked reads every record to find none: in chunks, between which the loop serves
+    (before: one call, and a GET waited for all of it)."""
+    r, took, waits = gets_during(big, "/flat?unlinked")
+    served_meanwhile(took, waits)
+    assert r.json() == {"next": "", "keys": []}
 
 
 def test_list_buckets_does_not_walk_the_flat_keys(big):
-    """A million flat keys and four buckets: ListBuckets reads the index's table of top-level
+    """A million flat keys and five buckets: ListBuckets reads the index's table of top-level
     folders (before: it read every flat key, about 5 s, holding the worker's loop)."""
     boto3 = pytest.importorskip("boto3")
     s3 = boto3.client("s3", endpoint_url=big.url(""), aws_access_key_id="k", aws_secret_access_key="s",
