@@ -265,14 +265,19 @@ def walk(c, prefix: str, extra: str, rounds: int) -> tuple[list[str], int]:
     return keys, rounds
 
 
-def test_listing_walk_over_keys_that_are_not_utf8_ends_and_is_exact(cluster):
+def not_utf8_keys(c) -> tuple[list[bytes], str]:
+    """Stored keys, most of them not UTF-8, under a fresh prefix; and the prefix for a URL."""
     base = fresh("/nu").encode() + b"/"
     tails = [b"a\xfc", b"a\xfd", b"a\xfe\x01", b"a\xc3", b"a\xc3(", b"\xff\xfe", b"ok-\xc3\xa9", b"plain"]
     keys = sorted(base + t for t in tails if storable(base + t))
     assert len(keys) >= 6
     for k in keys:
-        assert put_raw(cluster, k).status_code == 201, k
-    prefix = quote(base, safe="/")
+        assert put_raw(c, k).status_code == 201, k
+    return keys, quote(base, safe="/")
+
+
+def test_listing_walk_over_keys_that_are_not_utf8_ends_and_is_exact(cluster):
+    keys, prefix = not_utf8_keys(cluster)
     # encoding=url: every key and `next` percent-encoded, exact
     got, pages = walk(cluster, prefix, "&encoding=url", len(keys) + 3)
     assert [unquote_to_bytes(k) for k in got] == keys and pages == len(keys)
@@ -287,10 +292,15 @@ def test_listing_walk_over_keys_that_are_not_utf8_ends_and_is_exact(cluster):
     assert got == keys
     whole = cluster.get(f"{prefix}?list&encoding=url").json()
     assert [unquote_to_bytes(k) for k in whole["keys"]] == keys and whole["next"] == ""
-    # without it: keys as the Go original shows them, and a `next` that still leads on
+    assert cluster.get(f"{prefix}?list&encoding=base64").status_code == 400
+
+
+def test_listing_walk_without_encoding_over_keys_that_are_not_utf8_ends(cluster):
+    """Keys as the Go original shows them, and a `next` that leads on when given back as it
+    is (before: its U+FFFD form, and the walk went round for ever)."""
+    keys, prefix = not_utf8_keys(cluster)
     got, pages = walk(cluster, prefix, "", len(keys) + 3)
     assert got == [k.decode("utf-8", "replace") for k in keys] and pages == len(keys)
-    assert cluster.get(f"{prefix}?list&encoding=base64").status_code == 400
 
 
 def test_utf8_keys_list_as_before(cluster):
