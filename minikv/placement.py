@@ -47,6 +47,23 @@ def path2key(path: str) -> bytes | None:
     return key if key and key2path(key) == "/" + path.lstrip("/") else None
 
 
+def keys_above(key: bytes) -> list[bytes]:
+    """The keys whose file, on a volume holding both, is one of the folders this key's file is
+    in: a base64 name with "/" makes folders, and a key whose name is such a folder's name (same
+    md5 folder) would have to be a file there. Only keys with a byte 0xFC-0xFF can be above
+    another: a 4-character group that starts with "/" encodes one."""
+    name = base64.b64encode(key)
+    out = []
+    i = name.find(b"/", 4)
+    while i > 0:  # most names have no "/" at all: no md5 then
+        if i % 4 == 0:
+            other = base64.b64decode(name[:i])
+            if key2path_bytes(other)[:7] == key2path_bytes(key)[:7]:  # the same /aa/bb/
+                out.append(other)
+        i = name.find(b"/", i + 1)
+    return out
+
+
 def key2volume(key: bytes, volumes: list[str], replicas: int, subvolumes: int) -> list[str]:
     """The `replicas` volumes a key belongs on, best first.
 

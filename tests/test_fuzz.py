@@ -72,9 +72,11 @@ class MemStore:
             self.data[key] = new
         return True, new
 
-    def scan(self, prefix, start=b"", limit=0, keep=None):
+    def scan(self, prefix, start=b"", limit=0, keep=None, budget=0):
         out = []
-        for key in sorted(k for k in self.data if k.startswith(prefix) and k >= max(prefix, start)):
+        for read, key in enumerate(sorted(k for k in self.data if k.startswith(prefix) and k >= max(prefix, start))):
+            if budget and read == budget:
+                return out, key
             if keep is not None and not keep(self.data[key]):
                 continue
             if limit and len(out) == limit:

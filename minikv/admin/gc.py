@@ -10,6 +10,12 @@
 - nginx's upload spool: files in VOLUME_DIR/body_temp older than -age, for each volume
   directory given (this part needs the volumes' disks, so run gc on their machine). nginx
   removes its temp files itself; only a killed nginx leaves some behind.
+- empty folders below `<aa>/<bb>/` in those volume directories, older than -age. A key whose
+  base64 name holds "/" has its file in folders of its own, which its DELETE leaves behind
+  (the index never deletes a folder through nginx: a WebDAV DELETE of a folder is recursive,
+  and could take a file another key's PUT just put there). Such a folder can block a key whose
+  file name it is (the PUT answers 409 and says so). os.rmdir removes only an empty folder, so
+  a file that lands meanwhile is never lost.
 `-dry-run` reports what would go.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import sys
 import time
 
@@ -116,6 +123,54 @@ def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -
         os.close(top)
 
 
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
+
+
+def _dirs(path: str, pattern: re.Pattern | None = None) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)
+                    and (pattern is None or pattern.fullmatch(e.name))]
+    except OSError:
+        return []
+
+
+def clean_folders(directory: str, age: float, dry_run: bool, progress: Progress) -> None:
+    """Remove the empty folders older than `age` seconds below `<aa>/<bb>/` of a volume
+    directory (and of its subvolumes)."""
+    cutoff = time.time() - age
+    for root in [directory, *_dirs(directory, _SUBVOLUME)]:
+        for aa in _dirs(root, _HEX2):
+            for bb in _dirs(aa, _HEX2):
+                for folder in _dirs(bb):
+                    _prune(folder, cutoff, dry_run, progress)
+
+
+def _prune(folder: str, cutoff: float, dry_run: bool, progress: Progress) -> bool:
+    """Remove `folder` if it holds nothing but folders that are removed: True when it is
+    (or, with dry_run, would be) gone."""
+    try:
+        old = os.lstat(folder).st_mtime < cutoff  # before its subfolders go, which touches it
+        with os.scandir(folder) as it:
+            entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    except OSError:
+        return False
+    empty = True
+    for path, is_dir in entries:
+        if not (is_dir and _prune(path, cutoff, dry_run, progress)):
+            empty = False
+    if not (empty and old):
+        return False
+    if not dry_run:
+        try:
+            os.rmdir(folder)  # only ever an empty folder: a file put there meanwhile stays
+        except OSError:
+            return False
+    progress.add("folders")
+    return True
+
+
 async def gc(args, config) -> int:
     store = open_index(config, "gc")
     if store is None:
@@ -137,6 +192,8 @@ async def gc(args, config) -> int:
         await each_record(store, job.key, args.concurrency, progress, stop)
         for directory in args.positionals:
             clean_spool(directory, args.age, args.dry_run, progress)
+            if os.path.isdir(os.path.join(directory, BODY_TEMP)):
+                clean_folders(directory, args.age, args.dry_run, progress)
         if args.delete_orphans and not stop.is_set():
             progress.close()
             walk = Progress("gc orphans", total=256, bar_unit="dirs")
@@ -152,6 +209,7 @@ async def gc(args, config) -> int:
         progress.summary([("seen", "keys seen"), ("deleted", f"unlinked keys deleted{dry}"), ("failed", "failed"),
                           ("files", "files"), ("young", "unlinked keys younger than -age"),
                           ("stale", "stale locks resolved"), ("temp files", f"temp files removed{dry}"),
+                          ("folders", f"empty folders removed{dry}"),
                           ("orphans", "orphan files"), ("orphans deleted", "orphans deleted"),
                           ("busy", "busy")])
         if stop.is_set():

@@ -18,13 +18,14 @@ Order of writes (each arrow is one compare-and-set on the key's record, see inde
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import random
 import time
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 import httptools
 
@@ -49,6 +50,7 @@ from minikv.index.record import (
     UNLINKED,
     VOLUMES_AT,
     decode_data,
+    decode_pending,
     encode_data,
     encode_pending,
     now_ms,
@@ -57,9 +59,10 @@ from minikv.index.record import (
 )
 from minikv.index.recovery import drop_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
-from minikv.placement import epoch, host_of, key2path_bytes, key2volume, name_too_long
+from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
 MAX_LIST = 1_000_000
+LIST_CHUNK = 5000  # index records a listing reads between two turns of the event loop
 _random = random.random  # a bound builtin: cheaper than random.choice's Python frames
 
 
@@ -96,6 +99,37 @@ def check_key(key: bytes) -> None:
     if too_long := name_too_long(key):
         raise HTTPError(414, f"key is too long for a file name on the volumes "
                              f"({too_long} bytes encoded, the limit is 255)")
+
+
+def _page_next(keys: list[bytes], want: int, limit: int, url: bool) -> str:
+    """`next` of a listing that read `keys` (one more than the page when there is a next page),
+    taken off the list, as text."""
+    if len(keys) < want:
+        return ""
+    if not limit:
+        raise HTTPError(413, f"more than {MAX_LIST} keys: page with &limit=N&start=KEY")
+    nxt = keys.pop()
+    if not url:
+        try:
+            return nxt.decode()
+        except UnicodeDecodeError:
+            pass  # its U+FFFD form would not lead back to it: percent-encoded, it does
+    return quote(nxt, safe="/")
+
+
+def _keys_json(keys: list[bytes], url: bool) -> str:
+    """Keys as the inside of a JSON array."""
+    if url:
+        shown = [quote(k, safe="/") for k in keys]
+    else:
+        shown = [k.decode("utf-8", "replace") for k in keys]
+    return json.dumps(shown, separators=(",", ":"), ensure_ascii=False)[1:-1]
+
+
+def _page(nxt: str, parts: list[str]) -> bytes:
+    keys = ",".join(p for p in parts if p)
+    body = f'{{"next":{json.dumps(nxt, ensure_ascii=False)},"keys":[{keys}]}}'
+    return response(200, [("Content-Type", "application/json")], body.encode())
 
 
 async def _status(upload) -> int | BaseException:
@@ -203,7 +237,16 @@ class App:
                 continue
         return not_found()
 
-    def list(self, prefix: bytes, op: bytes, query: bytes) -> bytes:
+    def list(self, prefix: bytes, op: bytes, query: bytes):
+        """`?list` / `?unlinked`. A page holds at most `limit` keys (a larger limit is taken as
+        MAX_LIST, the most one answer may hold); the index is read LIST_CHUNK records at a time,
+        and a listing that needs more than one chunk goes on in a coroutine that lets the loop
+        serve other clients between chunks.
+
+        `&encoding=url` gives keys and `next` percent-encoded (every byte exact, as S3's
+        encoding-type=url). Without it, keys are text as in the Go original (bytes that are not
+        UTF-8 shown as U+FFFD), except a `next` that is not UTF-8: it is percent-encoded, so
+        that `&start=` followed by it as given resumes exactly where the page ended."""
         # latin-1 both ways: percent-escapes become the key's raw bytes, whatever they encode
         params = parse_qs(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
         try:
@@ -212,6 +255,9 @@ class App:
             raise HTTPError(400, "limit must be a whole number") from None
         if limit < 0:
             raise HTTPError(400, "limit must not be negative")
+        encoding = params.get("encoding", [""])[0]
+        if encoding not in ("", "url"):
+            raise HTTPError(400, "encoding must be url (percent-encoded keys) or absent")
         start = params.get("start", [""])[0].encode("latin-1")
         state = LIVE if op == b"list" else UNLINKED
         if state == LIVE:  # keys being moved are still there
@@ -220,15 +266,29 @@ class App:
         else:
             def keep(v: bytes) -> bool:
                 return v[0] == state
-        pairs, nxt = self.store.scan(prefix, start, limit or MAX_LIST + 1, keep)
-        if not limit and len(pairs) > MAX_LIST:
-            raise HTTPError(413, f"more than {MAX_LIST} keys: page with &limit=N&start=KEY")
-        body = json.dumps(
-            {"next": nxt.decode("utf-8", "replace") if limit else "",
-             "keys": [k.decode("utf-8", "replace") for k, _ in pairs]},
-            separators=(",", ":"), ensure_ascii=False,
-        ).encode()
-        return response(200, [("Content-Type", "application/json")], body)
+        # one key more than the page: it is `next` (or, without a limit, the sign of too many)
+        want = min(limit, MAX_LIST) + 1 if limit else MAX_LIST + 1
+        pairs, pos = self.store.scan(prefix, start, want, keep, LIST_CHUNK)
+        keys = [k for k, _ in pairs]
+        if pos and len(keys) < want:
+            return self._list_rest(prefix, pos, keep, want, keys, limit, encoding == "url")
+        return self._list_page(keys, want, limit, encoding == "url")
+
+    async def _list_rest(self, prefix: bytes, pos: bytes, keep, want: int, keys: list[bytes],
+                         limit: int, url: bool) -> bytes:
+        while pos and len(keys) < want:
+            await asyncio.sleep(0)  # a turn for the other clients of this worker
+            pairs, pos = self.store.scan(prefix, pos, want - len(keys), keep, LIST_CHUNK)
+            keys.extend(k for k, _ in pairs)
+        nxt = _page_next(keys, want, limit, url)
+        parts = []
+        for i in range(0, len(keys), LIST_CHUNK):  # a million keys take 0.3 s to encode
+            await asyncio.sleep(0)
+            parts.append(_keys_json(keys[i:i + LIST_CHUNK], url))
+        return _page(nxt, parts)
+
+    def _list_page(self, keys: list[bytes], want: int, limit: int, url: bool) -> bytes:
+        return _page(_page_next(keys, want, limit, url), [_keys_json(keys, url)])
 
     # -- writes --
     def _volumes(self, key: bytes) -> list[str]:
@@ -287,6 +347,7 @@ class App:
         if raw is not None and raw[0] != UNLINKED:
             raise self._conflict(raw)
         volumes = self._volumes(key)
+        self._check_not_below(key, volumes)
         if self.health.down:  # fail now, not after a hung volume's stall timeout
             down = [host_of(v) for v in volumes if host_of(v) in self.health.down]
             if down:
@@ -294,6 +355,19 @@ class App:
                                 + "; nothing was stored")
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
         return self._put_body(req, key, volumes, pending, length, raw)
+
+    def _check_not_below(self, key: bytes, volumes: list[str]) -> None:
+        """Refuse a key whose file would be below another key's file (their base64 names share a
+        folder): the volume could not write it, and answers only 500."""
+        for other in keys_above(key):
+            raw = self.store.get(other)
+            if raw is None:
+                continue
+            theirs = decode_pending(raw).volumes if raw[0] == PENDING else decode_data(raw).volumes
+            if set(theirs) & set(volumes):
+                raise HTTPError(409, f"this key's file would be below the file of the key "
+                                     f"{quote(other, safe='/')} (its base64 name continues that key's "
+                                     f"with '/'): DELETE that key first, or choose another name")
 
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
@@ -336,6 +410,12 @@ class App:
                   for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
         if failed or size == 0:
             await self._abandon(key, pending, volumes)
+            if folders := [host_of(v) for v, s in zip(volumes, statuses) if s == 409]:
+                # nginx's 409 to PUT: the file's path is a folder (another key's file sits below it)
+                raise HTTPError(409, f"this key's file is a folder on volume {folders[0]}: other keys' "
+                                     "files are below it (base64 names that continue this one's with '/'), "
+                                     "or were: once those keys are deleted, `minikv gc` given the volume "
+                                     "directories removes the empty folders; nothing was stored")
             if failed:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
@@ -400,8 +480,8 @@ class App:
             return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
-        if raw[0] == UNLINKED:
-            return head(204)
+        if raw[0] == UNLINKED:  # as minikeyvalue: only a readable key can be unlinked
+            return not_found()
         return self._unlink(key, raw)
 
     async def _unlink(self, key: bytes, raw: bytes) -> bytes:

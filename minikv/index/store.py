@@ -6,6 +6,12 @@ LMDB fits the index server: many worker processes read one memory map without lo
 writers are serialised by LMDB's own robust inter-process mutex, so a compare-and-set is one
 short write transaction and two workers can never both win a key.
 
+Beside the records, `tops` holds every top-level folder `/name/` that some key is below (the
+S3 buckets), kept in the same write transactions as the records: ListBuckets reads it instead
+of walking the keys, which on a minikeyvalue-style index of flat keys (`/name`, no second `/`)
+would read every key. It is built once, when a database made before it is first opened for
+writing (one pass that jumps over each folder), and marked so by the entry TOPS_BUILT.
+
 Durability: by default commits are not fsync'd (as goleveldb's default in the Go original).
 A crashed *process* loses nothing: its commits are in the OS page cache. A power loss or kernel
 crash may lose the last commits, and since nothing orders the writes then, may leave the map
@@ -24,6 +30,15 @@ from minikv.index.record import PENDING, check_transition
 # Only address space is reserved; the file grows with the data. 1 TiB holds billions of keys.
 MAP_SIZE = 1 << 40
 MAX_KEY = 511  # LMDB's compiled-in key size limit
+TOPS_BUILT = b"built"  # in `tops`: the table covers every key (its folders all start with "/")
+
+
+def top_of(key: bytes) -> bytes | None:
+    """`/name/` for a key `/name/...` (name not empty), else None."""
+    if key[:1] != b"/":
+        return None
+    end = key.find(b"/", 1)
+    return key[:end + 1] if end > 1 else None
 
 
 class StoreError(Exception):
@@ -36,12 +51,42 @@ class Store:
         self.path = path
         self.env = lmdb.open(
             path, map_size=MAP_SIZE, sync=sync, metasync=True, readahead=False,
-            max_readers=1024, readonly=readonly, lock=True, max_dbs=2,
+            max_readers=1024, readonly=readonly, lock=True, max_dbs=3,
         )
         # records by key; and the keys whose record is PENDING, so that recovery after a crash
         # looks at the writes that were in flight instead of scanning every key.
         self.keys = self.env.open_db(b"keys", create=not readonly)
         self.pending = self.env.open_db(b"pending", create=not readonly)
+        try:
+            self.tops = self.env.open_db(b"tops", create=not readonly)
+        except lmdb.NotFoundError:  # read-only, on a database made before the table
+            self.tops = None
+        if not readonly:
+            self._build_tops()
+
+    def _build_tops(self) -> None:
+        try:
+            self._build_tops_now()
+        except lmdb.Error:  # its disk full, say: ListBuckets walks the keys until a later start
+            pass
+
+    def _build_tops_now(self) -> None:
+        with self.env.begin(write=True) as txn:
+            if txn.get(TOPS_BUILT, db=self.tops) is not None:
+                return
+            cursor = txn.cursor(db=self.keys)
+            pos = b"/"
+            while cursor.set_range(pos):
+                key = cursor.key()
+                if key[:1] != b"/":
+                    break
+                top = top_of(key)
+                if top is None:
+                    pos = key + b"\0"
+                    continue
+                txn.put(top, b"", db=self.tops)
+                pos = top[:-1] + b"0"  # "0" follows "/": the first key past the folder
+            txn.put(TOPS_BUILT, b"", db=self.tops)
 
     def close(self) -> None:
         self.env.close()
@@ -82,11 +127,41 @@ class Store:
                     txn.delete(key)
                 else:
                     txn.put(key, new)
+                if (current is None) != (new is None) and (top := top_of(key)) is not None:
+                    self._track_top(txn, top, new is not None)
                 if new is not None and new[0] == PENDING:
                     txn.put(key, b"", db=self.pending)
                 elif current is not None and current[0] == PENDING:
                     txn.delete(key, db=self.pending)
                 out.append((True, new))
+        return out
+
+    def _track_top(self, txn, top: bytes, added: bool) -> None:
+        """Keep `tops` right after a key below `top` was added or removed."""
+        if added:
+            if txn.get(top, db=self.tops) is None:  # a read first: most keys join a known folder
+                txn.put(top, b"", db=self.tops)
+            return
+        cursor = txn.cursor()
+        if not (cursor.set_range(top) and cursor.key().startswith(top)):
+            txn.delete(top, db=self.tops)  # the folder's last key is gone
+
+    def top_folders(self, start: bytes, limit: int) -> list[bytes] | None:
+        """Up to `limit` top-level folders `/name/` from `start` on, in order; None when the
+        table is not there (a database made before it, opened read-only)."""
+        if self.tops is None:
+            return None
+        out = []
+        with self.env.begin(db=self.tops) as txn:
+            if txn.get(TOPS_BUILT) is None:
+                return None
+            cursor = txn.cursor()
+            if not cursor.set_range(max(start, b"/")):
+                return out
+            for key in cursor.iternext(values=False):
+                if key[:1] != b"/" or len(out) == limit:
+                    break
+                out.append(key)
         return out
 
     def pending_records(self) -> list[tuple[bytes, bytes]]:
@@ -101,17 +176,25 @@ class Store:
         write transaction and without a state check; a merge that returns None leaves the key."""
         with self.env.begin(write=True, db=self.keys) as txn:
             for key, value in items:
-                new = merge(key, txn.get(key), value)
+                current = txn.get(key)
+                new = merge(key, current, value)
                 if new is not None:
                     txn.put(key, new)
+                    if current is None and (top := top_of(key)) is not None:
+                        self._track_top(txn, top, True)
 
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
-             keep: Callable[[bytes], bool] | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+             keep: Callable[[bytes], bool] | None = None,
+             budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """Records whose key starts with `prefix`, from `start` on, in key order.
 
         Returns up to `limit` (0: all) pairs for which keep(value) holds, and the key to start
-        the next page at (b"" when there is none)."""
+        the next page at (b"" when there is none). With `budget`, at most that many records are
+        read, so that a caller on an event loop can take a turn between chunks of a long scan
+        (each chunk its own read transaction: none is held across an await); the key returned
+        is then the first one not read, whether or not it will be kept."""
         out: list[tuple[bytes, bytes]] = []
+        read = 0
         with self.env.begin(db=self.keys) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(max(prefix, start)):
@@ -119,6 +202,9 @@ class Store:
             for key, value in cursor.iternext():
                 if not key.startswith(prefix):
                     break
+                if read == budget and budget:
+                    return out, key
+                read += 1
                 if keep is not None and not keep(value):
                     continue
                 if limit and len(out) == limit:

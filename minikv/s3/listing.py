@@ -23,6 +23,8 @@ from minikv.s3.xml import iso_time
 
 BATCH = 256
 MAX_KEYS = 1000
+MAX_BUCKETS = 10_000  # S3's largest max-buckets
+READ_BUDGET = 20_000  # index records one ListObjects reads at most
 
 
 def successor(prefix: bytes) -> bytes | None:
@@ -36,13 +38,22 @@ def successor(prefix: bytes) -> bytes | None:
     return None
 
 
-def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int):
+def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int, budget: int = READ_BUDGET):
     """Up to `limit` entries from `start` on: ("key", key, record) and ("prefix", common prefix),
-    and the key to resume at (None when the listing is complete)."""
+    and the key to resume at (None when the listing is complete). At most about `budget` records
+    are read: records no listing shows (unlinked, being written) cost reads too, and a page
+    may end early, truncated, as S3's may."""
     entries: list[tuple] = []
     pos = max(prefix, start)
+    last = b""  # the last record read
     while True:
+        if budget <= 0:
+            # with nothing to show, resume right after the last record read (a V1 marker then)
+            return entries, pos if entries else last + b"\x00"
         pairs, nxt = store.scan(prefix, pos, BATCH)
+        budget -= len(pairs)
+        if pairs:
+            last = pairs[-1][0]
         jumped = False
         for key, raw in pairs:
             rec = readable(raw)
@@ -95,6 +106,10 @@ def list_objects(s3, ctx: Ctx) -> bytes:
             raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
     elif after:
         start = base + after + b"\x00"  # strictly after
+        if delimiter and after.startswith(prefix) and after.find(delimiter, len(prefix)) == len(after) - len(delimiter):
+            # a common prefix, as NextMarker gives them: past all of its keys, not into them again
+            past = successor(base + after)
+            start = past if past is not None else base[:-1] + b"0"  # "0" follows "/": past the bucket
     entries, resume = scan(s3.store, base + prefix, start, delimiter, limit) if limit else ([], None)
     if not limit:  # MaxKeys=0: no entries, but say whether there are any
         found, _ = scan(s3.store, base + prefix, start, delimiter, 1)
@@ -123,6 +138,8 @@ def list_objects(s3, ctx: Ctx) -> bytes:
             items.append(("NextContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
         elif entries:
             items.append(("NextMarker", _text(entries[-1][1][cut:], url)))
+        elif limit:  # the records read showed nothing: resume after the last one (scan)
+            items.append(("NextMarker", _text(resume[cut:-1], url)))
     for kind, key, rec in entries:
         if kind == "key":
             data = decode_data(rec)
@@ -139,33 +156,64 @@ def list_objects(s3, ctx: Ctx) -> bytes:
     return ctx.xml("ListBucketResult", items)
 
 
-def buckets(store) -> list[bytes]:
-    """The distinct first path segments of keys that have a second one: `/b/...` -> b."""
-    out = []
-    pos = b"/"
-    while pos is not None:
+def buckets(store, start: bytes = b"/", limit: int = MAX_BUCKETS) -> tuple[list[bytes], bytes | None]:
+    """Up to `limit` top-level folders `/b/` (b: the bucket) from `start` on, in key order, of
+    keys that have a second path segment; and the folder to resume at (None: no more). Read from
+    the index's table of top-level folders, so flat keys (minikeyvalue style) cost nothing."""
+    tops = store.top_folders(start, limit + 1)
+    if tops is None:  # a database opened read-only, made before that table: walk the keys
+        tops = _walk_tops(store, start, limit + 1)
+    return tops[:limit], tops[limit] if len(tops) > limit else None
+
+
+def _walk_tops(store, pos: bytes, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    while len(out) < limit:
         pairs, _ = store.scan(b"/", pos, 1)
         if not pairs:
             break
         key = pairs[0][0]
         name, slash, _ = key[1:].partition(b"/")
         if slash and name:
-            out.append(name)
-            pos = successor(b"/" + name + b"/")
+            out.append(b"/" + name + b"/")
+            pos = b"/" + name + b"0"  # "0" follows "/": past the folder in one seek
         else:
             pos = key + b"\x00"
     return out
 
 
 def list_buckets(s3, ctx: Ctx) -> bytes:
-    names = buckets(s3.store)
-    return ctx.xml("ListAllMyBucketsResult", [
+    """ListBuckets, paged as S3 pages it (max-buckets, continuation-token, prefix): one answer
+    names at most MAX_BUCKETS buckets."""
+    limit = ctx.int_param("max-buckets", MAX_BUCKETS, 1, MAX_BUCKETS)
+    prefix = ctx.params.get("prefix", b"")
+    start = b"/" + prefix
+    if token := ctx.param("continuation-token"):
+        try:
+            resume = base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            resume = b""
+        if not resume.startswith(start):
+            raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
+        start = resume
+    tops, resume = buckets(s3.store, start, limit)
+    if tops and not tops[-1].startswith(b"/" + prefix):  # sorted: the prefix's folders are together
+        tops = [t for t in tops if t.startswith(b"/" + prefix)]
+        resume = None
+    if resume is not None and not resume.startswith(b"/" + prefix):
+        resume = None
+    items: list[tuple] = [
         ("Owner", [("ID", "minikv"), ("DisplayName", "minikv")]),
-        ("Buckets", [("Bucket", [("Name", n.decode("utf-8", "replace")),
-                                 ("CreationDate", iso_time(0))]) for n in names]),
-    ])
+        ("Buckets", [("Bucket", [("Name", t[1:-1].decode("utf-8", "replace")),
+                                 ("CreationDate", iso_time(0))]) for t in tops]),
+    ]
+    if resume is not None:
+        items.append(("ContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
+    if prefix:
+        items.append(("Prefix", prefix.decode("utf-8", "replace")))
+    return ctx.xml("ListAllMyBucketsResult", items)
 
 
 def bucket_is_empty(s3, ctx: Ctx) -> bool:
-    entries, _ = scan(s3.store, b"/" + ctx.bucket + b"/", b"", b"", 1)
-    return not entries
+    entries, resume = scan(s3.store, b"/" + ctx.bucket + b"/", b"", b"", 1)
+    return not entries and resume is None  # many records no listing shows: not known to be empty

@@ -4,6 +4,9 @@
 - `uploads`: upload id -> created (ms, <Q) + the object's key. The parts themselves are index
   records on the volumes (see multipart.py); this says which uploads exist and since when, so
   abandoned ones can be found (`stale_uploads`).
+- `upload_keys`: the object's key + NUL + upload id -> created, the same uploads in key order, so
+  ListMultipartUploads reads one bucket's page instead of every upload (kept in the same write
+  transactions; built once when a store made before it is opened, marked by UPLOAD_KEYS_BUILT).
 - `etags`: key -> fingerprint + ETag, for objects whose S3 ETag is not their md5 (multipart's
   "md5-of-md5s-N"). The fingerprint is the record's size, mtime and md5 as they were when the
   ETag was made, so an entry left behind by a plain-API DELETE and PUT is simply not used.
@@ -23,6 +26,7 @@ import lmdb
 
 _CREATED = struct.Struct("<Q")
 MAP_SIZE = 1 << 36  # address space only; the file grows with the data
+UPLOAD_KEYS_BUILT = b"\0built"  # object keys start with "/": this entry is not an upload
 
 
 def fingerprint(raw: bytes) -> bytes:
@@ -34,9 +38,18 @@ class Meta:
     def __init__(self, path: str, sync: bool = False):
         os.makedirs(path, exist_ok=True)
         self.env = lmdb.open(path, map_size=MAP_SIZE, sync=sync, metasync=True, readahead=False,
-                             max_readers=1024, max_dbs=2)
+                             max_readers=1024, max_dbs=3)
         self.uploads = self.env.open_db(b"uploads")
         self.etags = self.env.open_db(b"etags")
+        self.upload_keys = self.env.open_db(b"upload_keys")
+        try:
+            with self.env.begin(write=True) as txn:
+                if txn.get(UPLOAD_KEYS_BUILT, db=self.upload_keys) is None:
+                    for upload_id, raw in txn.cursor(db=self.uploads):
+                        txn.put(raw[_CREATED.size:] + b"\0" + upload_id, raw[:_CREATED.size], db=self.upload_keys)
+                    txn.put(UPLOAD_KEYS_BUILT, b"", db=self.upload_keys)
+        except lmdb.Error:  # its disk full, say: uploads_from reads every upload until a later start
+            pass
 
     def close(self) -> None:
         self.env.close()
@@ -46,6 +59,7 @@ class Meta:
         upload_id = secrets.token_hex(16)
         with self.env.begin(write=True, db=self.uploads) as txn:
             txn.put(upload_id.encode(), _CREATED.pack(now_ms) + key)
+            txn.put(key + b"\0" + upload_id.encode(), _CREATED.pack(now_ms), db=self.upload_keys)
         return upload_id
 
     def upload(self, upload_id: str) -> tuple[bytes, int] | None:
@@ -58,7 +72,29 @@ class Meta:
 
     def drop_upload(self, upload_id: str) -> bool:
         with self.env.begin(write=True, db=self.uploads) as txn:
+            raw = txn.get(upload_id.encode("latin-1"))
+            if raw is not None:
+                txn.delete(raw[_CREATED.size:] + b"\0" + upload_id.encode("latin-1"), db=self.upload_keys)
             return txn.delete(upload_id.encode("latin-1"))
+
+    def uploads_from(self, start: bytes, prefix: bytes, limit: int) -> list[tuple[bytes, str, int]]:
+        """Up to `limit` uploads whose key starts with `prefix`, in (key, id) order from the
+        position `start` (a key, or key + NUL + id) on: (key, id, created ms)."""
+        out = []
+        with self.env.begin(db=self.upload_keys) as txn:
+            if txn.get(UPLOAD_KEYS_BUILT) is None:  # not built yet: the slow way
+                found = sorted((k + b"\0" + i.encode(), k, i, t) for i, k, t in self.all_uploads()
+                               if k.startswith(prefix))
+                return [(k, i, t) for entry, k, i, t in found if entry >= start][:limit]
+            cursor = txn.cursor()
+            if not cursor.set_range(max(start, prefix)):
+                return out
+            for entry, created in cursor:
+                if not entry.startswith(prefix) or len(out) == limit:
+                    break
+                key, _, upload_id = entry.rpartition(b"\0")
+                out.append((key, upload_id.decode(), _CREATED.unpack(created)[0]))
+        return out
 
     def all_uploads(self) -> Iterator[tuple[str, bytes, int]]:
         """Every upload in progress: (id, key, created ms), in id order."""

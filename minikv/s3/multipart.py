@@ -43,6 +43,7 @@ MAX_PART_NUMBER = 10_000
 MIN_PART_SIZE = 5 << 20  # every part but the last, as S3
 COMPLETE_BODY_LIMIT = 4 << 20
 DELETES_AT_ONCE = 16
+MAX_UPLOADS = 1000  # uploads in one ListMultipartUploads answer, as S3
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -173,13 +174,31 @@ def list_parts(s3, ctx: Ctx) -> bytes:
 
 
 def list_uploads(s3, ctx: Ctx) -> bytes:
+    """ListMultipartUploads of one bucket, in key order, paged by max-uploads (at most 1000),
+    key-marker and upload-id-marker: a page reads only its own uploads."""
     base = b"/" + ctx.bucket + b"/"
-    prefix = base + ctx.params.get("prefix", b"")
-    items = [("Bucket", ctx.bucket.decode("utf-8", "replace")), ("IsTruncated", False)]
-    for upload_id, key, created in s3.meta.all_uploads():
-        if key.startswith(prefix):
-            items.append(("Upload", [("Key", key[len(base):].decode("utf-8", "replace")),
-                                     ("UploadId", upload_id), ("Initiated", iso_time(created))]))
+    prefix = ctx.params.get("prefix", b"")
+    limit = ctx.int_param("max-uploads", MAX_UPLOADS, 0, 1 << 31)
+    key_marker = ctx.params.get("key-marker", b"")
+    id_marker = ctx.param("upload-id-marker") or ""
+    start = b""
+    if key_marker:  # strictly after: the marker key's uploads after id_marker, or past all of them
+        start = base + key_marker + (b"\0" + id_marker.encode() + b"\0" if id_marker else b"\1")
+    found = s3.meta.uploads_from(start, base + prefix, min(limit, MAX_UPLOADS) + 1)
+    page = found[:min(limit, MAX_UPLOADS)]
+    truncated = len(found) > len(page)
+    items: list[tuple] = [("Bucket", ctx.bucket.decode("utf-8", "replace")),
+                          ("KeyMarker", key_marker.decode("utf-8", "replace")),
+                          ("UploadIdMarker", id_marker if key_marker else "")]
+    if truncated and page:
+        items += [("NextKeyMarker", page[-1][0][len(base):].decode("utf-8", "replace")),
+                  ("NextUploadIdMarker", page[-1][1])]
+    if prefix:
+        items.append(("Prefix", prefix.decode("utf-8", "replace")))
+    items += [("MaxUploads", limit), ("IsTruncated", truncated)]
+    for key, upload_id, created in page:
+        items.append(("Upload", [("Key", key[len(base):].decode("utf-8", "replace")),
+                                 ("UploadId", upload_id), ("Initiated", iso_time(created))]))
     return ctx.xml("ListMultipartUploadsResult", items)
 
 
