@@ -365,6 +365,7 @@ class Connection(asyncio.Protocol):
         headers = self._headers
         body = NO_BODY
         length = 0  # of the body; -1: chunked, its end known only from its chunks
+        codings = False
         for name, value in headers:
             if name == b"content-length":
                 if value.strip() not in (b"0", b""):
@@ -373,8 +374,11 @@ class Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 body = None
                 length = -1
+                codings = True
             elif name == b"expect" and value.lower() != b"100-continue":
                 raise HTTPError(417, "only `Expect: 100-continue` is supported")
+        if codings:
+            _check_codings(headers, p.get_http_version())
         if body is None:
             body = Body(self, any(n == b"expect" for n, _ in headers))
             self._body_left = length
@@ -579,6 +583,22 @@ def _rebalance_prefix(data: bytes) -> int:
         if data.endswith(_REBALANCE[:n]):
             return n
     return 0
+
+
+def _check_codings(headers: list, version: str) -> None:
+    """Refuse a body framed by anything but plain `chunked`: llhttp decodes the chunks only, so
+    a `gzip, chunked` body would be stored still gzipped, as if that were the value."""
+    codings = [c.strip().lower() for n, v in headers if n == b"transfer-encoding" for c in v.split(b",")]
+    codings = [c for c in codings if c]
+    if codings == [b"chunked"]:
+        if version != "1.1":  # RFC 9112 6.1: an HTTP/1.0 message's framing is then unknown
+            raise HTTPError(400, "Transfer-Encoding needs HTTP/1.1: send the body with Content-Length")
+        return
+    if codings[-1:] != [b"chunked"] or codings.count(b"chunked") > 1:
+        raise HTTPError(400, "malformed Transfer-Encoding: `chunked` must be its last and only once")
+    others = b", ".join(c for c in codings if c != b"chunked").decode("latin-1")
+    raise HTTPError(501, f"transfer-coding {others} is not supported: send the body as it is to be "
+                         "stored, with Content-Length or `Transfer-Encoding: chunked` alone")
 
 
 def _reason(e: Exception) -> str:

@@ -1,0 +1,113 @@
+"""Hardening of the HTTP engine room (issue 11, items 5, 8, 9, 17 and 19's transfer-codings):
+the protocol fed with bytes (whole, byte by byte, with trailing data), then real sockets against
+real index servers and nginx volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import socket
+import uuid
+
+import pytest
+from cluster import HOST
+from test_protocol import EchoApp, FakeTransport, flush, responses
+
+from minikv.http.server import Connection, Limits
+
+NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"  # trailing data: a request that must not be served
+HOW = ["whole", "bytewise", "trailing"]
+
+
+def make(limits=None, app=None):
+    loop = asyncio.new_event_loop()
+    conn = Connection(app or EchoApp(), limits or Limits(), loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    return loop, conn, t
+
+
+def feed(conn, data: bytes, how: str) -> None:
+    if how == "trailing":
+        data += NEXT
+    if how == "bytewise":
+        for i in range(len(data)):
+            conn.data_received(data[i:i + 1])
+    else:
+        conn.data_received(data)
+    for _ in range(3):  # a handler's task, then the pass that writes its answer
+        flush(conn)
+
+
+def fresh() -> str:
+    return "/h/" + uuid.uuid4().hex
+
+
+def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    with socket.create_connection((HOST, port)) as s:
+        s.settimeout(timeout)
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+# -- item 19: a body framed by anything but plain `chunked` is refused, never stored encoded --
+
+CHUNKS = b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("framing, status", [
+    (b"Transfer-Encoding: gzip, chunked", 501),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", 501),  # the same in two headers
+    (b"Transfer-Encoding: deflate,chunked", 501),
+    (b"Transfer-Encoding: chunked, gzip", 400),  # chunked not last: the end of the body is unknown
+    (b"Transfer-Encoding: chunked, chunked", 400),
+    (b"Transfer-Encoding: gzip", 400),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5", 400),
+    (b"Content-Length: 5\r\nContent-Length: 6", 400),
+    (b"Content-Length: 5\r\nContent-Length: 5", 400),
+])
+def test_transfer_codings_other_than_chunked_are_refused(framing, status, how):
+    loop, conn, t = make()
+    feed(conn, b"PUT /k HTTP/1.1\r\nHost: x\r\n" + framing + CHUNKS, how)
+    assert bytes(t.out).startswith(b"HTTP/1.1 %d " % status), bytes(t.out)
+    assert len(responses(bytes(t.out))) == 1
+    assert t.closed
+    assert conn.app.seen == []  # the handler never saw it: nothing can be stored
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_chunked_over_http10_is_refused(how):
+    loop, conn, t = make()
+    feed(conn, b"PUT /k HTTP/1.0\r\nTransfer-Encoding: chunked" + CHUNKS, how)
+    assert bytes(t.out).startswith(b"HTTP/1.1 400 ")
+    assert b"HTTP/1.1" in bytes(t.out).split(b"\r\n\r\n", 1)[1]
+    assert conn.app.seen == []
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b" chunked ", b",chunked"])
+def test_plain_chunked_is_still_taken(coding, how):
+    loop, conn, t = make()
+    feed(conn, b"PUT /k HTTP/1.1\r\nTransfer-Encoding: " + coding + CHUNKS + NEXT, how)
+    out = responses(bytes(t.out))
+    assert out[0].startswith(b"HTTP/1.1 201 ") and hashlib.md5(b"hello").hexdigest().encode() in out[0]
+    assert out[1].startswith(b"HTTP/1.1 200 ")  # and the connection goes on
+    assert not t.closed
+
+
+def test_a_gzip_chunked_put_is_refused_and_nothing_is_stored(cluster):
+    key = fresh()
+    body = gzip.compress(b"hello")
+    out = exchange(cluster.port, f"PUT {key} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                   .encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert out.startswith(b"HTTP/1.1 501 ") and b"gzip" in out, out
+    assert cluster.get(key, allow_redirects=False).status_code == 404
+    # plain chunked still stores the value
+    assert cluster.put(key, iter([b"hel", b"lo"])).status_code == 201
+    assert cluster.get(key).content == b"hello"
