@@ -14,6 +14,7 @@ import pytest
 from cluster import HOST
 from test_protocol import EchoApp, FakeTransport, flush, responses
 
+from minikv.http.response import response
 from minikv.http.server import Connection, Limits
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"  # trailing data: a request that must not be served
@@ -111,3 +112,77 @@ def test_a_gzip_chunked_put_is_refused_and_nothing_is_stored(cluster):
     # plain chunked still stores the value
     assert cluster.put(key, iter([b"hel", b"lo"])).status_code == 201
     assert cluster.get(key).content == b"hello"
+
+
+# -- item 9: one answer per request, Upgrade and CONNECT included --
+
+class AsyncGetApp(EchoApp):
+    """GET answers from a coroutine (as -verify-get does), after a pass of the loop."""
+
+    def handle(self, req):
+        self.seen.append((req.method, req.url))
+        return self._get(req)
+
+    async def _get(self, req):
+        await asyncio.sleep(0)
+        return response(200, [("X-Method", req.method.decode())], req.url)
+
+
+UPGRADE = b"GET /k HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("app", [EchoApp, AsyncGetApp])
+def test_an_upgrade_request_gets_one_answer_and_the_connection_closes(app, how):
+    loop, conn, t = make(app=app())
+    feed(conn, UPGRADE + b"\x81\x85garbage-in-the-new-protocol", how)
+    out = responses(bytes(t.out))
+    assert len(out) == 1, out
+    assert out[0].startswith(b"HTTP/1.1 200 ") and b"Connection: close\r\n" in out[0]
+    assert t.closed
+    assert conn.app.seen == [(b"GET", b"/k")]
+
+
+class RefuseApp(EchoApp):
+    """Answers every request at once with a 405 (as the index answers a CONNECT)."""
+
+    def handle(self, req):
+        self.seen.append((req.method, req.url))
+        return response(405, [], b"no")
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_connect_gets_one_answer(how):
+    loop, conn, t = make(app=RefuseApp())
+    feed(conn, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", how)
+    assert len(responses(bytes(t.out))) == 1
+    assert t.closed
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_pipelined_then_upgrade_each_get_one_answer_in_order(how):
+    loop, conn, t = make(app=AsyncGetApp())
+    feed(conn, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + UPGRADE, how)
+    out = responses(bytes(t.out))
+    assert [r.split(b"\r\n\r\n")[1] for r in out] == [b"/a", b"/k"]
+    assert t.closed
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_an_upgrade_request_with_a_body_gets_one_400(how):
+    loop, conn, t = make()
+    feed(conn, b"PUT /k HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 5\r\n\r\nhello", how)
+    out = responses(bytes(t.out))
+    assert len(out) == 1 and out[0].startswith(b"HTTP/1.1 400 ") and b"upgrade" in out[0]
+    assert t.closed
+    assert conn.app.seen == []
+
+
+def test_an_upgrade_or_connect_gets_one_answer_on_a_real_socket(cluster):
+    key = fresh()
+    assert cluster.put(key, b"v").status_code == 201
+    for first in (f"GET {key} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+                  "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"):
+        out = exchange(cluster.port, first.encode() + b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.count(b"HTTP/1.1 ") == 1, out
+        assert b"Connection: close\r\n" in out

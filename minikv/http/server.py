@@ -280,7 +280,10 @@ class Connection(asyncio.Protocol):
             else:
                 self._internal_error(cause or e)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            # the request that asked for it has its one answer (it closes the connection): what
+            # follows it is in a protocol we do not speak, so read no more and parse none of it
+            self._pause("upgrade")
+            self.parser = _DISCARD
         except httptools.HttpParserError as e:
             self._fail(400, f"malformed HTTP request: {_reason(e)}")
 
@@ -386,7 +389,13 @@ class Connection(asyncio.Protocol):
         if self._rebalance:
             self._rebalance = False
             method = b"REBALANCE"
-        req = Request(method, self._url, headers, p.should_keep_alive(), body, self, body is not NO_BODY)
+        keep_alive = p.should_keep_alive()
+        if p.should_upgrade():  # `Connection: upgrade` or CONNECT: answered in HTTP/1.1, then closed
+            if body is not NO_BODY:  # llhttp would take the body for the new protocol's bytes
+                raise HTTPError(400, "protocol upgrades are not supported: send this request without "
+                                     "`Connection: upgrade`")
+            keep_alive = False
+        req = Request(method, self._url, headers, keep_alive, body, self, body is not NO_BODY)
         self._started = None
         self._reading = req
         if self._current is None:
@@ -572,6 +581,16 @@ class Connection(asyncio.Protocol):
         elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
             self.close()
 
+
+class _Discard:
+    """The parser of a connection past an upgrade request: what comes is not ours to read."""
+
+    @staticmethod
+    def feed_data(data: bytes) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 _REBALANCE = b"REBALANCE "
 _REBALANCE_LETTERS = {bytes([c]) for c in _REBALANCE[:-1]}
