@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import hashlib
 import socket
+import time
 import uuid
 
 import pytest
@@ -186,3 +187,32 @@ def test_an_upgrade_or_connect_gets_one_answer_on_a_real_socket(cluster):
         out = exchange(cluster.port, first.encode() + b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
         assert out.count(b"HTTP/1.1 ") == 1, out
         assert b"Connection: close\r\n" in out
+
+
+# -- item 17: a connection that sends nothing has the header timeout, not the idle one --
+
+def test_a_silent_connection_is_closed_after_the_header_timeout():
+    loop, conn, t = make(Limits(header_timeout=5, idle_timeout=75))
+    conn.check_timeouts(loop.time() + 4)
+    assert not t.closed
+    conn.check_timeouts(loop.time() + 6)
+    assert t.closed
+    assert bytes(t.out) == b""  # nothing asked, nothing answered: closed as nginx does
+
+
+def test_a_connection_that_was_answered_keeps_the_idle_timeout():
+    loop, conn, t = make(Limits(header_timeout=5, idle_timeout=75))
+    feed(conn, b"GET /k HTTP/1.1\r\n\r\n", "whole")
+    conn.check_timeouts(loop.time() + 30)
+    assert not t.closed
+    conn.check_timeouts(loop.time() + 76)
+    assert t.closed
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(make_cluster):
+    c = make_cluster(volumes=1, replicas=1, workers=1, flags=["-header-timeout", "1s"])
+    with socket.create_connection((HOST, c.port)) as s:
+        s.settimeout(10)
+        start = time.monotonic()
+        assert s.recv(100) == b""
+        assert time.monotonic() - start < 3.5  # 1 s, and the once-a-second sweep

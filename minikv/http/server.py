@@ -578,7 +578,10 @@ class Connection(asyncio.Protocol):
         elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
-        elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
+        elif self._current is None and self._started is None and now - self.last > (
+                lim.idle_timeout if self._writes else lim.header_timeout):
+            # never answered: it has sent nothing since it connected (or only the start of a
+            # method), so its first request's headers are late; it is closed as nginx does it
             self.close()
 
 
