@@ -44,7 +44,7 @@ class Config:
             max_value_size=args.max_value_size, max_connections=args.max_connections,
             limits=Limits(max_url=args.max_url, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                          idle_timeout=args.idle_timeout),
+                          idle_timeout=args.idle_timeout, body_min_rate=args.body_min_rate),
             s3_access_key=args.s3_access_key or os.environ.get("MINIKV_S3_ACCESS_KEY", ""),
             s3_secret_key=args.s3_secret_key or os.environ.get("MINIKV_S3_SECRET_KEY", ""),
         )

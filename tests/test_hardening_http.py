@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from cluster import HOST
+from test_faults import wait_until
 from test_protocol import EchoApp, FakeTransport, flush, responses
 
 from minikv.http.response import response
@@ -216,3 +217,78 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(make
         start = time.monotonic()
         assert s.recv(100) == b""
         assert time.monotonic() - start < 3.5  # 1 s, and the once-a-second sweep
+
+
+# -- item 5: a body has a total deadline (an average rate), not only a longest pause --
+
+def test_a_trickled_body_is_cut_by_its_average_rate():
+    loop, conn, t = make(Limits(body_timeout=5, body_min_rate=100))
+    start = loop.time()
+    conn.data_received(b"PUT /slow HTTP/1.1\r\nContent-Length: 100000\r\n\r\nx")
+    flush(conn)
+    for second in range(4, 40, 4):  # a byte every 4 s: never a 5 s pause
+        conn.data_received(b"x")
+        conn.last = start + second  # the byte came then
+        conn.check_timeouts(start + second)
+        if t.closed:
+            break
+    assert bytes(t.out).startswith(b"HTTP/1.1 408 ") and b"bytes/s" in bytes(t.out)
+    assert second <= 8  # 5 s, and a hundredth of a second per byte received
+
+
+def test_a_body_at_the_rate_is_not_cut():
+    loop, conn, t = make(Limits(body_timeout=5, body_min_rate=100))
+    start = loop.time()
+    conn.data_received(b"PUT /steady HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+    flush(conn)
+    for second in range(1, 200):
+        conn.data_received(b"x" * 110)  # a little over the rate
+        conn.last = start + second
+        conn.check_timeouts(start + second)
+        assert not t.closed, bytes(t.out)
+
+
+class StalledApp(EchoApp):
+    """PUT waits for `go` before reading its body: the server holds the client back."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = None
+
+    async def _put(self, req):
+        self.go = asyncio.get_running_loop().create_future()
+        await self.go
+        return await super()._put(req)
+
+
+def test_time_we_hold_the_client_back_does_not_count_against_its_rate():
+    loop, conn, t = make(Limits(body_timeout=5, body_min_rate=100), app=StalledApp())
+    start = loop.time()
+    conn.data_received(b"PUT /held HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n" + b"x" * (2 << 20))
+    flush(conn)
+    assert t.paused  # more than BODY_HIGH waits for the handler
+    conn.check_timeouts(start + 1000)
+    assert not t.closed
+
+
+# -body-min-rate reaches the workers: a body trickled below it is cut with a 408 well before
+# -body-timeout would ever fire (it never pauses that long), and nothing is stored.
+def test_a_body_below_the_minimum_rate_is_cut_on_a_real_socket(make_cluster):
+    c = make_cluster(volumes=1, replicas=1, workers=2, flags=["-body-timeout", "1s", "-body-min-rate", "1000"])
+    key = fresh()
+    with socket.create_connection((HOST, c.port)) as s:
+        s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode())
+        s.settimeout(0.3)
+        start, out = time.monotonic(), b""
+        while time.monotonic() - start < 10 and not out:
+            try:
+                s.sendall(b"x")  # a byte every 0.3 s: never a 1 s pause
+                out = s.recv(1000)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert out.startswith(b"HTTP/1.1 408 ") and b"bytes/s" in out, out
+    assert time.monotonic() - start < 4
+    wait_until(lambda: c.get(key, allow_redirects=False).status_code == 404 and c.put(key, b"v").status_code == 201,
+               what="the key free again")

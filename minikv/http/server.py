@@ -54,6 +54,9 @@ class Limits:
     max_headers: int = 100
     header_timeout: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout: float = 60.0  # longest wait for more body bytes
+    # slowest average rate of a body past its first body_timeout: a body of N bytes has at most
+    # body_timeout + N / body_min_rate seconds (1 GB at 1 KiB/s: 12 days; 1 byte a minute: 60 s)
+    body_min_rate: int = 1024
     idle_timeout: float = 75.0  # keep-alive connection with no request
 
 
@@ -226,6 +229,9 @@ class Connection(asyncio.Protocol):
         # bytes of the request body still to come, when its Content-Length said (else <= 0):
         # a read of body bytes only is not searched for REBALANCE (9% of a big PUT's CPU)
         self._body_left = 0
+        # the body's average rate is measured from _body_since, when _body_left was _body_mark
+        self._body_since = 0.0
+        self._body_mark = 0
         # longer reads are never one plain request within the limits: the parser judges them
         self._simple_max = min(self.limits.max_url, self.limits.max_header_bytes)
 
@@ -384,7 +390,8 @@ class Connection(asyncio.Protocol):
             _check_codings(headers, p.get_http_version())
         if body is None:
             body = Body(self, any(n == b"expect" for n, _ in headers))
-            self._body_left = length
+            self._body_left = self._body_mark = length
+            self._body_since = self.last
         method = p.get_method()
         if self._rebalance:
             self._rebalance = False
@@ -578,6 +585,13 @@ class Connection(asyncio.Protocol):
         elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
+        elif self._reading is not None and lim.body_min_rate and self._reading.body is not NO_BODY:
+            if self._paused:  # we hold the client back: its rate counts from when we stop
+                self._body_since, self._body_mark = now, self._body_left
+            elif now - self._body_since > lim.body_timeout + (self._body_mark - self._body_left) / lim.body_min_rate:
+                self._reading.body.fail(ClientGone(f"request body slower than {lim.body_min_rate} bytes/s"))
+                self._fail(408, f"request body slower than {lim.body_min_rate} bytes/s on average "
+                                f"(-body-min-rate) after its first {lim.body_timeout:g}s")
         elif self._current is None and self._started is None and now - self.last > (
                 lim.idle_timeout if self._writes else lim.header_timeout):
             # never answered: it has sent nothing since it connected (or only the start of a
