@@ -4,6 +4,9 @@ A background task probes every volume twice a second (a GET of a file that is ne
 any HTTP answer means nginx is serving), and failures seen while serving requests mark a volume
 down at once. Redirects then go only to replicas on volumes that are up, with no network call
 on the read path.
+
+A failure that is the index's own (out of open files: `LocalError`) says nothing of the volume
+and marks nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from minikv.http.client import Pool, VolumeError
+from minikv.http.client import LOCAL_PREFIX, LocalError, Pool, VolumeError
 
 PROBE_PATH = "/.minikv-health-probe"
 
@@ -36,6 +39,8 @@ class Health:
         return host not in self.down
 
     def mark_down(self, host: str, reason: str) -> None:
+        if reason.startswith(LOCAL_PREFIX):  # our shortage (a LocalError): the volume may be fine
+            return
         if host not in self.down:
             self.down.add(host)
             self.pool.forget(host)
@@ -50,6 +55,8 @@ class Health:
     async def probe(self, host: str) -> None:
         try:
             await self.pool.request(host, "GET", PROBE_PATH)
+        except LocalError:
+            return  # we could not even ask: the volume's state is unknown, so it stays as it was
         except VolumeError as e:
             # shown to clients whose writes need this volume: say it was the probe, not their request
             self.mark_down(host, f"volume {host} is down (health check: {e.what})")

@@ -8,6 +8,8 @@ import asyncio
 import gzip
 import hashlib
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -292,3 +294,49 @@ def test_a_body_below_the_minimum_rate_is_cut_on_a_real_socket(make_cluster):
     assert time.monotonic() - start < 4
     wait_until(lambda: c.get(key, allow_redirects=False).status_code == 404 and c.put(key, b"v").status_code == 201,
                what="the key free again")
+
+
+# The index's own shortage of files is not the volume's fault: a LocalError that says so, and
+# the health checker marks nothing down (run in a child: it lowers its own open-file limit).
+LOCAL_SHORTAGE = """
+import asyncio, resource, socket, sys
+import uvloop
+from minikv.health import Health
+from minikv.http.client import Pool, VolumeError
+
+host = sys.argv[1]
+
+async def main():
+    pool = Pool(1.0)
+    health = Health(pool, [host])
+    await health.probe(host)
+    print("up before:", not health.down)
+    pool.forget(host)
+    await asyncio.sleep(0.1)  # the loop closes their sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    hog = []
+    try:
+        while True:
+            hog.append(socket.socket())
+    except OSError:
+        pass
+    try:
+        await pool.request(host, "GET", "/x")
+    except VolumeError as e:
+        print("error:", e)
+        health.mark_down(host, str(e))  # what a PUT that met it does
+    await health.probe(host)
+    print("down:", sorted(health.down))
+
+uvloop.run(main())
+"""
+
+
+def test_running_out_of_files_is_our_error_and_marks_no_volume_down(cluster):
+    out = subprocess.run([sys.executable, "-c", LOCAL_SHORTAGE, cluster.names[0]], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "up before: True" in out.stdout
+    assert f"error: the index is out of open files (Too many open files, connecting to volume " \
+           f"{cluster.names[0]})" in out.stdout
+    assert "down: []" in out.stdout

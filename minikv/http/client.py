@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 
 import httptools
 
@@ -40,6 +41,21 @@ class VolumeError(Exception):
         super().__init__(f"volume {host} {what}")
         self.host = host
         self.what = what
+
+
+# connect() failing with these is the index's shortage, not the volume's fault
+_LOCAL_ERRNOS = {errno.EMFILE: "open files", errno.ENFILE: "open files", errno.ENOBUFS: "socket buffers",
+                 errno.ENOMEM: "memory", errno.EADDRNOTAVAIL: "local ports"}
+LOCAL_PREFIX = "the index is out of "
+
+
+class LocalError(VolumeError):
+    """A volume could not be reached for want of something on the index's side (open files):
+    says so, and is no sign that the volume is down."""
+
+    def __init__(self, host: str, what: str, strerror: str):
+        super().__init__(host, f"could not be reached: {strerror}")
+        self.args = (f"{LOCAL_PREFIX}{what} ({strerror}, connecting to volume {host})",)
 
 
 class Response:
@@ -485,6 +501,8 @@ class Pool:
         except asyncio.TimeoutError:
             raise VolumeError(host, f"did not accept a connection within {self.timeout:g}s") from None
         except OSError as e:
+            if e.errno in _LOCAL_ERRNOS:
+                raise LocalError(host, _LOCAL_ERRNOS[e.errno], e.strerror) from None
             raise VolumeError(host, f"is unreachable: {e.strerror or e}") from None
         # resolve a name once: "localhost" would otherwise be looked up on every connection
         self._addr.setdefault(host, conn.transport.get_extra_info("peername")[:2])
