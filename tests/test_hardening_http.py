@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import resource
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import time
 import uuid
 
 import pytest
-from cluster import HOST
+import requests
+from cluster import HOST, wait_closed
 from test_faults import wait_until
 from test_protocol import EchoApp, FakeTransport, flush, responses
 
@@ -340,3 +342,48 @@ def test_running_out_of_files_is_our_error_and_marks_no_volume_down(cluster):
     assert f"error: the index is out of open files (Too many open files, connecting to volume " \
            f"{cluster.names[0]})" in out.stdout
     assert "down: []" in out.stdout
+
+
+def _nofile(soft: int, hard: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# 100 uploads trickling their bodies into a worker with 256 open files would need 400 (a socket
+# for the client, one per replica): those past the budget get a 503 that blames the index, the
+# others go on, reads of stored keys keep working and no volume is marked down.
+def test_trickling_uploads_past_the_open_file_budget_get_503_and_reads_go_on(make_cluster):
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    stored = fresh()
+    assert c.put(stored, b"kept").status_code == 201
+    c.index.stop()
+    wait_closed(c.port)
+    c.index.start(preexec=_nofile(256, 256))
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection((HOST, c.port))
+            s.sendall(f"PUT {fresh()} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nx".encode())
+            socks.append(s)
+        time.sleep(1)
+        answers = []
+        for s in socks:
+            s.settimeout(0.05)
+            try:
+                answers.append(s.recv(1000))
+            except TimeoutError:
+                answers.append(None)  # still uploading
+        refused = [a for a in answers if a is not None]
+        assert refused and len(refused) < len(socks)
+        for a in refused:
+            assert a.startswith(b"HTTP/1.1 503 ") and b"the index is out of open files" in a, a
+        # reads on new connections go on, to volumes still up
+        reader = requests.Session()
+        for _ in range(5):
+            r = reader.get(c.url(stored))
+            assert r.status_code == 200 and r.content == b"kept", (r.status_code, r.text, answers[:3])
+        assert "is down" not in c.index.log.read_text()
+    finally:
+        for s in socks:
+            s.close()
+    key = fresh()
+    wait_until(lambda: c.put(key, b"after").status_code == 201, what="PUTs taken again")

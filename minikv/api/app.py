@@ -117,6 +117,10 @@ class App:
         self.s3 = None  # the S3 front (minikv/s3), when the server runs one
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.epoch_bytes = self.epoch.to_bytes(4, "little")
+        # volume connections (open files) the PUTs in flight may hold, one per replica while
+        # each runs (0: not counted; the server sets it from its open-file limit), and hold
+        self.max_held_files = 0
+        self.held_files = 0
 
 
     # -- dispatch --
@@ -279,7 +283,20 @@ class App:
                 raise HTTPError(503, "; ".join(self.health.reasons.get(h, f"volume {h} is down") for h in down)
                                 + "; nothing was stored")
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+        if self.max_held_files:  # a PUT holds a file (a volume connection) per replica while it streams
+            if self.held_files + len(volumes) > self.max_held_files:
+                raise HTTPError(503, f"the index is out of open files for uploads ({self.held_files} held by "
+                                     f"uploads in flight, limit {self.max_held_files}): try again; "
+                                     "nothing was stored")
+            return self._put_holding(len(volumes), req, key, volumes, pending, length, raw)
         return self._put_body(req, key, volumes, pending, length, raw)
+
+    async def _put_holding(self, files: int, *args) -> bytes:
+        self.held_files += files
+        try:
+            return await self._put_body(*args)
+        finally:
+            self.held_files -= files
 
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
