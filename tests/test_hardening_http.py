@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import hashlib
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -387,3 +388,33 @@ def test_trickling_uploads_past_the_open_file_budget_get_503_and_reads_go_on(mak
             s.close()
     key = fresh()
     wait_until(lambda: c.put(key, b"after").status_code == 201, what="PUTs taken again")
+
+
+# -- item 8: a volume's death is noticed when its kept-alive connections close --
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_reads_right_after_a_volume_stops_succeed(make_cluster, sig):
+    c = make_cluster(volumes=3, replicas=2, workers=2)
+    keys = [fresh() for _ in range(90)]
+    for k in keys:
+        assert c.put(k, k.encode()).status_code == 201
+    reader = requests.Session()
+    for k in keys:  # kept-alive connections to the index's workers and to every volume
+        assert reader.get(c.url(k)).status_code == 200
+    time.sleep(0.6)  # a probe round since: every worker holds an idle connection to every volume
+    c.volumes[0].stop(sig)
+    failed = []
+    for k in keys:
+        try:
+            r = reader.get(c.url(k), timeout=5)
+            if r.status_code != 200 or r.content != k.encode():
+                failed.append((keys.index(k), r.status_code))
+        except requests.ConnectionError as e:
+            failed.append((keys.index(k), type(e).__name__))
+    # SIGTERM: nginx closes its connections before it exits, and the index knows before the
+    # first read. SIGKILL: the volume's sockets close as the kernel tears it down, which may come
+    # after the first reads were answered; measured: 4 runs in 24 had failed reads, one or two,
+    # the 1st or 2nd (before the fix: a third of the reads made in the first half second).
+    allowed = 0 if sig == signal.SIGTERM else 2
+    assert len(failed) <= allowed and all(i < 3 for i, _ in failed), \
+        f"{len(failed)} of {len(keys)} reads failed: {failed[:5]}"

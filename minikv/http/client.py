@@ -101,6 +101,7 @@ class _Link(asyncio.Protocol):
     loop: asyncio.AbstractEventLoop
     parser: httptools.HttpResponseParser
     last_rx: float  # when the last byte came: the watchdog measures silence from it
+    pool: Pool | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -114,7 +115,14 @@ class _Link(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        if self._idle() and self.pool is not None and self.pool.on_idle_lost is not None:
+            # nothing asked, yet the volume hung up: it may be stopping, which reads must know now
+            self.pool.on_idle_lost(self.host)
         self._lost(VolumeError(self.host, "closed the connection" + (f" ({exc})" if exc else "")))
+
+    def _idle(self) -> bool:
+        """Kept for reuse, carrying no request, and not closed by us."""
+        raise NotImplementedError
 
     def _lost(self, err: Exception | None) -> None:
         raise NotImplementedError
@@ -133,6 +141,7 @@ class _Conn(_Link):
         self.closed = False
         self.keep_alive = True
         self.reused = False  # has served a request before: the volume may have closed it since
+        self.idle = False  # in the pool, waiting for its next request
         self.expired = False  # a watchdog gave up on it
         self._write_paused = False
         # a download's consumer fell behind: may still hold when the answer is whole and the
@@ -164,6 +173,9 @@ class _Conn(_Link):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         super().data_received(data)
+
+    def _idle(self) -> bool:
+        return self.idle and not self.closed
 
     def _lost(self, err: Exception) -> None:
         self.closed = True
@@ -318,6 +330,9 @@ class _Pipe(_Link):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _idle(self) -> bool:
+        return not self.queue and not self.closed
 
     def _lost(self, err: Exception | None) -> None:
         """Fail every unanswered request: with `err`, or (None: the volume fell silent) each
@@ -477,12 +492,15 @@ class Pool:
         self._watchdog: _Watchdog | None = None
         self._pipes: dict[str, list[_Pipe]] = {}  # idle pipes per volume
         self._open: dict[str, _Pipe] = {}  # the pipe each volume's requests go on in this pass
+        # called with a volume's host:port when it closes a connection that was idle here
+        self.on_idle_lost = None
 
     def _kept(self, host: str) -> _Conn | None:
         """An idle kept-alive connection to `host`, if there is one (the usual case)."""
         idle = self._idle.get(host)
         while idle:
             conn = idle.pop()
+            conn.idle = False
             if not conn.closed:
                 return conn
         return None
@@ -504,6 +522,7 @@ class Pool:
             if e.errno in _LOCAL_ERRNOS:
                 raise LocalError(host, _LOCAL_ERRNOS[e.errno], e.strerror) from None
             raise VolumeError(host, f"is unreachable: {e.strerror or e}") from None
+        conn.pool = self
         # resolve a name once: "localhost" would otherwise be looked up on every connection
         self._addr.setdefault(host, conn.transport.get_extra_info("peername")[:2])
         return conn
@@ -583,8 +602,9 @@ class Pool:
             conn._resume("reuse")
         idle = self._idle.setdefault(conn.host, collections.deque())
         if len(idle) >= self.max_idle:
-            conn.transport.close()
+            self.discard(conn)
             return
+        conn.idle = True
         idle.append(conn)
 
     def discard(self, conn: _Conn) -> None:
