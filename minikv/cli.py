@@ -105,6 +105,8 @@ FLAGS: dict[str, Flag] = {
     "max-url": Flag(int, 8192, "request targets longer than this get 414"),
     "header-timeout": Flag("duration", 10.0, "time to send a request's headers (408 after)"),
     "body-timeout": Flag("duration", 60.0, "longest pause inside a request body (408 after)"),
+    "body-min-rate": Flag(int, 1024, "slowest average rate of a request body in bytes/s, after its first "
+                                     "-body-timeout (408 below; 0: no limit)"),
     "idle-timeout": Flag("duration", 75.0, "keep-alive connections idle this long are closed"),
     "data": Flag(str, "data", "up: folder that holds the volumes and the index"),
     "concurrency": Flag(int, 16, "admin commands: transfers at once"),

@@ -54,6 +54,7 @@ UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "max-url": (SERVER,),
     "header-timeout": (SERVER,),
     "body-timeout": (SERVER,),
+    "body-min-rate": (SERVER,),
     "idle-timeout": (SERVER,),
     "db": "up keeps the index in DATA/index; give -data DATA instead",
     "volumes": "up runs its own volumes; to use others, run `minikv server -volumes ...`",

@@ -48,7 +48,7 @@ class Config:
             worker_timeout=args.worker_timeout,
             limits=Limits(max_url=args.max_url, max_header_bytes=args.max_header_bytes,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                          idle_timeout=args.idle_timeout),
+                          idle_timeout=args.idle_timeout, body_min_rate=args.body_min_rate),
             s3_access_key=args.s3_access_key or os.environ.get("MINIKV_S3_ACCESS_KEY", ""),
             s3_secret_key=args.s3_secret_key or os.environ.get("MINIKV_S3_SECRET_KEY", ""),
             open_api=args.open_api,

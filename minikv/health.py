@@ -4,6 +4,13 @@ A background task probes every volume twice a second (a GET of a file that is ne
 any HTTP answer means nginx is serving), and failures seen while serving requests mark a volume
 down at once. Redirects then go only to replicas on volumes that are up, with no network call
 on the read path.
+
+A volume that stops closes the kept-alive connections the pool holds to it (the probes keep
+one warm in every worker): the close of a connection nothing was asked on has that volume
+probed at once, so a stopped volume is down a fraction of a millisecond later, not at the next
+round; one that only closed connections (nginx reloading, its keepalive_timeout) answers the
+probe and nothing changes. A failure that is the index's own (out of open files: `LocalError`)
+says nothing of the volume and marks nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from minikv.http.client import Pool, VolumeError
+from minikv.http.client import LOCAL_PREFIX, LocalError, Pool, VolumeError
 
 PROBE_PATH = "/.minikv-health-probe"
 
@@ -24,6 +31,8 @@ class Health:
         self.down: set[str] = set()  # empty in the common case: the read path checks only that
         self.reasons: dict[str, str] = {}
         self._task: asyncio.Task | None = None
+        self._probing: dict[str, asyncio.Task] = {}  # probes asked for by a closed idle connection
+        pool.on_idle_lost = self.suspect
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -36,6 +45,8 @@ class Health:
         return host not in self.down
 
     def mark_down(self, host: str, reason: str) -> None:
+        if reason.startswith(LOCAL_PREFIX):  # our shortage (a LocalError): the volume may be fine
+            return
         if host not in self.down:
             self.down.add(host)
             self.pool.forget(host)
@@ -50,11 +61,26 @@ class Health:
     async def probe(self, host: str) -> None:
         try:
             await self.pool.request(host, "GET", PROBE_PATH)
+        except LocalError:
+            return  # we could not even ask: the volume's state is unknown, so it stays as it was
         except VolumeError as e:
             # shown to clients whose writes need this volume: say it was the probe, not their request
             self.mark_down(host, f"volume {host} is down (health check: {e.what})")
         else:
             self.mark_up(host)
+
+    def suspect(self, host: str) -> None:
+        """`host` closed a connection that was idle in the pool: probe it now (once at a time).
+        Not marked down before the probe says so: that would refuse writes for nothing when
+        nginx only reloaded, and measured no fewer failed reads after a stop."""
+        if host in self._probing or host in self.down or host not in self.hosts:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self.probe(host))
+        except RuntimeError:  # no loop runs (the pool is being closed at exit)
+            return
+        self._probing[host] = task
+        task.add_done_callback(lambda _: self._probing.pop(host, None))
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(h) for h in self.hosts))

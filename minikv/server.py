@@ -126,10 +126,15 @@ async def serve(config: Config, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     store = Store(config.db, sync=config.fsync)
     pool = config.pool()
+    # the files kept back from clients (see connection_budget): half for the volume connections
+    # of uploads in flight, a quarter for idle ones (two kinds per volume), the rest for the index
+    kept = files_kept(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    pool.max_idle = max(2, min(pool.max_idle, kept // (8 * len(config.hosts))))
     health = Health(pool, config.hosts)
     await health.probe_all()
     health.start()
     app = App(config, store, pool, health)
+    app.max_held_files = kept // 2
     from minikv.s3 import S3
 
     app.s3 = S3(app)
@@ -208,11 +213,17 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def files_kept(nofile: int) -> int:
+    """Of `nofile` open files, those kept back from clients for volume connections and the
+    index: a quarter, at least 64."""
+    return max(64, nofile // 4)
+
+
 def connection_budget(max_connections: int, nofile: int) -> int:
-    """Client connections a worker can take with `nofile` open files, keeping a quarter (at
-    least 64) for its volume connections and the index: past that a client gets a 503 instead
-    of a reset, and writes do not fail for want of a socket to a volume."""
-    budget = max(1, nofile - max(64, nofile // 4))
+    """Client connections a worker can take with `nofile` open files, keeping files_kept for
+    its volume connections and the index: past that a client gets a 503 instead of a reset, and
+    writes do not fail for want of a socket to a volume."""
+    budget = max(1, nofile - files_kept(nofile))
     return budget if max_connections <= 0 else min(max_connections, budget)
 
 

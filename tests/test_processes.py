@@ -32,7 +32,7 @@ GIVEN = {
     "s3-secret-key": "up-test-s3-secret/+x", "replicas": "2", "subvolumes": "4", "protect": "true",
     "fallback": "127.0.0.1:9", "md5sum": "false", "voltimeout": "3s", "v": "true", "workers": "2",
     "verify-get": "true", "fsync": "true", "max-value-size": "1000", "max-connections": "50",
-    "max-header-bytes": "4000", "max-url": "1000", "header-timeout": "7s", "body-timeout": "9s",
+    "max-header-bytes": "4000", "max-url": "1000", "header-timeout": "7s", "body-timeout": "9s", "body-min-rate": "2048",
     "idle-timeout": "11s", "worker-timeout": "13s", "open-api": "read", "log-json": "true",
 }
 PASSED = sorted(name for name, parts in UP_FLAGS.items() if isinstance(parts, tuple) and parts)

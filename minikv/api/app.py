@@ -152,6 +152,10 @@ class App:
         self.access = access_for(config)  # None: the plain API is open (api/access.py)
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.epoch_bytes = self.epoch.to_bytes(4, "little")
+        # volume connections (open files) the PUTs in flight may hold, one per replica while
+        # each runs (0: not counted; the server sets it from its open-file limit), and hold
+        self.max_held_files = 0
+        self.held_files = 0
 
 
     # -- dispatch --
@@ -354,6 +358,12 @@ class App:
                 raise HTTPError(503, "; ".join(self.health.reasons.get(h, f"volume {h} is down") for h in down)
                                 + "; nothing was stored")
         pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+        if self.max_held_files:  # a PUT holds a file (a volume connection) per replica while it streams
+            if self.held_files + len(volumes) > self.max_held_files:
+                raise HTTPError(503, f"the index is out of open files for uploads ({self.held_files} held by "
+                                     f"uploads in flight, limit {self.max_held_files}): try again; "
+                                     "nothing was stored")
+            return self._put_holding(len(volumes), req, key, volumes, pending, length, raw)
         return self._put_body(req, key, volumes, pending, length, raw)
 
     def _check_not_below(self, key: bytes, volumes: list[str]) -> None:
@@ -368,6 +378,13 @@ class App:
                 raise HTTPError(409, f"this key's file would be below the file of the key "
                                      f"{quote(other, safe='/')} (its base64 name continues that key's "
                                      f"with '/'): DELETE that key first, or choose another name")
+
+    async def _put_holding(self, files: int, *args) -> bytes:
+        self.held_files += files
+        try:
+            return await self._put_body(*args)
+        finally:
+            self.held_files -= files
 
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 
 import httptools
 
@@ -41,6 +42,21 @@ class VolumeError(Exception):
         super().__init__(f"volume {host} {what}")
         self.host = host
         self.what = what
+
+
+# connect() failing with these is the index's shortage, not the volume's fault
+_LOCAL_ERRNOS = {errno.EMFILE: "open files", errno.ENFILE: "open files", errno.ENOBUFS: "socket buffers",
+                 errno.ENOMEM: "memory", errno.EADDRNOTAVAIL: "local ports"}
+LOCAL_PREFIX = "the index is out of "
+
+
+class LocalError(VolumeError):
+    """A volume could not be reached for want of something on the index's side (open files):
+    says so, and is no sign that the volume is down."""
+
+    def __init__(self, host: str, what: str, strerror: str):
+        super().__init__(host, f"could not be reached: {strerror}")
+        self.args = (f"{LOCAL_PREFIX}{what} ({strerror}, connecting to volume {host})",)
 
 
 class Response:
@@ -86,6 +102,7 @@ class _Link(asyncio.Protocol):
     loop: asyncio.AbstractEventLoop
     parser: httptools.HttpResponseParser
     last_rx: float  # when the last byte came: the watchdog measures silence from it
+    pool: Pool | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -99,7 +116,14 @@ class _Link(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        if self._idle() and self.pool is not None and self.pool.on_idle_lost is not None:
+            # nothing asked, yet the volume hung up: it may be stopping, which reads must know now
+            self.pool.on_idle_lost(self.host)
         self._lost(VolumeError(self.host, "closed the connection" + (f" ({exc})" if exc else "")))
+
+    def _idle(self) -> bool:
+        """Kept for reuse, carrying no request, and not closed by us."""
+        raise NotImplementedError
 
     def _lost(self, err: Exception | None) -> None:
         raise NotImplementedError
@@ -118,6 +142,7 @@ class _Conn(_Link):
         self.closed = False
         self.keep_alive = True
         self.reused = False  # has served a request before: the volume may have closed it since
+        self.idle = False  # in the pool, waiting for its next request
         self.expired = False  # a watchdog gave up on it
         self._write_paused = False
         # a download's consumer fell behind: may still hold when the answer is whole and the
@@ -149,6 +174,9 @@ class _Conn(_Link):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         super().data_received(data)
+
+    def _idle(self) -> bool:
+        return self.idle and not self.closed
 
     def _lost(self, err: Exception) -> None:
         self.closed = True
@@ -303,6 +331,9 @@ class _Pipe(_Link):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _idle(self) -> bool:
+        return not self.queue and not self.closed
 
     def _lost(self, err: Exception | None) -> None:
         """Fail every unanswered request: with `err`, or (None: the volume fell silent) each
@@ -462,12 +493,15 @@ class Pool:
         self._watchdog: _Watchdog | None = None
         self._pipes: dict[str, list[_Pipe]] = {}  # idle pipes per volume
         self._open: dict[str, _Pipe] = {}  # the pipe each volume's requests go on in this pass
+        # called with a volume's host:port when it closes a connection that was idle here
+        self.on_idle_lost = None
 
     def _kept(self, host: str) -> _Conn | None:
         """An idle kept-alive connection to `host`, if there is one (the usual case)."""
         idle = self._idle.get(host)
         while idle:
             conn = idle.pop()
+            conn.idle = False
             if not conn.closed:
                 return conn
         return None
@@ -486,7 +520,10 @@ class Pool:
         except asyncio.TimeoutError:
             raise VolumeError(host, f"did not accept a connection within {self.timeout:g}s") from None
         except OSError as e:
+            if e.errno in _LOCAL_ERRNOS:
+                raise LocalError(host, _LOCAL_ERRNOS[e.errno], e.strerror) from None
             raise VolumeError(host, f"is unreachable: {e.strerror or e}") from None
+        conn.pool = self
         # resolve a name once: "localhost" would otherwise be looked up on every connection
         self._addr.setdefault(host, conn.transport.get_extra_info("peername")[:2])
         return conn
@@ -566,8 +603,9 @@ class Pool:
             conn._resume("reuse")
         idle = self._idle.setdefault(conn.host, collections.deque())
         if len(idle) >= self.max_idle:
-            conn.transport.close()
+            self.discard(conn)
             return
+        conn.idle = True
         idle.append(conn)
 
     def discard(self, conn: _Conn) -> None:

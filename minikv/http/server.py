@@ -55,6 +55,9 @@ class Limits:
     max_headers: int = 100
     header_timeout: float = 10.0  # from a request's first byte to the end of its headers
     body_timeout: float = 60.0  # longest wait for more body bytes
+    # slowest average rate of a body past its first body_timeout: a body of N bytes has at most
+    # body_timeout + N / body_min_rate seconds (1 GB at 1 KiB/s: 12 days; 1 byte a minute: 60 s)
+    body_min_rate: int = 1024
     idle_timeout: float = 75.0  # keep-alive connection with no request
 
 
@@ -227,6 +230,9 @@ class Connection(asyncio.Protocol):
         # bytes of the request body still to come, when its Content-Length said (else <= 0):
         # a read of body bytes only is not searched for REBALANCE (9% of a big PUT's CPU)
         self._body_left = 0
+        # the body's average rate is measured from _body_since, when _body_left was _body_mark
+        self._body_since = 0.0
+        self._body_mark = 0
         # longer reads are never one plain request within the limits: the parser judges them
         self._simple_max = min(self.limits.max_url, self.limits.max_header_bytes)
 
@@ -282,7 +288,10 @@ class Connection(asyncio.Protocol):
             else:
                 self._internal_error(cause or e)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            # the request that asked for it has its one answer (it closes the connection): what
+            # follows it is in a protocol we do not speak, so read no more and parse none of it
+            self._pause("upgrade")
+            self.parser = _DISCARD
         except httptools.HttpParserError as e:
             self._fail(400, f"malformed HTTP request: {_reason(e)}")
 
@@ -367,6 +376,7 @@ class Connection(asyncio.Protocol):
         headers = self._headers
         body = NO_BODY
         length = 0  # of the body; -1: chunked, its end known only from its chunks
+        codings = False
         for name, value in headers:
             if name == b"content-length":
                 if value.strip() not in (b"0", b""):
@@ -375,16 +385,26 @@ class Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 body = None
                 length = -1
+                codings = True
             elif name == b"expect" and value.lower() != b"100-continue":
                 raise HTTPError(417, "only `Expect: 100-continue` is supported")
+        if codings:
+            _check_codings(headers, p.get_http_version())
         if body is None:
             body = Body(self, any(n == b"expect" for n, _ in headers))
-            self._body_left = length
+            self._body_left = self._body_mark = length
+            self._body_since = self.last
         method = p.get_method()
         if self._rebalance:
             self._rebalance = False
             method = b"REBALANCE"
-        req = Request(method, self._url, headers, p.should_keep_alive(), body, self, body is not NO_BODY)
+        keep_alive = p.should_keep_alive()
+        if p.should_upgrade():  # `Connection: upgrade` or CONNECT: answered in HTTP/1.1, then closed
+            if body is not NO_BODY:  # llhttp would take the body for the new protocol's bytes
+                raise HTTPError(400, "protocol upgrades are not supported: send this request without "
+                                     "`Connection: upgrade`")
+            keep_alive = False
+        req = Request(method, self._url, headers, keep_alive, body, self, body is not NO_BODY)
         self._started = None
         self._reading = req
         if self._current is None:
@@ -569,9 +589,29 @@ class Connection(asyncio.Protocol):
         elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
-        elif self._current is None and self._started is None and now - self.last > lim.idle_timeout:
+        elif self._reading is not None and lim.body_min_rate and self._reading.body is not NO_BODY:
+            if self._paused:  # we hold the client back: its rate counts from when we stop
+                self._body_since, self._body_mark = now, self._body_left
+            elif now - self._body_since > lim.body_timeout + (self._body_mark - self._body_left) / lim.body_min_rate:
+                self._reading.body.fail(ClientGone(f"request body slower than {lim.body_min_rate} bytes/s"))
+                self._fail(408, f"request body slower than {lim.body_min_rate} bytes/s on average "
+                                f"(-body-min-rate) after its first {lim.body_timeout:g}s")
+        elif self._current is None and self._started is None and now - self.last > (
+                lim.idle_timeout if self._writes else lim.header_timeout):
+            # never answered: it has sent nothing since it connected (or only the start of a
+            # method), so its first request's headers are late; it is closed as nginx does it
             self.close()
 
+
+class _Discard:
+    """The parser of a connection past an upgrade request: what comes is not ours to read."""
+
+    @staticmethod
+    def feed_data(data: bytes) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 _REBALANCE = b"REBALANCE "
 _REBALANCE_LETTERS = {bytes([c]) for c in _REBALANCE[:-1]}
@@ -583,6 +623,22 @@ def _rebalance_prefix(data: bytes) -> int:
         if data.endswith(_REBALANCE[:n]):
             return n
     return 0
+
+
+def _check_codings(headers: list, version: str) -> None:
+    """Refuse a body framed by anything but plain `chunked`: llhttp decodes the chunks only, so
+    a `gzip, chunked` body would be stored still gzipped, as if that were the value."""
+    codings = [c.strip().lower() for n, v in headers if n == b"transfer-encoding" for c in v.split(b",")]
+    codings = [c for c in codings if c]
+    if codings == [b"chunked"]:
+        if version != "1.1":  # RFC 9112 6.1: an HTTP/1.0 message's framing is then unknown
+            raise HTTPError(400, "Transfer-Encoding needs HTTP/1.1: send the body with Content-Length")
+        return
+    if codings[-1:] != [b"chunked"] or codings.count(b"chunked") > 1:
+        raise HTTPError(400, "malformed Transfer-Encoding: `chunked` must be its last and only once")
+    others = b", ".join(c for c in codings if c != b"chunked").decode("latin-1")
+    raise HTTPError(501, f"transfer-coding {others} is not supported: send the body as it is to be "
+                         "stored, with Content-Length or `Transfer-Encoding: chunked` alone")
 
 
 def _reason(e: Exception) -> str:
