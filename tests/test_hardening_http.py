@@ -418,3 +418,13 @@ def test_reads_right_after_a_volume_stops_succeed(make_cluster, sig):
     allowed = 0 if sig == signal.SIGTERM else 2
     assert len(failed) <= allowed and all(i < 3 for i, _ in failed), \
         f"{len(failed)} of {len(keys)} reads failed: {failed[:5]}"
+
+
+# -- a HEAD's error answer has no body: the next answer on the connection must be read as one --
+
+def test_an_error_answer_to_a_head_has_no_body(cluster):
+    out = exchange(cluster.port, b"HEAD * HTTP/1.1\r\nHost: x\r\n\r\n"
+                                 b"GET /missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 400 "), out
+    assert rest.startswith(b"HTTP/1.1 404 "), out  # not the 400's reason first

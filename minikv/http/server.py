@@ -194,6 +194,12 @@ class Batch:
             conn._send_out()
 
 
+
+def _error(req: Request, e: HTTPError) -> bytes:
+    """The answer an HTTPError becomes: without its reason as a body after a HEAD, whose answer
+    has none (the client would read the reason as the start of the next answer)."""
+    return error(e.status, "" if req.method == b"HEAD" else e.reason, e.headers)
+
 class Connection(asyncio.Protocol):
     """One client connection. `app.handle(request)` returns bytes or a coroutine."""
 
@@ -435,7 +441,7 @@ class Connection(asyncio.Protocol):
         try:
             result = self.app.handle(req)
         except HTTPError as e:
-            result = error(e.status, e.reason, e.headers)
+            result = _error(req, e)
         except Exception as e:  # a bug must cost one request, not the process
             self._internal_error(e)
             return
@@ -455,7 +461,7 @@ class Connection(asyncio.Protocol):
         try:
             result = await coro
         except HTTPError as e:
-            result = error(e.status, e.reason, e.headers)
+            result = _error(req, e)
         except ClientGone:
             self.close()
             return
