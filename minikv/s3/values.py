@@ -3,9 +3,14 @@
 The record is the lock, as in the plain API (see api/app.py), and the volumes' atomic rename is
 the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, CompleteMultipartUpload):
 
-1. record -> PENDING(put, new volumes, previous record) before the body is read; a PENDING
-   record already there is 409 OperationAborted. Readers of the S3 API keep being served the
-   previous value meanwhile (`readable`); the plain API answers 404 for a key mid-write.
+1. record -> PENDING(put, new volumes, previous record) before the body is read. A PENDING
+   record already there (another write or delete of the key in flight) is waited for, up to
+   LOCK_WAIT seconds, then taken: concurrent S3 writes of one key all succeed, one after the
+   other, and the last one wins, as in S3 (the plain API keeps its 409). One at a time, because
+   every value of a key lives in the same file on a volume: two uploads renaming over it at
+   once could leave different values on different replicas. Readers of the S3 API keep being
+   served the previous value meanwhile (`readable`); the plain API answers 404 for a key
+   mid-write.
 2. One streaming PUT per replica. nginx spools each upload to a temp file and renames it over
    the old file only when the whole body has arrived, so until then every replica still holds
    the old value. We hold back the last chunk (or, without a length, the chunked terminator)
@@ -64,6 +69,7 @@ from minikv.placement import epoch, host_of, key2volume
 from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
+LOCK_WAIT = 30.0  # seconds an S3 write or delete waits for the one in flight on its key
 
 
 
@@ -167,22 +173,36 @@ class Values:
             raise S3Error("InternalError", f"volume {conn.host} sent {size} bytes of a {expect}-byte value")
 
     # -- writes --
-    def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
-        """Take the key's record to PENDING(put): (pending, previous record, new volumes)."""
-        raw = self.store.get(key)
-        if raw is not None and raw[0] == PENDING:
-            raise busy()
+    async def unlocked(self, key: bytes) -> bytes | None:
+        """The key's record once no write or delete holds it (polled: the lock is in the index,
+        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        delay = 0.002
+        while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
+            if loop.time() >= deadline:
+                raise S3Error("OperationAborted", f"another write or delete of this key has been in flight for "
+                              f"over {LOCK_WAIT:g}s; try again later")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return raw
+
+    async def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
+        """Take the key's record to PENDING(put), after any write in flight: (pending, previous
+        record, new volumes)."""
         volumes = self.placement(key)
-        pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
-        done, _ = self.store.cas(key, raw, pending)
-        if not done:
-            raise busy()
-        return pending, raw, volumes
+        while True:
+            raw = await self.unlocked(key)
+            pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+            done, _ = self.store.cas(key, raw, pending)
+            if done:
+                return pending, raw, volumes
+            # another writer took it between our read and our CAS: queue behind it
 
     async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None) -> bytes:
         """Store what `source` yields as the value of `key` (replacing any), following the
         order above; the new LIVE record. `source` raises at its end if a check fails."""
-        pending, previous, volumes = self.lock(key)
+        pending, previous, volumes = await self.lock(key)
         try:
             size, md5 = await self._write(key, source, length, volumes, pending, previous)
         except BaseException:
@@ -328,11 +348,9 @@ class Values:
     async def delete(self, key: bytes, protect: bool = False) -> bool:
         """Delete the key's value and record; False if there was none. With `protect`
         (-protect) a LIVE key is only unlinked, as the plain API would require first."""
-        raw = self.store.get(key)
+        raw = await self.unlocked(key)
         if raw is None:
             return False
-        if raw[0] == PENDING:
-            raise busy()
         if protect and raw[0] == LIVE:
             done, _ = self.store.cas(key, raw, with_state(raw, UNLINKED))
             if not done:
