@@ -1,9 +1,11 @@
-"""S3 objects beyond bytes, on a real cluster with boto3 and raw requests: last-writer-wins for
-concurrent S3 writes of one key."""
+"""S3 objects beyond bytes, on a real cluster with boto3 and raw requests: stored metadata
+(PutObject, CopyObject, multipart), last-writer-wins for concurrent S3 writes of one key,
+retried CompleteMultipartUpload and GET/HEAD ?partNumber=."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -54,6 +56,111 @@ def check_headers(answer: dict) -> None:
     assert answer["Metadata"] == {"mtime": "1700000000.123456789", "md5chksum": "XUFAKrxLKna5cZ2REBfFkg=="}
 
 
+# ---------------------------------------------------------------- metadata
+
+
+def test_put_object_metadata_round_trips_and_an_overwrite_replaces_it(s3):
+    b = bucket()
+    s3.put_object(Bucket=b, Key="m", Body=b"a,b\n", Expires="Wed, 21 Oct 2037 07:28:00 GMT", **HEADERS)
+    for answer in (s3.get_object(Bucket=b, Key="m"), s3.head_object(Bucket=b, Key="m")):
+        check_headers(answer)
+        assert answer["ResponseMetadata"]["HTTPHeaders"]["expires"] == "Wed, 21 Oct 2037 07:28:00 GMT"
+    assert s3.get_object(Bucket=b, Key="m")["Body"].read() == b"a,b\n"
+    # a response-* override still wins over the stored header
+    got = s3.get_object(Bucket=b, Key="m", ResponseContentType="text/plain")
+    assert got["ContentType"] == "text/plain"
+    # S3 replaces the metadata with the value: an overwrite without any clears it
+    s3.put_object(Bucket=b, Key="m", Body=b"x")
+    head = s3.head_object(Bucket=b, Key="m")
+    assert head["Metadata"] == {} and head["ContentType"] == "binary/octet-stream"
+    assert "CacheControl" not in head
+
+
+def test_user_metadata_over_2kb_is_refused_and_nothing_is_stored(s3):
+    b = bucket()
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=b, Key="big", Body=b"x", Metadata={"a": "v" * 2100})
+    assert error(e.value) == (400, "MetadataTooLarge")
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=b, Key="big")
+    s3.put_object(Bucket=b, Key="big", Body=b"x", Metadata={"a": "v" * 2000})  # under the limit: fine
+    assert s3.head_object(Bucket=b, Key="big")["Metadata"]["a"] == "v" * 2000
+
+
+def test_copy_object_copies_or_replaces_metadata(s3):
+    b = bucket()
+    s3.put_object(Bucket=b, Key="src", Body=b"data", **HEADERS)
+    s3.copy_object(Bucket=b, Key="copy", CopySource={"Bucket": b, "Key": "src"})
+    check_headers(s3.head_object(Bucket=b, Key="copy"))
+    s3.copy_object(Bucket=b, Key="repl", CopySource={"Bucket": b, "Key": "src"}, MetadataDirective="REPLACE",
+                   ContentType="audio/ogg", Metadata={"k": "v"})
+    head = s3.head_object(Bucket=b, Key="repl")
+    assert head["ContentType"] == "audio/ogg" and head["Metadata"] == {"k": "v"} and "CacheControl" not in head
+    assert s3.get_object(Bucket=b, Key="repl")["Body"].read() == b"data"
+
+
+def test_copy_onto_itself_needs_replace_and_then_changes_only_the_metadata(s3):
+    b = bucket()
+    s3.put_object(Bucket=b, Key="self", Body=b"same", Metadata={"old": "1"})
+    with pytest.raises(ClientError) as e:
+        s3.copy_object(Bucket=b, Key="self", CopySource={"Bucket": b, "Key": "self"})
+    assert error(e.value) == (400, "InvalidRequest")
+    s3.copy_object(Bucket=b, Key="self", CopySource={"Bucket": b, "Key": "self"}, MetadataDirective="REPLACE",
+                   Metadata={"new": "2"}, ContentType="text/plain")
+    got = s3.get_object(Bucket=b, Key="self")
+    assert got["Metadata"] == {"new": "2"} and got["ContentType"] == "text/plain"
+    assert got["Body"].read() == b"same"
+
+
+# ---------------------------------------------------------------- multipart
+
+
+def _multipart(s3, b: str, key: str, sizes: list[int], **create) -> tuple[str, list[dict], bytes]:
+    upload = s3.create_multipart_upload(Bucket=b, Key=key, **create)["UploadId"]
+    parts, data = [], b""
+    for number, size in enumerate(sizes, 1):
+        body = os.urandom(size)
+        data += body
+        etag = s3.upload_part(Bucket=b, Key=key, UploadId=upload, PartNumber=number, Body=body)["ETag"]
+        parts.append({"ETag": etag, "PartNumber": number})
+    return upload, parts, data
+
+
+def test_multipart_metadata_retried_complete_and_part_numbers(s3):
+    b = bucket()
+    sizes = [5 * MB, 5 * MB, 1234]
+    upload, parts, data = _multipart(s3, b, "mp", sizes, **HEADERS)
+    done = s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload, MultipartUpload={"Parts": parts})
+    # an SDK that lost the answer retries: the same answer, not NoSuchUpload
+    again = s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload, MultipartUpload={"Parts": parts})
+    assert again["ETag"] == done["ETag"] and done["ETag"].endswith('-3"')
+    check_headers(s3.head_object(Bucket=b, Key="mp"))
+    first = 0
+    for number, size in enumerate(sizes, 1):
+        head = s3.head_object(Bucket=b, Key="mp", PartNumber=number)
+        assert head["PartsCount"] == 3 and head["ContentLength"] == size and head["ETag"] == done["ETag"]
+        got = s3.get_object(Bucket=b, Key="mp", PartNumber=number)
+        assert got["PartsCount"] == 3 and got["ContentLength"] == size
+        assert got["Body"].read() == data[first:first + size]
+        first += size
+    for method in (s3.get_object, s3.head_object):
+        with pytest.raises(ClientError) as e:
+            method(Bucket=b, Key="mp", PartNumber=4)
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
+    # an object not made by multipart is one part
+    s3.put_object(Bucket=b, Key="one", Body=b"body")
+    got = s3.get_object(Bucket=b, Key="one", PartNumber=1)
+    assert got["Body"].read() == b"body" and "PartsCount" not in got
+    with pytest.raises(ClientError) as e:
+        s3.get_object(Bucket=b, Key="one", PartNumber=2)
+    assert error(e.value) == (416, "InvalidPartNumber")
+    # a retried Complete of an upload whose object was replaced since is no longer known
+    s3.put_object(Bucket=b, Key="mp", Body=b"other")
+    with pytest.raises(ClientError) as e:
+        s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload, MultipartUpload={"Parts": parts})
+    assert error(e.value) == (404, "NoSuchUpload")
+
+
 # ---------------------------------------------------------------- last writer wins
 
 
@@ -75,14 +182,14 @@ def test_concurrent_s3_puts_of_one_key_all_succeed_and_the_last_wins(s3, cluster
     def put(body: bytes):
         c = client(cluster.port)
         start.wait()
-        return c.put_object(Bucket=b, Key="hot", Body=body)["ETag"]
+        return c.put_object(Bucket=b, Key="hot", Body=body, Metadata={"n": str(len(body))})["ETag"]
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         etags = list(pool.map(put, bodies))  # any 409 raises here
     assert etags == [f'"{hashlib.md5(x).hexdigest()}"' for x in bodies]
     got = s3.get_object(Bucket=b, Key="hot")
     value = got["Body"].read()
-    assert value in bodies
+    assert value in bodies and got["Metadata"] == {"n": str(len(value))}  # headers of the same write
     assert _files(cluster, f"/{b}/hot".encode()) == [value] * cluster.replicas
     # the plain API keeps minikeyvalue's contract for its own writes
     assert cluster.put(f"/{b}/hot", b"x").status_code == 403

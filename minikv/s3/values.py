@@ -17,8 +17,10 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
    until the body has been read completely and every check passed (length, Content-MD5,
    x-amz-content-sha256, checksums, chunk signatures): any failure before that point aborts
    the uploads, nginx drops them, and the previous record is put back untouched.
-3. Send the last bytes: each volume renames. All answered 2xx -> record LIVE -> 200; then the
-   files on volumes the previous record named and the new one does not are deleted.
+3. Send the last bytes: each volume renames. All answered 2xx -> the new value's attributes
+   (meta.py, keyed by the value's fingerprint) -> record LIVE -> 200; then the files on volumes
+   the previous record named and the new one does not are deleted, and so are the previous
+   value's attributes.
 4. If only some volumes renamed (a disk failed at the very end), the replicas differ: we roll
    forward by copying the new value from one that has it to the others; if that fails too, the
    key is deleted on every volume and the record dropped (the error says so). A failed
@@ -45,6 +47,8 @@ import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
+
+import lmdb
 
 from minikv import replicas
 from minikv.api.digest import StreamingMd5
@@ -111,6 +115,7 @@ class Values:
         self.health = health
         self.pid = os.getpid()
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+        self.meta = None  # the S3 meta store (meta.py), for object attributes; set by the S3 front
 
     def placement(self, key: bytes) -> list[str]:
         c = self.config
@@ -199,9 +204,11 @@ class Values:
                 return pending, raw, volumes
             # another writer took it between our read and our CAS: queue behind it
 
-    async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None) -> bytes:
+    async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None,
+                  attrs: bytes | None = None) -> bytes:
         """Store what `source` yields as the value of `key` (replacing any), following the
-        order above; the new LIVE record. `source` raises at its end if a check fails."""
+        order above, with the encoded attributes `attrs` (attrs.py); the new LIVE record.
+        `source` raises at its end if a check fails."""
         pending, previous, volumes = await self.lock(key)
         try:
             size, md5 = await self._write(key, source, length, volumes, pending, previous)
@@ -211,16 +218,28 @@ class Values:
             raise
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
         try:
+            if attrs and self.meta is not None:  # before the record: never a new value with old headers
+                self.meta.put_attrs(key, live, attrs)
             done, _ = self.store.cas(key, pending, live)
-        except StoreError as e:
+        except (StoreError, lmdb.Error) as e:
             raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous is not None:
+            self._forget(key, previous, live)
             stale = [v for v in decode_data(previous).volumes if v not in volumes]
             if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
                 await replicas.delete_all(self.pool, stale, key)
         return live
+
+    def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
+        """Drop the attributes of a replaced or deleted value (one left behind is never read)."""
+        if self.meta is None or (live is not None and live[1:33] == previous[1:33]):
+            return
+        try:
+            self.meta.drop_attrs(key, previous)
+        except lmdb.Error:
+            pass
 
     async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
         """The value is on the volumes but its record cannot be made LIVE: do what recovery
@@ -369,4 +388,5 @@ class Values:
         if why := self._drop(key, pending):
             raise S3Error("ServiceUnavailable", f"{why}; the object's files are deleted, and so will be its "
                           "record once the index can write again")
+        self._forget(key, raw, None)
         return True
