@@ -1,6 +1,6 @@
 """S3 objects beyond bytes, on a real cluster with boto3 and raw requests: stored metadata
 (PutObject, CopyObject, multipart), last-writer-wins for concurrent S3 writes of one key,
-retried CompleteMultipartUpload and GET/HEAD ?partNumber=."""
+retried CompleteMultipartUpload, CopyObject preconditions and GET/HEAD ?partNumber=."""
 
 from __future__ import annotations
 
@@ -112,6 +112,25 @@ def test_copy_onto_itself_needs_replace_and_then_changes_only_the_metadata(s3):
     assert got["Body"].read() == b"same"
 
 
+def test_copy_source_preconditions(s3):
+    b = bucket()
+    etag = s3.put_object(Bucket=b, Key="src", Body=b"v1")["ETag"]
+    src = {"Bucket": b, "Key": "src"}
+    past, future = "Mon, 01 Jan 2001 00:00:00 GMT", "Fri, 01 Jan 2100 00:00:00 GMT"
+    refused = [dict(CopySourceIfMatch='"0123"'), dict(CopySourceIfNoneMatch=etag),
+               dict(CopySourceIfModifiedSince=future), dict(CopySourceIfUnmodifiedSince=past)]
+    for condition in refused:
+        with pytest.raises(ClientError) as e:
+            s3.copy_object(Bucket=b, Key="dst", CopySource=src, **condition)
+        assert error(e.value) == (412, "PreconditionFailed"), condition
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=b, Key="dst")
+    for condition in [dict(CopySourceIfMatch=etag), dict(CopySourceIfNoneMatch='"0123"'),
+                      dict(CopySourceIfModifiedSince=past), dict(CopySourceIfUnmodifiedSince=future)]:
+        s3.copy_object(Bucket=b, Key="dst", CopySource=src, **condition)
+    assert s3.get_object(Bucket=b, Key="dst")["Body"].read() == b"v1"
+
+
 # ---------------------------------------------------------------- multipart
 
 
@@ -159,6 +178,20 @@ def test_multipart_metadata_retried_complete_and_part_numbers(s3):
     with pytest.raises(ClientError) as e:
         s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload, MultipartUpload={"Parts": parts})
     assert error(e.value) == (404, "NoSuchUpload")
+
+
+def test_upload_part_copy_out_of_range_is_invalid_range(s3):
+    b = bucket()
+    s3.put_object(Bucket=b, Key="src", Body=b"12345")
+    upload = s3.create_multipart_upload(Bucket=b, Key="dst")["UploadId"]
+    with pytest.raises(ClientError) as e:
+        s3.upload_part_copy(Bucket=b, Key="dst", UploadId=upload, PartNumber=1,
+                            CopySource={"Bucket": b, "Key": "src"}, CopySourceRange="bytes=0-21")
+    assert error(e.value) == (416, "InvalidRange")
+    part = s3.upload_part_copy(Bucket=b, Key="dst", UploadId=upload, PartNumber=1,
+                               CopySource={"Bucket": b, "Key": "src"}, CopySourceRange="bytes=1-3")
+    assert part["CopyPartResult"]["ETag"] == f'"{hashlib.md5(b"234").hexdigest()}"'
+    s3.abort_multipart_upload(Bucket=b, Key="dst", UploadId=upload)
 
 
 # ---------------------------------------------------------------- last writer wins

@@ -96,10 +96,13 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
         m = re.fullmatch(rb"bytes=([0-9]{1,19})-([0-9]{1,19})", rng.strip())  # bounded: no 5000-digit int()
-        if m is None or int(m[1]) > int(m[2]) or int(m[2]) >= size:
+        if m is None or int(m[1]) > int(m[2]):
             raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form "
                           "bytes=first-last where first and last are the zero-based offsets of the first and last "
                           "bytes to copy, within the source object")
+        if int(m[2]) >= size:
+            raise S3Error("InvalidRange", f"The x-amz-copy-source-range {rng.decode('latin-1')} is outside the "
+                          f"{size}-byte source object")
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
     live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
