@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -244,3 +245,33 @@ def test_a_retried_put_waits_for_the_stalled_one_instead_of_409(s3, cluster):
     assert etag == f'"{hashlib.md5(b"second").hexdigest()}"'
     assert s3.get_object(Bucket=b, Key="retry")["Body"].read() == b"second"
     assert _files(cluster, f"/{b}/retry".encode()) == [b"second"] * cluster.replicas
+
+
+# ---------------------------------------------------------------- big objects
+
+
+def test_a_volume_that_stalls_mid_s3_get_cuts_the_answer_short_within_the_stall_time(make_cluster):
+    """A GET streamed through the index waits for the volume under the pool's watchdog: a
+    volume gone silent mid-answer ends the client's connection short (the head is out already)."""
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1)
+    value = os.urandom(32 * MB)
+    client(c.port).put_object(Bucket="st", Key="big", Body=value)
+    sock = socket.create_connection(("127.0.0.1", c.port))
+    sock.settimeout(30)
+    got = 0
+    try:
+        sock.sendall(b"GET /st/big HTTP/1.1\r\nHost: x\r\nx-amz-date: 20250101T000000Z\r\n\r\n")
+        while got < 2 * MB:
+            got += len(sock.recv(1 << 16))
+        time.sleep(0.5)  # every buffer on the way fills: the index waits for us, nginx for the index
+        c.volumes[0].send(signal.SIGSTOP)
+        began = time.monotonic()
+        while chunk := sock.recv(1 << 20):
+            got += len(chunk)
+        took = time.monotonic() - began
+    finally:
+        c.volumes[0].send(signal.SIGCONT)
+        sock.close()
+    assert got < 32 * MB, "the whole value came although its volume was stopped"
+    assert took < 12, f"the connection was cut after {took:.1f}s, not within the 5 s stall time"
+    assert client(c.port).head_object(Bucket="st", Key="big")["ContentLength"] == 32 * MB

@@ -92,12 +92,19 @@ def readable(raw: bytes | None) -> bytes | None:
 
 
 async def read_chunk(body, stall: float) -> bytes:
-    """The next chunk of a volume's answer, failing after `stall` seconds without one. Chunks
-    already buffered are taken without a timer (wait_for costs a task per call). The wait is
-    for the volume only: while we wait for a slow client instead, no timer runs."""
-    if body._chunks or body.done:
+    """The next chunk of a volume's answer, failing after `stall` seconds without one
+    (VolumeError). Chunks already buffered are taken without a timer; a wait is watched by the
+    pool's watchdog (wait_for would cost a task and a timer per chunk: thousands for a big
+    value, a good part of an S3 GET's time). The wait is for the volume only: while we wait
+    for a slow client instead, no timer runs."""
+    conn = body._conn
+    if body._chunks or body.done or conn is None:
         return await body.read()
-    return await asyncio.wait_for(body.read(), stall)
+    conn.watch(stall, f"sent nothing for {stall:g}s")
+    try:
+        return await body.read()
+    finally:
+        conn.unwatch()
 
 
 def busy() -> S3Error:
