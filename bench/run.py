@@ -643,6 +643,94 @@ class Bench:
         self.notes.append("index peak RSS (VmHWM) by pid: "
                           + ", ".join(f"{pid}: {mb:.0f} MB" for pid, mb in sorted(peaks.items())))
 
+    def big_s3(self) -> None:
+        """S3 at disk speed, both as the issue measured them: a GET through the index (botocore
+        follows no redirect, so the bytes pass through it) against the same file straight from
+        nginx, and boto3's multipart upload (upload_file: 8 MB parts, 10 threads) against a
+        plain-API `curl -T` PUT of the same file through the index."""
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config as BotoConfig
+        except ImportError:
+            self.notes.append("S3 big GET / multipart: skipped, boto3 is not installed (pip install -e .[test])")
+            return
+        c = self.cluster
+        path = c.tmp / "big-s3.bin"
+        want_md5 = hashlib.md5()
+        with open(path, "wb") as f:
+            for _ in range(self.big_mb):
+                chunk = os.urandom(1 << 20)
+                want_md5.update(chunk)
+                f.write(chunk)
+        index = f"http://{HOST}:{c.index_port}"
+        s3 = boto3.client("s3", endpoint_url=index, aws_access_key_id="bench", aws_secret_access_key="bench",
+                          region_name="us-east-1", config=BotoConfig(s3={"addressing_style": "path"}))
+        transfer = TransferConfig()  # boto3's defaults, as users get them
+
+        # GET: one stored value, read straight from the volume its 302 names, and through S3
+        curl_put(path, f"{index}/bench-s3/get")
+        status, headers, _ = http_request(c.index_port, "GET", "/bench-s3/get")
+        location = headers.get("Location", "")
+        if status != 302 or not location:
+            raise BenchError(f"S3 big GET: the plain API answered {status} {headers!r} for the stored value")
+        s3_get = ["-H", "x-amz-date: 20250101T000000Z"]  # an S3 request, unsigned: the client costs nothing
+        if curl_md5(f"{index}/bench-s3/get", s3_get) != want_md5.hexdigest():
+            raise BenchError("S3 big GET: the bytes through the index are not the file's")
+        ref_get, s3_gets = [], []
+        for _ in range(3):  # mirrored: nginx, index, index, nginx
+            ref_get.append(curl_get(location, []))
+            s3_gets += [curl_get(f"{index}/bench-s3/get", s3_get), curl_get(f"{index}/bench-s3/get", s3_get)]
+            ref_get.append(curl_get(location, []))
+        http_request(c.index_port, "DELETE", "/bench-s3/get")
+
+        def plain_put(n: int) -> float:
+            secs = curl_put(path, f"{index}/bench-s3/plain{n}")
+            http_request(c.index_port, "DELETE", f"/bench-s3/plain{n}")
+            return secs
+
+        def multipart(n: int) -> float:
+            start = time.perf_counter()
+            s3.upload_file(str(path), "bench-s3", f"mp{n}", Config=transfer)
+            secs = time.perf_counter() - start
+            if n == 0 and curl_md5(f"{index}/bench-s3/mp0", []) != want_md5.hexdigest():
+                raise BenchError("S3 multipart: the assembled object is not the file")
+            s3.delete_object(Bucket="bench-s3", Key=f"mp{n}")
+            return secs
+
+        ref_put, mp_puts = [], []
+        for n in range(2):
+            ref_put.append(plain_put(2 * n))
+            mp_puts += [multipart(2 * n), multipart(2 * n + 1)]
+            ref_put.append(plain_put(2 * n + 1))
+        path.unlink()
+        self.notes.append("S3 big GET seconds per run: nginx " + " / ".join(f"{t:.2f}" for t in ref_get)
+                          + ", S3 through the index " + " / ".join(f"{t:.2f}" for t in s3_gets))
+        self.notes.append("S3 multipart seconds per run: plain-API PUT " + " / ".join(f"{t:.2f}" for t in ref_put)
+                          + ", boto3 upload_file " + " / ".join(f"{t:.2f}" for t in mp_puts))
+        ratio = statistics.median(s3_gets) / statistics.median(ref_get)
+        self.rows.append(Row(
+            f"S3 big GET {self.big_mb} MB through the index, time", f"{statistics.median(s3_gets):.2f} s",
+            f"{statistics.median(ref_get):.2f} s (GET straight from nginx)",
+            f"{ratio:.2f}×", "≤ 1.3×", "yes" if ratio <= 1.3 else "**no**"))
+        ratio = statistics.median(mp_puts) / statistics.median(ref_put)
+        self.rows.append(Row(
+            f"S3 multipart upload {self.big_mb} MB (boto3 upload_file), time", f"{statistics.median(mp_puts):.2f} s",
+            f"{statistics.median(ref_put):.2f} s (plain-API curl -T through the index)",
+            f"{ratio:.2f}×", "≤ 1.5×", "yes" if ratio <= 1.5 else "**no**"))
+
+
+def curl_get(url: str, extra: list[str]) -> float:
+    """Seconds to GET the URL into /dev/null (no redirect followed: the answer itself)."""
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", *extra, url]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    secs = time.perf_counter() - start
+    if done.returncode != 0 or done.stdout.strip() != "200":
+        raise BenchError(f"{shlex.join(argv)}: exit {done.returncode}, status {done.stdout.strip()!r}, "
+                         f"{done.stderr.strip()}")
+    return secs
+
 
 def md5_cpu_seconds(path: Path) -> float:
     """CPU time of hashing the file with OpenSSL's md5 as the index does (1 MB updates, reads
@@ -681,9 +769,9 @@ def curl_put(path: Path, url: str) -> float:
     return secs
 
 
-def curl_md5(url: str) -> str:
+def curl_md5(url: str, extra: list[str] | None = None) -> str:
     """GET with redirects followed, hashed as it streams (no copy of the file in memory)."""
-    argv = ["curl", "-sS", "-f", "-L", url]
+    argv = ["curl", "-sS", "-f", "-L", *(extra or []), url]
     md5 = hashlib.md5()
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
         assert p.stdout is not None
@@ -782,6 +870,11 @@ def render(bench: Bench, info: list[str], quick: bool) -> str:
         f"{REPLICAS} replicas) vs to one nginx volume; mirrored too, six each, median time in the table. Every "
         "index PUT is checked by md5 through the index (redirect followed); peak RSS is the "
         "largest VmHWM of any index process, read right after each PUT.",
+        f"- S3 big GET: `curl` of a stored {bench.big_mb} MB value through the index with an `x-amz-date` "
+        "header (S3, unsigned: the client costs nothing) vs the same file straight from the nginx "
+        "its 302 names; S3 multipart: boto3 `upload_file` with its default transfer settings (8 MB "
+        "parts, 10 threads) vs a plain-API `curl -T` PUT of the same file through the index. "
+        "Mirrored, median time in the table.",
         "",
     ]
     if quick:
@@ -841,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.fetch()
         bench.thrash()
         bench.big_put()
+        bench.big_s3()
         failed = False
     except BenchError as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)

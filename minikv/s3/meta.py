@@ -10,6 +10,15 @@
 - `etags`: key -> fingerprint + ETag, for objects whose S3 ETag is not their md5 (multipart's
   "md5-of-md5s-N"). The fingerprint is the record's size, mtime and md5 as they were when the
   ETag was made, so an entry left behind by a plain-API DELETE and PUT is simply not used.
+  Written by versions before `attrs`; still read, never written.
+- `attrs`: hash of the key + fingerprint -> the object's attributes (attrs.py: stored headers,
+  ETag, part sizes). One entry per value, not per key, so it is written BEFORE the record that
+  makes the value LIVE: a reader never sees a new value with the old value's headers, and a
+  write that fails never touches the attributes of the value it meant to replace. The writer
+  drops the replaced value's entry after its commit; one left by a crash in between, or by a
+  plain-API DELETE, is never read again (its fingerprint is gone) and costs ~100 bytes.
+  The headers given to CreateMultipartUpload wait there too, under NUL + "u" + upload id (no
+  value's entry is that short), until Complete gives them to the object.
 
 A separate environment, not more databases in the index's: the index keeps its small fixed
 interface (get, compare-and-set, scan) and its own tools never meet S3's data.
@@ -17,12 +26,15 @@ interface (get, compare-and-set, scan) and its own tools never meet S3's data.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import struct
 from collections.abc import Iterator
 
 import lmdb
+
+from minikv.s3.attrs import decode
 
 _CREATED = struct.Struct("<Q")
 MAP_SIZE = 1 << 36  # address space only; the file grows with the data
@@ -34,14 +46,20 @@ def fingerprint(raw: bytes) -> bytes:
     return raw[1:33]
 
 
+def attrs_key(key: bytes, raw: bytes) -> bytes:
+    """The `attrs` entry of one value of a key (hashed: keys go up to 511 bytes, LMDB's limit)."""
+    return hashlib.blake2b(key, digest_size=32).digest() + fingerprint(raw)
+
+
 class Meta:
     def __init__(self, path: str, sync: bool = False):
         os.makedirs(path, exist_ok=True)
         self.env = lmdb.open(path, map_size=MAP_SIZE, sync=sync, metasync=True, readahead=False,
-                             max_readers=1024, max_dbs=3)
+                             max_readers=1024, max_dbs=4)
         self.uploads = self.env.open_db(b"uploads")
         self.etags = self.env.open_db(b"etags")
         self.upload_keys = self.env.open_db(b"upload_keys")
+        self.attrs_db = self.env.open_db(b"attrs")
         try:
             with self.env.begin(write=True) as txn:
                 if txn.get(UPLOAD_KEYS_BUILT, db=self.upload_keys) is None:
@@ -55,12 +73,19 @@ class Meta:
         self.env.close()
 
     # -- multipart uploads --
-    def new_upload(self, key: bytes, now_ms: int) -> str:
+    def new_upload(self, key: bytes, now_ms: int, attrs: bytes | None = None) -> str:
         upload_id = secrets.token_hex(16)
         with self.env.begin(write=True, db=self.uploads) as txn:
             txn.put(upload_id.encode(), _CREATED.pack(now_ms) + key)
             txn.put(key + b"\0" + upload_id.encode(), _CREATED.pack(now_ms), db=self.upload_keys)
+            if attrs:
+                txn.put(b"\0u" + upload_id.encode(), attrs, db=self.attrs_db)
         return upload_id
+
+    def upload_attrs(self, upload_id: str) -> dict:
+        """The attributes CreateMultipartUpload was given for the object."""
+        with self.env.begin(db=self.attrs_db) as txn:
+            return decode(txn.get(b"\0u" + upload_id.encode("latin-1")))
 
     def upload(self, upload_id: str) -> tuple[bytes, int] | None:
         """(key, created ms) of an upload in progress, or None."""
@@ -75,6 +100,7 @@ class Meta:
             raw = txn.get(upload_id.encode("latin-1"))
             if raw is not None:
                 txn.delete(raw[_CREATED.size:] + b"\0" + upload_id.encode("latin-1"), db=self.upload_keys)
+            txn.delete(b"\0u" + upload_id.encode("latin-1"), db=self.attrs_db)
             return txn.delete(upload_id.encode("latin-1"))
 
     def uploads_from(self, start: bytes, prefix: bytes, limit: int) -> list[tuple[bytes, str, int]]:
@@ -102,6 +128,30 @@ class Meta:
             items = [(k.decode(), v[_CREATED.size:], _CREATED.unpack_from(v)[0]) for k, v in txn.cursor()]
         yield from items
 
+    # -- object attributes (attrs.py) --
+    def put_attrs(self, key: bytes, raw: bytes, encoded: bytes) -> None:
+        with self.env.begin(write=True, db=self.attrs_db) as txn:
+            txn.put(attrs_key(key, raw), encoded)
+
+    def attrs(self, key: bytes, raw: bytes) -> dict:
+        """The attributes of the LIVE record `raw` of `key` ({} if none were stored)."""
+        with self.env.begin(db=self.attrs_db) as txn:
+            found = txn.get(attrs_key(key, raw))
+            if found is None:
+                old = txn.get(key, db=self.etags)
+                if old is not None and old[:32] == fingerprint(raw):
+                    return {"e": old[32:].decode()}
+                return {}
+        return decode(found)
+
+    def drop_attrs(self, key: bytes, raw: bytes) -> None:
+        entry = attrs_key(key, raw)
+        with self.env.begin(db=self.attrs_db) as txn:
+            present = txn.get(entry) is not None
+        if present:  # a read first: most values have none, and a write transaction costs more
+            with self.env.begin(write=True, db=self.attrs_db) as txn:
+                txn.delete(entry)
+
     # -- ETags that are not the md5 --
     def set_etag(self, key: bytes, raw: bytes, etag: str) -> None:
         with self.env.begin(write=True, db=self.etags) as txn:
@@ -109,17 +159,18 @@ class Meta:
 
     def etag(self, key: bytes, raw: bytes) -> str | None:
         """The stored ETag of the LIVE record `raw` of `key`, if one was made for that value."""
-        with self.env.begin(db=self.etags) as txn:
-            stored = txn.get(key)
-        if stored is None or stored[:32] != fingerprint(raw):
-            return None
-        return stored[32:].decode()
+        return self.attrs(key, raw).get("e")
 
     def etags_for(self, pairs: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
         """ETags of many (key, raw record) at once, for a listing page (one transaction)."""
         out = {}
         with self.env.begin(db=self.etags) as txn:
             for key, raw in pairs:
+                found = txn.get(attrs_key(key, raw), db=self.attrs_db)
+                if found is not None:
+                    if etag := decode(found).get("e"):
+                        out[key] = etag
+                    continue
                 stored = txn.get(key)
                 if stored is not None and stored[:32] == fingerprint(raw):
                     out[key] = stored[32:].decode()

@@ -14,9 +14,11 @@ Nothing lives in /tmp and no part is ever held in memory.
 
 Complete streams the parts in order, each from one of its replicas, into one ordinary PUT of
 the object (values.py: all replicas at once, overwrite-safe, md5 of the whole computed on the
-way, so the record's md5 is the real one), stores the S3 ETag "md5-of-part-md5s-N" in the meta
-store, then deletes the parts and the upload. A failed Complete keeps the parts and the upload,
-so the client can retry it.
+way, so the record's md5 is the real one), with its attributes (attrs.py: the headers given to
+Create, the S3 ETag "md5-of-part-md5s-N", the part sizes for GET ?partNumber=, the upload id),
+then deletes the parts and the upload. A failed Complete keeps the parts and the upload, so
+the client can retry it; a Complete retried after it succeeded (its answer lost) finds the
+upload id in the object's attributes and gets the same answer again.
 
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
@@ -32,10 +34,12 @@ import time
 from collections.abc import AsyncIterator
 
 from minikv.index.record import decode_data, now_ms
+from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, decimal_in
 from minikv.s3.objects import _payload, copy_source
+from minikv.s3.values import readable
 from minikv.s3.xml import iso_time, parse
 
 PART_PREFIX = b"\x00s3/mpu/"
@@ -68,7 +72,8 @@ def _names(ctx: Ctx) -> list[tuple[str, str]]:
 
 def create(s3, ctx: Ctx) -> bytes:
     object_key(ctx.key)
-    upload_id = s3.meta.new_upload(ctx.key, now_ms())
+    stored = attributes.from_headers(ctx.req.headers)
+    upload_id = s3.meta.new_upload(ctx.key, now_ms(), attributes.encode({"h": stored}) if stored else None)
     return ctx.xml("InitiateMultipartUploadResult", [*_names(ctx), ("UploadId", upload_id)])
 
 
@@ -91,10 +96,13 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
         m = re.fullmatch(rb"bytes=([0-9]{1,19})-([0-9]{1,19})", rng.strip())  # bounded: no 5000-digit int()
-        if m is None or int(m[1]) > int(m[2]) or int(m[2]) >= size:
+        if m is None or int(m[1]) > int(m[2]):
             raise S3Error("InvalidArgument", "The x-amz-copy-source-range value must be of the form "
                           "bytes=first-last where first and last are the zero-based offsets of the first and last "
                           "bytes to copy, within the source object")
+        if int(m[2]) >= size:
+            raise S3Error("InvalidRange", f"The x-amz-copy-source-range {rng.decode('latin-1')} is outside the "
+                          f"{size}-byte source object")
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
     live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
@@ -103,8 +111,31 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
                                       ("ETag", quoted(md5_etag(live)))])
 
 
+def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:
+    """The answer of a Complete that already succeeded for this upload, if the object it made
+    is still the key's value (an SDK retries a Complete whose answer it lost)."""
+    raw = readable(s3.store.get(ctx.key)) if upload_id and len(ctx.key) <= 511 else None
+    if raw is None:
+        return None
+    attrs = s3.meta.attrs(ctx.key, raw)
+    if attrs.get("u") != upload_id:
+        return None
+    return _complete_result(ctx, attrs["e"])
+
+
+def _complete_result(ctx: Ctx, etag: str) -> bytes:
+    location = f"http://{(ctx.header(b'host') or b'').decode('latin-1')}{ctx.path.decode('latin-1')}"
+    return ctx.xml("CompleteMultipartUploadResult",
+                   [("Location", location), *_names(ctx), ("ETag", quoted(etag))])
+
+
 async def complete(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    try:
+        upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    except S3Error:
+        if (again := _completed(s3, ctx, ctx.param("uploadId"))) is not None:
+            return again
+        raise
     doc = parse(await _payload(ctx).read_all(COMPLETE_BODY_LIMIT), COMPLETE_BODY_LIMIT)
     if doc.tag != "CompleteMultipartUpload":
         raise S3Error("MalformedXML", "expected a <CompleteMultipartUpload> document")
@@ -139,15 +170,14 @@ async def complete(s3, ctx: Ctx) -> bytes:
             async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
                 yield chunk
 
-    live = await s3.values.put(ctx.key, concatenated(), total)
-    s3.meta.set_etag(ctx.key, live, etag)
+    attrs = {"h": s3.meta.upload_attrs(upload_id).get("h", []), "e": etag,
+             "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
+    await s3.values.put(ctx.key, concatenated(), total, attributes.encode(attrs))
     try:
         await abort_upload(s3, upload_id)
     except S3Error:
         pass  # the object is complete; the upload stays listed, for an abort or `gc` to remove
-    location = f"http://{(ctx.header(b'host') or b'').decode('latin-1')}{ctx.path.decode('latin-1')}"
-    return ctx.xml("CompleteMultipartUploadResult",
-                   [("Location", location), *_names(ctx), ("ETag", quoted(etag))])
+    return _complete_result(ctx, etag)
 
 
 async def abort(s3, ctx: Ctx) -> bytes:

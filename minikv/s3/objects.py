@@ -1,7 +1,8 @@
 """Object operations: HeadObject, GetObject, PutObject, CopyObject, DeleteObject, DeleteObjects.
 
-HEAD answers from the index record alone (size, md5 as ETag, mtime as Last-Modified), with no
-redirect and no network call. GET streams the value from a healthy replica through the index,
+HEAD answers from the index record (size, md5 as ETag, mtime as Last-Modified) and the
+object's attributes in the meta store (attrs.py: Content-Type, x-amz-meta-*..., a multipart
+ETag and part sizes), with no redirect and no network call. GET streams the value from a healthy replica through the index,
 with the client's Range forwarded to nginx and its 206 / Content-Range relayed, and with flow
 control both ways (a slow client pauses the volume's socket). Writes go through values.py.
 """
@@ -15,8 +16,10 @@ from urllib.parse import unquote_to_bytes
 from minikv.http.client import VolumeError
 from minikv.http.response import ClientGone
 from minikv.index.record import decode_data
-from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_key, quoted
+from minikv.s3 import attrs as attributes
+from minikv.s3.common import Ctx, _etags, _newer, check_conditions, http_time, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
+from minikv.s3.numbers import decimal_in
 from minikv.s3.payload import Payload
 from minikv.s3.values import read_chunk, readable
 from minikv.s3.xml import iso_time, parse
@@ -42,21 +45,19 @@ def _record(s3, ctx: Ctx) -> bytes:
     return raw
 
 
-def _object_headers(s3, ctx: Ctx, raw: bytes) -> tuple[list, str]:
+def _object_headers(s3, ctx: Ctx, raw: bytes, attrs: dict) -> tuple[list, str]:
     data = decode_data(raw)
-    etag = s3.etag(ctx.key, raw)
+    etag = attrs.get("e") or md5_etag(raw)
     check_conditions(ctx, etag, data.mtime_ms)
     headers = [("ETag", quoted(etag)), ("Last-Modified", http_time(data.mtime_ms)),
                ("Accept-Ranges", "bytes")]
-    content_type: bytes | str = "binary/octet-stream"
+    own: dict[str, bytes | str] = dict(attributes.response_headers(attrs))
     for name, header in OVERRIDES.items():
         if (value := ctx.params.get(name)) is not None:
             _check_override(ctx, name, value)
-            if header == "Content-Type":
-                content_type = value
-            else:
-                headers.append((header, value))  # the bytes as sent: UTF-8 file names pass through
-    headers.append(("Content-Type", content_type))
+            own[header] = value  # the bytes as sent: UTF-8 file names pass through
+    own.setdefault("Content-Type", "binary/octet-stream")
+    headers.extend(own.items())
     return headers, etag
 
 
@@ -75,18 +76,45 @@ def _check_override(ctx: Ctx, name: str, value: bytes) -> None:
         raise S3Error("InvalidArgument", f"{name} must not contain control characters (CR, LF, ...)")
 
 
+def _part(ctx: Ctx, attrs: dict, size: int, headers: list) -> tuple[int, int] | None:
+    """The byte range of ?partNumber=N, its headers added to `headers`: None without the
+    parameter, or for part 1 of an object not made by multipart (the whole object)."""
+    text = ctx.param("partNumber")
+    if text is None:
+        return None
+    if ctx.header(b"range") is not None:
+        raise S3Error("InvalidRequest", "Cannot specify both Range header and partNumber query parameter")
+    number = decimal_in(text, 1, 10_000, "InvalidArgument",
+                        "Part number must be an integer between 1 and 10000, inclusive")
+    first, last, count = attributes.part_range(attrs, size, number)
+    if "p" not in attrs:
+        return None
+    headers.append(("x-amz-mp-parts-count", count))
+    return first, last
+
+
 def head_object(s3, ctx: Ctx) -> bytes:
     raw = _record(s3, ctx)
-    headers, _ = _object_headers(s3, ctx, raw)
-    return ctx.respond(200, headers, length=decode_data(raw).size)
+    attrs = s3.meta.attrs(ctx.key, raw)
+    headers, _ = _object_headers(s3, ctx, raw, attrs)
+    size = decode_data(raw).size
+    if (part := _part(ctx, attrs, size, headers)) is not None:
+        headers.append(("Content-Range", f"bytes {part[0]}-{part[1]}/{size}"))
+        return ctx.respond(206, headers, length=part[1] - part[0] + 1)
+    return ctx.respond(200, headers, length=size)
 
 
 def get_object(s3, ctx: Ctx):
     raw = _record(s3, ctx)
-    headers, _ = _object_headers(s3, ctx, raw)
+    attrs = s3.meta.attrs(ctx.key, raw)
+    headers, _ = _object_headers(s3, ctx, raw, attrs)
     forward = []
     rng = ctx.header(b"range")
-    if rng is not None and b"," not in rng:  # S3 serves one range; several: the whole value
+    if (part := _part(ctx, attrs, decode_data(raw).size, headers)) is not None:
+        if part[1] < part[0]:  # an empty part
+            return ctx.respond(200, headers, length=0)
+        forward.append(("Range", f"bytes={part[0]}-{part[1]}"))
+    elif rng is not None and b"," not in rng:  # S3 serves one range; several: the whole value
         forward.append(("Range", rng.decode("latin-1")))
     return _send(s3, ctx, raw, headers, forward)
 
@@ -123,10 +151,15 @@ def _payload(ctx: Ctx) -> Payload:
     return payload
 
 
+def _encoded(attrs: dict) -> bytes | None:
+    return attributes.encode(attrs) if any(attrs.values()) else None
+
+
 async def put_object(s3, ctx: Ctx) -> bytes:
     object_key(ctx.key)
+    stored = attributes.from_headers(ctx.req.headers)  # checked before the body is read
     payload = _payload(ctx)
-    live = await s3.values.put(ctx.key, payload.chunks(), payload.length)
+    live = await s3.values.put(ctx.key, payload.chunks(), payload.length, _encoded({"h": stored}))
     s3.meta.drop_etag(ctx.key)
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
 
@@ -142,15 +175,49 @@ def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
     raw = readable(s3.store.get(src)) if len(src) <= 511 else None
     if raw is None:
         raise S3Error("NoSuchKey", "The specified key does not exist.", Key=src.decode("utf-8", "replace"))
+    _copy_conditions(ctx, s3.etag(src, raw), decode_data(raw).mtime_ms)
     return src, raw
+
+
+def _copy_conditions(ctx: Ctx, etag: str, mtime_ms: int) -> None:
+    """x-amz-copy-source-if-(none-)match / -if-(un)modified-since: 412 when one does not hold
+    (a match wins over a date, as in S3)."""
+    failed = S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+    if (v := ctx.header(b"x-amz-copy-source-if-match")) is not None:
+        tags = _etags(v)
+        if "*" not in tags and etag not in tags:
+            raise failed
+    elif (v := ctx.header(b"x-amz-copy-source-if-unmodified-since")) is not None and _newer(mtime_ms, v) is True:
+        raise failed
+    if (v := ctx.header(b"x-amz-copy-source-if-none-match")) is not None:
+        tags = _etags(v)
+        if "*" in tags or etag in tags:
+            raise failed
+    elif (v := ctx.header(b"x-amz-copy-source-if-modified-since")) is not None and _newer(mtime_ms, v) is False:
+        raise failed
 
 
 async def copy_object(s3, ctx: Ctx) -> bytes:
     object_key(ctx.key)
+    directive = (ctx.header(b"x-amz-metadata-directive") or b"COPY").strip().upper()
+    if directive not in (b"COPY", b"REPLACE"):
+        raise S3Error("InvalidArgument", "Unknown metadata directive: use COPY or REPLACE")
+    stored = attributes.from_headers(ctx.req.headers) if directive == b"REPLACE" else None
     src, raw = copy_source(s3, ctx)
-    if src != ctx.key:  # onto itself: nothing to copy (there is no metadata to replace)
+    source_attrs = s3.meta.attrs(src, raw)
+    if stored is None:
+        stored = source_attrs.get("h", [])
+    if src == ctx.key:
+        if directive != b"REPLACE":
+            raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an object "
+                          "to itself without changing the object's metadata, storage class, website redirect "
+                          "location or encryption attributes: use MetadataDirective=REPLACE")
+        # same bytes, new headers: the value's attributes are replaced in place
+        kept = {k: v for k, v in source_attrs.items() if k in ("e", "p")}
+        s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored}))
+    else:
         size = decode_data(raw).size
-        raw = await s3.values.put(ctx.key, s3.values.stream(src, raw, expect=size), size)
+        raw = await s3.values.put(ctx.key, s3.values.stream(src, raw, expect=size), size, _encoded({"h": stored}))
         s3.meta.drop_etag(ctx.key)
     data = decode_data(raw)
     return ctx.xml("CopyObjectResult", [("LastModified", iso_time(data.mtime_ms)),

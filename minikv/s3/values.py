@@ -3,17 +3,24 @@
 The record is the lock, as in the plain API (see api/app.py), and the volumes' atomic rename is
 the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, CompleteMultipartUpload):
 
-1. record -> PENDING(put, new volumes, previous record) before the body is read; a PENDING
-   record already there is 409 OperationAborted. Readers of the S3 API keep being served the
-   previous value meanwhile (`readable`); the plain API answers 404 for a key mid-write.
+1. record -> PENDING(put, new volumes, previous record) before the body is read. A PENDING
+   record already there (another write or delete of the key in flight) is waited for, up to
+   LOCK_WAIT seconds, then taken: concurrent S3 writes of one key all succeed, one after the
+   other, and the last one wins, as in S3 (the plain API keeps its 409). One at a time, because
+   every value of a key lives in the same file on a volume: two uploads renaming over it at
+   once could leave different values on different replicas. Readers of the S3 API keep being
+   served the previous value meanwhile (`readable`); the plain API answers 404 for a key
+   mid-write.
 2. One streaming PUT per replica. nginx spools each upload to a temp file and renames it over
    the old file only when the whole body has arrived, so until then every replica still holds
    the old value. We hold back the last chunk (or, without a length, the chunked terminator)
    until the body has been read completely and every check passed (length, Content-MD5,
    x-amz-content-sha256, checksums, chunk signatures): any failure before that point aborts
    the uploads, nginx drops them, and the previous record is put back untouched.
-3. Send the last bytes: each volume renames. All answered 2xx -> record LIVE -> 200; then the
-   files on volumes the previous record named and the new one does not are deleted.
+3. Send the last bytes: each volume renames. All answered 2xx -> the new value's attributes
+   (meta.py, keyed by the value's fingerprint) -> record LIVE -> 200; then the files on volumes
+   the previous record named and the new one does not are deleted, and so are the previous
+   value's attributes.
 4. If only some volumes renamed (a disk failed at the very end), the replicas differ: we roll
    forward by copying the new value from one that has it to the others; if that fails too, the
    key is deleted on every volume and the record dropped (the error says so). A failed
@@ -41,6 +48,8 @@ import os
 import random
 from collections.abc import AsyncIterator
 
+import lmdb
+
 from minikv import replicas
 from minikv.api.digest import StreamingMd5
 from minikv.http.client import VolumeError
@@ -64,6 +73,7 @@ from minikv.placement import epoch, host_of, key2volume
 from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
+LOCK_WAIT = 30.0  # seconds an S3 write or delete waits for the one in flight on its key
 
 
 
@@ -82,12 +92,19 @@ def readable(raw: bytes | None) -> bytes | None:
 
 
 async def read_chunk(body, stall: float) -> bytes:
-    """The next chunk of a volume's answer, failing after `stall` seconds without one. Chunks
-    already buffered are taken without a timer (wait_for costs a task per call). The wait is
-    for the volume only: while we wait for a slow client instead, no timer runs."""
-    if body._chunks or body.done:
+    """The next chunk of a volume's answer, failing after `stall` seconds without one
+    (VolumeError). Chunks already buffered are taken without a timer; a wait is watched by the
+    pool's watchdog (wait_for would cost a task and a timer per chunk: thousands for a big
+    value, a good part of an S3 GET's time). The wait is for the volume only: while we wait
+    for a slow client instead, no timer runs."""
+    conn = body._conn
+    if body._chunks or body.done or conn is None:
         return await body.read()
-    return await asyncio.wait_for(body.read(), stall)
+    conn.watch(stall, f"sent nothing for {stall:g}s")
+    try:
+        return await body.read()
+    finally:
+        conn.unwatch()
 
 
 def busy() -> S3Error:
@@ -105,6 +122,7 @@ class Values:
         self.health = health
         self.pid = os.getpid()
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+        self.meta = None  # the S3 meta store (meta.py), for object attributes; set by the S3 front
 
     def placement(self, key: bytes) -> list[str]:
         c = self.config
@@ -167,22 +185,38 @@ class Values:
             raise S3Error("InternalError", f"volume {conn.host} sent {size} bytes of a {expect}-byte value")
 
     # -- writes --
-    def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
-        """Take the key's record to PENDING(put): (pending, previous record, new volumes)."""
-        raw = self.store.get(key)
-        if raw is not None and raw[0] == PENDING:
-            raise busy()
-        volumes = self.placement(key)
-        pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
-        done, _ = self.store.cas(key, raw, pending)
-        if not done:
-            raise busy()
-        return pending, raw, volumes
+    async def unlocked(self, key: bytes) -> bytes | None:
+        """The key's record once no write or delete holds it (polled: the lock is in the index,
+        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        delay = 0.002
+        while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
+            if loop.time() >= deadline:
+                raise S3Error("OperationAborted", f"another write or delete of this key has been in flight for "
+                              f"over {LOCK_WAIT:g}s; try again later")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return raw
 
-    async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None) -> bytes:
+    async def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
+        """Take the key's record to PENDING(put), after any write in flight: (pending, previous
+        record, new volumes)."""
+        volumes = self.placement(key)
+        while True:
+            raw = await self.unlocked(key)
+            pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+            done, _ = self.store.cas(key, raw, pending)
+            if done:
+                return pending, raw, volumes
+            # another writer took it between our read and our CAS: queue behind it
+
+    async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None,
+                  attrs: bytes | None = None) -> bytes:
         """Store what `source` yields as the value of `key` (replacing any), following the
-        order above; the new LIVE record. `source` raises at its end if a check fails."""
-        pending, previous, volumes = self.lock(key)
+        order above, with the encoded attributes `attrs` (attrs.py); the new LIVE record.
+        `source` raises at its end if a check fails."""
+        pending, previous, volumes = await self.lock(key)
         try:
             size, md5 = await self._write(key, source, length, volumes, pending, previous)
         except BaseException:
@@ -191,16 +225,28 @@ class Values:
             raise
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
         try:
+            if attrs and self.meta is not None:  # before the record: never a new value with old headers
+                self.meta.put_attrs(key, live, attrs)
             done, _ = self.store.cas(key, pending, live)
-        except StoreError as e:
+        except (StoreError, lmdb.Error) as e:
             raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous is not None:
+            self._forget(key, previous, live)
             stale = [v for v in decode_data(previous).volumes if v not in volumes]
             if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
                 await replicas.delete_all(self.pool, stale, key)
         return live
+
+    def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
+        """Drop the attributes of a replaced or deleted value (one left behind is never read)."""
+        if self.meta is None or (live is not None and live[1:33] == previous[1:33]):
+            return
+        try:
+            self.meta.drop_attrs(key, previous)
+        except lmdb.Error:
+            pass
 
     async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
         """The value is on the volumes but its record cannot be made LIVE: do what recovery
@@ -328,11 +374,9 @@ class Values:
     async def delete(self, key: bytes, protect: bool = False) -> bool:
         """Delete the key's value and record; False if there was none. With `protect`
         (-protect) a LIVE key is only unlinked, as the plain API would require first."""
-        raw = self.store.get(key)
+        raw = await self.unlocked(key)
         if raw is None:
             return False
-        if raw[0] == PENDING:
-            raise busy()
         if protect and raw[0] == LIVE:
             done, _ = self.store.cas(key, raw, with_state(raw, UNLINKED))
             if not done:
@@ -351,4 +395,5 @@ class Values:
         if why := self._drop(key, pending):
             raise S3Error("ServiceUnavailable", f"{why}; the object's files are deleted, and so will be its "
                           "record once the index can write again")
+        self._forget(key, raw, None)
         return True
