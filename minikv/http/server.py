@@ -375,10 +375,8 @@ class Connection(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 body = None
                 length = -1
-            elif name == b"expect" and value.lower() != b"100-continue":
-                raise HTTPError(417, "only `Expect: 100-continue` is supported")
-        if body is None:
-            body = Body(self, any(n == b"expect" for n, _ in headers))
+        if body is None:  # an Expect other than 100-continue is ignored, as S3 and nginx do
+            body = Body(self, any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers))
             self._body_left = length
         method = p.get_method()
         if self._rebalance:
