@@ -35,7 +35,7 @@ from minikv.s3.values import Values
 # for a read or write of the object or bucket itself
 UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "replication", "logging",
                "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
-               "restore", "select", "versions", "accelerate", "requestPayment", "analytics", "metrics",
+               "restore", "select", "accelerate", "requestPayment", "analytics", "metrics",
                "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
 
 BUCKET_NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
@@ -118,6 +118,8 @@ class S3:
                     return ctx.xml("LocationConstraint", [])
                 if "versioning" in p:
                     return ctx.xml("VersioningConfiguration", [])
+                if "versions" in p:  # no versioning: every object is its one version, "null"
+                    return listing.list_objects(self, ctx, versions=True)
                 return listing.list_objects(self, ctx)
             if m == b"HEAD":
                 # any bucket a key could be in "exists"; a name no S3 bucket could have does not
