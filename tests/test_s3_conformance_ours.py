@@ -6,6 +6,7 @@ answered 501."""
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 
 import pytest
@@ -13,6 +14,9 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config as BotoConfig  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
+
+from minikv.s3.buckets import check_name  # noqa: E402
+from minikv.s3.errors import S3Error  # noqa: E402
 
 
 def client(port: int):
@@ -111,6 +115,84 @@ def test_v1_url_encoding_leaves_the_prefix_as_given(s3):
     r = s3.list_objects(Bucket=b, Prefix="a b+c", EncodingType="url", Delimiter="/")
     assert r["Prefix"] == "a b+c"
     assert [p["Prefix"] for p in r["CommonPrefixes"]] == ["a%20b%2Bc/"]
+
+
+
+# ---------------------------------------------------------------- buckets
+
+def test_bucket_names_are_checked_as_s3_does():
+    for name in [b"abc", b"my.bucket-1", b"a" * 63, b"0ab"]:
+        check_name(name)
+    for name in [b"ab", b"a" * 64, b"Upper", b"under_score", b"-start", b"end-", b"a..b", b"a.-b",
+                 b"192.168.5.4", b"xn--abc", b"abc-s3alias", b"sp ace"]:
+        with pytest.raises(S3Error) as e:
+            check_name(name)
+        assert e.value.code == "InvalidBucketName", name
+
+
+def test_create_head_list_delete_bucket(s3, cluster):
+    b = new_bucket()
+    assert error(s3.head_bucket, Bucket=b) == (404, "404")  # HEAD: no body, so no code but the status
+    assert error(s3.delete_bucket, Bucket=b) == (404, "NoSuchBucket")
+    assert error(s3.list_objects_v2, Bucket=b) == (404, "NoSuchBucket")
+    assert error(s3.list_object_versions, Bucket=b) == (404, "NoSuchBucket")
+    assert error(s3.get_object, Bucket=b, Key="k") == (404, "NoSuchBucket")
+    before = time.time()
+    s3.create_bucket(Bucket=b)
+    s3.create_bucket(Bucket=b)  # again: 200, as S3 answers in us-east-1
+    s3.head_bucket(Bucket=b)
+    assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
+    assert error(s3.get_object, Bucket=b, Key="k") == (404, "NoSuchKey")
+    listed = {x["Name"]: x["CreationDate"] for x in s3.list_buckets()["Buckets"]}
+    assert b in listed, "an empty bucket is listed"
+    assert before - 2 <= listed[b].timestamp() <= time.time() + 2
+    s3.put_object(Bucket=b, Key="k", Body=b"x")
+    assert error(s3.delete_bucket, Bucket=b) == (409, "BucketNotEmpty")
+    s3.delete_object(Bucket=b, Key="k")
+    s3.delete_bucket(Bucket=b)
+    assert error(s3.head_bucket, Bucket=b) == (404, "404")
+    assert b not in {x["Name"] for x in s3.list_buckets()["Buckets"]}
+    assert error(s3.create_bucket, Bucket="Bad_Name") == (400, "InvalidBucketName")
+
+
+def test_keys_of_the_plain_api_make_their_bucket(s3, cluster):
+    b = new_bucket()
+    before = time.time()
+    assert cluster.put(f"/{b}/plain", b"hello").status_code == 201
+    s3.head_bucket(Bucket=b)
+    listed = {x["Name"]: x["CreationDate"] for x in s3.list_buckets()["Buckets"]}
+    assert before - 2 <= listed[b].timestamp() <= time.time() + 2  # dated by its key, not 1970
+    assert s3.get_object(Bucket=b, Key="plain")["Body"].read() == b"hello"
+    assert error(s3.delete_bucket, Bucket=b) == (409, "BucketNotEmpty")
+
+
+def test_an_s3_write_makes_its_bucket_which_outlives_its_keys(s3):
+    b = new_bucket()
+    s3.put_object(Bucket=b, Key="k", Body=b"x")  # no CreateBucket first, as the README's example
+    s3.delete_object(Bucket=b, Key="k")
+    s3.head_bucket(Bucket=b)
+    assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
+    assert b in {x["Name"] for x in s3.list_buckets()["Buckets"]}
+    s3.delete_bucket(Bucket=b)
+    assert error(s3.head_bucket, Bucket=b) == (404, "404")
+
+
+def test_list_buckets_pages_over_made_and_key_buckets(s3, cluster):
+    tag = uuid.uuid4().hex[:8]
+    names = [f"pg{tag}-a", f"pg{tag}-b", f"pg{tag}-c", f"pg{tag}-d"]
+    s3.create_bucket(Bucket=names[0])
+    cluster.put(f"/{names[1]}/k", b"x")
+    s3.create_bucket(Bucket=names[2])
+    s3.put_object(Bucket=names[3], Key="k", Body=b"x")
+    s3.create_bucket(Bucket=names[3])  # both made and with keys: listed once
+    seen, kw = [], {"Prefix": f"pg{tag}", "MaxBuckets": 1}
+    for _ in range(10):
+        r = s3.list_buckets(**kw)
+        seen += [x["Name"] for x in r["Buckets"]]
+        if "ContinuationToken" not in r:
+            break
+        kw["ContinuationToken"] = r["ContinuationToken"]
+    assert seen == names
 
 
 

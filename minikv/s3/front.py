@@ -2,9 +2,8 @@
 operation each one is. Every S3 error is rendered here, in one place (`Ctx.error`).
 
 Requests are path-style: `/<bucket>/<object key>`, and the object `k` of bucket `b` is the
-plain API's key `/b/k`, so both APIs see the same data. Buckets are not stored: a bucket is
-the set of keys under `/b/`; CreateBucket and HeadBucket are harmless no-ops, DeleteBucket
-succeeds when nothing is left under it.
+plain API's key `/b/k`, so both APIs see the same data. A bucket exists when CreateBucket made
+it or any key lies under `/b/` (buckets.py); DeleteBucket refuses while keys are left under it.
 
 Authentication: with no credentials configured every request is served, signed or not (the
 plain API is open too). With `-s3-access-key` and `-s3-secret-key` (or MINIKV_S3_ACCESS_KEY /
@@ -18,12 +17,11 @@ request that carries no signature at all.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from minikv.http.response import ClientGone, HTTPError
 from minikv.index.store import StoreError
-from minikv.s3 import listing, multipart, objects
+from minikv.s3 import buckets, listing, multipart, objects
 from minikv.s3.common import Ctx, md5_etag
 from minikv.s3.detect import claims
 from minikv.s3.errors import S3Error, from_http
@@ -37,8 +35,6 @@ UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "repl
                "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
                "restore", "select", "accelerate", "requestPayment", "analytics", "metrics",
                "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
-
-BUCKET_NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
 
 
 class S3:
@@ -73,9 +69,9 @@ class S3:
                 ctx.signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
             result = self._dispatch(ctx)
         except S3Error as e:
-            return ctx.error(e)
+            return self._error(ctx, e)
         except HTTPError as e:
-            return ctx.error(from_http(e))
+            return self._error(ctx, from_http(e))
         except StoreError as e:
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except Exception as e:  # a bug: an S3 error the client can read, as in _finish
@@ -89,9 +85,9 @@ class S3:
         try:
             return await coro
         except S3Error as e:
-            return ctx.error(e)
+            return self._error(ctx, e)
         except HTTPError as e:
-            return ctx.error(from_http(e))
+            return self._error(ctx, from_http(e))
         except StoreError as e:  # the index's disk is full: nothing was acknowledged
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except ClientGone:
@@ -99,6 +95,13 @@ class S3:
         except Exception as e:  # a bug must cost one request, as an S3 error the client can read
             print(f"minikv s3: internal error: {e!r}", file=sys.stderr)
             return ctx.error(S3Error("InternalError", f"internal error: {e}"))
+
+    def _error(self, ctx: Ctx, e: S3Error) -> bytes:
+        # no such key in a bucket that does not exist: S3 names the bucket (a lookup on 404s only)
+        if e.code == "NoSuchKey" and ctx.bucket and not buckets.exists(self, ctx.bucket):
+            e = S3Error("NoSuchBucket", "The specified bucket does not exist",
+                        BucketName=ctx.bucket.decode("utf-8", "replace"))
+        return ctx.error(e)
 
     def _dispatch(self, ctx: Ctx):
         m, p = ctx.method, ctx.params
@@ -122,17 +125,15 @@ class S3:
                     return listing.list_objects(self, ctx, versions=True)
                 return listing.list_objects(self, ctx)
             if m == b"HEAD":
-                # any bucket a key could be in "exists"; a name no S3 bucket could have does not
-                # (pyarrow probes with `$extremelyunlikelytoexist$` and needs an error back)
-                if not BUCKET_NAME.fullmatch(ctx.bucket):
-                    raise S3Error("NoSuchBucket", "The specified bucket does not exist")
-                return ctx.respond(200, [("x-amz-bucket-region", "us-east-1")])
+                return buckets.head(self, ctx)
             if m == b"PUT":
-                return ctx.respond(200, [("Location", "/" + ctx.bucket.decode("latin-1"))])
+                return buckets.create(self, ctx)
             if m == b"DELETE":
+                buckets.must_exist(self, ctx.bucket)
                 if not listing.bucket_is_empty(self, ctx):
                     raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty",
                                   BucketName=ctx.bucket.decode("utf-8", "replace"))
+                self.meta.drop_bucket(ctx.bucket)
                 return ctx.respond(204)
             if m == b"POST" and "delete" in p:
                 return objects.delete_objects(self, ctx)
@@ -143,6 +144,8 @@ class S3:
             return objects.get_object(self, ctx)
         if m == b"HEAD":
             return objects.head_object(self, ctx)
+        if m in (b"PUT", b"POST"):
+            buckets.made_by_write(self, ctx.bucket)
         if m == b"PUT":
             if "uploadId" in p or "partNumber" in p:
                 return multipart.upload_part(self, ctx)

@@ -16,6 +16,7 @@ import binascii
 from urllib.parse import quote
 
 from minikv.index.record import decode_data
+from minikv.s3.buckets import must_exist
 from minikv.s3.common import Ctx, md5_etag, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.values import readable
@@ -117,6 +118,8 @@ def list_objects(s3, ctx: Ctx, versions: bool = False) -> bytes:
             start = past if past is not None else base[:-1] + b"0"  # "0" follows "/": past the bucket
     # MaxKeys=0 asks for nothing, and S3 says so without a truncated page
     entries, resume = scan(s3.store, base + prefix, start, delimiter, limit) if limit else ([], None)
+    if not entries and resume is None:
+        must_exist(s3, ctx.bucket)  # an empty answer for a bucket that is not there would be a lie
     truncated = resume is not None
     etags = s3.meta.etags_for([(k, r) for kind, k, r in entries if kind == "key"])
     cut = len(base)
@@ -208,22 +211,39 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
         if not resume.startswith(start):
             raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
         start = resume
-    tops, resume = buckets(s3.store, start, limit)
-    if tops and not tops[-1].startswith(b"/" + prefix):  # sorted: the prefix's folders are together
-        tops = [t for t in tops if t.startswith(b"/" + prefix)]
-        resume = None
-    if resume is not None and not resume.startswith(b"/" + prefix):
+    # the buckets with keys (the index's folders) and those CreateBucket made, merged in order;
+    # each source is complete only up to where it was cut
+    tops, cut = buckets(s3.store, start, limit)
+    made_list = s3.meta.buckets_from(start, limit + 1)
+    made = dict(made_list)
+    if len(made_list) > limit:
+        cut = made_list[limit][0] if cut is None else min(cut, made_list[limit][0])
+    known = sorted(t for t in set(tops) | set(made) if cut is None or t < cut)
+    names, resume = (known[:limit], known[limit]) if len(known) > limit else (known, cut)
+    tops = [t for t in names if t.startswith(b"/" + prefix)]  # sorted: the prefix's folders are together
+    if len(tops) < len(names) or (resume is not None and not resume.startswith(b"/" + prefix)):
         resume = None
     items: list[tuple] = [
         ("Owner", OWNER),
         ("Buckets", [("Bucket", [("Name", t[1:-1].decode("utf-8", "replace")),
-                                 ("CreationDate", iso_time(0))]) for t in tops]),
+                                 ("CreationDate", iso_time(made[t] if t in made else first_write(s3.store, t)))])
+                     for t in tops]),
     ]
     if resume is not None:
         items.append(("ContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
     if prefix:
         items.append(("Prefix", prefix.decode("utf-8", "replace")))
     return ctx.xml("ListAllMyBucketsResult", items)
+
+
+def first_write(store, top: bytes) -> int:
+    """A bucket that only its keys make: dated by its first key's last write (ms). A few
+    records at most: a page names up to MAX_BUCKETS buckets."""
+    pairs, _ = store.scan(top, top, 8)
+    for _, raw in pairs:
+        if (rec := readable(raw)) is not None:
+            return decode_data(rec).mtime_ms
+    return 0  # only keys being written or unlinked: no date to give
 
 
 def bucket_is_empty(s3, ctx: Ctx) -> bool:
