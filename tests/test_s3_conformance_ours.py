@@ -1,7 +1,7 @@
 """What the S3 conformance suite found, each checked on its own with boto3 (or raw HTTP where
 boto3 hides the answer) against a real cluster: ListObjectVersions, listing details, buckets
-that exist or not, server-side encryption refused, Expect values ignored, unclaimed operations
-answered 501."""
+that exist or not, server-side encryption and conditional writes refused, Expect values
+ignored, unclaimed operations answered 501."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+import requests
 
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config as BotoConfig  # noqa: E402
@@ -197,6 +198,40 @@ def test_list_buckets_pages_over_made_and_key_buckets(s3, cluster):
 
 
 # ---------------------------------------------------------------- refusals
+
+def test_server_side_encryption_is_refused_and_nothing_stored(s3):
+    b = new_bucket()
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"x", ServerSideEncryption="AES256") == \
+        (501, "NotImplemented")
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"x", SSECustomerAlgorithm="AES256",
+                 SSECustomerKey="k" * 32) == (501, "NotImplemented")
+    assert error(s3.create_multipart_upload, Bucket=b, Key="k", ServerSideEncryption="aws:kms") == \
+        (501, "NotImplemented")
+    assert error(s3.head_object, Bucket=b, Key="k")[0] == 404
+
+
+def test_conditional_writes_are_refused_not_ignored(s3):
+    b = new_bucket()
+    s3.put_object(Bucket=b, Key="k", Body=b"old")
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"new", IfNoneMatch="*") == (501, "NotImplemented")
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"new", IfMatch='"0"') == (501, "NotImplemented")
+    assert error(s3.delete_object, Bucket=b, Key="k", IfMatch='"0"') == (501, "NotImplemented")
+    assert s3.get_object(Bucket=b, Key="k")["Body"].read() == b"old"
+
+
+@pytest.mark.parametrize("method,query", [
+    ("GET", "acl"), ("PUT", "acl"), ("GET", "tagging"), ("PUT", "lifecycle"), ("GET", "policy"),
+    ("PUT", "encryption"), ("GET", "object-lock"), ("POST", "select"),
+])
+def test_unclaimed_operations_answer_501(s3, cluster, method, query):
+    b = new_bucket()
+    s3.put_object(Bucket=b, Key="k", Body=b"x")
+    for target in (f"/{b}?{query}", f"/{b}/k?{query}"):
+        r = requests.request(method, cluster.url(target), data=b"<x/>" if method != "GET" else None,
+                             headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+        assert r.status_code == 501 and b"<Code>NotImplemented</Code>" in r.content, (target, r.text[:200])
+    assert s3.get_object(Bucket=b, Key="k")["Body"].read() == b"x"
+
 
 def test_expect_other_than_100_continue_is_ignored(cluster):
     with socket.create_connection(("127.0.0.1", cluster.port), timeout=5) as c:

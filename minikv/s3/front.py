@@ -36,6 +36,13 @@ UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "repl
                "restore", "select", "accelerate", "requestPayment", "analytics", "metrics",
                "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
 
+# server-side encryption asked of a write (or of a copy's source): minikv stores values as
+# they come, so it says so rather than let the client believe they are encrypted
+SSE_HEADERS = (b"x-amz-server-side-encryption", b"x-amz-copy-source-server-side-encryption")
+# conditional writes and deletes (If-Match on a PUT...): not implemented, and ignoring them would
+# overwrite or delete what the client asked to keep
+WRITE_CONDITIONS = (b"if-match", b"if-none-match", b"x-amz-if-match-last-modified-time", b"x-amz-if-match-size")
+
 
 class S3:
     def __init__(self, app):
@@ -109,6 +116,9 @@ class S3:
             print(f"S3 {m.decode()} bucket={ctx.bucket!r} object={ctx.obj!r} {sorted(p)}", file=sys.stderr)
         if any(word in p for word in UNSUPPORTED):
             raise S3Error("NotImplemented", "this S3 sub-resource is not implemented by minikv")
+        if any(name.startswith(SSE_HEADERS) for name, _ in ctx.req.headers):
+            raise S3Error("NotImplemented", "server-side encryption is not implemented by minikv: "
+                          "values are stored as sent; send the request without x-amz-server-side-encryption*")
         if not ctx.bucket:
             if m == b"GET" and ctx.key == b"/":
                 return listing.list_buckets(self, ctx)
@@ -144,6 +154,9 @@ class S3:
             return objects.get_object(self, ctx)
         if m == b"HEAD":
             return objects.head_object(self, ctx)
+        if m != b"GET" and m != b"HEAD" and any(ctx.header(h) is not None for h in WRITE_CONDITIONS):
+            raise S3Error("NotImplemented", "conditional writes and deletes (If-Match, If-None-Match...) "
+                          "are not implemented by minikv: send the request without them")
         if m in (b"PUT", b"POST"):
             buckets.made_by_write(self, ctx.bucket)
         if m == b"PUT":
