@@ -5,7 +5,10 @@ ignored, unclaimed operations answered 501."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 
@@ -15,6 +18,7 @@ import requests
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config as BotoConfig  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
+from cluster import Cluster, open_dir  # noqa: E402
 
 from minikv.s3.buckets import check_name  # noqa: E402
 from minikv.s3.errors import S3Error  # noqa: E402
@@ -196,6 +200,39 @@ def test_list_buckets_pages_over_made_and_key_buckets(s3, cluster):
     assert seen == names
 
 
+
+# The index's disk fills up: making a bucket answers 503 with the reason, as writes do (not a
+# 500), and an S3 write into a new bucket fails as any write does, by the index's 503.
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root (mount a tmpfs)")
+def test_buckets_on_a_full_index_disk_answer_503():
+    root = open_dir()
+    db = root / "index"
+    db.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(db)], check=True)
+    c = Cluster(root)
+    try:
+        c.start()
+        s3 = client(c.port)
+        s3.create_bucket(Bucket="before")
+        with open(db / "ballast", "wb") as f:  # all but the last 64 KB of the tmpfs
+            f.write(b"\0" * (shutil.disk_usage(db).free - (64 << 10)))
+        made = None
+        for i in range(3000):  # a small commit may still fit in pages LMDB freed: until one fails
+            try:
+                s3.create_bucket(Bucket=f"full-{i:05d}-" + "b" * 40)
+            except ClientError as e:
+                made = e.response
+                break
+        assert made is not None, "the index never ran out of space"
+        assert (made["ResponseMetadata"]["HTTPStatusCode"], made["Error"]["Code"]) == (503, "ServiceUnavailable")
+        assert "could not be recorded" in made["Error"]["Message"]
+        status, code = error(s3.put_object, Bucket="new-after-full", Key="k" * 100, Body=b"x")
+        assert (status, code) == (503, "ServiceUnavailable")
+        s3.head_bucket(Bucket="before")  # reads go on
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(db)], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 # ---------------------------------------------------------------- refusals
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import time
 
+import lmdb
+
 from minikv.s3.errors import S3Error
 
 _NAME = re.compile(rb"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -69,7 +71,10 @@ def create(s3, ctx) -> bytes:
     """CreateBucket. Making a bucket one already has answers 200, as S3 does in us-east-1 (the
     only region minikv names); a bucket that exists through its keys gets its date now."""
     check_name(ctx.bucket)
-    s3.meta.create_bucket(ctx.bucket, int(time.time() * 1000))
+    try:
+        s3.meta.create_bucket(ctx.bucket, int(time.time() * 1000))
+    except lmdb.Error as e:  # the index's disk is full, say: nothing was made
+        raise S3Error("ServiceUnavailable", f"the bucket could not be recorded: {e}") from None
     return ctx.respond(200, [("Location", "/" + ctx.bucket.decode("latin-1"))])
 
 
@@ -77,7 +82,18 @@ def made_by_write(s3, name: bytes) -> None:
     """Before an S3 write into `name`: record the bucket if nobody made it yet (one read when
     it was; a name CreateBucket would refuse is left to exist through its keys only)."""
     if s3.meta.bucket_created(name) is None and name_problem(name) is None:
-        s3.meta.create_bucket(name, int(time.time() * 1000))
+        try:
+            s3.meta.create_bucket(name, int(time.time() * 1000))
+        except lmdb.Error:  # a full disk: the write itself will say so, and its key makes the bucket
+            pass
+
+
+def forget(s3, name: bytes) -> None:
+    """DeleteBucket's last step, once nothing is left under the bucket."""
+    try:
+        s3.meta.drop_bucket(name)
+    except lmdb.Error as e:  # the index's disk is full, say: the bucket stays
+        raise S3Error("ServiceUnavailable", f"the bucket could not be deleted: {e}") from None
 
 
 def head(s3, ctx) -> bytes:

@@ -143,7 +143,7 @@ class S3:
                 if not listing.bucket_is_empty(self, ctx):
                     raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty",
                                   BucketName=ctx.bucket.decode("utf-8", "replace"))
-                self.meta.drop_bucket(ctx.bucket)
+                buckets.forget(self, ctx.bucket)
                 return ctx.respond(204)
             if m == b"POST" and "delete" in p:
                 return objects.delete_objects(self, ctx)
