@@ -247,6 +247,17 @@ def test_server_side_encryption_is_refused_and_nothing_stored(s3):
     assert error(s3.head_object, Bucket=b, Key="k")[0] == 404
 
 
+def test_object_lock_and_tagging_are_refused_not_ignored(s3):
+    b = new_bucket()
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"x", ObjectLockMode="COMPLIANCE",
+                 ObjectLockRetainUntilDate="2099-01-01T00:00:00Z") == (501, "NotImplemented")
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"x", ObjectLockLegalHoldStatus="ON") == \
+        (501, "NotImplemented")
+    assert error(s3.create_bucket, Bucket=b, ObjectLockEnabledForBucket=True) == (501, "NotImplemented")
+    assert error(s3.put_object, Bucket=b, Key="k", Body=b"x", Tagging="a=b") == (501, "NotImplemented")
+    assert error(s3.head_bucket, Bucket=b)[0] == 404  # nothing made
+
+
 def test_conditional_writes_are_refused_not_ignored(s3):
     b = new_bucket()
     s3.put_object(Bucket=b, Key="k", Body=b"old")

@@ -36,9 +36,16 @@ UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "repl
                "restore", "select", "accelerate", "requestPayment", "analytics", "metrics",
                "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
 
-# server-side encryption asked of a write (or of a copy's source): minikv stores values as
-# they come, so it says so rather than let the client believe they are encrypted
-SSE_HEADERS = (b"x-amz-server-side-encryption", b"x-amz-copy-source-server-side-encryption")
+# headers that ask for what minikv does not do: it says so rather than let the client believe
+# the value is encrypted, retained or tagged
+REFUSED_HEADERS = {
+    b"x-amz-server-side-encryption": "server-side encryption (values are stored as sent)",
+    b"x-amz-copy-source-server-side-encryption": "server-side encryption (values are stored as sent)",
+    b"x-amz-object-lock": "object lock (nothing keeps a value from being deleted)",
+    b"x-amz-bucket-object-lock-enabled": "object lock (nothing keeps a value from being deleted)",
+    b"x-amz-tagging": "object tagging",
+}
+_REFUSED = tuple(REFUSED_HEADERS)
 # conditional writes and deletes (If-Match on a PUT...): not implemented, and ignoring them would
 # overwrite or delete what the client asked to keep
 WRITE_CONDITIONS = (b"if-match", b"if-none-match", b"x-amz-if-match-last-modified-time", b"x-amz-if-match-size")
@@ -116,9 +123,11 @@ class S3:
             print(f"S3 {m.decode()} bucket={ctx.bucket!r} object={ctx.obj!r} {sorted(p)}", file=sys.stderr)
         if any(word in p for word in UNSUPPORTED):
             raise S3Error("NotImplemented", "this S3 sub-resource is not implemented by minikv")
-        if any(name.startswith(SSE_HEADERS) for name, _ in ctx.req.headers):
-            raise S3Error("NotImplemented", "server-side encryption is not implemented by minikv: "
-                          "values are stored as sent; send the request without x-amz-server-side-encryption*")
+        for name, _ in ctx.req.headers:
+            if name.startswith(_REFUSED):
+                what = next(v for k, v in REFUSED_HEADERS.items() if name.startswith(k))
+                raise S3Error("NotImplemented", f"{what} is not implemented by minikv: send the request "
+                              f"without the header {name.decode('latin-1')}")
         if not ctx.bucket:
             if m == b"GET" and ctx.key == b"/":
                 return listing.list_buckets(self, ctx)
