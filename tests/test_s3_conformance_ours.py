@@ -264,6 +264,8 @@ def test_conditional_writes_are_refused_not_ignored(s3):
     assert error(s3.put_object, Bucket=b, Key="k", Body=b"new", IfNoneMatch="*") == (501, "NotImplemented")
     assert error(s3.put_object, Bucket=b, Key="k", Body=b"new", IfMatch='"0"') == (501, "NotImplemented")
     assert error(s3.delete_object, Bucket=b, Key="k", IfMatch='"0"') == (501, "NotImplemented")
+    assert error(s3.delete_objects, Bucket=b, Delete={"Objects": [{"Key": "k", "ETag": '"0"'}]}) == \
+        (501, "NotImplemented")
     assert s3.get_object(Bucket=b, Key="k")["Body"].read() == b"old"
 
 
