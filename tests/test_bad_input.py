@@ -26,7 +26,6 @@ def raw(cluster, data: bytes) -> bytes:
     (b"GET /x HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
     (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),
     (b"NONSENSE\r\n\r\n", b"400"),
-    (b"GET / HTTP/1.1\r\nExpect: something\r\n\r\n", b"417"),
     (b"BREW /coffee HTTP/1.1\r\n\r\n", b"400"),
 ])
 def test_bad_requests_get_a_4xx_with_a_reason(cluster, data, status):

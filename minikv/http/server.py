@@ -392,12 +392,10 @@ class Connection(asyncio.Protocol):
                 body = None
                 length = -1
                 codings = True
-            elif name == b"expect" and value.lower() != b"100-continue":
-                raise HTTPError(417, "only `Expect: 100-continue` is supported")
         if codings:
             _check_codings(headers, p.get_http_version())
-        if body is None:
-            body = Body(self, any(n == b"expect" for n, _ in headers))
+        if body is None:  # an Expect other than 100-continue is ignored, as S3 and nginx do
+            body = Body(self, any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers))
             self._body_left = self._body_mark = length
             self._body_since = self.last
         method = p.get_method()

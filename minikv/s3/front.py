@@ -2,9 +2,8 @@
 operation each one is. Every S3 error is rendered here, in one place (`Ctx.error`).
 
 Requests are path-style: `/<bucket>/<object key>`, and the object `k` of bucket `b` is the
-plain API's key `/b/k`, so both APIs see the same data. Buckets are not stored: a bucket is
-the set of keys under `/b/`; CreateBucket and HeadBucket are harmless no-ops, DeleteBucket
-succeeds when nothing is left under it.
+plain API's key `/b/k`, so both APIs see the same data. A bucket exists when CreateBucket made
+it or any key lies under `/b/` (buckets.py); DeleteBucket refuses while keys are left under it.
 
 Authentication: with no credentials configured every request is served, signed or not (the
 plain API is open too). With `-s3-access-key` and `-s3-secret-key` (or MINIKV_S3_ACCESS_KEY /
@@ -18,12 +17,11 @@ request that carries no signature at all.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from minikv.http.response import ClientGone, HTTPError
 from minikv.index.store import StoreError
-from minikv.s3 import listing, multipart, objects
+from minikv.s3 import buckets, listing, multipart, objects
 from minikv.s3.common import Ctx, md5_etag
 from minikv.s3.detect import claims
 from minikv.s3.errors import S3Error, from_http
@@ -35,10 +33,22 @@ from minikv.s3.values import Values
 # for a read or write of the object or bucket itself
 UNSUPPORTED = ("acl", "policy", "tagging", "cors", "lifecycle", "website", "replication", "logging",
                "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
-               "restore", "select", "versions", "accelerate", "requestPayment", "analytics", "metrics",
+               "restore", "select", "accelerate", "requestPayment", "analytics", "metrics",
                "inventory", "intelligent-tiering", "ownershipControls", "publicAccessBlock", "attributes")
 
-BUCKET_NAME = re.compile(rb"[A-Za-z0-9._-]{1,255}")
+# headers that ask for what minikv does not do: it says so rather than let the client believe
+# the value is encrypted, retained or tagged
+REFUSED_HEADERS = {
+    b"x-amz-server-side-encryption": "server-side encryption (values are stored as sent)",
+    b"x-amz-copy-source-server-side-encryption": "server-side encryption (values are stored as sent)",
+    b"x-amz-object-lock": "object lock (nothing keeps a value from being deleted)",
+    b"x-amz-bucket-object-lock-enabled": "object lock (nothing keeps a value from being deleted)",
+    b"x-amz-tagging": "object tagging",
+}
+_REFUSED = tuple(REFUSED_HEADERS)
+# conditional writes and deletes (If-Match on a PUT...): not implemented, and ignoring them would
+# overwrite or delete what the client asked to keep
+WRITE_CONDITIONS = (b"if-match", b"if-none-match", b"x-amz-if-match-last-modified-time", b"x-amz-if-match-size")
 
 
 class S3:
@@ -74,9 +84,9 @@ class S3:
                 ctx.signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
             result = self._dispatch(ctx)
         except S3Error as e:
-            return ctx.error(e)
+            return self._error(ctx, e)
         except HTTPError as e:
-            return ctx.error(from_http(e))
+            return self._error(ctx, from_http(e))
         except StoreError as e:
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except Exception as e:  # a bug: an S3 error the client can read, as in _finish
@@ -90,9 +100,9 @@ class S3:
         try:
             return await coro
         except S3Error as e:
-            return ctx.error(e)
+            return self._error(ctx, e)
         except HTTPError as e:
-            return ctx.error(from_http(e))
+            return self._error(ctx, from_http(e))
         except StoreError as e:  # the index's disk is full: nothing was acknowledged
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except ClientGone:
@@ -101,12 +111,24 @@ class S3:
             print(f"minikv s3: internal error: {e!r}", file=sys.stderr)
             return ctx.error(S3Error("InternalError", f"internal error: {e}"))
 
+    def _error(self, ctx: Ctx, e: S3Error) -> bytes:
+        # no such key in a bucket that does not exist: S3 names the bucket (a lookup on 404s only)
+        if e.code == "NoSuchKey" and ctx.bucket and not buckets.exists(self, ctx.bucket):
+            e = S3Error("NoSuchBucket", "The specified bucket does not exist",
+                        BucketName=ctx.bucket.decode("utf-8", "replace"))
+        return ctx.error(e)
+
     def _dispatch(self, ctx: Ctx):
         m, p = ctx.method, ctx.params
         if self.config.verbose:
             print(f"S3 {m.decode()} bucket={ctx.bucket!r} object={ctx.obj!r} {sorted(p)}", file=sys.stderr)
         if any(word in p for word in UNSUPPORTED):
             raise S3Error("NotImplemented", "this S3 sub-resource is not implemented by minikv")
+        for name, _ in ctx.req.headers:
+            if name.startswith(_REFUSED):
+                what = next(v for k, v in REFUSED_HEADERS.items() if name.startswith(k))
+                raise S3Error("NotImplemented", f"{what} is not implemented by minikv: send the request "
+                              f"without the header {name.decode('latin-1')}")
         if not ctx.bucket:
             if m == b"GET" and ctx.key == b"/":
                 return listing.list_buckets(self, ctx)
@@ -119,19 +141,19 @@ class S3:
                     return ctx.xml("LocationConstraint", [])
                 if "versioning" in p:
                     return ctx.xml("VersioningConfiguration", [])
+                if "versions" in p:  # no versioning: every object is its one version, "null"
+                    return listing.list_objects(self, ctx, versions=True)
                 return listing.list_objects(self, ctx)
             if m == b"HEAD":
-                # any bucket a key could be in "exists"; a name no S3 bucket could have does not
-                # (pyarrow probes with `$extremelyunlikelytoexist$` and needs an error back)
-                if not BUCKET_NAME.fullmatch(ctx.bucket):
-                    raise S3Error("NoSuchBucket", "The specified bucket does not exist")
-                return ctx.respond(200, [("x-amz-bucket-region", "us-east-1")])
+                return buckets.head(self, ctx)
             if m == b"PUT":
-                return ctx.respond(200, [("Location", "/" + ctx.bucket.decode("latin-1"))])
+                return buckets.create(self, ctx)
             if m == b"DELETE":
+                buckets.must_exist(self, ctx.bucket)
                 if not listing.bucket_is_empty(self, ctx):
                     raise S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty",
                                   BucketName=ctx.bucket.decode("utf-8", "replace"))
+                buckets.forget(self, ctx.bucket)
                 return ctx.respond(204)
             if m == b"POST" and "delete" in p:
                 return objects.delete_objects(self, ctx)
@@ -142,6 +164,11 @@ class S3:
             return objects.get_object(self, ctx)
         if m == b"HEAD":
             return objects.head_object(self, ctx)
+        if m != b"GET" and m != b"HEAD" and any(ctx.header(h) is not None for h in WRITE_CONDITIONS):
+            raise S3Error("NotImplemented", "conditional writes and deletes (If-Match, If-None-Match...) "
+                          "are not implemented by minikv: send the request without them")
+        if m in (b"PUT", b"POST"):
+            buckets.made_by_write(self, ctx.bucket)
         if m == b"PUT":
             if "uploadId" in p or "partNumber" in p:
                 return multipart.upload_part(self, ctx)

@@ -16,6 +16,7 @@ import binascii
 from urllib.parse import quote
 
 from minikv.index.record import decode_data
+from minikv.s3.buckets import must_exist
 from minikv.s3.common import Ctx, md5_etag, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.values import readable
@@ -83,8 +84,13 @@ def _text(data: bytes, url: bool) -> str:
     return data.decode("utf-8", "replace")
 
 
-def list_objects(s3, ctx: Ctx) -> bytes:
-    v2 = ctx.param("list-type") == "2"
+OWNER = [("ID", "minikv"), ("DisplayName", "minikv")]  # one user: whoever knows the key pair
+
+
+def list_objects(s3, ctx: Ctx, versions: bool = False) -> bytes:
+    """ListObjectsV2, ListObjects (V1), or with `versions` ListObjectVersions: a bucket without
+    versioning, so every object is its one version, `null`, and a key marker is a V1 marker."""
+    v2 = not versions and ctx.param("list-type") == "2"
     prefix = ctx.params.get("prefix", b"")
     delimiter = ctx.params.get("delimiter", b"")
     max_keys = ctx.int_param("max-keys", MAX_KEYS, 0, 1 << 31)
@@ -96,7 +102,7 @@ def list_objects(s3, ctx: Ctx) -> bytes:
     base = b"/" + ctx.bucket + b"/"
     start = b""
     token = ctx.param("continuation-token") if v2 else None
-    after = ctx.params.get("start-after" if v2 else "marker", b"")
+    after = ctx.params.get("start-after" if v2 else "key-marker" if versions else "marker", b"")
     if token:
         try:
             start = base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4))
@@ -110,21 +116,25 @@ def list_objects(s3, ctx: Ctx) -> bytes:
             # a common prefix, as NextMarker gives them: past all of its keys, not into them again
             past = successor(base + after)
             start = past if past is not None else base[:-1] + b"0"  # "0" follows "/": past the bucket
+    # MaxKeys=0 asks for nothing, and S3 says so without a truncated page
     entries, resume = scan(s3.store, base + prefix, start, delimiter, limit) if limit else ([], None)
-    if not limit:  # MaxKeys=0: no entries, but say whether there are any
-        found, _ = scan(s3.store, base + prefix, start, delimiter, 1)
-        resume = base + prefix if found else None
+    if not entries and resume is None:
+        must_exist(s3, ctx.bucket)  # an empty answer for a bucket that is not there would be a lie
     truncated = resume is not None
     etags = s3.meta.etags_for([(k, r) for kind, k, r in entries if kind == "key"])
     cut = len(base)
+    # V1 does not encode the Prefix it echoes (V2 and ListObjectVersions do)
     items: list[tuple] = [("Name", ctx.bucket.decode("utf-8", "replace")),
-                          ("Prefix", _text(prefix, url))]
+                          ("Prefix", _text(prefix, url and (v2 or versions)))]
     if v2:
-        if token:
-            items.append(("ContinuationToken", token))
+        if "continuation-token" in ctx.params:  # echoed even when empty, as S3 does
+            items.append(("ContinuationToken", token or ""))
         if after:
             items.append(("StartAfter", _text(after, url)))
         items.append(("KeyCount", len(entries)))
+    elif versions:
+        items.append(("KeyMarker", _text(after, url)))
+        items.append(("VersionIdMarker", ctx.param("version-id-marker") or ""))
     else:
         items.append(("Marker", _text(after, url)))
     items.append(("MaxKeys", max_keys))
@@ -136,24 +146,29 @@ def list_objects(s3, ctx: Ctx) -> bytes:
     if truncated:
         if v2:
             items.append(("NextContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
-        elif entries:
-            items.append(("NextMarker", _text(entries[-1][1][cut:], url)))
-        elif limit:  # the records read showed nothing: resume after the last one (scan)
-            items.append(("NextMarker", _text(resume[cut:-1], url)))
+        else:
+            marker = entries[-1][1][cut:] if entries else resume[cut:-1]  # nothing shown: after the last read
+            items.append(("NextKeyMarker" if versions else "NextMarker", _text(marker, url)))
+            if versions:
+                items.append(("NextVersionIdMarker", "null"))
+    owner = not v2 or ctx.param("fetch-owner", "").lower() == "true"
     for kind, key, rec in entries:
         if kind == "key":
             data = decode_data(rec)
-            items.append(("Contents", [
-                ("Key", _text(key[cut:], url)),
-                ("LastModified", iso_time(data.mtime_ms)),
-                ("ETag", quoted(etags.get(key) or md5_etag(rec))),
-                ("Size", data.size),
-                ("StorageClass", "STANDARD"),
-            ]))
+            fields = [("Key", _text(key[cut:], url))]
+            if versions:
+                fields += [("VersionId", "null"), ("IsLatest", True)]
+            fields += [("LastModified", iso_time(data.mtime_ms)),
+                       ("ETag", quoted(etags.get(key) or md5_etag(rec))),
+                       ("Size", data.size),
+                       ("StorageClass", "STANDARD")]
+            if owner:
+                fields.append(("Owner", OWNER))
+            items.append(("Version" if versions else "Contents", fields))
     for kind, key, _ in entries:
         if kind == "prefix":
             items.append(("CommonPrefixes", [("Prefix", _text(key[cut:], url))]))
-    return ctx.xml("ListBucketResult", items)
+    return ctx.xml("ListVersionsResult" if versions else "ListBucketResult", items)
 
 
 def buckets(store, start: bytes = b"/", limit: int = MAX_BUCKETS) -> tuple[list[bytes], bytes | None]:
@@ -196,22 +211,39 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
         if not resume.startswith(start):
             raise S3Error("InvalidArgument", "The continuation token provided is incorrect")
         start = resume
-    tops, resume = buckets(s3.store, start, limit)
-    if tops and not tops[-1].startswith(b"/" + prefix):  # sorted: the prefix's folders are together
-        tops = [t for t in tops if t.startswith(b"/" + prefix)]
-        resume = None
-    if resume is not None and not resume.startswith(b"/" + prefix):
+    # the buckets with keys (the index's folders) and those CreateBucket made, merged in order;
+    # each source is complete only up to where it was cut
+    tops, cut = buckets(s3.store, start, limit)
+    made_list = s3.meta.buckets_from(start, limit + 1)
+    made = dict(made_list)
+    if len(made_list) > limit:
+        cut = made_list[limit][0] if cut is None else min(cut, made_list[limit][0])
+    known = sorted(t for t in set(tops) | set(made) if cut is None or t < cut)
+    names, resume = (known[:limit], known[limit]) if len(known) > limit else (known, cut)
+    tops = [t for t in names if t.startswith(b"/" + prefix)]  # sorted: the prefix's folders are together
+    if len(tops) < len(names) or (resume is not None and not resume.startswith(b"/" + prefix)):
         resume = None
     items: list[tuple] = [
-        ("Owner", [("ID", "minikv"), ("DisplayName", "minikv")]),
+        ("Owner", OWNER),
         ("Buckets", [("Bucket", [("Name", t[1:-1].decode("utf-8", "replace")),
-                                 ("CreationDate", iso_time(0))]) for t in tops]),
+                                 ("CreationDate", iso_time(made[t] if t in made else first_write(s3.store, t)))])
+                     for t in tops]),
     ]
     if resume is not None:
         items.append(("ContinuationToken", base64.urlsafe_b64encode(resume).rstrip(b"=").decode()))
     if prefix:
         items.append(("Prefix", prefix.decode("utf-8", "replace")))
     return ctx.xml("ListAllMyBucketsResult", items)
+
+
+def first_write(store, top: bytes) -> int:
+    """A bucket that only its keys make: dated by its first key's last write (ms). A few
+    records at most: a page names up to MAX_BUCKETS buckets."""
+    pairs, _ = store.scan(top, top, 8)
+    for _, raw in pairs:
+        if (rec := readable(raw)) is not None:
+            return decode_data(rec).mtime_ms
+    return 0  # only keys being written or unlinked: no date to give
 
 
 def bucket_is_empty(s3, ctx: Ctx) -> bool:

@@ -7,6 +7,9 @@
 - `upload_keys`: the object's key + NUL + upload id -> created, the same uploads in key order, so
   ListMultipartUploads reads one bucket's page instead of every upload (kept in the same write
   transactions; built once when a store made before it is opened, marked by UPLOAD_KEYS_BUILT).
+- `buckets`: `/name/` -> created (ms, <Q), for the buckets made by CreateBucket (a bucket also
+  exists while any key lies below `/name/`: see buckets.py). Kept as the folder, not the name,
+  so it sorts as the index's folders do and ListBuckets can merge the two in one pass.
 - `etags`: key -> fingerprint + ETag, for objects whose S3 ETag is not their md5 (multipart's
   "md5-of-md5s-N"). The fingerprint is the record's size, mtime and md5 as they were when the
   ETag was made, so an entry left behind by a plain-API DELETE and PUT is simply not used.
@@ -55,11 +58,12 @@ class Meta:
     def __init__(self, path: str, sync: bool = False):
         os.makedirs(path, exist_ok=True)
         self.env = lmdb.open(path, map_size=MAP_SIZE, sync=sync, metasync=True, readahead=False,
-                             max_readers=1024, max_dbs=4)
+                             max_readers=1024, max_dbs=8)
         self.uploads = self.env.open_db(b"uploads")
         self.etags = self.env.open_db(b"etags")
         self.upload_keys = self.env.open_db(b"upload_keys")
         self.attrs_db = self.env.open_db(b"attrs")
+        self.buckets = self.env.open_db(b"buckets")
         try:
             with self.env.begin(write=True) as txn:
                 if txn.get(UPLOAD_KEYS_BUILT, db=self.upload_keys) is None:
@@ -151,6 +155,35 @@ class Meta:
         if present:  # a read first: most values have none, and a write transaction costs more
             with self.env.begin(write=True, db=self.attrs_db) as txn:
                 txn.delete(entry)
+
+    # -- buckets made by CreateBucket --
+    def create_bucket(self, name: bytes, now_ms: int) -> bool:
+        """Record the bucket `name` as made now; False (and no change) if it was made before."""
+        with self.env.begin(write=True, db=self.buckets) as txn:
+            return txn.put(b"/" + name + b"/", _CREATED.pack(now_ms), overwrite=False)
+
+    def bucket_created(self, name: bytes) -> int | None:
+        """When CreateBucket made `name` (ms), or None."""
+        with self.env.begin(db=self.buckets) as txn:
+            raw = txn.get(b"/" + name + b"/")
+        return None if raw is None else _CREATED.unpack(raw)[0]
+
+    def drop_bucket(self, name: bytes) -> bool:
+        with self.env.begin(write=True, db=self.buckets) as txn:
+            return txn.delete(b"/" + name + b"/")
+
+    def buckets_from(self, start: bytes, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` buckets made by CreateBucket, in order from the folder `start` on:
+        (`/name/`, created ms)."""
+        out = []
+        with self.env.begin(db=self.buckets) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(start):
+                for name, raw in cursor:
+                    if len(out) == limit:
+                        break
+                    out.append((name, _CREATED.unpack(raw)[0]))
+        return out
 
     # -- ETags that are not the md5 --
     def set_etag(self, key: bytes, raw: bytes, etag: str) -> None:
