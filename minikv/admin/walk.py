@@ -115,12 +115,13 @@ class Walker:
         return out
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
-                   done: Callable[[], None], stop: asyncio.Event | None = None) -> int:
+                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
         """Call handle({key: [Found, ...]}) once per `<aa>/<bb>` folder that exists anywhere,
-        with `concurrency` folders at once, and done() after each of the 256 `<aa>`. Returns
-        how many files were skipped as not minikeyvalue's (names that do not decode)."""
+        with `concurrency` folders at once, and done() after each `<aa>` of `aas` (all 256 by
+        default; a rebuild in several processes gives each a share). Returns how many files
+        were skipped as not minikeyvalue's (names that do not decode)."""
         queue: asyncio.Queue = asyncio.Queue()
-        for aa in range(256):
+        for aa in aas:
             queue.put_nowait(f"{aa:02x}")
         skipped = 0
 
