@@ -48,11 +48,20 @@ class Root(NamedTuple):
         return self.host + self.prefix
 
 
+_MTIMES: dict[str, int] = {}  # nginx gives mtimes to the second: many files share one
+
+
 def parse_mtime(text: str) -> int:
-    try:
-        return int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
-    except (TypeError, ValueError):
-        return 0
+    ms = _MTIMES.get(text)
+    if ms is None:
+        try:
+            ms = int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
+        except (TypeError, ValueError):
+            ms = 0
+        if len(_MTIMES) > 10_000:
+            _MTIMES.clear()
+        _MTIMES[text] = ms
+    return ms
 
 
 class Walker:
@@ -71,7 +80,9 @@ class Walker:
         for attempt in range(ATTEMPTS):
             try:
                 async with self.requests:
-                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT))
+                    # pipelined: the listings of one pass share a connection and a write per volume
+                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT),
+                                                   pipelined=True)
             except VolumeError:
                 if attempt == ATTEMPTS - 1:
                     raise
