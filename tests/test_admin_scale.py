@@ -107,3 +107,36 @@ def test_volume_dirs_maps_folders_to_volumes(tmp_path):
         except ValueError:
             continue
         raise AssertionError(f"{bad} was taken")
+
+
+def test_verify_notes_as_right_only_records_whose_every_copy_is_listed_with_its_size(tmp_path):
+    import asyncio
+
+    from minikv.admin.progress import Progress
+    from minikv.admin.verify import Seen, Verify
+    from minikv.admin.walk import Found
+    from minikv.config import Config
+    from minikv.index.record import LIVE, NO_MD5, UNLINKED, encode_data
+
+    store = Store(str(tmp_path / "index"))
+    a, b = "v:1/sv00", "v:2/sv01"
+    recs = {b"/ok": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+            b"/missing": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+            b"/short": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+            b"/unlinked": encode_data(UNLINKED, [a, b], 5, 1, NO_MD5, 0)}
+    store.merge_many(list(recs.items()), lambda key, current, new: new)  # as rebuild writes
+    seen = Seen(str(tmp_path / "index"))
+    job = Verify(Config(volumes=["v:1", "v:2"], db=str(tmp_path / "index")), store, None,
+                 Progress("verify", bar=False), False, seen)
+    group = {b"/ok": [Found(a, 5, 0), Found(b, 5, 0)], b"/missing": [Found(a, 5, 0)],
+             b"/short": [Found(a, 5, 0), Found(b, 4, 0)], b"/unlinked": [Found(a, 5, 0), Found(b, 5, 0)],
+             b"/norecord": [Found(a, 5, 0)]}
+    asyncio.run(job.walked_group(group))
+    seen.flush()
+    assert [k for k, raw in recs.items() if seen.right(k, raw)] == [b"/ok"]
+    # a record changed since the walk is not taken as seen: verify asks the volumes again
+    assert not seen.right(b"/ok", encode_data(LIVE, [a, b], 6, 1, NO_MD5, 0))
+    path = seen.path
+    seen.close()
+    store.close()
+    assert not os.path.exists(path) and os.listdir(tmp_path) == ["index"]
