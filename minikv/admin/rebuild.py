@@ -234,7 +234,10 @@ def _child(part: Part, done, conn) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        stop_on_signal(stop, progress)
+        # Ctrl-C reaches the whole process group: the parent alone answers it, and tells each
+        # part with one SIGTERM to finish the folder in flight
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         pool = part.config.pool()
         try:
             errors = await run_part(part, progress, stop, pool)
