@@ -172,7 +172,12 @@ async def verify(args, config: Config) -> int:
         if why := foreign_names(store, config):
             print(f"minikv verify: {why}", file=sys.stderr)
             return 2
-        seen = None if args.md5 else Seen(config.db)
+        try:
+            seen = None if args.md5 else Seen(config.db)
+        except OSError as e:
+            print(f"minikv verify: cannot make its scratch folder beside -db ({e}): make the folder "
+                  "that holds -db writable, or add -md5 (which needs none and reads every copy)", file=sys.stderr)
+            return 2
         try:
             walk = Progress("verify", total=256, bar_unit="dirs")
             stop = asyncio.Event()
