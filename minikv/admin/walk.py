@@ -139,10 +139,13 @@ class Walker:
         async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
+            keys: dict[str, bytes | None] = {}  # a key's copies share a name: decoded once
             for root, files in zip(where, await asyncio.gather(
                     *(self._files_or_error(r, f"/{aa}/{bb}/") for r in where))):
                 for path, size, mtime_ms in files:
-                    key = path2key(path)
+                    key = keys.get(path, b"")
+                    if key == b"":
+                        key = keys[path] = path2key(path)
                     if key is None:
                         skipped += 1
                         continue
