@@ -2,7 +2,7 @@
 
 Each command takes the server's flags (`-volumes -db -replicas -subvolumes`; give -volumes exactly
 as the server has it, since records name volumes by those strings) plus `-concurrency N`
-(transfers at once, default 16) and, where it changes data, `-dry-run`. Each shows a progress
+(transfers at once, default 64) and, where it changes data, `-dry-run`. Each shows a progress
 bar on a terminal, prints one line per problem and a summary at the end, and exits 0 when all
 went well, 1 when something failed or (verify) was found, 2 on a usage error, 130 when stopped.
 

@@ -10,7 +10,7 @@ new list). Two ways, both safe while the index server keeps serving:
   some other write holds is retried, then reported. Keys being moved stay readable throughout;
   their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight.
 - online, `-server host:port`: pages through the running index's `GET /?list` and asks it to
-  move each unbalanced key (`REBALANCE /key`), `-concurrency` at once (default 64 for rebalance). The server's own -volumes
+  move each unbalanced key (`REBALANCE /key`), `-concurrency` at once. The server's own -volumes
   decide placement; -db and -volumes are not needed. (Keys that are not valid UTF-8 cannot be
   listed through the API: use the offline way for those.)
 
@@ -46,10 +46,6 @@ from minikv.index.record import PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
 
-# Moves in flight when -concurrency is not given: a move mostly waits on the volumes (a run of
-# 100,000 keys here spent a quarter of its time on the CPU at 16), so more at once go faster
-# (16: 92-128 s, 64: 55 s, the same keys) while each stays streamed in small chunks.
-DEFAULT_CONCURRENCY = 64
 BUSY_TRIES = 6  # a key another write holds is looked at again after 0.1, 0.2, ... 3.2 s
 LIST_PAGE = 1000
 REBALANCE_TIMEOUT = 3600.0  # the server copies the whole value before it answers
@@ -257,8 +253,6 @@ _offline_main = command_main("rebalance", offline)
 
 
 def main(args) -> int:
-    if "concurrency" not in args.given:
-        args.flags["concurrency"] = DEFAULT_CONCURRENCY
     if args.server:
         return run(lambda: online(args))
     return _offline_main(args)
