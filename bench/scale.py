@@ -169,8 +169,10 @@ def run(argv: list[str], what: str, check: bool = True) -> dict:
     summary = next((line for line in stderr.splitlines() if re.match(r"^\w+: \d+ ", line)), "")
     if check and code != 0:
         raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
-    result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "summary": summary, "code": code}
-    print(f"bench: {what}: {elapsed:.1f} s, peak RSS {result['rss_mb']:.0f} MB  {summary}", file=sys.stderr)
+    result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
+              "summary": summary, "code": code}
+    print(f"bench: {what}: {elapsed:.1f} s, peak RSS {result['rss_mb']:.0f} MB ({result['anon_mb']:.0f} MB "
+          f"anonymous)  {summary}", file=sys.stderr)
     return result
 
 
@@ -341,7 +343,7 @@ def table(opts, n: int, res: dict) -> str:
         ratio = f"{(keys / ours['seconds']) / (keys / theirs['seconds']):.2f}×" if theirs else "–"
         g = f"{rate(keys, theirs)} keys/s, {theirs['rss_mb']:.0f} MB" if theirs else "–"
         rows.append(f"| {what} | {ours['seconds']:.1f} s | {rate(keys, ours)} keys/s{extra} | "
-                    f"{ours['rss_mb']:.0f} MB | {g} | {ratio} |")
+                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB) | {g} | {ratio} |")
 
     row("rebuild over HTTP, 3 volumes", res["rebuild"], go.get("rebuild"), n)
     row("rebuild from the local folders", res["local"], None, n)
@@ -357,11 +359,13 @@ def table(opts, n: int, res: dict) -> str:
         "",
         f"{n:,} keys of {opts.value_size:,} bytes, their files written straight into the folders of 3 volumes "
         f"({REPLICAS} replicas, {SUBVOLUMES} subvolumes; a 4th volume for the rebalance), `-concurrency "
-        f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the command and its "
-        f"children, LMDB pages it read included). Written by `.venv/bin/python bench/scale.py --keys {n} "
+        f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the largest of the "
+        "command and its children), which counts the pages of the LMDB files it touched (file-backed: the page "
+        "cache); in brackets the anonymous part of the main process (sampled from /proc every 20 ms), its own "
+        f"memory. Written by `.venv/bin/python bench/scale.py --keys {n} "
         f"--index-keys 0 --go-src DIR --out BENCHMARKS.md` ({machine()}). {res['go_note']}",
         "",
-        "| command | minikv time | minikv rate | minikv peak RSS | Go original | minikv / Go |",
+        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | Go original | minikv / Go |",
         "|---|---|---|---|---|---|",
         *rows,
         f"| `?list` walk, pages of 1,000 | {lw['seconds']:.1f} s | {rate(n, lw)} keys/s | | – | – |",
