@@ -446,7 +446,7 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys whose files are written (0: skip)")
     ap.add_argument("--index-keys", type=int, default=1_000_000, help="records of the index part (0: skip)")
     ap.add_argument("--value-size", type=int, default=1024)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=64)  # as the admin commands
     ap.add_argument("--go-src", help="a checkout of github.com/geohot/minikeyvalue (or $MKV_GO_SRC)")
     ap.add_argument("--go-bin", help="the Go original, built")
     ap.add_argument("--out", type=Path)
