@@ -303,8 +303,15 @@ def index_part(tmp: Path, cluster: Cluster, vols: list[str], n: int, value_size:
     return out
 
 
-def index_table(res: dict, value_size: int) -> str:
-    n, size = res["n"], res["size"]
+def command(opts) -> str:
+    """The command line that makes these figures (a Go source folder shown as DIR)."""
+    go = " --go-src DIR" if opts.go_src or os.environ.get("MKV_GO_SRC") else " --go-bin BIN" if opts.go_bin else ""
+    return (f".venv/bin/python bench/scale.py --keys {opts.keys} --index-keys {opts.index_keys}{go} "
+            f"--value-size {opts.value_size} --concurrency {opts.concurrency} --out BENCHMARKS.md")
+
+
+def index_table(opts, res: dict) -> str:
+    n, size, value_size = res["n"], res["size"], opts.value_size
     per_key = size["file"] / n
     return "\n".join([
         IBEGIN,
@@ -312,8 +319,7 @@ def index_table(res: dict, value_size: int) -> str:
         "",
         f"An LMDB index of {n:,} LIVE records shaped as `rebuild` writes them ({REPLICAS} replicas on 3 volumes "
         f"with {SUBVOLUMES} subvolumes, values of {value_size:,} bytes, keys like `/scale/0000123456`), served "
-        f"by `minikv server` with its default workers. Written by `.venv/bin/python bench/scale.py "
-        f"--index-keys {n} --out BENCHMARKS.md` ({machine()}).",
+        f"by `minikv server` with its default workers. Written by `{command(opts)}` ({machine()}).",
         "",
         "| measure | value |",
         "|---|---|",
@@ -362,8 +368,7 @@ def table(opts, n: int, res: dict) -> str:
         f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the largest of the "
         "command and its children), which counts the pages of the LMDB files it touched (file-backed: the page "
         "cache); in brackets the anonymous part of the main process (sampled from /proc every 20 ms), its own "
-        f"memory. Written by `.venv/bin/python bench/scale.py --keys {n} "
-        f"--index-keys 0 --go-src DIR --out BENCHMARKS.md` ({machine()}). {res['go_note']}",
+        f"memory. Written by `{command(opts)}` ({machine()}). {res['go_note']}",
         "",
         "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | Go original | minikv / Go |",
         "|---|---|---|---|---|---|",
@@ -462,8 +467,8 @@ def main() -> int:
         if opts.keys:
             sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))
         if opts.index_keys:
-            sections.append(index_table(index_part(tmp, cluster, cluster.names[:3], opts.index_keys,
-                                                   opts.value_size), opts.value_size))
+            sections.append(index_table(opts, index_part(tmp, cluster, cluster.names[:3], opts.index_keys,
+                                                         opts.value_size)))
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
