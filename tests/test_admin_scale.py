@@ -4,6 +4,7 @@ real index processes; the figures themselves are in bench/admin.py, not here."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_local_rebuild_reads_the_volume_folders_and_matches_the_http_one(make_cl
 
     dirs = [str(c.volume_dir(n)) for n in c.names]
     local = c.root / "local"
-    r = admin("rebuild", c, "-workers", "2", *dirs, db=local)
+    r = admin("rebuild", c, "-workers", "2", "-md5", *dirs, db=local)  # md5s read from the files
     assert r.returncode == 0, r.stderr
     assert f"{len(keys)} keys found" in r.stderr and "from their local folders" in r.stderr, r.stderr
 
@@ -56,12 +57,14 @@ def test_local_rebuild_reads_the_volume_folders_and_matches_the_http_one(make_cl
     over_http = c.root / "http"
     r = admin("rebuild", c, "-workers", "3", db=over_http)
     assert r.returncode == 0, r.stderr
-    assert records(local) == records(over_http)
+    assert records(local) == records(over_http)  # the same volumes (the HTTP one has no md5s)
 
     restart(c, db=local)
     for key, value in keys.items():
         assert c.get(quote(key)).content == value, key
-        assert c.get(quote(key), allow_redirects=False).headers["Key-Volumes"] == before[key], key
+        head = c.get(quote(key), allow_redirects=False).headers
+        assert head["Key-Volumes"] == before[key], key
+        assert head["Content-Md5"] == hashlib.md5(value).hexdigest(), key
 
 
 def test_local_rebuild_one_volume_host_at_a_time_adds_up(make_cluster):
