@@ -86,8 +86,7 @@ FLAGS: dict[str, Flag] = {
     "md5sum": Flag(bool, True, "compute and store the md5 of every value"),
     "voltimeout": Flag("duration", 1.0, "timeout for requests to volume servers"),
     "v": Flag(bool, False, "verbose: log every request"),
-    "workers": Flag(int, 0, "index worker processes (default: one per core); rebuild: processes "
-                            "walking the volumes (default 2)"),
+    "workers": Flag(int, 0, "index worker processes (default: one per core)"),
     "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
     "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),
     "secret": Flag(str, "", "shared secret: volumes take PUT/DELETE/listings only with it, the index sends it "
