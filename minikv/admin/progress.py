@@ -15,6 +15,7 @@ from collections import Counter
 from tqdm import tqdm
 
 MAX_LINES = 100
+SHOW_EVERY = 0.2  # seconds
 
 
 class Progress:
@@ -24,6 +25,7 @@ class Progress:
         self.counts: Counter[str] = Counter()
         self.start = time.monotonic()
         self.lines = 0
+        self.shown = 0.0
         self.unit = unit
         self.bar = tqdm(total=total, unit=bar_unit or unit, desc=command, file=sys.stderr, dynamic_ncols=True,
                         disable=not sys.stderr.isatty() if bar is None else not bar,
@@ -37,7 +39,12 @@ class Progress:
         self.counts[what] += n
 
     def show(self, **fields) -> None:
-        """Counters beside the bar (`moved=12`)."""
+        """Counters beside the bar (`moved=12`), at most every SHOW_EVERY seconds: tqdm formats
+        them on each call, which cost a long run as much as a key's index work."""
+        now = time.monotonic()
+        if self.bar.disable or now - self.shown < SHOW_EVERY:
+            return
+        self.shown = now
         self.bar.set_postfix(fields, refresh=False)
 
     def say(self, message: str) -> None:

@@ -1,9 +1,19 @@
-"""`minikv rebuild -volumes ... -db NEW`: make the index again from what the volumes hold.
+"""`minikv rebuild -volumes ... -db NEW [VOLUME_DIR ... | VOLUME=DIR ...]`: make the index again
+from what the volumes hold.
 
 For when the index is lost, or to take over a cluster written by the Go minikeyvalue (same
-layout). The volumes are read through nginx's JSON listings (admin/walk.py); every key found
-gets a LIVE record naming the volumes that hold it in placement order (those placement puts it
-on first, best first, then the others), with size and mtime from the listing.
+layout). The volumes are read through nginx's JSON listings (admin/walk.py), or, given their
+folders on this machine, straight from the disk (admin/local.py: no volume server needed; with
+VOLUME=DIR for some of them, one run per volume host, each after the first with -force, adds up
+to the same index). Every key found gets a LIVE record naming the volumes that hold it in
+placement order (those placement puts it on first, best first, then the others), with size and
+mtime from the listing.
+
+Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2), each walking
+its share with -concurrency listings in flight and writing FLUSH records per LMDB transaction.
+Memory holds one `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of
+keys. Each record is merged under LMDB's write lock with what the index holds at that moment
+(below), so a batch never overwrites a record a live server changed meanwhile.
 
 What the volumes cannot tell, and so a rebuilt index does not know:
 - Unlinked keys: a volume keeps no unlink mark, so keys that were UNLINKED come back LIVE and
@@ -24,57 +34,88 @@ That also makes an interrupted rebuild complete when run again with `-force`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import multiprocessing
 import os
+import signal
 import sys
+import time
 from collections import Counter
+from typing import NamedTuple
 
 from minikv.admin.check import md5_of
 from minikv.admin.common import all_up, command_main, show, stop_on_signal
+from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data
 from minikv.index.store import Store
-from minikv.placement import epoch, host_of, key2volume
+from minikv.placement import epoch, host_of, key2path, key2volume
 
-FLUSH = 256  # records per LMDB write transaction
+FLUSH = 4096  # records per LMDB write transaction: one commit (and fsync with -fsync) each
+FLUSH_AFTER = 0.5  # seconds a found key waits at most before it is written
+DEFAULT_PROCS = 2  # processes walking the volumes (-workers): the walk is CPU-bound in Python
 
 
-def placement_order(key: bytes, volumes: list[str], config: Config) -> list[str]:
+def placement_order(key: bytes, volumes: list[str], config: Config, want: list[str] | None = None) -> list[str]:
     """`volumes` with the ones placement names first (in its order), then the others ranked as
-    placement ranks their servers: what the Go original's rebuild does, made deterministic."""
-    want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
+    placement ranks their servers: what the Go original's rebuild does, made deterministic.
+    `want` is the key's placement when the caller has it already (it costs a few md5s)."""
+    if want is None:
+        want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
     first = [v for v in want if v in volumes]
+    if len(first) == len(volumes):
+        return first  # the usual case: every copy is where placement puts it
     rank = {h: i for i, h in enumerate(key2volume(key, config.volumes, len(config.volumes), 1))}
     rest = sorted({v for v in volumes if v not in want}, key=lambda v: (rank.get(host_of(v), len(rank)), v))
     return first + rest
 
 
-def layout(key: bytes, volumes: list[str], config: Config) -> int:
+def layout(key: bytes, volumes: list[str], config: Config, want: list[str] | None = None) -> int:
     """The record's epoch: the layout's when the volumes are exactly its placement, else 0."""
-    if volumes == key2volume(key, config.volumes, config.replicas, config.subvolumes):
+    if want is None:
+        want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
+    if volumes == want:
         return epoch(config.volumes, config.replicas, config.subvolumes)
     return 0
 
 
 def make_record(key: bytes, found: list[Found], config: Config, md5: bytes = NO_MD5) -> tuple[bytes, list[Found]]:
     """The LIVE record for a key's files, and the files left out (another size than most)."""
-    sizes = Counter(f.size for f in found)
-    size = max(sizes, key=lambda s: (sizes[s], s))
+    size = found[0].size
+    if any(f.size != size for f in found):
+        sizes = Counter(f.size for f in found)
+        size = max(sizes, key=lambda s: (sizes[s], s))
     chosen = [f for f in found if f.size == size]
-    volumes = placement_order(key, [f.volume for f in chosen], config)
-    record = encode_data(LIVE, volumes, size, max(f.mtime_ms for f in chosen), md5, layout(key, volumes, config))
+    want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
+    volumes = placement_order(key, [f.volume for f in chosen], config, want)
+    record = encode_data(LIVE, volumes, size, max(f.mtime_ms for f in chosen), md5, layout(key, volumes, config, want))
     return record, [f for f in found if f.size != size]
 
 
+def local_md5(dirs: dict[str, str], volume: str, key: bytes) -> tuple[int, bytes] | None:
+    """(size, md5) of the key's file in its volume's local folder; None when there is none."""
+    host, _, sub = volume.partition("/")
+    try:
+        with open(dirs[host] + (f"/{sub}" if sub else "") + key2path(key), "rb") as f:
+            digest = hashlib.file_digest(f, "md5")
+            return f.tell(), digest.digest()
+    except FileNotFoundError:
+        return None
+
+
 class Rebuild:
-    def __init__(self, config: Config, args, pool: Pool, store: Store | None, progress: Progress):
+    def __init__(self, config: Config, md5: bool, pool: Pool, store: Store | None, progress: Progress,
+                 dirs: dict[str, str] | None = None):
         self.config = config
-        self.args = args
+        self.with_md5 = md5
+        self.flushed = time.monotonic()
         self.pool = pool
         self.store = store
         self.progress = progress
+        self.dirs = dirs or {}  # local mode: {volume: folder}; md5s are read from the files
         self.batch: list[tuple[bytes, bytes]] = []
 
     async def handle(self, group: dict[bytes, list[Found]]) -> None:
@@ -83,7 +124,7 @@ class Rebuild:
             p.add("keys")
             p.add("files", len(found))
             md5 = NO_MD5
-            if self.args.md5:
+            if self.with_md5:
                 md5 = await self.md5(key, found)
             record, left_out = make_record(key, found, self.config, md5)
             if left_out:
@@ -91,8 +132,10 @@ class Rebuild:
                 p.problem(f"{show(key)}: copies on {', '.join(f.volume for f in left_out)} differ in size from "
                           "the others and are left out of the record (`minikv repair` replaces them)")
             self.batch.append((key, record))
-        p.show(keys=p.counts["keys"])
-        if len(self.batch) >= FLUSH:
+        # a batch is also written after FLUSH_AFTER seconds: what a live server deletes meanwhile
+        # is not brought back from an old listing, and an interrupted run loses little
+        if len(self.batch) >= FLUSH or time.monotonic() - self.flushed > FLUSH_AFTER:
+            p.show(keys=p.counts["keys"], rate=f"{p.counts['keys'] / max(p.elapsed, 1e-3):.0f} keys/s")
             self.flush()
 
     async def md5(self, key: bytes, found: list[Found]) -> bytes:
@@ -103,8 +146,8 @@ class Rebuild:
             if f.size != size:
                 continue
             try:
-                got = await md5_of(self.pool, f.volume, key)
-            except VolumeError as e:
+                got = local_md5(self.dirs, f.volume, key) if self.dirs else await md5_of(self.pool, f.volume, key)
+            except (VolumeError, OSError) as e:
                 self.progress.problem(f"{show(key)}: cannot read it for its md5: {e}")
                 continue
             if got is not None and got[0] == size:
@@ -143,56 +186,162 @@ class Rebuild:
         elif self.batch:
             self.progress.add("written", len(self.batch))  # dry run: what would be written
         self.batch = []
+        self.flushed = time.monotonic()
+
+
+class Part(NamedTuple):
+    """What one process of a rebuild does: the folders `<aa>` of `aas`, into `db` (None: dry run)."""
+
+    config: Config
+    dirs: dict[str, str]
+    db: str | None
+    md5: bool
+    concurrency: int
+    aas: list[int]
+
+
+async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
+    """Walk the part's folders and write their records; the listing errors (the walk is then
+    incomplete). Counts go to `progress`."""
+    store = Store(part.db, sync=part.config.fsync) if part.db is not None else None
+    try:
+        walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.config.volumes, part.concurrency)
+        roots = await walker.roots()
+        progress.add("roots", len(roots))
+        job = Rebuild(part.config, part.md5, pool, store, progress, part.dirs)
+        try:
+            progress.add("skipped", await walker.walk(roots, job.handle, progress.tick, stop, part.aas))
+        finally:
+            job.flush()
+        return walker.errors
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _child(part: Part, done, conn) -> None:
+    """A rebuild process: its part; sends (counts, problem lines, stopped, listing errors) on
+    `conn` at the end, and counts the folders it finished in `done` as it goes."""
+    import uvloop
+
+    progress = Progress("rebuild", bar=False)
+
+    def tick(n: int = 1) -> None:  # the parent shows one bar for all parts
+        with done.get_lock():
+            done.value += n
+
+    progress.tick = tick
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        # Ctrl-C reaches the whole process group: the parent alone answers it, and tells each
+        # part with one SIGTERM to finish the folder in flight
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        pool = part.config.pool()
+        try:
+            errors = await run_part(part, progress, stop, pool)
+        finally:
+            pool.close()
+        conn.send((dict(progress.counts), progress.lines, stop.is_set(), errors))
+
+    uvloop.run(main())
+
+
+async def run_parts(parts: list[Part], progress: Progress, stop: asyncio.Event) -> list[str]:
+    """Run each part in its own process (spawned: nothing of this one's event loop or LMDB
+    handle crosses a fork), showing their progress on `progress`; their listing errors."""
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Value("q", 0)
+    running: dict[int, tuple] = {}
+    for i, part in enumerate(parts):
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(part, done, theirs), daemon=True)
+        proc.start()
+        theirs.close()
+        running[i] = (proc, ours)
+    errors: list[str] = []
+    shown, told = 0, False
+    while running:
+        for i, (proc, pipe) in list(running.items()):
+            try:
+                counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
+            except EOFError:  # it died without a word
+                counts, lines, stopped = {}, 0, False
+                errs = [f"a rebuild process exited with {proc.join() or proc.exitcode} before it finished"]
+            if counts is None:
+                continue
+            progress.counts.update(counts)
+            progress.lines += lines
+            errors += errs
+            if stopped:
+                stop.set()
+            proc.join()
+            del running[i]
+        if stop.is_set() and not told:
+            told = True
+            for proc, _ in running.values():
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
+        progress.tick(done.value - shown)
+        shown = done.value
+        progress.show(keys=progress.counts["keys"])
+        await asyncio.sleep(0.1)
+    return errors
 
 
 async def rebuild(args, config: Config) -> int:
-    pool = config.pool()
-    store = None
     try:
-        if not await all_up(pool, config, "rebuild",
-                            "every volume must be up, or its copies would be missing from the "
-                            "index: start it, or leave it out of -volumes"):
+        dirs = volume_dirs(config.volumes, args.positionals)
+    except ValueError as e:
+        print(f"minikv rebuild: {e}", file=sys.stderr)
+        return 2
+    pool = config.pool()
+    try:
+        if not dirs and not await all_up(pool, config, "rebuild",
+                                         "every volume must be up, or its copies would be missing from the "
+                                         "index: start it, or leave it out of -volumes"):
             return 1
         if not args.dry_run:
             fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
             store = Store(config.db, sync=config.fsync)
-            if not fresh and (n := store.count()) and not args.force:
+            n = store.count()
+            store.close()  # each part opens its own: an LMDB handle must not cross into another process
+            if not fresh and n and not args.force:
                 print(f"minikv rebuild: the index at {config.db} already holds {n} records. Rebuild into "
                       "a new path, or add -force to add what the volumes hold to it (its records are "
                       "kept)", file=sys.stderr)
                 return 2
-        walker = Walker(pool, config.volumes, args.concurrency)
-        roots = await walker.roots()
         progress = Progress("rebuild", total=256, bar_unit="dirs")
         stop = asyncio.Event()
         stop_on_signal(stop, progress)
-        job = Rebuild(config, args, pool, store, progress)
-        try:
-            skipped = await walker.walk(roots, job.handle, progress.tick, stop)
-        finally:
-            job.flush()
+        procs = max(1, min(config.workers if "workers" in args.given else DEFAULT_PROCS, 256))
+        db = None if args.dry_run else config.db
+        parts = [Part(config, dirs, db, args.md5, args.concurrency, list(range(i, 256, procs))) for i in range(procs)]
+        if procs == 1:
+            errors = await run_part(parts[0], progress, stop, pool)
+        else:
+            errors = await run_parts(parts, progress, stop)
         c = progress.counts
-        c["skipped"] = skipped
-        c["errors"] = len(walker.errors)
-        for err in walker.errors:
+        c["errors"] = len(errors)
+        for err in errors:
             progress.problem(f"incomplete: {err}")
         progress.summary([("keys", "keys found"), ("files", "files"),
                           ("written", "records " + ("to write (dry run)" if args.dry_run else "written")),
                           ("conflicts", "size conflicts"), ("busy", "busy"), ("kept", "kept"),
                           ("skipped", "foreign files skipped"), ("errors", "listing errors")])
-        print(f"rebuild: read {len(roots)} (sub)volume folders on {len(config.volumes)} volumes. Keys that "
+        print(f"rebuild: read {c['roots'] // procs} (sub)volume folders on {len(dirs or config.volumes)} volumes"
+              + (" from their local folders" if dirs else "") + f" in {procs} process(es). Keys that "
               "were UNLINKED before are LIVE again (volumes keep no unlink mark): UNLINK them again. "
               + ("md5s were computed (-md5)." if args.md5 else "Records have no md5 (add -md5 to compute it)."),
               file=sys.stderr)
-        if stop.is_set() or walker.errors:
+        if stop.is_set() or errors:
             print("rebuild: incomplete; run it again with -force to finish (what is written is kept)",
                   file=sys.stderr)
             return 130 if stop.is_set() else 1
         return 1 if c["failed"] else 0
     finally:
         pool.close()
-        if store is not None:
-            store.close()
 
 
 main = command_main("rebuild", rebuild)

@@ -1,11 +1,18 @@
 """`minikv verify -volumes ... -db ...`: is every key's every copy where the index says, and right?
 
 Changes nothing. Two passes:
-1. every LIVE record: each replica it names is asked for (HEAD, or with -md5 read whole and
-   hashed, streamed) and judged by admin/check.py: missing, wrong size, wrong md5, unreachable.
-   Per key: under-replicated (fewer right copies than -replicas), lost (none), misplaced (not
-   on the volumes placement names; `minikv rebalance` or `repair` moves it).
-2. every file on the volumes of -volumes: orphans, copies no record names (admin/orphans.py).
+1. every file on the volumes of -volumes, read from their listings (admin/walk.py), one
+   `<aa>/<bb>` folder at a time: orphans, copies no record names (admin/orphans.py); and each
+   LIVE record whose every copy is listed with its size is noted as right (in a scratch LMDB
+   beside -db, removed at the end: memory stays bounded whatever the number of keys).
+2. every LIVE record: unless the walk saw it right as it is now, each replica it names is asked
+   for (HEAD, or with -md5 read whole and hashed, streamed) and judged by admin/check.py:
+   missing, wrong size, wrong md5, unreachable. Per key: under-replicated (fewer right copies
+   than -replicas), lost (none), misplaced (not on the volumes placement names; `minikv
+   rebalance` or `repair` moves it).
+So a healthy cluster costs one listing per folder instead of one HEAD per copy, and whatever
+the walk finds suspect is asked again by HEAD before it is reported. With -md5 every copy is
+read (pass 2 for every key, the walk only for orphans).
 Each problem is one line on stderr; the summary counts them. Exit code 0 when all is well, 1
 when anything was found (then `minikv repair` fixes what can be fixed).
 UNLINKED keys and keys with a write in flight are counted, not checked.
@@ -14,7 +21,13 @@ UNLINKED keys and keys with a write in flight are counted, not checked.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import shutil
 import sys
+import tempfile
+
+import lmdb
 
 from minikv.admin.check import KINDS, inspect, judge
 from minikv.admin.common import (
@@ -28,23 +41,78 @@ from minikv.admin.common import (
 )
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
-from minikv.admin.walk import Walker
+from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
-from minikv.index.record import PENDING, UNLINKED, decode_data
+from minikv.index.record import LIVE, PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
 
+SEEN_BATCH = 10_000  # keys the walk saw right, written to the scratch LMDB per transaction
+
+
+class Seen:
+    """The LIVE records the walk saw right, by key: a scratch LMDB beside the index (its disk
+    has room for an index), so memory does not grow with the number of keys."""
+
+    def __init__(self, db: str):
+        parent = os.path.dirname(os.path.abspath(db))
+        self.path = tempfile.mkdtemp(prefix=".verify-", dir=parent)
+        self.env = lmdb.open(self.path, map_size=1 << 40, sync=False, metasync=False, lock=False)
+        self.batch: list[tuple[bytes, bytes]] = []
+
+    def add(self, key: bytes, raw: bytes) -> None:
+        self.batch.append((key, hashlib.md5(raw).digest()[:8]))
+        if len(self.batch) >= SEEN_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for key, digest in self.batch:
+                txn.put(key, digest)
+        self.batch = []
+
+    def right(self, key: bytes, raw: bytes) -> bool:
+        """Did the walk see this key's record, as it is now, with every copy right?"""
+        return self.env.begin().get(key) == hashlib.md5(raw).digest()[:8]
+
+    def close(self) -> None:
+        self.env.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 class Verify:
-    def __init__(self, config: Config, store: Store, pool: Pool, progress: Progress, with_md5: bool):
+    def __init__(self, config: Config, store: Store, pool: Pool, progress: Progress, with_md5: bool,
+                 seen: Seen | None = None):
         self.config = config
         self.store = store
         self.pool = pool
         self.progress = progress
         self.with_md5 = with_md5
+        self.seen = seen
+        self.walked = set(config.volumes)
+
+    def walked_group(self, group: dict[bytes, list[Found]]) -> dict[bytes, list[Found]]:
+        """Pass 1: note the LIVE records whose every copy the listings show with its size.
+        Returns the part of `group` that may hold orphans (files no LIVE record names), for
+        admin/orphans.py to look at: most keys need nothing more than this one read."""
+        rest: dict[bytes, list[Found]] = {}
+        with self.store.env.begin(db=self.store.keys) as txn:
+            for key, found in group.items():
+                raw = txn.get(key)
+                if raw is None or raw[0] != LIVE:
+                    rest[key] = found
+                    continue
+                record = decode_data(raw)
+                sizes = {f.volume: f.size for f in found}
+                if len(sizes) > len(record.volumes) or any(f.volume not in record.volumes for f in found):
+                    rest[key] = found
+                if self.seen is not None and all(sizes.get(v) == record.size for v in record.volumes):
+                    self.seen.add(key, raw)
+        return rest
 
     async def key(self, key: bytes, raw: bytes) -> None:
         p = self.progress
@@ -56,9 +124,19 @@ class Verify:
             p.add("unlinked")
             return
         record = decode_data(raw)
-        verdict = judge(record, await inspect(self.pool, key, record.volumes, self.with_md5))
         c = self.config
         misplaced = needs_rebalance(key2volume(key, c.volumes, c.replicas, c.subvolumes), record.volumes)
+        if self.seen is not None and self.seen.right(key, raw):
+            if len(record.volumes) < c.replicas:
+                p.add("under-replicated")
+            if misplaced:
+                p.add("misplaced")
+                p.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
+                          f"{','.join(key2volume(key, c.volumes, c.replicas, c.subvolumes))}")
+            else:
+                p.add("ok")
+            return
+        verdict = judge(record, await inspect(self.pool, key, record.volumes, self.with_md5))
         if (verdict.problems or verdict.conflict) and self.store.get(key) != raw:
             p.add("busy")  # written or deleted since we read it: what we saw is stale
             return
@@ -94,23 +172,41 @@ async def verify(args, config: Config) -> int:
         if why := foreign_names(store, config):
             print(f"minikv verify: {why}", file=sys.stderr)
             return 2
-        progress = Progress("verify", total=store.count())
-        stop = asyncio.Event()
-        stop_on_signal(stop, progress)
-        job = Verify(config, store, pool, progress, args.md5)
-        await each_record(store, job.key, args.concurrency, progress, stop)
-        if not stop.is_set():
-            progress.close()
-            walk = Progress("verify orphans", total=256, bar_unit="dirs")
+        try:
+            seen = None if args.md5 else Seen(config.db)
+        except OSError as e:
+            print(f"minikv verify: cannot make its scratch folder beside -db ({e}): make the folder "
+                  "that holds -db writable, or add -md5 (which needs none and reads every copy)", file=sys.stderr)
+            return 2
+        try:
+            walk = Progress("verify", total=256, bar_unit="dirs")
+            stop = asyncio.Event()
+            stop_on_signal(stop, walk)
+            job = Verify(config, store, pool, walk, args.md5, seen)
             walker = Walker(pool, config.volumes, args.concurrency)
             orphans = Orphans(store, pool, walk, delete=False)
-            await walker.walk(await walker.roots(), orphans.handle, walk.tick, stop)
+
+            async def handle(group: dict[bytes, list[Found]]) -> None:
+                if rest := job.walked_group(group):
+                    await orphans.handle(rest)
+
+            await walker.walk(await walker.roots(), handle, walk.tick, stop)
+            if seen is not None:
+                seen.flush()
             walk.close()
+            progress = job.progress = Progress("verify", total=store.count())
+            progress.start = walk.start  # the summary's time and rate are the whole command's
             progress.counts.update(walk.counts)
             progress.lines += walk.lines
             for err in walker.errors:
                 progress.add("failed")
                 progress.problem(f"orphan search incomplete: {err}")
+            if not stop.is_set():
+                stop_on_signal(stop, progress)
+                await each_record(store, job.key, args.concurrency, progress, stop)
+        finally:
+            if seen is not None:
+                seen.close()
         progress.summary([("seen", "keys seen"), ("ok", "ok"), ("under-replicated", "under-replicated"),
                           ("lost", "lost"), ("misplaced", "misplaced"), ("missing", "missing files"),
                           ("wrong size", "files of wrong size"), ("wrong md5", "files with wrong md5"),

@@ -48,11 +48,20 @@ class Root(NamedTuple):
         return self.host + self.prefix
 
 
+_MTIMES: dict[str, int] = {}  # nginx gives mtimes to the second: many files share one
+
+
 def parse_mtime(text: str) -> int:
-    try:
-        return int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
-    except (TypeError, ValueError):
-        return 0
+    ms = _MTIMES.get(text)
+    if ms is None:
+        try:
+            ms = int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
+        except (TypeError, ValueError):
+            ms = 0
+        if len(_MTIMES) > 10_000:
+            _MTIMES.clear()
+        _MTIMES[text] = ms
+    return ms
 
 
 class Walker:
@@ -71,7 +80,9 @@ class Walker:
         for attempt in range(ATTEMPTS):
             try:
                 async with self.requests:
-                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT))
+                    # pipelined: the listings of one pass share a connection and a write per volume
+                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT),
+                                                   pipelined=True)
             except VolumeError:
                 if attempt == ATTEMPTS - 1:
                     raise
@@ -115,22 +126,26 @@ class Walker:
         return out
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
-                   done: Callable[[], None], stop: asyncio.Event | None = None) -> int:
+                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
         """Call handle({key: [Found, ...]}) once per `<aa>/<bb>` folder that exists anywhere,
-        with `concurrency` folders at once, and done() after each of the 256 `<aa>`. Returns
-        how many files were skipped as not minikeyvalue's (names that do not decode)."""
+        with `concurrency` folders at once, and done() after each `<aa>` of `aas` (all 256 by
+        default; a rebuild in several processes gives each a share). Returns how many files
+        were skipped as not minikeyvalue's (names that do not decode)."""
         queue: asyncio.Queue = asyncio.Queue()
-        for aa in range(256):
+        for aa in aas:
             queue.put_nowait(f"{aa:02x}")
         skipped = 0
 
         async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
+            keys: dict[str, bytes | None] = {}  # a key's copies share a name: decoded once
             for root, files in zip(where, await asyncio.gather(
                     *(self._files_or_error(r, f"/{aa}/{bb}/") for r in where))):
                 for path, size, mtime_ms in files:
-                    key = path2key(path)
+                    key = keys.get(path, b"")
+                    if key == b"":
+                        key = keys[path] = path2key(path)
                     if key is None:
                         skipped += 1
                         continue

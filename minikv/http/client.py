@@ -636,16 +636,17 @@ class Pool:
         return "".join(lines).encode("latin-1")
 
     async def request(self, host: str, method: str, path: str, body: bytes = b"",
-                      headers=(), timeout: float | None = None) -> Response:
+                      headers=(), timeout: float | None = None, pipelined: bool = False) -> Response:
         """One whole request and response (small bodies: DELETE, HEAD, listings). `timeout`
-        bounds the silence: an answer that keeps coming may take longer."""
-        result = (await self.request_many([(host, method, path)], body, headers, timeout))[0]
+        bounds the silence: an answer that keeps coming may take longer. `pipelined`: a GET
+        that may share a connection (and a write) with others, as PUT and DELETE always do."""
+        result = (await self.request_many([(host, method, path)], body, headers, timeout, pipelined))[0]
         if isinstance(result, VolumeError):
             raise result
         return result
 
     async def request_many(self, targets: list[tuple[str, str, str]], body: bytes = b"", headers=(),
-                           timeout: float | None = None) -> list[Response | VolumeError]:
+                           timeout: float | None = None, pipelined: bool = False) -> list[Response | VolumeError]:
         """The same kind of request to several volumes at once: every request is sent before
         any answer is awaited (no task per request). A Response or a VolumeError for each."""
         timeout = timeout or self.timeout
@@ -654,7 +655,7 @@ class Pool:
             data = self._head(method, host, path, headers, len(body)) + body
             what = f"did not answer {method} within {timeout:g}s"
             try:
-                if method in PIPELINED and len(data) <= PIPE_MAX:
+                if (method in PIPELINED or pipelined and method == "GET") and len(data) <= PIPE_MAX:
                     sent.append(self._queue(self._pipe_now(host) or await self._pipe(host), data, timeout, what))
                     continue
                 # alone: a slow answer would hold up the requests behind it, and httptools

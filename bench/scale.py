@@ -1,0 +1,483 @@
+"""The admin commands at scale, side by side with the Go minikeyvalue: N keys' files written
+straight into volume folders (minikeyvalue's layout: 3 replicas on 3 volumes, 10 subvolumes),
+then each command timed as its own process, with keys/s and peak RSS; and the index itself at
+scale (bytes per key, `?list`).
+
+    .venv/bin/python bench/scale.py [--keys 1000000] [--index-keys 1000000] [--go-src DIR]
+                                    [--value-size 1024] [--out BENCHMARKS.md]
+
+Steps, all on loopback in a fresh folder under /tmp, removed at the end. The files part
+(--keys N; 0 skips it):
+ 1. write the files of N keys into the first 3 of 4 volume folders (two processes), start 4
+    `minikv volume`s on them;
+ 2. rebuild over HTTP (3 volumes): minikv, then the Go original;
+ 3. rebuild from the local folders (minikv only: the Go original has no such mode);
+ 4. rebalance 3 → 4 volumes (minikv, offline, on its rebuilt index); then the Go original
+    rebuilds its index on the 4 volumes and rebalances 4 → 3: the same keys move (those whose
+    placement differs between the two layouts), in the other direction;
+ 5. minikv rebuilds on 3 volumes again (now where the Go original left the files), then
+    verify (sizes, no md5), gc and a full `?list` walk on that index.
+The index part (--index-keys N; 0 skips it): an index of N records shaped as rebuild writes
+them, made without files (the index does not care where the bytes are): its size per key, a
+full `?list` walk, and one page's time at N keys against the same at 10,000.
+
+The Go original: its source from github.com/geohot/minikeyvalue (any checkout; --go-src, or
+$MKV_GO_SRC), built with Debian's golang-go and its golang-github-syndtr-goleveldb-dev and
+golang-github-google-uuid-dev packages in GOPATH mode (see build_go). Or a built binary with
+--go-bin. Without either, its columns are skipped with a line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from admin import HOST, NOTES, Cluster, machine, sample_memory, wait_port  # noqa: E402
+
+from minikv.http.client import Pool  # noqa: E402
+from minikv.index.store import Store  # noqa: E402
+from minikv.placement import key2path, key2volume  # noqa: E402
+
+REPLICAS = 3
+SUBVOLUMES = 10
+BEGIN, END = "<!-- admin-scale:begin -->", "<!-- admin-scale:end -->"
+IBEGIN, IEND = "<!-- admin-index:begin -->", "<!-- admin-index:end -->"
+GOPATH_SYSTEM = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their source
+GO_FILES = ("lib.go", "main.go", "rebalance.go", "rebuild.go", "s3api.go", "server.go")
+
+
+# ---------------------------------------------------------------- the data
+
+
+def key_of(i: int) -> bytes:
+    return b"/scale/%010d" % i
+
+
+def write_part(dirs: list[str], names: list[str], lo: int, hi: int, value: bytes) -> None:
+    """Write the files of keys lo..hi-1 where placement puts them on `names` (folders `dirs`)."""
+    where = dict(zip(names, dirs))
+    for i in range(lo, hi):
+        key = key_of(i)
+        path = key2path(key)
+        for volume in key2volume(key, names, REPLICAS, SUBVOLUMES):
+            host, sub = volume.split("/")
+            file = f"{where[host]}/{sub}{path}"
+            try:
+                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(file), exist_ok=True)
+                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, value)
+            finally:
+                os.close(fd)
+
+
+def write_files(dirs: list[str], names: list[str], n: int, value: bytes, procs: int) -> float:
+    """Write n keys' files in `procs` processes; keys/s."""
+    start = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    step = -(-n // procs)
+    workers = [ctx.Process(target=write_part, args=(dirs, names, lo, min(n, lo + step), value))
+               for lo in range(0, n, step)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+        if w.exitcode != 0:
+            raise SystemExit(f"bench: writing the files failed (exit {w.exitcode})")
+    return n / (time.monotonic() - start)
+
+
+# ---------------------------------------------------------------- the Go original
+
+
+def build_go(src: Path, out: Path) -> Path:
+    """Build the Go original from a checkout `src` (its src/*.go) into `out`, GOPATH mode: the
+    package in a temporary GOPATH, its two dependencies from Debian's packages."""
+    gopath = out / "gopath"
+    pkg = gopath / "src" / "mkv"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in GO_FILES:
+        shutil.copy(src / "src" / name, pkg / name)
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{gopath}:{GOPATH_SYSTEM}",
+           "GOCACHE": str(out / "cache"), "GOFLAGS": ""}
+    binary = out / "mkv"
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=pkg, env=env, check=True,
+                   capture_output=True, timeout=600)
+    return binary
+
+
+def find_go(opts, tmp: Path) -> tuple[Path | None, str]:
+    """The Go binary, or None and why not."""
+    if opts.go_bin:
+        return (Path(opts.go_bin), "") if os.access(opts.go_bin, os.X_OK) else (None, f"{opts.go_bin} is not executable")
+    src = opts.go_src or os.environ.get("MKV_GO_SRC", "")
+    if not src:
+        return None, "no Go source given (--go-src DIR of a minikeyvalue checkout, or --go-bin)"
+    if not shutil.which("go"):
+        return None, "no `go` on PATH (apt-get install golang-go golang-github-syndtr-goleveldb-dev " \
+                     "golang-github-google-uuid-dev)"
+    try:
+        return build_go(Path(src), tmp / "go"), ""
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        return None, f"building the Go original failed: {e} {detail.decode(errors='replace')[-500:]}"
+
+
+# ---------------------------------------------------------------- running and measuring
+
+
+def run(argv: list[str], what: str, check: bool = True) -> dict:
+    """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
+    children) and its summary line."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT)
+    peak: dict = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
+    sampler.start()
+    try:
+        stderr = proc.stderr.read().decode(errors="replace")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+    finally:
+        done.set()
+        sampler.join()
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    elapsed = time.monotonic() - start
+    summary = next((line for line in stderr.splitlines() if re.match(r"^\w+: \d+ ", line)), "")
+    if check and code != 0:
+        raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
+    result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
+              "summary": summary, "code": code}
+    print(f"bench: {what}: {elapsed:.1f} s, peak RSS {result['rss_mb']:.0f} MB ({result['anon_mb']:.0f} MB "
+          f"anonymous)  {summary}", file=sys.stderr)
+    return result
+
+
+def minikv(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "minikv", *argv]
+
+
+def count(summary: str, label: str) -> int:
+    m = re.search(r"(\d+) " + re.escape(label), summary)
+    return int(m.group(1)) if m else 0
+
+
+async def list_walk(port: int, page: int = 1000) -> tuple[int, float, list[float]]:
+    """Every key through `?list` pages: (keys, seconds, the time of each page)."""
+    pool = Pool(timeout=60.0)
+    n, times, start_key = 0, [], ""
+    from urllib.parse import quote
+
+    begin = time.monotonic()
+    try:
+        while True:
+            t = time.monotonic()
+            path = f"/?list&limit={page}" + (f"&start={quote(start_key, safe='')}" if start_key else "")
+            resp = await pool.request(f"{HOST}:{port}", "GET", path)
+            times.append(time.monotonic() - t)
+            if resp.status != 200:
+                raise SystemExit(f"bench: ?list answered {resp.status}: {resp.body[:200]!r}")
+            body = json.loads(resp.body)
+            n += len(body["keys"])
+            start_key = body.get("next", "")
+            if not start_key:
+                return n, time.monotonic() - begin, times
+    finally:
+        pool.close()
+
+
+async def page_time(port: int, start_key: str, tries: int = 50) -> float:
+    """Median time of one `?list` page of 1,000 keys starting at `start_key`."""
+    from urllib.parse import quote
+
+    pool = Pool(timeout=60.0)
+    try:
+        times = []
+        for _ in range(tries):
+            t = time.monotonic()
+            resp = await pool.request(f"{HOST}:{port}", "GET", f"/?list&limit=1000&start={quote(start_key, safe='')}")
+            times.append(time.monotonic() - t)
+            assert resp.status == 200, resp.status
+        return sorted(times)[len(times) // 2]
+    finally:
+        pool.close()
+
+
+def small_index(src: Path, dst: Path, n: int) -> None:
+    """An index holding the first n records of `src`."""
+    a, b = Store(str(src)), Store(str(dst))
+    try:
+        pairs, _ = a.scan(b"", b"", n)
+        b.merge_many(pairs, lambda key, current, new: new)
+    finally:
+        a.close()
+        b.close()
+
+
+def index_size(db: Path) -> dict:
+    """The LMDB file's size and the pages in use (the file can hold freed pages)."""
+    store = Store(str(db))
+    try:
+        with store.env.begin() as txn:
+            stat = txn.stat(store.keys)
+        pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return {"file": (db / "data.mdb").stat().st_size, "used": pages * stat["psize"], "entries": stat["entries"]}
+    finally:
+        store.close()
+
+
+def synthetic_index(db: Path, names: list[str], n: int, size: int) -> float:
+    """An index of n LIVE records shaped as a rebuild writes them (3 replicas on `names`), made
+    without any file: what the index costs does not depend on where the bytes are. Keys/s."""
+    from minikv.admin.rebuild import make_record
+    from minikv.admin.walk import Found
+    from minikv.config import Config
+
+    config = Config(volumes=names, db=str(db), replicas=REPLICAS, subvolumes=SUBVOLUMES)
+    store = Store(str(db))
+    order = list(range(n))
+    random.Random(1).shuffle(order)  # written in no key order, as PUTs and rebuild write them
+    start = time.monotonic()
+    try:
+        batch = []
+        for i in order:
+            key = key_of(i)
+            found = [Found(v, size, 1_700_000_000_000) for v in key2volume(key, names, REPLICAS, SUBVOLUMES)]
+            batch.append((key, make_record(key, found, config)[0]))
+            if len(batch) == 10_000:
+                store.merge_many(batch, lambda key, current, new: new)
+                batch = []
+        store.merge_many(batch, lambda key, current, new: new)
+    finally:
+        store.close()
+    return n / (time.monotonic() - start)
+
+
+def index_part(tmp: Path, cluster: Cluster, vols: list[str], n: int, value_size: int) -> dict:
+    """Size per key, a full `?list` walk and one page's time, at n keys and at 10,000."""
+    out: dict = {"n": n}
+    db = tmp / "synthetic"
+    print(f"bench: an index of {n:,} records ...", file=sys.stderr)
+    synthetic_index(db, vols, n, value_size)
+    out["size"] = index_size(db)
+    for label, path, keys in (("big", db, n), ("small", tmp / "small", min(n, 10_000))):
+        if label == "small":
+            small_index(db, path, keys)
+        cluster.db = path
+        cluster.start_index(vols)
+        try:
+            if label == "big":
+                got, seconds, times = asyncio.run(list_walk(cluster.port))
+                assert got == n, (got, n)
+                out["walk"] = seconds
+                out["walk_max_page"] = max(times[1:] or times)  # the first one also connects
+            out[f"page_{label}"] = asyncio.run(page_time(cluster.port, key_of(keys // 2).decode()))
+        finally:
+            cluster.stop_index()
+    print(f"bench: ?list: {out['walk']:.1f} s for {n:,} keys, a page {out['page_big'] * 1000:.2f} ms at {n:,} "
+          f"and {out['page_small'] * 1000:.2f} ms at 10,000; {out['size']['file'] / n:.0f} bytes per key",
+          file=sys.stderr)
+    return out
+
+
+def command(opts) -> str:
+    """The command line that makes these figures (a Go source folder shown as DIR)."""
+    go = " --go-src DIR" if opts.go_src or os.environ.get("MKV_GO_SRC") else " --go-bin BIN" if opts.go_bin else ""
+    return (f".venv/bin/python bench/scale.py --keys {opts.keys} --index-keys {opts.index_keys}{go} "
+            f"--value-size {opts.value_size} --concurrency {opts.concurrency} --out BENCHMARKS.md")
+
+
+def index_table(opts, res: dict) -> str:
+    n, size, value_size = res["n"], res["size"], opts.value_size
+    per_key = size["file"] / n
+    return "\n".join([
+        IBEGIN,
+        "## The index at scale: size per key and `?list`",
+        "",
+        f"An LMDB index of {n:,} LIVE records shaped as `rebuild` writes them ({REPLICAS} replicas on 3 volumes "
+        f"with {SUBVOLUMES} subvolumes, values of {value_size:,} bytes, keys like `/scale/0000123456`), served "
+        f"by `minikv server` with its default workers. Written by `{command(opts)}` ({machine()}).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| index file (data.mdb) | {size['file'] / 2**20:,.0f} MB: {per_key:.0f} bytes per key |",
+        f"| of which pages in use | {size['used'] / 2**20:,.0f} MB: {size['used'] / n:.0f} bytes per key |",
+        f"| a billion such keys | about {per_key * 1e9 / 2**30:,.0f} GiB of index |",
+        f"| `?list` page of 1,000 keys (median of 50) at {n:,} keys | {res['page_big'] * 1000:.2f} ms |",
+        f"| the same at 10,000 keys | {res['page_small'] * 1000:.2f} ms |",
+        f"| full `?list` walk in pages of 1,000 | {res['walk']:.1f} s ({n / res['walk']:,.0f} keys/s), "
+        f"slowest page after the first {res['walk_max_page'] * 1000:.1f} ms |",
+        IEND,
+    ])
+
+
+# ---------------------------------------------------------------- the run
+
+
+def rate(n: int, r: dict | None) -> str:
+    return f"{n / r['seconds']:,.0f}" if r else "–"
+
+
+def table(opts, n: int, res: dict) -> str:
+    rows = []
+    go = res.get("go", {})
+
+    def row(what: str, ours: dict, theirs: dict | None, keys: int, extra: str = "") -> None:
+        ratio = f"{(keys / ours['seconds']) / (keys / theirs['seconds']):.2f}×" if theirs else "–"
+        g = f"{rate(keys, theirs)} keys/s, {theirs['rss_mb']:.0f} MB" if theirs else "–"
+        rows.append(f"| {what} | {ours['seconds']:.1f} s | {rate(keys, ours)} keys/s{extra} | "
+                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB) | {g} | {ratio} |")
+
+    row("rebuild over HTTP, 3 volumes", res["rebuild"], go.get("rebuild"), n)
+    row("rebuild from the local folders", res["local"], None, n)
+    moved = count(res["rebalance"]["summary"], "moved")
+    row("rebalance 3 → 4 volumes (Go: 4 → 3, the same keys)", res["rebalance"], go.get("rebalance"), n,
+        f", {moved:,} moved")
+    row("verify (sizes, no md5)", res["verify"], None, n)
+    row("gc", res["gc"], None, n)
+    lw = res["list"]
+    return "\n".join([
+        BEGIN,
+        "## Admin commands at scale, beside the Go original",
+        "",
+        f"{n:,} keys of {opts.value_size:,} bytes, their files written straight into the folders of 3 volumes "
+        f"({REPLICAS} replicas, {SUBVOLUMES} subvolumes; a 4th volume for the rebalance), `-concurrency "
+        f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the largest of the "
+        "command and its children), which counts the pages of the LMDB files it touched (file-backed: the page "
+        "cache); in brackets the anonymous part of the main process (sampled from /proc every 20 ms), its own "
+        f"memory. Written by `{command(opts)}` ({machine()}). {res['go_note']}",
+        "",
+        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | Go original | minikv / Go |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        f"| `?list` walk, pages of 1,000 | {lw['seconds']:.1f} s | {rate(n, lw)} keys/s | | – | – |",
+        "",
+        "Summaries printed by the commands:",
+        "",
+        *[f"- `{res[k]['summary']}`" for k in ("rebuild", "local", "rebalance", "verify", "gc")],
+        END,
+    ])
+
+
+def publish(path: Path, section: str) -> None:
+    """Put `section` between its markers (its first and last lines) below the notes marker,
+    as bench/admin.py does."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
+    text = path.read_text() if path.exists() else ""
+    if NOTES not in text:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + NOTES + "\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
+    """Steps 1-5 of the module docstring; the results by step."""
+    n = opts.keys
+    res: dict = {"go": {}}
+    go, why = find_go(opts, tmp)
+    res["go_note"] = ("The Go original was built from its public source with Debian's packages (bench/scale.py "
+                      "build_go)." if go else f"Go original skipped: {why}.")
+    if not go:
+        print(f"bench: {res['go_note']}", file=sys.stderr)
+    dirs = [str(tmp / f"vol{i}") for i in range(4)]
+    three, four = cluster.names[:3], cluster.names
+    print(f"bench: writing {n:,} keys' files ...", file=sys.stderr)
+    rate_w = write_files(dirs[:3], three, n, b"v" * opts.value_size, 2)
+    print(f"bench: {rate_w:,.0f} keys/s written", file=sys.stderr)
+    for i, port in enumerate(cluster.ports):
+        os.makedirs(dirs[i], exist_ok=True)
+        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
+    for proc, port in zip(cluster.procs, cluster.ports):
+        wait_port(port, proc, "a volume", timeout=600)  # it gives the folders to nginx's user first
+    common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
+    go_flags = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
+    db = tmp / "index"
+    res["rebuild"] = run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common), "minikv rebuild")
+    if go:
+        res["go"]["rebuild"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go3"), *go_flags,
+                                    "rebuild"], "Go rebuild")
+    res["local"] = run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(tmp / "local"), *common,
+                              *dirs[:3]), "minikv rebuild (local)")
+    res["rebalance"] = run(minikv("rebalance", "-volumes", ",".join(four), "-db", str(db), *common),
+                           "minikv rebalance 3 → 4")
+    vols = four
+    if go:
+        run([str(go), "-volumes", ",".join(four), "-db", str(tmp / "go4"), *go_flags, "rebuild"],
+            "Go rebuild (4 volumes)")
+        res["go"]["rebalance"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go4"), *go_flags,
+                                      "rebalance"], "Go rebalance 4 → 3")
+        db = tmp / "again"  # the files are back on 3 volumes: an index of where they are
+        run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common), "minikv rebuild (again)")
+        vols = three
+    res["verify"] = run(minikv("verify", "-volumes", ",".join(vols), "-db", str(db), *common), "minikv verify")
+    res["gc"] = run(minikv("gc", "-volumes", ",".join(vols), "-db", str(db), *common), "minikv gc")
+    cluster.db = db
+    cluster.start_index(vols)
+    keys, seconds, _ = asyncio.run(list_walk(cluster.port))
+    cluster.stop_index()
+    res["list"] = {"seconds": seconds}
+    print(f"bench: ?list walk: {keys:,} keys in {seconds:.1f} s", file=sys.stderr)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=1_000_000, help="keys whose files are written (0: skip)")
+    ap.add_argument("--index-keys", type=int, default=1_000_000, help="records of the index part (0: skip)")
+    ap.add_argument("--value-size", type=int, default=1024)
+    ap.add_argument("--concurrency", type=int, default=64)  # as the admin commands
+    ap.add_argument("--go-src", help="a checkout of github.com/geohot/minikeyvalue (or $MKV_GO_SRC)")
+    ap.add_argument("--go-bin", help="the Go original, built")
+    ap.add_argument("--out", type=Path)
+    opts = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir="/tmp"))
+    tmp.chmod(0o755)  # nginx workers run as www-data when we are root
+    cluster = Cluster(tmp)
+    cluster.ports = cluster.ports[:4]
+    cluster.names = cluster.names[:4]
+    sections = []
+    try:
+        if opts.keys:
+            sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))
+        if opts.index_keys:
+            sections.append(index_table(opts, index_part(tmp, cluster, cluster.names[:3], opts.index_keys,
+                                                         opts.value_size)))
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for section in sections:
+        print(section)
+        if opts.out:
+            publish(opts.out, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Reading which files the volumes hold straight from their folders on this machine (scandir).
+
+What an operator runs on a volume host (or where the index host holds the volumes too): the
+same walk as admin/walk.py, `<aa>` by `<aa>`, one `<aa>/<bb>` folder across every volume at a
+time, handing the caller the same `{key: [Found, ...]}` batches, but from the file system, with
+no HTTP and no JSON in between. Memory holds one `<aa>/<bb>` folder, never the whole listing.
+
+Volume folders are named on the command line as `DIR` (in the order of -volumes, one for each)
+or `VOLUME=DIR` (any subset: a rebuild per volume host, each adding to the index with -force).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root
+from minikv.placement import path2key
+
+YIELD_EVERY = 64  # `<bb>` folders between two chances for the event loop to run others
+
+
+def volume_dirs(volumes: list[str], given: list[str]) -> dict[str, str]:
+    """{volume: folder} from the positionals; ValueError with what to write instead."""
+    if not given:
+        return {}
+    pairs = [g.split("=", 1) for g in given]
+    named = [p for p in pairs if len(p) == 2]
+    if named and len(named) != len(pairs):
+        raise ValueError("give every volume folder as VOLUME=DIR, or all of them as DIR in the order of -volumes")
+    if not named:
+        if len(given) != len(volumes):
+            raise ValueError(f"{len(given)} volume folders for {len(volumes)} volumes: give one DIR per volume "
+                             "in the order of -volumes, or VOLUME=DIR for the ones on this machine")
+        named = [[v, d] for v, d in zip(volumes, given)]
+    out: dict[str, str] = {}
+    for volume, folder in named:
+        if volume not in volumes:
+            raise ValueError(f"{volume} is not one of -volumes ({','.join(volumes)})")
+        if volume in out:
+            raise ValueError(f"{volume} is given two folders")
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder} is not a folder")
+        out[volume] = folder
+    return out
+
+
+def _entries(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+class LocalWalker:
+    """Walks the volumes of `dirs` ({volume: folder}); `errors` as Walker's."""
+
+    def __init__(self, dirs: dict[str, str]):
+        self.dirs = dirs
+        self.errors: list[str] = []
+
+    async def roots(self) -> list[Root]:
+        found: list[Root] = []
+        for host, folder in self.dirs.items():
+            names = [e.name for e in _entries(folder) if e.is_dir(follow_symlinks=False)]
+            found += [Root(host, "/" + d) for d in sorted(names) if SUBVOLUME.fullmatch(d)]
+            if any(HEX2.fullmatch(d) for d in names):
+                found.append(Root(host, ""))
+        return found
+
+    def _folder(self, root: Root) -> str:
+        return self.dirs[root.host] + root.prefix
+
+    def files(self, path: str, below: str, out: list[tuple[str, int, int]]) -> None:
+        """(name below the `<aa>/<bb>` folder, size, mtime_ms) of every file under `path`
+        (a base64 name holding `/` is a folder chain)."""
+        try:
+            entries = _entries(path)
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
+                elif e.is_dir(follow_symlinks=False):
+                    self.files(e.path, below + e.name + "/", out)
+        except OSError as e:
+            self.errors.append(f"cannot read {path}: {e.strerror}")
+
+    async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
+                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
+        """As Walker.walk, over the folders `<aa>` of `aas`. Returns the files skipped."""
+        skipped = 0
+        folders = 0
+        for aa in (f"{a:02x}" for a in aas):
+            if stop is not None and stop.is_set():
+                break
+            bbs: dict[str, list[Root]] = {}
+            for root in roots:
+                for e in _entries(f"{self._folder(root)}/{aa}"):
+                    if HEX2.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                        bbs.setdefault(e.name, []).append(root)
+            for bb in sorted(bbs):
+                group: dict[bytes, list[Found]] = {}
+                seen: dict[str, bytes | None] = {}  # a name is decoded once for all its copies
+                for root in bbs[bb]:
+                    files: list[tuple[str, int, int]] = []
+                    self.files(f"{self._folder(root)}/{aa}/{bb}", "", files)
+                    for name, size, mtime_ms in files:
+                        key = seen.get(name, b"")
+                        if key == b"":
+                            key = seen[name] = path2key(f"/{aa}/{bb}/{name}")
+                        if key is None:
+                            skipped += 1
+                            continue
+                        group.setdefault(key, []).append(Found(root.volume, size, mtime_ms))
+                if group:
+                    await handle(group)
+                folders += 1
+                if folders % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let Ctrl-C and the progress bar through
+            done()
+        return skipped
