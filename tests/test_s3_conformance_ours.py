@@ -16,18 +16,12 @@ import pytest
 import requests
 
 boto3 = pytest.importorskip("boto3")
-from botocore.config import Config as BotoConfig  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 from cluster import Cluster, open_dir  # noqa: E402
+from test_s3 import client  # noqa: E402
 
 from minikv.s3.buckets import check_name  # noqa: E402
 from minikv.s3.errors import S3Error  # noqa: E402
-
-
-def client(port: int):
-    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
-                        aws_secret_access_key="test", region_name="us-east-1",
-                        config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
 
 
 @pytest.fixture(scope="module")

@@ -94,22 +94,24 @@ def _etags(text: bytes) -> list[str]:
     return [t.strip().strip('"').removeprefix('W/"') for t in text.decode("latin-1").split(",")]
 
 
-def check_conditions(ctx: Ctx, etag: str, mtime_ms: int) -> None:
-    """If-Match / If-None-Match / If-(Un)Modified-Since of a GET or HEAD."""
+def check_conditions(ctx: Ctx, etag: str, mtime_ms: int, prefix: bytes = b"") -> None:
+    """If-Match / If-None-Match / If-(Un)Modified-Since of a GET or HEAD; with `prefix`
+    `x-amz-copy-source-`, a copy's conditions on its source, where a none-match that holds is a
+    412 too, not a 304. A match wins over a date, as in S3."""
     failed = S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
-    not_modified = S3Error("NotModified", "Not Modified", headers=[("ETag", quoted(etag))])
-    if (v := ctx.header(b"if-match")) is not None:
+    unchanged = failed if prefix else S3Error("NotModified", "Not Modified", headers=[("ETag", quoted(etag))])
+    if (v := ctx.header(prefix + b"if-match")) is not None:
         tags = _etags(v)
         if "*" not in tags and etag not in tags:
             raise failed
-    elif (v := ctx.header(b"if-unmodified-since")) is not None and _newer(mtime_ms, v) is True:
+    elif (v := ctx.header(prefix + b"if-unmodified-since")) is not None and _newer(mtime_ms, v) is True:
         raise failed
-    if (v := ctx.header(b"if-none-match")) is not None:
+    if (v := ctx.header(prefix + b"if-none-match")) is not None:
         tags = _etags(v)
         if "*" in tags or etag in tags:
-            raise not_modified
-    elif (v := ctx.header(b"if-modified-since")) is not None and _newer(mtime_ms, v) is False:
-        raise not_modified
+            raise unchanged
+    elif (v := ctx.header(prefix + b"if-modified-since")) is not None and _newer(mtime_ms, v) is False:
+        raise unchanged
 
 
 def _newer(mtime_ms: int, http_date_value: bytes) -> bool | None:

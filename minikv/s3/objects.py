@@ -17,7 +17,7 @@ from minikv.http.client import VolumeError
 from minikv.http.response import ClientGone
 from minikv.index.record import decode_data
 from minikv.s3 import attrs as attributes
-from minikv.s3.common import Ctx, _etags, _newer, check_conditions, http_time, md5_etag, object_key, quoted
+from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal_in
 from minikv.s3.payload import Payload
@@ -175,26 +175,8 @@ def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
     raw = readable(s3.store.get(src)) if len(src) <= 511 else None
     if raw is None:
         raise S3Error("NoSuchKey", "The specified key does not exist.", Key=src.decode("utf-8", "replace"))
-    _copy_conditions(ctx, s3.etag(src, raw), decode_data(raw).mtime_ms)
+    check_conditions(ctx, s3.etag(src, raw), decode_data(raw).mtime_ms, prefix=b"x-amz-copy-source-")
     return src, raw
-
-
-def _copy_conditions(ctx: Ctx, etag: str, mtime_ms: int) -> None:
-    """x-amz-copy-source-if-(none-)match / -if-(un)modified-since: 412 when one does not hold
-    (a match wins over a date, as in S3)."""
-    failed = S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
-    if (v := ctx.header(b"x-amz-copy-source-if-match")) is not None:
-        tags = _etags(v)
-        if "*" not in tags and etag not in tags:
-            raise failed
-    elif (v := ctx.header(b"x-amz-copy-source-if-unmodified-since")) is not None and _newer(mtime_ms, v) is True:
-        raise failed
-    if (v := ctx.header(b"x-amz-copy-source-if-none-match")) is not None:
-        tags = _etags(v)
-        if "*" in tags or etag in tags:
-            raise failed
-    elif (v := ctx.header(b"x-amz-copy-source-if-modified-since")) is not None and _newer(mtime_ms, v) is False:
-        raise failed
 
 
 async def copy_object(s3, ctx: Ctx) -> bytes:
