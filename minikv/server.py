@@ -32,8 +32,9 @@ from minikv.api.access import start_notes
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.server import Batch, Connection, start_timeout_sweep
+from minikv.index.engine import is_url
 from minikv.index.recovery import recover
-from minikv.index.store import Store
+from minikv.index.store import Store, StoreError
 
 SHUTDOWN_GRACE = 10.0  # seconds a stopping worker gives in-flight requests
 HEARTBEAT_EVERY = 0.5  # seconds between two heartbeats of a worker's loop
@@ -102,6 +103,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def recover_pending(config: Config, owner: int | None = None) -> None:
+    if is_url(config.db):  # PostgreSQL: a previous run's records were resolved at start (index/lease.py)
+        if owner is not None:
+            _recover_pg_worker(config, owner)
+        return
     store = Store(config.db, sync=config.fsync)
     try:
         store.reader_check()
@@ -120,19 +125,51 @@ def recover_pending(config: Config, owner: int | None = None) -> None:
         store.close()
 
 
+def _recover_pg_worker(config: Config, pid: int) -> None:
+    from minikv.index.lease import resolve_worker
+    from minikv.index.pg import PgStore, server_id
+
+    async def run() -> int:
+        store, pool = PgStore(config.db, server_id(config.port), pool_size=1), config.pool()
+        try:
+            return await resolve_worker(store, pool, pid)
+        finally:
+            pool.close()
+            await store.close()
+
+    try:
+        n = asyncio.run(run())
+    except StoreError as e:  # the lease's takeover resolves them if this server dies first
+        log(f"could not undo the writes of worker {pid} now: {e}; they are undone at the next start")
+        return
+    if n:
+        log(f"undid {n} write(s) left in flight by worker {pid}")
+
+
 async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.api.app import App
 
     loop = asyncio.get_running_loop()
-    store = Store(config.db, sync=config.fsync)
     pool = config.pool()
     health = Health(pool, config.hosts)
+    if is_url(config.db):
+        from minikv.api.app_pg import PgApp
+        from minikv.index import lease
+        from minikv.index.pg import PgStore, server_id
+
+        store = PgStore(config.db, server_id(config.port))
+        keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"]))
+    else:
+        store = Store(config.db, sync=config.fsync)
     await health.probe_all()
     health.start()
-    app = App(config, store, pool, health)
-    from minikv.s3 import S3
+    if is_url(config.db):
+        app = PgApp(config, store, pool, health)
+    else:
+        app = App(config, store, pool, health)
+        from minikv.s3 import S3
 
-    app.s3 = S3(app)
+        app.s3 = S3(app)
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
     server = await loop.create_server(
@@ -153,8 +190,13 @@ async def serve(config: Config, sock: socket.socket) -> None:
     await move.drain()  # old copies of keys REBALANCEd moments ago
     health.stop()
     pool.close()
-    app.s3.close()
-    store.close()
+    if app.s3 is not None:
+        app.s3.close()
+    if is_url(config.db):
+        keeper.cancel()
+        await store.close()
+    else:
+        store.close()
 
 
 class Heartbeats:
@@ -229,7 +271,13 @@ def run_server(args) -> int:
         log(f"open-file limit {nofile}: at most {budget} client connections per worker "
             f"(raise `ulimit -n` for more)")
         config.max_connections = budget
-    lock_db(config.db)  # held until we exit; forked workers share it
+    if is_url(config.db):  # shared by many servers: a lease instead of a lock (index/lease.py)
+        from minikv.index.lease import start_sync
+        from minikv.index.pg import server_id
+
+        config.extra["lease_token"] = start_sync(config.db, server_id(config.port), config.pool)
+    else:
+        lock_db(config.db)  # held until we exit; forked workers share it
     check_port_free(config.host, config.port)
     ops.prepare(config, args)  # binds -metrics-port before the workers fork
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]
@@ -238,7 +286,13 @@ def run_server(args) -> int:
         f"volumes {','.join(config.volumes)}, {config.replicas} replica(s), {config.subvolumes} subvolume(s)")
     for line in start_notes(config):
         log(line)
-    return supervise(config, sockets)
+    code = supervise(config, sockets)
+    if is_url(config.db):
+        from minikv.index.lease import release_sync
+        from minikv.index.pg import server_id
+
+        release_sync(config.db, server_id(config.port), config.extra["lease_token"])
+    return code
 
 
 def supervise(config: Config, sockets: list[socket.socket]) -> int:
