@@ -69,6 +69,27 @@ def undo_later(engine: PgStore, key: bytes, pending: bytes, back: bytes | None) 
     task.add_done_callback(_retries.discard)
 
 
+def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: list[str]) -> None:
+    """Undo a PUT once the database answers again, if its lock is still there: whether the
+    value's record became LIVE could not be told while it was down (a statement's answer lost)."""
+    from minikv import replicas
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            try:
+                if await engine.get(key) == pending:
+                    await replicas.delete_all(pool, volumes, key)
+                    await engine.cas(key, pending, None)
+                return
+            except StoreError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _retries.add(task)
+    task.add_done_callback(_retries.discard)
+
+
 class PgApp(App):
     def __init__(self, config, store: PgStore, pool, health):
         super().__init__(config, store, pool, health)
@@ -112,10 +133,23 @@ class PgApp(App):
         try:
             done, current = await self.engine.cas(key, expect, pending)
         except StoreError as e:
-            undo_later(self.engine, key, pending, expect)
-            raise HTTPError(503, f"{e}; nothing was changed") from None
+            if getattr(e, "maybe_done", False):  # the lock may be ours: it must not stay
+                undo_later(self.engine, key, pending, expect)
+            raise HTTPError(503, f"{e}; nothing was stored" if pending[1:2] == OP_PUT else str(e)) from None
         if not done:
             raise self._raced(current, pending[1:2] == OP_PUT)
+
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
+        # the files go only while the lock is ours: a LIVE-making statement whose answer was
+        # lost may have landed, and then they are the key's value
+        try:
+            current = await self.engine.get(key)
+        except StoreError as e:
+            abandon_later(self.engine, self.pool, key, pending, volumes)
+            return str(e)
+        if current != pending:
+            return ""
+        return await super()._abandon(key, pending, volumes)
 
     async def _drop(self, key: bytes, pending: bytes) -> str:
         try:

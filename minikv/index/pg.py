@@ -61,12 +61,16 @@ def describe(db: str) -> str:
 
 
 class IndexUnavailable(StoreError):
-    """The database cannot be reached or answered with an error: nothing changed (or, for a
-    statement whose answer was lost, the record says what did: a retry sees it)."""
+    """The database cannot be reached, or refused the statement: nothing changed, unless
+    `maybe_done` (the connection broke while the statement was out: it may have been applied)."""
+
+    maybe_done = False
 
 
-def _down(e: BaseException) -> IndexUnavailable:
-    return IndexUnavailable(f"the index database is unavailable ({type(e).__name__}: {e}); try again")
+def _down(e: BaseException, maybe_done: bool = False) -> IndexUnavailable:
+    down = IndexUnavailable(f"the index database is unavailable ({type(e).__name__}: {e}); try again")
+    down.maybe_done = maybe_done
+    return down
 
 
 def start_error(db: str, e: BaseException) -> str:
@@ -137,28 +141,48 @@ class PgStore:
                 command_timeout=QUERY_TIMEOUT)
         return self._pool
 
-    async def _run(self, method: str, query: str, *args):
+    async def _run(self, method: str, query: str, *args, read: bool = False):
+        """One statement on a pooled connection. `read`: a read-only statement, tried once more
+        on a new connection when its connection turns out broken (the database restarted
+        since the pool opened it), so that a restart costs no client an error."""
         import asyncpg
 
-        try:
-            pool = await self._get_pool()
-            return await getattr(pool, method)(query, *args)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            raise _down(e) from None
+        tries = 2 if read else 1
+        while True:
+            tries -= 1
+            try:
+                pool = await self._get_pool()
+                conn = await pool.acquire()
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                raise _down(e) from None  # nothing was sent
+            try:
+                return await getattr(conn, method)(query, *args)
+            except asyncpg.PostgresError as e:
+                raise _down(e) from None  # the database answered: the statement was not applied
+            except Exception as e:  # noqa: BLE001 - the connection broke (asyncpg's own errors included)
+                conn.terminate()  # never back into the pool in whatever state it is left
+                if not tries:
+                    raise _down(e, maybe_done=True) from None
+            finally:
+                try:
+                    await pool.release(conn)
+                except Exception:  # noqa: BLE001 - a broken connection is dropped by the pool anyway
+                    pass
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
 
     async def get(self, key: bytes) -> bytes | None:
-        return await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key)
+        return await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
 
     async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The records of those of `keys` that have one, in one round trip."""
         if len(keys) == 1:
             raw = await self.get(keys[0])
             return {} if raw is None else {keys[0]: raw}
-        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[])", keys)
+        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[])", keys,
+                               read=True)
         return {r[0]: r[1] for r in rows}
 
     async def cas(self, key: bytes, expect: bytes | None, new: bytes | None,
@@ -203,10 +227,10 @@ class PgStore:
         while True:
             if end is None:
                 rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k >= $1 "
-                                       "ORDER BY k LIMIT $2", pos, chunk + 1)
+                                       "ORDER BY k LIMIT $2", pos, chunk + 1, read=True)
             else:
                 rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k >= $1 AND k < $2 "
-                                       "ORDER BY k LIMIT $3", pos, end, chunk + 1)
+                                       "ORDER BY k LIMIT $3", pos, end, chunk + 1, read=True)
             for i, (key, value) in enumerate(rows):
                 if i == chunk:
                     if budget:
