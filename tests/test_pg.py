@@ -309,3 +309,69 @@ def test_writers_on_two_servers_through_a_database_restart_lose_nothing(postgres
         other.stop()
         c.stop()
         pg.remove()
+
+
+def test_a_dead_workers_writes_are_undone_by_its_supervisor(postgres):
+    root = open_dir()
+    c = Cluster(root, workers=1, db=postgres.create_db("t" + uuid.uuid4().hex[:12])).start()
+    try:
+        key = fresh()
+        s = start_upload(c.port, key, 10 << 20, os.urandom(1 << 20))
+        wait_until(lambda: c.put(key, b"x").status_code == 409, 10, "the lock")
+        worker = int(subprocess.run(["pgrep", "-P", str(c.index.proc.pid)], capture_output=True,
+                                    text=True).stdout.split()[0])
+        os.kill(worker, signal.SIGKILL)
+        s.close()
+
+        def put_again() -> bool:
+            try:  # a new connection each time: the old one was the dead worker's
+                return requests.put(c.url(key), data=b"after").status_code == 201
+            except requests.ConnectionError:
+                return False
+
+        wait_until(put_again, 15, "the key writable again")
+        assert f"undid 1 write(s) left in flight by worker {worker}" in c.index.log.read_text()
+    finally:
+        c.stop()
+
+
+def test_a_pending_record_changes_only_for_its_owner(postgres):
+    """The fence of a takeover: once another server made a record its own, its first owner's
+    compare-and-set fails, whatever it still had in flight."""
+    import asyncio
+
+    from minikv.index.pg import PgStore, connect, create_schema
+    from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending
+
+    db = postgres.create_db("t" + uuid.uuid4().hex[:12])
+
+    async def run() -> None:
+        conn = await connect(db)
+        await create_schema(conn)
+        await conn.close()
+        a, b = PgStore(db, "a:1"), PgStore(db, "b:1")
+        try:
+            pending = encode_pending(OP_PUT, 1, 1, ["v:1"])
+            live = encode_data(LIVE, ["v:1"], 1, 1, b"")
+            assert await a.cas(b"/k", None, pending) == (True, pending)
+            assert (await b.cas(b"/k", pending, live))[0] is False  # not b's lock
+            assert (await b.cas(b"/k", pending, None))[0] is False
+            await b._run("execute", "UPDATE minikv_keys SET owner = 'b:1' WHERE owner = 'a:1'")
+            assert (await a.cas(b"/k", pending, live))[0] is False  # taken over: a is fenced off
+            assert await b.cas(b"/k", pending, None) == (True, None)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(run())
+
+
+def test_prefix_ranges_and_urls():
+    from minikv.index.pg import describe, is_url, prefix_end
+
+    assert prefix_end(b"/a/") == b"/a0"
+    assert prefix_end(b"/a\xff\xff") == b"/b"
+    assert prefix_end(b"\xff") is None and prefix_end(b"") is None
+    assert is_url("postgresql://h/d") and is_url("postgres://h/d") and not is_url("/srv/postgresql://x")
+    assert describe("postgresql://u:secret@h:5/d") == "postgresql://u:***@h:5/d"
+    assert describe("postgresql://u@h/d") == "postgresql://u@h/d"
