@@ -20,6 +20,7 @@ Commands:
   verify      check that every key has all its replicas
   repair      re-replicate what verify finds missing
   gc [DIR...] remove unlinked keys' files, dead processes' locks, old temp files in DIR/body_temp
+  copy-index FROM TO  copy an index into an empty one: LMDB folder or postgresql:// URL, either way
   status      show a running server's volumes, index and requests (-server host:port); exits 1 if not ready
 
 Flags:
@@ -257,6 +258,11 @@ def run(args: Args) -> int:
         from minikv.server import run_server
 
         return run_server(args)
+    if cmd == "copy-index":
+        from minikv.admin.copy_index import main as copy_index
+
+        keep_index_private("")  # an LMDB index it makes is for this user only
+        return copy_index(args)
     if cmd == "status":
         from minikv.ops.status import main as status
 

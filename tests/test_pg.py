@@ -375,3 +375,55 @@ def test_prefix_ranges_and_urls():
     assert is_url("postgresql://h/d") and is_url("postgres://h/d") and not is_url("/srv/postgresql://x")
     assert describe("postgresql://u:secret@h:5/d") == "postgresql://u:***@h:5/d"
     assert describe("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+def copy_index(src: str, dst: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minikv", "copy-index", src, dst],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_copy_index_lmdb_to_postgresql_and_back_keeps_marks_md5s_and_locks(postgres):
+    root = open_dir()
+    c = Cluster(root, db=str(root / "index")).start()
+    try:
+        live, unlinked, locked = fresh(), fresh(), fresh()
+        assert c.put(live, b"live value").status_code == 201
+        md5 = c.get(live, allow_redirects=False).headers["Content-Md5"]
+        assert c.put(unlinked, b"gone").status_code == 201
+        assert c.request("UNLINK", unlinked).status_code == 204
+        s = start_upload(c.port, locked, 10 << 20, os.urandom(1 << 20))
+        wait_until(lambda: c.put(locked, b"x").status_code == 409, 10, "the lock")
+        c.index.stop(signal.SIGKILL)  # the lock stays in the LMDB index
+        s.close()
+        wait_closed(c.port)
+
+        db = postgres.create_db("t" + uuid.uuid4().hex[:12])
+        r = copy_index(c.db, db)
+        assert r.returncode == 0 and "copied 3 record(s)" in r.stderr, r.stderr
+        assert "test-password" not in r.stderr
+        r = copy_index(c.db, db)
+        assert r.returncode != 0 and "already holds keys" in r.stderr, r.stderr
+
+        c.db = db
+        c.index = c._index(2, [])
+        c.index.start()
+        r = c.get(live, allow_redirects=False)
+        assert r.status_code == 302 and r.headers["Content-Md5"] == md5
+        assert c.get(live).content == b"live value"
+        assert unlinked in c.get("/pg/?unlinked").json()["keys"]
+        assert c.get(unlinked).status_code == 404
+        # the copied lock has no server: the first one running takes it over and undoes it
+        wait_until(lambda: c.put(locked, b"after").status_code == 201, 3 * RENEW_EVERY + 5, "the copied lock undone")
+        c.index.stop()
+
+        back = str(root / "index-back")
+        r = copy_index(db, back)
+        assert r.returncode == 0 and "copied 3 record(s)" in r.stderr, r.stderr
+        c.db = back
+        c.index = c._index(2, [])
+        c.index.start()
+        assert c.get(live, allow_redirects=False).headers["Content-Md5"] == md5
+        assert c.get(locked).content == b"after"
+        assert unlinked in c.get("/pg/?unlinked").json()["keys"]
+    finally:
+        c.stop()
