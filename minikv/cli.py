@@ -276,7 +276,8 @@ def run(args: Args) -> int:
             _need(args, "volumes", "db")
         from minikv.index.engine import refuse_on_pg
 
-        refuse_on_pg(f"`minikv {cmd}`", str(args.db or ""))
+        if cmd != "verify":  # it only reads: it runs on PostgreSQL through index/pg_sync.py
+            refuse_on_pg(f"`minikv {cmd}`", str(args.db or ""))
         import importlib
 
         module = importlib.import_module(f"minikv.admin.{cmd}")

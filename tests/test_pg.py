@@ -219,7 +219,7 @@ def test_s3_and_admin_commands_are_refused_with_a_reason(pair):
     c, _ = pair
     r = requests.get(url(c.port, "/bucket?list-type=2"))
     assert r.status_code == 501 and "not yet available on a PostgreSQL index" in r.text
-    r = subprocess.run([sys.executable, "-m", "minikv", "verify", "-volumes", ",".join(c.names),
+    r = subprocess.run([sys.executable, "-m", "minikv", "repair", "-volumes", ",".join(c.names),
                         "-db", c.db], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not yet available on a PostgreSQL index" in r.stderr, r.stderr
 
@@ -425,5 +425,32 @@ def test_copy_index_lmdb_to_postgresql_and_back_keeps_marks_md5s_and_locks(postg
         assert c.get(live, allow_redirects=False).headers["Content-Md5"] == md5
         assert c.get(locked).content == b"after"
         assert unlinked in c.get("/pg/?unlinked").json()["keys"]
+    finally:
+        c.stop()
+
+
+def test_verify_reads_a_postgresql_index(postgres):
+    from minikv.placement import key2path, key2volume
+
+    root = open_dir()
+    c = Cluster(root, volumes=3, replicas=2, subvolumes=4, db=postgres.create_db("t" + uuid.uuid4().hex[:12]))
+    c.start()
+    try:
+        keys = [f"/pg/v{i}" for i in range(10)]
+        for key in keys:
+            assert c.put(key, os.urandom(100)).status_code == 201
+
+        def verify() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "minikv", "verify", "-volumes", ",".join(c.names),
+                                   "-db", c.db, "-replicas", "2", "-subvolumes", "4"],
+                                  capture_output=True, text=True, timeout=60)
+
+        r = verify()
+        assert r.returncode == 0, r.stderr
+        gone = key2volume(keys[3].encode(), c.names, 2, 4)[0]
+        (c.volume_dir(gone) / key2path(keys[3].encode())[1:]).unlink()
+        r = verify()
+        assert r.returncode == 1 and f"{keys[3]}: {gone}: missing" in r.stderr, r.stderr
+        assert "test-password" not in r.stderr
     finally:
         c.stop()

@@ -23,6 +23,7 @@ from minikv.admin.progress import Progress
 from minikv.config import Config
 from minikv.health import PROBE_PATH
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import is_url
 from minikv.index.record import PENDING, decode_data
 from minikv.index.recovery import recover
 from minikv.index.store import Store
@@ -52,6 +53,10 @@ def config_from(args, command: str) -> Config | None:
 def open_index(config: Config, command: str) -> Store | None:
     """The existing index at -db (None after a message when there is none: a typo in -db must
     not silently create an empty index and report a clean cluster)."""
+    if is_url(config.db):  # read through a bridge (index/pg_sync.py): only `verify` gets here
+        from minikv.index.pg_sync import SyncPgStore
+
+        return SyncPgStore(config.db, f"{command}:{os.getpid()}")
     if not os.path.exists(os.path.join(config.db, "data.mdb")):
         print(f"minikv {command}: no index at {config.db} (check -db; `minikv rebuild` makes one "
               "from the volumes)", file=sys.stderr)
