@@ -276,7 +276,7 @@ def run(args: Args) -> int:
             _need(args, "volumes", "db")
         from minikv.index.engine import refuse_on_pg
 
-        if cmd != "verify":  # it only reads: it runs on PostgreSQL through index/pg_sync.py
+        if cmd == "rebuild":  # the others run on PostgreSQL through index/pg_sync.py
             refuse_on_pg(f"`minikv {cmd}`", str(args.db or ""))
         import importlib
 

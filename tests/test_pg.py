@@ -219,7 +219,7 @@ def test_s3_and_admin_commands_are_refused_with_a_reason(pair):
     c, _ = pair
     r = requests.get(url(c.port, "/bucket?list-type=2"))
     assert r.status_code == 501 and "not yet available on a PostgreSQL index" in r.text
-    r = subprocess.run([sys.executable, "-m", "minikv", "repair", "-volumes", ",".join(c.names),
+    r = subprocess.run([sys.executable, "-m", "minikv", "rebuild", "-volumes", ",".join(c.names),
                         "-db", c.db], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not yet available on a PostgreSQL index" in r.stderr, r.stderr
 
@@ -452,5 +452,56 @@ def test_verify_reads_a_postgresql_index(postgres):
         r = verify()
         assert r.returncode == 1 and f"{keys[3]}: {gone}: missing" in r.stderr, r.stderr
         assert "test-password" not in r.stderr
+    finally:
+        c.stop()
+
+
+def admin(c: Cluster, command: str, *flags: str, volumes: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minikv", command, "-volumes", ",".join(volumes or c.names),
+                           "-db", c.db, "-replicas", str(c.replicas), "-subvolumes", str(c.subvolumes), *flags],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_repair_gc_and_rebalance_on_a_postgresql_index(postgres):
+    from minikv.placement import key2path, key2volume
+
+    root = open_dir()
+    c = Cluster(root, volumes=4, replicas=2, subvolumes=4, db=postgres.create_db("t" + uuid.uuid4().hex[:12]))
+    c.start()
+    try:
+        keys = {f"/pg/a{i}": os.urandom(100 + i) for i in range(12)}
+        for key, value in keys.items():
+            assert c.put(key, value).status_code == 201
+        # repair: a lost replica is copied again
+        damaged = "/pg/a3"
+        lost = key2volume(damaged.encode(), c.names, 2, 4)[0]
+        (c.volume_dir(lost) / key2path(damaged.encode())[1:]).unlink()
+        assert admin(c, "verify").returncode == 1
+        r = admin(c, "repair")
+        assert r.returncode == 0, r.stderr
+        assert (c.volume_dir(lost) / key2path(damaged.encode())[1:]).exists()
+        # gc: an unlinked key's files and record go
+        doomed = "/pg/a5"
+        assert c.request("UNLINK", doomed).status_code == 204
+        r = admin(c, "gc", "-age", "0s")
+        assert r.returncode == 0, r.stderr
+        assert doomed not in c.get("/pg/?unlinked").json()["keys"]
+        assert not any((c.volume_dir(v) / key2path(doomed.encode())[1:]).exists()
+                       for v in key2volume(doomed.encode(), c.names, 2, 4))
+        del keys[doomed]
+        # rebalance offline: the index runs on three of the four volumes, keys move to them
+        three = c.names[:3]
+        c.index.stop()
+        c.index = c._index(2, [])
+        c.index.args[c.index.args.index("-volumes") + 1] = ",".join(three)
+        r = admin(c, "rebalance", volumes=three)
+        assert r.returncode == 0, r.stderr
+        c.index.start()
+        for key, value in keys.items():
+            assert c.get(key).content == value, key
+            assert c.get(key, allow_redirects=False).headers["Key-Balance"] == "balanced", key
+        assert admin(c, "verify", volumes=three).returncode == 0
+        assert postgres.psql(c.db.rsplit("/", 1)[1], "SELECT count(*) FROM minikv_leases WHERE id LIKE 'r%'") \
+            .split() == ["0"]  # the commands' leases are gone with them
     finally:
         c.stop()

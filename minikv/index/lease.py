@@ -185,6 +185,8 @@ async def keep(store: PgStore, pool: Pool, token: str) -> None:
             await take_over(store, pool)
         except StoreError:
             pass  # the database is down: requests say so; we try again
+        except Exception as e:  # noqa: BLE001 - a bug here must not stop the renewals
+            log(f"lease upkeep failed: {e!r}; trying again")
         await asyncio.sleep(RENEW_EVERY)
 
 
