@@ -274,10 +274,6 @@ def run(args: Args) -> int:
     if cmd in ("rebuild", "rebalance", "verify", "repair", "gc"):
         if not (cmd == "rebalance" and args.server):  # online: the running index knows both
             _need(args, "volumes", "db")
-        from minikv.index.engine import refuse_on_pg
-
-        if cmd == "rebuild":  # the others run on PostgreSQL through index/pg_sync.py
-            refuse_on_pg(f"`minikv {cmd}`", str(args.db or ""))
         import importlib
 
         module = importlib.import_module(f"minikv.admin.{cmd}")

@@ -34,6 +34,7 @@ from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import is_url
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, host_of, key2volume
@@ -154,8 +155,15 @@ async def rebuild(args, config: Config) -> int:
                             "index: start it, or leave it out of -volumes"):
             return 1
         if not args.dry_run:
-            fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
-            store = Store(config.db, sync=config.fsync)
+            if is_url(config.db):  # through the bridge: one transaction per batch (index/pg_sync.py)
+                from minikv.admin.common import open_index
+
+                if (store := open_index(config, "rebuild")) is None:
+                    return 2
+                fresh = False
+            else:
+                fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
+                store = Store(config.db, sync=config.fsync)
             if not fresh and (n := store.count()) and not args.force:
                 print(f"minikv rebuild: the index at {config.db} already holds {n} records. Rebuild into "
                       "a new path, or add -force to add what the volumes hold to it (its records are "

@@ -12,16 +12,10 @@ import inspect
 
 from minikv.index.pg import is_url
 
-__all__ = ["is_url", "settle", "refuse_on_pg"]
+__all__ = ["is_url", "settle"]
 
 
 async def settle(answer):
     """The value of an engine call: awaited when the engine answered with a coroutine."""
     return await answer if inspect.isawaitable(answer) else answer
 
-
-def refuse_on_pg(what: str, db: str) -> None:
-    """Stop with a clear line where a command does not work on PostgreSQL yet."""
-    if is_url(db):
-        raise SystemExit(f"minikv: {what} is not yet available on a PostgreSQL index "
-                         "(it works on an LMDB index: -db PATH)")
