@@ -40,6 +40,14 @@ def wait_until(check, timeout: float, what: str) -> float:
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
+def wait_locked(postgres, db: str, key: str) -> None:
+    """Until the key's record is a lock (PENDING): a PUT sent to find out could, if it came
+    first, take the key itself."""
+    name = db.rsplit("/", 1)[1]
+    sql = f"SELECT count(*) FROM minikv_keys WHERE k = '\\x{key.encode().hex()}'::bytea AND owner IS NOT NULL"
+    wait_until(lambda: postgres.psql(name, sql).split() == ["1"], 10, f"{key} locked")
+
+
 def second_index(c: Cluster, workers: int = 2) -> Proc:
     """Another index server of cluster `c`, on its own port, on the same database."""
     port = free_port()
@@ -152,11 +160,12 @@ def test_a_key_written_through_one_server_is_served_by_the_other(pair):
     assert key not in requests.get(url(c.port, prefix) + "?unlinked").json()["keys"]
 
 
-def test_kill9_of_a_server_mid_upload_is_undone_by_the_other_within_the_lease(pair):
+def test_kill9_of_a_server_mid_upload_is_undone_by_the_other_within_the_lease(pair, postgres):
     c, other = pair
     key = fresh()
     s = start_upload(c.port, key, 10 << 20, os.urandom(1 << 20))
-    wait_until(lambda: requests.put(url(other.port, key), data=b"x").status_code == 409, 10, "the lock")
+    wait_locked(postgres, c.db, key)
+    assert requests.put(url(other.port, key), data=b"x").status_code == 409
     c.index.send(signal.SIGKILL)
     c.index.proc.wait(5)
     s.close()
@@ -173,7 +182,8 @@ def test_a_restarted_server_undoes_its_own_writes_in_flight(postgres):
     try:
         key = fresh()
         s = start_upload(c.port, key, 10 << 20, os.urandom(1 << 20))
-        wait_until(lambda: c.put(key, b"x").status_code == 409, 10, "the lock")
+        wait_locked(postgres, c.db, key)
+        assert c.put(key, b"x").status_code == 409
         c.index.stop(signal.SIGKILL)
         s.close()
         wait_closed(c.port)
@@ -314,7 +324,8 @@ def test_a_dead_workers_writes_are_undone_by_its_supervisor(postgres):
     try:
         key = fresh()
         s = start_upload(c.port, key, 10 << 20, os.urandom(1 << 20))
-        wait_until(lambda: c.put(key, b"x").status_code == 409, 10, "the lock")
+        wait_locked(postgres, c.db, key)
+        assert c.put(key, b"x").status_code == 409
         worker = int(subprocess.run(["pgrep", "-P", str(c.index.proc.pid)], capture_output=True,
                                     text=True).stdout.split()[0])
         os.kill(worker, signal.SIGKILL)
