@@ -149,27 +149,23 @@ def _recover_pg_worker(config: Config, pid: int) -> None:
 async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.api.app import App
 
-    loop = asyncio.get_running_loop()
-    pool = config.pool()
-    health = Health(pool, config.hosts)
-    if is_url(config.db):
-        from minikv.api.app_pg import PgApp
+    pg = is_url(config.db)
+    if pg:  # the same API on an index that awaits (api/app_pg.py)
+        from minikv.api.app_pg import PgApp as App
         from minikv.index import lease
         from minikv.index.pg import PgStore, server_id
 
-        store = PgStore(config.db, server_id(config.port))
-        keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"]))
-    else:
-        store = Store(config.db, sync=config.fsync)
+    loop = asyncio.get_running_loop()
+    store = PgStore(config.db, server_id(config.port)) if pg else Store(config.db, sync=config.fsync)
+    pool = config.pool()
+    health = Health(pool, config.hosts)
     await health.probe_all()
     health.start()
-    if is_url(config.db):
-        app = PgApp(config, store, pool, health)
-    else:
-        app = App(config, store, pool, health)
-        from minikv.s3 import S3
+    app = App(config, store, pool, health)
+    from minikv.s3 import S3
 
-        app.s3 = S3(app)
+    app.s3 = None if pg else S3(app)  # S3 is not on PostgreSQL yet: PgApp answers 501
+    keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"])) if pg else None
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
     server = await loop.create_server(
@@ -190,12 +186,11 @@ async def serve(config: Config, sock: socket.socket) -> None:
     await move.drain()  # old copies of keys REBALANCEd moments ago
     health.stop()
     pool.close()
-    if app.s3 is not None:
-        app.s3.close()
-    if is_url(config.db):
+    if pg:
         keeper.cancel()
         await store.close()
     else:
+        app.s3.close()
         store.close()
 
 
