@@ -536,3 +536,38 @@ def test_rebuild_into_a_postgresql_index(postgres):
         assert admin(c, "verify", "-md5").returncode == 0
     finally:
         c.stop()
+
+
+def test_a_worker_that_dies_while_the_database_is_down_leaves_no_lock():
+    """Its supervisor cannot undo its writes then; the server's other workers do, once the
+    database is back."""
+    from pg import Postgres
+
+    from minikv.index.lease import ORPHAN_AGE
+
+    pg = Postgres().init().start()
+    root = open_dir()
+    c = Cluster(root, workers=1, db=pg.create_db("t1")).start()
+    try:
+        key = fresh()
+        s = start_upload(c.port, key, 10 << 20, os.urandom(1 << 20))
+        wait_locked(pg, c.db, key)
+        pg.stop()
+        worker = int(subprocess.run(["pgrep", "-P", str(c.index.proc.pid)], capture_output=True,
+                                    text=True).stdout.split()[0])
+        os.kill(worker, signal.SIGKILL)
+        s.close()
+        wait_until(lambda: "could not undo the writes of worker" in c.index.log.read_text(), 20, "the failed undo")
+        pg.start()
+
+        def put_again() -> bool:
+            try:
+                return requests.put(c.url(key), data=b"after").status_code == 201
+            except requests.ConnectionError:
+                return False
+
+        wait_until(put_again, ORPHAN_AGE + 3 * RENEW_EVERY + 10, "the key writable again")
+        assert "died while the database was out of reach" in c.index.log.read_text()
+    finally:
+        c.stop()
+        pg.remove()

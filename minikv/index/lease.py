@@ -28,12 +28,13 @@ import time
 
 from minikv.http.client import Pool
 from minikv.index.pg import PgStore, connect, create_schema, describe, start_error
-from minikv.index.record import decode_pending
-from minikv.index.recovery import resolve
+from minikv.index.record import decode_pending, now_ms
+from minikv.index.recovery import owner_alive, resolve
 from minikv.index.store import StoreError
 
 LEASE = 10.0  # seconds a server's records stay its own after its last renewal
 RENEW_EVERY = 2.0
+ORPHAN_AGE = 5.0  # seconds: a dead worker's record older than this was missed by its supervisor
 RECOVERING = "#recovering"  # suffix of the owner of records taken over, being resolved
 
 
@@ -122,13 +123,36 @@ async def resolve_owner(store: PgStore, pool: Pool, dead: str) -> int:
     return len(rows)
 
 
+async def _claim_and_resolve(store: PgStore, pool: Pool, key: bytes, raw: bytes) -> bool:
+    """Resolve one of this server's records, unless another of its processes got it first: the
+    record is first made "<id>#recovering" by a compare-and-set, so only one resolves it."""
+    mine = store.owner + RECOVERING
+    if not await store._run("fetchval", "UPDATE minikv_keys SET owner = $1 WHERE k = $2 AND rec = $3 "
+                            "AND owner = $4 RETURNING true", mine, key, raw, store.owner):
+        return False
+    await resolve(pool, key, raw, lambda k, e, n: store.cas(k, e, n, owner=mine))
+    return True
+
+
 async def resolve_worker(store: PgStore, pool: Pool, pid: int) -> int:
     """The records of this server's worker `pid`, which died."""
     n = 0
     for key, raw in await store.pending_of(store.owner):
         if decode_pending(raw).owner == pid:
-            await resolve(pool, key, raw, store.cas)
-            n += 1
+            n += await _claim_and_resolve(store, pool, key, raw)
+    return n
+
+
+async def resolve_dead_workers(store: PgStore, pool: Pool) -> int:
+    """The records of this server's workers that are gone and were not resolved when they died
+    (the supervisor could not reach the database then). Only records older than ORPHAN_AGE, so
+    as never to race the supervisor resolving a worker that died a moment ago."""
+    n = 0
+    old = now_ms() - ORPHAN_AGE * 1000
+    for key, raw in await store.pending_of(store.owner):
+        p = decode_pending(raw)
+        if p.started_ms < old and not owner_alive(p.owner, p.started_ms):
+            n += await _claim_and_resolve(store, pool, key, raw)
     return n
 
 
@@ -183,6 +207,9 @@ async def keep(store: PgStore, pool: Pool, token: str) -> None:
                     f"{LEASE:.0f}s): its writes in flight were undone by another server")
             held = renewed
             await take_over(store, pool)
+            if await resolve_dead_workers(store, pool):
+                log("undid writes left in flight by workers of this server that died while the database was "
+                    "out of reach")
         except StoreError:
             pass  # the database is down: requests say so; we try again
         except Exception as e:  # noqa: BLE001 - a bug here must not stop the renewals
