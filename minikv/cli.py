@@ -243,6 +243,11 @@ def run(args: Args) -> int:
 
     for line in argv_warnings(args.given):
         print(f"minikv {cmd}: {line}", file=sys.stderr)
+    from minikv.index.pg import password_warning
+
+    for db in [str(args.db or ""), *(args.positionals if cmd == "copy-index" else [])]:
+        if line := password_warning(db):
+            print(f"minikv {cmd}: {line}", file=sys.stderr)
     if cmd in ("server", "rebuild", "rebalance", "verify", "repair", "gc"):
         keep_index_private(str(args.db))  # not volume, not up: nginx's workers read what those make
     if cmd == "volume":

@@ -60,6 +60,15 @@ def describe(db: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def password_warning(db: str) -> str:
+    """A warning when a database URL given on the command line holds a password, which every
+    user of the machine can read there (ps); "" otherwise."""
+    if is_url(db) and urlsplit(db).password is not None:
+        return ("warning: the password in the -db URL is visible to every user of this machine (ps); "
+                "leave it out and set PGPASSWORD, or put it in ~/.pgpass")
+    return ""
+
+
 class IndexUnavailable(StoreError):
     """The database cannot be reached, or refused the statement: nothing changed, unless
     `maybe_done` (the connection broke while the statement was out: it may have been applied)."""
