@@ -20,6 +20,7 @@ Commands:
   verify      check that every key has all its replicas
   repair      re-replicate what verify finds missing
   gc [DIR...] remove unlinked keys' files, dead processes' locks, old temp files in DIR/body_temp
+  copy-index FROM TO  copy an index into an empty one: LMDB folder or postgresql:// URL, either way
   status      show a running server's volumes, index and requests (-server host:port); exits 1 if not ready
 
 Flags:
@@ -245,6 +246,11 @@ def run(args: Args) -> int:
 
     for line in argv_warnings(args.given):
         print(f"minikv {cmd}: {line}", file=sys.stderr)
+    from minikv.index.pg import password_warning
+
+    for db in [str(args.db or ""), *(args.positionals if cmd == "copy-index" else [])]:
+        if line := password_warning(db):
+            print(f"minikv {cmd}: {line}", file=sys.stderr)
     if cmd in ("server", "rebuild", "rebalance", "verify", "repair", "gc"):
         keep_index_private(str(args.db))  # not volume, not up: nginx's workers read what those make
     if cmd == "volume":
@@ -260,6 +266,11 @@ def run(args: Args) -> int:
         from minikv.server import run_server
 
         return run_server(args)
+    if cmd == "copy-index":
+        from minikv.admin.copy_index import main as copy_index
+
+        keep_index_private("")  # an LMDB index it makes is for this user only
+        return copy_index(args)
     if cmd == "status":
         from minikv.ops.status import main as status
 

@@ -32,8 +32,9 @@ from minikv.api.access import start_notes
 from minikv.config import Config
 from minikv.health import Health
 from minikv.http.server import Batch, Connection, start_timeout_sweep
+from minikv.index.engine import is_url
 from minikv.index.recovery import recover
-from minikv.index.store import Store
+from minikv.index.store import Store, StoreError
 
 SHUTDOWN_GRACE = 10.0  # seconds a stopping worker gives in-flight requests
 HEARTBEAT_EVERY = 0.5  # seconds between two heartbeats of a worker's loop
@@ -102,6 +103,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def recover_pending(config: Config, owner: int | None = None) -> None:
+    if is_url(config.db):  # PostgreSQL: a previous run's records were resolved at start (index/lease.py)
+        if owner is not None:
+            _recover_pg_worker(config, owner)
+        return
     store = Store(config.db, sync=config.fsync)
     try:
         store.reader_check()
@@ -120,11 +125,38 @@ def recover_pending(config: Config, owner: int | None = None) -> None:
         store.close()
 
 
+def _recover_pg_worker(config: Config, pid: int) -> None:
+    from minikv.index.lease import resolve_worker
+    from minikv.index.pg import PgStore, server_id
+
+    async def run() -> int:
+        store, pool = PgStore(config.db, server_id(config.port), pool_size=1), config.pool()
+        try:
+            return await resolve_worker(store, pool, pid)
+        finally:
+            pool.close()
+            await store.close()
+
+    try:
+        n = asyncio.run(run())
+    except StoreError as e:  # the lease's takeover resolves them if this server dies first
+        log(f"could not undo the writes of worker {pid} now: {e}; they are undone at the next start")
+        return
+    if n:
+        log(f"undid {n} write(s) left in flight by worker {pid}")
+
+
 async def serve(config: Config, sock: socket.socket) -> None:
     from minikv.api.app import App
 
+    pg = is_url(config.db)
+    if pg:  # the same API on an index that awaits (api/app_pg.py)
+        from minikv.api.app_pg import PgApp as App
+        from minikv.index import lease
+        from minikv.index.pg import PgStore, server_id
+
     loop = asyncio.get_running_loop()
-    store = Store(config.db, sync=config.fsync)
+    store = PgStore(config.db, server_id(config.port)) if pg else Store(config.db, sync=config.fsync)
     pool = config.pool()
     # the files kept back from clients (see connection_budget): half for the volume connections
     # of uploads in flight, a quarter for idle ones (two kinds per volume), the rest for the index
@@ -137,7 +169,8 @@ async def serve(config: Config, sock: socket.socket) -> None:
     app.max_held_files = kept // 2
     from minikv.s3 import S3
 
-    app.s3 = S3(app)
+    app.s3 = None if pg else S3(app)  # S3 is not on PostgreSQL yet: PgApp answers 501
+    keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"])) if pg else None
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
     server = await loop.create_server(
@@ -158,8 +191,12 @@ async def serve(config: Config, sock: socket.socket) -> None:
     await move.drain()  # old copies of keys REBALANCEd moments ago
     health.stop()
     pool.close()
-    app.s3.close()
-    store.close()
+    if pg:
+        keeper.cancel()
+        await store.close()
+    else:
+        app.s3.close()
+        store.close()
 
 
 class Heartbeats:
@@ -240,7 +277,19 @@ def run_server(args) -> int:
         log(f"open-file limit {nofile}: at most {budget} client connections per worker "
             f"(raise `ulimit -n` for more)")
         config.max_connections = budget
-    lock_db(config.db)  # held until we exit; forked workers share it
+    if is_url(config.db):  # shared by many servers: a lease instead of a lock (index/lease.py)
+        from minikv.index.lease import start_sync
+
+        if config.fsync:
+            raise SystemExit("minikv server: -fsync is LMDB's; on a PostgreSQL index commits are as durable "
+                             "as the database's synchronous_commit makes them: drop -fsync")
+        if args.flags.get("metrics-port"):
+            raise SystemExit("minikv server: -metrics-port is not yet available on a PostgreSQL index")
+        from minikv.index.pg import server_id
+
+        config.extra["lease_token"] = start_sync(config.db, server_id(config.port), config.pool)
+    else:
+        lock_db(config.db)  # held until we exit; forked workers share it
     check_port_free(config.host, config.port)
     ops.prepare(config, args)  # binds -metrics-port before the workers fork
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]
@@ -249,7 +298,13 @@ def run_server(args) -> int:
         f"volumes {','.join(config.volumes)}, {config.replicas} replica(s), {config.subvolumes} subvolume(s)")
     for line in start_notes(config):
         log(line)
-    return supervise(config, sockets)
+    code = supervise(config, sockets)
+    if is_url(config.db):
+        from minikv.index.lease import release_sync
+        from minikv.index.pg import server_id
+
+        release_sync(config.db, server_id(config.port), config.extra["lease_token"])
+    return code
 
 
 def supervise(config: Config, sockets: list[socket.socket]) -> int:

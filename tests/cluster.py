@@ -107,8 +107,10 @@ class Proc:
 
 class Cluster:
     def __init__(self, root: Path, volumes: int = 3, replicas: int = 3, subvolumes: int = 10,
-                 workers: int = 2, flags: list[str] | None = None, volume_flags: list[str] | None = None):
+                 workers: int = 2, flags: list[str] | None = None, volume_flags: list[str] | None = None,
+                 db: str | None = None):
         self.root = root
+        self.db = db or str(root / "index")  # a folder (LMDB) or a postgresql:// URL
         root.mkdir(parents=True, exist_ok=True)
         self.replicas = replicas
         self.subvolumes = subvolumes
@@ -124,7 +126,7 @@ class Cluster:
 
     def _index(self, workers: int, flags: list[str]) -> Proc:
         return Proc(["server", "-port", str(self.port), "-volumes", ",".join(self.names),
-                     "-db", str(self.root / "index"), "-replicas", str(self.replicas),
+                     "-db", self.db, "-replicas", str(self.replicas),
                      "-subvolumes", str(self.subvolumes), "-workers", str(workers), *flags],
                     self.port, self.root / "index.log")
 

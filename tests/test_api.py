@@ -17,6 +17,9 @@ import requests
 
 from minikv.placement import key2path, key2volume
 
+# every test here runs on both index engines (tests/conftest.py: engine, tests/pg.py)
+pytestmark = pytest.mark.parametrize("engine", ["lmdb", "postgresql"], indirect=True, scope="module")
+
 
 def fresh(prefix: str = "/t/") -> str:
     return prefix + uuid.uuid4().hex

@@ -23,6 +23,7 @@ from minikv.admin.progress import Progress
 from minikv.config import Config
 from minikv.health import PROBE_PATH
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import is_url
 from minikv.index.record import PENDING, decode_data
 from minikv.index.recovery import recover
 from minikv.index.store import Store
@@ -52,6 +53,15 @@ def config_from(args, command: str) -> Config | None:
 def open_index(config: Config, command: str) -> Store | None:
     """The existing index at -db (None after a message when there is none: a typo in -db must
     not silently create an empty index and report a clean cluster)."""
+    if is_url(config.db):  # through a synchronous bridge (index/pg_sync.py)
+        from minikv.index.pg import start_error
+        from minikv.index.pg_sync import SyncPgStore
+
+        try:
+            return SyncPgStore(config.db, command)
+        except Exception as e:  # noqa: BLE001 - a database that cannot be used: one line
+            print(f"minikv {command}: {start_error(config.db, e)}", file=sys.stderr)
+            return None
     if not os.path.exists(os.path.join(config.db, "data.mdb")):
         print(f"minikv {command}: no index at {config.db} (check -db; `minikv rebuild` makes one "
               "from the volumes)", file=sys.stderr)
@@ -64,6 +74,8 @@ def open_index(config: Config, command: str) -> Store | None:
 async def resolve_stale(store: Store, pool: Pool) -> int:
     """Undo or finish the PENDING records of processes that are gone (see index/recovery.py).
     Returns how many records were resolved."""
+    if hasattr(store, "take_over"):  # PostgreSQL: the records of owners whose lease expired
+        return await store.take_over(pool)
     return await recover(store, pool)  # the records of processes that are gone
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from minikv import replicas
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import settle
 from minikv.index.record import (
     LIVE,
     OP_REBALANCE,
@@ -90,10 +91,10 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
     except BaseException:
         # a copy over a bad replica the record names stays: it is no worse than what was there
         await replicas.delete_all(pool, [v for v in copied if v not in old.volumes], key)
-        store.cas(key, pending, raw)
+        await settle(store.cas(key, pending, raw))
         raise
     live = encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch)
-    done, current = store.cas(key, pending, live)
+    done, current = await settle(store.cas(key, pending, live))
     if not done:
         # recovery (an index starting up) undid our move meanwhile: remove the copies it missed
         keep = named(current) | set(old.volumes)
@@ -104,7 +105,7 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
         return []
     # lock again at once (no await since the switch), so the stale copies are always named
     relock = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), stale, live)
-    locked, _ = store.cas(key, live, relock)
+    locked, _ = await settle(store.cas(key, live, relock))
     tail = retire(pool, store, key, live, relock if locked else None, stale, grace)
     if not detach:
         return await tail
@@ -123,10 +124,10 @@ async def retire(pool: Pool, store: Store, key: bytes, live: bytes, relock: byte
     if relock is None:
         # a DELETE or UNLINK got the key between the switch and the lock; its record does not
         # name the stale copies unless placement changed again, so they go unless it does
-        stale = [v for v in stale if v not in named(store.get(key))]
+        stale = [v for v in stale if v not in named(await settle(store.get(key)))]
     failed = await replicas.delete_all(pool, stale, key)
     if relock is not None:
-        store.cas(key, relock, live)
+        await settle(store.cas(key, relock, live))
     return failed
 
 

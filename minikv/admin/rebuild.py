@@ -44,12 +44,13 @@ from collections import Counter
 from typing import NamedTuple
 
 from minikv.admin.check import md5_of
-from minikv.admin.common import all_up, command_main, show, stop_on_signal
+from minikv.admin.common import all_up, command_main, open_index, show, stop_on_signal
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import is_url
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, host_of, key2path, key2volume
@@ -203,7 +204,11 @@ class Part(NamedTuple):
 async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
     """Walk the part's folders and write their records; the listing errors (the walk is then
     incomplete). Counts go to `progress`."""
-    store = Store(part.db, sync=part.config.fsync) if part.db is not None else None
+    store = None
+    if part.db is not None:
+        store = open_index(part.config, "rebuild") if is_url(part.db) else Store(part.db, sync=part.config.fsync)
+        if store is None:
+            return [f"cannot open the index {part.db}"]
     try:
         walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.config.volumes, part.concurrency)
         roots = await walker.roots()
@@ -303,8 +308,13 @@ async def rebuild(args, config: Config) -> int:
                                          "index: start it, or leave it out of -volumes"):
             return 1
         if not args.dry_run:
-            fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
-            store = Store(config.db, sync=config.fsync)
+            if is_url(config.db):  # through the bridge: one transaction per batch (index/pg_sync.py)
+                if (store := open_index(config, "rebuild")) is None:
+                    return 2
+                fresh = False
+            else:
+                fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
+                store = Store(config.db, sync=config.fsync)
             n = store.count()
             store.close()  # each part opens its own: an LMDB handle must not cross into another process
             if not fresh and n and not args.force:

@@ -17,6 +17,7 @@ import os
 
 from minikv import replicas
 from minikv.http.client import Pool
+from minikv.index.engine import settle
 from minikv.index.record import OP_DELETE, OP_REBALANCE, UNLINKED, decode_data, decode_pending, with_state
 from minikv.index.store import Store, StoreError
 
@@ -70,18 +71,25 @@ async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
             continue
         if owner is None and owner_alive(p.owner, p.started_ms):
             continue
-        if p.op == OP_REBALANCE and p.previous:
-            old = decode_data(p.previous).volumes
-            await replicas.delete_all(pool, [v for v in p.volumes if v not in old], key)
-            store.cas(key, raw, p.previous)
-        else:
-            failed = await replicas.delete_all(pool, p.volumes, key)
-            if failed and p.op == OP_DELETE and p.previous:
-                store.cas(key, raw, with_state(p.previous, UNLINKED))
-            else:
-                store.cas(key, raw, None)  # what could not be deleted is an orphan for `gc`
+        await resolve(pool, key, raw, store.cas)
         resolved += 1
     return resolved
+
+
+async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
+    """Undo (or finish) the write that the PENDING record `raw` of `key` stands for; `cas` is
+    the engine's compare-and-set (a coroutine function on PostgreSQL)."""
+    p = decode_pending(raw)
+    if p.op == OP_REBALANCE and p.previous:
+        old = decode_data(p.previous).volumes
+        await replicas.delete_all(pool, [v for v in p.volumes if v not in old], key)
+        await settle(cas(key, raw, p.previous))
+    else:
+        failed = await replicas.delete_all(pool, p.volumes, key)
+        if failed and p.op == OP_DELETE and p.previous:
+            await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
+        else:
+            await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
 
 
 def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:

@@ -1,0 +1,195 @@
+"""The minikeyvalue API on an index that answers over the network (PostgreSQL, index/pg.py).
+
+App (api/app.py) reads the index synchronously: on LMDB a read is a memory-map lookup and a GET
+is answered with bytes, no task. Here a read is a round trip, so PgApp answers every request
+with a coroutine that first fetches, in one query, the records the request will read (the key;
+for a PUT also the keys whose file would sit above its file), then runs App's own code over a
+view of the request holding them. What App writes goes to the database through the overrides
+below (`_cas`, `_lock`, `_drop`, `_rebalance`), and `?list` scans it chunk by chunk
+(`_list_rest`). So the API's rules are written once, and LMDB's path pays nothing for this one.
+
+S3 is not on this engine yet: S3 requests are refused with a 501 that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+from minikv.api.app import LIST_CHUNK, App, _keys_json, _page, _page_next, split_target
+from minikv.http.client import VolumeError
+from minikv.http.response import HTTPError
+from minikv.index.pg import MAX_KEY, PgStore
+from minikv.index.record import OP_PUT
+from minikv.index.store import StoreError
+from minikv.placement import keys_above
+from minikv.s3.detect import claims as s3_claims
+
+RETRY_EVERY = 1.0  # seconds between tries to undo a lock whose answer the database did not give
+_retries: set[asyncio.Task] = set()  # kept here so they are not collected
+
+
+class Fetched:
+    """The records one request reads, fetched before App's synchronous code runs; writes go
+    to the engine (App's write paths reach it through PgApp's overrides)."""
+
+    __slots__ = ("records", "engine")
+
+    def __init__(self, records: dict[bytes, bytes | None], engine: PgStore):
+        self.records = records
+        self.engine = engine
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.records[key]  # KeyError: App read a key PgApp did not fetch (a bug)
+
+    def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0, keep=None, budget: int = 0):
+        # nothing read yet: App's listing goes on in _list_rest, which reads the database.
+        # b"\0" sorts before every key (keys hold no NUL): a start that is not "done"
+        return [], max(prefix, start) or b"\0"
+
+    def cas(self, key: bytes, expect: bytes | None, new: bytes | None):
+        return self.engine.cas(key, expect, new)
+
+
+def undo_later(engine: PgStore, key: bytes, pending: bytes, back: bytes | None) -> None:
+    """Put `back` in place of our lock `pending` once the database answers again: a statement
+    whose answer was lost may have taken the lock, which must not stay."""
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            try:
+                await engine.cas(key, pending, back)  # done, or the lock was never taken
+                return
+            except StoreError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _retries.add(task)
+    task.add_done_callback(_retries.discard)
+
+
+def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: list[str]) -> None:
+    """Undo a PUT once the database answers again, if its lock is still there: whether the
+    value's record became LIVE could not be told while it was down (a statement's answer lost)."""
+    from minikv import replicas
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(RETRY_EVERY)
+            try:
+                if await engine.get(key) == pending:
+                    await replicas.delete_all(pool, volumes, key)
+                    await engine.cas(key, pending, None)
+                return
+            except StoreError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _retries.add(task)
+    task.add_done_callback(_retries.discard)
+
+
+class PgApp(App):
+    def __init__(self, config, store: PgStore, pool, health):
+        super().__init__(config, store, pool, health)
+        self.engine = store
+        self.group = None  # commits are the database's (its synchronous_commit), not batched here
+
+    def handle(self, req):
+        return self._handle(req)
+
+    async def _handle(self, req):
+        key, _, query = split_target(req.url)
+        if s3_claims(req.headers, query):
+            raise HTTPError(501, "S3 is not yet available on a PostgreSQL index: use the minikeyvalue API, "
+                                 "or an LMDB index (-db PATH) for S3")
+        if self.access is not None:
+            self.access.check(req.method, req.headers)
+        keys = []
+        if len(key) <= MAX_KEY and not (query and query.split(b"&", 1)[0] in (b"list", b"unlinked")):
+            keys.append(key)
+            if req.method == b"PUT":
+                keys += keys_above(key)
+        try:
+            found = await self.engine.get_many(keys) if keys else {}
+        except StoreError as e:
+            raise HTTPError(503, str(e)) from None
+        view = copy.copy(self)
+        view.store = Fetched({k: found.get(k) for k in keys}, self.engine)
+        view.access = None  # checked above
+        answer = App.handle(view, req)
+        if not isinstance(answer, bytes):
+            answer = await answer
+        return answer
+
+    async def _cas(self, key: bytes, expect: bytes | None, new: bytes | None):
+        try:
+            return await self.engine.cas(key, expect, new)
+        except StoreError as e:
+            raise HTTPError(503, str(e)) from None
+
+    async def _lock(self, key: bytes, expect: bytes | None, pending: bytes) -> None:
+        try:
+            done, current = await self.engine.cas(key, expect, pending)
+        except StoreError as e:
+            if getattr(e, "maybe_done", False):  # the lock may be ours: it must not stay
+                undo_later(self.engine, key, pending, expect)
+            raise HTTPError(503, f"{e}; nothing was stored" if pending[1:2] == OP_PUT else str(e)) from None
+        if not done:
+            raise self._raced(current, pending[1:2] == OP_PUT)
+
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
+        # the files go only while the lock is ours: a LIVE-making statement whose answer was
+        # lost may have landed, and then they are the key's value
+        try:
+            current = await self.engine.get(key)
+        except StoreError as e:
+            abandon_later(self.engine, self.pool, key, pending, volumes)
+            return str(e)
+        if current != pending:
+            return ""
+        return await super()._abandon(key, pending, volumes)
+
+    async def _drop(self, key: bytes, pending: bytes) -> str:
+        try:
+            await self.engine.cas(key, pending, None)
+        except StoreError as e:
+            undo_later(self.engine, key, pending, None)
+            return str(e)
+        return ""
+
+    async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
+        from minikv.admin.move import LostLock, move_key
+        from minikv.http.response import head
+
+        await self._lock(key, raw, pending)
+        try:
+            await move_key(self.pool, self.engine, key, raw, volumes, pending, self.health.is_up, self.epoch,
+                           detach=True)
+        except VolumeError as e:
+            raise HTTPError(503, f"{e}; the key stays where it was") from None
+        except LostLock as e:
+            raise HTTPError(409, str(e)) from None
+        except StoreError as e:
+            undo_later(self.engine, key, pending, raw)
+            raise HTTPError(503, str(e)) from None
+        except Exception:
+            undo_later(self.engine, key, pending, raw)  # a bug must not leave the key locked
+            raise
+        return head(204)
+
+    async def _list_rest(self, prefix: bytes, pos: bytes, keep, want: int, keys: list[bytes],
+                         limit: int, url: bool) -> bytes:
+        try:
+            while pos and len(keys) < want:
+                pairs, pos = await self.engine.scan(prefix, pos, want - len(keys), keep, LIST_CHUNK)
+                keys.extend(k for k, _ in pairs)
+        except StoreError as e:
+            raise HTTPError(503, str(e)) from None
+        nxt = _page_next(keys, want, limit, url)
+        parts = []
+        for i in range(0, len(keys), LIST_CHUNK):
+            await asyncio.sleep(0)
+            parts.append(_keys_json(keys[i:i + LIST_CHUNK], url))
+        return _page(nxt, parts)

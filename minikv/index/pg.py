@@ -1,0 +1,273 @@
+"""The index in PostgreSQL: the same records as the LMDB store (index/record.py), shared by any
+number of index servers.
+
+One table holds key -> record bytes (`k bytea` primary key: PostgreSQL orders bytea by byte
+value, as LMDB orders keys, so `?list` is a range scan of the primary key). Every state change
+is one statement that is its own compare-and-set, done by the database:
+
+    absent -> R      INSERT ... ON CONFLICT (k) DO NOTHING
+    E -> R           UPDATE ... WHERE k = $1 AND rec = E
+    E -> absent      DELETE ... WHERE k = $1 AND rec = E
+
+so two servers can never both take a key's lock. A PENDING record also names its owner in the
+`owner` column (the server's id; the worker's pid is inside the record): a compare-and-set from
+a PENDING record only succeeds for its owner. That is the fence of crash recovery across
+servers (index/lease.py): a server that takes over a dead one's records first makes them its
+own, in one statement, so a server that only looked dead (stopped, cut off) can no longer
+complete the writes it had in flight.
+
+SQL used: bytea, a primary key, a partial index, INSERT ... ON CONFLICT, UPDATE/DELETE ...
+RETURNING, timestamptz arithmetic with now(). No stored procedures, no advisory locks besides
+one around the creation of the schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from minikv.index.record import PENDING, check_transition
+from minikv.index.store import StoreError
+
+SCHEMA_VERSION = 1
+MAX_KEY = 511  # the same limit as LMDB's, so that an index moves between engines whole
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that drops packets is down, not slow
+QUERY_TIMEOUT = 10.0  # seconds for one statement
+POOL_SIZE = 8  # connections per worker: a request holds one for one statement at a time
+_SCHEMA_LOCK = 0x6D696E696B76  # "minikv": serialises the first start of several servers
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS minikv_schema (version integer NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS minikv_keys (k bytea PRIMARY KEY, rec bytea NOT NULL, owner text)",
+    # recovery looks up the records in flight of one owner, never scans the keys
+    "CREATE INDEX IF NOT EXISTS minikv_keys_owner ON minikv_keys (owner) WHERE owner IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS minikv_leases (id text PRIMARY KEY, token text NOT NULL, "
+    "expires timestamptz NOT NULL)",
+]
+
+
+def is_url(db: str) -> bool:
+    """Does -db name a PostgreSQL database (rather than an LMDB folder)?"""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def describe(db: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(db)
+    if parts.password is None:
+        return db
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def password_warning(db: str) -> str:
+    """A warning when a database URL given on the command line holds a password, which every
+    user of the machine can read there (ps); "" otherwise."""
+    if is_url(db) and urlsplit(db).password is not None:
+        return ("warning: the password in the -db URL is visible to every user of this machine (ps); "
+                "leave it out and set PGPASSWORD, or put it in ~/.pgpass")
+    return ""
+
+
+class IndexUnavailable(StoreError):
+    """The database cannot be reached, or refused the statement: nothing changed, unless
+    `maybe_done` (the connection broke while the statement was out: it may have been applied)."""
+
+    maybe_done = False
+
+
+def _down(e: BaseException, maybe_done: bool = False) -> IndexUnavailable:
+    down = IndexUnavailable(f"the index database is unavailable ({type(e).__name__}: {e}); try again")
+    down.maybe_done = maybe_done
+    return down
+
+
+def start_error(db: str, e: BaseException) -> str:
+    """One line saying why the database at `db` cannot be used, for the start of a server."""
+    import asyncpg
+
+    where = describe(db)
+    if isinstance(e, asyncpg.InvalidPasswordError):
+        return f"-db {where}: the password was refused (or the user is unknown): {e}"
+    if isinstance(e, asyncpg.InvalidCatalogNameError):
+        return f"-db {where}: the database does not exist: create it (createdb) or fix the URL: {e}"
+    if isinstance(e, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"-db {where}: the server refused this user: {e}"
+    if isinstance(e, (OSError, asyncio.TimeoutError)):
+        return f"-db {where}: cannot reach the database server: {e or 'timed out'}"
+    if isinstance(e, (ValueError, asyncpg.ClientConfigurationError)):
+        return f"-db {where}: not a usable PostgreSQL URL: {e}"
+    if isinstance(e, asyncpg.PostgresError):
+        return f"-db {where}: the database refused minikv's schema: {e}"
+    return f"-db {where}: {type(e).__name__}: {e}"
+
+
+async def connect(db: str):
+    """One connection (libpq's environment variables fill in what the URL leaves out)."""
+    import asyncpg
+
+    return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT)
+
+
+async def create_schema(conn) -> None:
+    """Make the tables on first use; refuse a schema a later minikv made."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        for statement in SCHEMA:
+            await conn.execute(statement)
+        version = await conn.fetchval("SELECT max(version) FROM minikv_schema")
+        if version is None:
+            await conn.execute("INSERT INTO minikv_schema (version) VALUES ($1)", SCHEMA_VERSION)
+        elif version > SCHEMA_VERSION:
+            raise RuntimeError(f"the index schema is version {version}, made by a later minikv; this one "
+                               f"knows version {SCHEMA_VERSION}: run the later minikv")
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The first key after every key that starts with `prefix` (None: there is none)."""
+    p = prefix.rstrip(b"\xff")
+    return p[:-1] + bytes((p[-1] + 1,)) if p else None
+
+
+class PgStore:
+    """The Store interface (index/store.py) over a pool of connections; every call is a
+    coroutine. `owner` is the id this server's PENDING records carry."""
+
+    def __init__(self, db: str, owner: str, pool_size: int = POOL_SIZE):
+        self.db = db
+        self.path = describe(db)
+        self.owner = owner
+        self.pool_size = pool_size
+        self._pool = None
+
+    async def _get_pool(self):
+        if self._pool is None:
+            import asyncpg
+
+            # min_size 0: a worker starts (and answers 503) while the database is down
+            self._pool = await asyncpg.create_pool(
+                self.db, min_size=0, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
+                command_timeout=QUERY_TIMEOUT)
+        return self._pool
+
+    async def _run(self, method: str, query: str, *args, read: bool = False):
+        """One statement on a pooled connection. `read`: a read-only statement, tried once more
+        on a new connection when its connection turns out broken (the database restarted
+        since the pool opened it), so that a restart costs no client an error."""
+        import asyncpg
+
+        tries = 2 if read else 1
+        while True:
+            tries -= 1
+            try:
+                pool = await self._get_pool()
+                conn = await pool.acquire()
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                raise _down(e) from None  # nothing was sent
+            try:
+                return await getattr(conn, method)(query, *args)
+            except asyncpg.PostgresError as e:
+                raise _down(e) from None  # the database answered: the statement was not applied
+            except Exception as e:  # noqa: BLE001 - the connection broke (asyncpg's own errors included)
+                conn.terminate()  # never back into the pool in whatever state it is left
+                if not tries:
+                    raise _down(e, maybe_done=True) from None
+            finally:
+                try:
+                    await pool.release(conn)
+                except Exception:  # noqa: BLE001 - a broken connection is dropped by the pool anyway
+                    pass
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def get(self, key: bytes) -> bytes | None:
+        return await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
+
+    async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The records of those of `keys` that have one, in one round trip."""
+        if len(keys) == 1:
+            raw = await self.get(keys[0])
+            return {} if raw is None else {keys[0]: raw}
+        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[])", keys,
+                               read=True)
+        return {r[0]: r[1] for r in rows}
+
+    async def cas(self, key: bytes, expect: bytes | None, new: bytes | None,
+                  owner: str | None = None) -> tuple[bool, bytes | None]:
+        """Replace `key`'s record with `new` (None deletes it) only if it is `expect` now (None:
+        absent), in one statement; (done, the record after the call). A PENDING `expect` must
+        also be owned by `owner` (default: this server)."""
+        check_transition(expect, new)
+        owner = owner or self.owner
+        new_owner = owner if new is not None and new[0] == PENDING else None
+        if expect is None:
+            done = await self._run(
+                "fetchval", "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, $3) "
+                "ON CONFLICT (k) DO NOTHING RETURNING true", key, new, new_owner)
+        elif expect[0] == PENDING:
+            if new is None:
+                done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                                       "AND owner = $3 RETURNING true", key, expect, owner)
+            else:
+                done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                                       "AND rec = $2 AND owner = $5 RETURNING true",
+                                       key, expect, new, new_owner, owner)
+        elif new is None:
+            done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                                   "RETURNING true", key, expect)
+        else:
+            done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                                   "AND rec = $2 RETURNING true", key, expect, new, new_owner)
+        if done:
+            return True, new
+        # only to say why (the lock is held, the key is gone...): the change itself was not made
+        return False, await self.get(key)
+
+    async def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
+                   keep=None, budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """As Store.scan: records below `prefix` from `start` on, in key order; at most `budget`
+        records read in this call (one statement), then the key to go on from."""
+        chunk = budget or 1000
+        out: list[tuple[bytes, bytes]] = []
+        pos = max(prefix, start)
+        end = prefix_end(prefix)
+        while True:
+            if end is None:
+                rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k >= $1 "
+                                       "ORDER BY k LIMIT $2", pos, chunk + 1, read=True)
+            else:
+                rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k >= $1 AND k < $2 "
+                                       "ORDER BY k LIMIT $3", pos, end, chunk + 1, read=True)
+            for i, (key, value) in enumerate(rows):
+                if i == chunk:
+                    if budget:
+                        return out, key
+                    pos = key
+                    break
+                if keep is not None and not keep(value):
+                    continue
+                if limit and len(out) == limit:
+                    return out, key
+                out.append((key, value))
+            else:
+                return out, b""
+
+    async def top_folders(self, start: bytes, limit: int) -> None:
+        return None  # not kept here (ListBuckets is S3's, not yet on this engine)
+
+    async def pending_of(self, owner: str) -> list[tuple[bytes, bytes]]:
+        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE owner = $1", owner)
+        return [(r[0], r[1]) for r in rows]
+
+    async def count(self) -> int:
+        return await self._run("fetchval", "SELECT count(*) FROM minikv_keys")
+
+
+def server_id(port: int) -> str:
+    """The id a server's records and lease carry: the same after a restart (so that it resolves
+    its own records at once), different for every server of a cluster."""
+    import socket
+
+    return f"{socket.gethostname()}:{port}"
