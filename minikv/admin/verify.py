@@ -21,6 +21,7 @@ UNLINKED keys and keys with a write in flight are counted, not checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -44,6 +45,7 @@ from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
+from minikv.index.engine import is_url
 from minikv.index.record import LIVE, PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
 from minikv.placement import key2volume, needs_rebalance
@@ -59,7 +61,8 @@ class Seen:
     has room for an index), so memory does not grow with the number of keys."""
 
     def __init__(self, db: str):
-        parent = os.path.dirname(os.path.abspath(db))
+        # a PostgreSQL index has no folder here: the system's temp folder then ($TMPDIR)
+        parent = None if is_url(db) else os.path.dirname(os.path.abspath(db))
         self.path = tempfile.mkdtemp(prefix=".verify-", dir=parent)
         self.env = lmdb.open(self.path, map_size=1 << 40, sync=False, metasync=False, lock=False)
         self.batch: list[tuple[bytes, bytes]] = []
@@ -100,9 +103,10 @@ class Verify:
         Returns the part of `group` that may hold orphans (files no LIVE record names), for
         admin/orphans.py to look at: most keys need nothing more than this one read."""
         rest: dict[bytes, list[Found]] = {}
-        with self.store.env.begin(db=self.store.keys) as txn:
+        env = getattr(self.store, "env", None)  # LMDB: one read transaction for the group
+        with env.begin(db=self.store.keys) if env is not None else contextlib.nullcontext(self.store) as txn:
             for key, found in group.items():
-                raw = txn.get(key)
+                raw = txn.get(key)  # PostgreSQL (the bridge): a query per key
                 if raw is None or raw[0] != LIVE:
                     rest[key] = found
                     continue
