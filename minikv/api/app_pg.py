@@ -21,12 +21,10 @@ from minikv.http.client import VolumeError
 from minikv.http.response import HTTPError
 from minikv.index.pg import MAX_KEY, PgStore
 from minikv.index.record import OP_PUT
+from minikv.index.recovery import retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import keys_above
 from minikv.s3.detect import claims as s3_claims
-
-RETRY_EVERY = 1.0  # seconds between tries to undo a lock whose answer the database did not give
-_retries: set[asyncio.Task] = set()  # kept here so they are not collected
 
 
 class Fetched:
@@ -54,19 +52,7 @@ class Fetched:
 def undo_later(engine: PgStore, key: bytes, pending: bytes, back: bytes | None) -> None:
     """Put `back` in place of our lock `pending` once the database answers again: a statement
     whose answer was lost may have taken the lock, which must not stay."""
-
-    async def retry() -> None:
-        while True:
-            await asyncio.sleep(RETRY_EVERY)
-            try:
-                await engine.cas(key, pending, back)  # done, or the lock was never taken
-                return
-            except StoreError:
-                continue
-
-    task = asyncio.get_running_loop().create_task(retry())
-    _retries.add(task)
-    task.add_done_callback(_retries.discard)
+    retry_when_writable(lambda: engine.cas(key, pending, back))  # done, or the lock was never taken
 
 
 def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: list[str]) -> None:
@@ -74,20 +60,12 @@ def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: li
     value's record became LIVE could not be told while it was down (a statement's answer lost)."""
     from minikv import replicas
 
-    async def retry() -> None:
-        while True:
-            await asyncio.sleep(RETRY_EVERY)
-            try:
-                if await engine.get(key) == pending:
-                    await replicas.delete_all(pool, volumes, key)
-                    await engine.cas(key, pending, None)
-                return
-            except StoreError:
-                continue
+    async def abandon() -> None:
+        if await engine.get(key) == pending:
+            await replicas.delete_all(pool, volumes, key)
+            await engine.cas(key, pending, None)
 
-    task = asyncio.get_running_loop().create_task(retry())
-    _retries.add(task)
-    task.add_done_callback(_retries.discard)
+    retry_when_writable(abandon)
 
 
 class PgApp(App):

@@ -92,16 +92,16 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
 
 
-def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
-    """Drop the PENDING record `pending` of `key`, whose files are already gone (a PUT undone,
-    a DELETE done), as soon as the database takes a write again: a full disk then leaves the
-    key locked for as long as it stays full, not until the next restart."""
+def retry_when_writable(change) -> None:
+    """Call `change()` (an engine call, or a coroutine function) again every RETRY_EVERY
+    seconds until the database takes it, in the background: a StoreError (a full disk, a
+    database away) means "not yet"; anything it returns means done, or moot."""
 
     async def retry() -> None:
         while True:
             await asyncio.sleep(RETRY_EVERY)
             try:
-                store.cas(key, pending, None)  # done, or someone resolved the record already
+                await settle(change())
                 return
             except StoreError:
                 continue
@@ -109,3 +109,10 @@ def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
     task = asyncio.get_running_loop().create_task(retry())
     _retries.add(task)
     task.add_done_callback(_retries.discard)
+
+
+def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
+    """Drop the PENDING record `pending` of `key`, whose files are already gone (a PUT undone,
+    a DELETE done), as soon as the database takes a write again: a full disk then leaves the
+    key locked for as long as it stays full, not until the next restart."""
+    retry_when_writable(lambda: store.cas(key, pending, None))  # done, or someone resolved it already
