@@ -244,11 +244,14 @@ def table(n: int, concurrency: int, put_rate: float, results: dict) -> str:
 
 
 def publish(path: Path, section: str) -> None:
+    """Put `section` between its markers (its first and last lines) below the notes marker of
+    `path`, in place of the same section of an earlier run (bench/scale.py uses it too)."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
     text = path.read_text() if path.exists() else ""
     if NOTES not in text:
         text = text.rstrip("\n") + ("\n\n" if text else "") + NOTES + "\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from admin import HOST, NOTES, Cluster, machine, sample_memory, wait_port  # noqa: E402
+from admin import HOST, Cluster, machine, publish, sample_memory, wait_port  # noqa: E402
 
 from minikv.http.client import Pool  # noqa: E402
 from minikv.index.store import Store  # noqa: E402
@@ -380,20 +380,6 @@ def table(opts, n: int, res: dict) -> str:
         *[f"- `{res[k]['summary']}`" for k in ("rebuild", "local", "rebalance", "verify", "gc")],
         END,
     ])
-
-
-def publish(path: Path, section: str) -> None:
-    """Put `section` between its markers (its first and last lines) below the notes marker,
-    as bench/admin.py does."""
-    begin, end = section.splitlines()[0], section.splitlines()[-1]
-    text = path.read_text() if path.exists() else ""
-    if NOTES not in text:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + NOTES + "\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
