@@ -15,8 +15,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 
-from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root
-from minikv.placement import path2key
+from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root, add_copies
 
 YIELD_EVERY = 64  # `<bb>` folders between two chances for the event loop to run others
 
@@ -106,14 +105,7 @@ class LocalWalker:
                 for root in bbs[bb]:
                     files: list[tuple[str, int, int]] = []
                     self.files(f"{self._folder(root)}/{aa}/{bb}", "", files)
-                    for name, size, mtime_ms in files:
-                        key = seen.get(name, b"")
-                        if key == b"":
-                            key = seen[name] = path2key(f"/{aa}/{bb}/{name}")
-                        if key is None:
-                            skipped += 1
-                            continue
-                        group.setdefault(key, []).append(Found(root.volume, size, mtime_ms))
+                    skipped += add_copies(group, seen, root.volume, files, f"/{aa}/{bb}/")
                 if group:
                     await handle(group)
                 folders += 1

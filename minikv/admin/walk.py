@@ -51,6 +51,23 @@ class Root(NamedTuple):
 _MTIMES: dict[str, int] = {}  # nginx gives mtimes to the second: many files share one
 
 
+def add_copies(group: dict[bytes, list[Found]], names: dict[str, bytes | None], volume: str,
+               files, prefix: str = "") -> int:
+    """Add the files `(name, size, mtime_ms)` of one folder of `volume` to `group` by key; the
+    number of names that are no key (foreign files). `names` caches decoded names across the
+    volumes of a folder: a key's copies share a name, decoded once."""
+    skipped = 0
+    for name, size, mtime_ms in files:
+        key = names.get(name, b"")
+        if key == b"":
+            key = names[name] = path2key(prefix + name)
+        if key is None:
+            skipped += 1
+            continue
+        group.setdefault(key, []).append(Found(volume, size, mtime_ms))
+    return skipped
+
+
 def parse_mtime(text: str) -> int:
     ms = _MTIMES.get(text)
     if ms is None:
@@ -142,14 +159,7 @@ class Walker:
             keys: dict[str, bytes | None] = {}  # a key's copies share a name: decoded once
             for root, files in zip(where, await asyncio.gather(
                     *(self._files_or_error(r, f"/{aa}/{bb}/") for r in where))):
-                for path, size, mtime_ms in files:
-                    key = keys.get(path, b"")
-                    if key == b"":
-                        key = keys[path] = path2key(path)
-                    if key is None:
-                        skipped += 1
-                        continue
-                    group.setdefault(key, []).append(Found(root.volume, size, mtime_ms))
+                skipped += add_copies(group, keys, root.volume, files)
             if group:
                 await handle(group)
 
