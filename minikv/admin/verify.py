@@ -129,15 +129,20 @@ class Verify:
             return
         record = decode_data(raw)
         c = self.config
-        misplaced = needs_rebalance(key2volume(key, c.volumes, c.replicas, c.subvolumes), record.volumes)
-        if self.seen is not None and self.seen.right(key, raw):
-            if len(record.volumes) < c.replicas:
-                p.add("under-replicated")
+        want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
+        misplaced = needs_rebalance(want, record.volumes)
+
+        def note_misplaced() -> None:  # after "busy" is ruled out: a stale record says nothing
             if misplaced:
                 p.add("misplaced")
                 p.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
-                          f"{','.join(key2volume(key, c.volumes, c.replicas, c.subvolumes))}")
-            else:
+                          f"{','.join(want)}")
+
+        if self.seen is not None and self.seen.right(key, raw):
+            if len(record.volumes) < c.replicas:
+                p.add("under-replicated")
+            note_misplaced()
+            if not misplaced:
                 p.add("ok")
             return
         verdict = judge(record, await inspect(self.pool, key, record.volumes, self.with_md5))
@@ -156,10 +161,7 @@ class Verify:
             p.problem(f"{show(key)}: lost: no right copy left")
         elif len(verdict.good) < c.replicas:
             p.add("under-replicated")
-        if misplaced:
-            p.add("misplaced")
-            p.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
-                      f"{','.join(key2volume(key, c.volumes, c.replicas, c.subvolumes))}")
+        note_misplaced()
         if not (verdict.problems or verdict.conflict or misplaced):
             p.add("ok")
         p.show(ok=p.counts["ok"], problems=p.lines)
