@@ -145,10 +145,18 @@ def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(ma
     why = wait_for(lambda: (r := requests.get(c.ops + "/readyz", timeout=10)).status_code == 503
                    and "Connection refused" in r.text and r.text, what="readyz 503, the volume refusing")
     assert gone in why and "2 of 3 volumes are up" in why and "Connection refused" in why, why
-    m = samples(c)
+    def down_reasons(m) -> list[str]:
+        return [dict(labels)["reason"] for (name, labels), v in m.items()
+                if name == "minikv_volume_down_info" and dict(labels)["volume"] == gone and v == 1]
+
+    # each worker keeps its own reason: the one /metrics shows may still be the first probe's
+    def refused_in_metrics():
+        m = samples(c)
+        return m if any("Connection refused" in r for r in down_reasons(m)) else None
+
+    m = wait_for(refused_in_metrics, what="/metrics gives the refusing probe's reason")
     assert m[("minikv_volume_up", (("volume", gone),))] == 0
-    reasons = [dict(labels)["reason"] for (name, labels), v in m.items()
-               if name == "minikv_volume_down_info" and dict(labels)["volume"] == gone and v == 1]
+    reasons = down_reasons(m)
     assert len(reasons) == 1 and "Connection refused" in reasons[0], reasons
     wait_for(lambda: samples(c)[("minikv_volume_errors_total", (("volume", gone),))] > 0, what="errors counted")
     assert m[("minikv_ready", ())] == 0
