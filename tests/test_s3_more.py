@@ -116,3 +116,18 @@ def test_a_part_sent_again_while_the_first_send_is_held_and_the_first_finishing_
     s3.complete_multipart_upload(Bucket=b, Key="mp", UploadId=upload,
                                  MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
     assert s3.get_object(Bucket=b, Key="mp")["Body"].read() == first
+
+
+@pytest.mark.parametrize("sent, kept", [("gzip", "gzip"), ("deflate, gzip", "deflate, gzip"),
+                                        ("gzip, aws-chunked", "gzip"), ("aws-chunked, gzip", "gzip"),
+                                        ("aws-chunked", None), ("aws-chunked, aws-chunked", None)])
+def test_aws_chunked_in_content_encoding_is_not_kept_and_a_plain_body_stays_plain(s3, sent, kept):
+    """`aws-chunked` names a body's framing, not the object's encoding: S3 drops it from the
+    stored Content-Encoding. A plain body (no decoded length, no STREAMING- payload) sent with it
+    is taken as it is. Before: the body was unframed as aws-chunked (IncompleteBody) and the
+    coding kept."""
+    b = bucket()
+    s3.put_object(Bucket=b, Key="enc", Body=b"some bytes", ContentEncoding=sent)
+    head = s3.head_object(Bucket=b, Key="enc")
+    assert head.get("ContentEncoding") == kept
+    assert s3.get_object(Bucket=b, Key="enc")["Body"].read() == b"some bytes"
