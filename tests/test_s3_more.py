@@ -131,3 +131,19 @@ def test_aws_chunked_in_content_encoding_is_not_kept_and_a_plain_body_stays_plai
     head = s3.head_object(Bucket=b, Key="enc")
     assert head.get("ContentEncoding") == kept
     assert s3.get_object(Bucket=b, Key="enc")["Body"].read() == b"some bytes"
+
+
+def test_complete_naming_a_part_twice_takes_its_last_entry(s3):
+    """A client that sent part 1 twice, the first send finishing last (the suite's
+    test_multipart_resend_first_finishes_last), lists both answers: the last entry of a number
+    counts. Before: 400 InvalidPartOrder. Numbers going down are still refused."""
+    b = bucket()
+    upload = s3.create_multipart_upload(Bucket=b, Key="twice")["UploadId"]
+    old = s3.upload_part(Bucket=b, Key="twice", UploadId=upload, PartNumber=1, Body=b"B" * 8)["ETag"]
+    new = s3.upload_part(Bucket=b, Key="twice", UploadId=upload, PartNumber=1, Body=b"A" * 8)["ETag"]
+    with pytest.raises(boto3.exceptions.botocore.exceptions.ClientError, match="InvalidPartOrder"):
+        s3.complete_multipart_upload(Bucket=b, Key="twice", UploadId=upload, MultipartUpload={
+            "Parts": [{"PartNumber": 2, "ETag": new}, {"PartNumber": 1, "ETag": new}]})
+    s3.complete_multipart_upload(Bucket=b, Key="twice", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": 1, "ETag": old}, {"PartNumber": 1, "ETag": new}]})
+    assert s3.get_object(Bucket=b, Key="twice")["Body"].read() == b"A" * 8

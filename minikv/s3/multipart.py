@@ -147,9 +147,12 @@ async def complete(s3, ctx: Ctx) -> bytes:
         wanted.append((number, (node.value("ETag") or "").strip('"')))
     if not wanted:
         raise S3Error("MalformedXML", "the upload must name at least one part")
-    if any(a[0] >= b[0] for a, b in zip(wanted, wanted[1:])):
+    if any(a[0] > b[0] for a, b in zip(wanted, wanted[1:])):
         raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. "
                       "Parts must be ordered by part number.", UploadId=upload_id)
+    # a number named twice (a client that sent a part again and kept both answers): its last
+    # entry counts, as in S3, whose later upload of a part replaces the earlier one
+    wanted = [w for w, after in zip(wanted, wanted[1:] + [(None, "")]) if w[0] != after[0]]
     parts = []  # (key, record)
     for i, (number, etag) in enumerate(wanted):
         key = part_key(upload_id, number)
