@@ -118,6 +118,24 @@ def test_a_part_sent_again_while_the_first_send_is_held_and_the_first_finishing_
     assert s3.get_object(Bucket=b, Key="mp")["Body"].read() == first
 
 
+def test_non_ascii_metadata_comes_back_as_the_bytes_sent_under_sigv4(make_cluster):
+    """What minikv does with a non-ASCII x-amz-meta-* value (pinned, not a fix): it keeps and
+    answers the bytes as sent. botocore sends (and signs) UTF-8 but reads answers as latin-1, so
+    the suite's test_object_set_get_unicode_metadata (which expects latin-1 back) stays out;
+    AWS answers RFC 2047 (=?UTF-8?B?...?=), which fails that test as well."""
+    c = make_cluster(volumes=1, replicas=1, workers=1, flags=["-s3-access-key", "AKIDU", "-s3-secret-key", "sk"])
+    s3 = client(c.port, "AKIDU", "sk")
+
+    def unicode_metadata(**kwargs):
+        kwargs["params"]["headers"]["x-amz-meta-meta1"] = "Hello World\xe9"
+
+    s3.meta.events.register("before-call.s3.PutObject", unicode_metadata)
+    s3.put_object(Bucket="u", Key="foo", Body=b"bar")
+    for answer in (s3.get_object(Bucket="u", Key="foo"), s3.head_object(Bucket="u", Key="foo")):
+        raw = answer["Metadata"]["meta1"].encode("latin-1")  # the header's bytes
+        assert raw == "Hello World\xe9".encode()
+
+
 @pytest.mark.parametrize("sent, kept", [("gzip", "gzip"), ("deflate, gzip", "deflate, gzip"),
                                         ("gzip, aws-chunked", "gzip"), ("aws-chunked, gzip", "gzip"),
                                         ("aws-chunked", None), ("aws-chunked, aws-chunked", None)])
