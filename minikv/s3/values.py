@@ -127,6 +127,9 @@ class Values:
         self.pid = os.getpid()
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.meta = None  # the S3 meta store (meta.py), for object attributes; set by the S3 front
+        # the plain API's App, whose count of volume connections held by uploads (held_files,
+        # within max_held_files) S3 writes share; set by the S3 front
+        self.uploads = None
 
     def placement(self, key: bytes) -> list[str]:
         c = self.config
@@ -221,12 +224,26 @@ class Values:
         `source` raises at its end if a check fails."""
         volumes = self.placement(key)
         taken: list = []  # [pending, previous] once the key's lock is taken, at the commit point
+        budget, counted = self.uploads, 0
+        if budget is not None and budget.max_held_files:
+            # a volume connection (an open file) per replica from the start of the body until the
+            # commit, queueing for the key included: counted with the plain API's, so writers
+            # that take their time cannot use up the files reads and the index need
+            if budget.held_files + len(volumes) > budget.max_held_files:
+                raise S3Error("SlowDown", f"the index is out of open files for uploads ({budget.held_files} "
+                              f"held by uploads in flight, limit {budget.max_held_files}): try again; "
+                              "nothing was changed")
+            counted = len(volumes)
+            budget.held_files += counted
         try:
             size, md5 = await self._write(key, source, length, volumes, taken)
         except BaseException:
             if taken and self.store.get(key) == taken[0]:  # undo unless _write resolved the record itself
                 await self._restore(key, taken[0], taken[1], volumes)
             raise
+        finally:
+            if counted:
+                budget.held_files -= counted
         pending, previous = taken
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
         try:
