@@ -84,3 +84,48 @@ def test_s3_writes_mid_body_count_against_the_upload_file_budget(make_cluster):
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_write_whose_end_comes_late_and_then_queues_is_refused_before_the_volumes_drop_it(make_cluster):
+    """The uploads to the replicas are opened with the body and wait, their last bytes held
+    back, while the write queues for its key; nginx drops an upload that sends it nothing for
+    60 s (client_body_timeout). A client whose body's end came late (the index allows it 60 s
+    between two reads) then queued behind a long write of the key (a plain PUT of a new key,
+    sent slowly) had its commit fail on every volume ("volume closed the connection", each
+    volume marked down for a moment). With a value of the same size as the one before, the
+    volumes' state could not be told, and the key was deleted: the plain PUT, answered 201 a
+    moment before, was lost. Now the wait for the key ends before the volumes would drop the
+    uploads: 409, nothing changed, no volume marked down."""
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    key = "/late/obj"
+    w = socket.create_connection((HOST, c.port))
+    w.settimeout(120)
+    w.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+              "Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (100_000, b"a" * 100_000))
+    time.sleep(0.3)
+    w.sendall(b"%x\r\n%s\r\n" % (100_000, b"b" * 100_000))  # the first part goes on to the volumes now
+    time.sleep(0.3)
+    began = time.monotonic()
+    # a plain PUT of the same (new) key, sent slowly: holds the key for ~65 s
+    p = socket.create_connection((HOST, c.port))
+    p.settimeout(120)
+    p.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n".encode() + b"p" * 20_000)
+    try:
+        for i in range(1, 5):  # a byte every 13 s: within the index's body timeouts (20 kB sent: 80 s)
+            time.sleep(began + 13 * i - time.monotonic())
+            p.sendall(b"p")
+            if i == 3:  # at 39 s: the end of the S3 body (its uploads have had nothing for 39 s)
+                w.sendall(b"0\r\n\r\n")
+        time.sleep(max(0.0, began + 66 - time.monotonic()))
+        p.sendall(b"p" * (200_000 - 20_004))
+        assert _answer(p).startswith(b"HTTP/1.1 201 ")
+        answer = _answer(w)
+        # the write did not wait past what the volumes allow, and said why it gave up
+        assert answer.startswith(b"HTTP/1.1 409 "), answer
+        assert b"nothing was changed" in answer, answer
+        # no volume was taken for down: a write of another key goes through at once
+        assert c.put("/late/other", b"x").status_code == 201
+    finally:
+        w.close()
+        p.close()
+    assert c.get(key, allow_redirects=True).content == b"p" * 200_000

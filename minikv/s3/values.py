@@ -13,7 +13,9 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
 2. record -> PENDING(put, new volumes, previous record), once the body is complete. A PENDING
    record already there (another write or delete of the key committing) is waited for, up to
    LOCK_WAIT seconds, then taken: concurrent S3 writes of one key all succeed, one after the
-   other, and the one whose body ends last wins, as in S3 (the plain API keeps its 409).
+   other, and the one whose body ends last wins, as in S3 (the plain API keeps its 409). The
+   wait also ends (409, nothing changed) before the uploads have waited UPLOAD_IDLE seconds
+   with nothing sent: nginx would drop them, and the commit would then fail on every volume.
    Commits go one at a time, because every value of a key lives in the same file on a volume:
    two renames over it at once could leave different values on different replicas. The lock is
    not taken earlier because a client may hold back the end of one write until another write
@@ -78,6 +80,9 @@ from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
 LOCK_WAIT = 30.0  # seconds an S3 write or delete waits for the one in flight on its key
+# nginx drops an upload that sends it nothing for 60 s (client_body_timeout's default): a write
+# whose uploads wait, their last bytes held back, gives up its wait for the key well before
+UPLOAD_IDLE = 50.0
 
 
 
@@ -192,13 +197,18 @@ class Values:
             raise S3Error("InternalError", f"volume {conn.host} sent {size} bytes of a {expect}-byte value")
 
     # -- writes --
-    async def unlocked(self, key: bytes) -> bytes | None:
+    async def unlocked(self, key: bytes, idle_until: float | None = None) -> bytes | None:
         """The key's record once no write or delete holds it (polled: the lock is in the index,
-        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds."""
+        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds, or at
+        `idle_until` (loop time), when the volumes would drop this write's waiting uploads."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCK_WAIT
         delay = 0.002
         while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
+            if idle_until is not None and loop.time() >= min(idle_until, deadline):
+                raise S3Error("OperationAborted", "another write or delete of this key is in flight, and this "
+                              f"write's uploads to the volumes cannot wait longer (they would be dropped after "
+                              f"{UPLOAD_IDLE:g}s with nothing sent); nothing was changed: try again")
             if loop.time() >= deadline:
                 raise S3Error("OperationAborted", f"another write or delete of this key has been in flight for "
                               f"over {LOCK_WAIT:g}s; try again later")
@@ -206,11 +216,11 @@ class Values:
             delay = min(delay * 2, 0.05)
         return raw
 
-    async def lock(self, key: bytes, volumes: list[str]) -> tuple[bytes, bytes | None]:
-        """Take the key's record to PENDING(put) for `volumes`, after any write in flight:
-        (pending, previous record)."""
+    async def lock(self, key: bytes, volumes: list[str], idle_until: float | None = None) -> tuple[bytes, bytes | None]:
+        """Take the key's record to PENDING(put) for `volumes`, after any write in flight (as
+        `unlocked`): (pending, previous record)."""
         while True:
-            raw = await self.unlocked(key)
+            raw = await self.unlocked(key, idle_until)
             pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
             done, _ = self.store.cas(key, raw, pending)
             if done:
@@ -305,6 +315,8 @@ class Values:
             raise S3Error("EntityTooLarge", f"value of {length} bytes is over the limit of {limit} (-max-value-size)")
         uploads = []
         md5 = StreamingMd5()
+        loop = asyncio.get_running_loop()
+        sent = loop.time()  # when the volumes last got bytes of this write (or their connection)
         try:
             opened = await asyncio.gather(
                 *(self.pool.upload(host, path, length) for host, path in replicas.locate_all(volumes, key)), return_exceptions=True)
@@ -323,6 +335,7 @@ class Values:
                 if held:
                     for u in uploads:
                         u.write(held)
+                    sent = loop.time()
                 await md5.update(chunk)
                 if held:
                     for u in uploads:
@@ -336,7 +349,7 @@ class Values:
             # the lock while its client sent the body could wait on a client that first waits
             # for another write of the key to finish: both would stall)
             try:
-                taken += await self.lock(key, volumes)
+                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE)
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
