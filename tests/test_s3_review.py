@@ -7,7 +7,11 @@ import resource
 import socket
 import time
 
+import pytest
 from cluster import HOST, wait_closed
+
+from minikv.placement import key2path, key2volume
+from minikv.s3.multipart import part_key
 
 MB = 1 << 20
 
@@ -129,3 +133,40 @@ def test_a_write_whose_end_comes_late_and_then_queues_is_refused_before_the_volu
         w.close()
         p.close()
     assert c.get(key, allow_redirects=True).content == b"p" * 200_000
+
+
+def _part_files(c, upload: str, number: int) -> list:
+    key = part_key(upload, number)
+    return [p for vol in key2volume(key, c.names, c.replicas, c.subvolumes)
+            if (p := c.volume_dir(vol) / key2path(key).lstrip("/")).exists()]
+
+
+def test_a_part_whose_body_ends_after_its_upload_was_aborted_is_not_kept(make_cluster):
+    """A part takes its key only once its body is complete, so an Abort (or the Complete) of
+    its upload, which deletes the parts it finds, does not find one still being sent. The
+    part was then stored anyway and answered 200, for an upload that no longer exists: its
+    record and files stayed for good (no Abort can name the upload again, and nothing else
+    removes a part). Now a part that finds its upload gone once stored is deleted: 404
+    NoSuchUpload, nothing left."""
+    boto3 = pytest.importorskip("boto3")  # noqa: F841
+    from test_s3 import client
+
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    s3 = client(c.port)
+    upload = s3.create_multipart_upload(Bucket="ab", Key="obj")["UploadId"]
+    body = b"q" * (256 << 10)
+    sock = socket.create_connection((HOST, c.port))
+    sock.settimeout(30)
+    sock.sendall(f"PUT /ab/obj?partNumber=1&uploadId={upload} HTTP/1.1\r\nHost: x\r\n"
+                 "x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:-1])
+    try:
+        time.sleep(0.5)
+        s3.abort_multipart_upload(Bucket="ab", Key="obj", UploadId=upload)
+        sock.sendall(body[-1:])
+        answer = _answer(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"NoSuchUpload" in answer, answer
+    assert _part_files(c, upload, 1) == []
+    assert s3.list_multipart_uploads(Bucket="ab").get("Uploads", []) == []

@@ -84,13 +84,26 @@ async def upload_part(s3, ctx: Ctx) -> bytes:
                         f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive")
     key = part_key(upload_id, number)
     if ctx.header(b"x-amz-copy-source") is not None:
-        return await _upload_part_copy(s3, ctx, key)
+        return await _upload_part_copy(s3, ctx, upload_id, key)
     payload = _payload(ctx)
     live = await s3.values.put(key, payload.chunks(), payload.length)
+    await _still_wanted(s3, upload_id, key)
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
 
 
-async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
+async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
+    """A part takes its key only once its body is complete (values.py), so an Abort or the
+    Complete of its upload, which deletes the parts it lists, may not have seen it: stored
+    after the upload was dropped, it is deleted here (else nothing would ever remove it), and
+    NoSuchUpload. One stored before the drop is found by abort_upload's second look."""
+    if s3.meta.upload(upload_id) is not None:
+        return
+    await s3.values.delete(key)
+    raise S3Error("NoSuchUpload", "The specified upload does not exist: it was aborted or completed while "
+                  "this part was being sent, and the part was not kept.", UploadId=upload_id)
+
+
+async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
     src, raw = copy_source(s3, ctx)
     size = decode_data(raw).size
     forward, length = [], size
@@ -106,6 +119,7 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
     live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
+    await _still_wanted(s3, upload_id, key)
     data = decode_data(live)
     return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
                                       ("ETag", quoted(md5_etag(live)))])
@@ -239,6 +253,20 @@ def list_uploads(s3, ctx: Ctx) -> bytes:
 async def abort_upload(s3, upload_id: str) -> int:
     """Delete every part of an upload, then the upload itself; how many parts were deleted.
     If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised."""
+    deleted, failed = await _delete_parts(s3, upload_id)
+    if failed:
+        raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
+                      f"({failed[0]}); abort the upload again later")
+    s3.meta.drop_upload(upload_id)
+    # once more: a part whose body was still coming when the parts were listed is stored only
+    # then, and one that checked for its upload before the drop kept itself (_still_wanted).
+    # One that cannot be deleted now is left to orphan_parts, as after a crash between the steps
+    more, _ = await _delete_parts(s3, upload_id)
+    return deleted + more
+
+
+async def _delete_parts(s3, upload_id: str) -> tuple[int, list[BaseException]]:
+    """Delete the parts an upload has now: (how many were deleted, the failures)."""
     pairs, _ = s3.store.scan(PART_PREFIX + upload_id.encode() + b"/")
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
@@ -247,12 +275,7 @@ async def abort_upload(s3, upload_id: str) -> int:
             return await s3.values.delete(key)
 
     results = await asyncio.gather(*(one(k) for k, _ in pairs), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
-                      f"({failed[0]}); abort the upload again later")
-    s3.meta.drop_upload(upload_id)
-    return sum(1 for r in results if r)
+    return sum(1 for r in results if r is True), [r for r in results if isinstance(r, BaseException)]
 
 
 def stale_uploads(meta, age: float) -> list[tuple[str, bytes, int]]:
