@@ -23,6 +23,9 @@ upload id in the object's attributes and gets the same answer again.
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
 the two steps of an abort) are found with `orphan_parts(store, meta)`. `minikv gc` can use these.
+A part takes its key only once its body is complete, so an abort may not list one still being
+sent: the abort looks again after dropping the upload, and a part stored later finds its upload
+gone and deletes itself (NoSuchUpload).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
    the last chunk (or, without a length, the chunked terminator) until the body has been read
    completely and every check passed (length, Content-MD5, x-amz-content-sha256, checksums,
    chunk signatures): any failure before that point aborts the uploads, nginx drops them, and
-   nothing has changed. Any number of writers of one key can be at this step at once.
+   nothing has changed. Any number of writers of one key can be at this step at once, each
+   holding a volume connection per replica: they count in the index's budget of files for
+   uploads, shared with the plain API's PUTs (App.held_files), and past it get 503 SlowDown.
 2. record -> PENDING(put, new volumes, previous record), once the body is complete. A PENDING
    record already there (another write or delete of the key committing) is waited for, up to
    LOCK_WAIT seconds, then taken: concurrent S3 writes of one key all succeed, one after the
