@@ -170,3 +170,63 @@ def test_a_part_whose_body_ends_after_its_upload_was_aborted_is_not_kept(make_cl
     assert answer.startswith(b"HTTP/1.1 404 ") and b"NoSuchUpload" in answer, answer
     assert _part_files(c, upload, 1) == []
     assert s3.list_multipart_uploads(Bucket="ab").get("Uploads", []) == []
+
+
+def test_a_part_replaced_while_complete_streams_the_parts_does_not_slip_into_the_object(make_cluster):
+    """Complete checks the parts' ETags first, then streams them one after the other. A part
+    sent again meanwhile no longer holds its key while its body comes (it takes it only to
+    commit), so Complete did not see it coming: when it was stored while Complete streamed an
+    earlier part, Complete read the new part's bytes, and the object held a value no ETag the
+    client named stands for (a mix of the parts it named and one it did not). Now Complete
+    checks each part's record after streaming it: replaced -> InvalidPart, nothing changed."""
+    import threading
+
+    boto3 = pytest.importorskip("boto3")  # noqa: F841
+    from botocore.exceptions import ClientError
+    from test_s3 import client
+
+    c = make_cluster(volumes=3, replicas=3, workers=2)
+    s3 = client(c.port)
+    s3.put_object(Bucket="mx", Key="obj", Body=b"old")
+    upload = s3.create_multipart_upload(Bucket="mx", Key="obj")["UploadId"]
+    first = b"1" * (64 * MB)  # long to stream: the part sent again is stored meanwhile
+    named, other = b"A" * 1000, b"B" * 1000
+    etags = [s3.upload_part(Bucket="mx", Key="obj", UploadId=upload, PartNumber=n, Body=body)["ETag"]
+             for n, body in ((1, first), (2, named))]
+    sock = socket.create_connection((HOST, c.port))
+    sock.settimeout(60)
+    sock.sendall(f"PUT /mx/obj?partNumber=2&uploadId={upload} HTTP/1.1\r\nHost: x\r\n"
+                 "x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+                 f"Content-Length: {len(other)}\r\n\r\n".encode() + other[:-1])
+    temps = [v.args[-1] + "/body_temp" for v in c.volumes]
+    done: dict = {}
+
+    def complete():
+        try:
+            done["answer"] = s3.complete_multipart_upload(
+                Bucket="mx", Key="obj", UploadId=upload,
+                MultipartUpload={"Parts": [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)]})
+        except ClientError as e:
+            done["error"] = e.response["Error"]["Code"]
+
+    t = threading.Thread(target=complete)
+    try:
+        t.start()
+        import os
+
+        deadline = time.monotonic() + 30
+        while not any(files for d in temps if os.path.isdir(d) for _, _, files in os.walk(d)):
+            assert time.monotonic() < deadline, "Complete did not start streaming"
+            time.sleep(0.005)
+        sock.sendall(other[-1:])  # the part sent again is stored while part 1 streams
+        answer = _answer(sock)
+    finally:
+        t.join(60)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    got = s3.get_object(Bucket="mx", Key="obj")["Body"].read()
+    if "error" in done:
+        assert done["error"] == "InvalidPart", done
+        assert got == b"old"
+    else:
+        assert got[-1000:] == named and len(got) == len(first) + 1000, got[-1000:][:20]
