@@ -230,3 +230,37 @@ def test_a_part_replaced_while_complete_streams_the_parts_does_not_slip_into_the
         assert got == b"old"
     else:
         assert got[-1000:] == named and len(got) == len(first) + 1000, got[-1000:][:20]
+
+
+def test_volumes_restarted_before_the_end_of_an_overwrite_keep_the_old_value(make_cluster):
+    """The uploads of a write wait open for its last bytes (the body's end, then the key's
+    lock). Volumes that restart meanwhile drop them, and nothing of the new value reaches any
+    of them; but the commit only saw its last bytes fail on every volume, could not tell the
+    old file from the new by size (an overwrite of the same size), and deleted the key: the
+    old value, acknowledged long before, was lost. Now a write whose upload connections closed
+    before its end is refused with nothing changed: 503, the old value stays."""
+    boto3 = pytest.importorskip("boto3")  # noqa: F841
+    from test_s3 import client
+
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    s3 = client(c.port)
+    old, new = b"o" * 300_000, b"n" * 300_000
+    s3.put_object(Bucket="vr", Key="obj", Body=old)
+    sock = socket.create_connection((HOST, c.port))
+    sock.settimeout(30)
+    sock.sendall(b"PUT /vr/obj HTTP/1.1\r\nHost: x\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(p), p)
+                                                               for p in (new[:150_000], new[150_000:])))
+    try:
+        time.sleep(0.5)  # all the value is read; its end (the chunked terminator) is to come
+        for v in c.volumes:
+            v.stop()
+        for v in c.volumes:
+            v.start()
+        time.sleep(1)
+        sock.sendall(b"0\r\n\r\n")
+        answer = _answer(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"nothing was changed" in answer, answer
+    assert s3.get_object(Bucket="vr", Key="obj")["Body"].read() == old

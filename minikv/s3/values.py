@@ -355,6 +355,13 @@ class Values:
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
+            # a volume that closed an upload before its end was sent (it restarted, or gave up
+            # waiting) has dropped it: nothing renames there, so commit nowhere. Sent anyway, the
+            # end would fail on it in a way that cannot be told from a rename that failed
+            dropped = [u.host for u in uploads if getattr(u, "conn", None) is not None and u.conn.closed]
+            if dropped:
+                raise S3Error("ServiceUnavailable", f"volume {dropped[0]} closed the upload before the value was "
+                              "complete (did it restart?); nothing was changed: write again")
         except BaseException as e:
             for u in uploads:
                 u.abort()  # nginx drops a partial upload: the old files stay as they were
