@@ -36,7 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from minikv.index.record import decode_data, now_ms
+from minikv.index.record import LIVE, OP_REBALANCE, PENDING, decode_data, decode_pending, now_ms
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
@@ -192,7 +192,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
             # a part sent again is stored without holding its key while its body comes, so it
             # may have replaced the file we read since its record was checked: the record tells
             # (it changes before the file does), and the value is then not committed
-            if s3.store.get(key) != raw:
+            if not _same_value(s3.store.get(key), raw):
                 raise S3Error("InvalidPart", f"part {number} was sent again while the upload was being "
                               "completed; nothing was changed: list the parts and complete it again",
                               UploadId=upload_id, PartNumber=str(number), ETag=etag)
@@ -205,6 +205,19 @@ async def complete(s3, ctx: Ctx) -> bytes:
     except S3Error:
         pass  # the object is complete; the upload stays listed, for an abort or `gc` to remove
     return _complete_result(ctx, etag)
+
+
+def _same_value(current: bytes | None, raw: bytes) -> bool:
+    """Does the record `current` still stand for the value of record `raw`: unchanged, or the
+    same value (size, mtime, md5) moved to other volumes, or being moved (REBALANCE)?"""
+    if current == raw:
+        return True
+    if current is None:
+        return False
+    if current[0] == LIVE:
+        return current[1:33] == raw[1:33]
+    return current[0] == PENDING and decode_pending(current).op == OP_REBALANCE \
+        and decode_pending(current).previous == raw
 
 
 async def abort(s3, ctx: Ctx) -> bytes:
