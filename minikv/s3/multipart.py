@@ -186,7 +186,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
     etag = hashlib.md5(b"".join(raw[17:33] for _, raw in parts)).hexdigest() + f"-{len(parts)}"
 
     async def concatenated() -> AsyncIterator[bytes]:
-        for (number, etag), (key, raw) in zip(wanted, parts):
+        for (number, named), (key, raw) in zip(wanted, parts):
             async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
                 yield chunk
             # a part sent again is stored without holding its key while its body comes, so it
@@ -195,7 +195,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
             if not _same_value(s3.store.get(key), raw):
                 raise S3Error("InvalidPart", f"part {number} was sent again while the upload was being "
                               "completed; nothing was changed: list the parts and complete it again",
-                              UploadId=upload_id, PartNumber=str(number), ETag=etag)
+                              UploadId=upload_id, PartNumber=str(number), ETag=named)
 
     attrs = {"h": s3.meta.upload_attrs(upload_id).get("h", []), "e": etag,
              "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}

@@ -207,7 +207,7 @@ class Values:
         deadline = loop.time() + LOCK_WAIT
         delay = 0.002
         while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
-            if idle_until is not None and loop.time() >= min(idle_until, deadline):
+            if idle_until is not None and loop.time() >= idle_until:
                 raise S3Error("OperationAborted", "another write or delete of this key is in flight, and this "
                               f"write's uploads to the volumes cannot wait longer (they would be dropped after "
                               f"{UPLOAD_IDLE:g}s with nothing sent); nothing was changed: try again")
