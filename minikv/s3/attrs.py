@@ -48,8 +48,18 @@ def from_headers(headers: list[tuple[bytes, bytes]]) -> list[list[str]]:
                     raise S3Error("MetadataTooLarge", f"Your metadata headers exceed the maximum allowed "
                                   f"metadata size: x-amz-meta-* names and values may hold {USER_LIMIT} bytes "
                                   "in all", MaxSizeAllowed=str(USER_LIMIT))
+            if name == b"content-encoding" and not (value := _without_aws_chunked(value)):
+                continue
             out.append([name.decode("latin-1"), value.decode("latin-1")])
     return out
+
+
+def _without_aws_chunked(value: bytes) -> bytes:
+    """Content-Encoding less its `aws-chunked` codings: they name the framing of the request's
+    body (payload.py removes it), not an encoding of the object, so S3 does not keep them."""
+    if b"aws-chunked" not in value.lower():
+        return value
+    return b", ".join(c.strip() for c in value.split(b",") if c.strip() and c.strip().lower() != b"aws-chunked")
 
 
 def response_headers(attrs: dict) -> list[tuple[str, bytes]]:

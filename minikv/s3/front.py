@@ -61,6 +61,7 @@ class S3:
         self.values = Values(app.config, app.store, app.pool, app.health)
         self.meta = Meta(os.path.join(app.config.db, "s3"), sync=app.config.fsync)
         self.values.meta = self.meta
+        self.values.uploads = app  # S3 writes count in the plain API's budget of upload files
         self.access_key = getattr(app.config, "s3_access_key", "") or ""
         self.secret_key = getattr(app.config, "s3_secret_key", "") or ""
 

@@ -23,6 +23,9 @@ upload id in the object's attributes and gets the same answer again.
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
 the two steps of an abort) are found with `orphan_parts(store, meta)`. `minikv gc` can use these.
+A part takes its key only once its body is complete, so an abort may not list one still being
+sent: the abort looks again after dropping the upload, and a part stored later finds its upload
+gone and deletes itself (NoSuchUpload).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from minikv.index.record import decode_data, now_ms
+from minikv.index.record import LIVE, OP_REBALANCE, PENDING, decode_data, decode_pending, now_ms
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
@@ -84,13 +87,26 @@ async def upload_part(s3, ctx: Ctx) -> bytes:
                         f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive")
     key = part_key(upload_id, number)
     if ctx.header(b"x-amz-copy-source") is not None:
-        return await _upload_part_copy(s3, ctx, key)
+        return await _upload_part_copy(s3, ctx, upload_id, key)
     payload = _payload(ctx)
     live = await s3.values.put(key, payload.chunks(), payload.length)
+    await _still_wanted(s3, upload_id, key)
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
 
 
-async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
+async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
+    """A part takes its key only once its body is complete (values.py), so an Abort or the
+    Complete of its upload, which deletes the parts it lists, may not have seen it: stored
+    after the upload was dropped, it is deleted here (else nothing would ever remove it), and
+    NoSuchUpload. One stored before the drop is found by abort_upload's second look."""
+    if s3.meta.upload(upload_id) is not None:
+        return
+    await s3.values.delete(key)
+    raise S3Error("NoSuchUpload", "The specified upload does not exist: it was aborted or completed while "
+                  "this part was being sent, and the part was not kept.", UploadId=upload_id)
+
+
+async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
     src, raw = copy_source(s3, ctx)
     size = decode_data(raw).size
     forward, length = [], size
@@ -106,6 +122,7 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
     live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
+    await _still_wanted(s3, upload_id, key)
     data = decode_data(live)
     return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
                                       ("ETag", quoted(md5_etag(live)))])
@@ -147,9 +164,12 @@ async def complete(s3, ctx: Ctx) -> bytes:
         wanted.append((number, (node.value("ETag") or "").strip('"')))
     if not wanted:
         raise S3Error("MalformedXML", "the upload must name at least one part")
-    if any(a[0] >= b[0] for a, b in zip(wanted, wanted[1:])):
+    if any(a[0] > b[0] for a, b in zip(wanted, wanted[1:])):
         raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. "
                       "Parts must be ordered by part number.", UploadId=upload_id)
+    # a number named twice (a client that sent a part again and kept both answers): its last
+    # entry counts, as in S3, whose later upload of a part replaces the earlier one
+    wanted = [w for w, after in zip(wanted, wanted[1:] + [(None, "")]) if w[0] != after[0]]
     parts = []  # (key, record)
     for i, (number, etag) in enumerate(wanted):
         key = part_key(upload_id, number)
@@ -166,9 +186,16 @@ async def complete(s3, ctx: Ctx) -> bytes:
     etag = hashlib.md5(b"".join(raw[17:33] for _, raw in parts)).hexdigest() + f"-{len(parts)}"
 
     async def concatenated() -> AsyncIterator[bytes]:
-        for key, raw in parts:
+        for (number, named), (key, raw) in zip(wanted, parts):
             async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
                 yield chunk
+            # a part sent again is stored without holding its key while its body comes, so it
+            # may have replaced the file we read since its record was checked: the record tells
+            # (it changes before the file does), and the value is then not committed
+            if not _same_value(s3.store.get(key), raw):
+                raise S3Error("InvalidPart", f"part {number} was sent again while the upload was being "
+                              "completed; nothing was changed: list the parts and complete it again",
+                              UploadId=upload_id, PartNumber=str(number), ETag=named)
 
     attrs = {"h": s3.meta.upload_attrs(upload_id).get("h", []), "e": etag,
              "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
@@ -178,6 +205,19 @@ async def complete(s3, ctx: Ctx) -> bytes:
     except S3Error:
         pass  # the object is complete; the upload stays listed, for an abort or `gc` to remove
     return _complete_result(ctx, etag)
+
+
+def _same_value(current: bytes | None, raw: bytes) -> bool:
+    """Does the record `current` still stand for the value of record `raw`: unchanged, or the
+    same value (size, mtime, md5) moved to other volumes, or being moved (REBALANCE)?"""
+    if current == raw:
+        return True
+    if current is None:
+        return False
+    if current[0] == LIVE:
+        return current[1:33] == raw[1:33]
+    return current[0] == PENDING and decode_pending(current).op == OP_REBALANCE \
+        and decode_pending(current).previous == raw
 
 
 async def abort(s3, ctx: Ctx) -> bytes:
@@ -236,6 +276,20 @@ def list_uploads(s3, ctx: Ctx) -> bytes:
 async def abort_upload(s3, upload_id: str) -> int:
     """Delete every part of an upload, then the upload itself; how many parts were deleted.
     If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised."""
+    deleted, failed = await _delete_parts(s3, upload_id)
+    if failed:
+        raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
+                      f"({failed[0]}); abort the upload again later")
+    s3.meta.drop_upload(upload_id)
+    # once more: a part whose body was still coming when the parts were listed is stored only
+    # then, and one that checked for its upload before the drop kept itself (_still_wanted).
+    # One that cannot be deleted now is left to orphan_parts, as after a crash between the steps
+    more, _ = await _delete_parts(s3, upload_id)
+    return deleted + more
+
+
+async def _delete_parts(s3, upload_id: str) -> tuple[int, list[BaseException]]:
+    """Delete the parts an upload has now: (how many were deleted, the failures)."""
     pairs, _ = s3.store.scan(PART_PREFIX + upload_id.encode() + b"/")
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
@@ -244,12 +298,7 @@ async def abort_upload(s3, upload_id: str) -> int:
             return await s3.values.delete(key)
 
     results = await asyncio.gather(*(one(k) for k, _ in pairs), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
-                      f"({failed[0]}); abort the upload again later")
-    s3.meta.drop_upload(upload_id)
-    return sum(1 for r in results if r)
+    return sum(1 for r in results if r is True), [r for r in results if isinstance(r, BaseException)]
 
 
 def stale_uploads(meta, age: float) -> list[tuple[str, bytes, int]]:

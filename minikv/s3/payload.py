@@ -59,7 +59,12 @@ class Payload:
             h[n] = v
         self.content_sha256 = h.get(b"x-amz-content-sha256", b"").decode("latin-1")
         encoding = h.get(b"content-encoding", b"").decode("latin-1").lower()
-        self.chunked = "aws-chunked" in encoding or self.content_sha256.startswith("STREAMING-")
+        # `aws-chunked` in Content-Encoding alone does not make a body framed: clients send it as
+        # an object's stored encoding too (S3 then drops it from what it keeps) with the hash of
+        # a plain body in x-amz-content-sha256; a framed body declares a STREAMING- payload, its
+        # decoded length, or (a presigned URL) no payload hash at all
+        self.chunked = self.content_sha256.startswith("STREAMING-") or "aws-chunked" in encoding and (
+            b"x-amz-decoded-content-length" in h or b"x-amz-content-sha256" not in h)
         self.chunk_signed = self.content_sha256.startswith("STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
         declared = h.get(b"x-amz-decoded-content-length") if self.chunked else h.get(b"content-length")
         self.length = decimal(declared)

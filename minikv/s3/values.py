@@ -3,20 +3,27 @@
 The record is the lock, as in the plain API (see api/app.py), and the volumes' atomic rename is
 the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, CompleteMultipartUpload):
 
-1. record -> PENDING(put, new volumes, previous record) before the body is read. A PENDING
-   record already there (another write or delete of the key in flight) is waited for, up to
+1. One streaming PUT per replica, opened before the body is read; the record is not touched.
+   nginx spools each upload to a temp file and renames it over the old file only when the
+   whole body has arrived, so until then every replica still holds the old value. We hold back
+   the last chunk (or, without a length, the chunked terminator) until the body has been read
+   completely and every check passed (length, Content-MD5, x-amz-content-sha256, checksums,
+   chunk signatures): any failure before that point aborts the uploads, nginx drops them, and
+   nothing has changed. Any number of writers of one key can be at this step at once, each
+   holding a volume connection per replica: they count in the index's budget of files for
+   uploads, shared with the plain API's PUTs (App.held_files), and past it get 503 SlowDown.
+2. record -> PENDING(put, new volumes, previous record), once the body is complete. A PENDING
+   record already there (another write or delete of the key committing) is waited for, up to
    LOCK_WAIT seconds, then taken: concurrent S3 writes of one key all succeed, one after the
-   other, and the last one wins, as in S3 (the plain API keeps its 409). One at a time, because
-   every value of a key lives in the same file on a volume: two uploads renaming over it at
-   once could leave different values on different replicas. Readers of the S3 API keep being
-   served the previous value meanwhile (`readable`); the plain API answers 404 for a key
-   mid-write.
-2. One streaming PUT per replica. nginx spools each upload to a temp file and renames it over
-   the old file only when the whole body has arrived, so until then every replica still holds
-   the old value. We hold back the last chunk (or, without a length, the chunked terminator)
-   until the body has been read completely and every check passed (length, Content-MD5,
-   x-amz-content-sha256, checksums, chunk signatures): any failure before that point aborts
-   the uploads, nginx drops them, and the previous record is put back untouched.
+   other, and the one whose body ends last wins, as in S3 (the plain API keeps its 409). The
+   wait also ends (409, nothing changed) before the uploads have waited UPLOAD_IDLE seconds
+   with nothing sent: nginx would drop them, and the commit would then fail on every volume.
+   Commits go one at a time, because every value of a key lives in the same file on a volume:
+   two renames over it at once could leave different values on different replicas. The lock is
+   not taken earlier because a client may hold back the end of one write until another write
+   of the same key has finished (Ceph's s3-tests do): a lock held for the whole body would make
+   them wait on each other. Readers of the S3 API keep being served the previous value
+   meanwhile (`readable`); the plain API answers 404 for a key while it commits.
 3. Send the last bytes: each volume renames. All answered 2xx -> the new value's attributes
    (meta.py, keyed by the value's fingerprint) -> record LIVE -> 200; then the files on volumes
    the previous record named and the new one does not are deleted, and so are the previous
@@ -26,9 +33,10 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
    key is deleted on every volume and the record dropped (the error says so). A failed
    overwrite can thus lose the old value, but only in this narrow case, and never silently.
 
-A crash in steps 2-4 leaves PENDING(put), which recovery (index/recovery.py) resolves like any
-PUT: the files on the new volumes are deleted and the record dropped, so the key is gone (not
-stuck, not a phantom); it never holds a mix of two values.
+A crash in step 1 changes nothing (nginx drops unfinished uploads). A crash in steps 2-4 leaves
+PENDING(put), which recovery (index/recovery.py) resolves like any PUT: the files on the new
+volumes are deleted and the record dropped, so the key is gone (not stuck, not a phantom); it
+never holds a mix of two values.
 
 Parts of multipart uploads are values too, under internal keys (multipart.py), so all of this
 applies to them.
@@ -74,6 +82,9 @@ from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
 LOCK_WAIT = 30.0  # seconds an S3 write or delete waits for the one in flight on its key
+# nginx drops an upload that sends it nothing for 60 s (client_body_timeout's default): a write
+# whose uploads wait, their last bytes held back, gives up its wait for the key well before
+UPLOAD_IDLE = 50.0
 
 
 
@@ -123,6 +134,9 @@ class Values:
         self.pid = os.getpid()
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
         self.meta = None  # the S3 meta store (meta.py), for object attributes; set by the S3 front
+        # the plain API's App, whose count of volume connections held by uploads (held_files,
+        # within max_held_files) S3 writes share; set by the S3 front
+        self.uploads = None
 
     def placement(self, key: bytes) -> list[str]:
         c = self.config
@@ -185,13 +199,18 @@ class Values:
             raise S3Error("InternalError", f"volume {conn.host} sent {size} bytes of a {expect}-byte value")
 
     # -- writes --
-    async def unlocked(self, key: bytes) -> bytes | None:
+    async def unlocked(self, key: bytes, idle_until: float | None = None) -> bytes | None:
         """The key's record once no write or delete holds it (polled: the lock is in the index,
-        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds."""
+        shared by every worker); 409 OperationAborted after LOCK_WAIT seconds, or at
+        `idle_until` (loop time), when the volumes would drop this write's waiting uploads."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCK_WAIT
         delay = 0.002
         while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
+            if idle_until is not None and loop.time() >= idle_until:
+                raise S3Error("OperationAborted", "another write or delete of this key is in flight, and this "
+                              f"write's uploads to the volumes cannot wait longer (they would be dropped after "
+                              f"{UPLOAD_IDLE:g}s with nothing sent); nothing was changed: try again")
             if loop.time() >= deadline:
                 raise S3Error("OperationAborted", f"another write or delete of this key has been in flight for "
                               f"over {LOCK_WAIT:g}s; try again later")
@@ -199,16 +218,15 @@ class Values:
             delay = min(delay * 2, 0.05)
         return raw
 
-    async def lock(self, key: bytes) -> tuple[bytes, bytes | None, list[str]]:
-        """Take the key's record to PENDING(put), after any write in flight: (pending, previous
-        record, new volumes)."""
-        volumes = self.placement(key)
+    async def lock(self, key: bytes, volumes: list[str], idle_until: float | None = None) -> tuple[bytes, bytes | None]:
+        """Take the key's record to PENDING(put) for `volumes`, after any write in flight (as
+        `unlocked`): (pending, previous record)."""
         while True:
-            raw = await self.unlocked(key)
+            raw = await self.unlocked(key, idle_until)
             pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
             done, _ = self.store.cas(key, raw, pending)
             if done:
-                return pending, raw, volumes
+                return pending, raw
             # another writer took it between our read and our CAS: queue behind it
 
     async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None,
@@ -216,13 +234,29 @@ class Values:
         """Store what `source` yields as the value of `key` (replacing any), following the
         order above, with the encoded attributes `attrs` (attrs.py); the new LIVE record.
         `source` raises at its end if a check fails."""
-        pending, previous, volumes = await self.lock(key)
+        volumes = self.placement(key)
+        taken: list = []  # [pending, previous] once the key's lock is taken, at the commit point
+        budget, counted = self.uploads, 0
+        if budget is not None and budget.max_held_files:
+            # a volume connection (an open file) per replica from the start of the body until the
+            # commit, queueing for the key included: counted with the plain API's, so writers
+            # that take their time cannot use up the files reads and the index need
+            if budget.held_files + len(volumes) > budget.max_held_files:
+                raise S3Error("SlowDown", f"the index is out of open files for uploads ({budget.held_files} "
+                              f"held by uploads in flight, limit {budget.max_held_files}): try again; "
+                              "nothing was changed")
+            counted = len(volumes)
+            budget.held_files += counted
         try:
-            size, md5 = await self._write(key, source, length, volumes, pending, previous)
+            size, md5 = await self._write(key, source, length, volumes, taken)
         except BaseException:
-            if self.store.get(key) == pending:  # undo unless _write resolved the record itself
-                await self._restore(key, pending, previous, volumes)
+            if taken and self.store.get(key) == taken[0]:  # undo unless _write resolved the record itself
+                await self._restore(key, taken[0], taken[1], volumes)
             raise
+        finally:
+            if counted:
+                budget.held_files -= counted
+        pending, previous = taken
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
         try:
             if attrs and self.meta is not None:  # before the record: never a new value with old headers
@@ -273,7 +307,7 @@ class Values:
             await replicas.delete_all(self.pool, volumes, key)
         self.store.cas(key, pending, previous)
 
-    async def _write(self, key, source, length, volumes, pending, previous) -> tuple[int, bytes]:
+    async def _write(self, key, source, length, volumes, taken: list) -> tuple[int, bytes]:
         if length == 0:
             # nothing to hold back in an empty PUT: check the whole (empty) body before sending it
             async for _ in source:
@@ -283,6 +317,8 @@ class Values:
             raise S3Error("EntityTooLarge", f"value of {length} bytes is over the limit of {limit} (-max-value-size)")
         uploads = []
         md5 = StreamingMd5()
+        loop = asyncio.get_running_loop()
+        sent = loop.time()  # when the volumes last got bytes of this write (or their connection)
         try:
             opened = await asyncio.gather(
                 *(self.pool.upload(host, path, length) for host, path in replicas.locate_all(volumes, key)), return_exceptions=True)
@@ -301,6 +337,7 @@ class Values:
                 if held:
                     for u in uploads:
                         u.write(held)
+                    sent = loop.time()
                 await md5.update(chunk)
                 if held:
                     for u in uploads:
@@ -310,6 +347,21 @@ class Values:
             if length is not None and size != length:
                 raise S3Error("IncompleteBody", f"got {size} bytes of the {length} declared")
             digest = await md5.digest()
+            # the whole body is here and checked: only now queue for the key (a writer that held
+            # the lock while its client sent the body could wait on a client that first waits
+            # for another write of the key to finish: both would stall)
+            try:
+                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE)
+            except StoreError as e:
+                raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
+                              "can") from None
+            # a volume that closed an upload before its end was sent (it restarted, or gave up
+            # waiting) has dropped it: nothing renames there, so commit nowhere. Sent anyway, the
+            # end would fail on it in a way that cannot be told from a rename that failed
+            dropped = [u.host for u in uploads if getattr(u, "conn", None) is not None and u.conn.closed]
+            if dropped:
+                raise S3Error("ServiceUnavailable", f"volume {dropped[0]} closed the upload before the value was "
+                              "complete (did it restart?); nothing was changed: write again")
         except BaseException as e:
             for u in uploads:
                 u.abort()  # nginx drops a partial upload: the old files stay as they were
@@ -318,6 +370,7 @@ class Values:
                 self.health.mark_down(e.host, str(e))
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
             raise
+        pending, previous = taken
         # the commit point: the last bytes make every volume rename its file into place
         if held:
             for u in uploads:
