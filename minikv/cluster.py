@@ -1,11 +1,11 @@
 """`minikv up`: a whole local cluster in one command, the first thing a newcomer runs.
 
 Three volume servers (ports 3001-3003) and the index (port 3000), all data under one folder
-(`-data`, default ./data: data/vol1..3 and data/index). With -postgres the index is a PostgreSQL
+(`-data`, default ./data: data/vol1..3 and data/index); with -postgres the index is a PostgreSQL
 of up's own (pg_local.py, in data/postgres, kept from one start to the next) served by two index
-servers, on ports 3000 and 3004, as several hosts would share one database. The volumes take writes only from the
-index: a secret made at the first start is kept in data/secret and handed to every part through
-the environment. Every flag `up` takes reaches each part it applies to (UP_FLAGS says which),
+servers, on ports 3000 and 3004, as several hosts would share one database. The volumes take
+writes only from the index: a secret made at the first start is kept in data/secret and handed
+to every part through the environment. Every flag `up` takes reaches each part it applies to (UP_FLAGS says which),
 secrets through the environment, never the command line; the others are refused. Each part
 runs as its own child process in its own process group; Ctrl-C or SIGTERM stops them all, and
 if one of them dies the rest are stopped too, so nothing is left running.
@@ -178,7 +178,7 @@ def run_cluster(args) -> int:
     vports = [base + 1 + i for i in range(VOLUMES)]
     sports = [base] + ([base + VOLUMES + 1 + i for i in range(SERVERS_PG - 1)] if pg else [])
     metrics = args.flags["metrics-port"] if "metrics-port" in args.given else base + 100
-    mports = [metrics + (port - base) for port in sports]  # each server's: its port + 100 by default
+    mports = [metrics + (port - base) if metrics else 0 for port in sports]  # each its port + 100 by default
     host = args.host or "localhost"
     host = f"[{host}]" if ":" in host else host
     volumes = ",".join(f"{host}:{p}" for p in vports)
