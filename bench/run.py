@@ -12,6 +12,11 @@ of wrk, which is the design's 10 s per figure.
 --quick runs wrk 2 x 3 s per side and PUTs a 64 MB file instead of 256 MB (smoke runs).
 --metrics runs the index with its operations listener (-metrics-port) and scrapes /metrics every
 second: an A/B against a run without it shows what seeing the cluster costs the request path.
+--postgres adds the index on PostgreSQL in the same run (a PostgreSQL of the run's own, pg_local.py,
+on the same volumes): the fetches and thrash through one index server, then through two on the
+same database (two wrk processes at once, one per server, rates added), and `minikv rebuild` of
+100,000 keys' files into PostgreSQL (and into LMDB, for reference). --no-big skips the big PUT
+and S3 figures.
 --out rewrites the file with the command, the table and the machine; whatever follows the line
 `<!-- notes -->` in the old file is kept, so notes written by people survive reruns.
 Exit status: 0 when every measurement ran and checked out (targets missed are results, not
@@ -133,6 +138,8 @@ class Cluster:
     procs: list[Proc] = field(default_factory=list)
     volume_ports: list[int] = field(default_factory=list)
     index_port: int = 0
+    index_names: tuple[str, ...] = ("index",)  # the processes whose CPU is the index's
+    extra_roots: list[int] = field(default_factory=list)  # more of them, started elsewhere (PostgreSQL)
     metrics: bool = False  # --metrics: the index runs its operations listener, scraped every second
 
     def start(self, name: str, argv: list[str], port: int) -> Proc:
@@ -299,7 +306,8 @@ class CpuUse:
 def measure_cpu(cluster: Cluster, action: Callable[[], object]) -> tuple[object, CpuUse]:
     """Run `action` (which runs one client process) and say where the CPU went meanwhile."""
     volumes = [pid for p in cluster.procs if p.name.startswith("volume") for pid in descendants(p.popen.pid)]
-    index = descendants(cluster.index.popen.pid)
+    index = [pid for p in cluster.procs if p.name in cluster.index_names for pid in descendants(p.popen.pid)]
+    index += [pid for root in cluster.extra_roots for pid in descendants(root)]
     before = (cpu_seconds(volumes), cpu_seconds(index), children_cpu(), time.perf_counter())
     result = action()
     after = (cpu_seconds(volumes), cpu_seconds(index), children_cpu(), time.perf_counter())
@@ -389,6 +397,36 @@ def wrk(url: str, duration: int, threads: int, conns: int, script: list[str] | N
     return parse_wrk(done.stdout)
 
 
+def wrk_many(urls: list[str], duration: int, threads: int, conns: int,
+             script: list[str] | None = None) -> WrkResult:
+    """wrk on each URL at once, the threads and connections split between them; rates added."""
+    if len(urls) == 1:
+        return wrk(urls[0], duration, threads, conns, script)
+    n = len(urls)
+    found: list = [None] * n
+
+    def one(i: int) -> None:
+        # each wrk its own key prefix: their Lua counters start alike
+        mine = script and [*script[:-1], f"{script[-1]}-{i}"]
+        try:
+            found[i] = wrk(urls[i], duration, max(1, threads // n), max(1, conns // n), mine)
+        except BenchError as e:
+            found[i] = e
+
+    runs = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    for r in found:
+        if isinstance(r, BenchError):
+            raise r
+    total = merge(found)
+    total.rps = sum(r.rps for r in found)
+    total.slices = [total.rps]
+    return total
+
+
 # --- the figures -------------------------------------------------------------------------
 
 
@@ -423,64 +461,73 @@ class Bench:
         if res.socket_error_total:
             self.notes.append(f"{name}: socket errors {res.socket_errors}")
 
-    def fetch(self) -> None:
+    def fetch(self, ports: list[int] | None = None, label: str = "", targets=(1.0, 0.8)) -> None:
+        """`ports`: the index servers to measure together (default: the LMDB index)."""
         c = self.cluster
         vol = c.volume_ports[0]
-        ip = c.index_port
+        ports = ports or [c.index_port]
+        ip = ports[0]
         # Check by hand what wrk will hit, so a rate is never a rate of wrong answers.
         expect_status(ip, "GET", "/bench-missing", 404)
         expect_status(vol, "GET", "/bench/missing", 404)
-        expect_status(ip, "PUT", "/bench-present", 201, SMALL_BODY)
-        loc = expect_status(ip, "GET", "/bench-present", 302).get("Location", "")
-        if not loc:
-            raise BenchError("GET of a stored key: 302 without Location")
-        expect_status(vol, "PUT", "/bench/present", 201, SMALL_BODY)
+        if label and http_request(ip, "GET", "/bench-present")[0] == 302:
+            pass  # stored by the previous set, on the same index
+        else:
+            expect_status(ip, "PUT", "/bench-present", 201, SMALL_BODY)
+        for port in ports:
+            expect_status(port, "GET", "/bench-missing", 404)
+            if not expect_status(port, "GET", "/bench-present", 302).get("Location", ""):
+                raise BenchError("GET of a stored key: 302 without Location")
+        if not label:  # the next sets of figures find it there
+            expect_status(vol, "PUT", "/bench/present", 201, SMALL_BODY)
         expect_status(vol, "GET", "/bench/present", 200)
 
         # A short first run so the index's workers are warm before anything counts.
-        wrk(f"http://{HOST}:{ip}/bench-missing", 1, 2, 100)
+        wrk_many([f"http://{HOST}:{p}/bench-missing" for p in ports], 1, 2, 100)
 
         d = self.slice_secs
         res = interleaved({
             "nginx 404": lambda: wrk(f"http://{HOST}:{vol}/bench/missing", d, 2, 100),
             "nginx 200": lambda: wrk(f"http://{HOST}:{vol}/bench/present", d, 2, 100),
-            "fetch missing": lambda: wrk(f"http://{HOST}:{ip}/bench-missing", d, 2, 100),
-            "fetch present": lambda: wrk(f"http://{HOST}:{ip}/bench-present", d, 2, 100),
+            "fetch missing": lambda: wrk_many([f"http://{HOST}:{p}/bench-missing" for p in ports], d, 2, 100),
+            "fetch present": lambda: wrk_many([f"http://{HOST}:{p}/bench-present" for p in ports], d, 2, 100),
         })
         ref404, ref200, missing, present = (res[k] for k in ("nginx 404", "nginx 200", "fetch missing",
                                                              "fetch present"))
         for name, r in res.items():
             self.check_fetch(name, r, all_errors="404" in name or "missing" in name)
-            self.notes.append(f"{name}: " + " / ".join(f"{x:,.0f}" for x in r.slices) + " req/s per run")
+            self.notes.append(f"{label}{name}: " + " / ".join(f"{x:,.0f}" for x in r.slices) + " req/s per run")
 
-        self.add_rate("fetch missing (404)", missing, ref404, "nginx 404", 1.0)
-        self.add_rate("fetch present (302)", present, ref404, "nginx 404", 0.8)
-        self.rows.append(Row("nginx present file (200), for information", "",
-                             f"{ref200.rps:,.0f} req/s", "", "", ""))
+        self.add_rate(f"{label}fetch missing (404)", missing, ref404, "nginx 404", targets[0])
+        self.add_rate(f"{label}fetch present (302)", present, ref404, "nginx 404", targets[1])
+        if not label:
+            self.rows.append(Row("nginx present file (200), for information", "",
+                                 f"{ref200.rps:,.0f} req/s", "", "", ""))
 
     def add_rate(self, figure: str, res: WrkResult, ref: WrkResult, what: str, target: float) -> None:
         ratio = res.rps / ref.rps
         self.rows.append(Row(figure, f"{res.rps:,.0f} req/s", f"{ref.rps:,.0f} req/s ({what})",
-                             f"{ratio:.2f}×", f"≥ {target:.1f}×", "yes" if ratio >= target else "**no**"))
+                             f"{ratio:.2f}×", f"≥ {target:g}×", "yes" if ratio >= target else "**no**"))
 
-    def thrash(self) -> None:
+    def thrash(self, ports: list[int] | None = None, label: str = "", target: float = 0.35) -> None:
         c = self.cluster
         d = self.slice_secs
+        ports = ports or [c.index_port]
 
         cpu = {"nginx": CpuUse(), "index": CpuUse(), "replicas": CpuUse()}
 
-        def run(port: int, mode: str) -> WrkResult:
+        def run(port: int | list[int], mode: str) -> WrkResult:
             # A fresh token per wrk run: the Lua counters restart at 0, the keys must not.
             token = secrets.token_hex(4)
+            urls = [f"http://{HOST}:{p}" for p in (port if isinstance(port, list) else [port])]
             # -t16 -c16: one connection per wrk thread, so each Lua state runs one sequential loop.
-            res, use = measure_cpu(c, lambda: wrk(f"http://{HOST}:{port}", d, 16, 16,
-                                                  [str(THRASH_LUA), mode, f"/thrash/{token}"]))
+            res, use = measure_cpu(c, lambda: wrk_many(urls, d, 16, 16, [str(THRASH_LUA), mode, f"/thrash/{token}"]))
             cpu[mode].add(use)
             return res
 
         both = interleaved({
             "thrash nginx": lambda: run(c.volume_ports[0], "nginx"),
-            "thrash index": lambda: run(c.index_port, "index"),
+            "thrash index": lambda: run(ports, "index"),
             # not a figure: what the index's loop costs nginx, for the bound below
             "thrash replicas": lambda: run(c.volume_ports[0], "replicas"),
         })
@@ -491,7 +538,7 @@ class Bench:
         ref, idx = both["thrash nginx"], both["thrash index"]
         errs = {}
         for name, res in both.items():
-            self.notes.append(f"{name}: " + " / ".join(f"{x:,.0f}" for x in res.slices) + " req/s per run")
+            self.notes.append(f"{label}{name}: " + " / ".join(f"{x:,.0f}" for x in res.slices) + " req/s per run")
             if "thrash_errors" not in res.extra:
                 raise BenchError(f"{name}: the Lua script printed no counters:\n{res.output}")
             errs[name] = int(res.extra["thrash_errors"]) + res.socket_error_total
@@ -500,15 +547,16 @@ class Bench:
                     f"{name}: {res.extra['thrash_errors']} unexpected statuses "
                     f"({res.extra.get('thrash_bad', '').strip()[:120]}), socket errors {res.socket_errors}")
         ratio = idx.rps / ref.rps
-        ok = ratio >= 0.35 and errs["thrash index"] == 0
-        self.thrash_bound(cpu, *(int(r.extra.get("thrash_loops", 0)) for r in (ref, idx, rep)))
+        ok = ratio >= target and errs["thrash index"] == 0
+        self.thrash_bound(cpu, *(int(r.extra.get("thrash_loops", 0)) for r in (ref, idx, rep)), label=label)
         self.rows.append(Row(
-            "thrash: PUT+GET+DELETE, 16 conns",
+            f"{label}thrash: PUT+GET+DELETE, 16 conns",
             f"{idx.rps:,.0f} req/s, {errs['thrash index']} errors",
             f"{ref.rps:,.0f} req/s, {errs['thrash nginx']} errors",
-            f"{ratio:.2f}×", "≥ 0.35×, 0 errors", "yes" if ok else "**no**"))
+            f"{ratio:.2f}×", f"≥ {target:g}×, 0 errors", "yes" if ok else "**no**"))
 
-    def thrash_bound(self, cpu: dict[str, CpuUse], ref_loops: int, idx_loops: int, rep_loops: int) -> None:
+    def thrash_bound(self, cpu: dict[str, CpuUse], ref_loops: int, idx_loops: int, rep_loops: int,
+                     label: str = "") -> None:
         """How far the thrash ratio could go at all, from the CPU each part spends per loop.
 
         Both loops keep the cores busy, so loops/s go as 1 / (CPU-seconds per loop). With an
@@ -525,13 +573,13 @@ class Bench:
         wrk3 = ref.client / ref_loops
         own = idx.index / idx_loops
         self.bounds += [
-            f"thrash, CPU per loop in µs: straight to nginx (PUT, GET, DELETE), nginx {ref.nginx / ref_loops * us:.0f}"
+            f"{label}thrash, CPU per loop in µs: straight to nginx (PUT, GET, DELETE), nginx {ref.nginx / ref_loops * us:.0f}"
             f" + wrk {wrk3 * us:.0f} = {direct * us:.0f}; through the index, nginx "
             f"{idx.nginx / idx_loops * us:.0f} + wrk {idx.client / idx_loops * us:.0f} + the index {own * us:.0f} "
             f"(the cores were {(ref.nginx + ref.client) / (ref.wall * cores):.0%} and "
             f"{(idx.nginx + idx.client + idx.index) / (idx.wall * cores):.0%} busy with these processes); "
             f"the index's six requests straight to nginx (3 PUTs, 3 DELETEs) cost nginx {six * us:.0f}.",
-            f"thrash ceiling: with an index that cost nothing, a loop would still cost nginx's {six * us:.0f} + "
+            f"{label}thrash ceiling: with an index that cost nothing, a loop would still cost nginx's {six * us:.0f} + "
             f"wrk's {wrk3 * us:.0f} µs: at most {direct / (six + wrk3):.2f}× the direct loop "
             f"({direct / ((idx.nginx + idx.client) / idx_loops):.2f}× at the costs seen under the index's own "
             f"run, where everything is slower for sharing the cores with more processes). 0.35× needs the "
@@ -718,6 +766,99 @@ class Bench:
             f"S3 multipart upload {self.big_mb} MB (boto3 upload_file), time", f"{statistics.median(mp_puts):.2f} s",
             f"{statistics.median(ref_put):.2f} s (plain-API curl -T through the index)",
             f"{ratio:.2f}×", "≤ 1.5×", "yes" if ratio <= 1.5 else "**no**"))
+
+
+# --- the index on PostgreSQL ------------------------------------------------------------
+
+PG_TARGETS = {"missing": 0.3, "present": 0.25, "thrash": 0.12, "rebuild": 10_000}  # issue 12's
+REBUILD_KEYS = 100_000
+
+
+def start_postgres(cluster: Cluster, servers: int = 2):
+    """A PostgreSQL of the run's own (its unix socket only) and `servers` index servers on it,
+    on the benchmark's volumes. Returns (the instance, the servers' ports)."""
+    sys.path.insert(0, str(ROOT))
+    from minikv.pg_local import LocalPostgres
+
+    pg = LocalPostgres(cluster.tmp / "postgres", max_connections=200)
+    if why := pg.problem():
+        raise BenchError(f"--postgres: {why}")
+    pg.init()
+    pg.start()
+    cluster.extra_roots.append(pg.proc.pid)
+    exe = minikv_bin()
+    volumes = ",".join(f"{HOST}:{p}" for p in cluster.volume_ports)
+    ports = free_ports(servers)
+    for i, port in enumerate(ports):
+        proc = cluster.start(f"pg-index{i}", [
+            exe, "server", "-host", HOST, "-port", str(port), "-volumes", volumes, "-db", pg.url(),
+            "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)], port)
+        wait_http(proc, timeout=60)
+    return pg, ports
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    secs = time.perf_counter() - start
+    if done.returncode != 0:
+        raise BenchError(f"{shlex.join(argv)}: exit {done.returncode}: {done.stderr[-2000:]}")
+    # the summary line ("rebuild: 100000 keys found, ..."), not the notes after it
+    return secs, next((line for line in done.stderr.splitlines() if re.match(r"^\w+: \d+ ", line)), "")
+
+
+def create_database(pg, name: str) -> str:
+    import asyncio
+
+    import asyncpg
+
+    async def make() -> None:
+        conn = await asyncpg.connect(pg.url())
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    return pg.url().replace("/postgres?", f"/{name}?")
+
+
+def rebuild_rows(bench: Bench, pg, n: int = REBUILD_KEYS) -> None:
+    """`minikv rebuild` of n keys' files (written straight into the volume folders, 3 replicas,
+    as bench/scale.py does) into PostgreSQL, and into LMDB for reference, one after the other."""
+    from scale import write_files
+
+    c = bench.cluster
+    names = [f"{HOST}:{p}" for p in c.volume_ports]
+    write_files([str(c.tmp / f"volume{i}") for i in range(len(names))], names, n, b"v" * 100, 2)
+    common = ["-volumes", ",".join(names), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
+    exe = minikv_bin()
+    lmdb_secs, lmdb_line = timed([exe, "rebuild", *common, "-db", str(c.tmp / "rebuilt")])
+    pg_secs, pg_line = timed([exe, "rebuild", *common, "-db", create_database(pg, "rebuilt")])
+    keys = int(m.group(1)) if (m := re.search(r"(\d+) keys", pg_line)) else n
+    bench.notes.append(f"rebuild into PostgreSQL: {pg_line}; into LMDB: {lmdb_line}")
+    rate = keys / pg_secs
+    bench.rows.append(Row(f"PostgreSQL: rebuild of {keys:,} keys (3 replicas on {len(names)} volumes)",
+                          f"{rate:,.0f} keys/s ({pg_secs:.1f} s)",
+                          f"LMDB: {keys / lmdb_secs:,.0f} keys/s ({lmdb_secs:.1f} s)", "",
+                          f"≥ {PG_TARGETS['rebuild']:,} keys/s", "yes" if rate >= PG_TARGETS["rebuild"] else "**no**"))
+
+
+def postgres_figures(bench: Bench) -> None:
+    c = bench.cluster
+    pg, ports = start_postgres(c)
+    try:
+        for label, measured in (("PostgreSQL, 1 server: ", ports[:1]), ("PostgreSQL, 2 servers: ", ports)):
+            c.index_names = tuple(f"pg-index{ports.index(p)}" for p in measured)
+            bench.fetch(measured, label, (PG_TARGETS["missing"], PG_TARGETS["present"]))
+            bench.thrash(measured, label, PG_TARGETS["thrash"])
+        rebuild_rows(bench, pg)
+    finally:
+        for p in [p for p in c.procs if p.name.startswith("pg-index")]:
+            _signal_group(p, signal.SIGTERM)
+            p.popen.wait(timeout=20)
+        pg.stop()
+        c.index_names = ("index",)
 
 
 def curl_get(url: str, extra: list[str]) -> float:
@@ -908,6 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="rewrite this markdown file with the results")
     ap.add_argument("--metrics", action="store_true",
                     help="run the index with -metrics-port and scrape /metrics every second (A/B its cost)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="also the index on PostgreSQL (one server, then two): fetches, thrash, rebuild")
+    ap.add_argument("--no-big", action="store_true", help="skip the big PUT and S3 figures")
     ap.add_argument("--dir", type=Path, default=default_dir(),
                     help="where the volumes and index live (default: /dev/shm when it has room, so "
                          "the figures measure the software and not this machine's disk writeback)")
@@ -933,8 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
         n_index = len(descendants(cluster.index.popen.pid))
         bench.fetch()
         bench.thrash()
-        bench.big_put()
-        bench.big_s3()
+        if opts.postgres:
+            postgres_figures(bench)
+        if not opts.no_big:
+            bench.big_put()
+            bench.big_s3()
         failed = False
     except BenchError as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)

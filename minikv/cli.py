@@ -110,6 +110,8 @@ FLAGS: dict[str, Flag] = {
                                      "-body-timeout (408 below; 0: no limit)"),
     "idle-timeout": Flag("duration", 75.0, "keep-alive connections idle this long are closed"),
     "data": Flag(str, "data", "up: folder that holds the volumes and the index"),
+    "postgres": Flag(bool, False, "up: the index on a PostgreSQL of its own (DATA/postgres), served by two index "
+                                  "servers (-port and -port + 4)"),
     # 64: an admin command mostly waits on the volumes (here rebalance took 55 s at 64, 92-128 s at 16)
     "concurrency": Flag(int, 64, "admin commands: transfers (moves, listings, checks) at once"),
     "dry-run": Flag(bool, False, "admin commands: report what would change, change nothing"),

@@ -1,9 +1,11 @@
 """`minikv up`: a whole local cluster in one command, the first thing a newcomer runs.
 
 Three volume servers (ports 3001-3003) and the index (port 3000), all data under one folder
-(`-data`, default ./data: data/vol1..3 and data/index). The volumes take writes only from the
-index: a secret made at the first start is kept in data/secret and handed to every part through
-the environment. Every flag `up` takes reaches each part it applies to (UP_FLAGS says which),
+(`-data`, default ./data: data/vol1..3 and data/index); with -postgres the index is a PostgreSQL
+of up's own (pg_local.py, in data/postgres, kept from one start to the next) served by two index
+servers, on ports 3000 and 3004, as several hosts would share one database. The volumes take
+writes only from the index: a secret made at the first start is kept in data/secret and handed
+to every part through the environment. Every flag `up` takes reaches each part it applies to (UP_FLAGS says which),
 secrets through the environment, never the command line; the others are refused. Each part
 runs as its own child process in its own process group; Ctrl-C or SIGTERM stops them all, and
 if one of them dies the rest are stopped too, so nothing is left running.
@@ -20,6 +22,7 @@ import sys
 import time
 
 VOLUMES = 3
+SERVERS_PG = 2  # index servers of `up -postgres`: on -port, then after the volumes' ports
 SERVER, VOLUME = "server", "volume"
 
 # Where every flag `up` accepts goes: the parts it is handed to, () for the ones `up` uses itself,
@@ -28,6 +31,7 @@ SERVER, VOLUME = "server", "volume"
 UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "port": (),  # the index's; the volumes take the next ones
     "data": (),
+    "postgres": (),  # up runs PostgreSQL and a second index server itself
     "host": (SERVER, VOLUME),
     "signed": (SERVER, VOLUME),
     "secret": (SERVER, VOLUME),
@@ -137,9 +141,25 @@ def cluster_secret(data: str, given: str) -> str:
         return secret
 
 
+def local_postgres(args, data: str):
+    """The PostgreSQL `up -postgres` runs (None without -postgres), sized for its two servers."""
+    if not args.postgres:
+        return None
+    from minikv.index.pg import POOL_SIZE
+    from minikv.pg_local import LocalPostgres
+
+    workers = args.workers or os.cpu_count() or 1
+    # each worker's pool, plus the supervisors' and admin commands' connections
+    return LocalPostgres(os.path.join(data, "postgres"), max(100, SERVERS_PG * workers * (POOL_SIZE + 1) + 20))
+
+
 def run_cluster(args) -> int:
     if refused := refused_flags(args):
         print("minikv up: " + "; ".join(refused), file=sys.stderr)
+        return 2
+    if args.postgres and args.fsync:
+        print("minikv up: -fsync is LMDB's; PostgreSQL's commits are durable by its own settings: drop -fsync",
+              file=sys.stderr)
         return 2
     for name in sorted(args.given & {"secret", "s3-secret-key"}):
         print(f"minikv up: -{name} on the command line is visible to every user of this machine (ps); "
@@ -150,20 +170,27 @@ def run_cluster(args) -> int:
     if os.geteuid() == 0:
         os.chmod(data, 0o755)  # nginx workers (www-data) must be able to enter it
     secret = cluster_secret(data, args.secret)
+    pg = local_postgres(args, data)
+    if pg is not None and (why := pg.problem()):
+        print(f"minikv up: -postgres: {why}", file=sys.stderr)
+        return 1
     base = args.port if "port" in args.given else 3000
     vports = [base + 1 + i for i in range(VOLUMES)]
+    sports = [base] + ([base + VOLUMES + 1 + i for i in range(SERVERS_PG - 1)] if pg else [])
     metrics = args.flags["metrics-port"] if "metrics-port" in args.given else base + 100
+    mports = [metrics + (port - base) if metrics else 0 for port in sports]  # each its port + 100 by default
     host = args.host or "localhost"
     host = f"[{host}]" if ":" in host else host
     volumes = ",".join(f"{host}:{p}" for p in vports)
     me = [sys.executable, "-m", "minikv"]
-    busy = busy_ports([base, *vports, metrics])
+    busy = busy_ports([*sports, *vports, *mports])
     if busy:
         print(f"minikv up: port {', '.join(map(str, busy))} already in use (another minikv up, or another "
-              f"program): stop it, or give -port N to use ports N to N+{VOLUMES} and N+100", file=sys.stderr)
+              f"program): stop it, or give -port N to use ports N to N+{max(sports + vports) - base} and "
+              f"N+100{' and up' if pg else ''}", file=sys.stderr)
         return 1
     procs: list[subprocess.Popen] = []
-    names = [f"volume on port {p}" for p in vports] + [f"index on port {base}"]
+    names = [f"volume on port {p}" for p in vports] + [f"index on port {p}" for p in sports]
     stopping = False
 
     def on_signal(signum, frame):
@@ -173,6 +200,16 @@ def run_cluster(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        db = os.path.join(data, "index")
+        if pg is not None:
+            try:
+                if pg.init():
+                    print(f"minikv up: made a PostgreSQL database in {pg.root}", file=sys.stderr)
+                pg.start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                print(f"minikv up: -postgres: {e} (its log: {pg.root / 'log'})", file=sys.stderr)
+                return 1
+            db = pg.url()
         for i, port in enumerate(vports, 1):
             procs.append(subprocess.Popen([*me, "volume", "-port", str(port), *part_flags(args, VOLUME),
                                            os.path.join(data, f"vol{i}")],
@@ -181,19 +218,24 @@ def run_cluster(args) -> int:
             if not _wait_port(args.host, port, p):
                 print(f"minikv up: volume on port {port} did not start (see above)", file=sys.stderr)
                 return 1
-        server = [*me, "server", "-port", str(base), "-volumes", volumes, "-db", os.path.join(data, "index"),
-                  "-metrics-port", str(metrics), *part_flags(args, SERVER)]
-        procs.append(subprocess.Popen(server, start_new_session=True, env=part_env(args, SERVER, secret)))
-        if not _wait_port(args.host, base, procs[-1]):
-            print(f"minikv up: index on port {base} did not start (see above)", file=sys.stderr)
-            return 1
-        print(f"\nminikv is up: index http://{host}:{base}, volumes {volumes}, data in {data}\n"
+        for port, mport in zip(sports, mports):
+            server = [*me, "server", "-port", str(port), "-volumes", volumes, "-db", db,
+                      *(["-metrics-port", str(mport)] if mport else []), *part_flags(args, SERVER)]
+            procs.append(subprocess.Popen(server, start_new_session=True, env=part_env(args, SERVER, secret)))
+            if not _wait_port(args.host, port, procs[-1], timeout=30 if pg else 15):
+                print(f"minikv up: index on port {port} did not start (see above)", file=sys.stderr)
+                return 1
+        indexes = " and ".join(f"http://{host}:{p}" for p in sports)
+        where = f"the index in PostgreSQL ({pg.root}, {db})" if pg else f"data in {data}"
+        print(f"\nminikv is up: index {indexes}, volumes {volumes}, {where}\n"
               f"  curl -L -X PUT -d bigswag {host}:{base}/wehave\n"
-              f"  curl -L {host}:{base}/wehave\n"
-              f"status page http://{host}:{metrics}/ (metrics at /metrics; `minikv status -server {host}:{base}`)\n"
-              f"Ctrl-C stops everything.", file=sys.stderr, flush=True)
+              f"  curl -L {host}:{sports[-1]}/wehave\n"
+              + "".join(f"status page http://{host}:{m}/ (metrics at /metrics; `minikv status -server {host}:{p}`)\n"
+                        for p, m in zip(sports, mports) if m) +
+              "Ctrl-C stops everything.", file=sys.stderr, flush=True)
+        watched = list(zip(names, procs)) + ([("PostgreSQL", pg.proc)] if pg else [])
         while not stopping:
-            gone = [f"{name} (exit code {p.returncode})" for name, p in zip(names, procs) if p.poll() is not None]
+            gone = [f"{name} (exit code {p.returncode})" for name, p in watched if p.poll() is not None]
             if gone:
                 print(f"minikv up: {', '.join(gone)} exited; stopping the rest", file=sys.stderr)
                 return 1
@@ -201,3 +243,5 @@ def run_cluster(args) -> int:
         return 0
     finally:
         _stop(procs)
+        if pg is not None:
+            pg.stop()  # after the servers: their sessions end first

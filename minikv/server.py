@@ -283,8 +283,6 @@ def run_server(args) -> int:
         if config.fsync:
             raise SystemExit("minikv server: -fsync is LMDB's; on a PostgreSQL index commits are as durable "
                              "as the database's synchronous_commit makes them: drop -fsync")
-        if args.flags.get("metrics-port"):
-            raise SystemExit("minikv server: -metrics-port is not yet available on a PostgreSQL index")
         from minikv.index.pg import server_id
 
         config.extra["lease_token"] = start_sync(config.db, server_id(config.port), config.pool)

@@ -5,7 +5,6 @@ Password authentication is on (scram-sha-256), so a wrong password is a real ref
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -16,16 +15,10 @@ from pathlib import Path
 
 from cluster import HOST, free_port
 
+from minikv.pg_local import bin_dir, unprivileged_user
+
 USER = "minikv"
 PASSWORD = "test-password"  # a throwaway instance's, on loopback only
-
-
-def bin_dir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if found:
-        return Path(found[-1]).parent
-    pg_ctl = shutil.which("pg_ctl")
-    return Path(pg_ctl).parent if pg_ctl else None
 
 
 class Postgres:
@@ -37,8 +30,7 @@ class Postgres:
         self.data = self.root / "data"
         self.port = free_port()
         self.as_user: list[str] = []
-        if os.geteuid() == 0:
-            user = "postgres" if _exists("postgres") else "nobody"
+        if (user := unprivileged_user()) is not None:
             self.as_user = ["runuser", "-u", user, "--"]
             uid = pwd.getpwnam(user)
             os.chown(self.root, uid.pw_uid, uid.pw_gid)
@@ -89,11 +81,3 @@ class Postgres:
                 break
             time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _exists(user: str) -> bool:
-    try:
-        pwd.getpwnam(user)
-        return True
-    except KeyError:
-        return False

@@ -20,6 +20,7 @@ from minikv.api.app import LIST_CHUNK, App, _keys_json, _page, _page_next, split
 from minikv.http.client import VolumeError
 from minikv.http.response import HTTPError
 from minikv.index.pg import MAX_KEY, PgStore
+from minikv.index.pg_batch import Lookups
 from minikv.index.record import OP_PUT
 from minikv.index.recovery import retry_when_writable
 from minikv.index.store import StoreError
@@ -72,6 +73,7 @@ class PgApp(App):
     def __init__(self, config, store: PgStore, pool, health):
         super().__init__(config, store, pool, health)
         self.engine = store
+        self.lookups = Lookups(store)  # one query for the lookups of one pass of the loop (index/pg_batch.py)
         self.group = None  # commits are the database's (its synchronous_commit), not batched here
 
     def handle(self, req):
@@ -90,7 +92,7 @@ class PgApp(App):
             if req.method == b"PUT":
                 keys += keys_above(key)
         try:
-            found = await self.engine.get_many(keys) if keys else {}
+            found = await self.lookups.get_many(keys) if keys else {}
         except StoreError as e:
             raise HTTPError(503, str(e)) from None
         view = copy.copy(self)

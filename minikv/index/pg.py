@@ -123,6 +123,10 @@ async def create_schema(conn) -> None:
                                f"knows version {SCHEMA_VERSION}: run the later minikv")
 
 
+async def _keep_session(conn) -> None:
+    """A pooled connection goes back as it is (see PgStore._get_pool)."""
+
+
 def prefix_end(prefix: bytes) -> bytes | None:
     """The first key after every key that starts with `prefix` (None: there is none)."""
     p = prefix.rstrip(b"\xff")
@@ -144,10 +148,13 @@ class PgStore:
         if self._pool is None:
             import asyncpg
 
-            # min_size 0: a worker starts (and answers 503) while the database is down
+            # min_size 0: a worker starts (and answers 503) while the database is down. reset:
+            # asyncpg's default sends a reset query (advisory locks, cursors, LISTEN, settings) at
+            # every release, a second round trip per statement; we leave no session state behind
+            # (an open transaction is still rolled back by asyncpg itself)
             self._pool = await asyncpg.create_pool(
                 self.db, min_size=0, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=QUERY_TIMEOUT)
+                command_timeout=QUERY_TIMEOUT, reset=_keep_session)
         return self._pool
 
     async def _run(self, method: str, query: str, *args, read: bool = False):

@@ -163,7 +163,10 @@ async def _publish(counters, errors, folder: str) -> None:
 
 
 async def _listen(app, folder: str, sock) -> None:
+    from minikv.index.pg import PgStore
     from minikv.ops.listener import Listener
     from minikv.ops.report import Reporter
 
+    if isinstance(app.store, PgStore):
+        from minikv.ops.pg_facts import PgReporter as Reporter
     await Listener(Reporter(app, folder)).serve(sock)

@@ -76,6 +76,8 @@ class Listener:
                 writer.write(answer(400, b"malformed HTTP request line\n"))
                 return
             try:
+                if (refresh := getattr(self.reporter, "refresh", None)) is not None:
+                    await refresh()  # an index that answers over the network (ops/pg_facts.py)
                 data = self.route(parts[0].decode("ascii"), parts[1].decode("ascii"))
             except UnicodeDecodeError:
                 data = answer(400, b"request line is not ASCII\n")

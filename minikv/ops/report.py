@@ -30,6 +30,9 @@ class Reporter:
         self.folder = folder
         self.write_check = facts.WriteCheck(app.store)
 
+    def index_facts(self) -> dict:
+        return facts.index_facts(self.app.store)
+
     def readiness(self) -> list[str]:
         """Why this server should get no traffic now ([]: ready)."""
         why = []
@@ -65,7 +68,7 @@ class Reporter:
                 "requests": total["volume_requests"].get(host, 0),
                 "errors": total["volume_errors"].get(host, 0),
             })
-        index = facts.index_facts(self.app.store)
+        index = self.index_facts()
         index["write_error"] = self.write_check()
         pids = [p for p in (server.get("pid"),) if p and p != os.getpid() and p not in total["workers"]]
         not_ready = self.readiness()
