@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+from minikv.index.engine import settle
 from minikv.index.record import decode_data, now_ms
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
@@ -55,11 +56,11 @@ def part_key(upload_id: str, number: int) -> bytes:
     return PART_PREFIX + upload_id.encode() + b"/%05d" % number
 
 
-def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
+async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
     """The upload id of the request, checked to be in progress and to be for this key."""
     if upload_id is None or not _UPLOAD_ID.fullmatch(upload_id):
         raise S3Error("NoSuchUpload", "The specified upload does not exist.", UploadId=upload_id or "")
-    found = s3.meta.upload(upload_id)
+    found = await settle(s3.meta.upload(upload_id))
     if found is None or found[0] != ctx.key:
         raise S3Error("NoSuchUpload", "The specified upload does not exist. The upload ID may be invalid, "
                       "or the upload may have been aborted or completed.", UploadId=upload_id)
@@ -78,7 +79,7 @@ def create(s3, ctx: Ctx) -> bytes:
 
 
 async def upload_part(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     # required: without it the part would be stored as number 0, which no Complete can name
     number = decimal_in(ctx.param("partNumber"), 1, MAX_PART_NUMBER, "InvalidArgument",
                         f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive")
@@ -91,7 +92,7 @@ async def upload_part(s3, ctx: Ctx) -> bytes:
 
 
 async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
-    src, raw = copy_source(s3, ctx)
+    src, raw = await copy_source(s3, ctx)
     size = decode_data(raw).size
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
@@ -111,13 +112,13 @@ async def _upload_part_copy(s3, ctx: Ctx, key: bytes) -> bytes:
                                       ("ETag", quoted(md5_etag(live)))])
 
 
-def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:
+async def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:
     """The answer of a Complete that already succeeded for this upload, if the object it made
     is still the key's value (an SDK retries a Complete whose answer it lost)."""
-    raw = readable(s3.store.get(ctx.key)) if upload_id and len(ctx.key) <= 511 else None
+    raw = readable(await settle(s3.store.get(ctx.key))) if upload_id and len(ctx.key) <= 511 else None
     if raw is None:
         return None
-    attrs = s3.meta.attrs(ctx.key, raw)
+    attrs = await settle(s3.meta.attrs(ctx.key, raw))
     if attrs.get("u") != upload_id:
         return None
     return _complete_result(ctx, attrs["e"])
@@ -131,9 +132,9 @@ def _complete_result(ctx: Ctx, etag: str) -> bytes:
 
 async def complete(s3, ctx: Ctx) -> bytes:
     try:
-        upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+        upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     except S3Error:
-        if (again := _completed(s3, ctx, ctx.param("uploadId"))) is not None:
+        if (again := await _completed(s3, ctx, ctx.param("uploadId"))) is not None:
             return again
         raise
     doc = parse(await _payload(ctx).read_all(COMPLETE_BODY_LIMIT), COMPLETE_BODY_LIMIT)
@@ -153,7 +154,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
     parts = []  # (key, record)
     for i, (number, etag) in enumerate(wanted):
         key = part_key(upload_id, number)
-        raw = s3.store.get(key)
+        raw = await settle(s3.store.get(key))
         if raw is None or raw[0] != ord("L") or md5_etag(raw) != etag:
             raise S3Error("InvalidPart", "One or more of the specified parts could not be found. The part may "
                           "not have been uploaded, or the specified entity tag may not match the part's entity tag.",
@@ -170,7 +171,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
             async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
                 yield chunk
 
-    attrs = {"h": s3.meta.upload_attrs(upload_id).get("h", []), "e": etag,
+    attrs = {"h": (await settle(s3.meta.upload_attrs(upload_id))).get("h", []), "e": etag,
              "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
     await s3.values.put(ctx.key, concatenated(), total, attributes.encode(attrs))
     try:
@@ -181,17 +182,17 @@ async def complete(s3, ctx: Ctx) -> bytes:
 
 
 async def abort(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     await abort_upload(s3, upload_id)
     return ctx.respond(204)
 
 
-def list_parts(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+async def list_parts(s3, ctx: Ctx) -> bytes:
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     limit = ctx.int_param("max-parts", 1000, 0, 1000)
     marker = ctx.int_param("part-number-marker", 0, 0, MAX_PART_NUMBER)
     prefix = PART_PREFIX + upload_id.encode() + b"/"
-    pairs, nxt = s3.store.scan(prefix, part_key(upload_id, marker + 1), limit, lambda v: v[0] == ord("L"))
+    pairs, nxt = await settle(s3.store.scan(prefix, part_key(upload_id, marker + 1), limit, lambda v: v[0] == ord("L")))
     items = [*_names(ctx), ("UploadId", upload_id), ("PartNumberMarker", marker),
              ("MaxParts", limit), ("IsTruncated", bool(nxt))]
     if nxt and pairs:
@@ -236,7 +237,7 @@ def list_uploads(s3, ctx: Ctx) -> bytes:
 async def abort_upload(s3, upload_id: str) -> int:
     """Delete every part of an upload, then the upload itself; how many parts were deleted.
     If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised."""
-    pairs, _ = s3.store.scan(PART_PREFIX + upload_id.encode() + b"/")
+    pairs, _ = await settle(s3.store.scan(PART_PREFIX + upload_id.encode() + b"/"))
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
     async def one(key: bytes) -> bool:
@@ -248,7 +249,7 @@ async def abort_upload(s3, upload_id: str) -> int:
     if failed:
         raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
                       f"({failed[0]}); abort the upload again later")
-    s3.meta.drop_upload(upload_id)
+    await settle(s3.meta.drop_upload(upload_id))
     return sum(1 for r in results if r)
 
 
