@@ -51,7 +51,9 @@ def has_keys(store, name: bytes) -> bool:
     """Does any key lie below `/name/`? One read of the table of top-level folders."""
     top = b"/" + name + b"/"
     tops = store.top_folders(top, 1)
-    if tops is None:  # a database made before that table, opened read-only: one seek instead
+    if isinstance(tops, tuple):  # PostgreSQL's: (folders, where its walk stopped)
+        tops = tops[0]
+    elif tops is None:  # a database made before that table, opened read-only: one seek instead
         pairs, _ = store.scan(top, top, 1)
         return bool(pairs)
     return tops == [top]

@@ -51,7 +51,7 @@ def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int, budge
         if budget <= 0:
             # with nothing to show, resume right after the last record read (a V1 marker then)
             return entries, pos if entries else last + b"\x00"
-        pairs, nxt = store.scan(prefix, pos, BATCH)
+        pairs, nxt = store.scan(prefix, pos, BATCH, None, BATCH)  # one read of BATCH records
         budget -= len(pairs)
         if pairs:
             last = pairs[-1][0]
@@ -176,7 +176,11 @@ def buckets(store, start: bytes = b"/", limit: int = MAX_BUCKETS) -> tuple[list[
     keys that have a second path segment; and the folder to resume at (None: no more). Read from
     the index's table of top-level folders, so flat keys (minikeyvalue style) cost nothing."""
     tops = store.top_folders(start, limit + 1)
-    if tops is None:  # a database opened read-only, made before that table: walk the keys
+    if isinstance(tops, tuple):  # PostgreSQL's: a bounded walk of the keys, and where it stopped
+        tops, stop = tops
+        if len(tops) <= limit:
+            return tops, stop
+    elif tops is None:  # a database opened read-only, made before that table: walk the keys
         tops = _walk_tops(store, start, limit + 1)
     return tops[:limit], tops[limit] if len(tops) > limit else None
 
@@ -239,7 +243,7 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
 def first_write(store, top: bytes) -> int:
     """A bucket that only its keys make: dated by its first key's last write (ms). A few
     records at most: a page names up to MAX_BUCKETS buckets."""
-    pairs, _ = store.scan(top, top, 8)
+    pairs, _ = store.scan(top, top, 8, None, 8)
     for _, raw in pairs:
         if (rec := readable(raw)) is not None:
             return decode_data(rec).mtime_ms

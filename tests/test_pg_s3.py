@@ -1,0 +1,107 @@
+"""S3 on a PostgreSQL index: two index servers on one database share uploads, object attributes
+and buckets (the S3 tests themselves run on both engines: test_s3.py...), and ListBuckets walks
+the keys a bounded number of steps per page."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+
+from test_pg import pair  # noqa: F401 - the fixture: two index servers on one database
+from test_s3 import bucket, client
+
+from minikv.index.pg import TOP_STEPS, PgStore, connect, create_schema
+
+
+def test_an_upload_started_on_one_server_is_completed_on_the_other(pair):  # noqa: F811
+    c, other = pair
+    a, b = client(c.port), client(other.port)
+    bk = bucket()
+    a.create_bucket(Bucket=bk)
+    upload = a.create_multipart_upload(Bucket=bk, Key="big", ContentType="text/csv",
+                                       Metadata={"m": "1"})["UploadId"]
+    assert [u["UploadId"] for u in b.list_multipart_uploads(Bucket=bk)["Uploads"]] == [upload]
+    first, last = os.urandom(5 << 20), b"the tail"
+    e1 = a.upload_part(Bucket=bk, Key="big", UploadId=upload, PartNumber=1, Body=first)["ETag"]
+    e2 = b.upload_part(Bucket=bk, Key="big", UploadId=upload, PartNumber=2, Body=last)["ETag"]
+    assert [p["ETag"] for p in a.list_parts(Bucket=bk, Key="big", UploadId=upload)["Parts"]] == [e1, e2]
+    parts = {"Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}]}
+    done = b.complete_multipart_upload(Bucket=bk, Key="big", UploadId=upload, MultipartUpload=parts)
+    md5s = hashlib.md5(hashlib.md5(first).digest() + hashlib.md5(last).digest()).hexdigest()
+    assert done["ETag"] == f'"{md5s}-2"'
+    got = a.get_object(Bucket=bk, Key="big")
+    assert got["Body"].read() == first + last and got["ETag"] == done["ETag"]
+    assert got["ContentType"] == "text/csv" and got["Metadata"] == {"m": "1"}  # given to Create on the other
+    assert a.get_object(Bucket=bk, Key="big", PartNumber=2)["Body"].read() == last
+    assert b.list_multipart_uploads(Bucket=bk).get("Uploads", []) == []
+    # a Complete retried on the first server (its answer lost) gets the same answer
+    again = a.complete_multipart_upload(Bucket=bk, Key="big", UploadId=upload, MultipartUpload=parts)
+    assert again["ETag"] == done["ETag"]
+
+
+def test_metadata_and_buckets_written_through_one_are_read_through_the_other(pair):  # noqa: F811
+    c, other = pair
+    a, b = client(c.port), client(other.port)
+    bk = bucket()
+    a.put_object(Bucket=bk, Key="doc", Body=b"text", ContentType="text/plain", Metadata={"k": "v"})
+    head = b.head_object(Bucket=bk, Key="doc")
+    assert head["ContentType"] == "text/plain" and head["Metadata"] == {"k": "v"}
+    b.copy_object(Bucket=bk, Key="doc", CopySource={"Bucket": bk, "Key": "doc"}, MetadataDirective="REPLACE",
+                  Metadata={"k": "w"})
+    assert a.head_object(Bucket=bk, Key="doc")["Metadata"] == {"k": "w"}
+    b.put_object(Bucket=bk, Key="doc", Body=b"plain")  # a new value: the old one's headers do not stay
+    got = a.get_object(Bucket=bk, Key="doc")
+    assert got["Body"].read() == b"plain" and got["Metadata"] == {} and got["ContentType"] == "binary/octet-stream"
+    empty = bucket()
+    a.create_bucket(Bucket=empty)
+    names = [x["Name"] for x in b.list_buckets()["Buckets"]]
+    assert empty in names and bk in names
+    b.head_bucket(Bucket=empty)
+    b.delete_bucket(Bucket=empty)
+    assert empty not in [x["Name"] for x in a.list_buckets()["Buckets"]]
+
+
+def test_top_folders_walk_is_bounded_and_resumes(postgres):
+    """Folders among many keys outside any folder: one call probes at most TOP_STEPS of those,
+    and its answer says where to go on; going on finds every folder once, in order."""
+    db = postgres.create_db("t" + uuid.uuid4().hex[:12])
+    flat = [b"/f%06d" % i for i in range(TOP_STEPS * 2 + 50)]
+    folders = [b"/a/", b"/b.x/", b"/f000100x/", b"/f003000/", b"/zz/"]
+    keys = flat + [f + b"k%d" % i for f in folders for i in range(3)] + [b"//empty-name", b"noslash/x/"]
+
+    async def run():
+        conn = await connect(db)
+        try:
+            await create_schema(conn)
+            await conn.execute("INSERT INTO minikv_keys (k, rec) SELECT k, 'x'::bytea FROM unnest($1::bytea[]) k", keys)
+        finally:
+            await conn.close()
+        store = PgStore(db, "test")
+        try:
+            calls, found, start = 0, [], b"/"
+            while start is not None:
+                tops, start = await store.top_folders(start, 3)
+                found += tops
+                calls += 1
+                assert calls < 10
+            assert (await store.top_folders(b"/b.x/", 1))[0] == [b"/b.x/"]
+            assert (await store.top_folders(b"/b", 1))[0] == [b"/b.x/"]  # "." sorts before "/"
+            return found, calls
+        finally:
+            await store.close()
+
+    found, calls = asyncio.run(run())
+    assert found == folders
+    assert calls >= 3  # the flat keys cut the walk short at least twice
+
+
+def test_s3_answers_on_a_postgresql_index(pair):  # noqa: F811
+    """S3 on a PostgreSQL-indexed server is served (it answered 501 before)."""
+    c, _ = pair
+    s3 = client(c.port)
+    bk = bucket()
+    s3.put_object(Bucket=bk, Key="a/b", Body=b"v")
+    listed = s3.list_objects_v2(Bucket=bk, Delimiter="/")
+    assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["a/"]
