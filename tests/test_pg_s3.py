@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import uuid
 
-from test_pg import pair  # noqa: F401 - the fixture: two index servers on one database
+from cluster import Cluster, open_dir
+from test_pg import copy_index, pair  # noqa: F401 - pair: two index servers on one database
 from test_s3 import bucket, client
 
 from minikv.index.pg import TOP_STEPS, PgStore, connect, create_schema
@@ -105,3 +107,50 @@ def test_s3_answers_on_a_postgresql_index(pair):  # noqa: F811
     s3.put_object(Bucket=bk, Key="a/b", Body=b"v")
     listed = s3.list_objects_v2(Bucket=bk, Delimiter="/")
     assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["a/"]
+
+
+def test_copy_index_moves_s3_uploads_attributes_and_buckets_both_ways(postgres):
+    root = open_dir()
+    c = Cluster(root, db=str(root / "index")).start()
+    try:
+        s3 = client(c.port)
+        bk, empty = bucket(), bucket()
+        s3.create_bucket(Bucket=empty)
+        s3.put_object(Bucket=bk, Key="doc", Body=b"text", ContentType="text/plain", Metadata={"k": "v"})
+        made = s3.create_multipart_upload(Bucket=bk, Key="mp")["UploadId"]
+        etag = s3.upload_part(Bucket=bk, Key="mp", UploadId=made, PartNumber=1, Body=b"one part")["ETag"]
+        parts = {"Parts": [{"PartNumber": 1, "ETag": etag}]}
+        multipart = s3.complete_multipart_upload(Bucket=bk, Key="mp", UploadId=made, MultipartUpload=parts)["ETag"]
+        waiting = s3.create_multipart_upload(Bucket=bk, Key="later", ContentType="text/csv")["UploadId"]
+        c.index.stop()
+
+        def check(where: str) -> None:
+            c.db = where
+            c.index = c._index(2, [])
+            c.index.start()
+            s3 = client(c.port)
+            head = s3.head_object(Bucket=bk, Key="doc")
+            assert head["ContentType"] == "text/plain" and head["Metadata"] == {"k": "v"}
+            assert s3.head_object(Bucket=bk, Key="mp")["ETag"] == multipart
+            assert empty in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+            assert [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bk)["Uploads"]] == [waiting]
+            c.index.stop()
+
+        db = postgres.create_db("t" + uuid.uuid4().hex[:12])
+        r = copy_index(str(root / "index"), db)
+        assert r.returncode == 0 and "S3 entries" in r.stderr, r.stderr
+        check(db)
+        back = str(root / "index-back")
+        r = copy_index(db, back)
+        assert r.returncode == 0 and "S3 entries" in r.stderr, r.stderr
+        check(back)
+        c.index = c._index(2, [])
+        c.index.start()  # the upload copied back completes, with the headers given to Create
+        s3 = client(c.port)
+        etag = s3.upload_part(Bucket=bk, Key="later", UploadId=waiting, PartNumber=1, Body=b"a,b")["ETag"]
+        s3.complete_multipart_upload(Bucket=bk, Key="later", UploadId=waiting,
+                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+        assert s3.head_object(Bucket=bk, Key="later")["ContentType"] == "text/csv"
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)

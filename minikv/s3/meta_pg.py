@@ -22,8 +22,8 @@ import asyncio
 import secrets
 
 from minikv.index.pg import PgStore, _down, prefix_end
-from minikv.s3.attrs import decode
-from minikv.s3.meta import attrs_key
+from minikv.s3.attrs import decode, encode
+from minikv.s3.meta import _CREATED, attrs_key
 
 SCHEMA_VERSION = 1
 _SCHEMA_LOCK = 0x6D696E696B7633  # "minikv3": serialises the first S3 request of several servers
@@ -166,3 +166,64 @@ class PgMeta:
         rows = await self._run("fetch", "SELECT name, created FROM minikv_s3_buckets WHERE name >= $1 "
                                "ORDER BY name LIMIT $2", start, limit, read=True)
         return [(r[0], r[1]) for r in rows]
+
+
+# -- copy-index (admin/copy_index.py): S3's data moves with the records --
+COPY_PAGE = 10_000
+
+
+async def copy_from_lmdb(meta, target: PgMeta) -> int:
+    """Every upload, attribute and bucket of an LMDB meta store (meta.py) into empty tables; an
+    `etags` entry (stores older than `attrs`) becomes the attributes entry it stands for. How
+    many entries were copied."""
+    await target._create_schema()
+    tables = {"minikv_s3_uploads": [], "minikv_s3_attrs": [], "minikv_s3_buckets": []}
+    with meta.env.begin() as txn:
+        for upload_id, raw in txn.cursor(db=meta.uploads):
+            tables["minikv_s3_uploads"].append((upload_id, raw[_CREATED.size:], _CREATED.unpack_from(raw)[0]))
+        attrs = dict(txn.cursor(db=meta.attrs_db))
+        for key, raw in txn.cursor(db=meta.etags):
+            entry = attrs_key(key, b"L" + raw[:32])  # the fingerprint is bytes 1-33 of a record
+            attrs.setdefault(entry, encode({"e": raw[32:].decode()}))
+        tables["minikv_s3_attrs"] = list(attrs.items())
+        for name, raw in txn.cursor(db=meta.buckets):
+            tables["minikv_s3_buckets"].append((name, _CREATED.unpack(raw)[0]))
+    pool = await target.engine._get_pool()
+    async with pool.acquire() as conn, conn.transaction():
+        for table, rows in tables.items():
+            for i in range(0, len(rows), COPY_PAGE):
+                await conn.copy_records_to_table(table, records=rows[i:i + COPY_PAGE])
+    return sum(len(rows) for rows in tables.values())
+
+
+async def copy_to_lmdb(source: PgMeta, meta) -> int:
+    """The tables of `source` into an empty LMDB meta store, as meta.py keeps them, a page of
+    rows per LMDB transaction."""
+    await source._create_schema()
+    pool = await source.engine._get_pool()
+    n = 0
+
+    def write(table: str, rows: list) -> None:
+        with meta.env.begin(write=True) as txn:
+            for row in rows:
+                if table == "minikv_s3_uploads":
+                    upload_id, key, created = row
+                    txn.put(upload_id, _CREATED.pack(created) + key, db=meta.uploads)
+                    txn.put(key + b"\0" + upload_id, _CREATED.pack(created), db=meta.upload_keys)
+                elif table == "minikv_s3_attrs":
+                    txn.put(row[0], row[1], db=meta.attrs_db)
+                else:
+                    txn.put(row[0], _CREATED.pack(row[1]), db=meta.buckets)
+
+    async with pool.acquire() as conn, conn.transaction():
+        for table, columns in (("minikv_s3_uploads", "id, k, created"), ("minikv_s3_attrs", "h, a"),
+                               ("minikv_s3_buckets", "name, created")):
+            rows = []
+            async for row in conn.cursor(f"SELECT {columns} FROM {table}", prefetch=COPY_PAGE):
+                rows.append(tuple(row))
+                if len(rows) == COPY_PAGE:
+                    write(table, rows)
+                    n, rows = n + len(rows), []
+            write(table, rows)
+            n += len(rows)
+    return n
