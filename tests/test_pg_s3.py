@@ -1,6 +1,7 @@
 """S3 on a PostgreSQL index: two index servers on one database share uploads, object attributes
-and buckets (the S3 tests themselves run on both engines: test_s3.py...), and ListBuckets walks
-the keys a bounded number of steps per page."""
+and buckets (the S3 tests themselves run on both engines: test_s3.py...); ListBuckets walks the
+keys a bounded number of steps per page; copy-index moves S3's data too; a database that is down
+makes S3 answer 503."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import os
 import shutil
 import uuid
 
+import pytest
+from botocore.exceptions import ClientError
 from cluster import Cluster, open_dir
-from test_pg import copy_index, pair  # noqa: F401 - pair: two index servers on one database
+from test_pg import copy_index, pair, wait_until  # noqa: F401 - pair: two index servers on one database
 from test_s3 import bucket, client
 
 from minikv.index.pg import TOP_STEPS, PgStore, connect, create_schema
@@ -153,4 +156,40 @@ def test_copy_index_moves_s3_uploads_attributes_and_buckets_both_ways(postgres):
         assert s3.head_object(Bucket=bk, Key="later")["ContentType"] == "text/csv"
     finally:
         c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_s3_on_a_database_that_is_down_is_503_never_404_and_comes_back(postgres):
+    from pg import Postgres
+
+    pg = Postgres().init().start()  # of this test's own: the shared one serves the other tests
+    root = open_dir()
+    c = Cluster(root, db=pg.create_db("t1")).start()
+    try:
+        s3 = client(c.port)
+        bk = bucket()
+        s3.put_object(Bucket=bk, Key="here", Body=b"v", Metadata={"k": "v"})
+        pg.stop()
+        calls = [lambda: s3.head_object(Bucket=bk, Key="here"), lambda: s3.get_object(Bucket=bk, Key="missing"),
+                 lambda: s3.put_object(Bucket=bk, Key="new", Body=b"w"), lambda: s3.list_objects_v2(Bucket=bk),
+                 lambda: s3.list_buckets(), lambda: s3.create_multipart_upload(Bucket=bk, Key="mp"),
+                 lambda: s3.delete_object(Bucket=bk, Key="here")]
+        for call in calls:
+            with pytest.raises(ClientError) as e:
+                call()
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503, e.value.response
+        pg.start()
+
+        def back() -> bool:
+            try:
+                return s3.head_object(Bucket=bk, Key="here")["Metadata"] == {"k": "v"}
+            except ClientError:
+                return False
+
+        wait_until(back, 20, "S3 reads again")
+        s3.put_object(Bucket=bk, Key="new", Body=b"w")
+        assert s3.get_object(Bucket=bk, Key="new")["Body"].read() == b"w"
+    finally:
+        c.stop()
+        pg.remove()
         shutil.rmtree(root, ignore_errors=True)

@@ -21,7 +21,9 @@ import concurrent.futures
 import inspect
 import threading
 
+from minikv.http.response import HTTPError
 from minikv.index.pg import QUERY_TIMEOUT, IndexUnavailable, PgStore
+from minikv.index.store import StoreError
 from minikv.s3.front import S3
 from minikv.s3.meta_pg import PgMeta
 from minikv.s3.values import Values
@@ -76,9 +78,12 @@ class PgS3(S3):
         pass  # the database connections are the engine's
 
     async def handle(self, req, key: bytes, path: bytes, query: bytes):
-        answer = await asyncio.to_thread(S3.handle, self, req, key, path, query)
-        if not isinstance(answer, bytes):
-            answer = await answer  # S3._finish: the operation's coroutine, on the loop
+        try:
+            answer = await asyncio.to_thread(S3.handle, self, req, key, path, query)
+            if not isinstance(answer, bytes):
+                answer = await answer  # S3._finish: the operation's coroutine, on the loop
+        except StoreError as e:  # the database went away while an error was being told
+            raise HTTPError(503, str(e)) from None
         return answer
 
     def _error(self, ctx, e):
