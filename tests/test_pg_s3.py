@@ -193,3 +193,21 @@ def test_s3_on_a_database_that_is_down_is_503_never_404_and_comes_back(postgres)
         c.stop()
         pg.remove()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_s3_tables_of_a_later_minikv_are_refused_with_a_503_that_says_so(postgres):
+    name = "t" + uuid.uuid4().hex[:12]
+    db = postgres.create_db(name)
+    postgres.psql(name, "CREATE TABLE minikv_s3_schema (version integer NOT NULL); "
+                        "INSERT INTO minikv_s3_schema VALUES (99)")
+    root = open_dir()
+    c = Cluster(root, db=db).start()
+    try:
+        with pytest.raises(ClientError) as e:
+            client(c.port).put_object(Bucket=bucket(), Key="k", Body=b"v")
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+        assert "made by a later minikv" in e.value.response["Error"]["Message"]
+        assert c.put("/plain/k", b"v").status_code == 201  # the plain API goes on
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)

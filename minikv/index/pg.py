@@ -156,6 +156,8 @@ class PgStore:
     """The Store interface (index/store.py) over a pool of connections; every call is a
     coroutine. `owner` is the id this server's PENDING records carry."""
 
+    walks_tops = True  # top_folders walks the keys (no table of folders): s3/buckets.py
+
     def __init__(self, db: str, owner: str, pool_size: int = POOL_SIZE):
         self.db = db
         self.path = describe(db)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from minikv.index.pg import PgStore, _down, prefix_end
+from minikv.index.pg import IndexUnavailable, PgStore, _down, prefix_end
 from minikv.s3.attrs import decode, encode
 from minikv.s3.meta import _CREATED, attrs_key
 
@@ -71,9 +71,9 @@ class PgMeta:
                     version = await conn.fetchval("SELECT max(version) FROM minikv_s3_schema")
                     if version is None:
                         await conn.execute("INSERT INTO minikv_s3_schema (version) VALUES ($1)", SCHEMA_VERSION)
-                    elif version > SCHEMA_VERSION:
-                        raise RuntimeError(f"the S3 tables are version {version}, made by a later minikv; this "
-                                           f"one knows version {SCHEMA_VERSION}: run the later minikv")
+                    elif version > SCHEMA_VERSION:  # a 503 that says so, on every S3 request
+                        raise IndexUnavailable(f"the S3 tables are version {version}, made by a later minikv; "
+                                               f"this one knows version {SCHEMA_VERSION}: run the later minikv")
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 raise _down(e) from None
             self._ready = True
