@@ -211,3 +211,34 @@ def test_s3_tables_of_a_later_minikv_are_refused_with_a_503_that_says_so(postgre
     finally:
         c.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_on_lmdb_s3_reads_are_still_answered_without_a_task(tmp_path):
+    """The engine-neutral S3 code must not cost LMDB's reads a coroutine: HEAD, a listing and a
+    NoSuchKey are answered as bytes by the call itself (a GET's only coroutine streams the value)."""
+    from minikv.api.app import App
+    from minikv.config import Config
+    from minikv.health import Health
+    from minikv.http.client import Pool
+    from minikv.http.server import Body, Request
+    from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending
+    from minikv.index.store import Store
+    from minikv.s3 import S3
+
+    cfg = Config(volumes=["127.0.0.1:1"], db=str(tmp_path), replicas=1, subvolumes=1)
+    pool = Pool()
+    app = App(cfg, Store(str(tmp_path / "index")), pool, Health(pool, cfg.hosts))
+    s3 = S3(app)
+    try:
+        pending = encode_pending(OP_PUT, 1, 1, ["127.0.0.1:1"], b"")
+        app.store.cas(b"/b/k", None, pending)  # as a PUT writes it: PENDING, then LIVE
+        app.store.cas(b"/b/k", pending, encode_data(LIVE, ["127.0.0.1:1"], 5, 1, b"\1" * 16))
+        for method, key, query, status in ((b"HEAD", b"/b/k", b"", b"200"), (b"GET", b"/b", b"list-type=2", b"200"),
+                                           (b"HEAD", b"/b/missing", b"", b"404")):
+            req = Request(method, key + (b"?" + query if query else b""), [(b"x-amz-date", b"20250101T000000Z")],
+                          False, Body(None, False), None, True)
+            answer = s3.handle(req, key, key, query)
+            assert isinstance(answer, bytes) and answer.split(b" ", 2)[1] == status, answer
+    finally:
+        s3.close()
+        app.store.close()
