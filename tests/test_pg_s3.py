@@ -242,3 +242,30 @@ def test_on_lmdb_s3_reads_are_still_answered_without_a_task(tmp_path):
     finally:
         s3.close()
         app.store.close()
+
+
+def test_kill9_of_a_server_mid_s3_put_the_other_takes_the_key_after_the_lease(pair, postgres):  # noqa: F811
+    """An S3 PUT in flight on a server that dies holds the key's lock in the database; the other
+    server's S3 PUT of that key queues behind it, and gets it once the lease expired and the lock
+    was undone (S3 waits up to LOCK_WAIT, longer than a lease)."""
+    import signal
+    import socket
+
+    from test_pg import wait_locked
+
+    from minikv.index.lease import LEASE, RENEW_EVERY
+    from minikv.s3.values import LOCK_WAIT
+
+    assert LOCK_WAIT > LEASE + 3 * RENEW_EVERY
+    c, other = pair
+    bk = bucket()
+    s = socket.create_connection(("127.0.0.1", c.port))
+    s.sendall(f"PUT /{bk}/obj HTTP/1.1\r\nHost: x\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+              f"Content-Length: {10 << 20}\r\n\r\n".encode() + os.urandom(1 << 20))
+    wait_locked(postgres, c.db, f"/{bk}/obj")
+    c.index.send(signal.SIGKILL)
+    c.index.proc.wait(5)
+    s.close()
+    b = client(other.port)
+    b.put_object(Bucket=bk, Key="obj", Body=b"after")  # waits for the takeover, then writes
+    assert b.get_object(Bucket=bk, Key="obj")["Body"].read() == b"after"
