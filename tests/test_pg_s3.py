@@ -93,6 +93,9 @@ def test_top_folders_walk_is_bounded_and_resumes(postgres):
                 assert calls < 10
             assert (await store.top_folders(b"/b.x/", 1))[0] == [b"/b.x/"]
             assert (await store.top_folders(b"/b", 1))[0] == [b"/b.x/"]  # "." sorts before "/"
+            # ListBuckets' dates: each folder's first records, for a whole page in one statement
+            firsts = await store.first_records([b"/a/", b"/zz/", b"/none/"], 2)
+            assert firsts == {b"/a/": [b"x", b"x"], b"/zz/": [b"x", b"x"]}
             return found, calls
         finally:
             await store.close()

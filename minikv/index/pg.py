@@ -295,6 +295,18 @@ class PgStore:
                 tops.append(top)
         return tops, _past_top(rows[-1][0]) if rows else None
 
+    async def first_records(self, tops: list[bytes], n: int) -> dict[bytes, list[bytes]]:
+        """The records of the first `n` keys below each folder `/name/` of `tops`, in key order,
+        in one statement (ListBuckets dates the buckets only its keys make by them)."""
+        rows = await self._run(
+            "fetch", "SELECT t.top, r.rec FROM unnest($1::bytea[]) AS t(top) CROSS JOIN LATERAL "
+            "(SELECT rec FROM minikv_keys WHERE k >= t.top AND k < substring(t.top FROM 1 FOR length(t.top) - 1) "
+            "|| '\\x30'::bytea ORDER BY k LIMIT $2) r", tops, n, read=True)
+        out: dict[bytes, list[bytes]] = {}
+        for top, rec in rows:
+            out.setdefault(top, []).append(rec)
+        return out
+
     async def pending_of(self, owner: str) -> list[tuple[bytes, bytes]]:
         rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE owner = $1", owner)
         return [(r[0], r[1]) for r in rows]
