@@ -138,7 +138,7 @@ _WALK_TOPS = (
     "w.n + 1, w.f + (position('\\x2f'::bytea IN substring(w.k FROM 2)) > 1)::int "
     "FROM walk w WHERE w.k IS NOT NULL AND w.n < $2 "
     "AND w.f + (position('\\x2f'::bytea IN substring(w.k FROM 2)) > 1)::int < $3"
-    ") SELECT k FROM walk")
+    ") SELECT k FROM walk ORDER BY n")
 
 
 def _past_top(key: bytes) -> bytes:
