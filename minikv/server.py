@@ -169,7 +169,9 @@ async def serve(config: Config, sock: socket.socket) -> None:
     app.max_held_files = kept // 2
     from minikv.s3 import S3
 
-    app.s3 = None if pg else S3(app)  # S3 is not on PostgreSQL yet: PgApp answers 501
+    if pg:  # the same S3 code, its meta store in the database too (s3/front_pg.py)
+        from minikv.s3.front_pg import PgS3 as S3
+    app.s3 = S3(app)
     keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"])) if pg else None
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together

@@ -30,6 +30,14 @@ def engine(request) -> str:
     return getattr(request, "param", "lmdb")
 
 
+def pytest_generate_tests(metafunc):
+    """A module's ENGINES (e.g. ["lmdb", "postgresql"]): each of its tests that starts a cluster
+    runs on each engine; its tests of pure logic run once."""
+    engines = getattr(metafunc.module, "ENGINES", None)
+    if engines and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", engines, indirect=True, scope="module")
+
+
 def index_db(engine: str, request) -> str | None:
     """-db for a new cluster: None (its own LMDB folder), or a new database of the test run's
     PostgreSQL."""

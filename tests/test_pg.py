@@ -226,12 +226,6 @@ def test_database_down_is_503_never_404_and_comes_back_by_itself(postgres):
         pg.remove()
 
 
-def test_s3_is_refused_with_a_reason(pair):
-    c, _ = pair
-    r = requests.get(url(c.port, "/bucket?list-type=2"))
-    assert r.status_code == 501 and "not yet available on a PostgreSQL index" in r.text
-
-
 def test_a_database_restart_costs_no_read_an_error(postgres):
     from pg import Postgres
 

@@ -29,6 +29,8 @@ from minikv.s3.payload import Payload  # noqa: E402
 from minikv.s3.sigv4 import verify  # noqa: E402
 from minikv.s3.xml import parse  # noqa: E402
 
+# every test that starts a cluster runs on both index engines (tests/conftest.py: pytest_generate_tests)
+ENGINES = ["lmdb", "postgresql"]
 NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -23,6 +23,8 @@ from test_s3 import client  # noqa: E402
 from minikv.s3.buckets import check_name  # noqa: E402
 from minikv.s3.errors import S3Error  # noqa: E402
 
+# every test that starts a cluster runs on both index engines (tests/conftest.py)
+ENGINES = ["lmdb", "postgresql"]
 
 @pytest.fixture(scope="module")
 def s3(cluster):

@@ -21,6 +21,8 @@ from test_s3 import client  # noqa: E402
 
 from minikv.placement import key2path, key2volume  # noqa: E402
 
+# every test that starts a cluster runs on both index engines (tests/conftest.py)
+ENGINES = ["lmdb", "postgresql"]
 MB = 1 << 20
 
 

@@ -2,7 +2,8 @@
 URL), record for record, into an empty index.
 
 Records are copied as their bytes, so unlink marks, md5s, sizes, epochs and in-flight locks all
-survive. Locks (PENDING records) stay locks and are resolved as a crash's are: copied into
+survive; so does S3's own data (uploads in progress, object attributes, buckets) between LMDB
+and PostgreSQL. Locks (PENDING records) stay locks and are resolved as a crash's are: copied into
 PostgreSQL they belong to an owner that holds no lease (`copied`), which the first server
 running on it takes over (index/lease.py); copied into LMDB they keep their writer's pid, gone by
 then, and the server's start resolves them (index/recovery.py).
@@ -91,6 +92,8 @@ async def copy(src: str, dst: str) -> int:
         async for pairs in _pages(source):
             await _write(target, pairs)
             n += len(pairs)
+        if (s3 := await _copy_s3(src, dst, source, target)) is not None:
+            say(f"copied {s3} S3 entr{'y' if s3 == 1 else 'ies'} (uploads in progress, object attributes, buckets)")
     finally:
         for store in (source, target):
             if isinstance(store, Store):
@@ -98,6 +101,28 @@ async def copy(src: str, dst: str) -> int:
             else:
                 await store.close()
     return n
+
+
+async def _copy_s3(src: str, dst: str, source, target) -> int | None:
+    """S3's own data (s3/meta.py: an LMDB beside the index; s3/meta_pg.py: tables in the
+    database) moves with the records, or objects would lose their headers and multipart ETags,
+    and uploads in progress would be lost. None: nothing to copy."""
+    from minikv.s3 import meta_pg
+    from minikv.s3.meta import Meta
+
+    if is_url(src) and not is_url(dst):
+        meta = Meta(os.path.join(dst, "s3"))
+        try:
+            return await meta_pg.copy_to_lmdb(meta_pg.PgMeta(source), meta)
+        finally:
+            meta.close()
+    if not is_url(src) and is_url(dst) and os.path.exists(os.path.join(src, "s3", "data.mdb")):
+        meta = Meta(os.path.join(src, "s3"))
+        try:
+            return await meta_pg.copy_from_lmdb(meta, meta_pg.PgMeta(target))
+        finally:
+            meta.close()
+    return None
 
 
 def main(args) -> int:

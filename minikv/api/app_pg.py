@@ -8,7 +8,7 @@ view of the request holding them. What App writes goes to the database through t
 below (`_cas`, `_lock`, `_drop`, `_rebalance`), and `?list` scans it chunk by chunk
 (`_list_rest`). So the API's rules are written once, and LMDB's path pays nothing for this one.
 
-S3 is not on this engine yet: S3 requests are refused with a 501 that says so.
+S3 requests go to the S3 front (s3/front_pg.py), which reads the database itself.
 """
 
 from __future__ import annotations
@@ -80,10 +80,9 @@ class PgApp(App):
         return self._handle(req)
 
     async def _handle(self, req):
-        key, _, query = split_target(req.url)
-        if s3_claims(req.headers, query):
-            raise HTTPError(501, "S3 is not yet available on a PostgreSQL index: use the minikeyvalue API, "
-                                 "or an LMDB index (-db PATH) for S3")
+        key, path, query = split_target(req.url)
+        if self.s3 is not None and s3_claims(req.headers, query):
+            return await self.s3.handle(req, key, path, query)  # s3/front_pg.py
         if self.access is not None:
             self.access.check(req.method, req.headers)
         keys = []

@@ -27,7 +27,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 from minikv.index.record import PENDING, check_transition
-from minikv.index.store import StoreError
+from minikv.index.store import StoreError, top_of
 
 SCHEMA_VERSION = 1
 MAX_KEY = 511  # the same limit as LMDB's, so that an index moves between engines whole
@@ -127,6 +127,29 @@ async def _keep_session(conn) -> None:
     """A pooled connection goes back as it is (see PgStore._get_pool)."""
 
 
+TOP_STEPS = 2000  # keys outside any folder (`/flat`) one listing of folders may probe, besides the folders
+
+# the loose index scan of top_folders: each step is the first key past the previous one's folder
+# ("/name/..." -> "/name0": "0" follows "/"), or past the previous key when it is in no folder
+_PAST = ("CASE WHEN position('\\x2f'::bytea IN substring(w.k FROM 2)) > 1 "
+         "THEN substring(w.k FROM 1 FOR position('\\x2f'::bytea IN substring(w.k FROM 2))) || '\\x30'::bytea "
+         "ELSE w.k || '\\x00'::bytea END")
+_WALK_TOPS = (
+    "WITH RECURSIVE walk(k, n, f) AS ("
+    "SELECT (SELECT k FROM minikv_keys WHERE k >= $1 AND k < '\\x30'::bytea ORDER BY k LIMIT 1), 1, 0 "
+    "UNION ALL "
+    f"SELECT (SELECT m.k FROM minikv_keys m WHERE m.k >= {_PAST} AND m.k < '\\x30'::bytea ORDER BY m.k LIMIT 1), "
+    "w.n + 1, w.f + (position('\\x2f'::bytea IN substring(w.k FROM 2)) > 1)::int "
+    "FROM walk w WHERE w.k IS NOT NULL AND w.n < $2 "
+    "AND w.f + (position('\\x2f'::bytea IN substring(w.k FROM 2)) > 1)::int < $3"
+    ") SELECT k FROM walk ORDER BY n")
+
+
+def _past_top(key: bytes) -> bytes:
+    top = top_of(key)
+    return top[:-1] + b"0" if top is not None else key + b"\0"
+
+
 def prefix_end(prefix: bytes) -> bytes | None:
     """The first key after every key that starts with `prefix` (None: there is none)."""
     p = prefix.rstrip(b"\xff")
@@ -136,6 +159,8 @@ def prefix_end(prefix: bytes) -> bytes | None:
 class PgStore:
     """The Store interface (index/store.py) over a pool of connections; every call is a
     coroutine. `owner` is the id this server's PENDING records carry."""
+
+    walks_tops = True  # top_folders walks the keys (no table of folders): s3/buckets.py
 
     def __init__(self, db: str, owner: str, pool_size: int = POOL_SIZE):
         self.db = db
@@ -261,8 +286,33 @@ class PgStore:
             else:
                 return out, b""
 
-    async def top_folders(self, start: bytes, limit: int) -> None:
-        return None  # not kept here (ListBuckets is S3's, not yet on this engine)
+    async def top_folders(self, start: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
+        """Up to `limit` top-level folders `/name/` from `start` on, in order, and the position
+        to go on from (None: no more). No table keeps them here (it would cost every write a
+        second row to keep): one statement walks the keys' index, one probe per folder (it jumps
+        past each folder's keys) or per key outside any folder, at most TOP_STEPS probes; a walk
+        cut short by keys outside folders ends early, with the position to go on from."""
+        rows = await self._run("fetch", _WALK_TOPS, max(start, b"/"), TOP_STEPS + limit, limit, read=True)
+        tops: list[bytes] = []
+        for (key,) in rows:
+            if key is None:
+                return tops, None  # the walk reached the last key
+            top = top_of(key)
+            if top is not None and top >= start and top not in tops[-1:]:
+                tops.append(top)
+        return tops, _past_top(rows[-1][0]) if rows else None
+
+    async def first_records(self, tops: list[bytes], n: int) -> dict[bytes, list[bytes]]:
+        """The records of the first `n` keys below each folder `/name/` of `tops`, in key order,
+        in one statement (ListBuckets dates the buckets only its keys make by them)."""
+        rows = await self._run(
+            "fetch", "SELECT t.top, r.rec FROM unnest($1::bytea[]) AS t(top) CROSS JOIN LATERAL "
+            "(SELECT rec FROM minikv_keys WHERE k >= t.top AND k < substring(t.top FROM 1 FOR length(t.top) - 1) "
+            "|| '\\x30'::bytea ORDER BY k LIMIT $2) r", tops, n, read=True)
+        out: dict[bytes, list[bytes]] = {}
+        for top, rec in rows:
+            out.setdefault(top, []).append(rec)
+        return out
 
     async def pending_of(self, owner: str) -> list[tuple[bytes, bytes]]:
         rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE owner = $1", owner)

@@ -4,6 +4,7 @@
 `S3.claims(request, query)` is true (detect.py). Modules:
 
 - front.py      dispatch, authentication, the one place errors become S3 error XML
+- front_pg.py   the same front on a PostgreSQL index (its plain functions in a helper thread)
 - detect.py     which requests are S3's (cheap: it runs on every request)
 - sigv4.py      AWS Signature Version 4 (headers, presigned URLs, chunk signatures)
 - payload.py    request bodies: aws-chunked decoding, checksums and digests
@@ -12,6 +13,7 @@
 - listing.py    ListObjectsV2/V1, ListBuckets
 - multipart.py  multipart uploads (parts are values under internal keys)
 - meta.py       the S3 side store: uploads in progress, multipart ETags
+- meta_pg.py    the same in the PostgreSQL index's database (minikv_s3_* tables)
 - xml.py        XML out (namespaced) and in (safe parser)
 """
 

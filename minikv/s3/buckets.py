@@ -50,6 +50,9 @@ def name_problem(name: bytes) -> str | None:
 def has_keys(store, name: bytes) -> bool:
     """Does any key lie below `/name/`? One read of the table of top-level folders."""
     top = b"/" + name + b"/"
+    if getattr(store, "walks_tops", False):  # no table of folders (PostgreSQL): one seek says it
+        pairs, _ = store.scan(top, top, 1, None, 1)
+        return bool(pairs)
     tops = store.top_folders(top, 1)
     if tops is None:  # a database made before that table, opened read-only: one seek instead
         pairs, _ = store.scan(top, top, 1)

@@ -20,6 +20,7 @@ import os
 import sys
 
 from minikv.http.response import ClientGone, HTTPError
+from minikv.index.engine import settle
 from minikv.index.store import StoreError
 from minikv.s3 import buckets, listing, multipart, objects
 from minikv.s3.common import Ctx, md5_etag
@@ -101,9 +102,9 @@ class S3:
         try:
             return await coro
         except S3Error as e:
-            return self._error(ctx, e)
+            return await settle(self._error(ctx, e))
         except HTTPError as e:
-            return self._error(ctx, from_http(e))
+            return await settle(self._error(ctx, from_http(e)))
         except StoreError as e:  # the index's disk is full: nothing was acknowledged
             return ctx.error(S3Error("ServiceUnavailable", str(e)))
         except ClientGone:

@@ -51,7 +51,7 @@ def scan(store, prefix: bytes, start: bytes, delimiter: bytes, limit: int, budge
         if budget <= 0:
             # with nothing to show, resume right after the last record read (a V1 marker then)
             return entries, pos if entries else last + b"\x00"
-        pairs, nxt = store.scan(prefix, pos, BATCH)
+        pairs, nxt = store.scan(prefix, pos, BATCH, None, BATCH)  # one read of BATCH records
         budget -= len(pairs)
         if pairs:
             last = pairs[-1][0]
@@ -176,7 +176,11 @@ def buckets(store, start: bytes = b"/", limit: int = MAX_BUCKETS) -> tuple[list[
     keys that have a second path segment; and the folder to resume at (None: no more). Read from
     the index's table of top-level folders, so flat keys (minikeyvalue style) cost nothing."""
     tops = store.top_folders(start, limit + 1)
-    if tops is None:  # a database opened read-only, made before that table: walk the keys
+    if isinstance(tops, tuple):  # PostgreSQL's: a bounded walk of the keys, and where it stopped
+        tops, stop = tops
+        if len(tops) <= limit:
+            return tops, stop
+    elif tops is None:  # a database opened read-only, made before that table: walk the keys
         tops = _walk_tops(store, start, limit + 1)
     return tops[:limit], tops[limit] if len(tops) > limit else None
 
@@ -221,12 +225,13 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
     known = sorted(t for t in set(tops) | set(made) if cut is None or t < cut)
     names, resume = (known[:limit], known[limit]) if len(known) > limit else (known, cut)
     tops = [t for t in names if t.startswith(b"/" + prefix)]  # sorted: the prefix's folders are together
+    dates = first_writes(s3.store, [t for t in tops if t not in made])
     if len(tops) < len(names) or (resume is not None and not resume.startswith(b"/" + prefix)):
         resume = None
     items: list[tuple] = [
         ("Owner", OWNER),
         ("Buckets", [("Bucket", [("Name", t[1:-1].decode("utf-8", "replace")),
-                                 ("CreationDate", iso_time(made[t] if t in made else first_write(s3.store, t)))])
+                                 ("CreationDate", iso_time(made[t] if t in made else dates[t]))])
                      for t in tops]),
     ]
     if resume is not None:
@@ -236,10 +241,23 @@ def list_buckets(s3, ctx: Ctx) -> bytes:
     return ctx.xml("ListAllMyBucketsResult", items)
 
 
+def first_writes(store, tops: list[bytes]) -> dict[bytes, int]:
+    """first_write of each of `tops`; on an engine that answers over the network, in one
+    statement for the page (index/pg.py: first_records), not one round trip per bucket."""
+    if not tops or not getattr(store, "walks_tops", False):
+        return {t: first_write(store, t) for t in tops}
+    found = store.first_records(tops, 8)
+    out = {}
+    for top in tops:
+        live = [rec for raw in found.get(top, ()) if (rec := readable(raw)) is not None]
+        out[top] = decode_data(live[0]).mtime_ms if live else 0  # as first_write
+    return out
+
+
 def first_write(store, top: bytes) -> int:
     """A bucket that only its keys make: dated by its first key's last write (ms). A few
     records at most: a page names up to MAX_BUCKETS buckets."""
-    pairs, _ = store.scan(top, top, 8)
+    pairs, _ = store.scan(top, top, 8, None, 8)
     for _, raw in pairs:
         if (rec := readable(raw)) is not None:
             return decode_data(rec).mtime_ms

@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+from minikv.index.engine import settle
 from minikv.index.record import LIVE, OP_REBALANCE, PENDING, decode_data, decode_pending, now_ms
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
@@ -58,11 +59,11 @@ def part_key(upload_id: str, number: int) -> bytes:
     return PART_PREFIX + upload_id.encode() + b"/%05d" % number
 
 
-def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
+async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
     """The upload id of the request, checked to be in progress and to be for this key."""
     if upload_id is None or not _UPLOAD_ID.fullmatch(upload_id):
         raise S3Error("NoSuchUpload", "The specified upload does not exist.", UploadId=upload_id or "")
-    found = s3.meta.upload(upload_id)
+    found = await settle(s3.meta.upload(upload_id))
     if found is None or found[0] != ctx.key:
         raise S3Error("NoSuchUpload", "The specified upload does not exist. The upload ID may be invalid, "
                       "or the upload may have been aborted or completed.", UploadId=upload_id)
@@ -81,7 +82,7 @@ def create(s3, ctx: Ctx) -> bytes:
 
 
 async def upload_part(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     # required: without it the part would be stored as number 0, which no Complete can name
     number = decimal_in(ctx.param("partNumber"), 1, MAX_PART_NUMBER, "InvalidArgument",
                         f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive")
@@ -99,7 +100,7 @@ async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
     Complete of its upload, which deletes the parts it lists, may not have seen it: stored
     after the upload was dropped, it is deleted here (else nothing would ever remove it), and
     NoSuchUpload. One stored before the drop is found by abort_upload's second look."""
-    if s3.meta.upload(upload_id) is not None:
+    if await settle(s3.meta.upload(upload_id)) is not None:
         return
     await s3.values.delete(key)
     raise S3Error("NoSuchUpload", "The specified upload does not exist: it was aborted or completed while "
@@ -107,7 +108,7 @@ async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
 
 
 async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
-    src, raw = copy_source(s3, ctx)
+    src, raw = await copy_source(s3, ctx)
     size = decode_data(raw).size
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
@@ -128,13 +129,13 @@ async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
                                       ("ETag", quoted(md5_etag(live)))])
 
 
-def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:
+async def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:
     """The answer of a Complete that already succeeded for this upload, if the object it made
     is still the key's value (an SDK retries a Complete whose answer it lost)."""
-    raw = readable(s3.store.get(ctx.key)) if upload_id and len(ctx.key) <= 511 else None
+    raw = readable(await settle(s3.store.get(ctx.key))) if upload_id and len(ctx.key) <= 511 else None
     if raw is None:
         return None
-    attrs = s3.meta.attrs(ctx.key, raw)
+    attrs = await settle(s3.meta.attrs(ctx.key, raw))
     if attrs.get("u") != upload_id:
         return None
     return _complete_result(ctx, attrs["e"])
@@ -148,9 +149,9 @@ def _complete_result(ctx: Ctx, etag: str) -> bytes:
 
 async def complete(s3, ctx: Ctx) -> bytes:
     try:
-        upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+        upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     except S3Error:
-        if (again := _completed(s3, ctx, ctx.param("uploadId"))) is not None:
+        if (again := await _completed(s3, ctx, ctx.param("uploadId"))) is not None:
             return again
         raise
     doc = parse(await _payload(ctx).read_all(COMPLETE_BODY_LIMIT), COMPLETE_BODY_LIMIT)
@@ -173,7 +174,7 @@ async def complete(s3, ctx: Ctx) -> bytes:
     parts = []  # (key, record)
     for i, (number, etag) in enumerate(wanted):
         key = part_key(upload_id, number)
-        raw = s3.store.get(key)
+        raw = await settle(s3.store.get(key))
         if raw is None or raw[0] != ord("L") or md5_etag(raw) != etag:
             raise S3Error("InvalidPart", "One or more of the specified parts could not be found. The part may "
                           "not have been uploaded, or the specified entity tag may not match the part's entity tag.",
@@ -192,12 +193,12 @@ async def complete(s3, ctx: Ctx) -> bytes:
             # a part sent again is stored without holding its key while its body comes, so it
             # may have replaced the file we read since its record was checked: the record tells
             # (it changes before the file does), and the value is then not committed
-            if not _same_value(s3.store.get(key), raw):
+            if not _same_value(await settle(s3.store.get(key)), raw):
                 raise S3Error("InvalidPart", f"part {number} was sent again while the upload was being "
                               "completed; nothing was changed: list the parts and complete it again",
                               UploadId=upload_id, PartNumber=str(number), ETag=named)
 
-    attrs = {"h": s3.meta.upload_attrs(upload_id).get("h", []), "e": etag,
+    attrs = {"h": (await settle(s3.meta.upload_attrs(upload_id))).get("h", []), "e": etag,
              "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
     await s3.values.put(ctx.key, concatenated(), total, attributes.encode(attrs))
     try:
@@ -221,17 +222,17 @@ def _same_value(current: bytes | None, raw: bytes) -> bool:
 
 
 async def abort(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     await abort_upload(s3, upload_id)
     return ctx.respond(204)
 
 
-def list_parts(s3, ctx: Ctx) -> bytes:
-    upload_id = _upload(s3, ctx, ctx.param("uploadId"))
+async def list_parts(s3, ctx: Ctx) -> bytes:
+    upload_id = await _upload(s3, ctx, ctx.param("uploadId"))
     limit = ctx.int_param("max-parts", 1000, 0, 1000)
     marker = ctx.int_param("part-number-marker", 0, 0, MAX_PART_NUMBER)
     prefix = PART_PREFIX + upload_id.encode() + b"/"
-    pairs, nxt = s3.store.scan(prefix, part_key(upload_id, marker + 1), limit, lambda v: v[0] == ord("L"))
+    pairs, nxt = await settle(s3.store.scan(prefix, part_key(upload_id, marker + 1), limit, lambda v: v[0] == ord("L")))
     items = [*_names(ctx), ("UploadId", upload_id), ("PartNumberMarker", marker),
              ("MaxParts", limit), ("IsTruncated", bool(nxt))]
     if nxt and pairs:
@@ -280,7 +281,7 @@ async def abort_upload(s3, upload_id: str) -> int:
     if failed:
         raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
                       f"({failed[0]}); abort the upload again later")
-    s3.meta.drop_upload(upload_id)
+    await settle(s3.meta.drop_upload(upload_id))
     # once more: a part whose body was still coming when the parts were listed is stored only
     # then, and one that checked for its upload before the drop kept itself (_still_wanted).
     # One that cannot be deleted now is left to orphan_parts, as after a crash between the steps
@@ -290,7 +291,7 @@ async def abort_upload(s3, upload_id: str) -> int:
 
 async def _delete_parts(s3, upload_id: str) -> tuple[int, list[BaseException]]:
     """Delete the parts an upload has now: (how many were deleted, the failures)."""
-    pairs, _ = s3.store.scan(PART_PREFIX + upload_id.encode() + b"/")
+    pairs, _ = await settle(s3.store.scan(PART_PREFIX + upload_id.encode() + b"/"))
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
     async def one(key: bytes) -> bool:

@@ -15,6 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 from minikv.http.client import VolumeError
 from minikv.http.response import ClientGone
+from minikv.index.engine import settle
 from minikv.index.record import decode_data
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_key, quoted
@@ -160,11 +161,11 @@ async def put_object(s3, ctx: Ctx) -> bytes:
     stored = attributes.from_headers(ctx.req.headers)  # checked before the body is read
     payload = _payload(ctx)
     live = await s3.values.put(ctx.key, payload.chunks(), payload.length, _encoded({"h": stored}))
-    s3.meta.drop_etag(ctx.key)
+    await settle(s3.meta.drop_etag(ctx.key))
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
 
 
-def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
+async def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
     """(key, readable record) named by x-amz-copy-source: `/bucket/key` or `bucket/key`,
     URL-encoded, maybe with `?versionId=` (there is only one version)."""
     text = ctx.header(b"x-amz-copy-source") or b""
@@ -172,10 +173,11 @@ def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
     src = b"/" + unquote_to_bytes(src.lstrip(b"/"))
     if b"/" not in src[1:]:
         raise S3Error("InvalidArgument", "x-amz-copy-source must be /bucket/key")
-    raw = readable(s3.store.get(src)) if len(src) <= 511 else None
+    raw = readable(await settle(s3.store.get(src))) if len(src) <= 511 else None
     if raw is None:
         raise S3Error("NoSuchKey", "The specified key does not exist.", Key=src.decode("utf-8", "replace"))
-    check_conditions(ctx, s3.etag(src, raw), decode_data(raw).mtime_ms, prefix=b"x-amz-copy-source-")
+    etag = await settle(s3.meta.etag(src, raw)) or md5_etag(raw)
+    check_conditions(ctx, etag, decode_data(raw).mtime_ms, prefix=b"x-amz-copy-source-")
     return src, raw
 
 
@@ -185,8 +187,8 @@ async def copy_object(s3, ctx: Ctx) -> bytes:
     if directive not in (b"COPY", b"REPLACE"):
         raise S3Error("InvalidArgument", "Unknown metadata directive: use COPY or REPLACE")
     stored = attributes.from_headers(ctx.req.headers) if directive == b"REPLACE" else None
-    src, raw = copy_source(s3, ctx)
-    source_attrs = s3.meta.attrs(src, raw)
+    src, raw = await copy_source(s3, ctx)
+    source_attrs = await settle(s3.meta.attrs(src, raw))
     if stored is None:
         stored = source_attrs.get("h", [])
     if src == ctx.key:
@@ -196,20 +198,20 @@ async def copy_object(s3, ctx: Ctx) -> bytes:
                           "location or encryption attributes: use MetadataDirective=REPLACE")
         # same bytes, new headers: the value's attributes are replaced in place
         kept = {k: v for k, v in source_attrs.items() if k in ("e", "p")}
-        s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored}))
+        await settle(s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored})))
     else:
         size = decode_data(raw).size
         raw = await s3.values.put(ctx.key, s3.values.stream(src, raw, expect=size), size, _encoded({"h": stored}))
-        s3.meta.drop_etag(ctx.key)
+        await settle(s3.meta.drop_etag(ctx.key))
     data = decode_data(raw)
     return ctx.xml("CopyObjectResult", [("LastModified", iso_time(data.mtime_ms)),
-                                        ("ETag", quoted(s3.etag(ctx.key, raw)))])
+                                        ("ETag", quoted(await settle(s3.meta.etag(ctx.key, raw)) or md5_etag(raw)))])
 
 
 async def delete_object(s3, ctx: Ctx) -> bytes:
     if len(ctx.key) <= 511:
         await s3.values.delete(ctx.key, s3.config.protect)
-        s3.meta.drop_etag(ctx.key)
+        await settle(s3.meta.drop_etag(ctx.key))
     return ctx.respond(204)  # S3 answers 204 whether or not the key existed
 
 
@@ -238,7 +240,7 @@ async def delete_objects(s3, ctx: Ctx) -> bytes:
             try:
                 if len(key) <= 511:
                     await s3.values.delete(key, s3.config.protect)
-                    s3.meta.drop_etag(key)
+                    await settle(s3.meta.drop_etag(key))
             except S3Error as e:
                 return name, e
         return name, None

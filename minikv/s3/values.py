@@ -61,6 +61,7 @@ import lmdb
 from minikv import replicas
 from minikv.api.digest import StreamingMd5
 from minikv.http.client import VolumeError
+from minikv.index.engine import settle
 from minikv.index.record import (
     LIVE,
     OP_DELETE,
@@ -171,7 +172,7 @@ class Values:
                 raise S3Error("InvalidRange", "The requested range is not satisfiable")
             reasons.append(f"volume {host} answered {conn.status} to GET")
             missing += conn.status == 404
-        if missing and (current := readable(self.store.get(key))) != raw:
+        if missing and (current := readable(await settle(self.store.get(key)))) != raw:
             # the files went because the record changed after we read it (the plain API or
             # another worker): a key deleted meanwhile is missing, not the service broken
             if current is None:
@@ -206,7 +207,7 @@ class Values:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCK_WAIT
         delay = 0.002
-        while (raw := self.store.get(key)) is not None and raw[0] == PENDING:
+        while (raw := await settle(self.store.get(key))) is not None and raw[0] == PENDING:
             if idle_until is not None and loop.time() >= idle_until:
                 raise S3Error("OperationAborted", "another write or delete of this key is in flight, and this "
                               f"write's uploads to the volumes cannot wait longer (they would be dropped after "
@@ -224,7 +225,7 @@ class Values:
         while True:
             raw = await self.unlocked(key, idle_until)
             pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
-            done, _ = self.store.cas(key, raw, pending)
+            done, _ = await settle(self.store.cas(key, raw, pending))
             if done:
                 return pending, raw
             # another writer took it between our read and our CAS: queue behind it
@@ -250,7 +251,7 @@ class Values:
         try:
             size, md5 = await self._write(key, source, length, volumes, taken)
         except BaseException:
-            if taken and self.store.get(key) == taken[0]:  # undo unless _write resolved the record itself
+            if taken and await settle(self.store.get(key)) == taken[0]:  # undo unless _write resolved the record itself
                 await self._restore(key, taken[0], taken[1], volumes)
             raise
         finally:
@@ -260,26 +261,26 @@ class Values:
         live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
         try:
             if attrs and self.meta is not None:  # before the record: never a new value with old headers
-                self.meta.put_attrs(key, live, attrs)
-            done, _ = self.store.cas(key, pending, live)
+                await settle(self.meta.put_attrs(key, live, attrs))
+            done, _ = await settle(self.store.cas(key, pending, live))
         except (StoreError, lmdb.Error) as e:
             raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous is not None:
-            self._forget(key, previous, live)
+            await self._forget(key, previous, live)
             stale = [v for v in decode_data(previous).volumes if v not in volumes]
             if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
                 await replicas.delete_all(self.pool, stale, key)
         return live
 
-    def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
+    async def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
         """Drop the attributes of a replaced or deleted value (one left behind is never read)."""
         if self.meta is None or (live is not None and live[1:33] == previous[1:33]):
             return
         try:
-            self.meta.drop_attrs(key, previous)
-        except lmdb.Error:
+            await settle(self.meta.drop_attrs(key, previous))
+        except (lmdb.Error, StoreError):
             pass
 
     async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
@@ -287,15 +288,15 @@ class Values:
         would after a crash (delete the new files, drop the record), and say what became of
         the key. Files of a replaced value on other volumes are orphans for `minikv gc`."""
         await replicas.delete_all(self.pool, volumes, key)
-        self._drop(key, pending)
+        await self._drop(key, pending)
         return ("the value was not stored" + (" and the one it replaced is gone" if previous else "")
                 + "; the key can be written again once the index can")
 
-    def _drop(self, key: bytes, pending: bytes) -> str:
+    async def _drop(self, key: bytes, pending: bytes) -> str:
         """Drop the PENDING record of a key whose files are gone: "" when done, else why it
         could not be now; it is then dropped once the database takes writes again."""
         try:
-            self.store.cas(key, pending, None)
+            await settle(self.store.cas(key, pending, None))
         except StoreError as e:
             drop_when_writable(self.store, key, pending)
             return str(e)
@@ -305,7 +306,7 @@ class Values:
         """Nothing was committed on any volume: put the previous record back (or none)."""
         if previous is None:
             await replicas.delete_all(self.pool, volumes, key)
-        self.store.cas(key, pending, previous)
+        await settle(self.store.cas(key, pending, previous))
 
     async def _write(self, key, source, length, volumes, taken: list) -> tuple[int, bytes]:
         if length == 0:
@@ -402,7 +403,7 @@ class Values:
                 reasons.append(f"repair failed: {e}")
                 doomed = set(volumes) | (set(decode_data(previous).volumes) if previous else set())
                 await replicas.delete_all(self.pool, sorted(doomed), key)
-                self.store.cas(key, pending, None)
+                await settle(self.store.cas(key, pending, None))
                 raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; the replicas could not be made "
                               "equal, so the key was deleted") from None
         return size, digest
@@ -431,22 +432,22 @@ class Values:
         if raw is None:
             return False
         if protect and raw[0] == LIVE:
-            done, _ = self.store.cas(key, raw, with_state(raw, UNLINKED))
+            done, _ = await settle(self.store.cas(key, raw, with_state(raw, UNLINKED)))
             if not done:
                 raise busy()
             return True
         volumes = decode_data(raw).volumes
         pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
-        done, _ = self.store.cas(key, raw, pending)
+        done, _ = await settle(self.store.cas(key, raw, pending))
         if not done:
             raise busy()
         failed = await replicas.delete_all(self.pool, volumes, key)
         if failed:
-            self.store.cas(key, pending, with_state(raw, UNLINKED))
+            await settle(self.store.cas(key, pending, with_state(raw, UNLINKED)))
             raise S3Error("ServiceUnavailable", "; ".join(failed) + "; the key is now unlinked (unreadable): "
                           "delete it again later")
-        if why := self._drop(key, pending):
+        if why := await self._drop(key, pending):
             raise S3Error("ServiceUnavailable", f"{why}; the object's files are deleted, and so will be its "
                           "record once the index can write again")
-        self._forget(key, raw, None)
+        await self._forget(key, raw, None)
         return True

@@ -8,7 +8,8 @@ tests named in `selection.txt` in one pytest process.
 
     .venv/bin/python tests/s3_conformance/run.py [--all] [extra pytest args, e.g. --tb=short]
 
-(`--all`: every test of the suite, selected or not, to revise the selection: about 15 minutes.)
+(`--all`: every test of the suite, selected or not, to revise the selection: about 15 minutes.
+`--postgres`: the cluster's index in a throwaway PostgreSQL (tests/pg.py) instead of LMDB.)
 
 `selection.txt` lists every test of the suite's functional files: selected ones by name, the
 rest under a reason. tests/test_s3_conformance.py runs this in the test suite (`./dev test`).
@@ -133,8 +134,10 @@ def _outcomes(report: Path) -> dict[str, str]:
     return out
 
 
-def run(suite: Path, work: Path, names: list[str] | None = None, extra: list[str] = ()) -> Result:
-    """Start a cluster in `work`, run the selected tests (or `names`) against it, stop it."""
+def run(suite: Path, work: Path, names: list[str] | None = None, extra: list[str] = (),
+        db: str | None = None) -> Result:
+    """Start a cluster in `work` (its index at `db`: None for LMDB), run the selected tests (or
+    `names`) against it, stop it."""
     sys.path.insert(0, str(HERE.parent))
     from cluster import Cluster
 
@@ -147,7 +150,8 @@ def run(suite: Path, work: Path, names: list[str] | None = None, extra: list[str
     secret = work / "secret"
     secret.write_text(SECRET_KEY + "\n")
     secret.chmod(0o600)
-    cluster = Cluster(work / "cluster", flags=["-s3-access-key", ACCESS_KEY, "-s3-secret-key-file", str(secret)])
+    cluster = Cluster(work / "cluster", flags=["-s3-access-key", ACCESS_KEY, "-s3-secret-key-file", str(secret)],
+                      db=db)
     conf = work / "s3tests.conf"
     report = work / "report.xml"
     try:
@@ -185,11 +189,19 @@ def main(argv: list[str]) -> int:
     names = None
     if argv[:1] == ["--all"]:  # every test of the suite, selected or not: to revise the selection
         names, argv = sorted(suite_tests(suite)), argv[1:]
+    postgres = None
+    if "--postgres" in argv:
+        from pg import Postgres
+
+        argv = [a for a in argv if a != "--postgres"]
+        postgres = Postgres().init().start()
     work = open_dir()
     try:
-        result = run(suite, work, names, argv)
+        result = run(suite, work, names, argv, db=postgres and postgres.create_db("conformance"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if postgres is not None:
+            postgres.remove()
     print(result.output if "-v" in argv or "--tb=short" in argv else result.output[-4000:])
     for name, outcome in sorted(result.outcomes.items()):
         if outcome != "passed":
