@@ -10,10 +10,11 @@ placement order (those placement puts it on first, best first, then the others),
 mtime from the listing.
 
 Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2), each walking
-its share with -concurrency listings in flight and writing FLUSH records per LMDB transaction.
-Memory holds one `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of
-keys. Each record is merged under LMDB's write lock with what the index holds at that moment
-(below), so a batch never overwrites a record a live server changed meanwhile.
+its share with -concurrency listings in flight and writing FLUSH records per transaction: on LMDB
+each key is put only where it is absent and merged (below) where it is not, under LMDB's write
+lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
+So a batch never overwrites a record a live server changed meanwhile. Memory holds one
+`<aa>/<bb>` folder per listing in flight and one batch, whatever the number of keys.
 
 What the volumes cannot tell, and so a rebuilt index does not know:
 - Unlinked keys: a volume keeps no unlink mark, so keys that were UNLINKED come back LIVE and
