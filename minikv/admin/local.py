@@ -16,6 +16,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root, add_copies
+from minikv.placement import path2key
 
 YIELD_EVERY = 64  # `<bb>` folders between two chances for the event loop to run others
 
@@ -86,6 +87,46 @@ class LocalWalker:
         except OSError as e:
             self.errors.append(f"cannot read {path}: {e.strerror}")
 
+    def _folder_files(self, path: str, prefix: str, volume: str, group: dict[bytes, list[Found]],
+                      seen: dict[str, bytes | None]) -> int:
+        """Add the files of one `<aa>/<bb>` folder of `volume` to `group` by key, as add_copies
+        does, in one loop over scandir (the costly part of a local rebuild: a few calls per file);
+        a nested folder (a name holding `/`) goes through files(). The names skipped."""
+        skipped = 0
+        nested: list[tuple[str, int, int]] = []
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0  # gone since its parent was listed
+        except OSError as e:
+            self.errors.append(f"cannot read {path}: {e.strerror}")
+            return 0
+        try:
+            with it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False):
+                        name = e.name
+                        key = seen.get(name, b"")
+                        if key == b"":
+                            key = seen[name] = path2key(prefix + name)
+                        if key is None:
+                            skipped += 1
+                            continue
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted since the folder was read: a live server's DELETE
+                        copies = group.get(key)
+                        if copies is None:
+                            group[key] = [Found(volume, st.st_size, st.st_mtime_ns // 1_000_000)]
+                        else:
+                            copies.append(Found(volume, st.st_size, st.st_mtime_ns // 1_000_000))
+                    elif e.is_dir(follow_symlinks=False):
+                        self.files(e.path, e.name + "/", nested)
+        except OSError as e:
+            self.errors.append(f"cannot read {path}: {e.strerror}")
+        return skipped + add_copies(group, seen, volume, nested, prefix)
+
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
                    done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
         """As Walker.walk, over the folders `<aa>` of `aas`. Returns the files skipped."""
@@ -103,9 +144,8 @@ class LocalWalker:
                 group: dict[bytes, list[Found]] = {}
                 seen: dict[str, bytes | None] = {}  # a name is decoded once for all its copies
                 for root in bbs[bb]:
-                    files: list[tuple[str, int, int]] = []
-                    self.files(f"{self._folder(root)}/{aa}/{bb}", "", files)
-                    skipped += add_copies(group, seen, root.volume, files, f"/{aa}/{bb}/")
+                    skipped += self._folder_files(f"{self._folder(root)}/{aa}/{bb}", f"/{aa}/{bb}/", root.volume,
+                                                  group, seen)
                 if group:
                     await handle(group)
                 folders += 1

@@ -10,10 +10,11 @@ placement order (those placement puts it on first, best first, then the others),
 mtime from the listing.
 
 Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2), each walking
-its share with -concurrency listings in flight and writing FLUSH records per LMDB transaction.
-Memory holds one `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of
-keys. Each record is merged under LMDB's write lock with what the index holds at that moment
-(below), so a batch never overwrites a record a live server changed meanwhile.
+its share with -concurrency listings in flight and writing FLUSH records per transaction: on LMDB
+each key is put only where it is absent and merged (below) where it is not, under LMDB's write
+lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
+So a batch never overwrites a record a live server changed meanwhile. Memory holds one
+`<aa>/<bb>` folder per listing in flight and one batch, whatever the number of keys.
 
 What the volumes cannot tell, and so a rebuilt index does not know:
 - Unlinked keys: a volume keeps no unlink mark, so keys that were UNLINKED come back LIVE and
@@ -47,6 +48,8 @@ from minikv.admin.check import md5_of
 from minikv.admin.common import all_up, command_main, open_index, show, stop_on_signal
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.progress import Progress
+from minikv.admin.rebuild_pg import add_many as pg_add_many
+from minikv.admin.records import Placer
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
@@ -55,7 +58,7 @@ from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data
 from minikv.index.store import Store
 from minikv.placement import epoch, host_of, key2path, key2volume
 
-FLUSH = 4096  # records per LMDB write transaction: one commit (and fsync with -fsync) each
+FLUSH = 16384  # records per write transaction: one commit (and fsync with -fsync) each
 FLUSH_AFTER = 0.5  # seconds a found key waits at most before it is written
 DEFAULT_PROCS = 2  # processes walking the volumes (-workers): the walk is CPU-bound in Python
 
@@ -118,21 +121,23 @@ class Rebuild:
         self.progress = progress
         self.dirs = dirs or {}  # local mode: {volume: folder}; md5s are read from the files
         self.batch: list[tuple[bytes, bytes]] = []
+        self.placer = Placer(config)
 
     async def handle(self, group: dict[bytes, list[Found]]) -> None:
         p = self.progress
+        p.add("keys", len(group))
+        p.add("files", sum(map(len, group.values())))
+        record = self.placer.record
         for key, found in group.items():
-            p.add("keys")
-            p.add("files", len(found))
-            md5 = NO_MD5
             if self.with_md5:
-                md5 = await self.md5(key, found)
-            record, left_out = make_record(key, found, self.config, md5)
+                raw, left_out = make_record(key, found, self.config, await self.md5(key, found))
+            else:
+                raw, left_out = record(key, found)
             if left_out:
                 p.add("conflicts")
                 p.problem(f"{show(key)}: copies on {', '.join(f.volume for f in left_out)} differ in size from "
                           "the others and are left out of the record (`minikv repair` replaces them)")
-            self.batch.append((key, record))
+            self.batch.append((key, raw))
         # a batch is also written after FLUSH_AFTER seconds: what a live server deletes meanwhile
         # is not brought back from an old listing, and an interrupted run loses little
         if len(self.batch) >= FLUSH or time.monotonic() - self.flushed > FLUSH_AFTER:
@@ -182,8 +187,11 @@ class Rebuild:
         return encode_data(cur.state, volumes, cur.size, cur.mtime_ms, md5, layout(key, volumes, self.config))
 
     def flush(self) -> None:
-        if self.batch and self.store is not None:
-            self.store.merge_many(self.batch, self.merge)
+        if self.batch and isinstance(self.store, Store):
+            self.batch.sort()  # the puts then walk the tree in order
+            self.progress.add("written", self.store.add_many(self.batch, self.merge))
+        elif self.batch and self.store is not None:  # PostgreSQL: COPY, then one insert (rebuild_pg.py)
+            self.progress.add("written", pg_add_many(self.store, self.batch, self.merge))
         elif self.batch:
             self.progress.add("written", len(self.batch))  # dry run: what would be written
         self.batch = []

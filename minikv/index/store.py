@@ -183,6 +183,29 @@ class Store:
                     if current is None and (top := top_of(key)) is not None:
                         self._track_top(txn, top, True)
 
+    def add_many(self, items: list[tuple[bytes, bytes]],
+                 merge: Callable[[bytes, bytes | None, bytes], bytes | None]) -> int:
+        """merge_many for a rebuild's batch, at a fraction of its cost when most keys are new:
+        each key is put only where it is absent (one call, no read), and merge() runs for the
+        keys already there. `items` sorted by key make the puts walk the tree in order. Returns
+        how many keys were added."""
+        added = 0
+        last_top = None
+        with self.env.begin(write=True, db=self.keys) as txn:
+            put = txn.put
+            for key, value in items:
+                if put(key, value, overwrite=False):
+                    added += 1
+                    top = top_of(key)
+                    if top is not None and top != last_top:  # sorted: a folder's keys come together
+                        self._track_top(txn, top, True)
+                        last_top = top
+                    continue
+                new = merge(key, txn.get(key), value)
+                if new is not None:
+                    put(key, new)
+        return added
+
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
              keep: Callable[[bytes], bool] | None = None,
              budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:

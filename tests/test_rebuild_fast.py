@@ -1,0 +1,134 @@
+"""Rebuild's fast paths give what the plain ones gave: records made with placement computed once
+per run (admin/records.py) are make_record's byte for byte; the LMDB batch that puts only where
+a key is absent (Store.add_many) merges like merge_many; the PostgreSQL bulk load (COPY, then one
+insert: admin/rebuild_pg.py) makes the same index as LMDB's, first time and with -force. Real
+volumes, real PostgreSQL, rebuild as its own process."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_admin import admin, put_direct, ready, write  # noqa: E402
+
+from minikv.admin.rebuild import make_record  # noqa: E402
+from minikv.admin.records import Placer  # noqa: E402
+from minikv.admin.walk import Found  # noqa: E402
+from minikv.config import Config  # noqa: E402
+from minikv.index.pg_sync import SyncPgStore  # noqa: E402
+from minikv.index.record import LIVE, decode_data, encode_data  # noqa: E402
+from minikv.index.store import Store  # noqa: E402
+from minikv.placement import key2volume  # noqa: E402
+
+
+def test_placer_is_key2volume_and_make_record():
+    rnd = random.Random(15)
+    for n_vol, replicas, subvolumes in ((3, 3, 10), (5, 2, 1), (4, 1, 3), (6, 3, 256)):
+        volumes = [f"127.0.0.1:{3000 + i}" for i in range(n_vol)]
+        config = Config(volumes=volumes, db="unused", replicas=replicas, subvolumes=subvolumes)
+        placer = Placer(config)
+        for i in range(300):
+            key = rnd.randbytes(rnd.randrange(1, 40)) if i % 3 else f"/k/{i}".encode()
+            want = key2volume(key, volumes, replicas, subvolumes)
+            assert placer.want(key) == want
+            found = [Found(v, 100, 1_000 + j) for j, v in enumerate(want)]
+            if i % 5 == 1:
+                found.reverse()  # found in another order than placement's
+            elif i % 5 == 2:
+                found = found[1:] or found  # a copy missing
+            elif i % 5 == 3:
+                found.append(Found(volumes[-1] + "/sv00", 100, 5))  # a copy off its placement
+            elif i % 5 == 4:
+                found[0] = Found(found[0].volume, 99, 7)  # copies that differ in size
+            assert placer.record(key, found) == make_record(key, found, config), (key, found)
+
+
+def test_add_many_puts_new_keys_and_merges_the_others(tmp_path):
+    store = Store(str(tmp_path / "db"))
+    try:
+        old = encode_data(LIVE, ["a"], 5, 1, bytes(16))
+        store.merge_many([(b"/b/1", old)], lambda key, current, new: new)
+        seen = []
+
+        def merge(key, current, new):
+            seen.append((key, current, new))
+            return new + b"!"
+
+        new = encode_data(LIVE, ["a", "b"], 5, 1, bytes(16))
+        added = store.add_many(sorted([(b"/a/1", new), (b"/a/2", new), (b"/b/1", new), (b"/c/x", new)]), merge)
+        assert added == 3
+        assert seen == [(b"/b/1", old, new)]  # merge runs for the key already there, only
+        assert store.get(b"/b/1") == new + b"!" and store.get(b"/a/2") == new
+        assert store.top_folders(b"", 10) == [b"/a/", b"/b/", b"/c/"]  # ListBuckets sees the new folders
+    finally:
+        store.close()
+
+
+def lmdb_records(db: Path) -> dict[bytes, bytes]:
+    store = Store(str(db), readonly=True)
+    try:
+        return dict(store.scan(b"")[0])
+    finally:
+        store.close()
+
+
+def pg_records(url: str) -> dict[bytes, bytes]:
+    store = SyncPgStore(url, "test")
+    try:
+        return dict(store.scan(b"")[0])
+    finally:
+        store.close()
+
+
+def test_rebuild_into_postgresql_in_bulk_makes_lmdb_s_index(make_cluster, postgres):
+    c = make_cluster(volumes=3, replicas=2)
+    keys = {f"/bulk/{i}": os.urandom(3 + i % 11) for i in range(300)}
+    write(c, keys)
+    stray = key2volume(b"/bulk/7", c.names, 3, c.subvolumes)[2]  # a third copy, off placement
+    put_direct(stray, "/bulk/7", keys["/bulk/7"])
+    ready(c)
+    c.index.stop()
+    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
+    lmdb = c.root / "again"
+    # an index that knows some keys already (one copy of two): -force merges in the other
+    known = {}
+    store = Store(str(c.root / "index"), readonly=True)
+    try:
+        for i in range(0, 300, 7):
+            rec = decode_data(store.get(f"/bulk/{i}".encode()))
+            known[f"/bulk/{i}".encode()] = encode_data(LIVE, rec.volumes[:1], rec.size, rec.mtime_ms, rec.md5)
+    finally:
+        store.close()
+    pairs = sorted(known.items())
+    store = Store(str(lmdb))
+    try:
+        store.merge_many(pairs, lambda key, current, new: new)
+    finally:
+        store.close()
+    pg = SyncPgStore(url, "test")
+    try:
+        pg.merge_many(pairs, lambda key, current, new: new)
+    finally:
+        pg.close()
+
+    for db in (str(lmdb), url):
+        r = admin("rebuild", c, "-force", *[str(c.volume_dir(n)) for n in c.names], db=db)
+        assert r.returncode == 0, r.stderr
+        assert "300 keys found" in r.stderr and "300 records written" in r.stderr, r.stderr
+    got = pg_records(url)
+    assert got == lmdb_records(lmdb)
+    assert len(decode_data(got[b"/bulk/7"]).volumes) == 3
+    assert all(len(decode_data(got[k]).volumes) >= 2 for k in known)  # merged: the copies found too
+
+    # and into empty indexes, over HTTP (its mtimes are nginx's, to the second)
+    fresh, fresh_lmdb = postgres.create_db("t" + uuid.uuid4().hex[:12]), c.root / "fresh"
+    for db in (fresh, fresh_lmdb):
+        r = admin("rebuild", c, db=db)
+        assert r.returncode == 0, r.stderr
+    assert pg_records(fresh) == lmdb_records(fresh_lmdb)
+    assert len(pg_records(fresh)) == 300
