@@ -170,3 +170,30 @@ def quote_path(key: str) -> str:
     from minikv.placement import key2path
 
     return key2path(key.encode())[1:]
+
+
+def test_a_small_copy_goes_whole_and_a_file_bigger_than_its_record_is_streamed(cluster):
+    """replicas.copy with the record's size: a small file is one pipelined GET (asking for at
+    most SMALL bytes) and one PUT; a file bigger than the record says is streamed whole, as
+    before, never read whole into memory."""
+    import requests
+
+    from minikv import replicas
+    from minikv.http.client import Pool
+
+    src, dst = cluster.names[0] + "/sv01", cluster.names[1] + "/sv02"
+    small, big = os.urandom(1000), os.urandom(replicas.SMALL * 3 + 5)
+    for key, value in ((b"/copy/small", small), (b"/copy/big", big)):
+        assert requests.put(replicas.url(src, key), data=value).status_code in (201, 204)
+
+    async def main():
+        pool = Pool(5.0)
+        try:
+            await replicas.copy(pool, b"/copy/small", src, dst, len(small))
+            await replicas.copy(pool, b"/copy/big", src, dst, 1000)  # the record says 1000
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+    assert requests.get(replicas.url(dst, b"/copy/small")).content == small
+    assert requests.get(replicas.url(dst, b"/copy/big")).content == big

@@ -83,7 +83,7 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
                 raise VolumeError(host_of(dst), "cannot get a copy: no replica of the key is good")
             for i, src in enumerate(sources):
                 try:
-                    await replicas.copy(pool, key, src, dst)
+                    await replicas.copy(pool, key, src, dst, old.size)
                     break
                 except VolumeError as e:
                     if e.host == host_of(dst) or i == len(sources) - 1:
