@@ -56,6 +56,29 @@ def test_batched_compare_and_sets_share_one_transaction_and_each_is_checked(tmp_
         store.close()
 
 
+def test_an_engine_without_cas_many_gets_them_one_by_one_with_each_answer_its_own(tmp_path):
+    """PostgreSQL through its bridge has no cas_many: a real LMDB store seen through get/cas only."""
+    store = Store(str(tmp_path / "db"))
+
+    class OneByOne:
+        def __init__(self, store):
+            self.get, self.cas = store.get, store.cas
+
+    try:
+        a = encode_pending(OP_PUT, os.getpid(), 1, ["v1"])
+        batched = Batched(OneByOne(store))
+
+        async def main():
+            return await asyncio.gather(batched.cas(b"/x", None, a), batched.cas(b"/x", None, a),
+                                        batched.cas_many([(b"/y", None, a), (b"/y", a, None)]))
+
+        first, second, pair = asyncio.run(main())
+        assert first == (True, a) and second == (False, a)  # the second sees the first's write
+        assert pair == [(True, a), (True, None)] and store.get(b"/y") is None
+    finally:
+        store.close()
+
+
 def test_a_batched_move_never_overwrites_a_put_that_came_first(make_cluster):
     """Rebalance reads a page of records, then locks them in one transaction: a DELETE and PUT
     between the two win, the move of that key sees its new record and moves that one."""

@@ -65,17 +65,28 @@ class Batched:
         self.ops, self.waiting = [], []
         if not ops:
             return
+        if not hasattr(self.store, "cas_many"):
+            for fut, first, n in waiting:  # one by one: each caller learns what became of its own
+                try:
+                    answer = [self.store.cas(*op) for op in ops[first:first + n]]
+                except Exception as e:  # noqa: BLE001 - told to that caller, as a lone cas would be
+                    answer = e
+                self.commits += 1
+                answer_to(fut, answer)
+            return
         try:
-            if hasattr(self.store, "cas_many"):
-                answers = self.store.cas_many(ops)
-            else:
-                answers = [self.store.cas(*op) for op in ops]
+            answers = self.store.cas_many(ops)
             self.commits += 1
         except Exception as e:  # noqa: BLE001 - the whole batch failed (disk full): every key is told
-            for fut, _, _ in waiting:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
+            answers = e
         for fut, first, n in waiting:
-            if not fut.done():  # a caller cancelled meanwhile: its ops were written all the same
-                fut.set_result(answers[first:first + n])
+            answer_to(fut, answers if isinstance(answers, Exception) else answers[first:first + n])
+
+
+def answer_to(fut: asyncio.Future, answer) -> None:
+    if fut.done():  # its caller was cancelled meanwhile: its ops were written all the same
+        return
+    if isinstance(answer, Exception):
+        fut.set_exception(answer)
+    else:
+        fut.set_result(answer)
