@@ -1,8 +1,8 @@
 """Operations on the files that hold a key's value: where they are, delete them, copy one.
 
 Used by the API (PUT clean-up, DELETE, REBALANCE), by crash recovery and by the admin
-commands, so that every place talks to volumes the same way. Values are always streamed:
-a copy never holds more than a few chunks in memory.
+commands, so that every place talks to volumes the same way. Values are streamed: a copy
+never holds more than a few chunks in memory, or a small file (up to SMALL) whole.
 """
 
 from __future__ import annotations
@@ -56,10 +56,16 @@ async def exists(pool: Pool, volume: str, key: bytes) -> int | None:
     raise VolumeError(host, f"answered {resp.status} to HEAD")
 
 
-async def copy(pool: Pool, key: bytes, src: str, dst: str) -> None:
-    """Stream the key's file from volume `src` to volume `dst` (raises VolumeError)."""
+SMALL = 32 << 10  # a copy of a file up to this size goes whole, on pipes (see copy_small)
+
+
+async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = None) -> None:
+    """Stream the key's file from volume `src` to volume `dst` (raises VolumeError). `size`:
+    what the record says the file holds; a small one is copied by copy_small."""
     src_host, src_path = locate(src, key)
     dst_host, dst_path = locate(dst, key)
+    if size is not None and 0 < size <= SMALL and await copy_small(pool, src_host, src_path, dst_host, dst_path):
+        return
     conn, body = await pool.download(src_host, src_path)
     try:
         if conn.status != 200:
@@ -81,3 +87,24 @@ async def copy(pool: Pool, key: bytes, src: str, dst: str) -> None:
         raise VolumeError(src_host, f"sent nothing for {pool.stall:g}s") from None
     finally:
         pool.finish_download(conn)
+
+
+async def copy_small(pool: Pool, src_host: str, src_path: str, dst_host: str, dst_path: str) -> bool:
+    """Copy a small file as a GET and a PUT that share their connections and writes with the
+    other keys in flight (a streamed copy takes a connection and a write of its own for the
+    GET). The GET asks for the first SMALL bytes only, so a file bigger than its record says
+    never comes whole into memory: then False, and the caller streams it."""
+    resp = await pool.request(src_host, "GET", src_path, headers=(("Range", f"bytes=0-{SMALL - 1}"),),
+                              pipelined=True)
+    if resp.status == 416:
+        return False  # empty, though its record says otherwise: streamed, as before
+    if resp.status not in (200, 206):
+        raise VolumeError(src_host, f"answered {resp.status} to GET of {src_path}")
+    if resp.status == 206:
+        total = resp.headers.get(b"content-range", b"").rpartition(b"/")[2]
+        if not total.isdigit() or int(total) != len(resp.body):
+            return False  # bigger than SMALL: streamed instead
+    status = (await pool.request(dst_host, "PUT", dst_path, resp.body)).status
+    if status not in (201, 204):
+        raise VolumeError(dst_host, f"answered {status} to PUT of {dst_path}")
+    return True

@@ -6,8 +6,9 @@ crash anywhere is undone by index/recovery.py with its one rule for PENDING(reba
 the copies on `volumes` that `previous` does not name, put `previous` back".
 
     LIVE(old) ─caller─▶ PENDING(rebalance, new, prev=LIVE(old))   copy to new volumes
-              ─────────▶ LIVE(new)                                switch
-              ─────────▶ PENDING(rebalance, stale, prev=LIVE(new)) wait GRACE, delete stale copies
+              ─────────▶ LIVE(new)                                switch, and in the same
+              ─────────▶ PENDING(rebalance, stale, prev=LIVE(new)) transaction lock again;
+                                                                  wait GRACE, delete stale copies
               ─────────▶ LIVE(new)
 
 Why the second lock and the wait: a reader may have been redirected to an old copy just before
@@ -82,7 +83,7 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
                 raise VolumeError(host_of(dst), "cannot get a copy: no replica of the key is good")
             for i, src in enumerate(sources):
                 try:
-                    await replicas.copy(pool, key, src, dst)
+                    await replicas.copy(pool, key, src, dst, old.size)
                     break
                 except VolumeError as e:
                     if e.host == host_of(dst) or i == len(sources) - 1:
@@ -94,18 +95,19 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
         await settle(store.cas(key, pending, raw))
         raise
     live = encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch)
-    done, current = await settle(store.cas(key, pending, live))
+    stale = [v for v in old.volumes if v not in volumes]
+    relock = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), stale, live) if stale else None
+    # switch, and lock again in the same transaction, so the stale copies are always named
+    ops = [(key, pending, live)] + ([(key, live, relock)] if relock is not None else [])
+    (done, current), *rest = await cas_seq(store, ops)
     if not done:
         # recovery (an index starting up) undid our move meanwhile: remove the copies it missed
         keep = named(current) | set(old.volumes)
         await replicas.delete_all(pool, [v for v in copied if v not in keep], key)
         raise LostLock("the key's record was changed by another process during the move; run again")
-    stale = [v for v in old.volumes if v not in volumes]
-    if not stale:
+    if relock is None:
         return []
-    # lock again at once (no await since the switch), so the stale copies are always named
-    relock = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), stale, live)
-    locked, _ = await settle(store.cas(key, live, relock))
+    locked = rest[0][0]
     tail = retire(pool, store, key, live, relock if locked else None, stale, grace)
     if not detach:
         return await tail
@@ -152,11 +154,18 @@ async def try_move(pool: Pool, store: Store, key: bytes, raw: bytes, want: list[
     background. (True, None) when moved; (False, the record now) when it changed meanwhile, to
     be looked at again. Raises VolumeError when the move failed: the key stays where it was."""
     pending = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), want, raw)
-    done, current = store.cas(key, raw, pending)
+    done, current = await settle(store.cas(key, raw, pending))  # admin/batch.py's: with others
     if not done:
         return False, current
     try:
         await move_key(pool, store, key, raw, want, pending, epoch=epoch, good=good, detach=True)
     except LostLock:
-        return False, store.get(key)
+        return False, await settle(store.get(key))
     return True, None
+
+
+async def cas_seq(store: Store, ops: list[tuple[bytes, bytes | None, bytes | None]]) -> list[tuple[bool, bytes | None]]:
+    """Compare-and-sets in order, in one transaction where the engine can (LMDB's cas_many)."""
+    if hasattr(store, "cas_many"):
+        return await settle(store.cas_many(ops))
+    return [await settle(store.cas(*op)) for op in ops]

@@ -27,6 +27,7 @@ import sys
 from urllib.parse import quote
 
 from minikv.admin import move
+from minikv.admin.batch import Batched
 from minikv.admin.common import (
     all_up,
     command_main,
@@ -58,7 +59,7 @@ class Offline:
     def __init__(self, config: Config, args, store: Store, pool: Pool, progress: Progress):
         self.config = config
         self.dry_run = args.dry_run
-        self.store = store
+        self.store = Batched(store)  # the keys in flight lock, switch and unlock in shared transactions
         self.pool = pool
         self.progress = progress
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)

@@ -32,8 +32,8 @@ import lmdb
 
 from minikv.admin.check import KINDS, inspect, judge
 from minikv.admin.common import (
+    PAGE,
     command_main,
-    each_record,
     foreign_names,
     open_index,
     probe,
@@ -48,7 +48,7 @@ from minikv.http.client import Pool
 from minikv.index.engine import is_url
 from minikv.index.record import LIVE, PENDING, UNLINKED, decode_data
 from minikv.index.store import Store
-from minikv.placement import key2volume, needs_rebalance
+from minikv.placement import epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
@@ -68,23 +68,32 @@ class Seen:
         self.batch: list[tuple[bytes, bytes]] = []
 
     def add(self, key: bytes, raw: bytes) -> None:
-        self.batch.append((key, hashlib.md5(raw).digest()[:8]))
+        self.batch.append((key, digest(raw)))
         if len(self.batch) >= SEEN_BATCH:
             self.flush()
 
     def flush(self) -> None:
         with self.env.begin(write=True) as txn:
-            for key, digest in self.batch:
-                txn.put(key, digest)
+            for key, value in self.batch:
+                txn.put(key, value)
         self.batch = []
 
     def right(self, key: bytes, raw: bytes) -> bool:
         """Did the walk see this key's record, as it is now, with every copy right?"""
-        return self.env.begin().get(key) == hashlib.md5(raw).digest()[:8]
+        return self.env.begin().get(key) == digest(raw)
+
+    def reader(self):
+        """A read transaction for many `right` questions: `txn.get(key) == digest(raw)`."""
+        return self.env.begin()
 
     def close(self) -> None:
         self.env.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def digest(raw: bytes) -> bytes:
+    """What Seen keeps of a record: enough to tell it changed since the walk."""
+    return hashlib.md5(raw).digest()[:8]
 
 
 class Verify:
@@ -97,6 +106,47 @@ class Verify:
         self.with_md5 = with_md5
         self.seen = seen
         self.walked = set(config.volumes)
+        self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+
+    def misplaced(self, key: bytes, record) -> list[str] | None:
+        """Where placement wants the key when its record says otherwise, else None. A record
+        written under this layout (its epoch) is where placement says: no hashing needed."""
+        if record.epoch == self.epoch:
+            return None
+        c = self.config
+        want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
+        return want if needs_rebalance(want, record.volumes) else None
+
+    def note_misplaced(self, key: bytes, record, want: list[str] | None) -> None:
+        if want is not None:
+            self.progress.add("misplaced")
+            self.progress.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
+                                  f"{','.join(want)}")
+
+    def quick(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Pass 2 for one page of records, without an await: every key the walk saw right (on a
+        healthy cluster, all) is judged here, in one read of the scratch LMDB; the others are
+        returned, for `key` to ask their volumes."""
+        if self.seen is None:
+            return pairs
+        p = self.progress
+        rest = []
+        counts = p.counts
+        with self.seen.reader() as txn:
+            for key, raw in pairs:
+                if raw[0] != LIVE or txn.get(key) != digest(raw):
+                    rest.append((key, raw))
+                    continue
+                counts["seen"] += 1
+                record = decode_data(raw)
+                if len(record.volumes) < self.config.replicas:
+                    counts["under-replicated"] += 1
+                want = self.misplaced(key, record)
+                self.note_misplaced(key, record, want)
+                if want is None:
+                    counts["ok"] += 1
+        p.tick(len(pairs) - len(rest))
+        return rest
 
     def walked_group(self, group: dict[bytes, list[Found]]) -> dict[bytes, list[Found]]:
         """Pass 1: note the LIVE records whose every copy the listings show with its size.
@@ -129,19 +179,12 @@ class Verify:
             return
         record = decode_data(raw)
         c = self.config
-        want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
-        misplaced = needs_rebalance(want, record.volumes)
-
-        def note_misplaced() -> None:  # after "busy" is ruled out: a stale record says nothing
-            if misplaced:
-                p.add("misplaced")
-                p.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
-                          f"{','.join(want)}")
-
+        want = self.misplaced(key, record)
+        misplaced = want is not None
         if self.seen is not None and self.seen.right(key, raw):
             if len(record.volumes) < c.replicas:
                 p.add("under-replicated")
-            note_misplaced()
+            self.note_misplaced(key, record, want)
             if not misplaced:
                 p.add("ok")
             return
@@ -161,10 +204,44 @@ class Verify:
             p.problem(f"{show(key)}: lost: no right copy left")
         elif len(verdict.good) < c.replicas:
             p.add("under-replicated")
-        note_misplaced()
+        self.note_misplaced(key, record, want)  # after "busy" is ruled out: a stale record says nothing
         if not (verdict.problems or verdict.conflict or misplaced):
             p.add("ok")
         p.show(ok=p.counts["ok"], problems=p.lines)
+
+
+async def each_record_quick(store: Store, job: Verify, concurrency: int, stop: asyncio.Event) -> None:
+    """Pass 2 over every record, a page at a time: what `job.quick` settles costs no task; the
+    rest is asked of the volumes by `job.key`, `concurrency` at once (an error on one key is
+    counted and reported; the others go on)."""
+    p = job.progress
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task] = set()
+
+    async def one(key: bytes, raw: bytes) -> None:
+        try:
+            await job.key(key, raw)
+        except Exception as e:  # one bad key must not stop a long run; it is reported
+            p.add("failed")
+            p.problem(f"{show(key)}: {e!r}")
+        finally:
+            slots.release()
+            p.tick()
+
+    start = b""
+    while not stop.is_set():
+        pairs, start = store.scan(b"", start, PAGE)
+        for key, raw in job.quick(pairs):
+            await slots.acquire()
+            if stop.is_set():
+                slots.release()
+                break
+            task = asyncio.get_running_loop().create_task(one(key, raw))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if not start:
+            break
+    await asyncio.gather(*running)
 
 
 async def verify(args, config: Config) -> int:
@@ -209,7 +286,7 @@ async def verify(args, config: Config) -> int:
                 progress.problem(f"orphan search incomplete: {err}")
             if not stop.is_set():
                 stop_on_signal(stop, progress)
-                await each_record(store, job.key, args.concurrency, progress, stop)
+                await each_record_quick(store, job, args.concurrency, stop)
         finally:
             if seen is not None:
                 seen.close()
