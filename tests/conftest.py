@@ -76,3 +76,11 @@ def make_cluster(engine, request):
     for c in made:
         c.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def data():
+    """A data folder for `minikv up` that does not exist yet (up makes it), removed afterwards."""
+    root = open_dir()
+    yield root / "data"
+    shutil.rmtree(root, ignore_errors=True)

@@ -4,15 +4,13 @@ folder, stops everything on Ctrl-C, and refuses to start on ports something else
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 
-import pytest
 import requests
-from cluster import HOST, open_dir, wait_closed, wait_port
+from cluster import HOST, wait_closed, wait_port
 
 from minikv.cluster import VOLUMES, busy_ports
 
@@ -24,13 +22,6 @@ def free_base() -> int:
         if not busy_ports(list(range(base, base + VOLUMES + 1))):
             return base
     raise RuntimeError("no free run of ports found")
-
-
-@pytest.fixture
-def data():
-    root = open_dir()
-    yield root / "data"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def start_up(data, base: int) -> subprocess.Popen:

@@ -5,7 +5,6 @@ process of it running; a second start keeps the data."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 import requests
-from cluster import HOST, open_dir, wait_closed, wait_port
+from cluster import HOST, wait_closed, wait_port
 from test_processes import tree
 from test_up import free_base
 
@@ -31,13 +30,6 @@ def pg_base() -> int:
         if not busy_ports(ports + [p + 100 for p in ports]):
             return base
     raise RuntimeError("no free run of ports found")
-
-
-@pytest.fixture
-def data():
-    root = open_dir()
-    yield root / "data"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def start(data, base: int, log) -> subprocess.Popen:
