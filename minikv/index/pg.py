@@ -109,18 +109,26 @@ async def connect(db: str):
     return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT)
 
 
+async def make_tables(conn, statements, version_table: str, version: int, lock: int = _SCHEMA_LOCK) -> int:
+    """Run `statements` (CREATE ... IF NOT EXISTS) in one transaction under the advisory `lock`,
+    so servers starting together make them once, and record `version` in `version_table` when it
+    holds none: the version found (a later one is the caller's to refuse)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+        for statement in statements:
+            await conn.execute(statement)
+        found = await conn.fetchval(f"SELECT max(version) FROM {version_table}")
+        if found is None:
+            await conn.execute(f"INSERT INTO {version_table} (version) VALUES ($1)", version)
+            return version
+        return found
+
+
 async def create_schema(conn) -> None:
     """Make the tables on first use; refuse a schema a later minikv made."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-        for statement in SCHEMA:
-            await conn.execute(statement)
-        version = await conn.fetchval("SELECT max(version) FROM minikv_schema")
-        if version is None:
-            await conn.execute("INSERT INTO minikv_schema (version) VALUES ($1)", SCHEMA_VERSION)
-        elif version > SCHEMA_VERSION:
-            raise RuntimeError(f"the index schema is version {version}, made by a later minikv; this one "
-                               f"knows version {SCHEMA_VERSION}: run the later minikv")
+    if (version := await make_tables(conn, SCHEMA, "minikv_schema", SCHEMA_VERSION)) > SCHEMA_VERSION:
+        raise RuntimeError(f"the index schema is version {version}, made by a later minikv; this one "
+                           f"knows version {SCHEMA_VERSION}: run the later minikv")
 
 
 async def _keep_session(conn) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from minikv.index.pg import IndexUnavailable, PgStore, _down, prefix_end
+from minikv.index.pg import IndexUnavailable, PgStore, _down, make_tables, prefix_end
 from minikv.s3.attrs import decode, encode
 from minikv.s3.meta import _CREATED, attrs_key
 
@@ -64,14 +64,9 @@ class PgMeta:
                 return
             try:
                 pool = await self.engine._get_pool()
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                    for statement in SCHEMA:
-                        await conn.execute(statement)
-                    version = await conn.fetchval("SELECT max(version) FROM minikv_s3_schema")
-                    if version is None:
-                        await conn.execute("INSERT INTO minikv_s3_schema (version) VALUES ($1)", SCHEMA_VERSION)
-                    elif version > SCHEMA_VERSION:  # a 503 that says so, on every S3 request
+                async with pool.acquire() as conn:
+                    version = await make_tables(conn, SCHEMA, "minikv_s3_schema", SCHEMA_VERSION, _SCHEMA_LOCK)
+                    if version > SCHEMA_VERSION:  # a 503 that says so, on every S3 request
                         raise IndexUnavailable(f"the S3 tables are version {version}, made by a later minikv; "
                                                f"this one knows version {SCHEMA_VERSION}: run the later minikv")
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
