@@ -617,12 +617,7 @@ class Bench:
     def big_put(self) -> None:
         c = self.cluster
         path = c.tmp / "big.bin"
-        want_md5 = hashlib.md5()
-        with open(path, "wb") as f:
-            for _ in range(self.big_mb):
-                chunk = os.urandom(1 << 20)
-                want_md5.update(chunk)
-                f.write(chunk)
+        want = random_file(path, self.big_mb)
 
         cpu = {"nginx": CpuUse(), "index": CpuUse(), "three": CpuUse()}
 
@@ -658,9 +653,9 @@ class Bench:
                 # Say what the index answered, not just what curl made of it.
                 status, headers, _ = http_request(c.index_port, "GET", f"/bigkey{n}")
                 raise BenchError(f"{e}\nthe index answers GET /bigkey{n} with {status} {headers!r}") from None
-            if got != want_md5.hexdigest():
+            if got != want:
                 raise BenchError(f"big PUT: GET {url} (redirect followed) returned md5 {got}, "
-                                 f"the file has {want_md5.hexdigest()}")
+                                 f"the file has {want}")
             http_request(c.index_port, "DELETE", f"/bigkey{n}")
             return secs
 
@@ -705,12 +700,7 @@ class Bench:
             return
         c = self.cluster
         path = c.tmp / "big-s3.bin"
-        want_md5 = hashlib.md5()
-        with open(path, "wb") as f:
-            for _ in range(self.big_mb):
-                chunk = os.urandom(1 << 20)
-                want_md5.update(chunk)
-                f.write(chunk)
+        want = random_file(path, self.big_mb)
         index = f"http://{HOST}:{c.index_port}"
         s3 = boto3.client("s3", endpoint_url=index, aws_access_key_id="bench", aws_secret_access_key="bench",
                           region_name="us-east-1", config=BotoConfig(s3={"addressing_style": "path"}))
@@ -723,7 +713,7 @@ class Bench:
         if status != 302 or not location:
             raise BenchError(f"S3 big GET: the plain API answered {status} {headers!r} for the stored value")
         s3_get = ["-H", "x-amz-date: 20250101T000000Z"]  # an S3 request, unsigned: the client costs nothing
-        if curl_md5(f"{index}/bench-s3/get", s3_get) != want_md5.hexdigest():
+        if curl_md5(f"{index}/bench-s3/get", s3_get) != want:
             raise BenchError("S3 big GET: the bytes through the index are not the file's")
         ref_get, s3_gets = [], []
         for _ in range(3):  # mirrored: nginx, index, index, nginx
@@ -741,7 +731,7 @@ class Bench:
             start = time.perf_counter()
             s3.upload_file(str(path), "bench-s3", f"mp{n}", Config=transfer)
             secs = time.perf_counter() - start
-            if n == 0 and curl_md5(f"{index}/bench-s3/mp0", []) != want_md5.hexdigest():
+            if n == 0 and curl_md5(f"{index}/bench-s3/mp0", []) != want:
                 raise BenchError("S3 multipart: the assembled object is not the file")
             s3.delete_object(Bucket="bench-s3", Key=f"mp{n}")
             return secs
@@ -875,6 +865,17 @@ def postgres_figures(bench: Bench) -> None:
             p.popen.wait(timeout=20)
         pg.stop()
         c.index_names = ("index",)
+
+
+def random_file(path: Path, mb: int) -> str:
+    """Write `mb` MB of random bytes to `path`; their md5 (hex)."""
+    md5 = hashlib.md5()
+    with open(path, "wb") as f:
+        for _ in range(mb):
+            chunk = os.urandom(1 << 20)
+            md5.update(chunk)
+            f.write(chunk)
+    return md5.hexdigest()
 
 
 def curl_get(url: str, extra: list[str]) -> float:
