@@ -68,6 +68,7 @@ class PgS3(S3):
         self.pool = app.pool
         self.health = app.health
         self.values = Values(app.config, self.store, app.pool, app.health)
+        self.values.uploads = app  # S3 writes count in the plain API's budget of upload files, as on LMDB
         self.meta = Bridge(PgMeta(engine), loop)
         self.values.meta = self.meta
         self.access_key = getattr(app.config, "s3_access_key", "") or ""
