@@ -160,13 +160,21 @@ def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(ma
     assert len(reasons) == 1 and "Connection refused" in reasons[0], reasons
     wait_for(lambda: samples(c)[("minikv_volume_errors_total", (("volume", gone),))] > 0, what="errors counted")
     assert m[("minikv_ready", ())] == 0
-    page = requests.get(c.ops + "/", timeout=10).text
-    assert f'data-volume="{gone}" data-state="down"' in page and "Connection refused" in page
+    # the page and `minikv status` are answered by whichever worker: wait for the refusing reason too
+    def refused_on_page():
+        text = requests.get(c.ops + "/", timeout=10).text
+        return text if f'data-volume="{gone}" data-state="down"' in text and "Connection refused" in text else None
+
+    page = wait_for(refused_on_page, what="the page gives the volume down, refusing")
     assert f'data-volume="{c.names[1]}" data-state="up"' in page
-    out = status_cmd(c.ops_address)
+
+    def refused_in_status():
+        out = status_cmd(c.ops_address)
+        row = next((line for line in out.stdout.splitlines() if line.startswith(gone)), "")
+        return out if "DOWN" in row and "Connection refused" in row else None
+
+    out = wait_for(refused_in_status, what="minikv status gives the volume down, refusing")
     assert out.returncode == 1, out
-    row = next(line for line in out.stdout.splitlines() if line.startswith(gone))
-    assert "DOWN" in row and "Connection refused" in row, out.stdout
 
     c.volumes[0].start()
     wait_for(lambda: requests.get(c.ops + "/readyz", timeout=10).status_code == 200, what="readyz 200 again")
