@@ -524,8 +524,15 @@ class Pool:
                 raise LocalError(host, _LOCAL_ERRNOS[e.errno], e.strerror) from None
             raise VolumeError(host, f"is unreachable: {e.strerror or e}") from None
         conn.pool = self
+        try:
+            peer = None if conn.transport.is_closing() else conn.transport.get_extra_info("peername")
+        except AttributeError:  # uvloop, once the socket is gone
+            peer = None
+        if conn.closed or peer is None:  # the volume closed it at once: it is stopping
+            conn.transport.close()
+            raise VolumeError(host, "closed the connection as soon as it was made")
         # resolve a name once: "localhost" would otherwise be looked up on every connection
-        self._addr.setdefault(host, conn.transport.get_extra_info("peername")[:2])
+        self._addr.setdefault(host, peer[:2])
         return conn
 
     # -- pipes --
