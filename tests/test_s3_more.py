@@ -8,14 +8,12 @@ import hashlib
 import signal
 import socket
 import time
-import uuid
 
 import pytest
 
 boto3 = pytest.importorskip("boto3")
-from test_s3 import client  # noqa: E402
-
-from minikv.placement import key2path, key2volume  # noqa: E402
+from test_s3 import bucket, client  # noqa: E402
+from test_s3_objects_more import _files  # noqa: E402
 
 MB = 1 << 20
 
@@ -23,18 +21,6 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def s3(cluster):
     return client(cluster.port)
-
-
-def bucket() -> str:
-    return "mo" + uuid.uuid4().hex[:10]
-
-
-def _files(cluster, key: bytes) -> list[bytes]:
-    out = []
-    for vol in key2volume(key, cluster.names, cluster.replicas, cluster.subvolumes):
-        path = cluster.volume_dir(vol) / key2path(key).lstrip("/")
-        out.append(path.read_bytes())
-    return out
 
 
 def _held_put(port: int, target: str, body: bytes) -> socket.socket:
