@@ -5,6 +5,7 @@ started as `python -m minikv ...` processes in their own process groups and stop
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import requests
 
 HOST = "127.0.0.1"
 _given: set[int] = set()
+_opened: list[Path] = []
 
 
 def free_port() -> int:
@@ -36,7 +38,15 @@ def open_dir() -> Path:
     which nginx workers (www-data when the tests run as root) could not enter."""
     path = Path(tempfile.mkdtemp(prefix="minikv-test-"))
     path.chmod(0o755)
+    _opened.append(path)
     return path
+
+
+def remove_opened() -> None:
+    """Remove every folder open_dir made in this run, also those of tests that failed or did not
+    clean up after themselves, so that test runs do not fill /tmp."""
+    while _opened:
+        shutil.rmtree(_opened.pop(), ignore_errors=True)
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster import Cluster, open_dir  # noqa: E402
+from cluster import Cluster, open_dir, remove_opened  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,10 @@ def engine(request) -> str:
     """The index engine of a module's clusters: "lmdb" unless the module parametrizes it
     (`pytestmark = pytest.mark.parametrize("engine", [...], indirect=True, scope="module")`)."""
     return getattr(request, "param", "lmdb")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    remove_opened()
 
 
 def pytest_generate_tests(metafunc):
