@@ -1,4 +1,5 @@
-"""Big S3 GETs forwarded socket to socket (http/splice.py), on real clusters."""
+"""Big S3 GETs forwarded socket to socket (http/splice.py), and S3 overwrites whose volumes
+fall silent at the commit (s3/values.py), on real clusters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import requests
 from cluster import HOST
 
 from minikv.http.splice import SPLICE_MIN
+from minikv.placement import key2path, key2volume
 
 S3 = {"x-amz-date": "20250101T000000Z"}  # an S3 request, unsigned (no credentials configured)
 MB = 1 << 20
@@ -92,3 +94,83 @@ def test_volumes_that_stop_mid_answer_cut_the_answer_short_and_the_index_serves_
     assert got < length and took < 15, (got, length, took)
     r = requests.get(c.url("/big/cut"), headers=S3)
     assert r.status_code == 200 and r.content == value
+
+
+# -- an S3 overwrite of the same size whose volumes fall silent at the commit --
+
+def _overwrite_held(port: int, target: str, new: bytes) -> socket.socket:
+    """An S3 PUT sent whole but its chunked terminator: the index holds the commit back."""
+    sock = socket.create_connection((HOST, port))
+    sock.settimeout(60)
+    half = len(new) // 2
+    sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: x\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode()
+                 + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (new[:half], new[half:])))
+    time.sleep(0.5)  # the body is read; its end is to come
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    answer = b""
+    while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+        answer += more
+    return answer
+
+
+def test_every_volume_silent_at_the_commit_of_a_same_size_overwrite_keeps_a_whole_value(make_cluster):
+    """Every volume stops as the last bytes go out and resumes only once the index has given
+    up waiting for their answers: it asks each what it holds. The old and new values have the
+    same size, so the size could not tell, and the key was deleted ("the replicas could not be
+    made equal"); now the file's md5 tells, and the key keeps a whole value, the one its record
+    says."""
+    c = make_cluster(volumes=3, replicas=3, workers=1, flags=["-voltimeout", "3s"])
+    old, new = b"o" * 300_000, b"n" * 300_000
+    r = c.request("PUT", "/sv/obj", data=old, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    assert r.status_code == 200, r.text
+    sock = _overwrite_held(c.port, "/sv/obj", new)
+    try:
+        for v in c.volumes:
+            v.send(signal.SIGSTOP)
+        t0 = time.monotonic()
+        sock.sendall(b"0\r\n\r\n")
+        # the commit waits 5 s for the volumes (STALL_MIN), then asks each with a HEAD that
+        # may take -voltimeout (3 s): they resume in between
+        time.sleep(6.5)
+        for v in c.volumes:
+            v.send(signal.SIGCONT)
+        answer = _answer(sock)
+    finally:
+        sock.close()
+        for v in c.volumes:
+            v.send(signal.SIGCONT)
+    assert time.monotonic() - t0 > 5, answer  # the volumes' silence was seen
+    r = requests.get(c.url("/sv/obj"), headers=S3)
+    assert r.status_code == 200 and r.content in (old, new), (answer, r.status_code, r.content[:100])
+    # and the record knows which: its md5 (the ETag) is the one of the bytes served
+    assert r.headers["ETag"].strip('"') == hashlib.md5(r.content).hexdigest(), answer
+
+
+def test_one_volume_hung_at_the_commit_of_an_overwrite_keeps_the_new_value_on_the_others(make_cluster):
+    """One volume hangs as the last bytes go out: the others rename the new value into place.
+    The hung one cannot take a copy, and the key was deleted everywhere; now the record names
+    the volumes that hold the new value, the client gets 503 (write again), and REBALANCE
+    completes the replicas once the volume is back."""
+    c = make_cluster(volumes=3, replicas=3, workers=1)
+    old, new = b"o" * 300_000, b"n" * 300_000
+    r = c.request("PUT", "/sv/one", data=old, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    assert r.status_code == 200, r.text
+    sock = _overwrite_held(c.port, "/sv/one", new)
+    try:
+        c.volumes[0].send(signal.SIGSTOP)
+        sock.sendall(b"0\r\n\r\n")
+        answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"2 of 3 replicas" in answer, answer
+        r = requests.get(c.url("/sv/one"), headers=S3)
+        assert r.status_code == 200 and r.content == new
+    finally:
+        sock.close()
+        c.volumes[0].send(signal.SIGCONT)
+    assert c.get("/sv/one", allow_redirects=False).headers["Key-Balance"] == "unbalanced"
+    assert c.request("REBALANCE", "/sv/one").status_code == 204
+    for volume in key2volume(b"/sv/one", c.names, c.replicas, c.subvolumes):
+        assert (c.volume_dir(volume) / key2path(b"/sv/one").lstrip("/")).read_bytes() == new, volume
