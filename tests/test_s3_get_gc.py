@@ -1,5 +1,6 @@
-"""Big S3 GETs forwarded socket to socket (http/splice.py), and S3 overwrites whose volumes
-fall silent at the commit (s3/values.py), on real clusters."""
+"""Big S3 GETs forwarded socket to socket (http/splice.py), S3 overwrites whose volumes fall
+silent at the commit (s3/values.py), and `minikv gc` for abandoned multipart uploads
+(admin/uploads.py), on real clusters."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
+import pytest
 import requests
 from cluster import HOST
 
 from minikv.http.splice import SPLICE_MIN
 from minikv.placement import key2path, key2volume
+from minikv.s3.multipart import PART_PREFIX
 
 S3 = {"x-amz-date": "20250101T000000Z"}  # an S3 request, unsigned (no credentials configured)
 MB = 1 << 20
@@ -174,3 +179,86 @@ def test_one_volume_hung_at_the_commit_of_an_overwrite_keeps_the_new_value_on_th
     assert c.request("REBALANCE", "/sv/one").status_code == 204
     for volume in key2volume(b"/sv/one", c.names, c.replicas, c.subvolumes):
         assert (c.volume_dir(volume) / key2path(b"/sv/one").lstrip("/")).read_bytes() == new, volume
+
+
+# -- minikv gc: abandoned multipart uploads --
+
+def _gc(c, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minikv", "gc", "-volumes", ",".join(c.names), "-db", c.db,
+                           "-replicas", str(c.replicas), "-subvolumes", str(c.subvolumes), *flags],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _part_files(c, upload_id: str) -> int:
+    """The part files of an upload on the volumes' disks."""
+    n = 0
+    for v in c.volumes:
+        for number in range(1, 4):
+            name = key2path(PART_PREFIX + upload_id.encode() + b"/%05d" % number).rsplit("/", 1)[1]
+            n += sum(1 for _ in c.volume_dir(f"{HOST}:{v.port}").rglob(name))
+    return n
+
+
+@pytest.mark.parametrize("engine", ["lmdb", "postgresql"], indirect=True)
+def test_gc_aborts_uploads_older_than_its_age_and_keeps_younger_ones(make_cluster):
+    boto3 = pytest.importorskip("boto3")  # noqa: F841
+    from test_s3 import client
+
+    c = make_cluster(volumes=3, replicas=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="mpu")
+    old = s3.create_multipart_upload(Bucket="mpu", Key="old")["UploadId"]
+    for n in (1, 2):
+        s3.upload_part(Bucket="mpu", Key="old", UploadId=old, PartNumber=n, Body=b"p" * 1000)
+    time.sleep(6)
+    dry = _gc(c, "-uploads-older-than", "5s", "-dry-run")
+    assert dry.returncode == 0 and "1 multipart uploads aborted (dry run)" in dry.stderr, dry.stderr
+    assert _part_files(c, old) == 4
+    default = _gc(c)  # 7 days: it is young
+    assert default.returncode == 0 and "aborted" not in default.stderr, default.stderr
+    young = s3.create_multipart_upload(Bucket="mpu", Key="young")["UploadId"]
+    s3.upload_part(Bucket="mpu", Key="young", UploadId=young, PartNumber=1, Body=b"y" * 1000)
+    assert _part_files(c, old) == 4 and _part_files(c, young) == 2
+    done = _gc(c, "-uploads-older-than", "5s")
+    assert done.returncode == 0 and "1 multipart uploads aborted, 2 their parts" in done.stderr, done.stderr
+
+    left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket="mpu").get("Uploads", [])}
+    assert left == {young}
+    assert _part_files(c, old) == 0 and _part_files(c, young) == 2
+    s3.complete_multipart_upload(Bucket="mpu", Key="young", UploadId=young,
+                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": hashlib.md5(b"y" * 1000).hexdigest()}]})
+    assert s3.get_object(Bucket="mpu", Key="young")["Body"].read() == b"y" * 1000
+
+
+def test_gc_deletes_parts_whose_upload_is_gone(make_cluster):
+    """A crash between the two steps of an abort (its upload dropped, its parts not yet)
+    leaves parts no upload names: gc deletes them, and leaves the parts of live uploads."""
+    boto3 = pytest.importorskip("boto3")  # noqa: F841
+    from test_s3 import client
+
+    from minikv.s3.meta import Meta
+
+    c = make_cluster(volumes=3, replicas=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="orph")
+    gone = s3.create_multipart_upload(Bucket="orph", Key="a")["UploadId"]
+    kept = s3.create_multipart_upload(Bucket="orph", Key="b")["UploadId"]
+    for upload_id, key in ((gone, "a"), (kept, "b")):
+        s3.upload_part(Bucket="orph", Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * 500)
+    meta = Meta(os.path.join(c.db, "s3"))  # the crash: the upload is dropped, its part stays
+    try:
+        assert meta.drop_upload(gone)
+    finally:
+        meta.close()
+    done = _gc(c)
+    assert done.returncode == 0 and "1 orphan parts deleted" in done.stderr, done.stderr
+    assert _part_files(c, gone) == 0 and _part_files(c, kept) == 2
+    assert [p["PartNumber"] for p in s3.list_parts(Bucket="orph", Key="b", UploadId=kept)["Parts"]] == [1]
+
+
+def test_durations_take_days_as_s3_lifecycle_rules_count_them():
+    from minikv.cli import parse_args, parse_duration
+
+    assert parse_duration("7d") == parse_duration("168h") == 7 * 86400
+    assert parse_duration("1d12h") == 36 * 3600
+    assert parse_args(["gc"]).flags["uploads-older-than"] == 7 * 86400
