@@ -4,6 +4,7 @@ silent at the commit (s3/values.py), and `minikv gc` for abandoned multipart upl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -262,3 +263,65 @@ def test_durations_take_days_as_s3_lifecycle_rules_count_them():
     assert parse_duration("7d") == parse_duration("168h") == 7 * 86400
     assert parse_duration("1d12h") == 36 * 3600
     assert parse_args(["gc"]).flags["uploads-older-than"] == 7 * 86400
+
+
+def test_splice_forward_moves_exact_bytes_and_tells_an_early_end():
+    """forward() on real loopback sockets: exactly `count` bytes reach the client, a source that
+    closes before them is SourceFailed, and no link can be made on a closed transport (the
+    answer is then copied)."""
+    import uvloop
+
+    from minikv.http import splice
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: list = []
+        server = await loop.create_server(lambda: _Keep(accepted), HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def pair():
+            transport, _ = await loop.create_connection(asyncio.Protocol, HOST, port)
+            while len(accepted) < 1:
+                await asyncio.sleep(0.01)
+            return transport, accepted.pop()
+
+        src_local, src_peer = await pair()  # the volume writes at src_peer; we read src_local
+        dst_local, dst_peer = await pair()  # we write dst_local; the client reads at dst_peer
+        src_local.pause_reading()
+        data = os.urandom(3 * MB)
+        src_peer.write(data + b"trailing bytes of the next answer")
+        await splice.forward(splice.link(src_local, dst_local), len(data), 5.0)
+        got = dst_peer.get_protocol()
+        while len(got.data) < len(data):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert bytes(got.data) == data  # not a byte more
+
+        short_local, short_peer = await pair()
+        short_local.pause_reading()
+        short_peer.write(b"x" * 1000)
+        short_peer.close()
+        with pytest.raises(splice.SourceFailed, match="bytes of its answer to come"):
+            await splice.forward(splice.link(short_local, dst_local), 5000, 5.0)
+        short_local.close()
+        await asyncio.sleep(0.05)
+        assert splice.link(short_local, dst_local) is None
+        for t in (src_local, src_peer, dst_local, dst_peer):
+            t.close()
+        server.close()
+
+    uvloop.run(main())
+
+
+class _Keep(asyncio.Protocol):
+    """A server side that hands its transport over and keeps what it receives."""
+
+    def __init__(self, accepted: list):
+        self.accepted = accepted
+        self.data = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.accepted.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
