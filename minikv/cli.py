@@ -40,12 +40,12 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
     """Go's time.ParseDuration for the forms people write: `1s`, `500ms`, `1m30s`, `2.5s`.
-    A bare number is taken as seconds."""
+    A bare number is taken as seconds; `7d` (days) is accepted too, as Go's is not."""
     try:
         return float(text)
     except ValueError:
@@ -57,7 +57,7 @@ def parse_duration(text: str) -> float:
             number += ch
             i += 1
             continue
-        for unit in ("ns", "us", "µs", "ms", "s", "m", "h"):
+        for unit in ("ns", "us", "µs", "ms", "s", "m", "h", "d"):
             if text.startswith(unit, i) and number:
                 total += float(number) * _UNITS[unit]
                 number, i = "", i + len(unit)
@@ -119,6 +119,9 @@ FLAGS: dict[str, Flag] = {
     "md5": Flag(bool, False, "verify, repair: also check every replica's md5; rebuild: compute it (reads all data)"),
     "delete-orphans": Flag(bool, False, "repair, gc: delete files that no record points to"),
     "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this"),
+    "uploads-older-than": Flag("duration", 7 * 86400.0, "gc: abort S3 multipart uploads started longer ago than "
+                                                        "this, with their parts (S3's AbortIncompleteMultipartUpload; "
+                                                        "default 7 days: 168h or 7d)"),
     "server": Flag(str, "", "rebalance: run online through this running index (host:port)"),
     "s3-access-key": Flag(str, "", "S3: require SigV4 signatures with this access key "
                                    "(or $MINIKV_S3_ACCESS_KEY), and the pair as HTTP Basic on the plain "

@@ -63,7 +63,8 @@ UP_FLAGS: dict[str, tuple[str, ...] | str] = {
     "db": "up keeps the index in DATA/index; give -data DATA instead",
     "volumes": "up runs its own volumes; to use others, run `minikv server -volumes ...`",
     **{name: "only the admin commands (rebuild, rebalance, verify, repair, gc) take it"
-       for name in ("concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")},
+       for name in ("concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server",
+                     "uploads-older-than")},
 }
 # secrets reach the parts through the environment: argv is readable by every user (`ps`)
 SECRET_ENV = {"secret": "MINIKV_SECRET", "s3-access-key": "MINIKV_S3_ACCESS_KEY",

@@ -1,4 +1,5 @@
-"""`minikv gc -volumes ... -db ... [-age 1h] [-delete-orphans] [VOLUME_DIR ...]`: take out the trash.
+"""`minikv gc -volumes ... -db ... [-age 1h] [-uploads-older-than 168h] [-delete-orphans] [VOLUME_DIR ...]`:
+take out the trash.
 
 - UNLINKED keys written more than -age ago: their files are deleted and the record dropped,
   exactly as the server's DELETE does (record → PENDING(delete) → delete every copy → gone; a
@@ -7,6 +8,8 @@
 - PENDING records whose owner process is dead (a crashed server or admin command): resolved by
   index/recovery.py. Records of live processes are never touched.
 - with -delete-orphans: files no record names, older than -age (admin/orphans.py).
+- S3 multipart uploads started more than -uploads-older-than ago (7 days by default): aborted
+  with their parts, and parts whose upload is gone are deleted (admin/uploads.py).
 - nginx's upload spool: files in VOLUME_DIR/body_temp older than -age, for each volume
   directory given (this part needs the volumes' disks, so run gc on their machine). nginx
   removes its temp files itself; only a killed nginx leaves some behind.
@@ -40,6 +43,7 @@ from minikv.admin.common import (
 )
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
+from minikv.admin.uploads import clean_uploads
 from minikv.admin.walk import Walker
 from minikv.http.client import Pool
 from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending, now_ms
@@ -190,6 +194,8 @@ async def gc(args, config) -> int:
         stop_on_signal(stop, progress)
         job = Collect(store, pool, progress, args.age, args.dry_run)
         await each_record(store, job.key, args.concurrency, progress, stop)
+        if not stop.is_set():
+            await clean_uploads(config, store, pool, args.uploads_older_than, args.dry_run, progress)
         for directory in args.positionals:
             clean_spool(directory, args.age, args.dry_run, progress)
             if os.path.isdir(os.path.join(directory, BODY_TEMP)):
@@ -210,6 +216,8 @@ async def gc(args, config) -> int:
                           ("files", "files"), ("young", "unlinked keys younger than -age"),
                           ("stale", "stale locks resolved"), ("temp files", f"temp files removed{dry}"),
                           ("folders", f"empty folders removed{dry}"),
+                          ("uploads aborted", f"multipart uploads aborted{dry}"), ("parts deleted", "their parts"),
+                          ("orphan parts", f"orphan parts deleted{dry}"),
                           ("orphans", "orphan files"), ("orphans deleted", "orphans deleted"),
                           ("busy", "busy")])
         if stop.is_set():

@@ -13,6 +13,7 @@ import asyncio
 import re
 from urllib.parse import unquote_to_bytes
 
+from minikv.http import server, splice
 from minikv.http.client import VolumeError
 from minikv.http.response import ClientGone
 from minikv.index.engine import settle
@@ -133,16 +134,51 @@ async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list) -> None:
             headers.append(("Content-Range", cr.decode("latin-1")))
         out.write(ctx.respond(conn.status, headers, length=int(length)))
         try:
-            while chunk := await read_chunk(body, s3.pool.stall):
-                out.write(chunk)
-                await out.drain()
-        except (asyncio.TimeoutError, VolumeError):
+            if splice.AVAILABLE and int(length) >= splice.SPLICE_MIN and not body.done \
+                    and (link := splice.link(conn.transport, out.transport)) is not None:
+                await _spliced(s3, conn, body, out, int(length), link)
+            else:
+                while chunk := await read_chunk(body, s3.pool.stall):
+                    out.write(chunk)
+                    await out.drain()
+        except (asyncio.TimeoutError, VolumeError, splice.SourceFailed):
             # the head is out: the only way left to tell the client is to cut the connection short
             out.close()
             raise ClientGone("the volume failed mid-answer") from None
+        except splice.ClientLeft as e:
+            out.close()
+            raise ClientGone(str(e)) from None
     finally:
         s3.pool.finish_download(conn)
     return None
+
+
+async def _spliced(s3, conn, body, out, length: int, link) -> None:
+    """Send the rest of a big answer socket to socket (http/splice.py): what the volume sent
+    with its head is written first and drained, then the kernel moves the rest."""
+    try:
+        conn.transport.pause_reading()  # from here on nothing reads the volume's socket but splice
+        sent = 0
+        while body._chunks:
+            chunk = body._chunks.popleft()
+            out.write(chunk)
+            sent += len(chunk)
+        transport = out.transport
+        if transport.get_write_buffer_size():  # wait until it is empty: the spliced bytes come after
+            transport.set_write_buffer_limits(high=0)
+            try:
+                await out.drain()
+            finally:
+                transport.set_write_buffer_limits()
+        if out.closed:
+            raise splice.ClientLeft("client closed the connection")
+        if conn.closed:
+            raise splice.SourceFailed("closed the connection mid-answer")
+    except BaseException:
+        link.close()
+        raise
+    server.IO[1] += length - sent
+    await splice.forward(link, length - sent, s3.pool.stall, lambda: out.closed)
 
 
 def _payload(ctx: Ctx) -> Payload:

@@ -28,10 +28,14 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
    (meta.py, keyed by the value's fingerprint) -> record LIVE -> 200; then the files on volumes
    the previous record named and the new one does not are deleted, and so are the previous
    value's attributes.
-4. If only some volumes renamed (a disk failed at the very end), the replicas differ: we roll
-   forward by copying the new value from one that has it to the others; if that fails too, the
-   key is deleted on every volume and the record dropped (the error says so). A failed
-   overwrite can thus lose the old value, but only in this narrow case, and never silently.
+4. If some volumes gave no answer to the last bytes (a volume hung or died at the very end),
+   we ask each what it holds: its file's size tells the new value from the old, and when both
+   have the same size, its md5 (the file read back). If some hold the new value, we roll
+   forward by copying it to the others; a volume that cannot take the copy is left out of the
+   record, which names only the volumes that hold the new value (503: write again, or
+   `minikv rebalance` completes the replicas). If none does, the previous record is put back,
+   naming the volumes known to hold the old value (503, the new value was not stored). Either
+   way the key keeps a whole value, the old or the new, and is never deleted for this.
 
 A crash in step 1 changes nothing (nginx drops unfinished uploads). A crash in steps 2-4 leaves
 PENDING(put), which recovery (index/recovery.py) resolves like any PUT: the files on the new
@@ -249,7 +253,7 @@ class Values:
             counted = len(volumes)
             budget.held_files += counted
         try:
-            size, md5 = await self._write(key, source, length, volumes, taken)
+            size, md5, volumes, degraded = await self._write(key, source, length, volumes, taken)
         except BaseException:
             if taken and await settle(self.store.get(key)) == taken[0]:  # undo unless _write resolved the record itself
                 await self._restore(key, taken[0], taken[1], volumes)
@@ -258,7 +262,9 @@ class Values:
             if counted:
                 budget.held_files -= counted
         pending, previous = taken
-        live = encode_data(LIVE, volumes, size, now_ms(), md5, self.epoch)
+        # a record on fewer volumes than placement names is marked off its layout (epoch 0), so
+        # that it reads as unbalanced and verify and rebalance look at it
+        live = encode_data(LIVE, volumes, size, now_ms(), md5, 0 if degraded else self.epoch)
         try:
             if attrs and self.meta is not None:  # before the record: never a new value with old headers
                 await settle(self.meta.put_attrs(key, live, attrs))
@@ -272,6 +278,8 @@ class Values:
             stale = [v for v in decode_data(previous).volumes if v not in volumes]
             if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
                 await replicas.delete_all(self.pool, stale, key)
+        if degraded:  # stored, but on fewer replicas than asked: the client must not take it as done
+            raise S3Error("ServiceUnavailable", degraded)
         return live
 
     async def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
@@ -308,7 +316,7 @@ class Values:
             await replicas.delete_all(self.pool, volumes, key)
         await settle(self.store.cas(key, pending, previous))
 
-    async def _write(self, key, source, length, volumes, taken: list) -> tuple[int, bytes]:
+    async def _write(self, key, source, length, volumes, taken: list) -> tuple[int, bytes, list[str], str]:
         if length == 0:
             # nothing to hold back in an empty PUT: check the whole (empty) body before sending it
             async for _ in source:
@@ -380,49 +388,96 @@ class Values:
         state = {v: "new" if isinstance(r, int) and r in OK else "old" if isinstance(r, int) else "unknown"
                  for v, r in zip(volumes, results)}
         if all(s == "new" for s in state.values()):
-            return size, digest
+            return size, digest, volumes, ""
         reasons = [str(r) if isinstance(r, BaseException) else f"volume {host_of(v)} answered {r} to PUT"
                    for v, r in zip(volumes, results) if state[v] != "new"]
         for v, r in zip(volumes, results):
             if isinstance(r, VolumeError):
                 self.health.mark_down(host_of(v), str(r))
         for v in [v for v in volumes if state[v] == "unknown"]:
-            state[v] = await self._settle(key, v, size, previous)
+            state[v] = await self._settle(key, v, size, digest, previous)
         good = [v for v in volumes if state[v] == "new"]
-        if not good and all(s == "old" for s in state.values()):
-            # no volume renamed: the old value is intact everywhere
-            await self._restore(key, pending, previous, volumes)
-            raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; nothing was changed")
+        if not good:
+            await self._keep_old(key, pending, previous, volumes, state, reasons)
         # some volumes hold the new value, others the old one or an unknown state: roll forward
+        kept = list(good)
         for dst in [v for v in volumes if state[v] != "new"]:
             try:
-                if not good:
-                    raise VolumeError(host_of(dst), "is in an unknown state after the PUT")
-                await replicas.copy(self.pool, key, good[0], dst)
-            except Exception as e:  # noqa: BLE001 - whatever failed, the replicas now differ
-                reasons.append(f"repair failed: {e}")
-                doomed = set(volumes) | (set(decode_data(previous).volumes) if previous else set())
-                await replicas.delete_all(self.pool, sorted(doomed), key)
-                await settle(self.store.cas(key, pending, None))
-                raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; the replicas could not be made "
-                              "equal, so the key was deleted") from None
-        return size, digest
+                await self._copy(key, good, dst)
+                kept.append(dst)
+            except Exception as e:  # noqa: BLE001 - whatever failed, that volume is left out
+                reasons.append(f"repair of {host_of(dst)} failed: {e}")
+        if len(kept) < len(volumes):
+            # never delete the key for this: the new value is whole where it is, and the record
+            # names only those volumes (a REBALANCE or `minikv rebalance` copies it to the rest)
+            kept = [v for v in volumes if v in kept]
+            return size, digest, kept, ("; ".join(reasons) + f"; the new value is stored on {len(kept)} of "
+                                        f"{len(volumes)} replicas only: write it again, or run minikv rebalance")
+        return size, digest, volumes, ""
 
-    async def _settle(self, key: bytes, volume: str, size: int, previous: bytes | None) -> str:
-        """What a volume that gave no answer to the last step holds, when its file's size tells:
-        "new" (the new value's size), "old" (the previous value's, or none when there was none),
-        else "unknown"."""
-        old_size = decode_data(previous).size if previous is not None and volume in decode_data(previous).volumes \
-            else None
+    async def _keep_old(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str],
+                        state: dict[str, str], reasons: list[str]) -> None:
+        """No volume holds the new value: put the previous record back, naming only the volumes
+        known to hold the old value (or, when none can be told, all it named: each file is a whole
+        value either way), and raise. With no previous value, the key is gone as before."""
+        if previous is None or all(s == "old" for s in state.values()):
+            await self._restore(key, pending, previous, volumes)
+            raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; nothing was changed")
+        old = decode_data(previous)
+        proven = [v for v in old.volumes if v not in volumes or state[v] == "old"]
+        restored = previous if not proven or proven == old.volumes else \
+            encode_data(LIVE, proven, old.size, old.mtime_ms, old.md5, 0)  # off its layout, as in put
+        await settle(self.store.cas(key, pending, restored))
+        raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; the new value was not stored and the "
+                      f"previous one is kept{'' if proven else ' (which value each volume holds could not be told)'}")
+
+    async def _copy(self, key: bytes, sources: list[str], dst: str) -> None:
+        """Copy the key's file to `dst` from the first of `sources` that can give it."""
+        for i, src in enumerate(sources):
+            try:
+                await replicas.copy(self.pool, key, src, dst)
+                return
+            except VolumeError as e:
+                if e.host == host_of(dst) or i == len(sources) - 1:
+                    raise
+
+    async def _settle(self, key: bytes, volume: str, size: int, digest: bytes, previous: bytes | None) -> str:
+        """What a volume that gave no answer to the last step holds: "new", "old" (the previous
+        value, or no file when there was none), else "unknown". Its file's size tells, and when
+        the two values have the same size, its md5 (the file read back, streamed: a rare path)."""
+        old = decode_data(previous) if previous is not None else None
+        old_size, old_md5 = (old.size, old.md5) if old is not None and volume in old.volumes else (None, None)
         try:
             found = await replicas.exists(self.pool, volume, key)
+            if found == size and found == old_size:
+                found_md5 = await self._md5(key, volume)
+                if found_md5 == digest:
+                    return "new"
+                return "old" if found_md5 == old_md5 else "unknown"
         except VolumeError:
             return "unknown"
-        if found == size and found != old_size:
+        if found == size:
             return "new"
-        if found == old_size and found != size:
+        if found == old_size:
             return "old"
         return "unknown"
+
+    async def _md5(self, key: bytes, volume: str) -> bytes:
+        """The md5 of the key's file on `volume` (VolumeError if it cannot be read whole)."""
+        host, path = replicas.locate(volume, key)
+        conn, body = await self.pool.download(host, path)
+        md5 = StreamingMd5()
+        try:
+            if conn.status != 200:
+                raise VolumeError(host, f"answered {conn.status} to GET")
+            while chunk := await read_chunk(body, self.pool.stall):
+                await md5.update(chunk)
+            return await md5.digest()
+        except asyncio.TimeoutError:
+            raise VolumeError(host, f"sent nothing for {self.pool.stall:g}s") from None
+        finally:
+            await md5.close()
+            self.pool.finish_download(conn)
 
     # -- deletes --
     async def delete(self, key: bytes, protect: bool = False) -> bool:
