@@ -39,7 +39,7 @@ from minikv.http.response import HTTPError, head, http_date_bytes, not_found, re
 from minikv.http.server import Request
 from minikv.index.group import GroupCommit
 from minikv.index.record import (
-    COMPOSITE_TAG,
+    COMPOSITE_MARK,
     EPOCH_AT,
     LIVE,
     MD5_AT,
@@ -195,7 +195,7 @@ class App:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
             return not_found()
-        if raw[VOLUMES_AT:VOLUMES_AT + 1] == COMPOSITE_TAG:  # an S3 multipart object: no file to redirect to
+        if raw[VOLUMES_AT] == COMPOSITE_MARK:  # an S3 multipart object: no file to redirect to
             from minikv.api import composite_read  # here: it needs the S3 modules, which need this one
 
             return composite_read.read(self, raw, is_head, req)

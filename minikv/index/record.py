@@ -123,7 +123,6 @@ def with_state(raw: bytes, state: int) -> bytes:
 
 
 COMPOSITE_MARK = 0  # first byte of the volume list of a composite record
-COMPOSITE_TAG = bytes((COMPOSITE_MARK,))
 
 
 def encode_composite(state: int, size: int, mtime_ms: int, upload_id: str, numbers: list[int]) -> bytes:
