@@ -216,16 +216,22 @@ def test_a_part_replaced_while_complete_streams_the_parts_does_not_slip_into_the
 
         deadline = time.monotonic() + 30
         while not any(files for d in temps if os.path.isdir(d) for _, _, files in os.walk(d)):
-            assert time.monotonic() < deadline, "Complete did not start streaming"
+            if time.monotonic() > deadline:
+                break  # a composite Complete streams nothing: the race below is run all the same
             time.sleep(0.005)
         sock.sendall(other[-1:])  # the part sent again is stored while part 1 streams
         answer = _answer(sock)
     finally:
         t.join(60)
         sock.close()
-    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    # a composite Complete (s3/composite.py) reads no part: the part sent again is stored before
+    # Complete's manifest (and Complete then fails) or is refused once the manifest exists
+    refused = answer.startswith(b"HTTP/1.1 404 ") and b"NoSuchUpload" in answer
+    assert answer.startswith(b"HTTP/1.1 200 ") or refused, answer
     got = s3.get_object(Bucket="mx", Key="obj")["Body"].read()
-    if "error" in done:
+    if refused:
+        assert "answer" in done and got == first + named, done
+    elif "error" in done:
         assert done["error"] == "InvalidPart", done
         assert got == b"old"
     else:

@@ -24,7 +24,7 @@ from minikv.config import Config
 from minikv.health import PROBE_PATH
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
-from minikv.index.record import PENDING, decode_data
+from minikv.index.record import PENDING, decode_data, is_composite
 from minikv.index.recovery import recover
 from minikv.index.store import Store
 from minikv.placement import host_of
@@ -197,7 +197,7 @@ def foreign_names(store: Store, config: Config, sample: int = 1000) -> str | Non
     """Why the volume names in the index seem not to be -volumes' (None when they match). A
     record says `localhost:3001` where -volumes says `127.0.0.1:3001`, and every file would look
     like an orphan: refuse before deleting any."""
-    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING)
+    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING and not is_composite(v))
     hosts = {host_of(v) for _, raw in pairs for v in decode_data(raw).volumes}
     if hosts and not hosts & set(config.volumes):
         return (f"the index names volumes {', '.join(sorted(hosts)[:5])} and -volumes names "

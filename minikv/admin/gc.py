@@ -46,9 +46,21 @@ from minikv.admin.progress import Progress
 from minikv.admin.uploads import clean_uploads
 from minikv.admin.walk import Walker
 from minikv.http.client import Pool
-from minikv.index.record import OP_DELETE, UNLINKED, decode_data, decode_pending, encode_pending, now_ms
+from minikv.index.record import (
+    LIVE,
+    OP_DELETE,
+    UNLINKED,
+    decode_composite,
+    decode_data,
+    decode_pending,
+    encode_pending,
+    is_composite,
+    now_ms,
+    with_state,
+)
 from minikv.index.recovery import owner_alive
 from minikv.index.store import Store
+from minikv.s3.composite import manifest_key, part_key
 
 BODY_TEMP = "body_temp"  # as minikv/volume/nginx.py names nginx's upload spool
 
@@ -72,8 +84,10 @@ class Collect:
             return
         if self.dry_run:
             p.add("deleted")
-            p.add("files", len(record.volumes))
+            p.add("files", 0 if is_composite(raw) else len(record.volumes))
             return
+        if is_composite(raw):
+            return await self._composite(key, raw)
         pending = encode_pending(OP_DELETE, os.getpid(), now_ms(), record.volumes, raw)
         done, _ = self.store.cas(key, raw, pending)
         if not done:
@@ -89,6 +103,26 @@ class Collect:
         p.add("deleted")
         p.add("files", len(record.volumes))
         p.show(deleted=p.counts["deleted"])
+
+
+    async def _composite(self, key: bytes, raw: bytes) -> None:
+        """An unlinked S3 multipart object (s3/composite.py): its record goes, and its manifest
+        then its parts are unlinked and deleted as unlinked keys are (one that cannot be deleted
+        now, or is younger than -age, stays UNLINKED for the next run: nothing refers to it)."""
+        pending = encode_pending(OP_DELETE, os.getpid(), now_ms(), [], raw)
+        done, _ = self.store.cas(key, raw, pending)
+        if not done:
+            self.progress.add("busy")
+            return
+        upload_id, numbers = decode_composite(raw)
+        for part in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]:
+            found = self.store.get(part)
+            if found is not None and found[0] == LIVE and self.store.cas(part, found, with_state(found, UNLINKED))[0]:
+                found = with_state(found, UNLINKED)
+            if found is not None and found[0] == UNLINKED:
+                await self.key(part, found)
+        self.store.cas(key, pending, None)
+        self.progress.add("deleted")
 
 
 def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -> None:

@@ -43,7 +43,7 @@ from minikv.admin.progress import Progress
 from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import PENDING, UNLINKED, decode_data
+from minikv.index.record import PENDING, UNLINKED, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
 
@@ -80,7 +80,7 @@ class Offline:
             if raw[0] == UNLINKED:
                 p.add("unlinked")
                 return
-            if not needs_rebalance(want, decode_data(raw).volumes):
+            if is_composite(raw) or not needs_rebalance(want, decode_data(raw).volumes):  # parts move as keys
                 return
             if self.dry_run:
                 p.add("moved")

@@ -16,6 +16,9 @@ lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/
 So a batch never overwrites a record a live server changed meanwhile. Memory holds one
 `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of keys.
 
+S3 multipart objects (s3/composite.py) have no file of their own: their records are written last,
+from the manifests the walk found (admin/rebuild_composite.py).
+
 What the volumes cannot tell, and so a rebuilt index does not know:
 - Unlinked keys: a volume keeps no unlink mark, so keys that were UNLINKED come back LIVE and
   readable (as in the Go original). UNLINK them again if they should stay gone.
@@ -48,13 +51,14 @@ from minikv.admin.check import md5_of
 from minikv.admin.common import all_up, command_main, open_index, show, stop_on_signal
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.progress import Progress
+from minikv.admin.rebuild_composite import composites
 from minikv.admin.rebuild_pg import add_many as pg_add_many
 from minikv.admin.records import Placer
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
-from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data
+from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import epoch, host_of, key2path, key2volume
 
@@ -173,6 +177,8 @@ class Rebuild:
         if current[0] == PENDING:
             # a write in flight (a server runs on this index): its own outcome will be right
             self.progress.add("busy")
+            return None
+        if is_composite(current):  # a multipart object's record: rebuild_composite.py settles which wins
             return None
         cur, got = decode_data(current), decode_data(new)
         if cur.size != got.size:
@@ -303,6 +309,19 @@ async def run_parts(parts: list[Part], progress: Progress, stop: asyncio.Event) 
     return errors
 
 
+async def _composites(config: Config, dirs: dict[str, str], pool: Pool, progress: Progress) -> None:
+    """The records of S3 multipart objects, once every part and manifest has its own."""
+    store = open_index(config, "rebuild") if is_url(config.db) else Store(config.db, sync=config.fsync)
+    if store is None:
+        progress.problem("cannot open the index to restore the multipart objects: run rebuild again with -force")
+        progress.add("failed")
+        return
+    try:
+        await composites(store, pool, dirs, progress)
+    finally:
+        store.close()
+
+
 async def rebuild(args, config: Config) -> int:
     try:
         dirs = volume_dirs(config.volumes, args.positionals)
@@ -340,6 +359,8 @@ async def rebuild(args, config: Config) -> int:
             errors = await run_part(parts[0], progress, stop, pool)
         else:
             errors = await run_parts(parts, progress, stop)
+        if not args.dry_run and not stop.is_set() and not errors:
+            await _composites(config, dirs, pool, progress)
         c = progress.counts
         c["errors"] = len(errors)
         for err in errors:
@@ -347,7 +368,8 @@ async def rebuild(args, config: Config) -> int:
         progress.summary([("keys", "keys found"), ("files", "files"),
                           ("written", "records " + ("to write (dry run)" if args.dry_run else "written")),
                           ("conflicts", "size conflicts"), ("busy", "busy"), ("kept", "kept"),
-                          ("skipped", "foreign files skipped"), ("errors", "listing errors")])
+                          ("skipped", "foreign files skipped"), ("errors", "listing errors"),
+                          ("multipart", "multipart objects")])
         print(f"rebuild: read {c['roots'] // procs} (sub)volume folders on {len(dirs or config.volumes)} volumes"
               + (" from their local folders" if dirs else "") + f" in {procs} process(es). Keys that "
               "were UNLINKED before are LIVE again (volumes keep no unlink mark): UNLINK them again. "

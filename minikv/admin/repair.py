@@ -36,7 +36,7 @@ from minikv.admin.rebalance import BUSY_TRIES
 from minikv.admin.walk import Walker
 from minikv.config import Config
 from minikv.http.client import Pool
-from minikv.index.record import PENDING, UNLINKED, decode_data
+from minikv.index.record import PENDING, UNLINKED, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
 
@@ -56,7 +56,7 @@ class Repair:
         c = self.config
         want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
         for attempt in range(BUSY_TRIES):
-            if raw is None or raw[0] == UNLINKED:
+            if raw is None or raw[0] == UNLINKED or is_composite(raw):  # a composite's parts are their own keys
                 return
             if raw[0] == PENDING:
                 await asyncio.sleep(0.1 * 2 ** attempt)

@@ -46,9 +46,10 @@ from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
 from minikv.index.engine import is_url
-from minikv.index.record import LIVE, PENDING, UNLINKED, decode_data
+from minikv.index.record import LIVE, PENDING, UNLINKED, decode_composite, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import epoch, key2volume, needs_rebalance
+from minikv.s3.composite import manifest_key, part_key
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
@@ -168,6 +169,19 @@ class Verify:
                     self.seen.add(key, raw)
         return rest
 
+    def composite(self, key: bytes, raw: bytes) -> None:
+        """An S3 multipart object names no file of its own: its parts and manifest are keys
+        verified as any other; here only that each still has a record."""
+        upload_id, numbers = decode_composite(raw)
+        missing = [k for k in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]
+                   if self.store.get(k) is None]
+        if missing and self.store.get(key) == raw:
+            self.progress.add("lost")
+            self.progress.problem(f"{show(key)}: multipart object whose {show(missing[0])} has no record "
+                                  f"({len(missing)} missing)")
+        else:
+            self.progress.add("ok")
+
     async def key(self, key: bytes, raw: bytes) -> None:
         p = self.progress
         p.add("seen")
@@ -177,6 +191,8 @@ class Verify:
         if raw[0] == UNLINKED:
             p.add("unlinked")
             return
+        if is_composite(raw):
+            return self.composite(key, raw)
         record = decode_data(raw)
         c = self.config
         want = self.misplaced(key, record)

@@ -39,6 +39,7 @@ from minikv.http.response import HTTPError, head, http_date_bytes, not_found, re
 from minikv.http.server import Request
 from minikv.index.group import GroupCommit
 from minikv.index.record import (
+    COMPOSITE_MARK,
     EPOCH_AT,
     LIVE,
     MD5_AT,
@@ -53,6 +54,7 @@ from minikv.index.record import (
     decode_pending,
     encode_data,
     encode_pending,
+    is_composite,
     now_ms,
     readable,
     with_state,
@@ -171,7 +173,7 @@ class App:
                 op = query.split(b"&", 1)[0]
                 if method == b"GET" and op in (b"list", b"unlinked"):
                     return self.list(key, op, query)
-            return self.get(key, path, method == b"HEAD")
+            return self.get(key, path, method == b"HEAD", req)
         if method == b"PUT":
             return self.put(req, key)
         if method == b"DELETE":
@@ -184,7 +186,7 @@ class App:
                         [("Allow", "GET, HEAD, PUT, DELETE, UNLINK, REBALANCE")])
 
     # -- reads --
-    def get(self, key: bytes, path: bytes, is_head: bool):
+    def get(self, key: bytes, path: bytes, is_head: bool, req=None):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None
         if raw is None or raw[0] != LIVE:
             # a key being moved (REBALANCE, rebalance, repair) stays readable from its old record
@@ -193,6 +195,10 @@ class App:
             if self.config.fallback:
                 return head(302, [("Location", f"http://{self.config.fallback}{path.decode('latin-1')}")])
             return not_found()
+        if raw[VOLUMES_AT] == COMPOSITE_MARK:  # an S3 multipart object: no file to redirect to
+            from minikv.api import composite_read  # here: it needs the S3 modules, which need this one
+
+            return composite_read.read(self, raw, is_head, req)
         if self.config.verify_get:
             return self._get_verified(key, raw, raw[VOLUMES_AT:].decode().split(","))
         # bytes all the way: the volume name goes from the record into the response as it is
@@ -446,7 +452,9 @@ class App:
             raise HTTPError(503, f"{why}; nothing was stored") from None
         if not done:
             raise HTTPError(500, "lost the key's lock while writing (was the index recovered meanwhile?)")
-        if previous:  # an unlinked value on volumes placement no longer names
+        if previous and is_composite(previous):  # an unlinked S3 multipart object: its manifest and parts
+            await self.s3.values.replaced(key, previous, live, volumes)
+        elif previous:  # an unlinked value on volumes placement no longer names
             stale = [v for v in decode_data(previous).volumes if v not in volumes]
             if stale:
                 await replicas.delete_all(self.pool, stale, key)
@@ -476,6 +484,8 @@ class App:
             raise self._conflict(raw)
         if self.config.protect and raw[0] == LIVE:
             raise HTTPError(403, "-protect is on: UNLINK the key before DELETE")
+        if is_composite(raw):
+            return self._delete_composite(key)
         volumes = decode_data(raw).volumes
         pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
         return self._delete_files(key, volumes, pending, raw)
@@ -489,6 +499,16 @@ class App:
         if why := await self._drop(key, pending):
             raise HTTPError(503, f"{why}; the key's files are deleted, and so will be its record "
                                  "once the index can write again")
+        return head(204)
+
+    async def _delete_composite(self, key: bytes) -> bytes:
+        """An S3 multipart object: its record, then its manifest and parts (s3/values.py)."""
+        from minikv.s3.errors import S3Error
+
+        try:
+            await self.s3.values.delete(key)
+        except S3Error as e:
+            raise HTTPError(e.status, e.message) from None
         return head(204)
 
     def unlink(self, key: bytes):
@@ -514,7 +534,7 @@ class App:
         if raw[0] == PENDING:
             raise self._conflict(raw)
         volumes = self._volumes(key)
-        if decode_data(raw).volumes == volumes:
+        if decode_data(raw).volumes == volumes or is_composite(raw):  # a composite's parts move as their own keys
             return head(204)
         pending = encode_pending(OP_REBALANCE, self.pid, now_ms(), volumes, raw)
         return self._rebalance(key, raw, volumes, pending)

@@ -9,7 +9,12 @@ A record is one LMDB value. Its first byte is the state:
 PENDING is the per-key lock (HTTP 409): a write, delete or rebalance is in flight. It names the
 volumes being touched and keeps the record it replaced, so that whoever finds it after a crash
 knows what to undo (see index/recovery.py). An md5 of 16 zero bytes means "not computed"
-(`-md5sum=false`). Volume names never contain "," or "\\n". `epoch` is placement.epoch() of
+(`-md5sum=false`). Volume names never contain "," or "\\n" (nor NUL: they come from argv).
+
+A composite value (an S3 object made by CompleteMultipartUpload, see s3/composite.py) is a
+LIVE/UNLINKED record whose volume list is replaced by NUL + <upload id> + "/" + its part numbers
+(comma separated): its bytes are the parts of that upload, in that order, each an ordinary value
+of its own; size is the total, md5 is not computed. No file lies under the key itself. `epoch` is placement.epoch() of
 the cluster layout under which `volumes` were exactly the key's placement (0: not known), so a
 read can tell `Key-Balance` without hashing the key against every volume.
 
@@ -115,6 +120,25 @@ def decode_pending(raw: bytes) -> Pending:
 def with_state(raw: bytes, state: int) -> bytes:
     """The same LIVE/UNLINKED record in another of those two states."""
     return bytes((state,)) + raw[1:]
+
+
+COMPOSITE_MARK = 0  # first byte of the volume list of a composite record
+
+
+def encode_composite(state: int, size: int, mtime_ms: int, upload_id: str, numbers: list[int]) -> bytes:
+    tail = b"\0" + upload_id.encode() + b"/" + b",".join(b"%d" % n for n in numbers)
+    return bytes((state,)) + _DATA.pack(size, mtime_ms, NO_MD5, 0) + tail
+
+
+def is_composite(raw: bytes | None) -> bool:
+    """Is `raw` a LIVE or UNLINKED record of a composite value?"""
+    return raw is not None and len(raw) > VOLUMES_AT and raw[VOLUMES_AT] == COMPOSITE_MARK and raw[0] != PENDING
+
+
+def decode_composite(raw: bytes) -> tuple[str, list[int]]:
+    """(upload id, part numbers in order) of a composite record."""
+    upload_id, _, numbers = raw[VOLUMES_AT + 1:].partition(b"/")
+    return upload_id.decode(), [int(n) for n in numbers.split(b",")]
 
 
 def readable(raw: bytes) -> bytes | None:

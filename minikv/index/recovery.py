@@ -4,6 +4,9 @@ Every PENDING record names the volumes it was touching and the record it replace
 - put: the value was never acknowledged; delete whatever reached the volumes, drop the record;
 - delete: finish it; if a replica cannot be deleted now, leave the key UNLINKED (DELETE again);
 - rebalance: delete the new copies, put the old record back (its replicas were never touched).
+A composite value (an S3 multipart object: its bytes are other keys' files, none under its own
+key) that a write was replacing is put back (nothing of it was touched before the commit); one
+that a delete was removing becomes UNLINKED (its parts are deleted by DELETE again or `gc`).
 
 Whose records: a worker's when the supervisor saw it die; at start-up, those of every process
 that is gone. A record whose owner still runs belongs to a live admin command (only one server
@@ -18,7 +21,16 @@ import os
 from minikv import replicas
 from minikv.http.client import Pool
 from minikv.index.engine import settle
-from minikv.index.record import OP_DELETE, OP_REBALANCE, UNLINKED, decode_data, decode_pending, with_state
+from minikv.index.record import (
+    OP_DELETE,
+    OP_PUT,
+    OP_REBALANCE,
+    UNLINKED,
+    decode_data,
+    decode_pending,
+    is_composite,
+    with_state,
+)
 from minikv.index.store import Store, StoreError
 
 RETRY_EVERY = 1.0  # seconds between tries to drop a record the database would not take
@@ -86,7 +98,12 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
         await settle(cas(key, raw, p.previous))
     else:
         failed = await replicas.delete_all(pool, p.volumes, key)
-        if failed and p.op == OP_DELETE and p.previous:
+        if p.op == OP_DELETE and is_composite(p.previous):
+            await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
+        elif p.op == OP_PUT and p.previous and (is_composite(p.previous) or not p.volumes):
+            # the previous value was not touched: its files and the new ones are not under the same paths
+            await settle(cas(key, raw, p.previous))
+        elif failed and p.op == OP_DELETE and p.previous:
             await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
         else:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`

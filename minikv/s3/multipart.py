@@ -12,20 +12,26 @@ Where things are:
   crash recovery, `verify`, `repair` and `rebuild` treat them like any other value.
 Nothing lives in /tmp and no part is ever held in memory.
 
-Complete streams the parts in order, each from one of its replicas, into one ordinary PUT of
-the object (values.py: all replicas at once, overwrite-safe, md5 of the whole computed on the
-way, so the record's md5 is the real one), with its attributes (attrs.py: the headers given to
-Create, the S3 ETag "md5-of-part-md5s-N", the part sizes for GET ?partNumber=, the upload id),
-then deletes the parts and the upload. A failed Complete keeps the parts and the upload, so
-the client can retry it; a Complete retried after it succeeded (its answer lost) finds the
-upload id in the object's attributes and gets the same answer again.
+Complete makes the object a composite value (composite.py): its record names the upload and the
+parts in order, a manifest (part number 0) records the same on the volumes for `rebuild`, and no
+byte is copied; the object's attributes (attrs.py: the headers given to Create, the S3 ETag
+"md5-of-part-md5s-N", the part sizes for GET ?partNumber=, the upload id) are stored with its
+record. The upload is then dropped and the parts Complete did not name are deleted. A failed
+Complete changes nothing the client sees (the upload stays, to complete again); a Complete
+retried after it succeeded (its answer lost) finds the upload id in the object's attributes and
+gets the same answer again. While the manifest exists, UploadPart cannot replace a part of the
+upload (checked under the part's lock: a part sent during Complete either commits before
+Complete checks the parts again, and Complete then fails, or is refused).
 
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
 the two steps of an abort) are found with `orphan_parts(store, meta)`. `minikv gc` can use these.
 A part takes its key only once its body is complete, so an abort may not list one still being
 sent: the abort looks again after dropping the upload, and a part stored later finds its upload
-gone and deletes itself (NoSuchUpload).
+gone and deletes itself (NoSuchUpload). Neither ever removes a part of a completed upload (its
+manifest exists): the object's DELETE or overwrite does. Open: an Abort sent while a Complete of
+the same upload runs can delete parts the object then names; reading it answers 503 naming the
+missing part, never other bytes.
 """
 
 from __future__ import annotations
@@ -37,26 +43,33 @@ import time
 from collections.abc import AsyncIterator
 
 from minikv.index.engine import settle
-from minikv.index.record import LIVE, OP_REBALANCE, PENDING, decode_data, decode_pending, now_ms
+from minikv.index.record import (
+    LIVE,
+    OP_REBALANCE,
+    PENDING,
+    decode_composite,
+    decode_data,
+    decode_pending,
+    encode_composite,
+    is_composite,
+    now_ms,
+)
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
+from minikv.s3.composite import PART_PREFIX, manifest, manifest_key, part_key
+from minikv.s3.composite import stream as composite_stream
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, decimal_in
 from minikv.s3.objects import _payload, copy_source
 from minikv.s3.values import readable
 from minikv.s3.xml import iso_time, parse
 
-PART_PREFIX = b"\x00s3/mpu/"
 MAX_PART_NUMBER = 10_000
 MIN_PART_SIZE = 5 << 20  # every part but the last, as S3
 COMPLETE_BODY_LIMIT = 4 << 20
 DELETES_AT_ONCE = 16
 MAX_UPLOADS = 1000  # uploads in one ListMultipartUploads answer, as S3
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def part_key(upload_id: str, number: int) -> bytes:
-    return PART_PREFIX + upload_id.encode() + b"/%05d" % number
 
 
 async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
@@ -90,9 +103,29 @@ async def upload_part(s3, ctx: Ctx) -> bytes:
     if ctx.header(b"x-amz-copy-source") is not None:
         return await _upload_part_copy(s3, ctx, upload_id, key)
     payload = _payload(ctx)
-    live = await s3.values.put(key, payload.chunks(), payload.length)
+    live = await s3.values.put(key, payload.chunks(), payload.length, check=_not_completing(s3, upload_id))
     await _still_wanted(s3, upload_id, key)
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
+
+
+def _not_completing(s3, upload_id: str):
+    """The check a part's write makes under its lock: no Complete of its upload has begun
+    (its manifest, written first, is absent), so no object can name the file it replaces."""
+    async def check() -> None:
+        if await settle(s3.store.get(manifest_key(upload_id))) is not None:
+            raise S3Error("NoSuchUpload", "The upload is being completed or was completed: its parts can no "
+                          "longer be replaced; nothing was changed.", UploadId=upload_id)
+    return check
+
+
+def _source(s3, src: bytes, raw: bytes, forward: list, length: int):
+    """The bytes of the copy source `src` (record `raw`), or of the range `forward` names."""
+    if not is_composite(raw):
+        return s3.values.stream(src, raw, forward, expect=length)
+    first = 0
+    if forward:
+        first = int(forward[0][1][len("bytes="):].split("-")[0])
+    return composite_stream(s3.values, s3.store, raw, first, first + length - 1)
 
 
 async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
@@ -102,7 +135,8 @@ async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
     NoSuchUpload. One stored before the drop is found by abort_upload's second look."""
     if await settle(s3.meta.upload(upload_id)) is not None:
         return
-    await s3.values.delete(key)
+    if await settle(s3.store.get(manifest_key(upload_id))) is None:  # else an object may use it
+        await s3.values.delete(key)
     raise S3Error("NoSuchUpload", "The specified upload does not exist: it was aborted or completed while "
                   "this part was being sent, and the part was not kept.", UploadId=upload_id)
 
@@ -122,7 +156,8 @@ async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
                           f"{size}-byte source object")
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
-    live = await s3.values.put(key, s3.values.stream(src, raw, forward, expect=length), length)
+    live = await s3.values.put(key, _source(s3, src, raw, forward, length), length,
+                               check=_not_completing(s3, upload_id))
     await _still_wanted(s3, upload_id, key)
     data = decode_data(live)
     return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
@@ -186,26 +221,38 @@ async def complete(s3, ctx: Ctx) -> bytes:
     total = sum(decode_data(raw).size for _, raw in parts)
     etag = hashlib.md5(b"".join(raw[17:33] for _, raw in parts)).hexdigest() + f"-{len(parts)}"
 
-    async def concatenated() -> AsyncIterator[bytes]:
+    numbers = [number for number, _ in wanted]
+    mtime = now_ms()
+    doc = manifest(ctx.key, mtime, numbers)
+    await s3.values.put(manifest_key(upload_id), _one(doc), len(doc))
+    try:
+        # a part sent again before the manifest existed may have replaced a file checked above:
+        # its record tells (it changes before the file does); from now on none can (upload_part)
         for (number, named), (key, raw) in zip(wanted, parts):
-            async for chunk in s3.values.stream(key, raw, expect=decode_data(raw).size):
-                yield chunk
-            # a part sent again is stored without holding its key while its body comes, so it
-            # may have replaced the file we read since its record was checked: the record tells
-            # (it changes before the file does), and the value is then not committed
             if not _same_value(await settle(s3.store.get(key)), raw):
                 raise S3Error("InvalidPart", f"part {number} was sent again while the upload was being "
                               "completed; nothing was changed: list the parts and complete it again",
                               UploadId=upload_id, PartNumber=str(number), ETag=named)
-
-    attrs = {"h": (await settle(s3.meta.upload_attrs(upload_id))).get("h", []), "e": etag,
-             "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
-    await s3.values.put(ctx.key, concatenated(), total, attributes.encode(attrs))
+        attrs = {"h": (await settle(s3.meta.upload_attrs(upload_id))).get("h", []), "e": etag,
+                 "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
+        record = encode_composite(LIVE, total, mtime, upload_id, numbers)
+        await s3.values.put_record(ctx.key, record, attributes.encode(attrs))
+    except BaseException:
+        try:
+            await s3.values.delete(manifest_key(upload_id))
+        except S3Error:
+            pass  # left: the upload's parts cannot be replaced until a Complete succeeds or an abort
+        raise
     try:
-        await abort_upload(s3, upload_id)
-    except S3Error:
-        pass  # the object is complete; the upload stays listed, for an abort or `gc` to remove
+        await settle(s3.meta.drop_upload(upload_id))
+        await _delete_parts(s3, upload_id, keep=set(numbers))
+    except Exception:  # noqa: BLE001 - the object is complete; the rest is clean-up
+        pass  # an upload left listed is removed by an abort, which keeps the parts an object uses
     return _complete_result(ctx, etag)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _same_value(current: bytes | None, raw: bytes) -> bool:
@@ -276,7 +323,12 @@ def list_uploads(s3, ctx: Ctx) -> bytes:
 # -- clean-up, also for `minikv gc` --
 async def abort_upload(s3, upload_id: str) -> int:
     """Delete every part of an upload, then the upload itself; how many parts were deleted.
-    If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised."""
+    If a part cannot be deleted now, the upload stays (abort again later) and S3Error is raised.
+    The parts of an upload whose Complete made the object (it is the key's value) are kept."""
+    if (made := await _object_of(s3, upload_id)) is not None:
+        await settle(s3.meta.drop_upload(upload_id))
+        deleted, _ = await _delete_parts(s3, upload_id, keep=set(decode_composite(made)[1]))
+        return deleted
     deleted, failed = await _delete_parts(s3, upload_id)
     if failed:
         raise S3Error("ServiceUnavailable", f"{len(failed)} part(s) could not be deleted now "
@@ -289,9 +341,22 @@ async def abort_upload(s3, upload_id: str) -> int:
     return deleted + more
 
 
-async def _delete_parts(s3, upload_id: str) -> tuple[int, list[BaseException]]:
-    """Delete the parts an upload has now: (how many were deleted, the failures)."""
+async def _object_of(s3, upload_id: str) -> bytes | None:
+    """The composite record made by Complete of this (still listed) upload, if it is its key's value."""
+    found = await settle(s3.meta.upload(upload_id))
+    raw = await settle(s3.store.get(found[0])) if found is not None else None
+    raw = raw if raw is None or raw[0] != PENDING else decode_pending(raw).previous
+    if is_composite(raw) and decode_composite(raw)[0] == upload_id:
+        return raw
+    return None
+
+
+async def _delete_parts(s3, upload_id: str, keep: set[int] = frozenset()) -> tuple[int, list[BaseException]]:
+    """Delete the parts an upload has now, but those numbered in `keep` (and then its manifest):
+    (how many were deleted, the failures)."""
     pairs, _ = await settle(s3.store.scan(PART_PREFIX + upload_id.encode() + b"/"))
+    if keep:
+        pairs = [(k, v) for k, v in pairs if int(k[-5:]) not in keep and int(k[-5:]) != 0]
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
     async def one(key: bytes) -> bool:
@@ -309,6 +374,9 @@ def stale_uploads(meta, age: float) -> list[tuple[str, bytes, int]]:
 
 
 def orphan_parts(store, meta) -> list[bytes]:
-    """Part keys whose upload no longer exists."""
+    """Part keys whose upload no longer exists and that no completed object may use (its
+    upload has no manifest: composite.py)."""
     pairs, _ = store.scan(PART_PREFIX)
-    return [k for k, _ in pairs if meta.upload(k[len(PART_PREFIX):len(PART_PREFIX) + 32].decode()) is None]
+    completed = {k[:-5] for k, _ in pairs if k.endswith(b"/00000")}
+    return [k for k, _ in pairs if k[:-5] not in completed
+            and meta.upload(k[len(PART_PREFIX):len(PART_PREFIX) + 32].decode()) is None]

@@ -17,8 +17,9 @@ from minikv.http import server, splice
 from minikv.http.client import VolumeError
 from minikv.http.response import ClientGone
 from minikv.index.engine import settle
-from minikv.index.record import decode_data
+from minikv.index.record import decode_data, is_composite
 from minikv.s3 import attrs as attributes
+from minikv.s3 import composite
 from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_key, quoted
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal_in
@@ -124,6 +125,8 @@ def get_object(s3, ctx: Ctx):
 async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list) -> None:
     if decode_data(raw).size == 0 and not forward:
         return ctx.respond(200, headers, length=0)
+    if is_composite(raw):
+        return await _send_composite(s3, ctx, raw, headers, forward)
     conn, body = await s3.values.open(ctx.key, raw, forward)
     out = ctx.req.conn
     try:
@@ -179,6 +182,35 @@ async def _spliced(s3, conn, body, out, length: int, link) -> None:
         raise
     server.IO[1] += length - sent
     await splice.forward(link, length - sent, s3.pool.stall, lambda: out.closed)
+
+
+async def _send_composite(s3, ctx: Ctx, raw: bytes, headers: list, forward: list) -> None:
+    """A composite value (composite.py), or the range `forward` names, part after part. The
+    first bytes are fetched before the head goes out, so a part that cannot be read is a 503."""
+    size = decode_data(raw).size
+    first, last, status = 0, size - 1, 200
+    if forward and (found := composite.byte_range(forward[0][1], size)) is not None:
+        (first, last), status = found, 206
+        headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+    source = composite.stream(s3.values, s3.store, raw, first, last)
+    out = ctx.req.conn
+    started = False
+    try:
+        chunk = await anext(source, b"")
+        out.write(ctx.respond(status, headers, length=last - first + 1))
+        started = True
+        while chunk:
+            out.write(chunk)
+            await out.drain()
+            chunk = await anext(source, b"")
+    except S3Error:
+        if not started:
+            raise
+        out.close()  # the head is out: the only way left to tell the client is to cut the connection short
+        raise ClientGone("a part failed mid-answer") from None
+    finally:
+        await source.aclose()
+    return None
 
 
 def _payload(ctx: Ctx) -> Payload:
@@ -237,7 +269,9 @@ async def copy_object(s3, ctx: Ctx) -> bytes:
         await settle(s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored})))
     else:
         size = decode_data(raw).size
-        raw = await s3.values.put(ctx.key, s3.values.stream(src, raw, expect=size), size, _encoded({"h": stored}))
+        source = composite.stream(s3.values, s3.store, raw) if is_composite(raw) \
+            else s3.values.stream(src, raw, expect=size)
+        raw = await s3.values.put(ctx.key, source, size, _encoded({"h": stored}))
         await settle(s3.meta.drop_etag(ctx.key))
     data = decode_data(raw)
     return ctx.xml("CopyObjectResult", [("LastModified", iso_time(data.mtime_ms)),

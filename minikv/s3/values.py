@@ -73,16 +73,19 @@ from minikv.index.record import (
     OP_REBALANCE,
     PENDING,
     UNLINKED,
+    VOLUMES_AT,
     decode_data,
     decode_pending,
     encode_data,
     encode_pending,
+    is_composite,
     now_ms,
     with_state,
 )
 from minikv.index.recovery import drop_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
+from minikv.s3 import composite
 from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
@@ -121,6 +124,11 @@ async def read_chunk(body, stall: float) -> bytes:
         return await body.read()
     finally:
         conn.unwatch()
+
+
+def files_on(raw: bytes | None) -> list[str]:
+    """The volumes holding a file under the key of record `raw` (none for a composite value)."""
+    return [] if raw is None or is_composite(raw) else decode_data(raw).volumes
 
 
 def busy() -> S3Error:
@@ -235,10 +243,11 @@ class Values:
             # another writer took it between our read and our CAS: queue behind it
 
     async def put(self, key: bytes, source: AsyncIterator[bytes], length: int | None,
-                  attrs: bytes | None = None) -> bytes:
+                  attrs: bytes | None = None, check=None) -> bytes:
         """Store what `source` yields as the value of `key` (replacing any), following the
         order above, with the encoded attributes `attrs` (attrs.py); the new LIVE record.
-        `source` raises at its end if a check fails."""
+        `source` raises at its end if a check fails; so does `check()` (a coroutine function),
+        called once the key's lock is taken, before the commit."""
         volumes = self.placement(key)
         taken: list = []  # [pending, previous] once the key's lock is taken, at the commit point
         budget, counted = self.uploads, 0
@@ -253,7 +262,7 @@ class Values:
             counted = len(volumes)
             budget.held_files += counted
         try:
-            size, md5, volumes, degraded = await self._write(key, source, length, volumes, taken)
+            size, md5, volumes, degraded = await self._write(key, source, length, volumes, taken, check)
         except BaseException:
             if taken and await settle(self.store.get(key)) == taken[0]:  # undo unless _write resolved the record itself
                 await self._restore(key, taken[0], taken[1], volumes)
@@ -274,13 +283,22 @@ class Values:
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
         if previous is not None:
-            await self._forget(key, previous, live)
-            stale = [v for v in decode_data(previous).volumes if v not in volumes]
-            if stale:  # one that cannot be deleted now is an orphan file for `minikv gc`
-                await replicas.delete_all(self.pool, stale, key)
+            await self.replaced(key, previous, live, volumes)
         if degraded:  # stored, but on fewer replicas than asked: the client must not take it as done
             raise S3Error("ServiceUnavailable", degraded)
         return live
+
+    async def replaced(self, key: bytes, previous: bytes, live: bytes, volumes: list[str]) -> None:
+        """After the commit of `live` (files on `volumes`) over `previous`: drop what only the
+        previous value used. One that cannot be deleted now is an orphan for `minikv gc`."""
+        await self._forget(key, previous, live)
+        if is_composite(previous):
+            if not (is_composite(live) and live[VOLUMES_AT:] == previous[VOLUMES_AT:]):
+                await composite.remove(self, previous)
+            return
+        stale = [v for v in decode_data(previous).volumes if v not in volumes]
+        if stale:
+            await replicas.delete_all(self.pool, stale, key)
 
     async def _forget(self, key: bytes, previous: bytes, live: bytes | None) -> None:
         """Drop the attributes of a replaced or deleted value (one left behind is never read)."""
@@ -316,7 +334,24 @@ class Values:
             await replicas.delete_all(self.pool, volumes, key)
         await settle(self.store.cas(key, pending, previous))
 
-    async def _write(self, key, source, length, volumes, taken: list) -> tuple[int, bytes, list[str], str]:
+    async def put_record(self, key: bytes, record: bytes, attrs: bytes | None = None) -> None:
+        """Make `record`, which names no file under `key` (a composite value), the key's
+        record, with the encoded attributes `attrs`, after any write in flight; then drop what
+        only the value it replaced used."""
+        pending, previous = await self.lock(key, [])
+        try:
+            if attrs and self.meta is not None:
+                await settle(self.meta.put_attrs(key, record, attrs))
+            done, _ = await settle(self.store.cas(key, pending, record))
+        except (StoreError, lmdb.Error) as e:
+            await settle(self.store.cas(key, pending, previous))
+            raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
+        if not done:
+            raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
+        if previous is not None:
+            await self.replaced(key, previous, record, [])
+
+    async def _write(self, key, source, length, volumes, taken: list, check=None) -> tuple[int, bytes, list[str], str]:
         if length == 0:
             # nothing to hold back in an empty PUT: check the whole (empty) body before sending it
             async for _ in source:
@@ -364,6 +399,8 @@ class Values:
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
+            if check is not None:
+                await check()
             # a volume that closed an upload before its end was sent (it restarted, or gave up
             # waiting) has dropped it: nothing renames there, so commit nowhere. Sent anyway, the
             # end would fail on it in a way that cannot be told from a rename that failed
@@ -423,9 +460,9 @@ class Values:
         if previous is None or all(s == "old" for s in state.values()):
             await self._restore(key, pending, previous, volumes)
             raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; nothing was changed")
-        old = decode_data(previous)
-        proven = [v for v in old.volumes if v not in volumes or state[v] == "old"]
-        restored = previous if not proven or proven == old.volumes else \
+        old, files = decode_data(previous), files_on(previous)  # a composite's parts are not touched
+        proven = [v for v in files if v not in volumes or state[v] == "old"]
+        restored = previous if not proven or proven == files else \
             encode_data(LIVE, proven, old.size, old.mtime_ms, old.md5, 0)  # off its layout, as in put
         await settle(self.store.cas(key, pending, restored))
         raise S3Error("ServiceUnavailable", "; ".join(reasons) + "; the new value was not stored and the "
@@ -446,7 +483,7 @@ class Values:
         value, or no file when there was none), else "unknown". Its file's size tells, and when
         the two values have the same size, its md5 (the file read back, streamed: a rare path)."""
         old = decode_data(previous) if previous is not None else None
-        old_size, old_md5 = (old.size, old.md5) if old is not None and volume in old.volumes else (None, None)
+        old_size, old_md5 = (old.size, old.md5) if volume in files_on(previous) else (None, None)
         try:
             found = await replicas.exists(self.pool, volume, key)
             if found == size and found == old_size:
@@ -491,12 +528,16 @@ class Values:
             if not done:
                 raise busy()
             return True
-        volumes = decode_data(raw).volumes
+        volumes = files_on(raw)
         pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
         done, _ = await settle(self.store.cas(key, raw, pending))
         if not done:
             raise busy()
-        failed = await replicas.delete_all(self.pool, volumes, key)
+        if is_composite(raw):  # the manifest first: once it is gone a rebuild cannot bring the object back
+            why = await composite.drop_manifest(self, raw)
+            failed = [why] if why else []
+        else:
+            failed = await replicas.delete_all(self.pool, volumes, key)
         if failed:
             await settle(self.store.cas(key, pending, with_state(raw, UNLINKED)))
             raise S3Error("ServiceUnavailable", "; ".join(failed) + "; the key is now unlinked (unreadable): "
@@ -505,4 +546,5 @@ class Values:
             raise S3Error("ServiceUnavailable", f"{why}; the object's files are deleted, and so will be its "
                           "record once the index can write again")
         await self._forget(key, raw, None)
+        await composite.remove(self, raw)  # the parts; one left is an orphan for `minikv gc`
         return True

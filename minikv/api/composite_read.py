@@ -1,0 +1,56 @@
+"""The plain API's GET and HEAD of a composite value (an S3 multipart object, s3/composite.py).
+
+There is no file to redirect to: the bytes are the upload's parts, each an ordinary value on its
+own volumes. HEAD answers 200 with the total size from the record; GET streams the parts through
+the index, in order, each from one of its replicas, with a single `Range: bytes=` answered 206
+(416 past the end), as nginx would for an ordinary value. No Content-Md5: the md5 of the whole
+is not computed. Only these keys take this path: for every other key a read is still one record
+and a 302 (api/app.py checks one byte of the record).
+"""
+
+from __future__ import annotations
+
+from minikv.http.response import ClientGone, HTTPError, head
+from minikv.index.record import decode_data
+from minikv.s3 import composite
+from minikv.s3.errors import S3Error
+
+
+def read(app, raw: bytes, is_head: bool, req):
+    size = decode_data(raw).size
+    first, last, status, headers = 0, size - 1, 200, [("Accept-Ranges", "bytes")]
+    rng = req.header(b"range") if req is not None else None
+    if rng is not None:
+        try:
+            found = composite.byte_range(rng.decode("latin-1"), size)
+        except S3Error:
+            raise HTTPError(416, "the range starts past the end of the value",
+                            [("Content-Range", f"bytes */{size}")]) from None
+        if found is not None:
+            (first, last), status = found, 206
+            headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+    if is_head or size == 0 or app.s3 is None:
+        return head(status, headers, last - first + 1)
+    return _stream(app, raw, req, status, headers, first, last)
+
+
+async def _stream(app, raw: bytes, req, status: int, headers: list, first: int, last: int) -> None:
+    values = app.s3.values
+    source = composite.stream(values, values.store, raw, first, last)
+    out = req.conn
+    started = False
+    try:
+        chunk = await anext(source, b"")
+        out.write(head(status, headers, last - first + 1))
+        started = True
+        while chunk:
+            out.write(chunk)
+            await out.drain()
+            chunk = await anext(source, b"")
+    except S3Error as e:
+        if not started:
+            raise HTTPError(503, e.message) from None
+        out.close()  # the head is out: the only way left to tell the client is to cut the connection short
+        raise ClientGone("a part failed mid-answer") from None
+    finally:
+        await source.aclose()
