@@ -9,9 +9,13 @@ is one statement that is its own compare-and-set, done by the database:
     E -> R           UPDATE ... WHERE k = $1 AND rec = E
     E -> absent      DELETE ... WHERE k = $1 AND rec = E
 
-so two servers can never both take a key's lock. A PENDING record also names its owner in the
-`owner` column (the server's id; the worker's pid is inside the record): a compare-and-set from
-a PENDING record only succeeds for its owner. That is the fence of crash recovery across
+so two servers can never both take a key's lock. The compare-and-sets a worker makes while its
+previous ones are out go together, as one statement with the same row-by-row conditions and one
+commit (index/pg_write.py), on a connection the worker keeps for them besides its pool.
+
+A PENDING record also names its owner in the `owner` column (the server's id; the worker's pid
+is inside the record): a compare-and-set from a PENDING record only succeeds for its owner. That
+is the fence of crash recovery across
 servers (index/lease.py): a server that takes over a dead one's records first makes them its
 own, in one statement, so a server that only looked dead (stopped, cut off) can no longer
 complete the writes it had in flight.
@@ -71,14 +75,17 @@ def password_warning(db: str) -> str:
 
 class IndexUnavailable(StoreError):
     """The database cannot be reached, or refused the statement: nothing changed, unless
-    `maybe_done` (the connection broke while the statement was out: it may have been applied)."""
+    `maybe_done` (the connection broke while the statement was out: it may have been applied).
+    `refused`: the database answered the statement with an error."""
 
     maybe_done = False
+    refused = False
 
 
-def _down(e: BaseException, maybe_done: bool = False) -> IndexUnavailable:
+def _down(e: BaseException, maybe_done: bool = False, refused: bool = False) -> IndexUnavailable:
     down = IndexUnavailable(f"the index database is unavailable ({type(e).__name__}: {e}); try again")
     down.maybe_done = maybe_done
+    down.refused = refused
     return down
 
 
@@ -176,6 +183,8 @@ class PgStore:
         self.owner = owner
         self.pool_size = pool_size
         self._pool = None
+        self._writes = None  # the group commit of compare-and-sets (index/pg_write.py), made on first use
+        self._held = None  # its connection: one of its own, not the pool's (run_held)
 
     async def _get_pool(self):
         if self._pool is None:
@@ -207,7 +216,7 @@ class PgStore:
             try:
                 return await getattr(conn, method)(query, *args)
             except asyncpg.PostgresError as e:
-                raise _down(e) from None  # the database answered: the statement was not applied
+                raise _down(e, refused=True) from None  # the database answered: the statement was not applied
             except Exception as e:  # noqa: BLE001 - the connection broke (asyncpg's own errors included)
                 conn.terminate()  # never back into the pool in whatever state it is left
                 if not tries:
@@ -218,7 +227,33 @@ class PgStore:
                 except Exception:  # noqa: BLE001 - a broken connection is dropped by the pool anyway
                     pass
 
+    async def run_held(self, method: str, query: str, *args):
+        """One statement on this process's own connection, outside the pool, for the group
+        commit (index/pg_write.py), which never has two out at once: no checkout and return per
+        statement. Errors as _run's; a broken connection is replaced at the next statement."""
+        import asyncpg
+
+        conn = self._held
+        if conn is None or conn.is_closed():
+            try:
+                conn = self._held = await connect(self.db)
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                raise _down(e) from None  # nothing was sent
+        try:
+            return await getattr(conn, method)(query, *args)
+        except asyncpg.PostgresError as e:
+            raise _down(e, refused=True) from None  # the database answered: the statement was not applied
+        except BaseException as e:
+            conn.terminate()  # whatever state it is left in, it is not used again
+            self._held = None
+            if not isinstance(e, Exception):
+                raise
+            raise _down(e, maybe_done=True) from None
+
     async def close(self) -> None:
+        if self._held is not None:
+            self._held.terminate()
+            self._held = None
         if self._pool is not None:
             await self._pool.close()
 
@@ -237,33 +272,41 @@ class PgStore:
     async def cas(self, key: bytes, expect: bytes | None, new: bytes | None,
                   owner: str | None = None) -> tuple[bool, bytes | None]:
         """Replace `key`'s record with `new` (None deletes it) only if it is `expect` now (None:
-        absent), in one statement; (done, the record after the call). A PENDING `expect` must
-        also be owned by `owner` (default: this server)."""
+        absent), done by the database; (done, the record after the call). A PENDING `expect` must
+        also be owned by `owner` (default: this server). The compare-and-sets of one event loop
+        that wait for each other go to the database together (index/pg_write.py)."""
         check_transition(expect, new)
         owner = owner or self.owner
         new_owner = owner if new is not None and new[0] == PENDING else None
-        if expect is None:
-            done = await self._run(
-                "fetchval", "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, $3) "
-                "ON CONFLICT (k) DO NOTHING RETURNING true", key, new, new_owner)
-        elif expect[0] == PENDING:
-            if new is None:
-                done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
-                                       "AND owner = $3 RETURNING true", key, expect, owner)
-            else:
-                done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
-                                       "AND rec = $2 AND owner = $5 RETURNING true",
-                                       key, expect, new, new_owner, owner)
-        elif new is None:
-            done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
-                                   "RETURNING true", key, expect)
-        else:
-            done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
-                                   "AND rec = $2 RETURNING true", key, expect, new, new_owner)
-        if done:
+        if self._writes is None:
+            from minikv.index.pg_write import Writes
+
+            self._writes = Writes(self)
+        if await self._writes.cas(key, expect, new, new_owner, owner if expect and expect[0] == PENDING else None):
             return True, new
         # only to say why (the lock is held, the key is gone...): the change itself was not made
         return False, await self.get(key)
+
+    async def cas_one(self, key: bytes, expect: bytes | None, new: bytes | None, new_owner: str | None,
+                      owner: str | None, held: bool = False) -> bool:
+        """One compare-and-set in one statement (see cas; `owner`: the one a PENDING `expect` must
+        have, else None; `held`: on the group commit's own connection)."""
+        run = self.run_held if held else self._run
+        if expect is None:
+            return await run(
+                "fetchval", "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, $3) "
+                "ON CONFLICT (k) DO NOTHING RETURNING true", key, new, new_owner)
+        if owner is not None:
+            if new is None:
+                return await run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                                 "AND owner = $3 RETURNING true", key, expect, owner)
+            return await run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                             "AND rec = $2 AND owner = $5 RETURNING true", key, expect, new, new_owner, owner)
+        if new is None:
+            return await run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                             "RETURNING true", key, expect)
+        return await run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                         "AND rec = $2 RETURNING true", key, expect, new, new_owner)
 
     async def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
                    keep=None, budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:
