@@ -5,6 +5,7 @@ commit, with the semantics of each change made alone."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -237,3 +238,64 @@ def test_a_put_the_database_refuses_is_503_and_the_others_are_stored(cluster_pg,
     assert requests.get(base + "/bad", timeout=10).status_code == 404
     assert postgres.psql(name, "SELECT count(*) FROM minikv_keys WHERE owner IS NOT NULL").split() == ["0"]
 
+
+def statements_about(postgres, key: str, since: int) -> list[str]:
+    """The statements the database ran with `key` among their parameters (one key or an
+    array of them) since byte `since` of its log (log_statement = 'all')."""
+    text = (postgres.root / "log").read_bytes()[since:].decode(errors="replace")
+    out, last = [], ""
+    for line in text.splitlines():
+        if (m := re.search(r"LOG: +execute [^:]*: (.*)", line)) is not None:
+            last = m.group(1)
+        elif "DETAIL:  parameters:" in line and key.encode().hex() in line and last:
+            out.append(last)
+            last = ""
+    return out
+
+
+def test_a_thrash_loop_reads_its_key_once_put_and_delete_lock_on_a_guess(cluster_pg, postgres):
+    """PUT of a new key: no lookup before its lock (the INSERT finds out whether it exists);
+    DELETE of a key the worker just read: no lookup either (its lock's UPDATE checks the
+    record). So a PUT, GET, DELETE loop is 5 statements, not 7."""
+    c, name = cluster_pg
+    postgres.psql(name, f'ALTER DATABASE "{name}" SET log_statement = \'all\'')
+    c.restart_index()  # connections made from now on log their statements
+    key = f"/pgt/{uuid.uuid4().hex}"
+    url = f"http://{HOST}:{c.index.port}{key}"
+    with requests.Session() as s:  # one connection: one worker
+        since = (postgres.root / "log").stat().st_size
+        assert s.put(url, data=b"v" * 100, timeout=10).status_code == 201
+        assert s.get(url, allow_redirects=False, timeout=10).status_code == 302
+        assert s.delete(url, timeout=10).status_code == 204
+    ran = [q.split()[0] for q in statements_about(postgres, key, since)]
+    # PUT: lock, LIVE; GET: its lookup; DELETE: lock, drop
+    assert ran == ["INSERT", "UPDATE", "SELECT", "UPDATE", "DELETE"], (postgres.root / "log").read_text()[since:]
+
+
+def test_a_wrong_guess_costs_a_lookup_never_a_wrong_answer(cluster_pg):
+    """Another server changes keys behind a worker's back: its PUT and DELETE guesses are then
+    wrong, their locks are not taken, and they answer from the record read as before."""
+    from test_pg import second_index
+
+    c, _ = cluster_pg
+    other = second_index(c)
+    other.start()
+    try:
+        here, there = f"http://{HOST}:{c.index.port}", f"http://{HOST}:{other.port}"
+        key = f"/pgt/{uuid.uuid4().hex}"
+        with requests.Session() as s:  # one connection: one worker, which remembers what it did
+            assert s.put(here + key, data=b"one", timeout=10).status_code == 201
+            assert requests.delete(there + key, timeout=10).status_code == 204
+            assert requests.put(there + key, data=b"two", timeout=10).status_code == 201
+            assert s.delete(here + key, timeout=10).status_code == 204  # "two", not the "one" it saw
+            assert requests.get(there + key, timeout=10).status_code == 404
+            assert s.delete(here + key, timeout=10).status_code == 404
+
+            assert requests.put(there + key, data=b"three", timeout=10).status_code == 201
+            put = s.put(here + key, data=b"four", timeout=10)  # a key new to this worker: it exists
+            assert put.status_code == 403 and "exists" in put.text
+            assert requests.request("UNLINK", there + key, timeout=10).status_code == 204
+            assert s.put(here + key, data=b"five", timeout=10).status_code == 201  # over the unlinked value
+            assert requests.get(there + key, timeout=10).content == b"five"
+    finally:
+        other.stop()

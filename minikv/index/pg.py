@@ -38,6 +38,7 @@ MAX_KEY = 511  # the same limit as LMDB's, so that an index moves between engine
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that drops packets is down, not slow
 QUERY_TIMEOUT = 10.0  # seconds for one statement
 POOL_SIZE = 8  # connections per worker: a request holds one for one statement at a time
+RECENT = 4096  # records a process keeps as guesses for its next writes (PgStore.recent)
 _SCHEMA_LOCK = 0x6D696E696B76  # "minikv": serialises the first start of several servers
 
 SCHEMA = [
@@ -185,6 +186,9 @@ class PgStore:
         self._pool = None
         self._writes = None  # the group commit of compare-and-sets (index/pg_write.py), made on first use
         self._held = None  # its connection: one of its own, not the pool's (run_held)
+        # the records this process read or wrote last, by key: a guess of what a write may expect
+        # (api/app_pg.py), checked by its compare-and-set, never an answer to a read
+        self.recent: dict[bytes, bytes] = {}
 
     async def _get_pool(self):
         if self._pool is None:
@@ -257,8 +261,18 @@ class PgStore:
         if self._pool is not None:
             await self._pool.close()
 
+    def _remember(self, key: bytes, rec: bytes | None) -> None:
+        if rec is None:
+            self.recent.pop(key, None)
+            return
+        if len(self.recent) >= RECENT:
+            self.recent.clear()  # guesses only: losing them costs a lookup each, no more
+        self.recent[key] = rec
+
     async def get(self, key: bytes) -> bytes | None:
-        return await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
+        rec = await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
+        self._remember(key, rec)
+        return rec
 
     async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The records of those of `keys` that have one, in one round trip."""
@@ -267,7 +281,10 @@ class PgStore:
             return {} if raw is None else {keys[0]: raw}
         rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[])", keys,
                                read=True)
-        return {r[0]: r[1] for r in rows}
+        found = {r[0]: r[1] for r in rows}
+        for key in keys:
+            self._remember(key, found.get(key))
+        return found
 
     async def cas(self, key: bytes, expect: bytes | None, new: bytes | None,
                   owner: str | None = None) -> tuple[bool, bytes | None]:
@@ -283,6 +300,7 @@ class PgStore:
 
             self._writes = Writes(self)
         if await self._writes.cas(key, expect, new, new_owner, owner if expect and expect[0] == PENDING else None):
+            self._remember(key, new)
             return True, new
         # only to say why (the lock is held, the key is gone...): the change itself was not made
         return False, await self.get(key)
