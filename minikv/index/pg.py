@@ -139,6 +139,38 @@ async def create_schema(conn) -> None:
                            f"knows version {SCHEMA_VERSION}: run the later minikv")
 
 
+async def _reach(opening):
+    """The connection (or pool) `opening` gives; failing to reach the database is IndexUnavailable."""
+    import asyncpg
+
+    try:
+        return await opening
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise _down(e) from None  # nothing was sent
+
+
+_AGAIN = object()  # _execute's answer when the connection broke and the statement may go again
+
+
+async def _execute(conn, method: str, query: str, args: tuple, last: bool):
+    """`conn.method(query, *args)`. The database's error is IndexUnavailable (refused: nothing
+    was applied); a connection that breaks meanwhile is closed, and then the statement may have
+    been applied: IndexUnavailable (maybe_done) when it was the `last` try, else _AGAIN."""
+    import asyncpg
+
+    try:
+        return await getattr(conn, method)(query, *args)
+    except asyncpg.PostgresError as e:
+        raise _down(e, refused=True) from None
+    except BaseException as e:  # the connection broke (asyncpg's own errors included), or we were cancelled
+        conn.terminate()  # never used again in whatever state it is left
+        if not isinstance(e, Exception):
+            raise
+        if last:
+            raise _down(e, maybe_done=True) from None
+        return _AGAIN
+
+
 async def _keep_session(conn) -> None:
     """A pooled connection goes back as it is (see PgStore._get_pool)."""
 
@@ -207,24 +239,15 @@ class PgStore:
         """One statement on a pooled connection. `read`: a read-only statement, tried once more
         on a new connection when its connection turns out broken (the database restarted
         since the pool opened it), so that a restart costs no client an error."""
-        import asyncpg
-
         tries = 2 if read else 1
         while True:
             tries -= 1
+            pool = await _reach(self._get_pool())
+            conn = await _reach(pool.acquire())
             try:
-                pool = await self._get_pool()
-                conn = await pool.acquire()
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                raise _down(e) from None  # nothing was sent
-            try:
-                return await getattr(conn, method)(query, *args)
-            except asyncpg.PostgresError as e:
-                raise _down(e, refused=True) from None  # the database answered: the statement was not applied
-            except Exception as e:  # noqa: BLE001 - the connection broke (asyncpg's own errors included)
-                conn.terminate()  # never back into the pool in whatever state it is left
-                if not tries:
-                    raise _down(e, maybe_done=True) from None
+                answer = await _execute(conn, method, query, args, last=not tries)
+                if answer is not _AGAIN:
+                    return answer
             finally:
                 try:
                     await pool.release(conn)
@@ -235,24 +258,9 @@ class PgStore:
         """One statement on this process's own connection, outside the pool, for the group
         commit (index/pg_write.py), which never has two out at once: no checkout and return per
         statement. Errors as _run's; a broken connection is replaced at the next statement."""
-        import asyncpg
-
-        conn = self._held
-        if conn is None or conn.is_closed():
-            try:
-                conn = self._held = await connect(self.db)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                raise _down(e) from None  # nothing was sent
-        try:
-            return await getattr(conn, method)(query, *args)
-        except asyncpg.PostgresError as e:
-            raise _down(e, refused=True) from None  # the database answered: the statement was not applied
-        except BaseException as e:
-            conn.terminate()  # whatever state it is left in, it is not used again
-            self._held = None
-            if not isinstance(e, Exception):
-                raise
-            raise _down(e, maybe_done=True) from None
+        if self._held is None or self._held.is_closed():
+            self._held = await _reach(connect(self.db))
+        return await _execute(self._held, method, query, args, last=True)
 
     async def close(self) -> None:
         if self._held is not None:
