@@ -15,10 +15,9 @@ commit (index/pg_write.py), on a connection the worker keeps for them besides it
 
 A PENDING record also names its owner in the `owner` column (the server's id; the worker's pid
 is inside the record): a compare-and-set from a PENDING record only succeeds for its owner. That
-is the fence of crash recovery across
-servers (index/lease.py): a server that takes over a dead one's records first makes them its
-own, in one statement, so a server that only looked dead (stopped, cut off) can no longer
-complete the writes it had in flight.
+is the fence of crash recovery across servers (index/lease.py): a server that takes over a dead
+one's records first makes them its own, in one statement, so a server that only looked dead
+(stopped, cut off) can no longer complete the writes it had in flight.
 
 SQL used: bytea, a primary key, a partial index, INSERT ... ON CONFLICT, UPDATE/DELETE ...
 RETURNING, timestamptz arithmetic with now(). No stored procedures, no advisory locks besides
