@@ -8,6 +8,9 @@ view of the request holding them. What App writes goes to the database through t
 below (`_cas`, `_lock`, `_drop`, `_rebalance`), and `?list` scans it chunk by chunk
 (`_list_rest`). So the API's rules are written once, and LMDB's path pays nothing for this one.
 
+A PUT of a key the worker knows nothing of and a DELETE of a key it saw last skip that lookup:
+they guess the record, and their lock's compare-and-set checks the guess (`_guess`).
+
 S3 requests go to the S3 front (s3/front_pg.py), which reads the database itself.
 """
 
@@ -21,7 +24,7 @@ from minikv.http.client import VolumeError
 from minikv.http.response import HTTPError
 from minikv.index.pg import MAX_KEY, PgStore
 from minikv.index.pg_batch import Lookups
-from minikv.index.record import OP_PUT
+from minikv.index.record import LIVE, OP_PUT, UNLINKED
 from minikv.index.recovery import retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import keys_above
@@ -69,7 +72,18 @@ def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: li
     retry_when_writable(abandon)
 
 
+class Stale(Exception):
+    """A request's guess of its record (PgApp._guess) was wrong: its lock was not taken.
+    `current`: the record read after that."""
+
+    def __init__(self, current: bytes | None):
+        super().__init__("the record was not the one guessed")
+        self.current = current
+
+
 class PgApp(App):
+    guessed = False  # this view of a request guessed its record instead of reading it
+
     def __init__(self, config, store: PgStore, pool, health):
         super().__init__(config, store, pool, health)
         self.engine = store
@@ -90,17 +104,45 @@ class PgApp(App):
             keys.append(key)
             if req.method == b"PUT":
                 keys += keys_above(key)
+        found = self._guess(req.method, keys)
+        if found is not None:
+            try:
+                return await self._answer(req, keys, found, True)
+            except Stale as e:  # the guess was wrong, nothing was changed: again with the record read
+                return await self._answer(req, keys, {key: e.current} if e.current is not None else {}, False)
         try:
             found = await self.lookups.get_many(keys) if keys else {}
         except StoreError as e:
             raise HTTPError(503, str(e)) from None
+        return await self._answer(req, keys, found, False)
+
+    async def _answer(self, req, keys: list[bytes], found: dict[bytes, bytes], guessed: bool):
+        """App's code on a view of the request holding the records it reads."""
         view = copy.copy(self)
         view.store = Fetched({k: found.get(k) for k in keys}, self.engine)
-        view.access = None  # checked above
+        view.access = None  # checked by _handle
+        view.guessed = guessed
         answer = App.handle(view, req)
         if not isinstance(answer, bytes):
             answer = await answer
         return answer
+
+    def _guess(self, method: bytes, keys: list[bytes]) -> dict[bytes, bytes] | None:
+        """The records a PUT or DELETE may assume without reading them (None: it must read
+        them): a new key is absent (a PUT's INSERT finds out), a key this worker saw last
+        LIVE (UNLINKED) still is. A guess is only ever the `expect` of the request's first
+        compare-and-set, which the database checks: when it was wrong the lock is not taken,
+        and the request starts again with the record read then (Stale). A read never guesses."""
+        if len(keys) != 1:
+            return None  # a PUT below another key's folder, or no key
+        seen = self.engine.recent.get(keys[0])
+        if method == b"PUT":
+            return {} if seen is None else None
+        if method == b"DELETE" and seen is not None:
+            # only guesses that lead to the lock: a 404, 409 or -protect's 403 needs the record read
+            if seen[0] == UNLINKED or (seen[0] == LIVE and not self.config.protect):
+                return {keys[0]: seen}
+        return None
 
     async def _cas(self, key: bytes, expect: bytes | None, new: bytes | None):
         try:
@@ -116,6 +158,8 @@ class PgApp(App):
                 undo_later(self.engine, key, pending, expect)
             raise HTTPError(503, f"{e}; nothing was stored" if pending[1:2] == OP_PUT else str(e)) from None
         if not done:
+            if self.guessed:
+                raise Stale(current)
             raise self._raced(current, pending[1:2] == OP_PUT)
 
     async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:

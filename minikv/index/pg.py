@@ -9,12 +9,15 @@ is one statement that is its own compare-and-set, done by the database:
     E -> R           UPDATE ... WHERE k = $1 AND rec = E
     E -> absent      DELETE ... WHERE k = $1 AND rec = E
 
-so two servers can never both take a key's lock. A PENDING record also names its owner in the
-`owner` column (the server's id; the worker's pid is inside the record): a compare-and-set from
-a PENDING record only succeeds for its owner. That is the fence of crash recovery across
-servers (index/lease.py): a server that takes over a dead one's records first makes them its
-own, in one statement, so a server that only looked dead (stopped, cut off) can no longer
-complete the writes it had in flight.
+so two servers can never both take a key's lock. The compare-and-sets a worker makes while its
+previous ones are out go together, as one statement with the same row-by-row conditions and one
+commit (index/pg_write.py), on a connection the worker keeps for them besides its pool.
+
+A PENDING record also names its owner in the `owner` column (the server's id; the worker's pid
+is inside the record): a compare-and-set from a PENDING record only succeeds for its owner. That
+is the fence of crash recovery across servers (index/lease.py): a server that takes over a dead
+one's records first makes them its own, in one statement, so a server that only looked dead
+(stopped, cut off) can no longer complete the writes it had in flight.
 
 SQL used: bytea, a primary key, a partial index, INSERT ... ON CONFLICT, UPDATE/DELETE ...
 RETURNING, timestamptz arithmetic with now(). No stored procedures, no advisory locks besides
@@ -34,6 +37,7 @@ MAX_KEY = 511  # the same limit as LMDB's, so that an index moves between engine
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that drops packets is down, not slow
 QUERY_TIMEOUT = 10.0  # seconds for one statement
 POOL_SIZE = 8  # connections per worker: a request holds one for one statement at a time
+RECENT = 4096  # records a process keeps as guesses for its next writes (PgStore.recent)
 _SCHEMA_LOCK = 0x6D696E696B76  # "minikv": serialises the first start of several servers
 
 SCHEMA = [
@@ -71,14 +75,17 @@ def password_warning(db: str) -> str:
 
 class IndexUnavailable(StoreError):
     """The database cannot be reached, or refused the statement: nothing changed, unless
-    `maybe_done` (the connection broke while the statement was out: it may have been applied)."""
+    `maybe_done` (the connection broke while the statement was out: it may have been applied).
+    `refused`: the database answered the statement with an error."""
 
     maybe_done = False
+    refused = False
 
 
-def _down(e: BaseException, maybe_done: bool = False) -> IndexUnavailable:
+def _down(e: BaseException, maybe_done: bool = False, refused: bool = False) -> IndexUnavailable:
     down = IndexUnavailable(f"the index database is unavailable ({type(e).__name__}: {e}); try again")
     down.maybe_done = maybe_done
+    down.refused = refused
     return down
 
 
@@ -131,6 +138,38 @@ async def create_schema(conn) -> None:
                            f"knows version {SCHEMA_VERSION}: run the later minikv")
 
 
+async def _reach(opening):
+    """The connection (or pool) `opening` gives; failing to reach the database is IndexUnavailable."""
+    import asyncpg
+
+    try:
+        return await opening
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise _down(e) from None  # nothing was sent
+
+
+_AGAIN = object()  # _execute's answer when the connection broke and the statement may go again
+
+
+async def _execute(conn, method: str, query: str, args: tuple, last: bool):
+    """`conn.method(query, *args)`. The database's error is IndexUnavailable (refused: nothing
+    was applied); a connection that breaks meanwhile is closed, and then the statement may have
+    been applied: IndexUnavailable (maybe_done) when it was the `last` try, else _AGAIN."""
+    import asyncpg
+
+    try:
+        return await getattr(conn, method)(query, *args)
+    except asyncpg.PostgresError as e:
+        raise _down(e, refused=True) from None
+    except BaseException as e:  # the connection broke (asyncpg's own errors included), or we were cancelled
+        conn.terminate()  # never used again in whatever state it is left
+        if not isinstance(e, Exception):
+            raise
+        if last:
+            raise _down(e, maybe_done=True) from None
+        return _AGAIN
+
+
 async def _keep_session(conn) -> None:
     """A pooled connection goes back as it is (see PgStore._get_pool)."""
 
@@ -176,6 +215,11 @@ class PgStore:
         self.owner = owner
         self.pool_size = pool_size
         self._pool = None
+        self._writes = None  # the group commit of compare-and-sets (index/pg_write.py), made on first use
+        self._held = None  # its connection: one of its own, not the pool's (run_held)
+        # the records this process read or wrote last, by key: a guess of what a write may expect
+        # (api/app_pg.py), checked by its compare-and-set, never an answer to a read
+        self.recent: dict[bytes, bytes] = {}
 
     async def _get_pool(self):
         if self._pool is None:
@@ -194,36 +238,48 @@ class PgStore:
         """One statement on a pooled connection. `read`: a read-only statement, tried once more
         on a new connection when its connection turns out broken (the database restarted
         since the pool opened it), so that a restart costs no client an error."""
-        import asyncpg
-
         tries = 2 if read else 1
         while True:
             tries -= 1
+            pool = await _reach(self._get_pool())
+            conn = await _reach(pool.acquire())
             try:
-                pool = await self._get_pool()
-                conn = await pool.acquire()
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                raise _down(e) from None  # nothing was sent
-            try:
-                return await getattr(conn, method)(query, *args)
-            except asyncpg.PostgresError as e:
-                raise _down(e) from None  # the database answered: the statement was not applied
-            except Exception as e:  # noqa: BLE001 - the connection broke (asyncpg's own errors included)
-                conn.terminate()  # never back into the pool in whatever state it is left
-                if not tries:
-                    raise _down(e, maybe_done=True) from None
+                answer = await _execute(conn, method, query, args, last=not tries)
+                if answer is not _AGAIN:
+                    return answer
             finally:
                 try:
                     await pool.release(conn)
                 except Exception:  # noqa: BLE001 - a broken connection is dropped by the pool anyway
                     pass
 
+    async def run_held(self, method: str, query: str, *args):
+        """One statement on this process's own connection, outside the pool, for the group
+        commit (index/pg_write.py), which never has two out at once: no checkout and return per
+        statement. Errors as _run's; a broken connection is replaced at the next statement."""
+        if self._held is None or self._held.is_closed():
+            self._held = await _reach(connect(self.db))
+        return await _execute(self._held, method, query, args, last=True)
+
     async def close(self) -> None:
+        if self._held is not None:
+            self._held.terminate()
+            self._held = None
         if self._pool is not None:
             await self._pool.close()
 
+    def _remember(self, key: bytes, rec: bytes | None) -> None:
+        if rec is None:
+            self.recent.pop(key, None)
+            return
+        if len(self.recent) >= RECENT:
+            self.recent.clear()  # guesses only: losing them costs a lookup each, no more
+        self.recent[key] = rec
+
     async def get(self, key: bytes) -> bytes | None:
-        return await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
+        rec = await self._run("fetchval", "SELECT rec FROM minikv_keys WHERE k = $1", key, read=True)
+        self._remember(key, rec)
+        return rec
 
     async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The records of those of `keys` that have one, in one round trip."""
@@ -232,38 +288,50 @@ class PgStore:
             return {} if raw is None else {keys[0]: raw}
         rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[])", keys,
                                read=True)
-        return {r[0]: r[1] for r in rows}
+        found = {r[0]: r[1] for r in rows}
+        for key in keys:
+            self._remember(key, found.get(key))
+        return found
 
     async def cas(self, key: bytes, expect: bytes | None, new: bytes | None,
                   owner: str | None = None) -> tuple[bool, bytes | None]:
         """Replace `key`'s record with `new` (None deletes it) only if it is `expect` now (None:
-        absent), in one statement; (done, the record after the call). A PENDING `expect` must
-        also be owned by `owner` (default: this server)."""
+        absent), done by the database; (done, the record after the call). A PENDING `expect` must
+        also be owned by `owner` (default: this server). The compare-and-sets of one event loop
+        that wait for each other go to the database together (index/pg_write.py)."""
         check_transition(expect, new)
         owner = owner or self.owner
         new_owner = owner if new is not None and new[0] == PENDING else None
-        if expect is None:
-            done = await self._run(
-                "fetchval", "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, $3) "
-                "ON CONFLICT (k) DO NOTHING RETURNING true", key, new, new_owner)
-        elif expect[0] == PENDING:
-            if new is None:
-                done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
-                                       "AND owner = $3 RETURNING true", key, expect, owner)
-            else:
-                done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
-                                       "AND rec = $2 AND owner = $5 RETURNING true",
-                                       key, expect, new, new_owner, owner)
-        elif new is None:
-            done = await self._run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
-                                   "RETURNING true", key, expect)
-        else:
-            done = await self._run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
-                                   "AND rec = $2 RETURNING true", key, expect, new, new_owner)
-        if done:
+        if self._writes is None:
+            from minikv.index.pg_write import Writes
+
+            self._writes = Writes(self)
+        if await self._writes.cas(key, expect, new, new_owner, owner if expect and expect[0] == PENDING else None):
+            self._remember(key, new)
             return True, new
         # only to say why (the lock is held, the key is gone...): the change itself was not made
         return False, await self.get(key)
+
+    async def cas_one(self, key: bytes, expect: bytes | None, new: bytes | None, new_owner: str | None,
+                      owner: str | None, held: bool = False) -> bool:
+        """One compare-and-set in one statement (see cas; `owner`: the one a PENDING `expect` must
+        have, else None; `held`: on the group commit's own connection)."""
+        run = self.run_held if held else self._run
+        if expect is None:
+            return await run(
+                "fetchval", "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, $3) "
+                "ON CONFLICT (k) DO NOTHING RETURNING true", key, new, new_owner)
+        if owner is not None:
+            if new is None:
+                return await run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                                 "AND owner = $3 RETURNING true", key, expect, owner)
+            return await run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                             "AND rec = $2 AND owner = $5 RETURNING true", key, expect, new, new_owner, owner)
+        if new is None:
+            return await run("fetchval", "DELETE FROM minikv_keys WHERE k = $1 AND rec = $2 "
+                             "RETURNING true", key, expect)
+        return await run("fetchval", "UPDATE minikv_keys SET rec = $3, owner = $4 WHERE k = $1 "
+                         "AND rec = $2 RETURNING true", key, expect, new, new_owner)
 
     async def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
                    keep=None, budget: int = 0) -> tuple[list[tuple[bytes, bytes]], bytes]:
