@@ -2,12 +2,16 @@
 -metrics-port, in alternating rounds of one run (off, on, on, off, ...), on the same volumes
 and the same database.
 
-Each side of a round: wrk on a stored key (302) and on a missing key (404), with the index's
-CPU time per request read from /proc over the same seconds (other load on a shared machine
-moves both figures: compare the medians of several rounds, not one round). With the listener
-on, /metrics is scraped every second, as bench/run.py --metrics.
+Each side of a round: wrk on a stored key (302), on a missing key (404) and the thrash loop
+(PUT+GET+DELETE of fresh keys, 16 connections, as bench/run.py), with the index's CPU time per
+request read from /proc over the same seconds (other load on a shared machine moves all figures:
+compare the medians of several rounds, not one round). With the listener on, /metrics is
+scraped every second, as bench/run.py --metrics.
 
-    .venv/bin/python bench/ops_ab.py [--rounds 4] [--secs 3] [--workers N] [--run-quick 2]
+    .venv/bin/python bench/ops_ab.py [--rounds 4] [--secs 3] [--workers N] [--old DIR] [--run-quick 2]
+
+--old DIR also runs the index from another source tree (DIR holds its `minikv` package, e.g.
+`git archive main | tar -x -C DIR`), off and on, in the same rounds: old against new in one run.
 
 --run-quick N then runs `bench/run.py --quick` N times each without and with --metrics (off,
 on, on, off, ...) and prints their fetch and thrash ratios to nginx.
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +37,7 @@ from run import (  # noqa: E402 - bench/ is not a package
     REPLICAS,
     SMALL_BODY,
     SUBVOLUMES,
+    THRASH_LUA,
     BenchError,
     Cluster,
     _signal_group,
@@ -57,9 +63,11 @@ def scrape_while(port: int, stop: threading.Event) -> None:
             pass
 
 
-def start_index(cluster: Cluster, db: Path, port: int, metrics_port: int, workers: int | None):
+def start_index(cluster: Cluster, db: Path, port: int, metrics_port: int, workers: int | None,
+                code: str | None = None):
     volumes = ",".join(f"{HOST}:{p}" for p in cluster.volume_ports)
-    argv = [minikv_bin(), "server", "-host", HOST, "-port", str(port), "-volumes", volumes, "-db", str(db),
+    # another source tree's package first on the path: its code, this venv's dependencies
+    argv = (["env", f"PYTHONPATH={code}"] if code else []) + [minikv_bin(), "server", "-host", HOST, "-port", str(port), "-volumes", volumes, "-db", str(db),
             "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
     if workers:
         argv += ["-workers", str(workers)]
@@ -80,10 +88,11 @@ def stop_index(cluster: Cluster, proc) -> None:
     cluster.procs.remove(proc)
 
 
-def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None) -> dict[str, tuple[float, float]]:
-    """{"302": (req/s, index CPU µs per request), "404": ...} for one index start."""
+def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None,
+         code: str | None = None) -> dict[str, tuple[float, float]]:
+    """{"302": (req/s, index CPU µs per request), "404": ..., "thrash": ...} for one index start."""
     port, mport = free_ports(2)
-    proc = start_index(cluster, db, port, mport if on else 0, workers)
+    proc = start_index(cluster, db, port, mport if on else 0, workers, code)
     stop = threading.Event()
     try:
         expect_status(port, "GET", "/ab-present", 302)
@@ -93,10 +102,15 @@ def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None) -
             threading.Thread(target=scrape_while, args=(mport, stop), daemon=True).start()
         pids = descendants(proc.popen.pid)
         out = {}
-        for name, path in (("302", "/ab-present"), ("404", "/ab-missing")):
+        token = uuid.uuid4().hex[:8]  # fresh thrash keys: the sides share one database
+        runs = {"302": ("/ab-present", 2, 100, None), "404": ("/ab-missing", 2, 100, None),
+                "thrash": ("", 16, 16, [str(THRASH_LUA), "index", f"/thrash/{token}"])}
+        for name, (path, threads, conns, script) in runs.items():
             before = cpu_seconds(pids)
-            res = wrk(f"http://{HOST}:{port}{path}", secs, 2, 100)
+            res = wrk(f"http://{HOST}:{port}{path}", secs, threads, conns, script)
             used = cpu_seconds(pids) - before
+            if script and (res.extra.get("thrash_errors") != "0" or res.socket_error_total):
+                raise BenchError(f"thrash: {res.extra.get('thrash_bad', '')[:200]}, socket errors {res.socket_errors}")
             out[name] = (res.rps, used / res.requests * 1e6)
         return out
     finally:
@@ -120,16 +134,19 @@ def run_quick(metrics: bool) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4, help="pairs of sides (off+on), mirrored in turn")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of sides (off+on, per code), mirrored in turn")
     ap.add_argument("--secs", type=int, default=3, help="seconds of wrk per figure per side")
     ap.add_argument("--workers", type=int, help="-workers of the index (its default if not given)")
+    ap.add_argument("--old", help="a source tree of minikv to run too, off and on, in the same rounds")
     ap.add_argument("--run-quick", type=int, default=0, help="then N runs of bench/run.py --quick per side")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="minikv-ab-", dir=default_dir()))
     tmp.chmod(0o755)
     cluster = Cluster(tmp)
-    results: dict[bool, list[dict]] = {False: [], True: []}
+    codes = [("new", None)] + ([("old", str(Path(opts.old).resolve()))] if opts.old else [])
+    sides = [(code, on) for code in codes for on in (False, True)]
+    results: dict[tuple, list[dict]] = {(code[0], on): [] for code, on in sides}
     try:
         cluster.up()  # the volumes, and an index that stores the key every side reads
         ip = cluster.index_port
@@ -138,10 +155,10 @@ def main() -> int:
         stop_index(cluster, index)
         db = tmp / "index"
         for r in range(opts.rounds):
-            for on in ((False, True) if r % 2 == 0 else (True, False)):
-                res = side(cluster, db, on, opts.secs, opts.workers)
-                results[on].append(res)
-                print(f"round {r + 1} {'on ' if on else 'off'}: " + "  ".join(
+            for (label, code), on in (sides if r % 2 == 0 else sides[::-1]):
+                res = side(cluster, db, on, opts.secs, opts.workers, code)
+                results[(label, on)].append(res)
+                print(f"round {r + 1} {label} {'on ' if on else 'off'}: " + "  ".join(
                     f"{k} {rps:8,.0f} req/s {us:5.1f} µs/req" for k, (rps, us) in res.items()), flush=True)
     except BenchError as e:
         print(f"ab: FAILED: {e}", file=sys.stderr)
@@ -149,13 +166,19 @@ def main() -> int:
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("302", "404"):
-        for on in (False, True):
-            rps = [x[name][0] for x in results[on]]
-            us = [x[name][1] for x in results[on]]
-            print(f"{name} {'on ' if on else 'off'}: req/s median {statistics.median(rps):8,.0f} "
-                  f"({' / '.join(f'{x:,.0f}' for x in rps)}); CPU µs/req median {statistics.median(us):.1f} "
-                  f"({' / '.join(f'{x:.1f}' for x in us)})")
+    for name in ("404", "302", "thrash"):
+        for label, _ in codes:
+            for on in (False, True):
+                runs = results[(label, on)]
+                rps = [x[name][0] for x in runs]
+                us = [x[name][1] for x in runs]
+                print(f"{name:6} {label} {'on ' if on else 'off'}: req/s median {statistics.median(rps):8,.0f} "
+                      f"({' / '.join(f'{x:,.0f}' for x in rps)}); CPU µs/req median {statistics.median(us):.1f} "
+                      f"({' / '.join(f'{x:.1f}' for x in us)})")
+            # on/off of the same round (minutes apart at most): the load of the machine moves less
+            ratios = [b[name][0] / a[name][0] for a, b in zip(results[(label, False)], results[(label, True)])]
+            print(f"{name:6} {label} on/off req/s: median {statistics.median(ratios):.3f} "
+                  f"({' / '.join(f'{x:.2f}' for x in ratios)})")
     quick: dict[bool, list[list[str]]] = {False: [], True: []}
     try:
         for r in range(opts.run_quick):

@@ -5,7 +5,13 @@ App with a real LMDB index (in a temp dir) and no network: what is left is the H
 API and the index read, the part of a request that minikv's code decides. Run it before and after
 touching the read path:
 
-    .venv/bin/python bench/protocol.py [-n 200000]
+    .venv/bin/python bench/protocol.py [-n 200000] [--metrics]
+
+--metrics counts the requests as `-metrics-port` does (minikv.ops.counters.instrument): the
+difference is what counting costs the request path. Under `valgrind --tool=callgrind` (with a
+small -n and PYTHONHASHSEED=0) the instruction counts of the two are exact and the same from run
+to run; valgrind runs ~50x slower, so give it --first-bucket 0.01 too: the answers then fall
+in the first latency bucket, and take its path, as they do at full speed.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ async def _no_wait() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=200_000, help="requests per figure")
-    n = ap.parse_args(argv).n
+    ap.add_argument("--metrics", action="store_true", help="count requests as -metrics-port does")
+    ap.add_argument("--first-bucket", type=float, help="with --metrics: the first latency bucket's bound, "
+                    "seconds (0.0001 in the server)")
+    ap.add_argument("--only", choices=("404", "302"), help="measure this answer only (for callgrind: two "
+                    "runs with different -n give the instructions per request by difference)")
+    opts = ap.parse_args(argv)
+    n = opts.n
     loop = uvloop.new_event_loop()  # the server's loop
     asyncio.set_event_loop(loop)
     db = tempfile.mkdtemp(prefix="minikv-protocol-")
@@ -55,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(db)
         pool = Pool()
         app = App(config, store, pool, Health(pool, volumes))
+        if opts.metrics:
+            from minikv.ops import counters
+
+            if opts.first_bucket:
+                counters.FIRST = opts.first_bucket
+            instrument = counters.instrument
+            instrument(app, counters.Counters())
         placed = key2volume(b"/present", volumes, 3, 10)
         with store.env.begin(write=True, db=store.keys) as txn:  # a record as a PUT leaves it
             txn.put(b"/present", encode_data(LIVE, placed, 5, 0, b"x" * 16, app.epoch))
@@ -74,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             for conn in conns:
                 conn.transport.out.clear()
 
-        for name, path in (("404 (missing key)", b"/missing"), ("302 (stored key)", b"/present")):
+        figures = (("404 (missing key)", b"/missing"), ("302 (stored key)", b"/present"))
+        for name, path in (f for f in figures if opts.only is None or f[0].startswith(opts.only)):
             request = b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:3000\r\n\r\n" % path
             conns[0].data_received(request)
             loop.run_until_complete(_no_wait())
