@@ -289,6 +289,9 @@ def run(args: Args) -> int:
             _need(args, "volumes", "db")
         import importlib
 
+        from minikv.admin.trim import keep_trimmed
+
+        keep_trimmed()  # the index pages a long walk reads would otherwise all count in its RSS
         module = importlib.import_module(f"minikv.admin.{cmd}")
         return module.main(args)
     if not cmd:
