@@ -170,9 +170,9 @@ def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dic
     if check and code != 0:
         raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
     result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
-              "summary": summary, "code": code}
-    print(f"bench: {what}: {elapsed:.1f} s, peak RSS {result['rss_mb']:.0f} MB ({result['anon_mb']:.0f} MB "
-          f"anonymous)  {summary}", file=sys.stderr)
+              "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime}
+    print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU, peak RSS {result['rss_mb']:.0f} MB "
+          f"({result['anon_mb']:.0f} MB anonymous)  {summary}", file=sys.stderr)
     return result
 
 
@@ -439,7 +439,9 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
 
     old 3 → 4 (on a copy of the index), then the files go back to 3 volumes (the Go original's
     4 → 3 when it is there, else our code's, untimed), then ours 3 → 4; verify of both on the
-    index ours left. With --profile DIR, cProfile stats of our rebalance and verify land there."""
+    index ours left. Each with its CPU time (the process's own, from wait4), which a machine busy
+    with other work disturbs less than the wall time. With --profile DIR, cProfile stats of our
+    rebalance and verify land there."""
     n = opts.keys
     old = Path(opts.old).resolve()
     old_py = str(old / ".venv" / "bin" / "python")
@@ -480,7 +482,8 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
                               "new verify (local)", check=False)
     lines = [f"A/B at {n:,} keys of {opts.value_size:,} bytes, -concurrency {opts.concurrency} ({machine()}):"]
     for name, r in res.items():
-        lines.append(f"- {name}: {r['seconds']:.1f} s, {n / r['seconds']:,.0f} keys/s, peak RSS {r['rss_mb']:.0f} MB"
+        lines.append(f"- {name}: {r['seconds']:.1f} s, {n / r['seconds']:,.0f} keys/s, {r['cpu']:.1f} s of CPU "
+                     f"({n / r['cpu']:,.0f} keys per CPU second), peak RSS {r['rss_mb']:.0f} MB"
                      + (f" ({(n / r['seconds']) / (n / res['go']['seconds']):.2f}× Go)" if "go" in res
                         and not name.startswith("verify") else "") + f"  {r['summary']}")
     return "\n".join(lines)
