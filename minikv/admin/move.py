@@ -131,15 +131,16 @@ async def retire(pool: Pool, store: Store, key: bytes, live: bytes, relock: byte
     return failed
 
 
-RETIRE_BATCH = 1024  # keys whose old copies are deleted together (their DELETEs in one pass)
+RETIRE_BATCH = 64  # keys whose old copies are deleted together (their DELETEs in one pass)
 
 
 class Retirements:
-    """The background retirements of one pool and store, done in batches: the keys whose GRACE
-    is over are retired together by one task, their DELETEs sent at once (pipelined, several
-    to a write) and their unlocks written in one transaction, instead of a task, a timer, a
-    pass of DELETEs and a transaction for each key. Each key still waits its full GRACE, and
-    is deleted, then unlocked, in that order, as retire() does."""
+    """The background retirements of one pool and store, done in batches: one task waits for
+    the GRACE of every key in turn, and the keys whose GRACE is over are retired RETIRE_BATCH
+    at a time, their DELETEs sent at once (pipelined, several to a write) and their unlocks
+    written in one transaction, instead of a task, a timer, a pass of DELETEs and a transaction
+    for each key. Each key still waits its full GRACE, and is deleted, then unlocked, in that
+    order, as retire() does."""
 
     def __init__(self, pool: Pool, store: Store, grace: float):
         self.pool = pool
@@ -160,21 +161,26 @@ class Retirements:
         loop = asyncio.get_running_loop()
         try:
             while self.due:
-                wait = self.due[0][0] - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                # one batch a turn of the loop, not awaited: batches in flight together go on
+                # several connections, which a volume's nginx workers serve at once
+                await asyncio.sleep(max(0.0, self.due[0][0] - loop.time()))
                 now = loop.time()
                 batch = []
                 while self.due and self.due[0][0] <= now and len(batch) < RETIRE_BATCH:
                     batch.append(self.due.popleft()[1:])
-                try:
-                    _failed.extend(await retire_many(self.pool, self.store, batch))
-                except Exception as e:  # noqa: BLE001 - the index could not be written: told by drain()
-                    _failed.extend([f"retiring old copies failed: {e!r}"] * len(batch))
+                task = loop.create_task(self.retire(batch))
+                _tails.add(task)
+                task.add_done_callback(_tails.discard)
         finally:
             self.task = None
             if _retirements.get((id(self.pool), id(self.store), self.grace)) is self and not self.due:
                 del _retirements[(id(self.pool), id(self.store), self.grace)]
+
+    async def retire(self, batch: list[tuple[bytes, bytes, bytes | None, list[str]]]) -> None:
+        try:
+            _failed.extend(await retire_many(self.pool, self.store, batch))
+        except Exception as e:  # noqa: BLE001 - the index could not be written: told by drain()
+            _failed.extend([f"retiring old copies failed: {e!r}"] * len(batch))
 
 
 # by (pool, store, grace); an entry holds its pool and store, so their ids are not reused meanwhile
