@@ -1,6 +1,7 @@
 """Rebalance and verify with less work per key: the keys already in place are settled a page at a
-time without a task each, the old copies of many moved keys are retired together (one task,
-their DELETEs in one pass, their unlocks in one transaction) and still only after their grace,
+time without a task each, the old copies of many moved keys are retired in batches (one task
+waits for their grace; a batch's DELETEs go in one pass, its unlocks in one transaction) and
+still only after their grace,
 and verify reads the volumes' folders on this machine when given them. Real volumes, real index
 processes, real LMDB."""
 
@@ -19,17 +20,7 @@ from test_admin import admin, holders, placed, ready, restart, write  # noqa: E4
 
 from minikv.admin.progress import Progress  # noqa: E402
 from minikv.config import Config  # noqa: E402
-from minikv.index.record import (  # noqa: E402
-    LIVE,
-    OP_PUT,
-    OP_REBALANCE,
-    PENDING,
-    UNLINKED,
-    decode_data,
-    decode_pending,
-    encode_data,
-    encode_pending,
-)
+from minikv.index import record  # noqa: E402
 from minikv.index.store import Store  # noqa: E402
 from minikv.placement import key2path, key2volume  # noqa: E402
 
@@ -37,7 +28,8 @@ from minikv.placement import key2path, key2volume  # noqa: E402
 def offline(config: Config, store: Store):
     from minikv.admin.rebalance import Offline
 
-    return Offline(config, types.SimpleNamespace(dry_run=False), store, config.pool(), Progress("test", bar=False))
+    return Offline(config, types.SimpleNamespace(dry_run=False), store, config.pool(),
+                   Progress("test", bar=False))
 
 
 def test_rebalance_settles_the_keys_in_place_a_page_at_a_time(tmp_path):
@@ -51,16 +43,16 @@ def test_rebalance_settles_the_keys_in_place_a_page_at_a_time(tmp_path):
             key = b"/q/%d" % i
             want = key2volume(key, volumes, 2, 4)
             other = key2volume(key, volumes[:3], 2, 4)
-            pairs.append((key, encode_data(LIVE, want if i % 2 else other, 5, 1, bytes(16))))
-        pairs.append((b"/q/unlinked", encode_data(UNLINKED, ["127.0.0.1:9"], 5, 1, bytes(16))))
-        pairs.append((b"/q/locked", encode_pending(OP_PUT, 1, 1, ["127.0.0.1:9"])))
+            pairs.append((key, record.encode_data(record.LIVE, want if i % 2 else other, 5, 1, bytes(16))))
+        pairs.append((b"/q/unlinked", record.encode_data(record.UNLINKED, ["127.0.0.1:9"], 5, 1, bytes(16))))
+        pairs.append((b"/q/locked", record.encode_pending(record.OP_PUT, 1, 1, ["127.0.0.1:9"])))
         job = offline(config, store)
         rest = job.quick(pairs)
         job.pool.close()
     finally:
         store.close()
     expect = [(k, raw) for i, (k, raw) in enumerate(pairs[:200])
-              if decode_data(raw).volumes != key2volume(k, volumes, 2, 4)] + [pairs[-1]]
+              if record.decode_data(raw).volumes != key2volume(k, volumes, 2, 4)] + [pairs[-1]]
     assert rest == expect
     assert 0 < len(expect) < 120  # the odd ones are in place, and some even ones too
     assert job.progress.counts["seen"] == 202 and job.progress.counts["unlinked"] == 1
@@ -68,8 +60,8 @@ def test_rebalance_settles_the_keys_in_place_a_page_at_a_time(tmp_path):
 
 def test_old_copies_of_many_moved_keys_are_retired_together_after_their_grace(make_cluster):
     """The moved keys' old copies stay (their records locked, naming them) for the grace after
-    the switch, for readers redirected just before it; then one task deletes them all and
-    unlocks every record."""
+    the switch, for readers redirected just before it; one task waits for all of them (not one
+    each), then they are deleted in batches and every record is unlocked."""
     from minikv.admin import move
 
     c = make_cluster(volumes=4, replicas=2, subvolumes=4)
@@ -89,7 +81,8 @@ def test_old_copies_of_many_moved_keys_are_retired_together_after_their_grace(ma
             await asyncio.gather(*(job.key(key, raw) for key, raw in pairs))
             # the moves are done; their old copies wait for their grace
             tails = len(move._tails)
-            locked = {k.decode(): decode_pending(raw) for k, raw in store.scan(b"/retire/")[0] if raw[0] == PENDING}
+            locked = {k.decode(): record.decode_pending(raw) for k, raw in store.scan(b"/retire/")[0]
+                      if raw[0] == record.PENDING}
             still = {k: holders(c, k) for k in keys}
             got = {k: c.get(quote(k)).content for k in keys}
             leftovers = await move.drain()
@@ -102,14 +95,15 @@ def test_old_copies_of_many_moved_keys_are_retired_together_after_their_grace(ma
         store.close()
     moved = [k for k in keys if placed(c, k, c.names) != before[k]]
     assert len(moved) > 20 and job.progress.counts["moved"] == len(moved), job.progress.counts
-    assert tails == 1  # one task retires them all, not one each
+    assert tails == 1  # one task waits for their grace, not one each
     assert sorted(locked) == sorted(moved)
     for key in moved:
-        assert locked[key].op == OP_REBALANCE and set(locked[key].volumes) == before[key] - placed(c, key, c.names)
+        assert locked[key].op == record.OP_REBALANCE
+        assert set(locked[key].volumes) == before[key] - placed(c, key, c.names)
         assert still[key] == before[key] | placed(c, key, c.names), key  # old and new copies, for the grace
     assert got == keys  # readable throughout
     assert leftovers == []
-    assert all(raw[0] == LIVE for _, raw in after)
+    assert all(raw[0] == record.LIVE for _, raw in after)
     for key, value in keys.items():
         assert holders(c, key) == placed(c, key, c.names), key
         assert c.get(quote(key)).content == value
