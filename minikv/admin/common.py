@@ -120,9 +120,12 @@ def stop_on_signal(stop: asyncio.Event, progress: Progress) -> None:
         loop.add_signal_handler(sig, first, sig)
 
 
+Pairs = list[tuple[bytes, bytes]]
+
+
 async def each_record(store: Store, fn: Callable[[bytes, bytes], Awaitable[None]], concurrency: int,
                       progress: Progress, stop: asyncio.Event,
-                      quick: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None) -> None:
+                      quick: Callable[[Pairs], Pairs] | None = None) -> None:
     """Call fn(key, record) for every record, `concurrency` at once, in key order. An unexpected
     error on one key is counted as failed and reported; the others go on. `quick`, if given,
     settles what it can of each page of records without an await (and ticks the progress for
