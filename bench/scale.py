@@ -145,11 +145,11 @@ def find_go(opts, tmp: Path) -> tuple[Path | None, str]:
 # ---------------------------------------------------------------- running and measuring
 
 
-def run(argv: list[str], what: str, check: bool = True) -> dict:
+def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dict:
     """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
     children) and its summary line."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
     peak: dict = {}
     done = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(proc.pid, peak, done), daemon=True)
@@ -170,14 +170,15 @@ def run(argv: list[str], what: str, check: bool = True) -> dict:
     if check and code != 0:
         raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
     result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
-              "summary": summary, "code": code}
-    print(f"bench: {what}: {elapsed:.1f} s, peak RSS {result['rss_mb']:.0f} MB ({result['anon_mb']:.0f} MB "
-          f"anonymous)  {summary}", file=sys.stderr)
+              "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime}
+    print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU, peak RSS {result['rss_mb']:.0f} MB "
+          f"({result['anon_mb']:.0f} MB anonymous)  {summary}", file=sys.stderr)
     return result
 
 
-def minikv(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "minikv", *argv]
+def minikv(*argv: str, python: str = sys.executable, profile: Path | None = None) -> list[str]:
+    """The command line of `minikv argv...`; under cProfile (its stats written to `profile`) if given."""
+    return [python, *(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "minikv", *argv]
 
 
 def count(summary: str, label: str) -> int:
@@ -432,6 +433,62 @@ def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
     return res
 
 
+def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
+    """--old DIR: rebalance 3 → 4 and verify only, timed for the code of DIR (an older checkout
+    with its own .venv), for ours and for the Go original, in one run on the same files.
+
+    old 3 → 4 (on a copy of the index), then the files go back to 3 volumes (the Go original's
+    4 → 3 when it is there, else our code's, untimed), then ours 3 → 4; verify of both on the
+    index ours left. Each with its CPU time (the process's own, from wait4), which a machine busy
+    with other work disturbs less than the wall time. With --profile DIR, cProfile stats of our
+    rebalance and verify land there."""
+    n = opts.keys
+    old = Path(opts.old).resolve()
+    old_py = str(old / ".venv" / "bin" / "python")
+    go, why = find_go(opts, tmp)
+    dirs = [str(tmp / f"vol{i}") for i in range(4)]
+    three, four = cluster.names[:3], cluster.names
+    print(f"bench: writing {n:,} keys' files ...", file=sys.stderr)
+    write_files(dirs[:3], three, n, b"v" * opts.value_size, 2)
+    for i, port in enumerate(cluster.ports):
+        os.makedirs(dirs[i], exist_ok=True)
+        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
+    for proc, port in zip(cluster.procs, cluster.ports):
+        wait_port(port, proc, "a volume", timeout=600)
+    common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
+    db, db_old = tmp / "index", tmp / "index-old"
+    run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common, *dirs[:3]), "minikv rebuild (local)")
+    shutil.copytree(db, db_old)
+    prof = Path(opts.profile).resolve() if opts.profile else None
+    if prof:
+        prof.mkdir(parents=True, exist_ok=True)
+    res = {"old": run(minikv("rebalance", "-volumes", ",".join(four), "-db", str(db_old), *common, python=old_py),
+                      "old rebalance 3 → 4", cwd=old)}
+    if go:
+        run([str(go), "-volumes", ",".join(four), "-db", str(tmp / "go4"), "-replicas", str(REPLICAS),
+             "-subvolumes", str(SUBVOLUMES), "rebuild"], "Go rebuild (4 volumes)")
+        res["go"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go4"), "-replicas", str(REPLICAS),
+                         "-subvolumes", str(SUBVOLUMES), "rebalance"], "Go rebalance 4 → 3")
+    else:
+        print(f"bench: Go original skipped: {why}", file=sys.stderr)
+        run(minikv("rebalance", "-volumes", ",".join(three), "-db", str(db_old), *common), "back to 3 volumes")
+    res["new"] = run(minikv("rebalance", "-volumes", ",".join(four), "-db", str(db), *common,
+                            profile=prof / "rebalance.prof" if prof else None), "new rebalance 3 → 4")
+    res["verify old"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common, python=old_py),
+                            "old verify", cwd=old)
+    res["verify new"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common,
+                                   profile=prof / "verify.prof" if prof else None), "new verify")
+    res["verify local"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common, *dirs),
+                              "new verify (local)", check=False)
+    lines = [f"A/B at {n:,} keys of {opts.value_size:,} bytes, -concurrency {opts.concurrency} ({machine()}):"]
+    for name, r in res.items():
+        lines.append(f"- {name}: {r['seconds']:.1f} s, {n / r['seconds']:,.0f} keys/s, {r['cpu']:.1f} s of CPU "
+                     f"({n / r['cpu']:,.0f} keys per CPU second), peak RSS {r['rss_mb']:.0f} MB"
+                     + (f" ({(n / r['seconds']) / (n / res['go']['seconds']):.2f}× Go)" if "go" in res
+                        and not name.startswith("verify") else "") + f"  {r['summary']}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys whose files are written (0: skip)")
@@ -441,6 +498,8 @@ def main() -> int:
     ap.add_argument("--go-src", help="a checkout of github.com/geohot/minikeyvalue (or $MKV_GO_SRC)")
     ap.add_argument("--go-bin", help="the Go original, built")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--old", help="an older checkout (with its .venv): A/B of rebalance and verify only (ab_part)")
+    ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir="/tmp"))
@@ -450,6 +509,9 @@ def main() -> int:
     cluster.names = cluster.names[:4]
     sections = []
     try:
+        if opts.old:
+            print(ab_part(opts, tmp, cluster))
+            return 0
         if opts.keys:
             sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))
         if opts.index_keys:

@@ -35,7 +35,13 @@ def url(volume: str, key: bytes) -> str:
 async def delete_all(pool: Pool, volumes: list[str], key: bytes) -> list[str]:
     """Delete the key's file on every volume at once; the reasons of those that failed (a file
     already gone counts as deleted)."""
-    targets = [(host, "DELETE", path) for host, path in locate_all(volumes, key)]
+    return await delete_each(pool, [(volumes, key)])
+
+
+async def delete_each(pool: Pool, files: list[tuple[list[str], bytes]]) -> list[str]:
+    """delete_all for many keys (`(volumes, key)` each) at once: every DELETE is sent before any
+    answer is awaited, those to one volume sharing a connection and a write."""
+    targets = [(host, "DELETE", path) for volumes, key in files for host, path in locate_all(volumes, key)]
     failed = []
     for (host, _, _), result in zip(targets, await pool.request_many(targets)):
         if isinstance(result, VolumeError):

@@ -120,10 +120,16 @@ def stop_on_signal(stop: asyncio.Event, progress: Progress) -> None:
         loop.add_signal_handler(sig, first, sig)
 
 
+Pairs = list[tuple[bytes, bytes]]
+
+
 async def each_record(store: Store, fn: Callable[[bytes, bytes], Awaitable[None]], concurrency: int,
-                      progress: Progress, stop: asyncio.Event) -> None:
+                      progress: Progress, stop: asyncio.Event,
+                      quick: Callable[[Pairs], Pairs] | None = None) -> None:
     """Call fn(key, record) for every record, `concurrency` at once, in key order. An unexpected
-    error on one key is counted as failed and reported; the others go on."""
+    error on one key is counted as failed and reported; the others go on. `quick`, if given,
+    settles what it can of each page of records without an await (and ticks the progress for
+    those) and returns the others, for fn."""
     queue: asyncio.Queue = asyncio.Queue(concurrency * 4)
 
     async def produce() -> None:
@@ -131,6 +137,8 @@ async def each_record(store: Store, fn: Callable[[bytes, bytes], Awaitable[None]
         try:
             while not stop.is_set():
                 pairs, start = store.scan(b"", start, PAGE)
+                if quick is not None:
+                    pairs = quick(pairs)
                 for pair in pairs:
                     if stop.is_set():
                         break

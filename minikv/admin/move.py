@@ -20,6 +20,7 @@ one) and the lock names the stale copies, so a crash during the wait still gets 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ from minikv.placement import host_of
 
 GRACE = 1.0  # seconds between the switch and deleting the old copies
 
-# Retirements running in the background (detach=True); kept here so they are not collected.
+# The tasks retiring old copies in the background (detach=True); kept here so they are not collected.
 _tails: set[asyncio.Task] = set()
 
 
@@ -108,12 +109,9 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
     if relock is None:
         return []
     locked = rest[0][0]
-    tail = retire(pool, store, key, live, relock if locked else None, stale, grace)
     if not detach:
-        return await tail
-    task = asyncio.get_running_loop().create_task(tail)
-    _tails.add(task)
-    task.add_done_callback(_tails.discard)
+        return await retire(pool, store, key, live, relock if locked else None, stale, grace)
+    retire_later(pool, store, key, live, relock if locked else None, stale, grace)
     return []
 
 
@@ -133,6 +131,89 @@ async def retire(pool: Pool, store: Store, key: bytes, live: bytes, relock: byte
     return failed
 
 
+RETIRE_BATCH = 64  # keys whose old copies are deleted together (their DELETEs in one pass)
+
+
+class Retirements:
+    """The background retirements of one pool and store, done in batches: one task waits for
+    the GRACE of every key in turn, and the keys whose GRACE is over are retired RETIRE_BATCH
+    at a time, their DELETEs sent at once (pipelined, several to a write) and their unlocks
+    written in one transaction, instead of a task, a timer, a pass of DELETEs and a transaction
+    for each key. Each key still waits its full GRACE, and is deleted, then unlocked, in that
+    order, as retire() does."""
+
+    def __init__(self, pool: Pool, store: Store, grace: float):
+        self.pool = pool
+        self.store = store
+        self.grace = grace
+        self.due: collections.deque[tuple[float, bytes, bytes, bytes | None, list[str]]] = collections.deque()
+        self.task: asyncio.Task | None = None
+
+    def add(self, key: bytes, live: bytes, relock: bytes | None, stale: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        self.due.append((loop.time() + self.grace, key, live, relock, stale))
+        if self.task is None:
+            self.task = loop.create_task(self.run())
+            _tails.add(self.task)
+            self.task.add_done_callback(_tails.discard)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.due:
+                # one batch a turn of the loop, not awaited: batches in flight together go on
+                # several connections, which a volume's nginx workers serve at once
+                await asyncio.sleep(max(0.0, self.due[0][0] - loop.time()))
+                now = loop.time()
+                batch = []
+                while self.due and self.due[0][0] <= now and len(batch) < RETIRE_BATCH:
+                    batch.append(self.due.popleft()[1:])
+                task = loop.create_task(self.retire(batch))
+                _tails.add(task)
+                task.add_done_callback(_tails.discard)
+        finally:
+            self.task = None
+            if _retirements.get((id(self.pool), id(self.store), self.grace)) is self and not self.due:
+                del _retirements[(id(self.pool), id(self.store), self.grace)]
+
+    async def retire(self, batch: list[tuple[bytes, bytes, bytes | None, list[str]]]) -> None:
+        try:
+            _failed.extend(await retire_many(self.pool, self.store, batch))
+        except Exception as e:  # noqa: BLE001 - the index could not be written: told by drain()
+            _failed.extend([f"retiring old copies failed: {e!r}"] * len(batch))
+
+
+# by (pool, store, grace); an entry holds its pool and store, so their ids are not reused meanwhile
+_retirements: dict[tuple[int, int, float], Retirements] = {}
+_failed: list[str] = []  # the deletions the batches could not do, for drain()
+
+
+def retire_later(pool: Pool, store: Store, key: bytes, live: bytes, relock: bytes | None, stale: list[str],
+                 grace: float = GRACE) -> None:
+    """retire(...) in the background, batched with the other keys' (Retirements)."""
+    ident = (id(pool), id(store), grace)
+    batch = _retirements.get(ident)
+    if batch is None:
+        batch = _retirements[ident] = Retirements(pool, store, grace)
+    batch.add(key, live, relock, stale)
+
+
+async def retire_many(pool: Pool, store: Store, batch: list[tuple[bytes, bytes, bytes | None, list[str]]]
+                      ) -> list[str]:
+    """retire() of many keys `(key, live, relock, stale)` whose GRACE is over: every deletion at
+    once, then every unlock in one transaction. The deletions that failed."""
+    files = []
+    for key, _, relock, stale in batch:
+        if relock is None:  # as in retire(): the copies a newer record names stay
+            stale = [v for v in stale if v not in named(await settle(store.get(key)))]
+        files.append((stale, key))
+    failed = await replicas.delete_each(pool, files)
+    unlocks = [(key, relock, live) for key, live, relock, _ in batch if relock is not None]
+    if unlocks:
+        await cas_seq(store, unlocks)
+    return failed
+
+
 async def drain() -> list[str]:
     """Wait for every background retirement; the deletions that failed."""
     failed: list[str] = []
@@ -143,8 +224,8 @@ async def drain() -> list[str]:
         for result in await asyncio.gather(*waiting, return_exceptions=True):
             if isinstance(result, BaseException):
                 failed.append(f"retiring old copies failed: {result!r}")
-            else:
-                failed.extend(result)
+    failed += _failed
+    _failed.clear()
     return failed
 
 

@@ -40,12 +40,13 @@ from minikv.admin.common import (
     stop_on_signal,
 )
 from minikv.admin.progress import Progress
+from minikv.admin.records import Placer
 from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import PENDING, UNLINKED, decode_data, is_composite
+from minikv.index.record import LIVE, PENDING, UNLINKED, VOLUMES_AT, decode_data, is_composite
 from minikv.index.store import Store
-from minikv.placement import epoch, key2volume, needs_rebalance
+from minikv.placement import needs_rebalance
 
 BUSY_TRIES = 6  # a key another write holds is looked at again after 0.1, 0.2, ... 3.2 s
 LIST_PAGE = 1000
@@ -62,13 +63,35 @@ class Offline:
         self.store = Batched(store)  # the keys in flight lock, switch and unlock in shared transactions
         self.pool = pool
         self.progress = progress
-        self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
+        self.placer = Placer(config)  # placement, with what does not depend on the key worked out once
+        self.epoch = self.placer.epoch
+
+    def quick(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """One page of records, without an await: the keys already where placement wants them
+        and the UNLINKED ones are counted here (no task, no queue: after adding one volume to
+        many, most keys); the others are returned, for `key` to move."""
+        p = self.progress
+        counts = p.counts
+        counts["seen"] += len(pairs)
+        want = self.placer.want
+        rest = []
+        for key, raw in pairs:
+            state = raw[0]
+            if state == LIVE:
+                # a LIVE record ends with its volumes, joined by ",": compared as they are
+                if raw[VOLUMES_AT:] != ",".join(want(key)).encode():
+                    rest.append((key, raw))
+            elif state == UNLINKED:
+                counts["unlinked"] += 1
+            else:
+                rest.append((key, raw))
+        p.tick(len(pairs) - len(rest))
+        return rest
 
     async def key(self, key: bytes, raw: bytes | None) -> None:
+        """Move one key where placement wants it (its record was `raw` a moment ago)."""
         p = self.progress
-        p.add("seen")
-        c = self.config
-        want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
+        want = self.placer.want(key)
         for attempt in range(BUSY_TRIES):
             if raw is None:
                 p.add("gone")  # deleted meanwhile
@@ -110,7 +133,7 @@ async def offline(args, config: Config) -> int:
         stop = asyncio.Event()
         stop_on_signal(stop, progress)
         job = Offline(config, args, store, pool, progress)
-        await each_record(store, job.key, args.concurrency, progress, stop)
+        await each_record(store, job.key, args.concurrency, progress, stop, job.quick)
         leftovers = await move.drain()
         for reason in leftovers:
             progress.problem(f"an old copy could not be deleted ({reason}); `minikv repair "

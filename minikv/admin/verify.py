@@ -11,7 +11,10 @@ Changes nothing. Two passes:
    than -replicas), lost (none), misplaced (not on the volumes placement names; `minikv
    rebalance` or `repair` moves it).
 So a healthy cluster costs one listing per folder instead of one HEAD per copy, and whatever
-the walk finds suspect is asked again by HEAD before it is reported. With -md5 every copy is
+the walk finds suspect is asked again by HEAD before it is reported. Given the volumes' folders
+on this machine (`minikv verify ... DIR DIR DIR` in the order of -volumes, or `VOLUME=DIR` for
+some, as rebuild and gc take them), pass 1 reads them straight from the file system (scandir
+and a stat per file: admin/local.py) instead of the listings; the rest is the same. With -md5 every copy is
 read (pass 2 for every key, the walk only for orphans).
 Each problem is one line on stderr; the summary counts them. Exit code 0 when all is well, 1
 when anything was found (then `minikv repair` fixes what can be fixed).
@@ -40,6 +43,7 @@ from minikv.admin.common import (
     show,
     stop_on_signal,
 )
+from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
@@ -261,12 +265,18 @@ async def each_record_quick(store: Store, job: Verify, concurrency: int, stop: a
 
 
 async def verify(args, config: Config) -> int:
+    try:
+        dirs = volume_dirs(config.volumes, args.positionals)
+    except ValueError as e:
+        print(f"minikv verify: {e}", file=sys.stderr)
+        return 2
     store = open_index(config, "verify")
     if store is None:
         return 2
     pool = config.pool()
     try:
-        for reason in (await probe(pool, config.volumes)).values():
+        down = await probe(pool, config.volumes)
+        for reason in down.values():
             print(f"verify: {reason}; its copies count as unreachable", file=sys.stderr)
         if why := foreign_names(store, config):
             print(f"minikv verify: {why}", file=sys.stderr)
@@ -282,7 +292,9 @@ async def verify(args, config: Config) -> int:
             stop = asyncio.Event()
             stop_on_signal(stop, walk)
             job = Verify(config, store, pool, walk, args.md5, seen)
-            walker = Walker(pool, config.volumes, args.concurrency)
+            # a volume that is down has no listing: its copies are asked for (unreachable) in pass 2
+            walker = LocalWalker(dirs) if dirs else Walker(pool, [v for v in config.volumes if v not in down],
+                                                           args.concurrency)
             orphans = Orphans(store, pool, walk, delete=False)
 
             async def handle(group: dict[bytes, list[Found]]) -> None:
