@@ -138,6 +138,38 @@ def test_complete_writes_no_copy_and_every_read_gives_the_concatenation(cluster)
     assert s3.get_object(Bucket=b, Key="dst")["Body"].read() == data[5242000:5244000]
 
 
+def test_a_part_lost_on_every_volume_is_a_503_before_the_answer_or_a_cut_after_it(cluster):
+    import requests
+
+    s3 = client(cluster.port)
+    b = bucket()
+    sizes = [5 * MB, 5 * MB + 1, 777]  # each part told by its files' size
+    for key, lost in (("first", 0), ("second", 1)):
+        before = all_files(cluster)
+        upload, parts, data = _upload(s3, b, key, sizes)
+        _complete(s3, b, key, upload, parts)
+        gone = [p for p in all_files(cluster) - before if p.stat().st_size == sizes[lost]]
+        assert len(gone) == cluster.replicas, gone
+        for p in gone:
+            p.unlink()
+        if lost == 0:  # nothing was sent yet: a clear 503, through either API
+            plain = cluster.get(f"/{b}/{key}")
+            assert plain.status_code == 503, (plain.status_code, plain.text)
+            with pytest.raises(ClientError) as e:
+                s3.get_object(Bucket=b, Key=key)
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+        else:  # the head and the first part are out: the answer is cut short, never padded
+            got = b""
+            with pytest.raises(requests.exceptions.RequestException):
+                with cluster.get(f"/{b}/{key}", stream=True) as r:
+                    assert r.status_code == 200 and r.headers["Content-Length"] == str(len(data))
+                    for chunk in r.iter_content(1 << 20):
+                        got += chunk
+            assert len(got) < len(data) and data.startswith(got)
+    assert cluster.put(f"/{b}/after", b"still serving").status_code == 201
+    assert cluster.get(f"/{b}/after").content == b"still serving"
+
+
 def test_parts_of_a_completed_upload_cannot_be_replaced_nor_aborted_away(cluster):
     s3 = client(cluster.port)
     b = bucket()

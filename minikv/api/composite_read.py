@@ -10,7 +10,7 @@ and a 302 (api/app.py checks one byte of the record).
 
 from __future__ import annotations
 
-from minikv.http.response import ClientGone, HTTPError, head
+from minikv.http.response import HTTPError, head
 from minikv.index.record import decode_data
 from minikv.s3 import composite
 from minikv.s3.errors import S3Error
@@ -36,21 +36,8 @@ def read(app, raw: bytes, is_head: bool, req):
 
 async def _stream(app, raw: bytes, req, status: int, headers: list, first: int, last: int) -> None:
     values = app.s3.values
-    source = composite.stream(values, values.store, raw, first, last)
-    out = req.conn
-    started = False
     try:
-        chunk = await anext(source, b"")
-        out.write(head(status, headers, last - first + 1))
-        started = True
-        while chunk:
-            out.write(chunk)
-            await out.drain()
-            chunk = await anext(source, b"")
-    except S3Error as e:
-        if not started:
-            raise HTTPError(503, e.message) from None
-        out.close()  # the head is out: the only way left to tell the client is to cut the connection short
-        raise ClientGone("a part failed mid-answer") from None
-    finally:
-        await source.aclose()
+        await composite.send(values, values.store, raw, first, last, req.conn,
+                             lambda: head(status, headers, last - first + 1))
+    except S3Error as e:  # nothing was sent yet
+        raise HTTPError(503, e.message) from None

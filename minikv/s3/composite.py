@@ -26,6 +26,7 @@ import base64
 import re
 from collections.abc import AsyncIterator
 
+from minikv.http.response import ClientGone
 from minikv.index.engine import settle
 from minikv.index.record import LIVE, decode_composite, decode_data, is_composite, readable
 from minikv.s3.errors import S3Error
@@ -99,6 +100,30 @@ async def stream(values, store, raw: bytes, first: int = 0, last: int | None = N
         offset += size
         if offset > end:
             break
+
+
+async def send(values, store, raw: bytes, first: int, last: int, out, head) -> None:
+    """Write `head()` (the answer's head) and then bytes `first`..`last` of the composite value
+    `raw` to the client connection `out`. The first bytes are fetched before the head goes out,
+    so a part that cannot be read raises S3Error with nothing sent; once the head is out, a
+    failure can only cut the connection short (ClientGone)."""
+    source = stream(values, store, raw, first, last)
+    started = False
+    try:
+        chunk = await anext(source, b"")
+        out.write(head())
+        started = True
+        while chunk:
+            out.write(chunk)
+            await out.drain()
+            chunk = await anext(source, b"")
+    except S3Error:
+        if not started:
+            raise
+        out.close()
+        raise ClientGone("a part failed mid-answer") from None
+    finally:
+        await source.aclose()
 
 
 async def drop_manifest(values, raw: bytes) -> str:

@@ -192,24 +192,8 @@ async def _send_composite(s3, ctx: Ctx, raw: bytes, headers: list, forward: list
     if forward and (found := composite.byte_range(forward[0][1], size)) is not None:
         (first, last), status = found, 206
         headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
-    source = composite.stream(s3.values, s3.store, raw, first, last)
-    out = ctx.req.conn
-    started = False
-    try:
-        chunk = await anext(source, b"")
-        out.write(ctx.respond(status, headers, length=last - first + 1))
-        started = True
-        while chunk:
-            out.write(chunk)
-            await out.drain()
-            chunk = await anext(source, b"")
-    except S3Error:
-        if not started:
-            raise
-        out.close()  # the head is out: the only way left to tell the client is to cut the connection short
-        raise ClientGone("a part failed mid-answer") from None
-    finally:
-        await source.aclose()
+    await composite.send(s3.values, s3.store, raw, first, last, ctx.req.conn,
+                         lambda: ctx.respond(status, headers, length=last - first + 1))
     return None
 
 
