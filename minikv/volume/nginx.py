@@ -423,15 +423,22 @@ def serve(nginx: str, directory: str, config: str, port: int, folders: tuple[int
     os.write(conf, config.encode())
     previous = {}
     proc = None
+    early: list[int] = []  # signals that came before nginx did: sent to it once it exists
+
+    def forward(signum, _frame):
+        if proc is None:
+            early.append(signum)
+        else:
+            proc.send_signal(signum)  # a no-op once nginx has been reaped: never a stranger's pid
+
     try:
-        proc = start_nginx(nginx, fd_path(folders[1]), fd_path(conf), (conf, *folders))
-        child = proc
-
-        def forward(signum, _frame):
-            child.send_signal(signum)  # a no-op once nginx has been reaped: never a stranger's pid
-
+        # the handlers come first: a SIGHUP between nginx's start and them would kill us, and
+        # nginx with us (PDEATHSIG), though the port already answered
         for sig in FORWARDED_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
+        proc = start_nginx(nginx, fd_path(folders[1]), fd_path(conf), (conf, *folders))
+        for signum in early:
+            proc.send_signal(signum)
         print(f"minikv volume: serving {directory} on :{port} (nginx pid {proc.pid})", file=sys.stderr)
         start_disk_reporter(directory)  # DIR/.minikv-disk.json: the index shows this disk's space
         return exit_code(proc.wait())
