@@ -1036,6 +1036,14 @@ class VolumeFull(Scenario):
             f.write(_RANDOM[:1 << 20] * 8)
 
     def inject(self, c, load):
+        # Deletes of the load free space while the fault is on: the ballast is topped up until
+        # heal(), or a few small PUTs fit again and the fault may never bite.
+        self.healed = threading.Event()
+        self.filler = threading.Thread(target=self._fill, daemon=True)
+        self._top_up()
+        self.filler.start()
+
+    def _top_up(self):
         st = os.statvfs(self.ballast.parent)
         left = st.f_bavail * st.f_frsize - (256 << 10)
         with open(self.ballast, "ab") as f:
@@ -1047,7 +1055,13 @@ class VolumeFull(Scenario):
             except OSError:
                 pass
 
+    def _fill(self):
+        while not self.healed.wait(0.05):
+            self._top_up()
+
     def heal(self, c):
+        self.healed.set()
+        self.filler.join()
         self.ballast.unlink()
         st = os.statvfs(self.ballast.parent)
         log(f"{self.name}: {st.f_bavail * st.f_frsize >> 20} MB free after deleting the ballast")
