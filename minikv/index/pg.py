@@ -170,10 +170,6 @@ async def _execute(conn, method: str, query: str, args: tuple, last: bool):
         return _AGAIN
 
 
-async def _keep_session(conn) -> None:
-    """A pooled connection goes back as it is (see PgStore._get_pool)."""
-
-
 TOP_STEPS = 2000  # keys outside any folder (`/flat`) one listing of folders may probe, besides the folders
 
 # the loose index scan of top_folders: each step is the first key past the previous one's folder
@@ -222,16 +218,14 @@ class PgStore:
         self.recent: dict[bytes, bytes] = {}
 
     async def _get_pool(self):
+        """This process's connections (index/pg_conns.py): `acquire()` as a context manager."""
         if self._pool is None:
-            import asyncpg
+            from minikv.index.pg_conns import Conns
 
-            # min_size 0: a worker starts (and answers 503) while the database is down. reset:
-            # asyncpg's default sends a reset query (advisory locks, cursors, LISTEN, settings) at
-            # every release, a second round trip per statement; we leave no session state behind
-            # (an open transaction is still rolled back by asyncpg itself)
-            self._pool = await asyncpg.create_pool(
-                self.db, min_size=0, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=QUERY_TIMEOUT, reset=_keep_session)
+            # none opened until asked for: a worker starts (and answers 503) while the database
+            # is down. Nothing is reset when a connection comes back: we leave no session state
+            # behind, and one given back inside a transaction is dropped
+            self._pool = Conns(lambda: connect(self.db), self.pool_size)
         return self._pool
 
     async def _run(self, method: str, query: str, *args, read: bool = False):
@@ -241,17 +235,14 @@ class PgStore:
         tries = 2 if read else 1
         while True:
             tries -= 1
-            pool = await _reach(self._get_pool())
-            conn = await _reach(pool.acquire())
+            pool = await self._get_pool()
+            conn = await _reach(pool.take())
             try:
                 answer = await _execute(conn, method, query, args, last=not tries)
                 if answer is not _AGAIN:
                     return answer
             finally:
-                try:
-                    await pool.release(conn)
-                except Exception:  # noqa: BLE001 - a broken connection is dropped by the pool anyway
-                    pass
+                pool.give(conn)  # a broken one is dropped
 
     async def run_held(self, method: str, query: str, *args):
         """One statement on this process's own connection, outside the pool, for the group
