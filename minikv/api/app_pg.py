@@ -1,10 +1,12 @@
 """The minikeyvalue API on an index that answers over the network (PostgreSQL, index/pg.py).
 
 App (api/app.py) reads the index synchronously: on LMDB a read is a memory-map lookup and a GET
-is answered with bytes, no task. Here a read is a round trip, so PgApp answers every request
-with a coroutine that first fetches, in one query, the records the request will read (the key;
-for a PUT also the keys whose file would sit above its file), then runs App's own code over a
-view of the request holding them. What App writes goes to the database through the overrides
+is answered with bytes, no task. Here a read is a round trip, so PgApp answers a request with
+a coroutine that first fetches, in one query, the records the request will read (the key; for a
+PUT also the keys whose file would sit above its file), then runs App's own code over a view of
+the request holding them. A plain GET or HEAD does the same without the coroutine: its answer is
+a future, which a callback completes when the lookup's batch comes back (`_read`), so the reads
+that are most of the traffic cost no task. What App writes goes to the database through the overrides
 below (`_cas`, `_lock`, `_drop`, `_rebalance`), and `?list` scans it chunk by chunk
 (`_list_rest`). So the API's rules are written once, and LMDB's path pays nothing for this one.
 
@@ -81,6 +83,16 @@ class Stale(Exception):
         self.current = current
 
 
+def _pass_on(done: asyncio.Future, out: asyncio.Future) -> None:
+    """The outcome of `done` (a task) onto `out`."""
+    if done.cancelled():
+        out.cancel()
+    elif done.exception() is not None:
+        out.set_exception(done.exception())
+    else:
+        out.set_result(done.result())
+
+
 class PgApp(App):
     guessed = False  # this view of a request guessed its record instead of reading it
 
@@ -91,7 +103,40 @@ class PgApp(App):
         self.group = None  # commits are the database's (its synchronous_commit), not batched here
 
     def handle(self, req):
+        if req.method == b"GET" or req.method == b"HEAD":
+            answer = self._read(req)
+            if answer is not None:
+                return answer
         return self._handle(req)
+
+    def _read(self, req) -> asyncio.Future | None:
+        """A plain GET or HEAD of a key: a future of its answer, which a callback makes when the
+        lookup's batch comes back, without a task (most of the traffic is reads). None for the
+        rest (S3, listings, a query string), which _handle answers."""
+        key, _, query = split_target(req.url)
+        if query or len(key) > MAX_KEY or (self.s3 is not None and s3_claims(req.headers, query)):
+            return None
+        if self.access is not None:
+            self.access.check(req.method, req.headers)
+        looked = self.lookups.get_many([key])
+        out = looked.get_loop().create_future()
+        looked.add_done_callback(lambda done: self._read_done(req, key, done, out))
+        return out
+
+    def _read_done(self, req, key: bytes, looked: asyncio.Future, out: asyncio.Future) -> None:
+        try:
+            try:
+                found = looked.result()
+            except StoreError as e:
+                raise HTTPError(503, str(e)) from None
+            answer = self._view_answer(req, [key], found, False)
+        except BaseException as e:  # noqa: BLE001 - the HTTP layer answers it (a 4xx/5xx, or a 500 for a bug)
+            out.set_exception(e)
+            return
+        if isinstance(answer, bytes):
+            out.set_result(answer)
+        else:  # a coroutine (a multipart object's read, -verify-get): in a task after all
+            asyncio.ensure_future(answer).add_done_callback(lambda done: _pass_on(done, out))
 
     async def _handle(self, req):
         key, path, query = split_target(req.url)
@@ -117,15 +162,19 @@ class PgApp(App):
         return await self._answer(req, keys, found, False)
 
     async def _answer(self, req, keys: list[bytes], found: dict[bytes, bytes], guessed: bool):
-        """App's code on a view of the request holding the records it reads."""
+        answer = self._view_answer(req, keys, found, guessed)
+        if not isinstance(answer, bytes):
+            answer = await answer
+        return answer
+
+    def _view_answer(self, req, keys: list[bytes], found: dict[bytes, bytes], guessed: bool):
+        """App's code on a view of the request holding the records it reads: the answer, or a
+        coroutine of it."""
         view = copy.copy(self)
         view.store = Fetched({k: found.get(k) for k in keys}, self.engine)
         view.access = None  # checked by _handle
         view.guessed = guessed
-        answer = App.handle(view, req)
-        if not isinstance(answer, bytes):
-            answer = await answer
-        return answer
+        return App.handle(view, req)
 
     def _guess(self, method: bytes, keys: list[bytes]) -> dict[bytes, bytes] | None:
         """The records a PUT or DELETE may assume without reading them (None: it must read

@@ -3,7 +3,8 @@
 One `Connection` per client socket. It only moves bytes, keeps requests in order and runs
 timers; what a request means is the application's business (`app.handle(request)`), which
 answers either at once with the response bytes (the hot path: GET/HEAD of a key costs no task
-and no await) or with a coroutine that streams the body and writes the answer later.
+and no await), with a coroutine that streams the body and writes the answer later, or with a
+future of the answer that a callback completes (a read that waits for a networked index: no task).
 
 Rules it keeps:
 - pipelined requests are answered in order: while one is being handled, later ones wait in a
@@ -468,6 +469,9 @@ class Connection(asyncio.Protocol):
         else:
             if counts is not None:
                 result = counts.track(req, result, counts.began)
+            elif isinstance(result, asyncio.Future):  # an answer a callback will make: no task for it
+                result.add_done_callback(lambda done: self._settled(req, done))
+                return
             self._task = self.loop.create_task(self._run(req, result))
 
     async def _run(self, req: Request, coro) -> None:
@@ -483,6 +487,20 @@ class Connection(asyncio.Protocol):
             return
         finally:
             self._task = None
+        self._respond(req, result)
+
+    def _settled(self, req: Request, done: asyncio.Future) -> None:
+        """As _run, for an answer given as a future (api/app_pg.py's reads)."""
+        try:
+            result = done.result()
+        except HTTPError as e:
+            result = _error(req, e)
+        except (ClientGone, asyncio.CancelledError):  # the worker is stopping: no answer will come
+            self.close()
+            return
+        except Exception as e:
+            self._internal_error(e)
+            return
         self._respond(req, result)
 
     def _respond(self, req: Request, data: bytes | None) -> None:
