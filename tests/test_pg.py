@@ -246,6 +246,23 @@ def test_a_database_restart_costs_no_read_an_error(postgres):
         pg.remove()
 
 
+def through_a_restart(pg, threads, stop, before: float, down: float, after: float = 2.0) -> None:
+    """Start `threads` (a load), stop the database `before` seconds later and start it again
+    `down` seconds after that; `after` seconds later set `stop` and join the threads."""
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(before)
+        pg.stop()
+        time.sleep(down)
+        pg.start()
+        time.sleep(after)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+
 def test_writers_on_two_servers_through_a_database_restart_lose_nothing(postgres):
     """8 writers over two servers; the database stops and starts under them: every answer is
     a 201 or a 5xx, every acknowledged value reads back, and no key stays locked."""
@@ -283,16 +300,7 @@ def test_writers_on_two_servers_through_a_database_restart_lose_nothing(postgres
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
     try:
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        pg.stop()
-        time.sleep(2.0)
-        pg.start()
-        time.sleep(2.0)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        through_a_restart(pg, threads, stop, before=1.0, down=2.0)
         assert not odd, odd[:5]
         assert acked and failed, (len(acked), len(failed))
         for key, value in acked.items():

@@ -8,33 +8,18 @@ import asyncio
 import os
 import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from cluster import HOST, Cluster, open_dir
-from test_pg import second_index, wait_until
+from test_pg import second_index, through_a_restart, wait_until
+from test_pg_thrash import db  # noqa: F401 - the fixture: a new database with the schema
 
 from minikv.index.lease import LEASE
-from minikv.index.pg import PgStore, connect, create_schema
+from minikv.index.pg import PgStore, connect
 from minikv.index.pg_conns import Conns
-
-
-@pytest.fixture
-def db(postgres) -> str:
-    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
-
-    async def schema() -> None:
-        conn = await connect(url)
-        try:
-            await create_schema(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(schema())
-    return url
 
 
 def calls_of(loop, coro_fn) -> int:
@@ -58,7 +43,7 @@ def calls_of(loop, coro_fn) -> int:
     return loop.run_until_complete(run())
 
 
-def test_a_lookup_costs_the_store_few_python_calls(db):
+def test_a_lookup_costs_the_store_few_python_calls(db):  # noqa: F811
     """A statement takes a connection of the process's own list and gives it back: asyncpg's
     pool made 126 calls of a lookup here (its proxy, timeout and shielded release: 90 µs of
     CPU, more than the statement); the list makes a third of that."""
@@ -78,7 +63,7 @@ def test_a_lookup_costs_the_store_few_python_calls(db):
         asyncio.set_event_loop(None)
 
 
-def test_connections_are_reused_bounded_and_dropped_when_broken(db, postgres):
+def test_connections_are_reused_bounded_and_dropped_when_broken(db, postgres):  # noqa: F811
     async def body() -> None:
         conns = Conns(lambda: connect(db), 2)
 
@@ -111,7 +96,7 @@ def test_connections_are_reused_bounded_and_dropped_when_broken(db, postgres):
     asyncio.run(body())
 
 
-def test_a_waiter_cancelled_after_its_wake_up_passes_its_turn_on(db):
+def test_a_waiter_cancelled_after_its_wake_up_passes_its_turn_on(db):  # noqa: F811
     async def body() -> None:
         conns = Conns(lambda: connect(db), 1)
         held = await conns.take()
@@ -206,19 +191,7 @@ def test_thrash_through_a_database_restart_loses_nothing_and_leaves_no_lock(pair
                 else:
                     odd.append((key, "DELETE", delete))
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(8)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        pg.stop()
-        time.sleep(1.0)
-        pg.start()
-        time.sleep(2.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    through_a_restart(pg, [threading.Thread(target=loop, args=(i,)) for i in range(8)], stop, before=1.5, down=1.0)
     assert not odd, odd[:5]
     assert kept and deleted and unsure, (len(kept), len(deleted), len(unsure))
     for key, value in kept.items():
@@ -231,3 +204,101 @@ def test_thrash_through_a_database_restart_loses_nothing_and_leaves_no_lock(pair
         r = requests.delete(f"http://{HOST}:{c.port}{key}", timeout=10)
         assert r.status_code in (204, 404), (key, r.status_code, r.text)
         assert requests.put(f"http://{HOST}:{other.port}{key}", data=b"again", timeout=10).status_code == 201
+
+
+class FutureApp:
+    """Answers each GET with a future the test completes by hand: /ok with a 200 naming the
+    target, /bad with a 503, /gone by a cancellation (the worker stopping)."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.waiting: list[tuple[bytes, asyncio.Future]] = []
+
+    def handle(self, req):
+        fut = self.loop.create_future()
+        self.waiting.append((req.url, fut))
+        return fut
+
+    def settle(self) -> None:
+        from minikv.http.response import HTTPError, response
+
+        for url, fut in self.waiting:
+            if url == b"/bad":
+                fut.set_exception(HTTPError(503, "the index database is unavailable"))
+            elif url == b"/gone":
+                fut.cancel()
+            else:
+                fut.set_result(response(200, [], url))
+        self.waiting.clear()
+
+
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_answers_given_as_futures_go_out_in_order_without_a_task(how):
+    from test_protocol import FakeTransport, feed, responses
+
+    from minikv.http.server import Connection, Limits
+
+    loop = asyncio.new_event_loop()
+    try:
+        app = FutureApp(loop)
+        conn = Connection(app, Limits(), loop)
+        t = FakeTransport()
+        conn.connection_made(t)
+        feed(conn, b"GET /ok HTTP/1.1\r\n\r\nGET /bad HTTP/1.1\r\n\r\nGET /ok2 HTTP/1.1\r\n\r\n", how)
+        for _ in range(3):  # each answered once the one before it is: pipelined, in order
+            assert conn._task is None and len(app.waiting) == 1
+            app.settle()
+            loop.run_until_complete(asyncio.sleep(0))
+        got = responses(t.out)
+        assert [r.split(b" ", 2)[1] for r in got] == [b"200", b"503", b"200"], got
+        assert got[0].endswith(b"/ok") and got[2].endswith(b"/ok2") and b"unavailable" in got[1]
+        assert not t.closed
+        feed(conn, b"GET /gone HTTP/1.1\r\n\r\n", how)
+        app.settle()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert t.closed  # no answer will come: the connection closes, nothing hangs
+    finally:
+        loop.close()
+
+
+def test_a_read_on_postgresql_is_a_future_a_callback_completes(db):  # noqa: F811
+    """GET and HEAD of a key: the answer is a future (no coroutine, so no task), completed when
+    the lookup comes back: 302 for a stored key, 404 for a missing one, 503 with the reason
+    when the database cannot be reached."""
+    import uvloop
+
+    from minikv.api.app_pg import PgApp
+    from minikv.config import Config
+    from minikv.health import Health
+    from minikv.http.client import Pool
+    from minikv.http.response import HTTPError
+    from minikv.http.server import NO_BODY, Request
+    from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending
+
+    def get(app, method: bytes, key: bytes):
+        return app.handle(Request(method, key, [], True, NO_BODY, None, False))
+
+    async def body(url: str, live: bool):
+        cfg = Config(volumes=["127.0.0.1:1"], db=url, replicas=1, subvolumes=1)
+        pool = Pool()
+        store = PgStore(url, "a:1")
+        app = PgApp(cfg, store, pool, Health(pool, cfg.hosts))
+        try:
+            if live:
+                pending = encode_pending(OP_PUT, 1, 1, ["127.0.0.1:1"], b"")
+                assert (await store.cas(b"/here", None, pending))[0]
+                assert (await store.cas(b"/here", pending, encode_data(LIVE, ["127.0.0.1:1"], 5, 1, b"")))[0]
+            answers = [get(app, b"GET", b"/here"), get(app, b"HEAD", b"/here"), get(app, b"GET", b"/missing")]
+            assert all(isinstance(a, asyncio.Future) for a in answers), answers
+            return await asyncio.gather(*answers, return_exceptions=True)
+        finally:
+            pool.close()
+            await store.close()
+
+    here, head, missing = uvloop.run(body(db, True))
+    assert here.startswith(b"HTTP/1.1 302 ") and b"Location: http://127.0.0.1:1/" in here, here
+    assert head.startswith(b"HTTP/1.1 302 ") and missing.startswith(b"HTTP/1.1 404 "), (head, missing)
+    from cluster import free_port
+
+    down = uvloop.run(body(f"postgresql://nobody@{HOST}:{free_port()}/none", False))
+    assert all(isinstance(e, HTTPError) and e.status == 503 and "unavailable" in str(e) for e in down), down
