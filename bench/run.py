@@ -764,9 +764,11 @@ PG_TARGETS = {"missing": 0.3, "present": 0.25, "thrash": 0.12, "rebuild": 10_000
 REBUILD_KEYS = 100_000
 
 
-def start_postgres(cluster: Cluster, servers: int = 2):
+def start_postgres(cluster: Cluster, servers: int = 3):
     """A PostgreSQL of the run's own (its unix socket only) and `servers` index servers on it,
-    on the benchmark's volumes. Returns (the instance, the servers' ports)."""
+    on the benchmark's volumes. Returns (the instance, the servers' ports). The first has its
+    default workers (one per core), for the "1 server" figures; the others split the cores
+    between them, as servers sharing a host should (README), for the "2 servers" ones."""
     sys.path.insert(0, str(ROOT))
     from minikv.pg_local import LocalPostgres
 
@@ -779,10 +781,11 @@ def start_postgres(cluster: Cluster, servers: int = 2):
     exe = minikv_bin()
     volumes = ",".join(f"{HOST}:{p}" for p in cluster.volume_ports)
     ports = free_ports(servers)
+    shared = ["-workers", str(max(1, (os.cpu_count() or 1) // (servers - 1)))]
     for i, port in enumerate(ports):
         proc = cluster.start(f"pg-index{i}", [
             exe, "server", "-host", HOST, "-port", str(port), "-volumes", volumes, "-db", pg.url(),
-            "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)], port)
+            "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), *(shared if i else [])], port)
         wait_http(proc, timeout=60)
     return pg, ports
 
@@ -854,7 +857,7 @@ def postgres_figures(bench: Bench) -> None:
     c = bench.cluster
     pg, ports = start_postgres(c)
     try:
-        for label, measured in (("PostgreSQL, 1 server: ", ports[:1]), ("PostgreSQL, 2 servers: ", ports)):
+        for label, measured in (("PostgreSQL, 1 server: ", ports[:1]), ("PostgreSQL, 2 servers: ", ports[1:])):
             c.index_names = tuple(f"pg-index{ports.index(p)}" for p in measured)
             bench.fetch(measured, label, (PG_TARGETS["missing"], PG_TARGETS["present"]))
             bench.thrash(measured, label, PG_TARGETS["thrash"])
