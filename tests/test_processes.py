@@ -219,7 +219,7 @@ def test_a_worker_whose_loop_stops_is_replaced_and_its_writes_undone(make_cluste
         wait_until(lambda: _status(c, "DELETE", key) == 409, what="the upload holds the key")
         c.session.close()  # its kept-alive connection would pass for the upload's
         c.session = requests.Session()
-        owner = _owner_of_upload(workers, c.port)
+        owner = _owner_of_upload(workers, c.port, upload)
         os.kill(owner, signal.SIGSTOP)
         wait_until(lambda: not os.path.exists(f"/proc/{owner}"), timeout=15, what="the stopped worker killed")
         wait_until(lambda: _status(c, "PUT", key, b"after") == 201, timeout=10, what="the key writable again")
