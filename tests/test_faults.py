@@ -123,7 +123,7 @@ def test_kill_index_mid_upload_then_restart_key_is_writable(make_cluster):
     c = make_cluster(workers=2)
     key = fresh()
     s = start_upload(c.port, key, 20 << 20, os.urandom(4 << 20))
-    time.sleep(0.5)
+    wait_locked(c, key)
     assert c.put(key, b"x").status_code == 409
     c.restart_index(sig=signal.SIGKILL)
     c.session = requests.Session()  # connections to the killed index are gone with it
