@@ -255,6 +255,9 @@ def test_a_short_pause_is_not_a_hang(make_cluster):
     """A loop silent for less than -worker-timeout (a loaded machine, a long commit) is left alone."""
     c = make_cluster(workers=1, flags=["-worker-timeout", "3s"])
     [worker] = _workers(c, 1)
+    # its loop runs (and beats): stopped while still starting, its silence would count from the
+    # fork, and a start slowed by a loaded machine plus the pause could pass the timeout
+    assert c.get("/pause/none", allow_redirects=False, timeout=10).status_code == 404
     os.kill(worker, signal.SIGSTOP)
     time.sleep(1.5)
     os.kill(worker, signal.SIGCONT)
