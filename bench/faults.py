@@ -597,6 +597,17 @@ def slow_upload(port: int, key: str, length: int = 16 << 20, sent: int = 2 << 20
     return s
 
 
+def hold_key(c: Cluster, key: str) -> socket.socket:
+    """A slow upload of `key`, once the index took the key for it (its record is PENDING): a
+    kill sooner, before the worker read the request's head, would find nothing in flight.
+    A DELETE finds out (409 while locked, 404 before, and it changes nothing)."""
+    sock = slow_upload(c.port, key)
+    if wait_for(lambda: requests.delete(c.url(key), timeout=5).status_code == 409, 10, 0.05) is None:
+        sock.close()
+        raise RuntimeError(f"the index did not take {key} for the slow upload within 10s")
+    return sock
+
+
 def wait_for(check, timeout: float, step: float = 0.1) -> float | None:
     """Seconds until check() is true, None if it never was within `timeout`."""
     t0 = time.monotonic()
@@ -967,14 +978,12 @@ class WorkerKill9(Scenario):
 
     def inject(self, c, load):
         key = f"/k/{uuid.uuid4().hex}"
-        self.sock = slow_upload(c.port, key)
         with load.ledger.lock:
             load.ledger.failed.add(key)  # never finished: must leave nothing
-        time.sleep(0.3)
+        self.sock = hold_key(c, key)
         pid = holder_of_connection(children(c.index.proc.pid), c.port, self.sock.getsockname()[1])
-        if pid is None:
-            load.ledger.notes.append("no worker found holding the slow upload; killed the first")
-            pid = children(c.index.proc.pid)[0]
+        if pid is None:  # it holds the key, so it accepted the connection: this is a bug here
+            raise RuntimeError("no worker found holding the slow upload")
         os.kill(pid, signal.SIGKILL)  # a child of the supervisor we started
 
     def heal(self, c):
@@ -987,10 +996,9 @@ class IndexKill9(Scenario):
 
     def inject(self, c, load):
         key = f"/k/{uuid.uuid4().hex}"
-        self.sock = slow_upload(c.port, key)
         with load.ledger.lock:
             load.ledger.failed.add(key)
-        time.sleep(0.3)
+        self.sock = hold_key(c, key)
         kill_index(c)
 
     def fault_seconds(self):

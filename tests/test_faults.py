@@ -39,6 +39,13 @@ def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
+def wait_locked(c, key: str) -> None:
+    """Until an upload in flight holds `key` (its record is PENDING). A DELETE finds out: 409
+    while locked, 404 before, and it changes nothing; a PUT sent to find out could, if the
+    upload's worker has not read its head yet, take the key itself."""
+    wait_until(lambda: c.delete(key).status_code == 409, what=f"an upload holding {key}")
+
+
 def files_of(c, key: str) -> list:
     import base64
     import hashlib
@@ -51,7 +58,7 @@ def files_of(c, key: str) -> list:
 def test_client_disconnect_mid_upload_leaves_no_key_and_no_lock(cluster):
     key = fresh()
     s = start_upload(cluster.port, key, 10 << 20, os.urandom(3 << 20))
-    time.sleep(0.3)
+    wait_locked(cluster, key)
     # while the upload runs the key is locked
     assert cluster.put(key, b"other").status_code == 409
     s.close()
@@ -62,10 +69,11 @@ def test_client_disconnect_mid_upload_leaves_no_key_and_no_lock(cluster):
 def test_disconnect_leaves_no_file_on_volumes(cluster):
     key = fresh()
     s = start_upload(cluster.port, key, 4 << 20, os.urandom(1 << 20))
-    time.sleep(0.3)
+    wait_locked(cluster, key)
     s.close()
-    wait_until(lambda: cluster.get("/f/?list").status_code == 200 and key not in cluster.get("/f/?list").json()["keys"])
-    time.sleep(0.3)
+    # the record goes last, once the replicas' files are deleted (api/app.py _abandon)
+    wait_until(lambda: cluster.delete(key).status_code == 404, what="the abandoned upload's record dropped")
+    assert key not in cluster.get("/f/?list").json()["keys"]
     assert files_of(cluster, key) == []
 
 
@@ -77,7 +85,9 @@ def test_volume_down_reads_still_work_writes_fail_cleanly(make_cluster):
     down = c.volumes[0]
     down_name = c.names[0]
     down.stop()
-    time.sleep(1.5)  # health probes notice
+    # each worker's health probes notice (twice a second, later on a loaded machine); until then
+    # a read may be sent to the stopped volume
+    wait_until(lambda: _all_read(c, keys), what="every key read from the replicas still up")
     for k in keys:
         r = c.get(k)
         assert r.status_code == 200 and r.content == k.encode(), k
@@ -96,17 +106,24 @@ def test_volume_down_reads_still_work_writes_fail_cleanly(make_cluster):
     for k in others:
         assert c.put(k, b"fine").status_code == 201
     down.start()
-    time.sleep(1.5)
-    for k in needs:
-        assert c.put(k, b"x" * 1000).status_code == 201
+    for k in needs:  # once the probes see the volume back (a refused PUT stores nothing: try again)
+        wait_until(lambda k=k: c.put(k, b"x" * 1000).status_code == 201, what=f"PUT {k} after the restart")
         assert c.get(k).content == b"x" * 1000
+
+
+def _all_read(c, keys: list[str], value: bytes | None = None) -> bool:
+    """Every key reads back (its own name, or `value`), through the redirect."""
+    try:
+        return all(c.get(k, timeout=3).content == (value or k.encode()) for k in keys)
+    except requests.RequestException:  # redirected to the stopped volume
+        return False
 
 
 def test_kill_index_mid_upload_then_restart_key_is_writable(make_cluster):
     c = make_cluster(workers=2)
     key = fresh()
     s = start_upload(c.port, key, 20 << 20, os.urandom(4 << 20))
-    time.sleep(0.5)
+    wait_locked(c, key)
     assert c.put(key, b"x").status_code == 409
     c.restart_index(sig=signal.SIGKILL)
     c.session = requests.Session()  # connections to the killed index are gone with it
@@ -125,14 +142,17 @@ def test_kill_one_worker_mid_upload_is_undone(make_cluster):
     workers = _children(c.index.proc.pid)
     # find the worker that takes our upload: keep the socket open and see who holds the lock
     s = start_upload(c.port, key, 20 << 20, os.urandom(2 << 20))
-    time.sleep(0.4)
+    wait_locked(c, key)
     assert c.put(key, b"x").status_code == 409
-    owner = _owner_of_upload(workers, c.port)
+    owner = _owner_of_upload(workers, c.port, s)
     os.kill(owner, signal.SIGKILL)
     c.session = requests.Session()  # a kept-alive connection may have belonged to that worker
     s.close()
     wait_until(lambda: c.put(key, b"after").status_code == 201, what="key writable after worker death")
     assert c.get(key).content == b"after"
+    # undone by the supervisor for the dead worker, not by a worker that saw the client go
+    wait_until(lambda: f"undid 1 write(s) left in flight by worker {owner}" in c.index.log.read_text(),
+               what="the supervisor's undo logged")
     wait_until(lambda: len(_children(c.index.proc.pid)) == 2, what="worker replaced")
 
 
@@ -144,14 +164,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _owner_of_upload(workers: list[int], port: int) -> int:
-    """The worker with an established connection from a client to `port`."""
+def _owner_of_upload(workers: list[int], port: int, upload: socket.socket) -> int:
+    """The worker holding the server side of the client socket `upload` to `port` (not any
+    client's: a kept-alive connection of the test's session may be the other worker's)."""
+    client_port = upload.getsockname()[1]
     inodes = set()
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             parts = line.split()
-            local_port = int(parts[1].split(":")[1], 16)
-            if local_port == port and parts[3] == "01":  # ESTABLISHED
+            local_port, remote_port = (int(parts[i].split(":")[1], 16) for i in (1, 2))
+            if local_port == port and remote_port == client_port and parts[3] == "01":  # ESTABLISHED
                 inodes.add(parts[9])
     for pid in workers:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -216,15 +238,19 @@ def test_hung_volume_gives_a_clear_error_not_a_hang(make_cluster):
         assert 500 <= r.status_code < 600 and c.names[2] in r.text, (r.status_code, r.text)
         assert took < 15
         assert c.get(key, allow_redirects=False).status_code == 404
-        # reads of keys it holds go to the other replicas once the probe noticed
-        time.sleep(1.5)
-        assert c.get("/before").content == b"v"
-        # and writes that need it fail at once, with the probe's reason
+        # reads of keys it holds go to the other replicas once the probe noticed (a read sent
+        # before that is redirected to the stopped volume: it times out here)
+        wait_until(lambda: _all_read(c, ["/before"], b"v"), what="/before read from the replicas still up")
+        # and writes that need it fail at once, with the probe's reason, once the worker's probe
+        # round has ended (a probe waits a second for the hung volume; before, the reason is that of
+        # the PUT above). The session's kept-alive connection: the same worker each time.
+        probed = f"volume {c.names[2]} is down (health check: did not answer GET within"
+        wait_until(lambda: probed in c.put(fresh(), b"small").text, what="the probe's reason")
         t0 = time.monotonic()
         r = c.put(fresh(), b"small")
         assert r.status_code == 503 and c.names[2] in r.text
         # the reason is the probe's, and says so: this PUT never reached the volume
-        assert f"volume {c.names[2]} is down (health check: did not answer GET within" in r.text, r.text
+        assert probed in r.text, r.text
         assert time.monotonic() - t0 < 1.0
     finally:
         c.volumes[2].send(signal.SIGCONT)

@@ -219,7 +219,7 @@ def test_a_worker_whose_loop_stops_is_replaced_and_its_writes_undone(make_cluste
         wait_until(lambda: _status(c, "DELETE", key) == 409, what="the upload holds the key")
         c.session.close()  # its kept-alive connection would pass for the upload's
         c.session = requests.Session()
-        owner = _owner_of_upload(workers, c.port)
+        owner = _owner_of_upload(workers, c.port, upload)
         os.kill(owner, signal.SIGSTOP)
         wait_until(lambda: not os.path.exists(f"/proc/{owner}"), timeout=15, what="the stopped worker killed")
         wait_until(lambda: _status(c, "PUT", key, b"after") == 201, timeout=10, what="the key writable again")
@@ -255,6 +255,9 @@ def test_a_short_pause_is_not_a_hang(make_cluster):
     """A loop silent for less than -worker-timeout (a loaded machine, a long commit) is left alone."""
     c = make_cluster(workers=1, flags=["-worker-timeout", "3s"])
     [worker] = _workers(c, 1)
+    # its loop runs (and beats): stopped while still starting, its silence would count from the
+    # fork, and a start slowed by a loaded machine plus the pause could pass the timeout
+    assert c.get("/pause/none", allow_redirects=False, timeout=10).status_code == 404
     os.kill(worker, signal.SIGSTOP)
     time.sleep(1.5)
     os.kill(worker, signal.SIGCONT)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -81,9 +80,12 @@ def _fsync_calls(make_cluster, flags: list[str], puts: int = 40, threads: int = 
     [pid] = _children(c.index.proc.pid)
     out = Path(faults.tempfile.mktemp(prefix="minikv-strace-"))
     tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync,msync,sync_file_range",
-                               "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL)
+                               "-o", str(out), "-p", str(pid)], stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # attached
+        # strace says "Process N attached" once it traces: the PUTs must not start before (on a
+        # loaded machine a fixed pause can be too short, and the syncs would not all be counted)
+        said = tracer.stderr.readline()
+        assert "attached" in said, said
 
         def client(n: int) -> None:
             s = requests.Session()
@@ -144,20 +146,23 @@ def test_acknowledged_writes_survive_kill9_of_the_index_without_fsync(make_clust
 # ends nginx renames its bytes over the acknowledged file (the old server only gets a failed
 # compare-and-set, answers 500, and deletes nothing).
 def test_second_server_on_the_same_db_does_not_break_writes_in_flight(make_cluster):
+    from test_faults import wait_locked, wait_until
+
     c = make_cluster(volumes=3, replicas=2, workers=1)
     key = f"/rolling/{uuid.uuid4().hex}"
     old = os.urandom(2 << 20)
     s = faults.socket.create_connection((faults.HOST, c.port))
     s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(old)}\r\n\r\n".encode() + old[:1 << 20])
-    time.sleep(0.3)
+    wait_locked(c, key)
     assert requests.put(c.url(key), data=b"x").status_code == 409  # in flight
     second = c._index(1, [])
     second.log = c.root / "second.log"
     second.start(wait=False)
     try:
-        time.sleep(2)  # long enough for a start-up recovery to have run, had it not waited
         # the second server waits for the first one's lock on -db instead of taking its writes
-        assert "another minikv server holds" in second.log.read_text()
+        # (it says so before any start-up recovery: the lock comes first)
+        wait_until(lambda: "another minikv server holds" in second.log.read_text(), timeout=20,
+                   what="the second server waiting for the lock")
         assert requests.put(c.url(key), data=b"new").status_code == 409  # still the first one's
         s.sendall(old[1 << 20:])  # the first upload ends
         s.settimeout(10)

@@ -209,6 +209,7 @@ def test_gc_aborts_uploads_older_than_its_age_and_keeps_younger_ones(make_cluste
     s3 = client(c.port)
     s3.create_bucket(Bucket="mpu")
     old = s3.create_multipart_upload(Bucket="mpu", Key="old")["UploadId"]
+    old_made = time.time()  # after the answer: the upload started before this
     for n in (1, 2):
         s3.upload_part(Bucket="mpu", Key="old", UploadId=old, PartNumber=n, Body=b"p" * 1000)
     time.sleep(6)
@@ -217,10 +218,16 @@ def test_gc_aborts_uploads_older_than_its_age_and_keeps_younger_ones(make_cluste
     assert _part_files(c, old) == 4
     default = _gc(c)  # 7 days: it is young
     assert default.returncode == 0 and "aborted" not in default.stderr, default.stderr
+    young_made = time.time()  # before the request: the upload starts after this
     young = s3.create_multipart_upload(Bucket="mpu", Key="young")["UploadId"]
     s3.upload_part(Bucket="mpu", Key="young", UploadId=young, PartNumber=1, Body=b"y" * 1000)
     assert _part_files(c, old) == 4 and _part_files(c, young) == 2
-    done = _gc(c, "-uploads-older-than", "5s")
+    # an age just under the old upload's: the young one is at least young_made - old_made (over
+    # 6 s) younger. Not a fixed 5s: on a loaded machine the young upload had passed 5 s by the
+    # time gc (a new process) looked at it, and it was aborted too.
+    age = time.time() - old_made - 1
+    assert age - (time.time() - young_made) > 5, "the young upload is too close to the old one"
+    done = _gc(c, "-uploads-older-than", f"{age:.1f}s")
     assert done.returncode == 0 and "1 multipart uploads aborted, 2 their parts" in done.stderr, done.stderr
 
     left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket="mpu").get("Uploads", [])}
