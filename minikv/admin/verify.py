@@ -67,8 +67,7 @@ from minikv.index.record import (
     is_composite,
 )
 from minikv.index.store import Store
-from minikv.placement import epoch, key2volume, needs_rebalance
-from minikv.s3.composite import manifest_key, part_key
+from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
@@ -99,8 +98,7 @@ class Seen:
         return cls("", path)
 
     def add(self, key: bytes, raw: bytes) -> None:
-        # the record itself, not a digest of it: comparing bytes is cheaper than hashing twice
-        self.batch.append((key, raw))
+        self.batch.append((key, digest(raw)))
         if len(self.batch) >= SEEN_BATCH:
             self.flush()
 
@@ -112,16 +110,22 @@ class Seen:
 
     def right(self, key: bytes, raw: bytes) -> bool:
         """Did the walk see this key's record, as it is now, with every copy right?"""
-        return self.env.begin().get(key) == raw
+        return self.env.begin().get(key) == digest(raw)
 
     def reader(self):
-        """A read transaction for many `right` questions: `txn.get(key) == raw`."""
+        """A read transaction for many `right` questions: `txn.get(key) == digest(raw)`."""
         return self.env.begin()
 
     def close(self) -> None:
         self.env.close()
         if self.owner:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def digest(raw: bytes) -> bytes:
+    """What Seen keeps of a record: enough to tell it changed since the walk, in 8 bytes (the
+    scratch index stays small: its pages count in the command's memory as it reads them)."""
+    return _md5(raw).digest()[:8]
 
 
 class Verify:
@@ -163,7 +167,7 @@ class Verify:
         here, replicas = self.epoch.to_bytes(4, "little"), self.config.replicas
         with self.seen.reader() as txn:
             for key, raw in pairs:
-                if raw[0] != LIVE or txn.get(key) != raw:
+                if raw[0] != LIVE or txn.get(key) != digest(raw):
                     rest.append((key, raw))
                     continue
                 counts["seen"] += 1
@@ -209,6 +213,9 @@ class Verify:
     def composite(self, key: bytes, raw: bytes) -> None:
         """An S3 multipart object names no file of its own: its parts and manifest are keys
         verified as any other; here only that each still has a record."""
+        # here, not at the top: the S3 modules cost each process of the walk ~0.4 CPU-s to import
+        from minikv.s3.composite import manifest_key, part_key
+
         upload_id, numbers = decode_composite(raw)
         missing = [k for k in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]
                    if self.store.get(k) is None]
