@@ -489,6 +489,79 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
+def floors(dirs: list[str], drop: bool) -> dict:
+    """What the file system alone costs for the walk of `dirs`: `find -type f | wc -l` and a
+    Python os.scandir walk with a stat per file, each run twice (the second warm); with `drop`
+    (root only) once more after dropping the dentry and inode caches (cold)."""
+    out: dict = {}
+    py = ("import os, sys\n"
+          "def walk(p):\n"
+          "    with os.scandir(p) as it:\n"
+          "        for e in it:\n"
+          "            walk(e.path) if e.is_dir(follow_symlinks=False) else e.stat(follow_symlinks=False)\n"
+          "for d in sys.argv[1:]:\n"
+          "    walk(d)\n")
+    runs = [("find", ["sh", "-c", "find \"$@\" -type f | wc -l", "find", *dirs]),
+            ("scandir", [sys.executable, "-c", py, *dirs])]
+    for name, argv in runs:
+        for i in range(2):
+            out[f"{name} {'warm' if i else 'first'}"] = run(argv, f"floor: {name} ({'warm' if i else 'first'})")
+    if drop:
+        for name, argv in runs:
+            Path("/proc/sys/vm/drop_caches").write_text("2\n")
+            out[f"{name} cold"] = run(argv, f"floor: {name} (cold)")
+    return out
+
+
+def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
+    """--old DIR --walk: the walks of the volumes only, old code against new against the Go
+    original, on the same files in one run: rebuild over HTTP, rebuild from the local folders,
+    verify over HTTP and from the folders (sizes, no md5); and the file system's floor (floors)."""
+    n = opts.keys
+    old = Path(opts.old).resolve()
+    old_py = str(old / ".venv" / "bin" / "python")
+    go, why = find_go(opts, tmp)
+    dirs = [str(tmp / f"vol{i}") for i in range(3)]
+    three = cluster.names[:3]
+    print(f"bench: writing {n:,} keys' files ...", file=sys.stderr)
+    write_files(dirs, three, n, b"v" * opts.value_size, 2)
+    for i, port in enumerate(cluster.ports[:3]):
+        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
+    for proc, port in zip(cluster.procs, cluster.ports):
+        wait_port(port, proc, "a volume", timeout=600)
+    common = ["-volumes", ",".join(three), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
+              "-concurrency", str(opts.concurrency)]
+    res = {}
+    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+        res[f"rebuild over HTTP, {label}"] = run(minikv("rebuild", *common, "-db", str(tmp / f"h-{label}"), python=py),
+                                                  f"{label} rebuild", cwd=cwd)
+    if go:
+        res["rebuild over HTTP, Go"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go3"),
+                                            "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "rebuild"],
+                                           "Go rebuild")
+    else:
+        print(f"bench: Go original skipped: {why}", file=sys.stderr)
+    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+        res[f"rebuild from the folders, {label}"] = run(minikv("rebuild", *common, "-db", str(tmp / f"l-{label}"),
+                                                               *dirs, python=py), f"{label} rebuild (local)", cwd=cwd)
+    db = str(tmp / "h-new")
+    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+        res[f"verify over HTTP, {label}"] = run(minikv("verify", *common, "-db", db, python=py), f"{label} verify",
+                                                cwd=cwd)
+        res[f"verify from the folders, {label}"] = run(minikv("verify", *common, "-db", db, *dirs, python=py),
+                                                       f"{label} verify (local)", cwd=cwd)
+    res.update(floors(dirs, opts.drop_caches))
+    go_rate = n / res["rebuild over HTTP, Go"]["seconds"] if go else 0
+    lines = [f"Walk A/B at {n:,} keys of {opts.value_size:,} bytes (3 volumes, {REPLICAS} replicas, {SUBVOLUMES} "
+             f"subvolumes), -concurrency {opts.concurrency} ({machine()}):"]
+    for name, r in res.items():
+        ratio = f" ({n / r['seconds'] / go_rate:.2f}× Go)" if go_rate and name.startswith("rebuild over") else ""
+        lines.append(f"- {name}: {r['seconds']:.1f} s, {n / r['seconds']:,.0f} keys/s{ratio}, {r['cpu']:.1f} s of "
+                     f"CPU ({n / max(r['cpu'], 1e-3):,.0f} keys per CPU second), peak RSS {r['rss_mb']:.0f} MB  "
+                     f"{r['summary']}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys whose files are written (0: skip)")
@@ -500,6 +573,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--old", help="an older checkout (with its .venv): A/B of rebalance and verify only (ab_part)")
     ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
+    ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
+    ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir="/tmp"))
@@ -510,7 +585,7 @@ def main() -> int:
     sections = []
     try:
         if opts.old:
-            print(ab_part(opts, tmp, cluster))
+            print(walk_ab(opts, tmp, cluster) if opts.walk else ab_part(opts, tmp, cluster))
             return 0
         if opts.keys:
             sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))

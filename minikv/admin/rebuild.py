@@ -9,7 +9,7 @@ to the same index). Every key found gets a LIVE record naming the volumes that h
 placement order (those placement puts it on first, best first, then the others), with size and
 mtime from the listing.
 
-Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2), each walking
+Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2, admin/parts.py), each walking
 its share with -concurrency listings in flight and writing FLUSH records per transaction: on LMDB
 each key is put only where it is absent and merged (below) where it is not, under LMDB's write
 lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -50,6 +48,7 @@ from typing import NamedTuple
 from minikv.admin.check import md5_of
 from minikv.admin.common import all_up, command_main, open_index, show, stop_on_signal
 from minikv.admin.local import LocalWalker, volume_dirs
+from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
 from minikv.admin.progress import Progress
 from minikv.admin.rebuild_composite import composites
 from minikv.admin.rebuild_pg import add_many as pg_add_many
@@ -64,7 +63,6 @@ from minikv.placement import epoch, host_of, key2path, key2volume
 
 FLUSH = 16384  # records per write transaction: one commit (and fsync with -fsync) each
 FLUSH_AFTER = 0.5  # seconds a found key waits at most before it is written
-DEFAULT_PROCS = 2  # processes walking the volumes (-workers): the walk is CPU-bound in Python
 
 
 def placement_order(key: bytes, volumes: list[str], config: Config, want: list[str] | None = None) -> list[str]:
@@ -238,77 +236,6 @@ async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Po
             store.close()
 
 
-def _child(part: Part, done, conn) -> None:
-    """A rebuild process: its part; sends (counts, problem lines, stopped, listing errors) on
-    `conn` at the end, and counts the folders it finished in `done` as it goes."""
-    import uvloop
-
-    progress = Progress("rebuild", bar=False)
-
-    def tick(n: int = 1) -> None:  # the parent shows one bar for all parts
-        with done.get_lock():
-            done.value += n
-
-    progress.tick = tick
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        # Ctrl-C reaches the whole process group: the parent alone answers it, and tells each
-        # part with one SIGTERM to finish the folder in flight
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        pool = part.config.pool()
-        try:
-            errors = await run_part(part, progress, stop, pool)
-        finally:
-            pool.close()
-        conn.send((dict(progress.counts), progress.lines, stop.is_set(), errors))
-
-    uvloop.run(main())
-
-
-async def run_parts(parts: list[Part], progress: Progress, stop: asyncio.Event) -> list[str]:
-    """Run each part in its own process (spawned: nothing of this one's event loop or LMDB
-    handle crosses a fork), showing their progress on `progress`; their listing errors."""
-    ctx = multiprocessing.get_context("spawn")
-    done = ctx.Value("q", 0)
-    running: dict[int, tuple] = {}
-    for i, part in enumerate(parts):
-        ours, theirs = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(part, done, theirs), daemon=True)
-        proc.start()
-        theirs.close()
-        running[i] = (proc, ours)
-    errors: list[str] = []
-    shown, told = 0, False
-    while running:
-        for i, (proc, pipe) in list(running.items()):
-            try:
-                counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
-            except EOFError:  # it died without a word
-                counts, lines, stopped = {}, 0, False
-                errs = [f"a rebuild process exited with {proc.join() or proc.exitcode} before it finished"]
-            if counts is None:
-                continue
-            progress.counts.update(counts)
-            progress.lines += lines
-            errors += errs
-            if stopped:
-                stop.set()
-            proc.join()
-            del running[i]
-        if stop.is_set() and not told:
-            told = True
-            for proc, _ in running.values():
-                if proc.pid is not None and proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
-        progress.tick(done.value - shown)
-        shown = done.value
-        progress.show(keys=progress.counts["keys"])
-        await asyncio.sleep(0.1)
-    return errors
-
-
 async def _composites(config: Config, dirs: dict[str, str], pool: Pool, progress: Progress) -> None:
     """The records of S3 multipart objects, once every part and manifest has its own."""
     store = open_index(config, "rebuild") if is_url(config.db) else Store(config.db, sync=config.fsync)
@@ -354,11 +281,11 @@ async def rebuild(args, config: Config) -> int:
         stop_on_signal(stop, progress)
         procs = max(1, min(config.workers if "workers" in args.given else DEFAULT_PROCS, 256))
         db = None if args.dry_run else config.db
-        parts = [Part(config, dirs, db, args.md5, args.concurrency, list(range(i, 256, procs))) for i in range(procs)]
+        parts = [Part(config, dirs, db, args.md5, args.concurrency, aas) for aas in shares(procs)]
         if procs == 1:
             errors = await run_part(parts[0], progress, stop, pool)
         else:
-            errors = await run_parts(parts, progress, stop)
+            errors = await run_parts(run_part, "rebuild", parts, progress, stop)
         if not args.dry_run and not stop.is_set() and not errors:
             await _composites(config, dirs, pool, progress)
         c = progress.counts

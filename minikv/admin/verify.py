@@ -10,6 +10,10 @@ Changes nothing. Two passes:
    missing, wrong size, wrong md5, unreachable. Per key: under-replicated (fewer right copies
    than -replicas), lost (none), misplaced (not on the volumes placement names; `minikv
    rebalance` or `repair` moves it).
+Pass 1 is shared out among -workers processes (default 2, admin/parts.py), a share of the
+256 `<aa>` folders each, as rebuild's walk is: it is CPU-bound (Python, and the kernel for local
+folders). A process that dies makes the run fail: its share's orphans were not searched (its
+keys are still checked, by pass 2 asking their volumes).
 So a healthy cluster costs one listing per folder instead of one HEAD per copy, and whatever
 the walk finds suspect is asked again by HEAD before it is reported. Given the volumes' folders
 on this machine (`minikv verify ... DIR DIR DIR` in the order of -volumes, or `VOLUME=DIR` for
@@ -25,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
+import struct
 import sys
 import tempfile
+from typing import NamedTuple
 
 import lmdb
 
@@ -45,32 +50,52 @@ from minikv.admin.common import (
 )
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.orphans import Orphans
+from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
 from minikv.index.engine import is_url
-from minikv.index.record import LIVE, PENDING, UNLINKED, decode_composite, decode_data, is_composite
+from minikv.index.record import (
+    EPOCH_AT,
+    LIVE,
+    PENDING,
+    UNLINKED,
+    VOLUMES_AT,
+    decode_composite,
+    decode_data,
+    is_composite,
+)
 from minikv.index.store import Store
-from minikv.placement import epoch, key2volume, needs_rebalance
-from minikv.s3.composite import manifest_key, part_key
+from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
 
 SEEN_BATCH = 10_000  # keys the walk saw right, written to the scratch LMDB per transaction
+SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
+_SIZE = struct.Struct("<Q")  # a LIVE record's size, first of its fields
 
 
 class Seen:
     """The LIVE records the walk saw right, by key: a scratch LMDB beside the index (its disk
-    has room for an index), so memory does not grow with the number of keys."""
+    has room for an index), so memory does not grow with the number of keys. Made by the
+    command, written by each process of the walk (`Seen.attach`), read by pass 2."""
 
-    def __init__(self, db: str):
-        # a PostgreSQL index has no folder here: the system's temp folder then ($TMPDIR)
-        parent = None if is_url(db) else os.path.dirname(os.path.abspath(db))
-        self.path = tempfile.mkdtemp(prefix=".verify-", dir=parent)
-        self.env = lmdb.open(self.path, map_size=1 << 40, sync=False, metasync=False, lock=False)
+    def __init__(self, db: str, path: str = ""):
+        if path:  # a process of the walk: the command's scratch index, which the command removes
+            self.path, self.owner = path, False
+        else:
+            # a PostgreSQL index has no folder here: the system's temp folder then ($TMPDIR)
+            parent = None if is_url(db) else os.path.dirname(os.path.abspath(db))
+            self.path, self.owner = tempfile.mkdtemp(prefix=".verify-", dir=parent), True
+        # locked: the walk's processes write it at once
+        self.env = lmdb.open(self.path, map_size=1 << 40, sync=False, metasync=False)
         self.batch: list[tuple[bytes, bytes]] = []
+
+    @classmethod
+    def attach(cls, path: str) -> Seen:
+        return cls("", path)
 
     def add(self, key: bytes, raw: bytes) -> None:
         self.batch.append((key, digest(raw)))
@@ -93,12 +118,14 @@ class Seen:
 
     def close(self) -> None:
         self.env.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.owner:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def digest(raw: bytes) -> bytes:
-    """What Seen keeps of a record: enough to tell it changed since the walk."""
-    return hashlib.md5(raw).digest()[:8]
+    """What Seen keeps of a record: enough to tell it changed since the walk, in 8 bytes (the
+    scratch index stays small: its pages count in the command's memory as it reads them)."""
+    return _md5(raw).digest()[:8]
 
 
 class Verify:
@@ -137,12 +164,16 @@ class Verify:
         p = self.progress
         rest = []
         counts = p.counts
+        here, replicas = self.epoch.to_bytes(4, "little"), self.config.replicas
         with self.seen.reader() as txn:
             for key, raw in pairs:
                 if raw[0] != LIVE or txn.get(key) != digest(raw):
                     rest.append((key, raw))
                     continue
                 counts["seen"] += 1
+                if raw[EPOCH_AT:VOLUMES_AT] == here and raw.count(b",", VOLUMES_AT) >= replicas - 1:
+                    counts["ok"] += 1  # the usual case, without decoding: placed by this layout, all copies
+                    continue
                 record = decode_data(raw)
                 if len(record.volumes) < self.config.replicas:
                     counts["under-replicated"] += 1
@@ -165,6 +196,12 @@ class Verify:
                 if raw is None or raw[0] != LIVE:
                     rest[key] = found
                     continue
+                size = _SIZE.unpack_from(raw, 1)[0]
+                names = raw[VOLUMES_AT:].decode().split(",")
+                if len(found) == len(names) and all(f.size == size and f.volume in names for f in found):
+                    if self.seen is not None:  # the usual case: every copy named and listed, nothing else
+                        self.seen.add(key, raw)
+                    continue
                 record = decode_data(raw)
                 sizes = {f.volume: f.size for f in found}
                 if len(sizes) > len(record.volumes) or any(f.volume not in record.volumes for f in found):
@@ -176,6 +213,9 @@ class Verify:
     def composite(self, key: bytes, raw: bytes) -> None:
         """An S3 multipart object names no file of its own: its parts and manifest are keys
         verified as any other; here only that each still has a record."""
+        # here, not at the top: the S3 modules cost each process of the walk ~0.4 CPU-s to import
+        from minikv.s3.composite import manifest_key, part_key
+
         upload_id, numbers = decode_composite(raw)
         missing = [k for k in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]
                    if self.store.get(k) is None]
@@ -228,6 +268,49 @@ class Verify:
         if not (verdict.problems or verdict.conflict or misplaced):
             p.add("ok")
         p.show(ok=p.counts["ok"], problems=p.lines)
+
+
+class WalkPart(NamedTuple):
+    """Pass 1 for the folders `<aa>` of `aas`, in a process of its own (admin/parts.py)."""
+
+    config: Config
+    dirs: dict[str, str]  # local mode: {volume: folder}
+    hosts: list[str]  # else the volumes whose listings are read (those up)
+    seen: str | None  # the scratch LMDB's folder (None with -md5)
+    concurrency: int
+    aas: list[int]
+
+
+async def walk_share(part: WalkPart, progress: Progress, stop: asyncio.Event, pool: Pool, store: Store,
+                     seen: Seen | None) -> list[str]:
+    """Walk the part's folders: note in `seen` what is right, count the orphans. The errors of
+    the walk (then the orphan search is incomplete)."""
+    job = Verify(part.config, store, pool, progress, seen is None, seen)
+    walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.hosts, part.concurrency)
+    orphans = Orphans(store, pool, progress, delete=False)
+
+    async def handle(group: dict[bytes, list[Found]]) -> None:
+        if rest := job.walked_group(group):
+            await orphans.handle(rest)
+
+    await walker.walk(await walker.roots(), handle, progress.tick, stop, part.aas)
+    if seen is not None:
+        seen.flush()
+    return walker.errors
+
+
+async def walk_part(part: WalkPart, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
+    """walk_share in a process of its own, with its own handles on the index and the notes."""
+    store = open_index(part.config, "verify")
+    if store is None:
+        return [f"cannot open the index {part.config.db}"]
+    seen = Seen.attach(part.seen) if part.seen else None
+    try:
+        return await walk_share(part, progress, stop, pool, store, seen)
+    finally:
+        if seen is not None:
+            seen.close()
+        store.close()
 
 
 async def each_record_quick(store: Store, job: Verify, concurrency: int, stop: asyncio.Event) -> None:
@@ -291,25 +374,23 @@ async def verify(args, config: Config) -> int:
             walk = Progress("verify", total=256, bar_unit="dirs")
             stop = asyncio.Event()
             stop_on_signal(stop, walk)
-            job = Verify(config, store, pool, walk, args.md5, seen)
+            # a small index is walked in one process: starting others would cost more than they save
+            procs = config.workers if "workers" in args.given else DEFAULT_PROCS if store.count() > SMALL else 1
+            procs = max(1, min(procs, 256))
             # a volume that is down has no listing: its copies are asked for (unreachable) in pass 2
-            walker = LocalWalker(dirs) if dirs else Walker(pool, [v for v in config.volumes if v not in down],
-                                                           args.concurrency)
-            orphans = Orphans(store, pool, walk, delete=False)
-
-            async def handle(group: dict[bytes, list[Found]]) -> None:
-                if rest := job.walked_group(group):
-                    await orphans.handle(rest)
-
-            await walker.walk(await walker.roots(), handle, walk.tick, stop)
-            if seen is not None:
-                seen.flush()
+            parts = [WalkPart(config, dirs, [v for v in config.volumes if v not in down], seen and seen.path,
+                              args.concurrency, aas) for aas in shares(procs)]
+            if procs == 1:
+                errors = await walk_share(parts[0], walk, stop, pool, store, seen)
+            else:
+                errors = await run_parts(walk_part, "verify", parts, walk, stop, shown="orphans")
+            job = Verify(config, store, pool, walk, args.md5, seen)
             walk.close()
             progress = job.progress = Progress("verify", total=store.count())
             progress.start = walk.start  # the summary's time and rate are the whole command's
             progress.counts.update(walk.counts)
             progress.lines += walk.lines
-            for err in walker.errors:
+            for err in errors:
                 progress.add("failed")
                 progress.problem(f"orphan search incomplete: {err}")
             if not stop.is_set():

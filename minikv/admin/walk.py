@@ -22,11 +22,16 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import quote
 
-from minikv.http.client import Pool, VolumeError
+from minikv.http.client import Pool, Response, VolumeError
 from minikv.placement import path2key
 
 SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
+# nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
+_FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
+_FILE = re.compile(_FILE_ENTRY)
+_LISTING = re.compile(rb"\[\r?\n(?:(?:" + _FILE_ENTRY + rb",\r?\n)*" + _FILE_ENTRY + rb"\r?\n)?\]\r?\n?")
+_PLAIN = re.compile(r"[A-Za-z0-9/+=._-]*")  # a path that needs no quoting in a URL
 LIST_TIMEOUT = 30.0  # a listing of a big folder takes a while to build
 ATTEMPTS = 3
 
@@ -68,6 +73,20 @@ def add_copies(group: dict[bytes, list[Found]], names: dict[str, bytes | None], 
     return skipped
 
 
+def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
+    """(path + name, size, mtime_ms) of each file of a listing in nginx's exact JSON layout
+    whose entries are all files with names needing no unescaping (a minikeyvalue `<aa>/<bb>`
+    folder, nearly always); None for anything else, which json.loads then reads. Two regular
+    expressions instead of the JSON parser and a dict per entry: the walk's Python per listing."""
+    if not _LISTING.fullmatch(body):
+        return None
+    try:
+        return [(path + name.decode(), int(size), parse_mtime(mtime.decode())) for name, mtime, size in
+                _FILE.findall(body)]
+    except UnicodeDecodeError:
+        return None
+
+
 def parse_mtime(text: str) -> int:
     ms = _MTIMES.get(text)
     if ms is None:
@@ -93,7 +112,7 @@ class Walker:
 
     async def listing(self, host: str, path: str) -> list[dict]:
         """The entries of one folder (`path` ends in `/`); [] when it is gone."""
-        url = quote(path)
+        url = path if _PLAIN.fullmatch(path) else quote(path)
         for attempt in range(ATTEMPTS):
             try:
                 async with self.requests:
@@ -157,8 +176,7 @@ class Walker:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
             keys: dict[str, bytes | None] = {}  # a key's copies share a name: decoded once
-            for root, files in zip(where, await asyncio.gather(
-                    *(self._files_or_error(r, f"/{aa}/{bb}/") for r in where))):
+            for root, files in zip(where, await self._bb_files(where, f"/{aa}/{bb}/")):
                 skipped += add_copies(group, keys, root.volume, files)
             if group:
                 await handle(group)
@@ -177,6 +195,22 @@ class Walker:
 
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         return skipped
+
+    async def _bb_files(self, where: list[Root], path: str) -> list[list[tuple[str, int, int]]]:
+        """The files of one `<aa>/<bb>` folder on each root of `where`: the listings asked at once
+        (one request_many, no task each; each worker of the walk has one such batch in flight, so
+        the semaphore is not needed) and read by plain_files. A listing that failed, or that
+        needs more (a nested folder, an escaped name), goes the careful way: files(), retried."""
+        timeout = max(self.pool.timeout, LIST_TIMEOUT)
+        answers = await self.pool.request_many([(r.host, "GET", r.prefix + path) for r in where],
+                                                timeout=timeout, pipelined=True)
+        out = []
+        for root, resp in zip(where, answers):
+            files = None
+            if isinstance(resp, Response):
+                files = [] if resp.status == 404 else plain_files(resp.body, path) if resp.status == 200 else None
+            out.append(await self._files_or_error(root, path) if files is None else files)
+        return out
 
     async def _listing_or_error(self, root: Root, path: str) -> list[dict]:
         try:

@@ -1,0 +1,105 @@
+"""A walk of the volumes shared out among processes, each taking a share of the 256 `<aa>`
+folders: what rebuild and verify do to use more than one core.
+
+The walk is CPU-bound (Python around each listing or folder, and the kernel for local folders),
+so one process tops out at one core. Each part runs `run(part, progress, stop, pool)` in its own
+process, spawned: nothing of this one's event loop or LMDB handle crosses a fork. A part sends
+back its counts, its problem-line count and its errors once at the end, and counts the `<aa>`
+folders it finished in a shared counter as it goes, for the one bar the parent shows. A part that
+dies without a word (killed, out of memory) makes an error, so the command never reports a walk
+it did not finish as complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+from minikv.admin.progress import Progress
+from minikv.http.client import Pool
+
+DEFAULT_PROCS = 2  # processes walking the volumes (-workers): one per core of a small machine
+
+# run(part, progress, stop, pool) -> the walk's errors; a module-level function (it is pickled by name)
+PartRun = Callable[[object, Progress, asyncio.Event, Pool], Awaitable[list[str]]]
+
+
+def shares(procs: int) -> list[list[int]]:
+    """The `<aa>` folders of each of `procs` parts: every procs-th, so each gets a fair mix."""
+    return [list(range(i, 256, procs)) for i in range(procs)]
+
+
+def _child(run: PartRun, command: str, part, done, conn) -> None:
+    """One part's process: sends (counts, problem lines, stopped, errors) on `conn` at the end,
+    and counts the folders it finished in `done` as it goes."""
+    import uvloop
+
+    progress = Progress(command, bar=False)
+
+    def tick(n: int = 1) -> None:  # the parent shows one bar for all parts
+        with done.get_lock():
+            done.value += n
+
+    progress.tick = tick
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        # Ctrl-C reaches the whole process group: the parent alone answers it, and tells each
+        # part with one SIGTERM to finish the folder in flight
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        pool = part.config.pool()
+        try:
+            errors = await run(part, progress, stop, pool)
+        finally:
+            pool.close()
+        conn.send((dict(progress.counts), progress.lines, stop.is_set(), errors))
+
+    uvloop.run(main())
+
+
+async def run_parts(run: PartRun, command: str, parts: list, progress: Progress, stop: asyncio.Event,
+                    shown: str = "keys") -> list[str]:
+    """Run each part in its own process, showing their progress on `progress` (and the count
+    `shown` beside the bar); their errors, one for each part that died before it finished."""
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Value("q", 0)
+    running: dict[int, tuple] = {}
+    for i, part in enumerate(parts):
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(run, command, part, done, theirs), daemon=True)
+        proc.start()
+        theirs.close()
+        running[i] = (proc, ours)
+    errors: list[str] = []
+    shown_done, told = 0, False
+    while running:
+        for i, (proc, pipe) in list(running.items()):
+            try:
+                counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
+            except EOFError:  # it died without a word
+                proc.join()
+                counts, lines, stopped = {}, 0, False
+                errs = [f"a {command} process exited with {proc.exitcode} before it finished"]
+            if counts is None:
+                continue
+            progress.counts.update(counts)
+            progress.lines += lines
+            errors += errs
+            if stopped:
+                stop.set()
+            proc.join()
+            del running[i]
+        if stop.is_set() and not told:
+            told = True
+            for proc, _ in running.values():
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
+        progress.tick(done.value - shown_done)
+        shown_done = done.value
+        progress.show(**{shown: progress.counts[shown]})
+        await asyncio.sleep(0.1)
+    return errors
