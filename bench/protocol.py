@@ -5,7 +5,7 @@ App with a real LMDB index (in a temp dir) and no network: what is left is the H
 API and the index read, the part of a request that minikv's code decides. Run it before and after
 touching the read path:
 
-    .venv/bin/python bench/protocol.py [-n 200000] [--metrics]
+    .venv/bin/python bench/protocol.py [-n 200000] [--metrics] [--per-pass 50]
 
 --metrics counts the requests as `-metrics-port` does (minikv.ops.counters.instrument): the
 difference is what counting costs the request path. Under `valgrind --tool=callgrind` (with a
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds (0.0001 in the server)")
     ap.add_argument("--only", choices=("404", "302"), help="measure this answer only (for callgrind: two "
                     "runs with different -n give the instructions per request by difference)")
+    ap.add_argument("--per-pass", type=int, default=50, help="requests answered per pass of the event loop "
+                    "(50: as under wrk -c100 on two workers; 1: an idle server's one request at a time)")
     opts = ap.parse_args(argv)
     n = opts.n
     loop = uvloop.new_event_loop()  # the server's loop
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         # the event loop, whose answers are written together at the end of the pass
         conns = []
         batch = Batch(loop)
-        for _ in range(50):
+        for _ in range(opts.per_pass):
             conn = Connection(app, Limits(), loop, batch=batch)
             conn.connection_made(FakeTransport())
             conns.append(conn)
