@@ -6,7 +6,11 @@ Each side of a round: wrk on a stored key (302), on a missing key (404) and the 
 (PUT+GET+DELETE of fresh keys, 16 connections, as bench/run.py), with the index's CPU time per
 request read from /proc over the same seconds (other load on a shared machine moves all figures:
 compare the medians of several rounds, not one round). With the listener on, /metrics is
-scraped every second, as bench/run.py --metrics.
+scraped every second, as bench/run.py --metrics. Before the load, the index's CPU time over the
+same seconds with no request ("idle", ms per second: the scrapes and the publishing of counts
+with the listener on) is measured too, and taken off the loaded figures for "net" µs per request,
+what the requests themselves cost: at a few thousand requests a second on a busy machine a
+scrape a second is several µs a request, which says nothing of the request path.
 
     .venv/bin/python bench/ops_ab.py [--rounds 4] [--secs 3] [--workers N] [--old DIR] [--run-quick 2]
 
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -89,8 +94,9 @@ def stop_index(cluster: Cluster, proc) -> None:
 
 
 def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None,
-         code: str | None = None) -> dict[str, tuple[float, float]]:
-    """{"302": (req/s, index CPU µs per request), "404": ..., "thrash": ...} for one index start."""
+         code: str | None = None) -> dict[str, tuple[float, float, float]]:
+    """{"302": (req/s, index CPU µs per request, the same net of idle), "404": ..., "thrash": ...,
+    "idle": (0, index CPU ms per second with no request, 0)} for one index start."""
     port, mport = free_ports(2)
     proc = start_index(cluster, db, port, mport if on else 0, workers, code)
     stop = threading.Event()
@@ -101,7 +107,10 @@ def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None,
         if on:
             threading.Thread(target=scrape_while, args=(mport, stop), daemon=True).start()
         pids = descendants(proc.popen.pid)
-        out = {}
+        before = cpu_seconds(pids)
+        time.sleep(secs)
+        idle = (cpu_seconds(pids) - before) / secs  # seconds of CPU a second, with no request
+        out = {"idle": (0.0, idle * 1e3, 0.0)}
         token = uuid.uuid4().hex[:8]  # fresh thrash keys: the sides share one database
         runs = {"302": ("/ab-present", 2, 100, None), "404": ("/ab-missing", 2, 100, None),
                 "thrash": ("", 16, 16, [str(THRASH_LUA), "index", f"/thrash/{token}"])}
@@ -111,7 +120,7 @@ def side(cluster: Cluster, db: Path, on: bool, secs: int, workers: int | None,
             used = cpu_seconds(pids) - before
             if script and (res.extra.get("thrash_errors") != "0" or res.socket_error_total):
                 raise BenchError(f"thrash: {res.extra.get('thrash_bad', '')[:200]}, socket errors {res.socket_errors}")
-            out[name] = (res.rps, used / res.requests * 1e6)
+            out[name] = (res.rps, used / res.requests * 1e6, (used - idle * secs) / res.requests * 1e6)
         return out
     finally:
         stop.set()
@@ -158,23 +167,31 @@ def main() -> int:
             for (label, code), on in (sides if r % 2 == 0 else sides[::-1]):
                 res = side(cluster, db, on, opts.secs, opts.workers, code)
                 results[(label, on)].append(res)
-                print(f"round {r + 1} {label} {'on ' if on else 'off'}: " + "  ".join(
-                    f"{k} {rps:8,.0f} req/s {us:5.1f} µs/req" for k, (rps, us) in res.items()), flush=True)
+                print(f"round {r + 1} {label} {'on ' if on else 'off'}: idle {res['idle'][1]:5.1f} ms/s  " + "  ".join(
+                    f"{k} {rps:8,.0f} req/s {us:5.1f} µs/req (net {net:5.1f})" for k, (rps, us, net) in res.items()
+                    if k != "idle"), flush=True)
     except BenchError as e:
         print(f"ab: FAILED: {e}", file=sys.stderr)
         return 1
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    for label, _ in codes:
+        for on in (False, True):
+            idle = [x["idle"][1] for x in results[(label, on)]]
+            print(f"idle   {label} {'on ' if on else 'off'}: CPU ms/s median {statistics.median(idle):.1f} "
+                  f"({' / '.join(f'{x:.1f}' for x in idle)})")
     for name in ("404", "302", "thrash"):
         for label, _ in codes:
             for on in (False, True):
                 runs = results[(label, on)]
                 rps = [x[name][0] for x in runs]
                 us = [x[name][1] for x in runs]
+                net = [x[name][2] for x in runs]
                 print(f"{name:6} {label} {'on ' if on else 'off'}: req/s median {statistics.median(rps):8,.0f} "
                       f"({' / '.join(f'{x:,.0f}' for x in rps)}); CPU µs/req median {statistics.median(us):.1f} "
-                      f"({' / '.join(f'{x:.1f}' for x in us)})")
+                      f"({' / '.join(f'{x:.1f}' for x in us)}); net of idle {statistics.median(net):.1f} "
+                      f"({' / '.join(f'{x:.1f}' for x in net)})")
             # on/off of the same round (minutes apart at most): the load of the machine moves less
             ratios = [b[name][0] / a[name][0] for a, b in zip(results[(label, False)], results[(label, True)])]
             print(f"{name:6} {label} on/off req/s: median {statistics.median(ratios):.3f} "

@@ -5,13 +5,15 @@ App with a real LMDB index (in a temp dir) and no network: what is left is the H
 API and the index read, the part of a request that minikv's code decides. Run it before and after
 touching the read path:
 
-    .venv/bin/python bench/protocol.py [-n 200000] [--metrics]
+    .venv/bin/python bench/protocol.py [-n 200000] [--metrics] [--per-pass 50]
 
 --metrics counts the requests as `-metrics-port` does (minikv.ops.counters.instrument): the
 difference is what counting costs the request path. Under `valgrind --tool=callgrind` (with a
 small -n and PYTHONHASHSEED=0) the instruction counts of the two are exact and the same from run
 to run; valgrind runs ~50x slower, so give it --first-bucket 0.01 too: the answers then fall
-in the first latency bucket, and take its path, as they do at full speed.
+in the first latency bucket, and take its path, as they do at full speed, and --fixed-date: the
+answers' Date is made once a second, and a run that valgrind and a busy machine stretch by a
+minute would count sixty more of them (hundreds of instructions a request).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import uvloop
@@ -53,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds (0.0001 in the server)")
     ap.add_argument("--only", choices=("404", "302"), help="measure this answer only (for callgrind: two "
                     "runs with different -n give the instructions per request by difference)")
+    ap.add_argument("--fixed-date", action="store_true", help="the answers' Date never changes (for callgrind)")
+    ap.add_argument("--per-pass", type=int, default=50, help="requests answered per pass of the event loop "
+                    "(50: as under wrk -c100 on two workers; 1: an idle server's one request at a time)")
     opts = ap.parse_args(argv)
     n = opts.n
+    if opts.fixed_date:
+        from minikv.http import response
+
+        response.time = types.SimpleNamespace(time=(1e9).__float__)  # a C call, as time.time
     loop = uvloop.new_event_loop()  # the server's loop
     asyncio.set_event_loop(loop)
     db = tempfile.mkdtemp(prefix="minikv-protocol-")
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         # the event loop, whose answers are written together at the end of the pass
         conns = []
         batch = Batch(loop)
-        for _ in range(50):
+        for _ in range(opts.per_pass):
             conn = Connection(app, Limits(), loop, batch=batch)
             conn.connection_made(FakeTransport())
             conns.append(conn)

@@ -50,8 +50,10 @@ DISCARD_MAX = 1 << 20  # body bytes we read and drop after an early answer, to k
 IO = [0, 0]  # bytes this process received from and sent to clients (for minikv/ops: one add each)
 # minikv/ops's per-worker Counters when it counts requests (-metrics-port), else None: counted in
 # _start, inline, since a wrapper around app.handle (one more Python frame) cost 9% of a read;
-# an answer made at once is timed by the loop's pass it was made in (see Counters.open_pass)
+# an answer made at once is timed by the loop's pass it was made in (see Counters.tally)
 COUNTS = None
+# the methods of the fast path, one object each: a dict finds them by the hash they keep
+GET, HEAD = b"GET", b"HEAD"
 _clock = time.perf_counter
 
 
@@ -151,7 +153,7 @@ class Body:
 # One plain request, whole: method, target (absolute path, visible ASCII, no fragment), header
 # lines of token names and field values without control characters, the blank line, nothing more.
 _SIMPLE = re.compile(
-    rb"(GET|HEAD) (/[!\"$-~]*) HTTP/1\.1\r\n"
+    rb"(?:(G)ET|HEAD) (/[!\"$-~]*) HTTP/1\.1\r\n"
     rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*\r\n)*)\r\n")
 # headers that give a request a body, change the protocol or need the parser's judgement
 _NOT_SIMPLE = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
@@ -184,21 +186,33 @@ class Batch:
     """The connections whose whole answers wait for the end of this pass of the event loop.
     One per loop, shared by its connections: one callback per pass writes them all."""
 
-    __slots__ = ("loop", "conns")
+    __slots__ = ("loop", "conns", "_due")
 
     def __init__(self, loop):
         self.loop = loop
         self.conns: list[Connection] = []
+        self._due = False  # flush() will run at the end of this pass
 
     def add(self, conn: Connection) -> None:
-        if not self.conns:
+        if not self._due:  # due() inline: this runs once a pass on every server
+            self._due = True
             self.loop.call_soon(self.flush)
         self.conns.append(conn)
 
+    def due(self) -> None:
+        """Have flush() run at the end of this pass (the counting's tally rides on it)."""
+        if not self._due:
+            self._due = True
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
+        self._due = False
         conns, self.conns = self.conns, []
         for conn in conns:
             conn._send_out()
+        counts = COUNTS
+        if counts is not None and counts.began:  # this pass's answers are out: their time is known
+            counts.tally()
 
 
 
@@ -313,7 +327,7 @@ class Connection(asyncio.Protocol):
         m = _SIMPLE.fullmatch(data)
         if m is None:
             return None
-        method, url, block = m.groups()
+        get, url, block = m.groups()
         headers = []
         keep_alive = True
         if block:
@@ -332,7 +346,7 @@ class Connection(asyncio.Protocol):
                 headers.append((name, value))
             if len(headers) > self.limits.max_headers:
                 return None
-        return Request(method, url, headers, keep_alive, NO_BODY, self, False)
+        return Request(GET if get else HEAD, url, headers, keep_alive, NO_BODY, self, False)
 
     def _feed_rebalance(self, data: bytes) -> None:
         """minikeyvalue's REBALANCE is a method llhttp does not know: between requests it is
@@ -444,8 +458,9 @@ class Connection(asyncio.Protocol):
         self._current = req
         self._answer_mark = self._writes
         counts = COUNTS
-        if counts is not None and not counts.began:
-            counts.open_pass(self.loop)  # the first request of this pass of the loop
+        if counts is not None and not counts.began:  # the first request of this pass of the loop:
+            counts.began = _clock()
+            self._batch.due()  # whose flush at the end of the pass has the counts tally it
         try:
             result = self.app.handle(req)
         except HTTPError as e:
@@ -456,8 +471,15 @@ class Connection(asyncio.Protocol):
             self._internal_error(e)
             return
         if isinstance(result, bytes):
-            if counts is not None:  # one more of this kind in this pass: b"GET" + b" 302"
-                (counts.fast.get(req.method + result[8:12]) or counts.kind(req.method, result[9:12]))[0] += 1
+            if counts is not None:  # one more of this kind in this pass (see Counters.rows)
+                try:
+                    row = counts.rows[req.method]
+                    if result is not row[0]:  # else the same answer as the last (a 404 made once a second)
+                        row[1] = row[2][result[9]][result[10]][result[11]]
+                        row[0] = result
+                    row[1][0] += 1
+                except (KeyError, IndexError, TypeError):  # a kind not in the tables yet
+                    counts.kind(req.method, result)
             if req.body is NO_BODY and req.keep_alive and not self._queue and not self.closed:
                 # the common answer (a read): write it and be ready for the next request
                 self.write_soon(result)

@@ -7,15 +7,18 @@ copy.
 
 `instrument(app, counters)` has the HTTP layer count every request (minikv/http/server.py
 `_start`, inline: a wrapper around `app.handle` was one more Python frame per request, 9% of a
-read). The answer's status is read from its bytes (`HTTP/1.1 302 ...`). The duration of an
-answer made at once (a read) is that of the pass of the event loop it was made in, from the
-start of the pass's first request to the end of the pass, when the answers made in it go out
-together (http/server.py's Batch): how long it waited in this process, measured with two clock
-reads a pass instead of two an answer. An idle server's reads fall in the first bucket (100 µs);
-under load a pass of 50 reads takes a few hundred, and so did each of them. An answer that
-awaits (a write) runs from the start of its pass to the coroutine's end. With an access log
-(-v) the counting and the log are a wrapper around `app.handle` instead, timed per request,
-which costs that frame: logging costs more anyway.
+read). The answer's status is read from its bytes (`HTTP/1.1 302 ...`), three digits looked up
+in tables of lists (`rows`), no bytes object made and none hashed; and not even that for the
+same answer object as the last one of its method (a 404 is made once a second). The duration
+of an answer made at once (a read) is that of the pass of the event loop it was made in, from
+the start of the pass's first request to the end of the pass, when the answers made in it have
+gone out together (http/server.py's Batch, whose flush at the end of the pass also tallies
+them): how long it waited in this process, measured with two clock reads a pass instead of two
+an answer. An idle server's reads fall in the first bucket (100 µs); under load a pass of 50
+reads takes a few hundred, and so did each of them. An answer that awaits (a write) runs from
+the start of its pass to the coroutine's end. With an access log (-v) the counting and the log
+are a wrapper around `app.handle` instead, timed per request, which costs that frame: logging
+costs more anyway.
 """
 
 from __future__ import annotations
@@ -40,22 +43,27 @@ STREAMED = b"200"  # the status counted for an answer the handler wrote itself (
 GONE = b"499"  # the client left before its answer (nginx's number for it)
 HISTORY_STEP = 10  # seconds per point of the request-rate history on the status page
 HISTORY_POINTS = 30  # 5 minutes of steps
+DIGITS = 58  # a table of status digits is indexed by the byte: b"0" is 48, b"9" is 57
 
 
 class Counters:
     """Per (method, status): answers per latency bucket, then the seconds they took in all. The
     count of answers is the sum of the buckets, worked out when someone asks, not per request."""
 
-    __slots__ = ("answers", "fast", "began", "first", "in_flight", "history", "_mark")
+    __slots__ = ("answers", "rows", "cells", "began", "first", "in_flight", "history", "_mark")
 
     def __init__(self):
         self.answers: dict[tuple[bytes, bytes], list] = {}
         # for the HTTP layer, which counts each answer it gets at once as one more of its kind
-        # in this pass of the event loop, keyed by b"GET 302" (one hash, no tuple): [answers
-        # this pass, their entry]. When the pass ends they were all made (and are written out
-        # next): tally() puts them in the bucket of the pass's duration, so that an answer costs
-        # no clock read and no bucket search, and a pass two clock reads and one search.
-        self.fast: dict[bytes, list] = {}
+        # in this pass of the event loop, in that kind's cell: [answers this pass, their entry].
+        # rows[method] is [the last answer counted, its cell, digits], where digits[51][48][50]
+        # is the cell of a 302 (the bytes of b"302"; None where no kind was seen yet): indexing
+        # with the answer's bytes makes no object, where a b"GET 302" key cost a slice, a join
+        # and a hash per answer.
+        # When the pass ends they were all made and written: tally() puts them in the bucket of
+        # the pass's duration, so that an answer costs no clock read and no bucket search.
+        self.rows: dict[bytes, list] = {}
+        self.cells: dict[tuple[bytes, bytes], list] = {}  # every cell by (method, status)
         self.began = 0.0  # when the pass under way began to be answered; 0: none is
         self.first = FIRST
         self.in_flight = dict.fromkeys(IN_FLIGHT, 0)
@@ -73,21 +81,33 @@ class Counters:
         entry[0 if seconds <= self.first else bisect.bisect_left(BUCKETS, seconds)] += 1
         entry[-1] += seconds
 
-    def kind(self, method: bytes, status: bytes) -> list:
-        """The HTTP layer's cell for a kind of answer it has not made before."""
-        cell = self.fast[method + b" " + status] = [0, self._entry(method, status)]
-        return cell
-
-    def open_pass(self, loop) -> None:
-        """Called by the first request the HTTP layer starts in a pass of the loop."""
-        self.began = time.perf_counter()
-        loop.call_soon(self.tally)  # runs once this pass's reads are all handled
+    def kind(self, method: bytes, answer: bytes) -> None:
+        """Count an answer made at once that the HTTP layer's tables do not know yet: the first
+        of its method, of its status, or one too short to hold a status."""
+        status = answer[9:12]
+        cell = self.cells.get((method, status))
+        if cell is None:
+            cell = self.cells[(method, status)] = [0, self._entry(method, status)]
+        if len(status) == 3 and status.isdigit():
+            row = self.rows.get(method)
+            if row is None:
+                row = self.rows[method] = [None, None, [None] * DIGITS]
+            table = row[2]
+            for digit in status[:2]:
+                if table[digit] is None:
+                    table[digit] = [None] * DIGITS
+                table = table[digit]
+            table[status[2]] = cell
+            row[0], row[1] = answer, cell
+        cell[0] += 1
 
     def tally(self) -> None:
+        """Called by the HTTP layer's Batch once the answers of the pass that began at `began`
+        (its first request, which set it) are written."""
         seconds = time.perf_counter() - self.began
         self.began = 0.0
         at = 0 if seconds <= self.first else bisect.bisect_left(BUCKETS, seconds)
-        for cell in self.fast.values():  # a few kinds (the methods and statuses seen)
+        for cell in self.cells.values():  # a few kinds (the methods and statuses seen)
             n = cell[0]
             if n:
                 cell[0] = 0
@@ -109,7 +129,11 @@ class Counters:
 
     def sample(self, now: float) -> None:
         """Close the step under way once a new one began (called a few times a second): the
-        steps are whole multiples of HISTORY_STEP on the clock, so workers' steps add up."""
+        steps are whole multiples of HISTORY_STEP on the clock, so workers' steps add up. And
+        let go of the last answer of each method, which the HTTP layer keeps to know it again:
+        a page of keys may be megabytes."""
+        for row in self.rows.values():
+            row[0] = None
         step = int(now // HISTORY_STEP * HISTORY_STEP)
         mark = self._mark
         if mark and mark[0] == step:
