@@ -145,9 +145,30 @@ def find_go(opts, tmp: Path) -> tuple[Path | None, str]:
 # ---------------------------------------------------------------- running and measuring
 
 
+def group_cpu(groups: list[int]) -> float:
+    """CPU seconds used so far by the live processes of the process groups `groups` (the
+    volumes': their nginx workers do the work of a rebalance, and are no child of the command)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+VOLUME_GROUPS: list[int] = []  # the volumes' process groups, whose CPU run() counts too
+
+
 def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dict:
     """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
-    children) and its summary line."""
+    children), its summary line, and the CPU time of the volumes meanwhile."""
+    vol_cpu = group_cpu(VOLUME_GROUPS)
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
     peak: dict = {}
@@ -170,8 +191,10 @@ def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dic
     if check and code != 0:
         raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
     result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
-              "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime}
-    print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU, peak RSS {result['rss_mb']:.0f} MB "
+              "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime,
+              "vol_cpu": group_cpu(VOLUME_GROUPS) - vol_cpu}
+    print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU (the volumes "
+          f"{result['vol_cpu']:.1f} s), peak RSS {result['rss_mb']:.0f} MB "
           f"({result['anon_mb']:.0f} MB anonymous)  {summary}", file=sys.stderr)
     return result
 
@@ -455,6 +478,7 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)
+    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     db, db_old = tmp / "index", tmp / "index-old"
     run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common, *dirs[:3]), "minikv rebuild (local)")
@@ -474,16 +498,18 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
         run(minikv("rebalance", "-volumes", ",".join(three), "-db", str(db_old), *common), "back to 3 volumes")
     res["new"] = run(minikv("rebalance", "-volumes", ",".join(four), "-db", str(db), *common,
                             profile=prof / "rebalance.prof" if prof else None), "new rebalance 3 → 4")
-    res["verify old"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common, python=old_py),
-                            "old verify", cwd=old)
-    res["verify new"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common,
-                                   profile=prof / "verify.prof" if prof else None), "new verify")
-    res["verify local"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common, *dirs),
-                              "new verify (local)", check=False)
+    if not opts.rebalance_only:
+        res["verify old"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common,
+                                       python=old_py), "old verify", cwd=old)
+        res["verify new"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common,
+                                       profile=prof / "verify.prof" if prof else None), "new verify")
+        res["verify local"] = run(minikv("verify", "-volumes", ",".join(four), "-db", str(db), *common, *dirs),
+                                  "new verify (local)", check=False)
     lines = [f"A/B at {n:,} keys of {opts.value_size:,} bytes, -concurrency {opts.concurrency} ({machine()}):"]
     for name, r in res.items():
         lines.append(f"- {name}: {r['seconds']:.1f} s, {n / r['seconds']:,.0f} keys/s, {r['cpu']:.1f} s of CPU "
-                     f"({n / r['cpu']:,.0f} keys per CPU second), peak RSS {r['rss_mb']:.0f} MB"
+                     f"({n / r['cpu']:,.0f} keys per CPU second; the volumes {r['vol_cpu']:.1f} s), "
+                     f"peak RSS {r['rss_mb']:.0f} MB"
                      + (f" ({(n / r['seconds']) / (n / res['go']['seconds']):.2f}× Go)" if "go" in res
                         and not name.startswith("verify") else "") + f"  {r['summary']}")
     return "\n".join(lines)
@@ -572,6 +598,7 @@ def main() -> int:
     ap.add_argument("--go-bin", help="the Go original, built")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--old", help="an older checkout (with its .venv): A/B of rebalance and verify only (ab_part)")
+    ap.add_argument("--rebalance-only", action="store_true", help="with --old: leave out the verify runs")
     ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
     ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")

@@ -65,18 +65,28 @@ async def exists(pool: Pool, volume: str, key: bytes) -> int | None:
 SMALL = 32 << 10  # a copy of a file up to this size goes whole, on pipes (see copy_small)
 
 
+def wrong_size(host: str, path: str, got: int, size: int) -> VolumeError:
+    """A copy of the wrong size (truncated, or another value's): never passed on as the key's."""
+    return VolumeError(host, f"holds {got} bytes at {path}, and the key's record says {size}: "
+                             "that copy is not used (`minikv verify` finds such copies)")
+
+
 async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = None) -> None:
     """Stream the key's file from volume `src` to volume `dst` (raises VolumeError). `size`:
-    what the record says the file holds; a small one is copied by copy_small."""
+    what the record says the file holds; a small one is copied by copy_small, and a file of
+    another size is refused (VolumeError of `src`: the caller tries another replica)."""
     src_host, src_path = locate(src, key)
     dst_host, dst_path = locate(dst, key)
-    if size is not None and 0 < size <= SMALL and await copy_small(pool, src_host, src_path, dst_host, dst_path):
+    if size is not None and 0 < size <= SMALL and await copy_small(pool, src_host, src_path, dst_host, dst_path,
+                                                                   size):
         return
     conn, body = await pool.download(src_host, src_path)
     try:
         if conn.status != 200:
             raise VolumeError(src_host, f"answered {conn.status} to GET of {src_path}")
         length = conn.headers.get(b"content-length")
+        if size is not None and length is not None and int(length) != size:
+            raise wrong_size(src_host, src_path, int(length), size)
         upload = await pool.upload(dst_host, dst_path, int(length) if length is not None else None)
         try:
             while chunk := await asyncio.wait_for(body.read(), pool.stall):
@@ -95,21 +105,29 @@ async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = No
         pool.finish_download(conn)
 
 
-async def copy_small(pool: Pool, src_host: str, src_path: str, dst_host: str, dst_path: str) -> bool:
+async def copy_small(pool: Pool, src_host: str, src_path: str, dst_host: str, dst_path: str,
+                     size: int | None = None) -> bool:
     """Copy a small file as a GET and a PUT that share their connections and writes with the
     other keys in flight (a streamed copy takes a connection and a write of its own for the
     GET). The GET asks for the first SMALL bytes only, so a file bigger than its record says
-    never comes whole into memory: then False, and the caller streams it."""
+    never comes whole into memory. A file of another size than `size` is refused
+    (VolumeError); without `size`, one bigger than SMALL gives False: the caller streams it."""
     resp = await pool.request(src_host, "GET", src_path, headers=(("Range", f"bytes=0-{SMALL - 1}"),),
                               pipelined=True)
     if resp.status == 416:
+        if size:
+            raise wrong_size(src_host, src_path, 0, size)
         return False  # empty, though its record says otherwise: streamed, as before
     if resp.status not in (200, 206):
         raise VolumeError(src_host, f"answered {resp.status} to GET of {src_path}")
+    total = len(resp.body)
     if resp.status == 206:
-        total = resp.headers.get(b"content-range", b"").rpartition(b"/")[2]
-        if not total.isdigit() or int(total) != len(resp.body):
-            return False  # bigger than SMALL: streamed instead
+        whole = resp.headers.get(b"content-range", b"").rpartition(b"/")[2]
+        total = int(whole) if whole.isdigit() else -1
+    if size is not None and total != size:
+        raise wrong_size(src_host, src_path, total, size)
+    if total != len(resp.body):
+        return False  # bigger than SMALL: streamed instead
     status = (await pool.request(dst_host, "PUT", dst_path, resp.body)).status
     if status not in (201, 204):
         raise VolumeError(dst_host, f"answered {status} to PUT of {dst_path}")

@@ -15,6 +15,8 @@ import types
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_admin import admin, all_files, holders, placed, ready, restart, write  # noqa: E402
@@ -195,28 +197,31 @@ def quote_path(key: str) -> str:
     return key2path(key.encode())[1:]
 
 
-def test_a_small_copy_goes_whole_and_a_file_bigger_than_its_record_is_streamed(cluster):
+def test_a_small_copy_goes_whole_and_a_file_bigger_than_its_record_is_refused(cluster):
     """replicas.copy with the record's size: a small file is one pipelined GET (asking for at
-    most SMALL bytes) and one PUT; a file bigger than the record says is streamed whole, as
-    before, never read whole into memory."""
+    most SMALL bytes) and one PUT; a big one is streamed; a file bigger than the record says is
+    refused (it is not the key's value), never read whole into memory."""
     import requests
 
     from minikv import replicas
-    from minikv.http.client import Pool
+    from minikv.http.client import Pool, VolumeError
 
     src, dst = cluster.names[0] + "/sv01", cluster.names[1] + "/sv02"
     small, big = os.urandom(1000), os.urandom(replicas.SMALL * 3 + 5)
-    for key, value in ((b"/copy/small", small), (b"/copy/big", big)):
+    for key, value in ((b"/copy/small", small), (b"/copy/big", big), (b"/copy/wrong", big)):
         assert requests.put(replicas.url(src, key), data=value).status_code in (201, 204)
 
     async def main():
         pool = Pool(5.0)
         try:
             await replicas.copy(pool, b"/copy/small", src, dst, len(small))
-            await replicas.copy(pool, b"/copy/big", src, dst, 1000)  # the record says 1000
+            await replicas.copy(pool, b"/copy/big", src, dst, len(big))
+            with pytest.raises(VolumeError, match=f"holds {len(big)} bytes .* record says 1000"):
+                await replicas.copy(pool, b"/copy/wrong", src, dst, 1000)  # the record says 1000
         finally:
             pool.close()
 
     asyncio.run(main())
     assert requests.get(replicas.url(dst, b"/copy/small")).content == small
     assert requests.get(replicas.url(dst, b"/copy/big")).content == big
+    assert requests.get(replicas.url(dst, b"/copy/wrong")).status_code == 404
