@@ -301,17 +301,24 @@ def run(args: Args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        return run(args)
-    except UsageError as e:
-        if str(e):
-            print(f"minikv: {e}", file=sys.stderr)
-            print("run `minikv -h` for the flags", file=sys.stderr)
-            return 2
-        print(usage())
-        return 0
+        try:
+            args = parse_args(sys.argv[1:] if argv is None else argv)
+            code = run(args)
+        except UsageError as e:
+            if str(e):
+                print(f"minikv: {e}", file=sys.stderr)
+                print("run `minikv -h` for the flags", file=sys.stderr)
+                return 2
+            print(usage())
+            code = 0
+        sys.stdout.flush()  # here, not at exit, so that a reader gone is caught below
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `minikv status | head`: the reader left, there is no one to tell
+        # what is still buffered would fail again at exit: it goes nowhere instead
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
 
 
 if __name__ == "__main__":
