@@ -365,15 +365,46 @@ def rate(n: int, r: dict | None) -> str:
     return f"{n / r['seconds']:,.0f}" if r else "–"
 
 
+def floor_lines(n: int, res: dict) -> list[str]:
+    """What the machine allows whatever the client: the volumes' nginx CPU a command caused,
+    spread over every core, is the least time any program sending the same requests could take;
+    and the file system's own walk (`find`, a scandir with a stat per file) for the local rebuild."""
+    cores = os.cpu_count() or 1
+    go = res.get("go", {})
+    lines = []
+    for what, key in (("rebuild over HTTP", "rebuild"), ("rebalance", "rebalance")):
+        ours, theirs = res[key], go.get(key)
+        bound = ours["vol_cpu"] / cores
+        line = (f"- {what}: the volumes' nginx spent {ours['vol_cpu']:.1f} CPU-s on our requests (ours "
+                f"{ours['cpu']:.1f} CPU-s of its own), so no client sending them could finish in under "
+                f"{bound:.1f} s on {cores} cores ({n / max(bound, 1e-3):,.0f} keys/s)")
+        if theirs:
+            line += (f"; the Go original's requests cost nginx {theirs['vol_cpu']:.1f} CPU-s (Go {theirs['cpu']:.1f} "
+                     f"CPU-s of its own): a free client at that floor would be "
+                     f"{theirs['seconds'] / max(bound, 1e-3):.2f}× the Go original")
+        lines.append(line + ".")
+    fl = res.get("floors", {})
+    if "find warm" in fl:
+        find, scan = fl["find warm"], fl["scandir warm"]
+        lines.append(f"- rebuild from the local folders: `find -type f` over the same folders (no stat, warm "
+                     f"caches) took {find['seconds']:.2f} s ({n / find['seconds']:,.0f} keys/s), a Python scandir "
+                     f"walk with a stat per file {scan['seconds']:.2f} s ({n / scan['seconds']:,.0f} keys/s); "
+                     f"first runs {fl['find first']['seconds']:.2f} s and {fl['scandir first']['seconds']:.2f} s.")
+    return lines
+
+
 def table(opts, n: int, res: dict) -> str:
     rows = []
     go = res.get("go", {})
 
+    def cpu(r: dict) -> str:
+        return f"{r['cpu']:.1f} / {r['vol_cpu']:.1f}"
+
     def row(what: str, ours: dict, theirs: dict | None, keys: int, extra: str = "") -> None:
         ratio = f"{(keys / ours['seconds']) / (keys / theirs['seconds']):.2f}×" if theirs else "–"
-        g = f"{rate(keys, theirs)} keys/s, {theirs['rss_mb']:.0f} MB" if theirs else "–"
+        g = f"{rate(keys, theirs)} keys/s, {theirs['rss_mb']:.0f} MB, {cpu(theirs)}" if theirs else "–"
         rows.append(f"| {what} | {ours['seconds']:.1f} s | {rate(keys, ours)} keys/s{extra} | "
-                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB) | {g} | {ratio} |")
+                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB) | {cpu(ours)} | {g} | {ratio} |")
 
     row("rebuild over HTTP, 3 volumes", res["rebuild"], go.get("rebuild"), n)
     row("rebuild from the local folders", res["local"], None, n)
@@ -392,12 +423,18 @@ def table(opts, n: int, res: dict) -> str:
         f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the largest of the "
         "command and its children), which counts the pages of the LMDB files it touched (file-backed: the page "
         "cache); in brackets the anonymous part of the main process (sampled from /proc every 20 ms), its own "
-        f"memory. Written by `{command(opts)}` ({machine()}). {res['go_note']}",
+        "memory. CPU-s: the command's own (wait4, with its children) / the volumes' nginx meanwhile. "
+        f"Written by `{command(opts)}` ({machine()}). {res['go_note']}",
         "",
-        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | Go original | minikv / Go |",
-        "|---|---|---|---|---|---|",
+        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | minikv CPU-s / volumes' | Go original "
+        "(rate, RSS, CPU-s / volumes') | minikv / Go |",
+        "|---|---|---|---|---|---|---|",
         *rows,
-        f"| `?list` walk, pages of 1,000 | {lw['seconds']:.1f} s | {rate(n, lw)} keys/s | | – | – |",
+        f"| `?list` walk, pages of 1,000 | {lw['seconds']:.1f} s | {rate(n, lw)} keys/s | | | – | – |",
+        "",
+        "Floors, measured in the same run:",
+        "",
+        *floor_lines(n, res),
         "",
         "Summaries printed by the commands:",
         "",
@@ -425,6 +462,7 @@ def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)  # it gives the folders to nginx's user first
+    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     go_flags = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
     db = tmp / "index"
@@ -432,6 +470,7 @@ def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
     if go:
         res["go"]["rebuild"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go3"), *go_flags,
                                     "rebuild"], "Go rebuild")
+    res["floors"] = floors(dirs[:3], False)
     res["local"] = run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(tmp / "local"), *common,
                               *dirs[:3]), "minikv rebuild (local)")
     res["rebalance"] = run(minikv("rebalance", "-volumes", ",".join(four), "-db", str(db), *common),
