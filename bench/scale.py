@@ -58,6 +58,7 @@ from minikv.placement import key2path, key2volume  # noqa: E402
 REPLICAS = 3
 SUBVOLUMES = 10
 BEGIN, END = "<!-- admin-scale:begin -->", "<!-- admin-scale:end -->"
+UNLINKED_EVERY = 10  # one record in ten of the synthetic index is UNLINKED
 IBEGIN, IEND = "<!-- admin-index:begin -->", "<!-- admin-index:end -->"
 GOPATH_SYSTEM = "/usr/share/gocode"  # where Debian's golang-*-dev packages put their source
 GO_FILES = ("lib.go", "main.go", "rebalance.go", "rebuild.go", "s3api.go", "server.go")
@@ -233,18 +234,33 @@ async def list_walk(port: int, page: int = 1000) -> tuple[int, float, list[float
         pool.close()
 
 
-async def page_time(port: int, start_key: str, tries: int = 50) -> float:
-    """Median time of one `?list` page of 1,000 keys starting at `start_key`."""
+def pages(keys: int) -> dict[str, str]:
+    """The listings timed page by page, each of 1,000 keys, in an index of `keys` records: the
+    API's `?list` and S3's ListObjectsV2 of the bucket the keys are in from the middle of the
+    index, `?unlinked` from its start (a full page of it reads 10,000 records, one in ten
+    unlinked: at 10,000 keys from the middle it would end early)."""
     from urllib.parse import quote
 
+    start_key = key_of(keys // 2).decode()
+    bucket, _, rest = start_key.lstrip("/").partition("/")
+    return {
+        "`?list`": f"/?list&limit=1000&start={quote(start_key, safe='')}",
+        "`?unlinked`": "/?unlinked&limit=1000",
+        # list-type=2 alone makes it S3's (s3/detect.py); no keys are set, so it needs no signature
+        "S3 ListObjectsV2": f"/{bucket}?list-type=2&max-keys=1000&start-after={quote(rest, safe='')}",
+    }
+
+
+async def page_time(port: int, path: str, tries: int = 50) -> float:
+    """Median time of one page `path` (asked `tries` times)."""
     pool = Pool(timeout=60.0)
     try:
         times = []
         for _ in range(tries):
             t = time.monotonic()
-            resp = await pool.request(f"{HOST}:{port}", "GET", f"/?list&limit=1000&start={quote(start_key, safe='')}")
+            resp = await pool.request(f"{HOST}:{port}", "GET", path)
             times.append(time.monotonic() - t)
-            assert resp.status == 200, resp.status
+            assert resp.status == 200, (path, resp.status, resp.body[:300])
         return sorted(times)[len(times) // 2]
     finally:
         pool.close()
@@ -274,11 +290,13 @@ def index_size(db: Path) -> dict:
 
 
 def synthetic_index(db: Path, names: list[str], n: int, size: int) -> float:
-    """An index of n LIVE records shaped as a rebuild writes them (3 replicas on `names`), made
-    without any file: what the index costs does not depend on where the bytes are. Keys/s."""
+    """An index of n records shaped as a rebuild writes them (3 replicas on `names`), one in
+    UNLINKED_EVERY of them unlinked (for `?unlinked` pages), made without any file: what the index
+    costs does not depend on where the bytes are. Keys/s."""
     from minikv.admin.rebuild import make_record
     from minikv.admin.walk import Found
     from minikv.config import Config
+    from minikv.index.record import UNLINKED, with_state
 
     config = Config(volumes=names, db=str(db), replicas=REPLICAS, subvolumes=SUBVOLUMES)
     store = Store(str(db))
@@ -290,7 +308,8 @@ def synthetic_index(db: Path, names: list[str], n: int, size: int) -> float:
         for i in order:
             key = key_of(i)
             found = [Found(v, size, 1_700_000_000_000) for v in key2volume(key, names, REPLICAS, SUBVOLUMES)]
-            batch.append((key, make_record(key, found, config)[0]))
+            raw = make_record(key, found, config)[0]
+            batch.append((key, with_state(raw, UNLINKED) if i % UNLINKED_EVERY == 0 else raw))
             if len(batch) == 10_000:
                 store.merge_many(batch, lambda key, current, new: new)
                 batch = []
@@ -300,60 +319,139 @@ def synthetic_index(db: Path, names: list[str], n: int, size: int) -> float:
     return n / (time.monotonic() - start)
 
 
-def index_part(tmp: Path, cluster: Cluster, vols: list[str], n: int, value_size: int) -> dict:
-    """Size per key, a full `?list` walk and one page's time, at n keys and at 10,000."""
+def index_part(tmp: Path, cluster: Cluster, vols: list[str], n: int, value_size: int, postgres: bool) -> dict:
+    """Size per key, a full `?list` walk and each listing's page time, at n keys and at 10,000;
+    with `postgres` the same index copied into PostgreSQL (copy-index), its size and pages too."""
     out: dict = {"n": n}
     db = tmp / "synthetic"
     print(f"bench: an index of {n:,} records ...", file=sys.stderr)
     synthetic_index(db, vols, n, value_size)
     out["size"] = index_size(db)
-    for label, path, keys in (("big", db, n), ("small", tmp / "small", min(n, 10_000))):
-        if label == "small":
-            small_index(db, path, keys)
-        cluster.db = path
-        cluster.start_index(vols)
-        try:
-            if label == "big":
-                got, seconds, times = asyncio.run(list_walk(cluster.port))
-                assert got == n, (got, n)
-                out["walk"] = seconds
-                out["walk_max_page"] = max(times[1:] or times)  # the first one also connects
-            out[f"page_{label}"] = asyncio.run(page_time(cluster.port, key_of(keys // 2).decode()))
-        finally:
-            cluster.stop_index()
-    print(f"bench: ?list: {out['walk']:.1f} s for {n:,} keys, a page {out['page_big'] * 1000:.2f} ms at {n:,} "
-          f"and {out['page_small'] * 1000:.2f} ms at 10,000; {out['size']['file'] / n:.0f} bytes per key",
+    small = tmp / "small"
+    small_index(db, small, min(n, 10_000))
+    pg = start_pg(tmp) if postgres else None
+    try:
+        for engine in ("lmdb", "pg") if pg else ("lmdb",):
+            for label, path, keys in (("big", db, n), ("small", small, min(n, 10_000))):
+                if engine == "pg":
+                    url = pg_database(pg, f"{label}_index")
+                    out[f"copy_{label}"] = run(minikv("copy-index", str(path), url), f"copy-index of {keys:,} records")
+                    if label == "big":
+                        out["pg_size"] = pg_size(url)
+                    path = url
+                cluster.db = path
+                cluster.start_index(vols)
+                try:
+                    if label == "big":
+                        got, seconds, times = asyncio.run(list_walk(cluster.port))
+                        assert got == n - (n + UNLINKED_EVERY - 1) // UNLINKED_EVERY, (got, n)
+                        out[f"{engine} walk"] = seconds
+                        out[f"{engine} walk_max_page"] = max(times[1:] or times)  # the first one also connects
+                    for kind, page in pages(keys).items():
+                        out[f"{engine} {kind} {label}"] = asyncio.run(page_time(cluster.port, page))
+                finally:
+                    cluster.stop_index()
+    finally:
+        if pg is not None:
+            pg.stop()
+    print(f"bench: ?list: {out['lmdb walk']:.1f} s for {n:,} keys; {out['size']['file'] / n:.0f} bytes per key; "
+          + "; ".join(f"{k} {v * 1000:.2f} ms" for k, v in out.items() if k.endswith((" big", " small"))),
           file=sys.stderr)
     return out
+
+
+def start_pg(tmp: Path):
+    """A PostgreSQL of the run's own (minikv/pg_local.py: its unix socket only)."""
+    from minikv.pg_local import LocalPostgres
+
+    pg = LocalPostgres(tmp / "postgres")
+    if why := pg.problem():
+        raise SystemExit(f"bench: --postgres: {why}")
+    pg.init()
+    pg.start()
+    return pg
+
+
+def pg_database(pg, name: str) -> str:
+    """A new empty database `name` in `pg`; its URL."""
+    import asyncpg
+
+    async def make() -> None:
+        conn = await asyncpg.connect(pg.url())
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    return pg.url().replace("/postgres?", f"/{name}?")
+
+
+def pg_size(url: str) -> dict:
+    """The keys table's size on disk: the table with its TOAST, and its indexes."""
+    import asyncpg
+
+    async def measure() -> dict:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("VACUUM ANALYZE minikv_keys")
+            row = await conn.fetchrow("SELECT pg_table_size('minikv_keys') AS t, pg_indexes_size('minikv_keys') AS i, "
+                                      "count(*) AS n FROM minikv_keys")
+            return {"table": row["t"], "indexes": row["i"], "rows": row["n"]}
+        finally:
+            await conn.close()
+
+    return asyncio.run(measure())
 
 
 def command(opts) -> str:
     """The command line that makes these figures (a Go source folder shown as DIR)."""
     go = " --go-src DIR" if opts.go_src or os.environ.get("MKV_GO_SRC") else " --go-bin BIN" if opts.go_bin else ""
     return (f".venv/bin/python bench/scale.py --keys {opts.keys} --index-keys {opts.index_keys}{go} "
-            f"--value-size {opts.value_size} --concurrency {opts.concurrency} --out BENCHMARKS.md")
+            f"--value-size {opts.value_size} --concurrency {opts.concurrency}{' --postgres' if opts.postgres else ''} "
+            "--out BENCHMARKS.md")
 
 
 def index_table(opts, res: dict) -> str:
     n, size, value_size = res["n"], res["size"], opts.value_size
+    small = min(n, 10_000)
     per_key = size["file"] / n
+    pg = "pg_size" in res
+    rows = [
+        f"| index on disk | {size['file'] / 2**20:,.0f} MB (data.mdb): {per_key:.0f} bytes per key; pages in use "
+        f"{size['used'] / 2**20:,.0f} MB, {size['used'] / n:.0f} bytes per key |",
+        f"| a billion such keys | about {per_key * 1e9 / 2**30:,.0f} GiB |",
+    ]
+    if pg:
+        ps = res["pg_size"]
+        pg_key = (ps["table"] + ps["indexes"]) / n
+        rows[0] += (f" {(ps['table'] + ps['indexes']) / 2**20:,.0f} MB: {pg_key:.0f} bytes per key (table "
+                    f"{ps['table'] / n:.0f}, its indexes {ps['indexes'] / n:.0f}) |")
+        rows[1] += f" about {pg_key * 1e9 / 2**30:,.0f} GiB |"
+        copy = res["copy_big"]
+        rows.append(f"| `minikv copy-index` of the {n:,} records, LMDB → PostgreSQL | | {copy['seconds']:.1f} s "
+                    f"({n / copy['seconds']:,.0f} records/s), peak RSS {copy['rss_mb']:.0f} MB |")
+    for kind in pages(n):
+        for label, keys in (("big", n), ("small", small)):
+            cells = " | ".join(f"{res[f'{e} {kind} {label}'] * 1000:.2f} ms" for e in (("lmdb", "pg") if pg else ("lmdb",)))
+            rows.append(f"| {kind} page of 1,000 keys (median of 50) at {keys:,} keys | {cells} |")
+    walks = " | ".join(f"{res[f'{e} walk']:.1f} s ({n / res[f'{e} walk']:,.0f} keys/s), slowest page after the "
+                       f"first {res[f'{e} walk_max_page'] * 1000:.1f} ms" for e in (("lmdb", "pg") if pg else ("lmdb",)))
+    rows.append(f"| full `?list` walk in pages of 1,000 | {walks} |")
     return "\n".join([
         IBEGIN,
-        "## The index at scale: size per key and `?list`",
+        "## The index at scale: size per key and listings",
         "",
-        f"An LMDB index of {n:,} LIVE records shaped as `rebuild` writes them ({REPLICAS} replicas on 3 volumes "
-        f"with {SUBVOLUMES} subvolumes, values of {value_size:,} bytes, keys like `/scale/0000123456`), served "
-        f"by `minikv server` with its default workers. Written by `{command(opts)}` ({machine()}).",
+        f"An index of {n:,} records shaped as `rebuild` writes them ({REPLICAS} replicas on 3 volumes "
+        f"with {SUBVOLUMES} subvolumes, values of {value_size:,} bytes, keys like `/scale/0000123456`, one in "
+        f"{UNLINKED_EVERY} UNLINKED), served by `minikv server` with its default workers"
+        + (", in LMDB and, copied there by `minikv copy-index`, in PostgreSQL (its own instance of the run, "
+           "default settings, unix socket)" if pg else "")
+        + f". Pages start in the middle of the index (`?unlinked`: at its start). Written by `{command(opts)}` ({machine()}).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| index file (data.mdb) | {size['file'] / 2**20:,.0f} MB: {per_key:.0f} bytes per key |",
-        f"| of which pages in use | {size['used'] / 2**20:,.0f} MB: {size['used'] / n:.0f} bytes per key |",
-        f"| a billion such keys | about {per_key * 1e9 / 2**30:,.0f} GiB of index |",
-        f"| `?list` page of 1,000 keys (median of 50) at {n:,} keys | {res['page_big'] * 1000:.2f} ms |",
-        f"| the same at 10,000 keys | {res['page_small'] * 1000:.2f} ms |",
-        f"| full `?list` walk in pages of 1,000 | {res['walk']:.1f} s ({n / res['walk']:,.0f} keys/s), "
-        f"slowest page after the first {res['walk_max_page'] * 1000:.1f} ms |",
+        "| measure | LMDB |" + (" PostgreSQL |" if pg else ""),
+        "|---|---|" + ("---|" if pg else ""),
+        *rows,
         IEND,
     ])
 
@@ -640,6 +738,8 @@ def main() -> int:
     ap.add_argument("--rebalance-only", action="store_true", help="with --old: leave out the verify runs")
     ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
     ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the index part in PostgreSQL too (a throwaway instance; copy-index, size, pages)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -657,7 +757,7 @@ def main() -> int:
             sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))
         if opts.index_keys:
             sections.append(index_table(opts, index_part(tmp, cluster, cluster.names[:3], opts.index_keys,
-                                                         opts.value_size)))
+                                                         opts.value_size, opts.postgres)))
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
