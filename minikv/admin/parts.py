@@ -37,6 +37,9 @@ def _child(run: PartRun, command: str, part, done, conn) -> None:
     and counts the folders it finished in `done` as it goes."""
     import uvloop
 
+    from minikv.admin.trim import keep_trimmed
+
+    keep_trimmed()  # a part reads or writes the index itself: its mapped pages would all count in its RSS
     progress = Progress(command, bar=False)
 
     def tick(n: int = 1) -> None:  # the parent shows one bar for all parts
