@@ -43,14 +43,17 @@ from run import (  # noqa: E402 - bench/ is not a package
 )
 
 
-def start_server(cluster: Cluster, name: str, url: str, port: int, source: Path | None):
-    """`minikv server` on PostgreSQL; `source`: another checkout whose minikv is run instead."""
+def start_server(cluster: Cluster, name: str, url: str, port: int, source: Path | None, workers: int = 0):
+    """`minikv server` on PostgreSQL; `source`: another checkout whose minikv is run instead;
+    `workers`: 0 for its default (one per core)."""
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = str(source)
     volumes = ",".join(f"{HOST}:{p}" for p in cluster.volume_ports)
     argv = [sys.executable, "-m", "minikv", "server", "-host", HOST, "-port", str(port), "-volumes", volumes,
             "-db", url, "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
+    if workers:
+        argv += ["-workers", str(workers)]
     saved = os.environ.copy()
     os.environ.update(env)  # Cluster.start passes this process's environment on
     try:
@@ -102,7 +105,9 @@ def main() -> int:
         pg.start()
         free = free_ports(2 * opts.servers)
         ports = {"A": free[:opts.servers], "B": free[opts.servers:]}
-        servers = {side: [start_server(cluster, f"{side}{i}", pg.url(), port, source)
+        # several servers split the cores between them, as bench/run.py's "2 servers" do
+        workers = max(1, (os.cpu_count() or 1) // opts.servers) if opts.servers > 1 else 0
+        servers = {side: [start_server(cluster, f"{side}{i}", pg.url(), port, source, workers)
                           for i, port in enumerate(ports[side])]
                    for side, source in (("A", opts.old.resolve()), ("B", ROOT))}
         vol = cluster.volume_ports[0]

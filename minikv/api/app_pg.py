@@ -101,6 +101,7 @@ class PgApp(App):
         self.engine = store
         self.lookups = Lookups(store)  # one query for the lookups of one pass of the loop (index/pg_batch.py)
         self.group = None  # commits are the database's (its synchronous_commit), not batched here
+        self.app = self  # the app itself, in each view of a request (_view_answer copies the rest)
 
     def handle(self, req):
         if req.method == b"GET" or req.method == b"HEAD":
@@ -192,6 +193,15 @@ class PgApp(App):
             if seen[0] == UNLINKED or (seen[0] == LIVE and not self.config.protect):
                 return {keys[0]: seen}
         return None
+
+    async def _put_holding(self, files: int, *args) -> bytes:
+        # the files of the uploads in flight are counted on the app: a view's count is its own
+        # copy, and counted there no upload would ever meet the budget (App.put)
+        self.app.held_files += files
+        try:
+            return await self._put_body(*args)
+        finally:
+            self.app.held_files -= files
 
     async def _cas(self, key: bytes, expect: bytes | None, new: bytes | None):
         try:

@@ -5,8 +5,9 @@ commit (a WAL flush: synchronous_commit stays on), in the index's Python and in 
 for a one-row change. Here the compare-and-sets a worker's requests make while a group is out
 wait, and then go together as ONE statement, so one commit serves them all (as index/group.py
 does for LMDB's -fsync). Under load the groups grow with the writes in flight; with none in
-flight a compare-and-set goes at once, alone, as the statement of one. The statements go on a
-connection the worker keeps for them (PgStore.run_held), not through the pool.
+flight a compare-and-set goes at once, alone, as the statement of one, sent and awaited by its
+caller's own task (no task of its own: the common case when the worker is not busy). The
+statements go on a connection the worker keeps for them (PgStore.run_held), not through the pool.
 
 What does not change:
 - each change is still a compare-and-set done by the database: the group's statement inserts,
@@ -53,14 +54,22 @@ class Writes:
         self.queue: list[Change] = []
         self.busy = False
 
-    def cas(self, key: bytes, expect: bytes | None, new: bytes | None, new_owner: str | None,
-            owner: str | None) -> asyncio.Future:
-        """A future of True when the change was made, False when the record was not `expect`."""
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.append((key, expect, new, new_owner, owner, fut))
-        if not self.busy:
-            self._send()
-        return fut
+    async def cas(self, key: bytes, expect: bytes | None, new: bytes | None, new_owner: str | None,
+                  owner: str | None) -> bool:
+        """True when the change was made, False when the record was not `expect`."""
+        if self.busy:
+            fut = asyncio.get_running_loop().create_future()
+            self.queue.append((key, expect, new, new_owner, owner, fut))
+            return await fut
+        # nothing out: the change goes at once, alone, from the caller's own task (no task, no
+        # future of a group of one); the changes made meanwhile wait for it as for a group
+        self.busy = True
+        try:
+            return bool(await self.store.cas_one(key, expect, new, new_owner, owner, held=True))
+        finally:
+            self.busy = False
+            if self.queue:
+                self._send()
 
     def _send(self) -> None:
         # the first change of each key, in key order (groups of two servers then take their rows'
