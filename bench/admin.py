@@ -144,18 +144,28 @@ async def write_keys(port: int, n: int, concurrency: int) -> float:
 
 
 def sample_memory(pid: int, peak: dict, done: threading.Event) -> None:
-    """Track the peak anonymous and file-backed RSS of a process (the LMDB map is file-backed:
-    the pages of the index a command reads count in its RSS, but they are the page cache)."""
+    """Track the peak anonymous and file-backed RSS (kB) of a process (the LMDB map is file-backed:
+    the pages of the index a command reads count in its RSS, but they are the page cache), and
+    as "child RssAnon" / "child RssFile" the largest of its children's (a walk's part processes)."""
     while not done.is_set():
         try:
-            with open(f"/proc/{pid}/status") as f:
-                text = f.read()
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = f.read().split()
         except OSError:
-            return
-        for line in text.splitlines():
-            if line.startswith(("RssAnon:", "RssFile:")):
-                name, value = line.split(":", 1)
-                peak[name] = max(peak.get(name, 0), int(value.split()[0]))
+            children = []
+        for who, prefix in ((pid, ""), *((c, "child ") for c in children)):
+            try:
+                with open(f"/proc/{who}/status") as f:
+                    text = f.read()
+            except OSError:
+                if who == pid:
+                    return
+                continue
+            for line in text.splitlines():
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    name, value = line.split(":", 1)
+                    name = prefix + name
+                    peak[name] = max(peak.get(name, 0), int(value.split()[0]))
         time.sleep(0.02)
 
 

@@ -166,6 +166,12 @@ def group_cpu(groups: list[int]) -> float:
 VOLUME_GROUPS: list[int] = []  # the volumes' process groups, whose CPU run() counts too
 
 
+def parts(r: dict) -> str:
+    """The largest child process's peak RSS (a walk's parts), when there were children."""
+    anon, file = r["child_mb"]
+    return f"; its largest child {anon:.0f} MB anonymous + {file:.0f} MB file-backed" if anon or file else ""
+
+
 def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dict:
     """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
     children), its summary line, and the CPU time of the volumes meanwhile."""
@@ -192,11 +198,12 @@ def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dic
     if check and code != 0:
         raise SystemExit(f"bench: {what} exited {code}:\n{stderr[-3000:]}")
     result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
+              "child_mb": (peak.get("child RssAnon", 0) / 1024, peak.get("child RssFile", 0) / 1024),
               "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime,
               "vol_cpu": group_cpu(VOLUME_GROUPS) - vol_cpu}
     print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU (the volumes "
           f"{result['vol_cpu']:.1f} s), peak RSS {result['rss_mb']:.0f} MB "
-          f"({result['anon_mb']:.0f} MB anonymous)  {summary}", file=sys.stderr)
+          f"({result['anon_mb']:.0f} MB anonymous{parts(result)})  {summary}", file=sys.stderr)
     return result
 
 
@@ -502,7 +509,7 @@ def table(opts, n: int, res: dict) -> str:
         ratio = f"{(keys / ours['seconds']) / (keys / theirs['seconds']):.2f}×" if theirs else "–"
         g = f"{rate(keys, theirs)} keys/s, {theirs['rss_mb']:.0f} MB, {cpu(theirs)}" if theirs else "–"
         rows.append(f"| {what} | {ours['seconds']:.1f} s | {rate(keys, ours)} keys/s{extra} | "
-                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB) | {cpu(ours)} | {g} | {ratio} |")
+                    f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB{parts(ours)}) | {cpu(ours)} | {g} | {ratio} |")
 
     row("rebuild over HTTP, 3 volumes", res["rebuild"], go.get("rebuild"), n)
     row("rebuild from the local folders", res["local"], None, n)

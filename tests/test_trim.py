@@ -42,3 +42,39 @@ def test_trim_drops_the_pages_read_and_the_data_reads_the_same(tmp_path):
     with env.begin() as txn:
         assert txn.get(b"after") == b"x"
     env.close()
+
+
+def test_a_write_transaction_of_scattered_keys_trims_as_it_goes(tmp_path):
+    """Within one batch of rebuild's (4,096 scattered keys) the puts fault in pages all over the
+    map, faster than the trimming thread looks: the batch itself looks every PACE puts."""
+    import random
+
+    from minikv.admin import trim as trim_module
+    from minikv.index import store as store_module
+
+    db = store_module.Store(str(tmp_path / "index"))
+    keys = list(range(200_000))
+    random.Random(1).shuffle(keys)
+    value = b"L" + b"x" * 150
+    for i in range(0, 150_000, 10_000):
+        db.add_many(sorted((b"/k/%010d" % k, value) for k in keys[i:i + 10_000]), lambda k, c, n: n)
+    limit = 8 << 20
+    stop = trim_module.keep_trimmed(every=3600, limit=limit)  # the thread never looks: the batch must
+    seen = []
+    hook = store_module.between_puts
+
+    def watched() -> None:
+        seen.append(trim_module.shared_bytes())
+        hook()
+
+    store_module.between_puts = watched
+    try:
+        trim()
+        db.add_many(sorted((b"/k/%010d" % k, value) for k in keys[150_000:]), lambda k, c, n: n)
+        assert len(seen) >= 50_000 // store_module.PACE, len(seen)
+        # what 256 puts map in between (fault-around: up to 16 pages each) on top of the limit
+        assert max(seen) < limit + (24 << 20), [s >> 20 for s in seen]
+    finally:
+        stop.set()
+        store_module.between_puts = None
+        db.close()

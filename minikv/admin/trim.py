@@ -22,6 +22,8 @@ import mmap
 import os
 import threading
 
+from minikv.index import store
+
 EVERY = 0.05  # seconds between looks at the resident set
 LIMIT = 64 << 20  # file-backed resident bytes that make a trim
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -63,12 +65,19 @@ def shared_bytes() -> int:
 
 def keep_trimmed(every: float = EVERY, limit: int = LIMIT) -> threading.Event | None:
     """In a daemon thread, until the returned event is set: trim whenever the shared resident
-    bytes pass `limit`, looking every `every` seconds. None where there is no /proc."""
+    bytes pass `limit`, looking every `every` seconds; and look within long write transactions
+    too (index/store.py between_puts). None where there is no /proc."""
     try:
         shared_bytes()
     except OSError:
         return None
     stop = threading.Event()
+
+    def between_puts() -> None:
+        if not stop.is_set() and shared_bytes() > limit:
+            trim()
+
+    store.between_puts = between_puts
 
     def run() -> None:
         while not stop.wait(every):

@@ -66,7 +66,7 @@ from minikv.index.record import (
     decode_data,
     is_composite,
 )
-from minikv.index.store import Store
+from minikv.index.store import Store, paced
 from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
@@ -104,7 +104,7 @@ class Seen:
 
     def flush(self) -> None:
         with self.env.begin(write=True) as txn:
-            for key, value in self.batch:
+            for key, value in paced(self.batch):
                 txn.put(key, value)
         self.batch = []
 
