@@ -16,8 +16,6 @@ and that batch and every later one of the process take the way above.
 
 from __future__ import annotations
 
-import asyncpg
-
 TEMP = "minikv_rebuild_batch"
 
 
@@ -27,6 +25,8 @@ def add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
 
 
 async def _copy(store, items: list[tuple[bytes, bytes]]) -> bool:
+    import asyncpg  # here: an LMDB rebuild's processes need not load it
+
     pool = await store.store._get_pool()
     try:
         async with pool.acquire() as conn, conn.transaction():
