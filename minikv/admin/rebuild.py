@@ -50,7 +50,6 @@ from minikv.admin.common import all_up, command_main, open_index, show, stop_on_
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
 from minikv.admin.progress import Progress
-from minikv.admin.rebuild_composite import composites
 from minikv.admin.rebuild_pg import add_many as pg_add_many
 from minikv.admin.records import Placer
 from minikv.admin.walk import Found, Walker
@@ -238,6 +237,9 @@ async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Po
 
 async def _composites(config: Config, dirs: dict[str, str], pool: Pool, progress: Progress) -> None:
     """The records of S3 multipart objects, once every part and manifest has its own."""
+    # imported here: it loads the S3 code, which the walk's processes need not
+    from minikv.admin.rebuild_composite import composites
+
     store = open_index(config, "rebuild") if is_url(config.db) else Store(config.db, sync=config.fsync)
     if store is None:
         progress.problem("cannot open the index to restore the multipart objects: run rebuild again with -force")

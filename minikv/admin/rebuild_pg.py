@@ -7,6 +7,11 @@ locked meanwhile keeps its record). The keys that were there already with anothe
 then read back, row-locked, merged in Python by the rebuild's merge() exactly as on LMDB, and
 updated in one statement. On a fresh index the last step finds nothing: the work per key is the
 database's own COPY and insert.
+
+Faster still while no key of the batches is in the index yet (a fresh index, the usual case):
+the batch is COPYed straight into the index, no temporary table and no second copy of the rows.
+A key already there makes that COPY fail as a whole (its unique index), nothing of it stays,
+and that batch and every later one of the process take the way above.
 """
 
 from __future__ import annotations
@@ -19,7 +24,22 @@ def add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
     return store._call(_add_many(store, items, merge))
 
 
+async def _copy(store, items: list[tuple[bytes, bytes]]) -> bool:
+    import asyncpg  # here: an LMDB rebuild's processes need not load it
+
+    pool = await store.store._get_pool()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table("minikv_keys", records=items, columns=("k", "rec"))
+        return True
+    except asyncpg.UniqueViolationError:
+        store.copy_straight = False  # a key is there already: merges from now on
+        return False
+
+
 async def _add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
+    if store.copy_straight and await _copy(store, items):
+        return len(items)
     pool = await store.store._get_pool()
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(f"CREATE TEMP TABLE {TEMP} (k bytea, rec bytea) ON COMMIT DROP")

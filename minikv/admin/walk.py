@@ -15,6 +15,7 @@ whole cluster's listing.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import email.utils
 import json
 import re
@@ -23,14 +24,15 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from minikv.http.client import Pool, Response, VolumeError
-from minikv.placement import path2key
+from minikv.placement import key2path_bytes, path2key
 
 SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
 # nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
 _FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
 _FILE = re.compile(_FILE_ENTRY)
-_LISTING = re.compile(rb"\[\r?\n(?:(?:" + _FILE_ENTRY + rb",\r?\n)*" + _FILE_ENTRY + rb"\r?\n)?\]\r?\n?")
+_ENTRY_START = b'{ "name":'  # cannot occur inside a name: JSON escapes its `"`
+_ENDS = (b"\n]", b"\n]\n", b"\n]\r\n")
 _PLAIN = re.compile(r"[A-Za-z0-9/+=._-]*")  # a path that needs no quoting in a URL
 LIST_TIMEOUT = 30.0  # a listing of a big folder takes a while to build
 ATTEMPTS = 3
@@ -53,7 +55,7 @@ class Root(NamedTuple):
         return self.host + self.prefix
 
 
-_MTIMES: dict[str, int] = {}  # nginx gives mtimes to the second: many files share one
+_MTIMES: dict = {}  # nginx gives mtimes to the second: many files share one
 
 
 def add_copies(group: dict[bytes, list[Found]], names: dict[str, bytes | None], volume: str,
@@ -73,18 +75,59 @@ def add_copies(group: dict[bytes, list[Found]], names: dict[str, bytes | None], 
     return skipped
 
 
-def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
-    """(path + name, size, mtime_ms) of each file of a listing in nginx's exact JSON layout
-    whose entries are all files with names needing no unescaping (a minikeyvalue `<aa>/<bb>`
-    folder, nearly always); None for anything else, which json.loads then reads. Two regular
-    expressions instead of the JSON parser and a dict per entry: the walk's Python per listing."""
-    if not _LISTING.fullmatch(body):
+def plain_entries(body: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
+    """(name, mtime, size) of each file of a listing in nginx's exact JSON layout whose entries
+    are all files with names needing no unescaping (a minikeyvalue `<aa>/<bb>` folder, nearly
+    always); None for anything else, which json.loads then reads. A regular expression instead
+    of the JSON parser and a dict per entry: the walk's Python per listing. Every entry matched
+    (none is a folder or has an escaped name) is what the count of entry starts tells."""
+    if not body.startswith(b"[") or not body.endswith(_ENDS):
         return None
+    found = _FILE.findall(body)
+    if len(found) != body.count(_ENTRY_START) or not (found or body.strip(b"[]\r\n") == b""):
+        return None
+    return found
+
+
+def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
+    """(path + name, size, mtime_ms) of each file of a plain listing (plain_entries); None for
+    anything else."""
+    found = plain_entries(body)
     try:
-        return [(path + name.decode(), int(size), parse_mtime(mtime.decode())) for name, mtime, size in
-                _FILE.findall(body)]
+        return None if found is None else [(path + name.decode(), int(size), parse_mtime(mtime.decode()))
+                                           for name, mtime, size in found]
     except UnicodeDecodeError:
         return None
+
+
+def add_plain(group: dict[bytes, list[Found]], names: dict[bytes, bytes | None], volume: str,
+              folder: bytes, found: list[tuple[bytes, bytes, bytes]]) -> int:
+    """add_copies for the entries of a plain listing of `folder` (b"/aa/bb/"), straight from
+    their bytes: no str per name, and the name checked against its key's path as bytes."""
+    skipped = 0
+    for name, mtime, size in found:
+        key = names.get(name, b"")
+        if key == b"":
+            try:
+                key = binascii.a2b_base64(name)  # lenient: the path check below rejects any other spelling
+            except binascii.Error:
+                key = None
+            if key is not None and (not key or key2path_bytes(key) != folder + name):
+                key = None
+            names[name] = key
+        if key is None:
+            skipped += 1
+            continue
+        ms = _MTIMES.get(mtime)
+        if ms is None:
+            ms = parse_mtime(mtime.decode())
+            _MTIMES[mtime] = ms
+        copies = group.get(key)
+        if copies is None:
+            group[key] = [Found(volume, int(size), ms)]
+        else:
+            copies.append(Found(volume, int(size), ms))
+    return skipped
 
 
 def parse_mtime(text: str) -> int:
@@ -175,9 +218,7 @@ class Walker:
         async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
-            keys: dict[str, bytes | None] = {}  # a key's copies share a name: decoded once
-            for root, files in zip(where, await self._bb_files(where, f"/{aa}/{bb}/")):
-                skipped += add_copies(group, keys, root.volume, files)
+            skipped += await self._bb_group(where, f"/{aa}/{bb}/", group)
             if group:
                 await handle(group)
 
@@ -196,21 +237,29 @@ class Walker:
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         return skipped
 
-    async def _bb_files(self, where: list[Root], path: str) -> list[list[tuple[str, int, int]]]:
-        """The files of one `<aa>/<bb>` folder on each root of `where`: the listings asked at once
-        (one request_many, no task each; each worker of the walk has one such batch in flight, so
-        the semaphore is not needed) and read by plain_files. A listing that failed, or that
-        needs more (a nested folder, an escaped name), goes the careful way: files(), retried."""
+    async def _bb_group(self, where: list[Root], path: str, group: dict[bytes, list[Found]]) -> int:
+        """Add the files of one `<aa>/<bb>` folder on each root of `where` to `group` by key; the
+        names skipped. The listings are asked at once (one request_many, no task each; each
+        worker of the walk has one such batch in flight, so the semaphore is not needed) and
+        read by plain_entries. A listing that failed, or that needs more (a nested folder, an
+        escaped name), goes the careful way: files(), retried."""
         timeout = max(self.pool.timeout, LIST_TIMEOUT)
         answers = await self.pool.request_many([(r.host, "GET", r.prefix + path) for r in where],
                                                 timeout=timeout, pipelined=True)
-        out = []
+        folder = path.encode()
+        names: dict = {}  # a key's copies share a name: decoded once (bytes here, str below)
+        skipped = 0
         for root, resp in zip(where, answers):
-            files = None
+            found = None
             if isinstance(resp, Response):
-                files = [] if resp.status == 404 else plain_files(resp.body, path) if resp.status == 200 else None
-            out.append(await self._files_or_error(root, path) if files is None else files)
-        return out
+                if resp.status == 404:
+                    continue  # deleted since its parent was listed
+                found = plain_entries(resp.body) if resp.status == 200 else None
+            if found is None:
+                skipped += add_copies(group, names, root.volume, await self._files_or_error(root, path))
+            else:
+                skipped += add_plain(group, names, root.volume, folder, found)
+        return skipped
 
     async def _listing_or_error(self, root: Root, path: str) -> list[dict]:
         try:

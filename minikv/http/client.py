@@ -493,6 +493,7 @@ class Pool:
         self._watchdog: _Watchdog | None = None
         self._pipes: dict[str, list[_Pipe]] = {}  # idle pipes per volume
         self._open: dict[str, _Pipe] = {}  # the pipe each volume's requests go on in this pass
+        self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # _head's, without a path
         # called with a volume's host:port when it closes a connection that was idle here
         self.on_idle_lost = None
 
@@ -633,6 +634,13 @@ class Pool:
 
     def _head(self, method: str, host: str, path: str, headers, length: int | None) -> bytes:
         VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + 1
+        if length == 0 and not headers and method not in ("PUT", "POST"):
+            # a walk's listings: the same head but for the path, built once per volume
+            ends = self._heads.get((method, host))
+            if ends is None:
+                ends = self._heads[(method, host)] = (f"{method} ".encode(), f" HTTP/1.1\r\nHost: {host}\r\n"
+                                                      f"{self.extra_head}\r\n".encode("latin-1"))
+            return ends[0] + path.encode("latin-1") + ends[1]
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{self.extra_head}"]
         lines.extend(f"{n}: {v}\r\n" for n, v in headers)
         if length is None:

@@ -28,6 +28,7 @@ class SyncPgStore:
         self.store = PgStore(db, self.owner, pool_size=2)
         self.path = self.store.path
         self.token = secrets.token_hex(8)
+        self.copy_straight = True  # rebuild: batches COPYed into the index until a key is there (rebuild_pg.py)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="minikv-pg", daemon=True)
         self._thread.start()
