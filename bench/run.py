@@ -816,6 +816,21 @@ def create_database(pg, name: str) -> str:
     return pg.url().replace("/postgres?", f"/{name}?")
 
 
+def remove_empty_folders(folders: list[str]) -> int:
+    """rmdir every empty folder of the key layout (`svXX/...`, `<aa>/...`) below `folders`,
+    bottom up; how many. nginx's own folders (body_temp, .nginx) are left alone."""
+    gone = 0
+    for top in folders:
+        for entry in os.listdir(top):
+            if not re.fullmatch(r"sv[0-9A-F]{2}|[0-9a-f]{2}", entry):
+                continue
+            for path, _, files in os.walk(os.path.join(top, entry), topdown=False):
+                if not files and not os.listdir(path):
+                    os.rmdir(path)
+                    gone += 1
+    return gone
+
+
 def rebuild_rows(bench: Bench, pg, n: int = REBUILD_KEYS) -> None:
     """`minikv rebuild` of n keys' files (written straight into the volume folders, 3 replicas,
     as bench/scale.py does) into PostgreSQL, and into LMDB for reference, one after the other."""
@@ -826,6 +841,11 @@ def rebuild_rows(bench: Bench, pg, n: int = REBUILD_KEYS) -> None:
     c = bench.cluster
     names = [f"{HOST}:{p}" for p in c.volume_ports]
     folders = [str(c.tmp / f"volume{i}") for i in range(len(names))]
+    # the fetch and thrash runs left one empty <aa>/<bb> folder per key they deleted (nginx's
+    # DELETE removes the file only), which a rebuild would list too: gone first, as `minikv gc`
+    # given the folders removes them, so that the rebuild reads what its 100k keys made
+    emptied = remove_empty_folders(folders)
+    bench.notes.append(f"rebuild: {emptied:,} empty folders the runs before had left were removed first")
     write_files(folders, names, n, b"v" * 100, 2)
     if (user := worker_user()) is not None:
         # written as root into running volumes: give the new folders to nginx's workers, as
