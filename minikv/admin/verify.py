@@ -72,7 +72,7 @@ from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
 
-SEEN_BATCH = 10_000  # keys the walk saw right, written to the scratch LMDB per transaction
+SEEN_BATCH = 4096  # keys the walk saw right per scratch LMDB transaction (its scattered dirty pages: memory)
 SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
 _SIZE = struct.Struct("<Q")  # a LIVE record's size, first of its fields
 
