@@ -800,22 +800,6 @@ def timed(argv: list[str]) -> tuple[float, str]:
     return secs, next((line for line in done.stderr.splitlines() if re.match(r"^\w+: \d+ ", line)), "")
 
 
-def create_database(pg, name: str) -> str:
-    import asyncio
-
-    import asyncpg
-
-    async def make() -> None:
-        conn = await asyncpg.connect(pg.url())
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(make())
-    return pg.url().replace("/postgres?", f"/{name}?")
-
-
 def remove_empty_folders(folders: list[str]) -> int:
     """rmdir every empty folder of the key layout (`svXX/...`, `<aa>/...`) below `folders`,
     bottom up; how many. nginx's own folders (body_temp, .nginx) are left alone."""
@@ -834,7 +818,7 @@ def remove_empty_folders(folders: list[str]) -> int:
 def rebuild_rows(bench: Bench, pg, n: int = REBUILD_KEYS) -> None:
     """`minikv rebuild` of n keys' files (written straight into the volume folders, 3 replicas,
     as bench/scale.py does) into PostgreSQL, and into LMDB for reference, one after the other."""
-    from scale import write_files
+    from scale import pg_database, write_files
 
     from minikv.volume.nginx import take_over_directories, worker_user
 
@@ -861,7 +845,7 @@ def rebuild_rows(bench: Bench, pg, n: int = REBUILD_KEYS) -> None:
     # over HTTP (the volumes' listings), then from the volume folders on this machine
     for how, local in (("over HTTP", []), ("from the local folders", folders)):
         lmdb_secs, lmdb_line = timed([exe, "rebuild", *common, "-db", str(c.tmp / f"rebuilt{len(local)}"), *local])
-        pg_secs, pg_line = timed([exe, "rebuild", *common, "-db", create_database(pg, f"rebuilt{len(local)}"),
+        pg_secs, pg_line = timed([exe, "rebuild", *common, "-db", pg_database(pg, f"rebuilt{len(local)}"),
                                   *local])
         keys = int(m.group(1)) if (m := re.search(r"(\d+) keys", pg_line)) else n
         bench.notes.append(f"rebuild {how} into PostgreSQL: {pg_line}; into LMDB: {lmdb_line}")
