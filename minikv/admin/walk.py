@@ -120,7 +120,7 @@ def add_plain(group: dict[bytes, list[Found]], names: dict[bytes, bytes | None],
             continue
         ms = _MTIMES.get(mtime)
         if ms is None:
-            ms = parse_mtime(mtime.decode())
+            ms = parse_mtime(mtime.decode("latin-1"))  # never raises: an odd mtime is 0, as parse_mtime's
             _MTIMES[mtime] = ms
         copies = group.get(key)
         if copies is None:
