@@ -61,13 +61,13 @@ def test_a_write_transaction_of_scattered_keys_trims_as_it_goes(tmp_path):
     limit = 8 << 20
     stop = trim_module.keep_trimmed(every=3600, limit=limit)  # the thread never looks: the batch must
     seen = []
-    hook = store_module.between_puts
+    hook = store_module.now_and_then
 
     def watched() -> None:
         seen.append(trim_module.shared_bytes())
         hook()
 
-    store_module.between_puts = watched
+    store_module.now_and_then = watched
     try:
         trim()
         db.add_many(sorted((b"/k/%010d" % k, value) for k in keys[150_000:]), lambda k, c, n: n)
@@ -76,5 +76,20 @@ def test_a_write_transaction_of_scattered_keys_trims_as_it_goes(tmp_path):
         assert max(seen) < limit + (24 << 20), [s >> 20 for s in seen]
     finally:
         stop.set()
-        store_module.between_puts = None
+        store_module.now_and_then = None
         db.close()
+
+
+def test_lookups_one_by_one_look_every_pace_records():
+    """A walk's lookups (verify reads each key its listings found, scattered over the map) count
+    towards the same look as a write transaction's puts."""
+    from minikv.index import store as store_module
+
+    calls = []
+    store_module.now_and_then = lambda: calls.append(1)
+    try:
+        for _ in range(10):
+            store_module.touched(store_module.PACE // 4)
+        assert len(calls) == 2
+    finally:
+        store_module.now_and_then = None

@@ -67,21 +67,21 @@ def shared_bytes() -> int:
 def keep_trimmed(every: float = EVERY, limit: int = LIMIT) -> threading.Event | None:
     """In a daemon thread, until the returned event is set: trim whenever the shared resident
     bytes pass `limit`, looking every `every` seconds; and look within long write transactions
-    too (index/store.py between_puts). None where there is no /proc."""
+    too (index/store.py now_and_then). None where there is no /proc."""
     try:
         shared_bytes()
     except OSError:
         return None
     stop = threading.Event()
 
-    def between_puts() -> None:
+    def now_and_then() -> None:
         try:
             if not stop.is_set() and shared_bytes() > limit:
                 trim()
         except OSError:  # no file to read /proc with, say: the write goes on untrimmed
             pass
 
-    store.between_puts = between_puts
+    store.now_and_then = now_and_then
 
     def run() -> None:
         while not stop.wait(every):

@@ -66,7 +66,7 @@ from minikv.index.record import (
     decode_data,
     is_composite,
 )
-from minikv.index.store import Store, paced
+from minikv.index.store import Store, paced, touched
 from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
@@ -208,6 +208,7 @@ class Verify:
                     rest[key] = found
                 if self.seen is not None and all(sizes.get(v) == record.size for v in record.volumes):
                     self.seen.add(key, raw)
+        touched(len(group))  # scattered lookups map pages faster than the trimming thread looks
         return rest
 
     def composite(self, key: bytes, raw: bytes) -> None:

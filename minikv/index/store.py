@@ -29,12 +29,14 @@ from minikv.index.record import PENDING, check_transition
 
 # Only address space is reserved; the file grows with the data. 1 TiB holds billions of keys.
 MAP_SIZE = 1 << 40
-# Set by admin/trim.py in admin commands: called every PACE puts of a long write transaction. A
-# batch of scattered keys faults in pages all over the map (and the kernel maps up to 16 cached
-# neighbours with each fault): 4,096 of them mapped most of a 1,000,000-key index in 40 ms,
-# sooner than a thread that looks now and then could let go of them.
-between_puts: Callable[[], None] | None = None
+# Set by admin/trim.py in admin commands: called every PACE puts of a long write transaction,
+# and every PACE records a walk looks up one by one (touched). Scattered keys fault in pages all
+# over the map (and the kernel maps up to 16 cached neighbours with each fault): 4,096 puts mapped
+# most of a 1,000,000-key index in 40 ms, sooner than a thread that looks now and then could let
+# go of them.
+now_and_then: Callable[[], None] | None = None
 PACE = 256
+_touched = 0
 MAX_KEY = 511  # LMDB's compiled-in key size limit
 TOPS_BUILT = b"built"  # in `tops`: the table covers every key (its folders all start with "/")
 
@@ -52,9 +54,19 @@ class StoreError(Exception):
 
 
 def paced(items: list) -> Iterable:
-    """`items`, with between_puts() called after every PACE of them when it is set."""
-    hook = between_puts
+    """`items`, with now_and_then() called after every PACE of them when it is set."""
+    hook = now_and_then
     return items if hook is None else _paced(items, hook)
+
+
+def touched(n: int) -> None:
+    """`n` more records looked up one by one: now_and_then() after every PACE of them."""
+    global _touched
+    if now_and_then is not None:
+        _touched += n
+        if _touched >= PACE:
+            _touched = 0
+            now_and_then()
 
 
 def _paced(items: list, hook: Callable[[], None]) -> Iterator:
