@@ -88,8 +88,10 @@ def gets_during(c, target: str) -> tuple[requests.Response, float, list[float]]:
 def served_meanwhile(took: float, waits: list[float]) -> None:
     """No probe waited for a large part of the listing (a loop held by it makes one wait for
     nearly all of it); relative, so that a loaded machine slowing both does not fail it."""
-    assert took >= 0.3 and waits, f"the listing took {took:.2f}s, too short to measure"
-    assert max(waits) < max(0.3, took / 4), f"a GET waited {max(waits):.2f}s while a listing ran ({took:.2f}s)"
+    # a quick machine reads the million records in 0.27 s: 0.2 s still tells a held loop (a wait
+    # of nearly all of it) from a served one (waits of a few ms)
+    assert took >= 0.2 and waits, f"the listing took {took:.2f}s, too short to measure"
+    assert max(waits) < max(0.1, took / 4), f"a GET waited {max(waits):.2f}s while a listing ran ({took:.2f}s)"
 
 
 def test_a_huge_listing_is_capped_and_leaves_the_worker_serving(big):
