@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from minikv.http.server import Limits
 
 
+def workers_for(db: str) -> int:
+    """The default -workers: one per core, fewer when a PostgreSQL index shares the host."""
+    from minikv.index.pg import default_workers, is_url, on_this_host
+
+    cores = os.cpu_count() or 1
+    return default_workers(cores) if is_url(db) and on_this_host(db) else cores
+
+
 @dataclass
 class Config:
     volumes: list[str]
@@ -42,7 +50,7 @@ class Config:
             volumes=args.volume_list, db=args.db, port=args.port, host=args.host,
             replicas=args.replicas, subvolumes=args.subvolumes, protect=args.protect,
             fallback=args.fallback, md5sum=args.md5sum, voltimeout=args.voltimeout,
-            verbose=args.v, workers=args.workers or os.cpu_count() or 1,
+            verbose=args.v, workers=args.workers or workers_for(args.db),
             verify_get=args.verify_get, fsync=args.fsync, secret=args.secret, signed=args.signed,
             max_value_size=args.max_value_size, max_connections=args.max_connections,
             worker_timeout=args.worker_timeout,
