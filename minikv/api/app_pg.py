@@ -19,7 +19,6 @@ S3 requests go to the S3 front (s3/front_pg.py), which reads the database itself
 from __future__ import annotations
 
 import asyncio
-import copy
 
 from minikv.api.app import LIST_CHUNK, App, _keys_json, _page, _page_next, split_target
 from minikv.http.client import VolumeError
@@ -171,7 +170,9 @@ class PgApp(App):
     def _view_answer(self, req, keys: list[bytes], found: dict[bytes, bytes], guessed: bool):
         """App's code on a view of the request holding the records it reads: the answer, or a
         coroutine of it."""
-        view = copy.copy(self)
+        # copy.copy's shallow copy without its generic path (__reduce_ex__, copyreg): 5 -> 0.5 us
+        view = object.__new__(type(self))
+        view.__dict__ = self.__dict__.copy()
         view.store = Fetched({k: found.get(k) for k in keys}, self.engine)
         view.access = None  # checked by _handle
         view.guessed = guessed
