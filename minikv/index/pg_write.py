@@ -30,17 +30,21 @@ import asyncio
 MAX_GROUP = 256  # changes in one statement
 
 # one row per change: k, the record expected (NULL: absent), the new one (NULL: delete), the
-# owner the new record carries, the owner a PENDING expected record must have (else NULL)
+# owner the new record carries, the owner a PENDING expected record must have (else NULL).
+# `m.k = ANY($1)` gives the UPDATE and the DELETE a condition on the primary key of their own:
+# without it, a plan made while the table looked small (a new index: every connection keeps
+# its plan) joined b to a sequential scan of the whole table, dead rows too, in every group
 GROUP_CAS = (
     "WITH b AS (SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::text[], $5::text[]) "
     "AS b(k, expect, new, new_owner, owner)), "
     "ins AS (INSERT INTO minikv_keys (k, rec, owner) SELECT k, new, new_owner FROM b WHERE expect IS NULL "
     "ON CONFLICT (k) DO NOTHING RETURNING k), "
-    "upd AS (UPDATE minikv_keys m SET rec = b.new, owner = b.new_owner FROM b WHERE b.expect IS NOT NULL "
-    "AND b.new IS NOT NULL AND m.k = b.k AND m.rec = b.expect AND (b.owner IS NULL OR m.owner = b.owner) "
-    "RETURNING m.k), "
-    "del AS (DELETE FROM minikv_keys m USING b WHERE b.expect IS NOT NULL AND b.new IS NULL AND m.k = b.k "
-    "AND m.rec = b.expect AND (b.owner IS NULL OR m.owner = b.owner) RETURNING m.k) "
+    "upd AS (UPDATE minikv_keys m SET rec = b.new, owner = b.new_owner FROM b WHERE m.k = ANY($1::bytea[]) "
+    "AND b.expect IS NOT NULL AND b.new IS NOT NULL AND m.k = b.k AND m.rec = b.expect "
+    "AND (b.owner IS NULL OR m.owner = b.owner) RETURNING m.k), "
+    "del AS (DELETE FROM minikv_keys m USING b WHERE m.k = ANY($1::bytea[]) AND b.expect IS NOT NULL "
+    "AND b.new IS NULL AND m.k = b.k AND m.rec = b.expect AND (b.owner IS NULL OR m.owner = b.owner) "
+    "RETURNING m.k) "
     "SELECT k FROM ins UNION ALL SELECT k FROM upd UNION ALL SELECT k FROM del")
 
 Change = tuple  # (key, expect, new, new_owner, owner or None, future of done)
