@@ -3,8 +3,13 @@ of LMDB pages: each test here failed on the code reviewed, against real volumes 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -12,7 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_admin import admin, key_with_slash, ready, write  # noqa: E402
 from test_rebuild_fast import lmdb_records  # noqa: E402
 
-from minikv.placement import key2path, key2volume  # noqa: E402
+from minikv.admin.rebuild_pg import add_many  # noqa: E402
+from minikv.index.pg import connect  # noqa: E402
+from minikv.index.pg_sync import SyncPgStore  # noqa: E402
+from minikv.index.record import OP_PUT, PENDING, encode_pending  # noqa: E402
+from minikv.placement import key2path, key2path_bytes, key2volume  # noqa: E402
 
 
 def test_a_foreign_name_that_is_not_utf8_costs_rebuild_no_folder(make_cluster):
@@ -35,3 +44,64 @@ def test_a_foreign_name_that_is_not_utf8_costs_rebuild_no_folder(make_cluster):
     assert r.returncode == 0, r.stderr
     assert "incomplete" not in r.stderr, r.stderr
     assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)
+
+
+def inverted_pair() -> tuple[bytes, bytes]:
+    """Two keys of one <aa>/<bb> folder whose order as keys is not their files' order (a
+    listing's, by base64 name): a walk hands the later key first."""
+    seen: dict[bytes, bytes] = {}
+    for i in range(100_000):
+        key = b"/dl%d" % i
+        folder = key2path_bytes(key)[:7]
+        other = seen.setdefault(folder, key)
+        low, high = sorted((key, other))
+        if base64.b64encode(low) > base64.b64encode(high):
+            return low, high
+    raise AssertionError("no such pair")
+
+
+def test_rebuild_into_postgresql_takes_its_keys_in_key_order(postgres):
+    # a writer that inserts keys in key order (a server's group of compare-and-sets, another
+    # rebuild's batch) while a rebuild's batch holds the same keys: the batch, in the walk's
+    # order, took them in another order, the two waited for each other and PostgreSQL ended
+    # the rebuild's transaction (deadlock detected): the rebuild died
+    low, high = inverted_pair()
+    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
+    store = SyncPgStore(url, "rebuild")  # makes the schema
+    loop = asyncio.new_event_loop()
+    writer = watcher = None
+    outcome: list = []
+    batch = threading.Thread(target=lambda: outcome.append(_add_many_or_error(store, [(high, b"h"), (low, b"l")])))
+    try:
+        writer = loop.run_until_complete(connect(url))
+        watcher = loop.run_until_complete(connect(url))
+        pending = encode_pending(OP_PUT, 1, 1, ["v:1"], b"")
+        insert = "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, 'w') ON CONFLICT (k) DO NOTHING"
+        loop.run_until_complete(writer.execute("BEGIN"))
+        loop.run_until_complete(writer.execute(insert, low, pending))
+        batch.start()  # the walk's order: `high` first (its file is listed first)
+        deadline = time.monotonic() + 60
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        while not loop.run_until_complete(watcher.fetchval(waiting)):  # the batch waits for our first key
+            assert batch.is_alive(), outcome
+            assert time.monotonic() < deadline, "the batch never waited for our key"
+            time.sleep(0.05)
+        loop.run_until_complete(writer.execute(insert, high, pending, timeout=60))
+        loop.run_until_complete(writer.execute("COMMIT"))
+        batch.join(60)
+        assert outcome == [0], outcome  # nothing added: the writer's locks are kept
+        assert dict(store.scan(b"")[0]) == {low: pending, high: pending}
+    finally:
+        batch.join(60)
+        for conn in (writer, watcher):
+            if conn is not None:
+                loop.run_until_complete(conn.close())
+        loop.close()
+        store.close()
+
+
+def _add_many_or_error(store, items):
+    try:
+        return add_many(store, items, lambda key, current, new: None if current[0] == PENDING else new)
+    except Exception as e:  # noqa: BLE001 - the test shows it
+        return e
