@@ -18,6 +18,7 @@ from test_admin import admin, key_with_slash, ready, write  # noqa: E402
 from test_rebuild_fast import lmdb_records  # noqa: E402
 
 from minikv.admin.rebuild_pg import add_many  # noqa: E402
+from minikv.admin.walk import add_plain, plain_entries  # noqa: E402
 from minikv.index.pg import connect  # noqa: E402
 from minikv.index.pg_sync import SyncPgStore  # noqa: E402
 from minikv.index.record import OP_PUT, PENDING, encode_pending  # noqa: E402
@@ -105,3 +106,16 @@ def _add_many_or_error(store, items):
         return add_many(store, items, lambda key, current, new: None if current[0] == PENDING else new)
     except Exception as e:  # noqa: BLE001 - the test shows it
         return e
+
+
+def test_an_mtime_out_of_range_is_no_crash():
+    # an mtime whose hour overflows the date arithmetic (another server, a damaged answer):
+    # the file is keyed with its mtime unknown (0), as for any odd mtime; it raised
+    # OverflowError, which ended the whole walk
+    path = key2path_bytes(b"/k")
+    body = b'[\n{ "name":"%s", "type":"file", "mtime":"Mon, 01 Jan 2024 99999999999:00:00 GMT", "size":3 }\n]\n' % path[7:]
+    found = plain_entries(body)
+    assert found is not None
+    group: dict = {}
+    assert add_plain(group, {}, "v:1", path[:7], found) == 0
+    assert [(f.volume, f.size, f.mtime_ms) for f in group[b"/k"]] == [("v:1", 3, 0)]

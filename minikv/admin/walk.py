@@ -135,7 +135,7 @@ def parse_mtime(text: str) -> int:
     if ms is None:
         try:
             ms = int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # an hour past any date, say
             ms = 0
         if len(_MTIMES) > 10_000:
             _MTIMES.clear()
