@@ -21,7 +21,7 @@ from minikv.admin.rebuild_pg import add_many  # noqa: E402
 from minikv.admin.walk import add_plain, plain_entries  # noqa: E402
 from minikv.index.pg import connect  # noqa: E402
 from minikv.index.pg_sync import SyncPgStore  # noqa: E402
-from minikv.index.record import OP_PUT, PENDING, encode_pending  # noqa: E402
+from minikv.index.record import LIVE, NO_MD5, OP_PUT, PENDING, encode_data, encode_pending  # noqa: E402
 from minikv.placement import key2path, key2path_bytes, key2volume  # noqa: E402
 
 
@@ -81,12 +81,7 @@ def test_rebuild_into_postgresql_takes_its_keys_in_key_order(postgres):
         loop.run_until_complete(writer.execute("BEGIN"))
         loop.run_until_complete(writer.execute(insert, low, pending))
         batch.start()  # the walk's order: `high` first (its file is listed first)
-        deadline = time.monotonic() + 60
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        while not loop.run_until_complete(watcher.fetchval(waiting)):  # the batch waits for our first key
-            assert batch.is_alive(), outcome
-            assert time.monotonic() < deadline, "the batch never waited for our key"
-            time.sleep(0.05)
+        _wait_for_a_lock_wait(loop, watcher, batch, outcome)
         loop.run_until_complete(writer.execute(insert, high, pending, timeout=60))
         loop.run_until_complete(writer.execute("COMMIT"))
         batch.join(60)
@@ -119,3 +114,48 @@ def test_an_mtime_out_of_range_is_no_crash():
     group: dict = {}
     assert add_plain(group, {}, "v:1", path[:7], found) == 0
     assert [(f.volume, f.size, f.mtime_ms) for f in group[b"/k"]] == [("v:1", 3, 0)]
+
+
+def test_rebuild_into_postgresql_locks_the_records_it_merges_in_key_order(postgres):
+    # the same with keys already there (rebuild -force): the batch row-locks the records it
+    # merges in its own order (the plan here: its temporary table's); a writer locking them in
+    # key order (another rebuild's merge) and the batch waited for each other: deadlock
+    low, high = inverted_pair()
+    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
+    store = SyncPgStore(url, "rebuild")
+    old = encode_data(LIVE, ["v:1"], 5, 1, NO_MD5)
+    store.merge_many([(high, old)], lambda key, current, new: new)  # the table holds `high` first
+    store.merge_many([(low, old)], lambda key, current, new: new)
+    loop = asyncio.new_event_loop()
+    writer = watcher = None
+    outcome: list = []
+    batch = threading.Thread(target=lambda: outcome.append(_add_many_or_error(store, [(high, b"h"), (low, b"l")])))
+    try:
+        writer = loop.run_until_complete(connect(url))
+        watcher = loop.run_until_complete(connect(url))
+        lock = "SELECT rec FROM minikv_keys WHERE k = $1 FOR UPDATE"
+        loop.run_until_complete(writer.execute("BEGIN"))
+        loop.run_until_complete(writer.execute(lock, low))
+        batch.start()
+        _wait_for_a_lock_wait(loop, watcher, batch, outcome)
+        loop.run_until_complete(writer.execute(lock, high, timeout=60))
+        loop.run_until_complete(writer.execute("COMMIT"))
+        batch.join(60)
+        assert outcome == [0], outcome
+        assert dict(store.scan(b"")[0]) == {low: b"l", high: b"h"}
+    finally:
+        batch.join(60)
+        for conn in (writer, watcher):
+            if conn is not None:
+                loop.run_until_complete(conn.close())
+        loop.close()
+        store.close()
+
+
+def _wait_for_a_lock_wait(loop, watcher, batch: threading.Thread, outcome: list) -> None:
+    deadline = time.monotonic() + 60
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    while not loop.run_until_complete(watcher.fetchval(waiting)):  # the batch waits for our first key
+        assert batch.is_alive(), outcome
+        assert time.monotonic() < deadline, "the batch never waited for our key"
+        time.sleep(0.05)
