@@ -1,5 +1,5 @@
-"""Review of the walk, rebuild into PostgreSQL, the grouped compare-and-sets and the trimming
-of LMDB pages: each test here failed on the code reviewed, against real volumes and databases."""
+"""Review of last session's walk and rebuild into PostgreSQL: each test here failed on the code
+reviewed, against real volumes and a real PostgreSQL (and one parser case)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from test_admin import admin, key_with_slash, ready, write  # noqa: E402
 from test_rebuild_fast import lmdb_records  # noqa: E402
 
 from minikv.admin.rebuild_pg import add_many  # noqa: E402
-from minikv.admin.walk import add_plain, plain_entries  # noqa: E402
+from minikv.admin.walk import parse_mtime  # noqa: E402
 from minikv.index.pg import connect  # noqa: E402
 from minikv.index.pg_sync import SyncPgStore  # noqa: E402
 from minikv.index.record import LIVE, NO_MD5, OP_PUT, PENDING, encode_data, encode_pending  # noqa: E402
@@ -47,6 +47,35 @@ def test_a_foreign_name_that_is_not_utf8_costs_rebuild_no_folder(make_cluster):
     assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)
 
 
+def test_rebuild_into_postgresql_takes_its_keys_in_key_order(postgres):
+    # a writer that inserts keys in key order (a server's group of compare-and-sets, another
+    # rebuild's batch) while a rebuild's batch holds the same keys: the batch, in the walk's
+    # order, took them in another order, the two waited for each other and PostgreSQL ended
+    # the rebuild's transaction (deadlock detected): the rebuild died
+    pending = encode_pending(OP_PUT, 1, 1, ["v:1"], b"")
+    insert = "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, 'w') ON CONFLICT (k) DO NOTHING"
+    outcome, records = race_a_batch(postgres, [], insert, pending)
+    assert outcome == [0], outcome  # nothing added: the writer's locks are kept
+    assert records == {LOW: pending, HIGH: pending}
+
+
+def test_rebuild_into_postgresql_locks_the_records_it_merges_in_key_order(postgres):
+    # the same with keys already there (rebuild -force): the batch row-locks the records it
+    # merges in its own order (the plan here: its temporary table's); a writer locking them in
+    # key order (another rebuild's merge) and the batch waited for each other: deadlock
+    old = encode_data(LIVE, ["v:1"], 5, 1, NO_MD5)
+    outcome, records = race_a_batch(postgres, [(HIGH, old), (LOW, old)], "SELECT rec FROM minikv_keys WHERE k = $1 "
+                                    "FOR UPDATE")
+    assert outcome == [0], outcome
+    assert records == {LOW: b"l", HIGH: b"h"}
+
+
+def test_an_mtime_out_of_range_is_0_not_a_crash():
+    # an hour that overflows the date arithmetic (another server, a damaged answer): unknown
+    # (0), as any odd mtime; it raised OverflowError, which ended the whole walk
+    assert parse_mtime("Mon, 01 Jan 2024 99999999999:00:00 GMT") == 0
+
+
 def inverted_pair() -> tuple[bytes, bytes]:
     """Two keys of one <aa>/<bb> folder whose order as keys is not their files' order (a
     listing's, by base64 name): a walk hands the later key first."""
@@ -61,37 +90,43 @@ def inverted_pair() -> tuple[bytes, bytes]:
     raise AssertionError("no such pair")
 
 
-def test_rebuild_into_postgresql_takes_its_keys_in_key_order(postgres):
-    # a writer that inserts keys in key order (a server's group of compare-and-sets, another
-    # rebuild's batch) while a rebuild's batch holds the same keys: the batch, in the walk's
-    # order, took them in another order, the two waited for each other and PostgreSQL ended
-    # the rebuild's transaction (deadlock detected): the rebuild died
-    low, high = inverted_pair()
-    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
-    store = SyncPgStore(url, "rebuild")  # makes the schema
+LOW, HIGH = inverted_pair()
+
+
+def race_a_batch(postgres, there: list[tuple[bytes, bytes]], statement: str, *args) -> tuple[list, dict]:
+    """A rebuild's batch of HIGH then LOW (the walk's order) into a new index holding `there`
+    (in that order), while a writer runs `statement` on LOW, then, once the batch waits for it,
+    on HIGH, and commits: the batch's outcome (keys added, or its error) and the records then."""
+    store = SyncPgStore(postgres.create_db("t" + uuid.uuid4().hex[:12]), "rebuild")  # makes the schema
+    for pair in there:
+        store.merge_many([pair], lambda key, current, new: new)
     loop = asyncio.new_event_loop()
-    writer = watcher = None
+    conns: list = []
     outcome: list = []
-    batch = threading.Thread(target=lambda: outcome.append(_add_many_or_error(store, [(high, b"h"), (low, b"l")])))
+    batch = threading.Thread(target=lambda: outcome.append(_add_many_or_error(store, [(HIGH, b"h"), (LOW, b"l")])))
     try:
-        writer = loop.run_until_complete(connect(url))
-        watcher = loop.run_until_complete(connect(url))
-        pending = encode_pending(OP_PUT, 1, 1, ["v:1"], b"")
-        insert = "INSERT INTO minikv_keys (k, rec, owner) VALUES ($1, $2, 'w') ON CONFLICT (k) DO NOTHING"
+        writer = loop.run_until_complete(connect(store.db))
+        conns.append(writer)
+        watcher = loop.run_until_complete(connect(store.db))
+        conns.append(watcher)
         loop.run_until_complete(writer.execute("BEGIN"))
-        loop.run_until_complete(writer.execute(insert, low, pending))
-        batch.start()  # the walk's order: `high` first (its file is listed first)
-        _wait_for_a_lock_wait(loop, watcher, batch, outcome)
-        loop.run_until_complete(writer.execute(insert, high, pending, timeout=60))
+        loop.run_until_complete(writer.execute(statement, LOW, *args))
+        batch.start()
+        deadline = time.monotonic() + 60
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        while not loop.run_until_complete(watcher.fetchval(waiting)):  # the batch waits for our first key
+            assert batch.is_alive(), outcome
+            assert time.monotonic() < deadline, "the batch never waited for the writer"
+            time.sleep(0.05)
+        loop.run_until_complete(writer.execute(statement, HIGH, *args, timeout=60))
         loop.run_until_complete(writer.execute("COMMIT"))
         batch.join(60)
-        assert outcome == [0], outcome  # nothing added: the writer's locks are kept
-        assert dict(store.scan(b"")[0]) == {low: pending, high: pending}
+        return outcome, dict(store.scan(b"")[0])
     finally:
-        batch.join(60)
-        for conn in (writer, watcher):
-            if conn is not None:
-                loop.run_until_complete(conn.close())
+        if batch.ident is not None:
+            batch.join(60)
+        for conn in conns:
+            loop.run_until_complete(conn.close())
         loop.close()
         store.close()
 
@@ -101,61 +136,3 @@ def _add_many_or_error(store, items):
         return add_many(store, items, lambda key, current, new: None if current[0] == PENDING else new)
     except Exception as e:  # noqa: BLE001 - the test shows it
         return e
-
-
-def test_an_mtime_out_of_range_is_no_crash():
-    # an mtime whose hour overflows the date arithmetic (another server, a damaged answer):
-    # the file is keyed with its mtime unknown (0), as for any odd mtime; it raised
-    # OverflowError, which ended the whole walk
-    path = key2path_bytes(b"/k")
-    body = b'[\n{ "name":"%s", "type":"file", "mtime":"Mon, 01 Jan 2024 99999999999:00:00 GMT", "size":3 }\n]\n' % path[7:]
-    found = plain_entries(body)
-    assert found is not None
-    group: dict = {}
-    assert add_plain(group, {}, "v:1", path[:7], found) == 0
-    assert [(f.volume, f.size, f.mtime_ms) for f in group[b"/k"]] == [("v:1", 3, 0)]
-
-
-def test_rebuild_into_postgresql_locks_the_records_it_merges_in_key_order(postgres):
-    # the same with keys already there (rebuild -force): the batch row-locks the records it
-    # merges in its own order (the plan here: its temporary table's); a writer locking them in
-    # key order (another rebuild's merge) and the batch waited for each other: deadlock
-    low, high = inverted_pair()
-    url = postgres.create_db("t" + uuid.uuid4().hex[:12])
-    store = SyncPgStore(url, "rebuild")
-    old = encode_data(LIVE, ["v:1"], 5, 1, NO_MD5)
-    store.merge_many([(high, old)], lambda key, current, new: new)  # the table holds `high` first
-    store.merge_many([(low, old)], lambda key, current, new: new)
-    loop = asyncio.new_event_loop()
-    writer = watcher = None
-    outcome: list = []
-    batch = threading.Thread(target=lambda: outcome.append(_add_many_or_error(store, [(high, b"h"), (low, b"l")])))
-    try:
-        writer = loop.run_until_complete(connect(url))
-        watcher = loop.run_until_complete(connect(url))
-        lock = "SELECT rec FROM minikv_keys WHERE k = $1 FOR UPDATE"
-        loop.run_until_complete(writer.execute("BEGIN"))
-        loop.run_until_complete(writer.execute(lock, low))
-        batch.start()
-        _wait_for_a_lock_wait(loop, watcher, batch, outcome)
-        loop.run_until_complete(writer.execute(lock, high, timeout=60))
-        loop.run_until_complete(writer.execute("COMMIT"))
-        batch.join(60)
-        assert outcome == [0], outcome
-        assert dict(store.scan(b"")[0]) == {low: b"l", high: b"h"}
-    finally:
-        batch.join(60)
-        for conn in (writer, watcher):
-            if conn is not None:
-                loop.run_until_complete(conn.close())
-        loop.close()
-        store.close()
-
-
-def _wait_for_a_lock_wait(loop, watcher, batch: threading.Thread, outcome: list) -> None:
-    deadline = time.monotonic() + 60
-    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    while not loop.run_until_complete(watcher.fetchval(waiting)):  # the batch waits for our first key
-        assert batch.is_alive(), outcome
-        assert time.monotonic() < deadline, "the batch never waited for our key"
-        time.sleep(0.05)
