@@ -21,7 +21,10 @@ TEMP = "minikv_rebuild_batch"
 
 def add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
     """Store.add_many for a SyncPgStore (index/pg_sync.py); the number of keys added."""
-    return store._call(_add_many(store, items, merge))
+    # in key order, as a server's group of compare-and-sets takes its keys: a writer taking the
+    # same keys in another order (the walk's) waits for it while it waits: a deadlock, which
+    # PostgreSQL ends by failing one of them (the rebuild died)
+    return store._call(_add_many(store, sorted(items), merge))
 
 
 async def _copy(store, items: list[tuple[bytes, bytes]]) -> bool:

@@ -135,7 +135,7 @@ def parse_mtime(text: str) -> int:
     if ms is None:
         try:
             ms = int(email.utils.parsedate_to_datetime(text).timestamp() * 1000)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # an hour past any date, say
             ms = 0
         if len(_MTIMES) > 10_000:
             _MTIMES.clear()
@@ -155,7 +155,7 @@ class Walker:
 
     async def listing(self, host: str, path: str) -> list[dict]:
         """The entries of one folder (`path` ends in `/`); [] when it is gone."""
-        url = path if _PLAIN.fullmatch(path) else quote(path)
+        url = path if _PLAIN.fullmatch(path) else quote(path, errors="surrogateescape")
         for attempt in range(ATTEMPTS):
             try:
                 async with self.requests:
@@ -172,7 +172,9 @@ class Walker:
             if resp.status != 200:
                 raise VolumeError(host, f"answered {resp.status} to a listing of {path}")
             try:
-                entries = json.loads(resp.body)
+                # a name that is not UTF-8 (a stray file) is kept as surrogates, which no key's
+                # name has: skipped as foreign, not an error that costs the folder's other files
+                entries = json.loads(resp.body.decode("utf-8", "surrogateescape"))
             except ValueError:
                 raise VolumeError(host, f"sent a listing of {path} that is not JSON: is it a minikv "
                                         "volume (nginx with `autoindex_format json`)?") from None
