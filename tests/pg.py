@@ -5,12 +5,15 @@ Password authentication is on (scram-sha-256), so a wrong password is a real ref
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from cluster import HOST, free_port
@@ -66,6 +69,33 @@ class Postgres:
         """A new empty database on this instance; its URL."""
         self.psql("postgres", f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def generic_plan_scans(self, statement: str, types: str) -> list[str]:
+        """The scans of minikv_keys in the plan PostgreSQL keeps for a prepared `statement` (its
+        parameters' `types`) after its first uses, made on a new index whose table is empty."""
+        name = "p" + uuid.uuid4().hex[:12]
+        self.create_db(name)
+        from minikv.index.pg import connect, create_schema
+
+        async def explain() -> str:
+            conn = await connect(self.url(name))
+            try:
+                await create_schema(conn)
+                await conn.execute("SET plan_cache_mode = force_generic_plan")  # the plan kept after 5 uses
+                await conn.execute(f"PREPARE s({types}) AS {statement}")
+                nulls = ", ".join("NULL" for _ in types.split(","))
+                return await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE s({nulls})")
+            finally:
+                await conn.close()
+
+        def nodes(node: dict):
+            yield node
+            for child in node.get("Plans", []):
+                yield from nodes(child)
+
+        plan = json.loads(asyncio.run(explain()))[0]["Plan"]
+        return [n["Node Type"] for n in nodes(plan)
+                if n.get("Relation Name") == "minikv_keys" and n["Node Type"] != "ModifyTable"]
 
     def psql(self, db: str, sql: str) -> str:
         env = {**os.environ, "PGPASSWORD": PASSWORD}

@@ -16,6 +16,8 @@ and that batch and every later one of the process take the way above.
 
 from __future__ import annotations
 
+from minikv.index.pg_sync import SET_RECORDS
+
 TEMP = "minikv_rebuild_batch"
 
 
@@ -57,7 +59,5 @@ async def _add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
                                 "WHERE m.rec <> b.rec FOR UPDATE OF m")
         changed = [(k, new) for k, current, value in rows if (new := merge(k, current, value)) is not None]
         if changed:
-            await conn.execute("UPDATE minikv_keys SET rec = u.rec FROM unnest($1::bytea[], $2::bytea[]) "
-                               "AS u(k, rec) WHERE minikv_keys.k = u.k", [k for k, _ in changed],
-                               [r for _, r in changed])
+            await conn.execute(SET_RECORDS, [k for k, _ in changed], [r for _, r in changed])
         return added

@@ -20,6 +20,12 @@ import threading
 from minikv.index import lease
 from minikv.index.pg import PgStore, connect, create_schema
 
+# the admin commands' batch update of records they hold locked (FOR UPDATE). `k = ANY($1)` finds
+# the rows by the primary key whatever the table's size when the kept plan was made (as
+# pg_write.GROUP_CAS): a plan of a new index's empty table joined to a sequential scan
+SET_RECORDS = ("UPDATE minikv_keys SET rec = u.rec FROM unnest($1::bytea[], $2::bytea[]) AS u(k, rec) "
+               "WHERE minikv_keys.k = ANY($1::bytea[]) AND minikv_keys.k = u.k")
+
 
 class SyncPgStore:
     def __init__(self, db: str, command: str):
@@ -95,8 +101,7 @@ class SyncPgStore:
                                    "ON CONFLICT (k) DO NOTHING", added, [changed[k] for k in added])
             kept = [k for k in changed if k in had]
             if kept:
-                await conn.execute("UPDATE minikv_keys SET rec = u.rec FROM unnest($1::bytea[], $2::bytea[]) "
-                                   "AS u(k, rec) WHERE minikv_keys.k = u.k", kept, [changed[k] for k in kept])
+                await conn.execute(SET_RECORDS, kept, [changed[k] for k in kept])
 
     def pending_records(self) -> list[tuple[bytes, bytes]]:
         """The PENDING records of owners that hold no live lease (what a takeover would resolve)."""
