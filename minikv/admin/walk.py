@@ -218,7 +218,8 @@ class Walker:
         async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
-            skipped += await self._bb_group(where, f"/{aa}/{bb}/", group)
+            n = await self._bb_group(where, f"/{aa}/{bb}/", group)
+            skipped += n  # not `skipped += await ...`: that reads skipped before the others add to it
             if group:
                 await handle(group)
 
