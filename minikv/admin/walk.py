@@ -7,9 +7,9 @@ does not decode back to its own path.
 
 A key's file has the same `<aa>/<bb>` on every volume, so the walk goes prefix by prefix across
 all volumes at once: for each `<aa>` it lists that folder on every (sub)volume, then each `<bb>`
-found, and hands the caller every file of that `<aa>/<bb>` from all volumes together. One key's
-replicas thus arrive in one batch, and memory holds one `<aa>/<bb>` folder per worker, never the
-whole cluster's listing.
+found, a batch of them at a time (BATCH), and hands the caller every file of the batch's
+`<aa>/<bb>` folders from all volumes together. One key's replicas thus arrive in one group, and
+memory holds one batch of listings per worker, never the whole cluster's listing.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import quote
 
-from minikv.http.client import Pool, Response, VolumeError
+from minikv.admin.lister import Lister
+from minikv.http.client import Pool, VolumeError
 from minikv.placement import key2path_bytes, path2key
 
 SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
@@ -36,6 +37,12 @@ _ENDS = (b"\n]", b"\n]\n", b"\n]\r\n")
 _PLAIN = re.compile(r"[A-Za-z0-9/+=._-]*")  # a path that needs no quoting in a URL
 LIST_TIMEOUT = 30.0  # a listing of a big folder takes a while to build
 ATTEMPTS = 3
+# The `<aa>/<bb>` listings go out in batches of up to BATCH (lister.py: one write per volume), with
+# up to BATCHES batches in flight per process: at 100,000 keys, 40% less CPU of ours and 8% less of
+# nginx's than one `<bb>` at a time with 64 in flight. A listing holds a file or two: a batch is
+# some 300 KB of answers at most.
+BATCH = 1024
+BATCHES = 4
 
 
 class Found(NamedTuple):
@@ -151,6 +158,7 @@ class Walker:
         self.hosts = hosts
         self.concurrency = concurrency
         self.requests = asyncio.Semaphore(concurrency)
+        self.lister = Lister(pool)
         self.errors: list[str] = []  # listings that failed for good: the walk is incomplete
 
     async def listing(self, host: str, path: str) -> list[dict]:
@@ -206,19 +214,20 @@ class Walker:
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
                    done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
-        """Call handle({key: [Found, ...]}) once per `<aa>/<bb>` folder that exists anywhere,
-        with `concurrency` folders at once, and done() after each `<aa>` of `aas` (all 256 by
-        default; a rebuild in several processes gives each a share). Returns how many files
-        were skipped as not minikeyvalue's (names that do not decode)."""
+        """Call handle({key: [Found, ...]}) once per batch of `<aa>/<bb>` folders of one `<aa>`
+        (BATCH listings; up to BATCHES batches, at most `concurrency`, in flight), and done()
+        after each `<aa>` of `aas` (all 256 by default; a rebuild in several processes gives
+        each a share). Returns how many files were skipped as not minikeyvalue's (names that
+        do not decode)."""
         queue: asyncio.Queue = asyncio.Queue()
         for aa in aas:
             queue.put_nowait(f"{aa:02x}")
         skipped = 0
 
-        async def one_bb(aa: str, bb: str, where: list[Root]) -> None:
+        async def one_batch(batch: list[tuple[Root, str]]) -> None:
             nonlocal skipped
             group: dict[bytes, list[Found]] = {}
-            n = await self._bb_group(where, f"/{aa}/{bb}/", group)
+            n = await self._bb_group(batch, group)
             skipped += n  # not `skipped += await ...`: that reads skipped before the others add to it
             if group:
                 await handle(group)
@@ -231,31 +240,40 @@ class Walker:
                 for root, names in zip(roots, listings):
                     for bb in names:
                         bbs.setdefault(bb, []).append(root)
+                batch: list[tuple[Root, str]] = []  # a `<bb>`'s roots go in one batch
                 for bb in sorted(bbs):
-                    await one_bb(aa, bb, bbs[bb])
+                    path = f"/{aa}/{bb}/"
+                    batch += [(r, path) for r in bbs[bb]]
+                    if len(batch) >= BATCH:
+                        await one_batch(batch)
+                        batch = []
+                if batch:
+                    await one_batch(batch)
                 done()
 
-        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, min(BATCHES, self.concurrency)))))
+        finally:
+            self.lister.close()
         return skipped
 
-    async def _bb_group(self, where: list[Root], path: str, group: dict[bytes, list[Found]]) -> int:
-        """Add the files of one `<aa>/<bb>` folder on each root of `where` to `group` by key; the
-        names skipped. The listings are asked at once (one request_many, no task each; each
-        worker of the walk has one such batch in flight, so the semaphore is not needed) and
-        read by plain_entries. A listing that failed, or that needs more (a nested folder, an
-        escaped name), goes the careful way: files(), retried."""
-        timeout = max(self.pool.timeout, LIST_TIMEOUT)
-        answers = await self.pool.request_many([(r.host, "GET", r.prefix + path) for r in where],
-                                                timeout=timeout, pipelined=True)
-        folder = path.encode()
-        names: dict = {}  # a key's copies share a name: decoded once (bytes here, str below)
+    async def _bb_group(self, batch: list[tuple[Root, str]], group: dict[bytes, list[Found]]) -> int:
+        """Add the files of the folders of `batch` ((root, "/aa/bb/"), a `<bb>`'s roots next to
+        each other) to `group` by key; the names skipped. The listings are asked at once (one
+        Lister.many) and read by plain_entries. A listing that failed, or that needs more (a
+        nested folder, an escaped name), goes the careful way: files(), retried."""
+        answers = await self.lister.many([(r.host, r.prefix + path) for r, path in batch],
+                                         max(self.pool.timeout, LIST_TIMEOUT))
         skipped = 0
-        for root, resp in zip(where, answers):
+        last, folder, names = "", b"", {}
+        for (root, path), resp in zip(batch, answers):
+            if path is not last:  # a name is a key only in its own folder: decoded once per folder
+                last, folder, names = path, path.encode(), {}
             found = None
-            if isinstance(resp, Response):
-                if resp.status == 404:
+            if resp is not None:
+                if resp[0] == 404:
                     continue  # deleted since its parent was listed
-                found = plain_entries(resp.body) if resp.status == 200 else None
+                found = plain_entries(resp[1]) if resp[0] == 200 else None
             if found is None:
                 skipped += add_copies(group, names, root.volume, await self._files_or_error(root, path))
             else:
