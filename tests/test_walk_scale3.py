@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import requests
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -243,3 +244,28 @@ def test_names_that_need_the_careful_path_still_come_through():
     assert not errors
     assert found == {key, *keys_of(10)}
     assert skipped == 1  # a"b
+
+
+def test_an_aa_listing_is_read_without_the_json_parser_only_when_it_holds_bb_folders_alone(make_cluster):
+    from minikv.admin.walk import plain_bbs
+
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1)
+    keys = {f"/bbs/{i}": b"x" for i in range(60)}
+    write(c, keys)
+    top = c.volume_dir(c.names[0])
+    aas = sorted(p for p in top.iterdir() if p.is_dir() and len(p.name) == 2)
+    (aas[0] / "stray.txt").write_bytes(b"x")  # not a <bb> folder: the JSON parser reads this one
+    (aas[1] / "zz").mkdir()
+    read = 0
+    for aa in aas:
+        body = requests.get(f"http://{c.names[0]}/{aa.name}/").content
+        got = plain_bbs(body)
+        if aa in aas[:2]:
+            assert got is None, body
+            continue
+        assert got == [e["name"] for e in json.loads(body)]
+        read += 1
+    assert read == len(aas) - 2 > 20
+    assert plain_bbs(b"[\r\n]\r\n") == [] and plain_bbs(b"<html>") is None
+    found, errors = walk(c.names)
+    assert not errors and sorted(found) == sorted(k.encode() for k in keys)

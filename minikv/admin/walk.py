@@ -32,6 +32,7 @@ HEX2 = re.compile(r"[0-9a-f]{2}")
 # nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
 _FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
 _FILE = re.compile(_FILE_ENTRY)
+_BB = re.compile(rb'\{ "name":"([0-9a-f]{2})", "type":"directory", "mtime":"[^"]*" \}')  # an <aa>'s <bb>
 _ENTRY_START = b'{ "name":'  # cannot occur inside a name: JSON escapes its `"`
 _ENDS = (b"\n]", b"\n]\n", b"\n]\r\n")
 _PLAIN = re.compile(r"[A-Za-z0-9/+=._-]*")  # a path that needs no quoting in a URL
@@ -94,6 +95,18 @@ def plain_entries(body: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
     if len(found) != body.count(_ENTRY_START) or not (found or body.strip(b"[]\r\n") == b""):
         return None
     return found
+
+
+def plain_bbs(body: bytes) -> list[str] | None:
+    """The `<bb>` folders of a listing of an `<aa>` folder in nginx's exact JSON layout that
+    holds nothing else (nearly always); None for anything else, which json.loads then reads: a
+    regular expression instead of a dict for each of its up to 256 entries."""
+    if not body.startswith(b"[") or not body.endswith(_ENDS):
+        return None
+    found = _BB.findall(body)
+    if len(found) != body.count(_ENTRY_START) or not (found or body.strip(b"[]\r\n") == b""):
+        return None
+    return [bb.decode() for bb in found]
 
 
 def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
@@ -236,8 +249,7 @@ class Walker:
             while not queue.empty() and not (stop is not None and stop.is_set()):
                 aa = queue.get_nowait()
                 bbs: dict[str, list[Root]] = {}
-                listings = await asyncio.gather(*(self._bbs_or_error(r, f"/{aa}/") for r in roots))
-                for root, names in zip(roots, listings):
+                for root, names in zip(roots, await self._bbs(roots, aa)):
                     for bb in names:
                         bbs.setdefault(bb, []).append(root)
                 batch: list[tuple[Root, str]] = []  # a `<bb>`'s roots go in one batch
@@ -286,6 +298,19 @@ class Walker:
         except VolumeError as e:
             self.errors.append(f"{e} (listing {root.prefix}{path})")
             return []
+
+    async def _bbs(self, roots: list[Root], aa: str) -> list[list[str]]:
+        """The `<bb>` folder names of `<aa>` on each root: asked in one batch, read by plain_bbs;
+        what that leaves goes the careful way (_bbs_or_error)."""
+        answers = await self.lister.many([(r.host, f"{r.prefix}/{aa}/") for r in roots],
+                                         max(self.pool.timeout, LIST_TIMEOUT))
+        out = []
+        for root, resp in zip(roots, answers):
+            names = None
+            if resp is not None:
+                names = [] if resp[0] == 404 else plain_bbs(resp[1]) if resp[0] == 200 else None
+            out.append(await self._bbs_or_error(root, f"/{aa}/") if names is None else names)
+        return out
 
     async def _bbs_or_error(self, root: Root, path: str) -> list[str]:
         """The `<bb>` folder names of one `<aa>` folder: only the names are kept, since every
