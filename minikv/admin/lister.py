@@ -20,17 +20,19 @@ import asyncio
 
 import httptools
 
-from minikv.http.client import VOLUME_REQUESTS, Pool
+from minikv.http.client import VOLUME_REQUESTS, Pool, _Link
 
 Answer = tuple[int, bytes]  # status, body
 MAX_IDLE = 16  # idle connections kept per volume
 
 
-class _Batch(asyncio.Protocol):
-    """One connection to a volume; carries one batch at a time."""
+class _Batch(_Link):
+    """One connection to a volume; carries one batch at a time. Bytes go to the parser as on
+    the Pool's connections (_Link); a failure ends the batch with what came."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str):
         self.loop = loop
+        self.host = host
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -41,17 +43,10 @@ class _Batch(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.last_rx = 0.0
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def _idle(self) -> bool:
+        return False  # the Pool's watch on its idle connections: not for these
 
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = self.loop.time()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.close()
-
-    def connection_lost(self, exc) -> None:
+    def _lost(self, err: Exception | None) -> None:
         self.closed = True
         self._finish()
 
@@ -106,7 +101,7 @@ class Lister:
         name, _, port = host.rpartition(":")
         addr = self.pool._addr.get(host) or (name or "localhost", int(port or 80))
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Batch(loop), *addr), self.pool.timeout)
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Batch(loop, host), *addr), self.pool.timeout)
         except (OSError, ValueError, asyncio.TimeoutError):
             return None
         return conn
