@@ -164,7 +164,8 @@ def parse_mtime(text: str) -> int:
 
 
 class Walker:
-    """Walks the volumes `hosts` with at most `concurrency` listings in flight."""
+    """Walks the volumes `hosts`: its listings in batches (walk), up to `concurrency` batches in
+    flight (BATCHES at most), and up to `concurrency` of the careful way's listings."""
 
     def __init__(self, pool: Pool, hosts: list[str], concurrency: int):
         self.pool = pool
