@@ -10,7 +10,7 @@ placement order (those placement puts it on first, best first, then the others),
 mtime from the listing.
 
 Speed: the 256 `<aa>` folders are shared out among -workers processes (default 2, admin/parts.py), each walking
-its share with -concurrency listings in flight and writing FLUSH records per transaction: on LMDB
+its share with its listings asked in batches (admin/walk.py) and writing FLUSH records per transaction: on LMDB
 each key is put only where it is absent and merged (below) where it is not, under LMDB's write
 lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
 So a batch never overwrites a record a live server changed meanwhile. Memory holds one
