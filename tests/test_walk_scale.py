@@ -1,7 +1,7 @@
 """The walk of the volumes at the speed of the disks (issue 15): verify's walk shared out among
 processes as rebuild's is (admin/parts.py), finding what one process finds, and failing loudly
 when one of them dies; the listings of `<aa>/<bb>` folders read without the JSON parser when
-nginx wrote them in its usual layout (admin/walk.py plain_files). Real volumes (nginx), real
+nginx wrote them in its usual layout (admin/walk.py plain_entries). Real volumes (nginx), real
 index processes, real LMDB."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_admin import holders, key_with_slash, ready, restart, write  # noqa: E402
 
+from minikv.admin.walk import parse_mtime, plain_entries  # noqa: E402
 from minikv.placement import key2path  # noqa: E402
 
 
@@ -27,6 +28,17 @@ def verify(c, *flags: str, volumes: list[str] | None = None) -> subprocess.Compl
     args = [sys.executable, "-m", "minikv", "verify", "-volumes", ",".join(volumes or c.names),
             "-db", str(c.root / "index"), "-replicas", str(c.replicas), "-subvolumes", str(c.subvolumes), *flags]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
+    """(path + name, size, mtime_ms) of each file of a plain listing (admin/walk.py plain_entries),
+    as str: what the JSON parser gives; None for anything else."""
+    found = plain_entries(body)
+    try:
+        return None if found is None else [(path + name.decode(), int(size), parse_mtime(mtime.decode()))
+                                           for name, mtime, size in found]
+    except UnicodeDecodeError:
+        return None
 
 
 def findings(r: subprocess.CompletedProcess) -> tuple[list[str], str]:
@@ -38,8 +50,6 @@ def findings(r: subprocess.CompletedProcess) -> tuple[list[str], str]:
 
 
 def test_plain_files_reads_a_listing_as_the_json_parser_does_and_leaves_it_the_rest(make_cluster):
-    from minikv.admin.walk import plain_files
-
     c = make_cluster(volumes=1, replicas=1, subvolumes=1)
     keys = {f"/pf/{i}": os.urandom(i + 1) for i in range(40)}
     nested = key_with_slash()

@@ -9,12 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import random
+import sys
 import uuid
+from pathlib import Path
 
 from minikv.admin.rebuild_pg import add_many
-from minikv.admin.walk import add_copies, add_plain, plain_entries, plain_files
+from minikv.admin.walk import add_copies, add_plain, plain_entries
 from minikv.index.pg_sync import SyncPgStore
 from minikv.placement import key2path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_walk_scale import plain_files  # noqa: E402
 
 MTIME = "Wed, 02 Dec 2026 12:00:00 GMT"
 

@@ -109,17 +109,6 @@ def plain_bbs(body: bytes) -> list[str] | None:
     return [bb.decode() for bb in found]
 
 
-def plain_files(body: bytes, path: str) -> list[tuple[str, int, int]] | None:
-    """(path + name, size, mtime_ms) of each file of a plain listing (plain_entries); None for
-    anything else."""
-    found = plain_entries(body)
-    try:
-        return None if found is None else [(path + name.decode(), int(size), parse_mtime(mtime.decode()))
-                                           for name, mtime, size in found]
-    except UnicodeDecodeError:
-        return None
-
-
 def add_plain(group: dict[bytes, list[Found]], names: dict[bytes, bytes | None], volume: str,
               folder: bytes, found: list[tuple[bytes, bytes, bytes]]) -> int:
     """add_copies for the entries of a plain listing of `folder` (b"/aa/bb/"), straight from
