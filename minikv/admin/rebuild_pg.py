@@ -54,9 +54,10 @@ async def _add_many(store, items: list[tuple[bytes, bytes]], merge) -> int:
         added = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <n>"
         if added == len(items):
             return added
-        # the keys already there: the ones just added hold exactly the batch's record
+        # the keys already there: the ones just added hold exactly the batch's record. Locked in
+        # key order whatever the join's plan (the rows are locked as the sort hands them out)
         rows = await conn.fetch(f"SELECT m.k, m.rec, b.rec FROM minikv_keys m JOIN {TEMP} b ON m.k = b.k "
-                                "WHERE m.rec <> b.rec FOR UPDATE OF m")
+                                "WHERE m.rec <> b.rec ORDER BY m.k FOR UPDATE OF m")
         changed = [(k, new) for k, current, value in rows if (new := merge(k, current, value)) is not None]
         if changed:
             await conn.execute(SET_RECORDS, [k for k, _ in changed], [r for _, r in changed])

@@ -86,7 +86,7 @@ class SyncPgStore:
     async def _merge_many(self, items, merge) -> None:
         pool = await self.store._get_pool()
         async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch("SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[]) FOR UPDATE",
+            rows = await conn.fetch("SELECT k, rec FROM minikv_keys WHERE k = ANY($1::bytea[]) ORDER BY k FOR UPDATE",
                                     list({k for k, _ in items}))
             had = {r[0]: r[1] for r in rows}
             now = dict(had)
