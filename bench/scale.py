@@ -699,6 +699,7 @@ def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)
+    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]  # run() counts their CPU as the main run's
     common = ["-volumes", ",".join(three), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
               "-concurrency", str(opts.concurrency)]
     res = {}
