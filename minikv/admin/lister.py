@@ -89,7 +89,6 @@ class Lister:
     def __init__(self, pool: Pool):
         self.pool = pool
         self._idle: dict[str, list[_Batch]] = {}
-        self._heads: dict[str, tuple[bytes, bytes]] = {}
 
     async def _conn(self, host: str) -> _Batch | None:
         idle = self._idle.get(host)
@@ -98,8 +97,7 @@ class Lister:
             if not conn.closed:
                 return conn
         loop = asyncio.get_running_loop()
-        name, _, port = host.rpartition(":")
-        addr = self.pool._addr.get(host) or (name or "localhost", int(port or 80))
+        addr = self.pool.address(host)
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Batch(loop, host), *addr), self.pool.timeout)
         except (OSError, ValueError, asyncio.TimeoutError):
@@ -107,10 +105,7 @@ class Lister:
         return conn
 
     def _send(self, conn: _Batch, host: str, paths: list[str]) -> None:
-        ends = self._heads.get(host)
-        if ends is None:
-            ends = self._heads[host] = (b"GET ", f" HTTP/1.1\r\nHost: {host}\r\n{self.pool.extra_head}\r\n".encode("latin-1"))
-        head, tail = ends
+        head, tail = self.pool.bare_head("GET", host)
         VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + len(paths)
         conn.want = len(paths)
         conn.answers = []

@@ -507,6 +507,11 @@ class Pool:
                 return conn
         return None
 
+    def address(self, host: str) -> tuple[str, int]:
+        """Where to connect for `host` ("name:port"): the address a first connection resolved it to."""
+        name, _, port = host.rpartition(":")
+        return self._addr.get(host) or (name or "localhost", int(port or 80))
+
     async def _connect(self, host: str, kind=_Conn):
         """A new connection to `host`: a _Conn, or a _Pipe."""
         loop = asyncio.get_running_loop()
@@ -514,8 +519,7 @@ class Pool:
             self._watchdog = _Watchdog(loop)
         watchdog = self._watchdog
         make = (lambda: _Conn(host, watchdog)) if kind is _Conn else (lambda: _Pipe(host, watchdog, self))
-        name, _, port = host.rpartition(":")
-        addr = self._addr.get(host) or (name or "localhost", int(port or 80))
+        addr = self.address(host)
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(make, addr[0], addr[1]), self.timeout)
         except asyncio.TimeoutError:
@@ -632,15 +636,19 @@ class Pool:
         for host in {*self._idle, *self._pipes}:
             self.forget(host)
 
+    def bare_head(self, method: str, host: str) -> tuple[bytes, bytes]:
+        """The head of a request with no headers and no body, before and after its path."""
+        ends = self._heads.get((method, host))
+        if ends is None:
+            ends = self._heads[(method, host)] = (f"{method} ".encode(), f" HTTP/1.1\r\nHost: {host}\r\n"
+                                                  f"{self.extra_head}\r\n".encode("latin-1"))
+        return ends
+
     def _head(self, method: str, host: str, path: str, headers, length: int | None) -> bytes:
         VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + 1
         if length == 0 and not headers and method not in ("PUT", "POST"):
-            # a walk's listings: the same head but for the path, built once per volume
-            ends = self._heads.get((method, host))
-            if ends is None:
-                ends = self._heads[(method, host)] = (f"{method} ".encode(), f" HTTP/1.1\r\nHost: {host}\r\n"
-                                                      f"{self.extra_head}\r\n".encode("latin-1"))
-            return ends[0] + path.encode("latin-1") + ends[1]
+            head, tail = self.bare_head(method, host)  # a walk's listings: built once per volume
+            return head + path.encode("latin-1") + tail
         lines = [f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{self.extra_head}"]
         lines.extend(f"{n}: {v}\r\n" for n, v in headers)
         if length is None:
