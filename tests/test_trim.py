@@ -90,8 +90,9 @@ def test_lookups_one_by_one_look_every_pace_records():
     calls = []
     store_module.now_and_then = lambda: calls.append(1)
     try:
-        for _ in range(10):
-            store_module.touched(store_module.PACE // 4)
+        for _ in range(10):  # ten small groups of lookups
+            for _ in store_module.paced(range(store_module.PACE // 4)):
+                pass
         assert len(calls) == 2
     finally:
         store_module.now_and_then = None

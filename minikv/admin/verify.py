@@ -66,7 +66,7 @@ from minikv.index.record import (
     decode_data,
     is_composite,
 )
-from minikv.index.store import Store, paced, touched
+from minikv.index.store import Store, paced
 from minikv.placement import _md5, epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
@@ -191,7 +191,8 @@ class Verify:
         rest: dict[bytes, list[Found]] = {}
         env = getattr(self.store, "env", None)  # LMDB: one read transaction for the group
         with env.begin(db=self.store.keys) if env is not None else contextlib.nullcontext(self.store) as txn:
-            # paced: a group is a batch of folders, ~700 keys at 1,000,000 (admin/walk.py BATCH)
+            # paced: scattered lookups map pages faster than the trimming thread looks (a group is a
+            # batch of folders, ~700 keys at 1,000,000: admin/walk.py BATCH)
             for key, found in paced(group.items()):
                 raw = txn.get(key)  # PostgreSQL (the bridge): a query per key
                 if raw is None or raw[0] != LIVE:
@@ -209,7 +210,6 @@ class Verify:
                     rest[key] = found
                 if self.seen is not None and all(sizes.get(v) == record.size for v in record.volumes):
                     self.seen.add(key, raw)
-        touched(len(group))  # scattered lookups map pages faster than the trimming thread looks
         return rest
 
     def composite(self, key: bytes, raw: bytes) -> None:

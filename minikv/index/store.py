@@ -29,14 +29,14 @@ from minikv.index.record import PENDING, check_transition
 
 # Only address space is reserved; the file grows with the data. 1 TiB holds billions of keys.
 MAP_SIZE = 1 << 40
-# Set by admin/trim.py in admin commands: called every PACE puts of a long write transaction,
-# and every PACE records a walk looks up one by one (touched). Scattered keys fault in pages all
+# Set by admin/trim.py in admin commands: called every PACE records that long write transactions
+# put and walks look up one by one (paced; one count for both, across calls). Scattered keys fault in pages all
 # over the map (and the kernel maps up to 16 cached neighbours with each fault): 4,096 puts mapped
 # most of a 1,000,000-key index in 40 ms, sooner than a thread that looks now and then could let
 # go of them.
 now_and_then: Callable[[], None] | None = None
 PACE = 256
-_touched = 0
+_counted = 0  # records since now_and_then() was last called
 MAX_KEY = 511  # LMDB's compiled-in key size limit
 TOPS_BUILT = b"built"  # in `tops`: the table covers every key (its folders all start with "/")
 
@@ -53,26 +53,20 @@ class StoreError(Exception):
     """The database could not be written (its disk is full, or failing): nothing changed."""
 
 
-def paced(items: list) -> Iterable:
-    """`items`, with now_and_then() called after every PACE of them when it is set."""
+def paced(items: Iterable) -> Iterable:
+    """`items`, with now_and_then() called after every PACE records when it is set (the count
+    goes on from one call to the next: many small groups of lookups count as one long one)."""
     hook = now_and_then
     return items if hook is None else _paced(items, hook)
 
 
-def touched(n: int) -> None:
-    """`n` more records looked up one by one: now_and_then() after every PACE of them."""
-    global _touched
-    if now_and_then is not None:
-        _touched += n
-        if _touched >= PACE:
-            _touched = 0
-            now_and_then()
-
-
-def _paced(items: list, hook: Callable[[], None]) -> Iterator:
-    for i, item in enumerate(items, 1):
+def _paced(items: Iterable, hook: Callable[[], None]) -> Iterator:
+    global _counted
+    for item in items:
         yield item
-        if i % PACE == 0:
+        _counted += 1
+        if _counted >= PACE:
+            _counted = 0
             hook()
 
 
