@@ -8,6 +8,7 @@ tests/test_placement.py pin it: if they change, existing clusters become unreada
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import zlib
 from operator import itemgetter
@@ -45,6 +46,19 @@ def path2key(path: str) -> bytes | None:
     except ValueError:
         return None
     return key if key and key2path(key) == "/" + path.lstrip("/") else None
+
+
+def name2key(folder: bytes, name: bytes) -> bytes | None:
+    """path2key for a file `name` (no `/`) in the `<aa>/<bb>` folder whose two bytes are
+    `folder` (bytes.fromhex("aabb")): the same answer at a third of its cost, for the walks of
+    local folders, which ask it once per key."""
+    try:
+        key = binascii.a2b_base64(name)  # lenient: the exact re-encoding below is the check
+    except binascii.Error:
+        return None
+    if key and _md5(key).digest()[:2] == folder and binascii.b2a_base64(key, newline=False) == name:
+        return key
+    return None
 
 
 def keys_above(key: bytes) -> list[bytes]:

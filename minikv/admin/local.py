@@ -16,8 +16,10 @@ import os
 from collections.abc import Awaitable, Callable
 
 from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root, add_copies
-from minikv.placement import path2key
+from minikv.placement import name2key
 
+_new = tuple.__new__
+_HEX = {b"%02x" % i: bytes((i,)) for i in range(256)}  # an `<aa>` or `<bb>` folder's name: its byte
 YIELD_EVERY = 64  # `<bb>` folders between two chances for the event loop to run others
 
 
@@ -46,7 +48,7 @@ def volume_dirs(volumes: list[str], given: list[str]) -> dict[str, str]:
     return out
 
 
-def _entries(path: str) -> list[os.DirEntry]:
+def _entries(path: str | bytes) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
             return list(it)
@@ -87,11 +89,12 @@ class LocalWalker:
         except OSError as e:
             self.errors.append(f"cannot read {path}: {e.strerror}")
 
-    def _folder_files(self, path: str, prefix: str, volume: str, group: dict[bytes, list[Found]],
-                      seen: dict[str, bytes | None]) -> int:
+    def _folder_files(self, path: bytes, folder: bytes, volume: str,
+                      group: dict[bytes, list[Found]], seen: dict[bytes, bytes | None]) -> int:
         """Add the files of one `<aa>/<bb>` folder of `volume` to `group` by key, as add_copies
         does, in one loop over scandir (the costly part of a local rebuild: a few calls per file);
-        a nested folder (a name holding `/`) goes through files(). The names skipped."""
+        `folder` is the folder's two bytes (name2key). Names stay bytes: no decoding of each. A
+        nested folder (a name holding `/`) goes through files(). The names skipped."""
         skipped = 0
         nested: list[tuple[str, int, int]] = []
         try:
@@ -99,7 +102,7 @@ class LocalWalker:
         except (FileNotFoundError, NotADirectoryError):
             return 0  # gone since its parent was listed
         except OSError as e:
-            self.errors.append(f"cannot read {path}: {e.strerror}")
+            self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
             return 0
         try:
             with it:
@@ -108,7 +111,7 @@ class LocalWalker:
                         name = e.name
                         key = seen.get(name, b"")
                         if key == b"":
-                            key = seen[name] = path2key(prefix + name)
+                            key = seen[name] = name2key(folder, name)
                         if key is None:
                             skipped += 1
                             continue
@@ -116,36 +119,45 @@ class LocalWalker:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # deleted since the folder was read: a live server's DELETE
+                        # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
+                        found = _new(Found, (volume, st.st_size, st.st_mtime_ns // 1_000_000))
                         copies = group.get(key)
                         if copies is None:
-                            group[key] = [Found(volume, st.st_size, st.st_mtime_ns // 1_000_000)]
+                            group[key] = [found]
                         else:
-                            copies.append(Found(volume, st.st_size, st.st_mtime_ns // 1_000_000))
+                            copies.append(found)
                     elif e.is_dir(follow_symlinks=False):
-                        self.files(e.path, e.name + "/", nested)
+                        self.files(os.fsdecode(e.path), os.fsdecode(e.name) + "/", nested)
         except OSError as e:
-            self.errors.append(f"cannot read {path}: {e.strerror}")
-        return skipped + add_copies(group, seen, volume, nested, prefix)
+            self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+        if nested:
+            skipped += add_copies(group, {}, volume, nested, f"/{folder.hex()[:2]}/{folder.hex()[2:]}/")
+        return skipped
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
                    done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
         """As Walker.walk, over the folders `<aa>` of `aas`. Returns the files skipped."""
         skipped = 0
         folders = 0
-        for aa in (f"{a:02x}" for a in aas):
+        # paths as bytes, names looked up in _HEX: a `<bb>` folder of each root costs no decoding,
+        # no regular expression and no path built from text (two folders a key at 1M keys)
+        bases = [(os.fsencode(self._folder(root)), root.volume) for root in roots]
+        for a in aas:
             if stop is not None and stop.is_set():
                 break
-            bbs: dict[str, list[Root]] = {}
-            for root in roots:
-                for e in _entries(f"{self._folder(root)}/{aa}"):
-                    if HEX2.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
-                        bbs.setdefault(e.name, []).append(root)
+            aa = b"/%02x" % a
+            bbs: dict[bytes, list[tuple[bytes, str]]] = {}
+            for base, volume in bases:
+                for e in _entries(base + aa):
+                    if e.name in _HEX and e.is_dir(follow_symlinks=False):
+                        bbs.setdefault(e.name, []).append((base, volume))
             for bb in sorted(bbs):
                 group: dict[bytes, list[Found]] = {}
-                seen: dict[str, bytes | None] = {}  # a name is decoded once for all its copies
-                for root in bbs[bb]:
-                    skipped += self._folder_files(f"{self._folder(root)}/{aa}/{bb}", f"/{aa}/{bb}/", root.volume,
-                                                  group, seen)
+                seen: dict[bytes, bytes | None] = {}  # a name is decoded once for all its copies
+                folder = bytes((a,)) + _HEX[bb]
+                tail = aa + b"/" + bb
+                for base, volume in bbs[bb]:
+                    skipped += self._folder_files(base + tail, folder, volume, group, seen)
                 if group:
                     await handle(group)
                 folders += 1
