@@ -1,0 +1,109 @@
+"""The local rebuild's fast paths: file names checked as bytes (placement.name2key), folders
+walked by bytes paths, records put PACE at a time (Store.add_many with LMDB's putmulti). Each
+must give what the plain way gives: path2key's answer, the same records, merges and tops."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import subprocess
+import sys
+
+from minikv.index.record import LIVE, OP_PUT, PENDING, decode_data, encode_data, encode_pending
+from minikv.index.store import PACE, Store
+from minikv.placement import key2path, key2volume, name2key, path2key
+
+VOLUMES = ["127.0.0.1:1", "127.0.0.1:2"]
+
+
+def mangled(name: str) -> list[str]:
+    """Names near a key's file name that are no key's (or another key's) file name."""
+    flipped = name[:-1] + chr(ord(name[-1]) ^ 1)
+    return [name, name[:-1], name + "=", name.replace("=", ""), flipped, name.lower(), " " + name,
+            name + "\n", "é" + name, name[:-2] + "Q" + name[-1:]]
+
+
+def test_name2key_answers_as_path2key_does():
+    rnd = random.Random(7)
+    checked = 0
+    for _ in range(3000):
+        key = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 24)))
+        path = key2path(key)
+        aa, bb, name = path[1:3], path[4:6], path[7:]
+        if "/" in name:
+            continue  # a nested folder: the walk reads those the careful way
+        for candidate in mangled(name):
+            for a, b in ((aa, bb), ("00", "00"), (bb, aa)):
+                want = path2key(f"/{a}/{b}/{candidate}")
+                assert name2key(bytes.fromhex(a + b), os.fsencode(candidate)) == want, (key, candidate)
+                checked += 1
+    assert checked > 50_000
+    assert name2key(b"\0\0", b"\xff\xfe") is None  # not UTF-8: no key's name
+
+
+def rebuild(tmp_path, db, *dirs: str, force: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "minikv", "rebuild", "-volumes", ",".join(VOLUMES), "-db", str(db),
+            "-replicas", "2", "-subvolumes", "1", *(["-force"] if force else []), *dirs]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def put_file(folder, key: bytes, data: bytes) -> None:
+    path = folder / key2path(key)[1:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_a_local_rebuild_keeps_the_keys_and_skips_what_is_no_key_s_file(tmp_path):
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    keys = {b"/lf/%d" % i: b"x" * i for i in range(200)}
+    keys[b"/nested/xyz?a"] = b"nested"  # its name holds a `/`: a folder chain
+    for key, value in keys.items():
+        for volume, folder in zip(VOLUMES, dirs):
+            assert volume in key2volume(key, VOLUMES, 2, 1)
+            put_file(folder, key, value)
+    good = key2path(b"/lf/1")[1:]  # a folder that holds a key, for the strays below
+    stray = dirs[0] / good[:5]
+    base = base64.b64encode(b"A").decode()  # "QQ=="
+    for name in [b"\xff\xfe", b"QR==", base.encode(), b"not base64!", b"bG9uZw"]:
+        (stray / os.fsdecode(name)).write_bytes(b"stray")  # QQ== is b"A"'s name, in another folder
+    r = rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
+    assert r.returncode == 0, r.stderr
+    assert f"{len(keys)} keys found" in r.stderr and "5 foreign files skipped" in r.stderr, r.stderr
+    store = Store(str(tmp_path / "idx"), readonly=True)
+    try:
+        pairs, _ = store.scan(b"")
+        got = {k: decode_data(v) for k, v in pairs}
+        assert sorted(got) == sorted(keys)
+        for key, value in keys.items():
+            assert got[key].size == len(value) and got[key].volumes == key2volume(key, VOLUMES, 2, 1), key
+        assert store.top_folders(b"", 10) == [b"/lf/", b"/nested/"]
+    finally:
+        store.close()
+
+
+def test_add_many_adds_the_new_merges_the_others_and_keeps_the_tops(tmp_path):
+    store = Store(str(tmp_path / "db"))
+    try:
+        record = encode_data(LIVE, ["v1"], 5, 1, b"\0" * 16, 0)
+        other = encode_data(LIVE, ["v2"], 5, 1, b"\0" * 16, 0)
+        pending = encode_pending(OP_PUT, 1, 1, ["v1"])
+        there = {b"/a/same": record, b"/a/other": other, b"/b/busy": pending}
+        store.add_many(sorted(there.items()), lambda k, c, n: n)
+        assert pending[0] == PENDING
+        # a batch longer than a chunk, the existing keys in its second chunk
+        new = {b"/c/%05d" % i: record for i in range(PACE + 10)}
+        batch = sorted({**new, **{k: record for k in there}, b"/d/1": record, b"flat": record}.items())
+        merged = []
+
+        def merge(key, current, value):
+            merged.append(key)
+            return None if current[0] == PENDING else value
+
+        assert store.add_many(batch, merge) == len(new) + 2
+        assert sorted(merged) == [b"/a/other", b"/b/busy"]  # the same record asks no merge
+        assert store.get(b"/a/other") == record and store.get(b"/b/busy") == pending
+        assert store.get(b"/c/00000") == record and store.get(b"flat") == record
+        assert store.top_folders(b"", 10) == [b"/a/", b"/b/", b"/c/", b"/d/"]
+    finally:
+        store.close()
