@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -495,6 +496,12 @@ def floor_lines(n: int, res: dict) -> list[str]:
                      f"caches) took {find['seconds']:.2f} s ({n / find['seconds']:,.0f} keys/s), a Python scandir "
                      f"walk with a stat per file {scan['seconds']:.2f} s ({n / scan['seconds']:,.0f} keys/s); "
                      f"first runs {fl['find first']['seconds']:.2f} s and {fl['scandir first']['seconds']:.2f} s.")
+        cores = os.cpu_count() or 1
+        both, pys = fl["find with a stat, all cores"], fl["scandir, all cores"]
+        lines.append(f"- the same on {cores} cores with the stat a rebuild needs (one process per core, no index "
+                     f"work): `find -printf %s` {both['seconds']:.2f} s ({n / both['seconds']:,.0f} keys/s, "
+                     f"{both['cpu']:.1f} CPU-s), the Python scandir walk {pys['seconds']:.2f} s "
+                     f"({n / pys['seconds']:,.0f} keys/s, {pys['cpu']:.1f} CPU-s).")
     return lines
 
 
@@ -660,9 +667,12 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
 
 
 def floors(dirs: list[str], drop: bool) -> dict:
-    """What the file system alone costs for the walk of `dirs`: `find -type f | wc -l` and a
-    Python os.scandir walk with a stat per file, each run twice (the second warm); with `drop`
-    (root only) once more after dropping the dentry and inode caches (cold)."""
+    """What the file system alone costs for the walk of `dirs`: `find -type f | wc -l` (no stat)
+    and a Python os.scandir walk with a stat per file, each run twice (the second warm); with
+    `drop` (root only) once more after dropping the dentry and inode caches (cold). Then, warm,
+    the walks that do what a rebuild must (a stat per file: its size) on every core: the
+    folders below `dirs` shared out among one process per core, `find -printf '%s'` (C, no
+    index work at all) and the Python scandir walk: no rebuild can beat those."""
     out: dict = {}
     py = ("import os, sys\n"
           "def walk(p):\n"
@@ -680,6 +690,14 @@ def floors(dirs: list[str], drop: bool) -> dict:
         for name, argv in runs:
             Path("/proc/sys/vm/drop_caches").write_text("2\n")
             out[f"{name} cold"] = run(argv, f"floor: {name} (cold)")
+    cores = os.cpu_count() or 1
+    below = sorted(os.path.join(d, e) for d in dirs for e in os.listdir(d))
+    shares = [below[i::cores] for i in range(cores)]
+    find = " ".join(f"find {' '.join(map(shlex.quote, sh))} -type f -printf '%s\\n' | wc -l &" for sh in shares)
+    scan = " ".join(f"{shlex.quote(sys.executable)} -c {shlex.quote(py)} {' '.join(map(shlex.quote, sh))} &"
+                    for sh in shares)
+    out["find with a stat, all cores"] = run(["sh", "-c", find + " wait"], f"floor: find -printf %s ({cores} processes)")
+    out["scandir, all cores"] = run(["sh", "-c", scan + " wait"], f"floor: scandir ({cores} processes)")
     return out
 
 
