@@ -27,6 +27,8 @@ What the volumes cannot tell, and so a rebuilt index does not know:
 - Copies that disagree on size (a truncated file): the size most copies have wins (the larger
   on a tie); the others are left out of the record and show up in `verify` as orphans, and
   `repair` copies a right one over them.
+- Keys longer than the index holds (511 bytes; the Go original has no limit): each is named and
+  left out, its files stay, and rebuild exits 1 once it has done the rest.
 
 Safety: rebuild writes into a path that does not exist or holds an empty index. `-force` writes
 into an existing one: keys it lacks are added; for keys it has, the record is kept (state, md5)
@@ -57,7 +59,7 @@ from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data, is_composite
-from minikv.index.store import Store
+from minikv.index.store import MAX_KEY, Store
 from minikv.placement import epoch, host_of, key2path, key2volume
 
 FLUSH = 16384  # records per write transaction: one commit (and fsync with -fsync) each
@@ -130,6 +132,11 @@ class Rebuild:
         p.add("files", sum(map(len, group.values())))
         record = self.placer.record
         for key, found in group.items():
+            if len(key) > MAX_KEY:  # the Go original's goleveldb has no limit: one such key must not end the run
+                p.add("long")
+                p.problem(f"{show(key)[:80]}...: {len(key)} bytes, longer than the index holds ({MAX_KEY}): left "
+                          "out of it (its files stay on the volumes, readable there)")
+                continue
             if self.with_md5:
                 raw, left_out = make_record(key, found, self.config, await self.md5(key, found))
             else:
@@ -296,7 +303,8 @@ async def rebuild(args, config: Config) -> int:
             progress.problem(f"incomplete: {err}")
         progress.summary([("keys", "keys found"), ("files", "files"),
                           ("written", "records " + ("to write (dry run)" if args.dry_run else "written")),
-                          ("conflicts", "size conflicts"), ("busy", "busy"), ("kept", "kept"),
+                          ("conflicts", "size conflicts"), ("long", "keys too long, left out"),
+                          ("busy", "busy"), ("kept", "kept"),
                           ("skipped", "foreign files skipped"), ("errors", "listing errors"),
                           ("multipart", "multipart objects")])
         print(f"rebuild: read {c['roots'] // procs} (sub)volume folders on {len(dirs or config.volumes)} volumes"
@@ -308,7 +316,7 @@ async def rebuild(args, config: Config) -> int:
             print("rebuild: incomplete; run it again with -force to finish (what is written is kept)",
                   file=sys.stderr)
             return 130 if stop.is_set() else 1
-        return 1 if c["failed"] else 0
+        return 1 if c["failed"] or c["long"] else 0
     finally:
         pool.close()
 
