@@ -1,0 +1,126 @@
+"""The PostgreSQL index through a database restart and killed backends: what can safely be
+retried is retried (reads; writes whose statement was not applied, which the record read
+afterwards tells), so a restart of a second or two costs no request an error."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import requests
+from cluster import HOST, Cluster, open_dir
+from test_pg import wait_until
+
+from minikv.index.lease import LEASE
+from minikv.index.pg import WAIT
+
+
+@pytest.fixture
+def served(postgres):
+    """One index server (one worker) on a new database of its own instance (a test restarts
+    it), in front of one volume."""
+    from pg import Postgres
+
+    pg = Postgres().init().start()
+    c = Cluster(open_dir(), volumes=1, replicas=1, workers=1, db=pg.create_db("t1"))
+    try:
+        yield c.start(), pg
+    finally:
+        c.stop()
+        pg.remove()
+
+
+class Load:
+    """Threads looping PUT, GET, ?list and (every other key) DELETE of keys of their own; every
+    answer that is not the one the key's state calls for is kept in `odd`."""
+
+    def __init__(self, port: int, threads: int = 6):
+        self.base = f"http://{HOST}:{port}"
+        self.kept: dict[str, bytes] = {}
+        self.deleted: list[str] = []
+        self.odd: list[tuple] = []
+        self.loops = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def check(self, key: str, what: str, r: requests.Response, want: int) -> bool:
+        if r.status_code != want:
+            self.odd.append((key, what, r.status_code, r.text[:200]))
+        return r.status_code == want
+
+    def loop(self, i: int) -> None:
+        with requests.Session() as s:
+            for n in range(5000):  # bounded: stopped well before
+                if self.stop.is_set():
+                    return
+                key, value = f"/r/{i}/{n}", os.urandom(100)
+                try:
+                    if not self.check(key, "PUT", s.put(self.base + key, data=value, timeout=60), 201):
+                        continue
+                    self.check(key, "GET", s.get(self.base + key, allow_redirects=False, timeout=60), 302)
+                    self.check(key, "LIST", s.get(f"{self.base}/r/{i}/?list&limit=5", timeout=60), 200)
+                    if n % 2:
+                        self.kept[key] = value
+                    elif self.check(key, "DELETE", s.delete(self.base + key, timeout=60), 204):
+                        self.deleted.append(key)
+                except requests.RequestException as e:
+                    self.odd.append((key, "error", str(e)))
+                self.loops += 1
+
+    def goes_on(self, loops: int = 30) -> None:
+        """Until the threads made `loops` more loops."""
+        start = self.loops
+        wait_until(lambda: self.loops >= start + loops or self.stop.is_set(), 60, "the load going on")
+
+
+def all_kept(c: Cluster, load: Load, pg) -> None:
+    """Every acknowledged value not deleted reads back, every acknowledged DELETE is gone, and
+    no record stays PENDING."""
+    for key, value in load.kept.items():
+        assert c.get(key).content == value, key
+    for key in load.deleted:
+        assert c.get(key, allow_redirects=False).status_code == 404, key
+    wait_until(lambda: pg.psql("t1", "SELECT count(*) FROM minikv_keys WHERE owner IS NOT NULL").split() == ["0"],
+               LEASE + 10, "no record PENDING")
+
+
+def test_a_quick_database_restart_costs_no_request_an_error(served):
+    c, pg = served
+    with Load(c.port) as load:
+        load.goes_on()
+        took = time.monotonic()
+        pg.stop()
+        pg.start()
+        took = time.monotonic() - took
+        load.goes_on()
+    assert load.kept and load.deleted
+    if took < WAIT - 3:  # else the database was down too long for its requests to wait for it
+        assert not load.odd, (took, len(load.odd), load.odd[:5])
+    all_kept(c, load, pg)
+
+
+def test_killed_backends_cost_no_request_an_error(served):
+    """pg_terminate_backend of every connection of the index (an operator, a failover tool), three
+    times under load: each dead connection is found dead only when used."""
+    c, pg = served
+    kill = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 't1' "
+            "AND pid <> pg_backend_pid()")
+    with Load(c.port) as load:
+        for _ in range(3):
+            load.goes_on()
+            assert int(pg.psql("t1", kill)) > 0
+        load.goes_on()
+    assert not load.odd, (len(load.odd), load.odd[:5])
+    all_kept(c, load, pg)
