@@ -1,12 +1,15 @@
-"""The PostgreSQL index through a database restart and killed backends: what can safely be
-retried is retried (reads; writes whose statement was not applied, which the record read
-afterwards tells), so a restart of a second or two costs no request an error."""
+"""The PostgreSQL index through a database restart, killed backends and a row another
+transaction holds: what can safely be retried is retried (reads; writes whose statement was
+not applied, which the record read afterwards tells), so a restart of a second or two costs no
+request an error, and one held row fails (or holds up) only the write of its own key."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -14,7 +17,7 @@ from cluster import HOST, Cluster, open_dir
 from test_pg import wait_until
 
 from minikv.index.lease import LEASE
-from minikv.index.pg import WAIT
+from minikv.index.pg import LOCK_WAIT, QUERY_TIMEOUT, WAIT
 
 
 @pytest.fixture
@@ -124,3 +127,56 @@ def test_killed_backends_cost_no_request_an_error(served):
         load.goes_on()
     assert not load.odd, (len(load.odd), load.odd[:5])
     all_kept(c, load, pg)
+
+
+def test_a_row_held_by_another_transaction_fails_only_its_own_key(served):
+    """Two keys' rows held by another transaction (an admin's, another server's stalled one): a
+    DELETE of the first waits; a DELETE of the second and PUTs of other keys, made meanwhile,
+    go to the database as one group. The held row must fail only its own key's write: the old
+    group waited for it until its timeout and failed every write of the group."""
+    import asyncpg
+
+    c, pg = served
+    for key in ("/held/a", "/held/z"):
+        assert c.put(key, b"v").status_code == 201
+
+    async def body() -> tuple[list[int], int, float]:
+        holder = await asyncpg.connect(c.db)
+        watch = await asyncpg.connect(c.db)
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(8)
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND datname = current_database()")
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT 1 FROM minikv_keys WHERE k = ANY($1::bytea[]) FOR UPDATE",
+                                 [b"/held/a", b"/held/z"])
+            first = loop.run_in_executor(pool, lambda: requests.delete(c.url("/held/z"), timeout=60).status_code)
+            for _ in range(200):  # until its statement waits for the row
+                if await watch.fetchval(waiting):
+                    break
+                await asyncio.sleep(0.05)
+            start = time.monotonic()
+            held = loop.run_in_executor(pool, lambda: requests.delete(c.url("/held/a"), timeout=60).status_code)
+            others = [loop.run_in_executor(pool, lambda k=k: requests.put(c.url(k), data=b"w", timeout=60).status_code)
+                      for k in ("/free/1", "/free/2", "/free/3")]
+            codes = list(await asyncio.gather(*others))
+            took = time.monotonic() - start
+            held_code = await held  # the row is still held: it waits for it, then fails alone
+            await tx.rollback()
+            await first
+            return codes, held_code, took
+        finally:
+            pool.shutdown(wait=False)
+            await holder.close()
+            await watch.close()
+
+    codes, held_code, took = asyncio.run(body())
+    assert codes == [201, 201, 201], (codes, took)
+    assert took < LOCK_WAIT * QUERY_TIMEOUT  # not held up until the held row's own write gives up
+    assert held_code == 503
+    assert c.get("/held/a", allow_redirects=False).status_code == 302  # not deleted, not locked
+    assert c.delete("/held/a").status_code == 204
+    wait_until(lambda: pg.psql("t1", "SELECT count(*) FROM minikv_keys WHERE owner IS NOT NULL").split() == ["0"],
+               LEASE + 10, "no record PENDING")

@@ -40,6 +40,10 @@ CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that drops packets
 QUERY_TIMEOUT = 10.0  # seconds for one statement
 WAIT = 10.0  # seconds a statement waits for a database it cannot reach (a restart) before its 503
 RETRIES = 5  # new connections a read, or a compare-and-set whose outcome was found, tries after a break
+# the share of QUERY_TIMEOUT a statement waits for a row another transaction holds: the database
+# gives up first (an error: nothing applied), so no statement the client gave up on goes on later.
+# The group commit waits less: one held row must not hold up the worker's other writes
+LOCK_WAIT, GROUP_LOCK_WAIT = 0.8, 0.1
 POOL_SIZE = 8  # connections per worker: a request holds one for one statement at a time
 RECENT = 4096  # records a process keeps as guesses for its next writes (PgStore.recent)
 _SCHEMA_LOCK = 0x6D696E696B76  # "minikv": serialises the first start of several servers
@@ -108,6 +112,7 @@ class IndexUnavailable(StoreError):
 
     maybe_done = False
     refused = False
+    locked = False
 
 
 def _down(e: BaseException, maybe_done: bool = False, refused: bool = False) -> IndexUnavailable:
@@ -137,11 +142,14 @@ def start_error(db: str, e: BaseException) -> str:
     return f"-db {where}: {type(e).__name__}: {e}"
 
 
-async def connect(db: str):
-    """One connection (libpq's environment variables fill in what the URL leaves out)."""
+async def connect(db: str, lock_wait: float = 0.0):
+    """One connection (libpq's environment variables fill in what the URL leaves out);
+    `lock_wait`: the share of QUERY_TIMEOUT its statements wait for a row lock (0: no limit)."""
     import asyncpg
 
-    return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT)
+    settings = {"lock_timeout": f"{int(lock_wait * QUERY_TIMEOUT * 1000)}ms"} if lock_wait else None
+    return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT,
+                                 server_settings=settings)
 
 
 async def make_tables(conn, statements, version_table: str, version: int, lock: int = _SCHEMA_LOCK) -> int:
@@ -173,15 +181,18 @@ _GOING = ("57P01", "57P02", "57P03")
 
 async def _execute(conn, method: str, query: str, args: tuple):
     """`conn.method(query, *args)`. The database's error is IndexUnavailable (refused: nothing
-    was applied); a connection that breaks meanwhile is closed, and then the statement may have
-    been applied: IndexUnavailable (maybe_done)."""
+    was applied; `locked`: a row lock was waited for too long); a connection that breaks
+    meanwhile is closed, and then the statement may have been applied: IndexUnavailable
+    (maybe_done)."""
     import asyncpg
 
     try:
         return await getattr(conn, method)(query, *args)
     except asyncpg.PostgresError as e:
         if not (e.sqlstate in _GOING or (e.sqlstate or "").startswith("08")):
-            raise _down(e, refused=True) from None
+            down = _down(e, refused=True)
+            down.locked = isinstance(e, asyncpg.LockNotAvailableError)
+            raise down from None
         conn.terminate()
         raise _down(e, maybe_done=True) from None
     except BaseException as e:  # the connection broke (asyncpg's own errors included), or we were cancelled
@@ -247,7 +258,7 @@ class PgStore:
             # none opened until asked for: a worker starts (and answers 503) while the database
             # is down. Nothing is reset when a connection comes back: we leave no session state
             # behind, and one given back inside a transaction is dropped
-            self._pool = Conns(lambda: connect(self.db), self.pool_size)
+            self._pool = Conns(lambda: connect(self.db, LOCK_WAIT), self.pool_size)
         return self._pool
 
     async def _run(self, method: str, query: str, *args, read: bool = False):
@@ -302,9 +313,10 @@ class PgStore:
     async def run_held(self, method: str, query: str, *args):
         """One statement on this process's own connection, outside the pool, for the group
         commit (index/pg_write.py), which never has two out at once: no checkout and return per
-        statement. Errors as _run's; a broken connection is replaced at the next statement."""
+        statement. Errors as _run's; a broken connection is replaced at the next statement. It
+        waits GROUP_LOCK_WAIT for a row lock (IndexUnavailable.locked: index/pg_write.py)."""
         if self._held is None or self._held.is_closed():
-            self._held = await self._take(lambda: connect(self.db))
+            self._held = await self._take(lambda: connect(self.db, GROUP_LOCK_WAIT))
         return await _execute(self._held, method, query, args)
 
     async def close(self) -> None:
