@@ -15,6 +15,7 @@ import pytest
 import requests
 from cluster import HOST, Cluster, open_dir
 from test_pg import wait_until
+from test_pg_thrash import db  # noqa: F401 - the fixture: a new database with the schema
 
 from minikv.index.lease import LEASE
 from minikv.index.pg import LOCK_WAIT, QUERY_TIMEOUT, WAIT
@@ -180,3 +181,47 @@ def test_a_row_held_by_another_transaction_fails_only_its_own_key(served):
     assert c.delete("/held/a").status_code == 204
     wait_until(lambda: pg.psql("t1", "SELECT count(*) FROM minikv_keys WHERE owner IS NOT NULL").split() == ["0"],
                LEASE + 10, "no record PENDING")
+
+
+@pytest.mark.parametrize("meanwhile, want", [
+    ("nothing", (True, "new")),  # its statement was not applied: sent again
+    ("applied", (True, "new")),  # applied, the answer lost: not sent again
+    ("another", "unknown"),  # another change came between: whether ours was made cannot be told
+])
+def test_a_compare_and_set_whose_connection_broke_is_settled_from_the_record(db, meanwhile, want,  # noqa: F811
+                                                                             monkeypatch):
+    from minikv.index.pg import IndexUnavailable, PgStore, _down
+    from minikv.index.pg_write import Writes
+    from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending
+
+    pending = encode_pending(OP_PUT, 1, 1, ["v:1"])
+    live, other = encode_data(LIVE, ["v:1"], 1, 1, b""), encode_data(LIVE, ["v:2"], 2, 2, b"")
+    sent = []
+    real = Writes.cas
+
+    async def body():
+        store = PgStore(db, "a:1")
+        try:
+            assert await store.cas(b"/k", None, pending) == (True, pending)
+
+            async def breaks_once(self, *change):
+                sent.append(change)
+                if len(sent) > 1:
+                    return await real(self, *change)
+                if meanwhile != "nothing":  # another connection: as if through this one, or another server
+                    await store._run("execute", "UPDATE minikv_keys SET rec = $2 WHERE k = $1", b"/k",
+                                     live if meanwhile == "applied" else other)
+                raise _down(ConnectionResetError("cut"), maybe_done=True)
+
+            monkeypatch.setattr(Writes, "cas", breaks_once)
+            try:
+                return await store.cas(b"/k", pending, live)
+            except IndexUnavailable as e:
+                assert e.maybe_done and "cut" in str(e)
+                return "unknown"
+        finally:
+            await store.close()
+
+    got = asyncio.run(body())
+    assert got == (want if want == "unknown" else (True, live))
+    assert len(sent) == (2 if meanwhile == "nothing" else 1)
