@@ -193,7 +193,7 @@ def test_thrash_through_a_database_restart_loses_nothing_and_leaves_no_lock(pair
 
     through_a_restart(pg, [threading.Thread(target=loop, args=(i,)) for i in range(8)], stop, before=1.5, down=1.0)
     assert not odd, odd[:5]
-    assert kept and deleted and unsure, (len(kept), len(deleted), len(unsure))
+    assert kept and deleted, (len(kept), len(deleted), len(unsure))  # unsure: none, when the restart is quick
     for key, value in kept.items():
         assert requests.get(f"http://{HOST}:{other.port}{key}", timeout=10).content == value, key
     for key in deleted:

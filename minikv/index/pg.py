@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from minikv.index.record import PENDING, check_transition
@@ -37,6 +38,12 @@ SCHEMA_VERSION = 1
 MAX_KEY = 511  # the same limit as LMDB's, so that an index moves between engines whole
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that drops packets is down, not slow
 QUERY_TIMEOUT = 10.0  # seconds for one statement
+WAIT = 10.0  # seconds a statement waits for a database it cannot reach (a restart) before its 503
+RETRIES = 5  # new connections a read, or a compare-and-set whose outcome was found, tries after a break
+# the share of QUERY_TIMEOUT a statement waits for a row another transaction holds: the database
+# gives up first (an error: nothing applied), so no statement the client gave up on goes on later.
+# The group commit waits less: one held row must not hold up the worker's other writes
+LOCK_WAIT, GROUP_LOCK_WAIT = 0.8, 0.1
 POOL_SIZE = 8  # connections per worker: a request holds one for one statement at a time
 RECENT = 4096  # records a process keeps as guesses for its next writes (PgStore.recent)
 _SCHEMA_LOCK = 0x6D696E696B76  # "minikv": serialises the first start of several servers
@@ -105,6 +112,7 @@ class IndexUnavailable(StoreError):
 
     maybe_done = False
     refused = False
+    locked = False
 
 
 def _down(e: BaseException, maybe_done: bool = False, refused: bool = False) -> IndexUnavailable:
@@ -134,11 +142,14 @@ def start_error(db: str, e: BaseException) -> str:
     return f"-db {where}: {type(e).__name__}: {e}"
 
 
-async def connect(db: str):
-    """One connection (libpq's environment variables fill in what the URL leaves out)."""
+async def connect(db: str, lock_wait: float = 0.0):
+    """One connection (libpq's environment variables fill in what the URL leaves out);
+    `lock_wait`: the share of QUERY_TIMEOUT its statements wait for a row lock (0: no limit)."""
     import asyncpg
 
-    return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT)
+    settings = {"lock_timeout": f"{int(lock_wait * QUERY_TIMEOUT * 1000)}ms"} if lock_wait else None
+    return await asyncpg.connect(db, timeout=CONNECT_TIMEOUT, command_timeout=QUERY_TIMEOUT,
+                                 server_settings=settings)
 
 
 async def make_tables(conn, statements, version_table: str, version: int, lock: int = _SCHEMA_LOCK) -> int:
@@ -163,36 +174,32 @@ async def create_schema(conn) -> None:
                            f"knows version {SCHEMA_VERSION}: run the later minikv")
 
 
-async def _reach(opening):
-    """The connection (or pool) `opening` gives; failing to reach the database is IndexUnavailable."""
-    import asyncpg
-
-    try:
-        return await opening
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        raise _down(e) from None  # nothing was sent
+# the database's answers that say the connection is going away (an operator's shutdown or
+# pg_terminate_backend, a server that cannot take it now, a connection exception): like a break
+_GOING = ("57P01", "57P02", "57P03")
 
 
-_AGAIN = object()  # _execute's answer when the connection broke and the statement may go again
-
-
-async def _execute(conn, method: str, query: str, args: tuple, last: bool):
+async def _execute(conn, method: str, query: str, args: tuple):
     """`conn.method(query, *args)`. The database's error is IndexUnavailable (refused: nothing
-    was applied); a connection that breaks meanwhile is closed, and then the statement may have
-    been applied: IndexUnavailable (maybe_done) when it was the `last` try, else _AGAIN."""
+    was applied; `locked`: a row lock was waited for too long); a connection that breaks
+    meanwhile is closed, and then the statement may have been applied: IndexUnavailable
+    (maybe_done)."""
     import asyncpg
 
     try:
         return await getattr(conn, method)(query, *args)
     except asyncpg.PostgresError as e:
-        raise _down(e, refused=True) from None
+        if not (e.sqlstate in _GOING or (e.sqlstate or "").startswith("08")):
+            down = _down(e, refused=True)
+            down.locked = isinstance(e, asyncpg.LockNotAvailableError)
+            raise down from None
+        conn.terminate()
+        raise _down(e, maybe_done=True) from None
     except BaseException as e:  # the connection broke (asyncpg's own errors included), or we were cancelled
         conn.terminate()  # never used again in whatever state it is left
         if not isinstance(e, Exception):
             raise
-        if last:
-            raise _down(e, maybe_done=True) from None
-        return _AGAIN
+        raise _down(e, maybe_done=True) from None
 
 
 TOP_STEPS = 2000  # keys outside any folder (`/flat`) one listing of folders may probe, besides the folders
@@ -238,6 +245,7 @@ class PgStore:
         self._pool = None
         self._writes = None  # the group commit of compare-and-sets (index/pg_write.py), made on first use
         self._held = None  # its connection: one of its own, not the pool's (run_held)
+        self._unreachable: float | None = None  # since when the database cannot be reached (_wait_for_db)
         # the records this process read or wrote last, by key: a guess of what a write may expect
         # (api/app_pg.py), checked by its compare-and-set, never an answer to a read
         self.recent: dict[bytes, bytes] = {}
@@ -250,32 +258,66 @@ class PgStore:
             # none opened until asked for: a worker starts (and answers 503) while the database
             # is down. Nothing is reset when a connection comes back: we leave no session state
             # behind, and one given back inside a transaction is dropped
-            self._pool = Conns(lambda: connect(self.db), self.pool_size)
+            self._pool = Conns(lambda: connect(self.db, LOCK_WAIT), self.pool_size)
         return self._pool
 
     async def _run(self, method: str, query: str, *args, read: bool = False):
-        """One statement on a pooled connection. `read`: a read-only statement, tried once more
-        on a new connection when its connection turns out broken (the database restarted
-        since the pool opened it), so that a restart costs no client an error."""
-        tries = 2 if read else 1
+        """One statement on a pooled connection. `read`: a read-only statement, tried again on a
+        new connection when its connection turns out broken (the database restarted since the
+        pool opened it, or is going down), so that a restart costs no client an error."""
+        pool = self._pool or await self._get_pool()
+        tries = RETRIES if read else 0
         while True:
-            tries -= 1
-            pool = await self._get_pool()
-            conn = await _reach(pool.take())
+            conn = await self._take(pool.take)
             try:
-                answer = await _execute(conn, method, query, args, last=not tries)
-                if answer is not _AGAIN:
-                    return answer
+                return await _execute(conn, method, query, args)
+            except IndexUnavailable as e:
+                if not (e.maybe_done and tries):
+                    raise
+                tries -= 1
+                pool.drop_idle()  # opened before whatever broke this one (a restart breaks them all)
             finally:
                 pool.give(conn)  # a broken one is dropped
+
+    async def _take(self, opening):
+        """A connection from `opening()`; see _wait_for_db when there is none."""
+        try:
+            conn = await opening()
+        except Exception as e:  # noqa: BLE001 - the database cannot be reached: nothing was sent
+            return await self._wait_for_db(opening, e)
+        self._unreachable = None
+        return conn
+
+    async def _wait_for_db(self, opening, e: Exception):
+        """A connection from `opening()` once the database can be reached again (a restart takes
+        a second or two): tried until WAIT seconds after this process first failed to reach it,
+        then IndexUnavailable. Past that, each call tries once: a database that stays down does
+        not hold every request WAIT seconds."""
+        pause = 0.05
+        while True:
+            now = time.monotonic()
+            if self._unreachable is None:
+                self._unreachable = now
+            if now - self._unreachable >= WAIT:
+                raise _down(e) from None
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.5)
+            try:
+                conn = await opening()
+            except Exception as again:  # noqa: BLE001 - as in _take
+                e = again
+                continue
+            self._unreachable = None
+            return conn
 
     async def run_held(self, method: str, query: str, *args):
         """One statement on this process's own connection, outside the pool, for the group
         commit (index/pg_write.py), which never has two out at once: no checkout and return per
-        statement. Errors as _run's; a broken connection is replaced at the next statement."""
+        statement. Errors as _run's; a broken connection is replaced at the next statement. It
+        waits GROUP_LOCK_WAIT for a row lock (IndexUnavailable.locked: index/pg_write.py)."""
         if self._held is None or self._held.is_closed():
-            self._held = await _reach(connect(self.db))
-        return await _execute(self._held, method, query, args, last=True)
+            self._held = await self._take(lambda: connect(self.db, GROUP_LOCK_WAIT))
+        return await _execute(self._held, method, query, args)
 
     async def close(self) -> None:
         if self._held is not None:
@@ -322,11 +364,46 @@ class PgStore:
             from minikv.index.pg_write import Writes
 
             self._writes = Writes(self)
-        if await self._writes.cas(key, expect, new, new_owner, owner if expect and expect[0] == PENDING else None):
+        change = (key, expect, new, new_owner, owner if expect and expect[0] == PENDING else None)
+        try:
+            done = await self._writes.cas(*change)
+        except IndexUnavailable as e:
+            if not e.maybe_done:
+                raise
+            done = await self._settle(change, e)
+        if done:
             self._remember(key, new)
             return True, new
         # only to say why (the lock is held, the key is gone...): the change itself was not made
         return False, await self.get(key)
+
+    async def _settle(self, change: tuple, e: IndexUnavailable) -> bool:
+        """The outcome of a compare-and-set whose connection broke while it was out (`e`: the
+        database restarted, say), from the record read now. `new` (gone, for a delete): it was
+        made. Still `expect`: it was not, and its connection is closed, so it never will be: it
+        goes again. Anything else, or the database still unreachable: unknown, `e`. A new
+        PENDING record found is unknown too: another request of this process may have made the
+        same bytes (the same key in the same millisecond), so it cannot be told to be ours."""
+        key, expect, new = change[:3]
+        for _ in range(RETRIES):
+            try:
+                rec = await self.get(key)
+            except IndexUnavailable:
+                raise e from None
+            if rec == new and (new is None or new[0] != PENDING):
+                return True
+            if rec != expect:
+                raise e
+            try:
+                if await self._writes.cas(*change):
+                    return True
+            except IndexUnavailable as again:
+                if not again.maybe_done:
+                    raise
+                e = again
+            # not made now: read again, as the first statement may yet have been (its server
+            # still at work when the client gave it up)
+        raise e
 
     async def cas_one(self, key: bytes, expect: bytes | None, new: bytes | None, new_owner: str | None,
                       owner: str | None, held: bool = False) -> bool:
@@ -407,11 +484,11 @@ class PgStore:
         return out
 
     async def pending_of(self, owner: str) -> list[tuple[bytes, bytes]]:
-        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE owner = $1", owner)
+        rows = await self._run("fetch", "SELECT k, rec FROM minikv_keys WHERE owner = $1", owner, read=True)
         return [(r[0], r[1]) for r in rows]
 
     async def count(self) -> int:
-        return await self._run("fetchval", "SELECT count(*) FROM minikv_keys")
+        return await self._run("fetchval", "SELECT count(*) FROM minikv_keys", read=True)
 
 
 def server_id(port: int) -> str:

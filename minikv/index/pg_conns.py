@@ -8,6 +8,7 @@ is needed is little: the last idle connection given back, else a new one while f
 are open, else wait for one to come back. Rules:
 - a connection that broke (the database restarted, a statement given up) or that comes back
   inside a transaction is dropped, never handed out again, and its place opens for a new one;
+  after a break the idle ones go too (drop_idle): a restart broke them all;
 - one idle longer than IDLE_CLOSE is closed, as asyncpg's pool does, so a burst does not keep
   its connections (each a PostgreSQL process) for ever;
 - a caller cancelled while it waits passes its turn on, so no waiter is left asleep while a
@@ -82,6 +83,15 @@ class Conns:
             yield conn
         finally:
             self.give(conn)
+
+    def drop_idle(self) -> None:
+        """Close the idle connections: one broke, and what broke it (a restart) broke them too,
+        unseen yet (their end may still be on its way): new ones are opened in their place."""
+        idle, self.idle = self.idle, []
+        self.count -= len(idle)
+        for conn, _ in idle:
+            conn.terminate()
+            self._wake()
 
     def _wake(self) -> None:
         while self.waiters:

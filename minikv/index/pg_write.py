@@ -17,10 +17,13 @@ What does not change:
 - a group never holds two changes of one key (the later waits for the next group): within one
   statement their order would be undefined;
 - the statement is one transaction: it is applied whole or not at all. When the database
-  refuses it (an error in one change, a deadlock with another server's group), nothing was
-  applied and each change is tried again alone, so one bad change fails only its own request.
+  refuses it (an error in one change, a deadlock with another server's group, a row another
+  transaction holds past GROUP_LOCK_WAIT), nothing was applied and each change is tried again
+  alone on the pool's connections while the next group goes, so one bad change or one held
+  row fails, or holds up, only its own request.
   When the connection breaks while it is out, every change of the group may have been applied:
-  each caller hears so (IndexUnavailable.maybe_done), as for a statement of its own.
+  each caller hears so (IndexUnavailable.maybe_done), as for a statement of its own, and
+  PgStore.cas then tells from the record whether it was.
 """
 
 from __future__ import annotations
@@ -70,10 +73,16 @@ class Writes:
         self.busy = True
         try:
             return bool(await self.store.cas_one(key, expect, new, new_owner, owner, held=True))
+        except Exception as e:  # noqa: BLE001 - all but a held row's are the caller's
+            if not getattr(e, "locked", False):
+                raise
         finally:
             self.busy = False
             if self.queue:
                 self._send()
+        # another transaction held the row past GROUP_LOCK_WAIT: it is waited for on a pooled
+        # connection, and the worker's other changes go on meanwhile
+        return bool(await self.store.cas_one(key, expect, new, new_owner, owner))
 
     def _send(self) -> None:
         # the first change of each key, in key order (groups of two servers then take their rows'
@@ -91,19 +100,19 @@ class Writes:
 
     async def _run(self, group: list[Change]) -> None:
         try:
-            if len(group) == 1:
-                await self._alone(group[0], held=True)
-            else:
-                await self._together(group)
+            again = await self._together(group)
         finally:
             self.busy = False
             if self.queue:
                 self._send()
+        # each alone on the pool's connections, while the next group goes: one bad change, or one
+        # row another transaction holds, fails (or holds up) only its own request
+        await asyncio.gather(*(self._alone(c) for c in again))
 
-    async def _alone(self, change: Change, held: bool = False) -> None:
+    async def _alone(self, change: Change) -> None:
         key, expect, new, new_owner, owner, fut = change
         try:
-            done = await self.store.cas_one(key, expect, new, new_owner, owner, held)
+            done = await self.store.cas_one(key, expect, new, new_owner, owner)
         except BaseException as e:  # noqa: BLE001 - the asker gets the failure (503 with its reason)
             _fail(fut, e)
             if not isinstance(e, Exception):
@@ -112,23 +121,29 @@ class Writes:
         if not fut.done():
             fut.set_result(bool(done))
 
-    async def _together(self, group: list[Change]) -> None:
-        cols = [[c[i] for c in group] for i in range(5)]
+    async def _together(self, group: list[Change]) -> list[Change]:
+        """The group's statement on the held connection (a group of one: its change's own); the
+        changes to try again alone: those of a statement the database refused (nothing was
+        applied) when it held more than one, or that waited too long for a row."""
         try:
-            rows = await self.store.run_held("fetch", GROUP_CAS, *cols)
+            if len(group) == 1:
+                c = group[0]
+                rows = [(c[0],)] if await self.store.cas_one(*c[:5], held=True) else []
+            else:
+                rows = await self.store.run_held("fetch", GROUP_CAS, *([c[i] for c in group] for i in range(5)))
         except BaseException as e:  # noqa: BLE001 - see below
-            if getattr(e, "refused", False):  # nothing applied: each alone, so one bad change fails alone
-                await asyncio.gather(*(self._alone(c) for c in group))  # on the pool's connections
-                return
+            if getattr(e, "locked", False) or (len(group) > 1 and getattr(e, "refused", False)):
+                return group
             for c in group:
                 _fail(c[5], e)
             if not isinstance(e, Exception):
                 raise
-            return
+            return []
         done = {r[0] for r in rows}
         for c in group:
             if not c[5].done():
                 c[5].set_result(c[0] in done)
+        return []
 
 
 def _fail(fut: asyncio.Future, e: BaseException) -> None:
