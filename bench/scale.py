@@ -691,13 +691,19 @@ def floors(dirs: list[str], drop: bool) -> dict:
             Path("/proc/sys/vm/drop_caches").write_text("2\n")
             out[f"{name} cold"] = run(argv, f"floor: {name} (cold)")
     cores = os.cpu_count() or 1
-    below = sorted(os.path.join(d, e) for d in dirs for e in os.listdir(d))
+    below = sorted(e.path for d in dirs for e in os.scandir(d) if e.is_dir(follow_symlinks=False))
     shares = [below[i::cores] for i in range(cores)]
-    find = " ".join(f"find {' '.join(map(shlex.quote, sh))} -type f -printf '%s\\n' | wc -l &" for sh in shares)
-    scan = " ".join(f"{shlex.quote(sys.executable)} -c {shlex.quote(py)} {' '.join(map(shlex.quote, sh))} &"
-                    for sh in shares)
-    out["find with a stat, all cores"] = run(["sh", "-c", find + " wait"], f"floor: find -printf %s ({cores} processes)")
-    out["scandir, all cores"] = run(["sh", "-c", scan + " wait"], f"floor: scandir ({cores} processes)")
+
+    def together(commands: list[str]) -> list[str]:
+        """sh running `commands` at once, failing when one of them does (a bare `wait` would not)."""
+        started = " ".join(f"{c} & p{i}=$!;" for i, c in enumerate(commands))
+        return ["sh", "-c", f"{started} s=0; for p in {' '.join(f'$p{i}' for i in range(len(commands)))}; "
+                            "do wait $p || s=1; done; exit $s"]
+
+    find = [f"find {' '.join(map(shlex.quote, sh))} -type f -printf '%s\\n' >/dev/null" for sh in shares]
+    scan = [f"{shlex.quote(sys.executable)} -c {shlex.quote(py)} {' '.join(map(shlex.quote, sh))}" for sh in shares]
+    out["find with a stat, all cores"] = run(together(find), f"floor: find -printf %s ({cores} processes)")
+    out["scandir, all cores"] = run(together(scan), f"floor: scandir ({cores} processes)")
     return out
 
 
@@ -721,7 +727,15 @@ def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
     common = ["-volumes", ",".join(three), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
               "-concurrency", str(opts.concurrency)]
     res = {}
-    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+    sides = [("old", old_py, old), ("new", sys.executable, ROOT)]
+
+    def rounds():
+        """(label, python, cwd) of each run: old then new, then new then old, ... (--rounds)."""
+        for r in range(opts.rounds):
+            for label, py, cwd in (sides if r % 2 == 0 else sides[::-1]):
+                yield (f"{label} #{r + 1}" if opts.rounds > 1 else label), py, cwd
+
+    for label, py, cwd in rounds():
         res[f"rebuild over HTTP, {label}"] = run(minikv("rebuild", *common, "-db", str(tmp / f"h-{label}"), python=py),
                                                   f"{label} rebuild", cwd=cwd)
     if go:
@@ -730,11 +744,11 @@ def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
                                            "Go rebuild")
     else:
         print(f"bench: Go original skipped: {why}", file=sys.stderr)
-    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+    for label, py, cwd in rounds():
         res[f"rebuild from the folders, {label}"] = run(minikv("rebuild", *common, "-db", str(tmp / f"l-{label}"),
                                                                *dirs, python=py), f"{label} rebuild (local)", cwd=cwd)
-    db = str(tmp / "h-new")
-    for label, py, cwd in (("old", old_py, old), ("new", sys.executable, ROOT)):
+    db = str(tmp / ("h-new #1" if opts.rounds > 1 else "h-new"))  # an index of every key, for the verifies
+    for label, py, cwd in rounds():
         res[f"verify over HTTP, {label}"] = run(minikv("verify", *common, "-db", db, python=py), f"{label} verify",
                                                 cwd=cwd)
         res[f"verify from the folders, {label}"] = run(minikv("verify", *common, "-db", db, *dirs, python=py),
@@ -766,6 +780,7 @@ def main() -> int:
     ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
     ap.add_argument("--postgres", action="store_true",
                     help="the index part in PostgreSQL too (a throwaway instance; copy-index, size, pages)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --walk: runs of each side, alternating (old new new old ...)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
