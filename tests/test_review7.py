@@ -4,6 +4,7 @@ real nginx volumes."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,3 +40,30 @@ def test_empty_copies_left_by_a_crash_do_not_outvote_the_one_that_holds_the_valu
     r = admin("repair", c, db=c.root / "again")
     assert r.returncode == 0, r.stderr
     assert [p.read_bytes() for p in files] == [b"the value"] * 3
+
+
+def long_key_files(c) -> tuple[bytes, list[Path]]:
+    """A key longer than the index holds (the Go original takes any), its files on every volume,
+    old enough for gc's -age."""
+    key = b"/l/" + b"\x41\x0f\xc1" * 200  # "QQ/B" repeated: a chain of short folders
+    paths = [c.volume_dir(v) / key2path(key)[1:] for v in c.names]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"long")
+        os.utime(path, (1, 1))
+    return key, paths
+
+
+def test_deleting_orphans_keeps_the_files_of_a_key_longer_than_the_index_holds(make_cluster):
+    # such a key's files are no record's, so an orphan to delete: locking its record first
+    # raised (LMDB takes no key that long) and ended gc and repair with a traceback
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    write(c, {"/short": b"value"})
+    ready(c)
+    c.index.stop()
+    _, paths = long_key_files(c)
+    for command, flags in (("gc", ["-age", "0s"]), ("repair", [])):
+        r = admin(command, c, "-delete-orphans", *flags)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr and "longer than the index holds (511)" in r.stderr, r.stderr
+        assert all(p.read_bytes() == b"long" for p in paths), command

@@ -24,7 +24,7 @@ from minikv.admin.progress import Progress
 from minikv.admin.walk import Found
 from minikv.http.client import Pool, VolumeError
 from minikv.index.record import OP_DELETE, OP_REBALANCE, PENDING, encode_pending, now_ms
-from minikv.index.store import Store
+from minikv.index.store import MAX_KEY, Store
 
 
 class Orphans:
@@ -45,6 +45,13 @@ class Orphans:
             if extra:
                 extra = await self.confirm(key, extra)
             if not extra:
+                continue
+            if self.delete and len(key) > MAX_KEY:
+                # a key of the Go original (no limit) that no index of ours can hold: rebuild
+                # left it out and keeps its files, the only place its value is
+                self.progress.add("orphans", len(extra))
+                self.progress.problem(f"{show(key)[:80]}...: {len(key)} bytes, longer than the index holds "
+                                      f"({MAX_KEY}): its files are no record's, but not deleted")
                 continue
             if self.delete:
                 await self.drop(key, extra)
