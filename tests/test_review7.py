@@ -67,3 +67,20 @@ def test_deleting_orphans_keeps_the_files_of_a_key_longer_than_the_index_holds(m
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr and "longer than the index holds (511)" in r.stderr, r.stderr
         assert all(p.read_bytes() == b"long" for p in paths), command
+
+
+def test_a_symbolic_link_loop_on_a_volume_ends_the_walk_with_an_error(make_cluster):
+    # nginx follows links: two links to `.` in an `<aa>/<bb>` folder made its listings a tree
+    # 2^40 folders deep, and the walk over HTTP (rebuild, verify, repair, gc) never ended
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    keys = {f"/loop/{i}": b"v%d" % i for i in range(10)}
+    write(c, keys)
+    ready(c)
+    c.index.stop()
+    folder = copies(c, b"/loop/0")[0].parent
+    os.symlink(".", folder / "a")
+    os.symlink(".", folder / "b")
+    r = admin("rebuild", c, db=c.root / "again", timeout=180)
+    assert r.returncode == 1, r.stderr  # the folder's rest is not walked: said, not a clean run
+    assert "a symbolic link to a folder above?" in r.stderr, r.stderr
+    assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)

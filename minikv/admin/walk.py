@@ -44,6 +44,10 @@ ATTEMPTS = 3
 # some 300 KB of answers at most.
 BATCH = 1024
 BATCHES = 4
+# Folders listed below one `<aa>/<bb>` folder of a (sub)volume at most. Its nested folders are
+# base64 names holding `/`, a few even at a billion keys; but nginx follows symbolic links, and
+# two links to `.` made the tree 2^40 listings deep (until the kernel's ELOOP): endless.
+NESTED = 4096
 
 
 class Found(NamedTuple):
@@ -203,16 +207,23 @@ class Walker:
                 found.append(Root(host, ""))
         return found
 
-    async def files(self, root: Root, path: str) -> list[tuple[str, int, int]]:
+    async def files(self, root: Root, path: str, budget: list[int] | None = None) -> list[tuple[str, int, int]]:
         """(path below the root, size, mtime_ms) of every file below folder `path`, recursively
-        (a base64 name holding `/` is a folder chain)."""
+        (a base64 name holding `/` is a folder chain), listing at most NESTED folders below it."""
+        if budget is None:
+            budget = [NESTED]
         out: list[tuple[str, int, int]] = []
         for e in await self.listing(root.host, root.prefix + path):
             name = e.get("name", "")
             if not name or "/" in name or name in (".", ".."):
                 continue
             if e.get("type") == "directory":
-                out += await self.files(root, path + name + "/")
+                budget[0] -= 1
+                if budget[0] >= 0:
+                    out += await self.files(root, path + name + "/", budget)
+                elif budget[0] == -1:
+                    self.errors.append(f"volume {root.host}: more than {NESTED} folders below {root.prefix}"
+                                       f"{path[:7]}, the rest left unwalked: a symbolic link to a folder above?")
             elif e.get("type") == "file":
                 out.append((path + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
         return out
