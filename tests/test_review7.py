@@ -84,3 +84,24 @@ def test_a_symbolic_link_loop_on_a_volume_ends_the_walk_with_an_error(make_clust
     assert r.returncode == 1, r.stderr  # the folder's rest is not walked: said, not a clean run
     assert "a symbolic link to a folder above?" in r.stderr, r.stderr
     assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)
+
+
+def test_a_local_rebuild_reads_a_subvolume_linked_from_another_disk(make_cluster):
+    # a subvolume moved to another disk and linked back, as nginx serves it: the local walk
+    # skipped the link, and the index came out without its copies (with one replica, its keys)
+    c = make_cluster(volumes=2, replicas=1, subvolumes=2)
+    keys = {f"/moved/{i}": b"v%d" % i for i in range(30)}
+    write(c, keys)
+    ready(c)
+    c.index.stop()
+    sub = c.volume_dir(c.names[0]) / "sv01"
+    assert any(sub.rglob("*")), "no key on the subvolume to move"
+    sub.rename(c.root / "other-disk")
+    os.symlink(c.root / "other-disk", sub)
+    dirs = [str(c.volume_dir(v)) for v in c.names]
+    over_http = admin("rebuild", c, db=c.root / "http")
+    local = admin("rebuild", c, *dirs, db=c.root / "local")
+    assert over_http.returncode == 0 and local.returncode == 0, (over_http.stderr, local.stderr)
+    placed = {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / "http").items()}
+    assert sorted(placed) == sorted(k.encode() for k in keys)
+    assert {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / "local").items()} == placed

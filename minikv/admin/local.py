@@ -5,6 +5,10 @@ same walk as admin/walk.py, `<aa>` by `<aa>`, one `<aa>/<bb>` folder across ever
 time, handing the caller the same `{key: [Found, ...]}` batches, but from the file system, with
 no HTTP and no JSON in between. Memory holds one `<aa>/<bb>` folder, never the whole listing.
 
+Symbolic links are followed as nginx follows them when it serves the files (a subvolume moved
+to another disk and linked back was left out, its keys lost from the index), except the folders
+below `<aa>/<bb>`: a link there to a folder above would make the walk endless.
+
 Volume folders are named on the command line as `DIR` (in the order of -volumes, one for each)
 or `VOLUME=DIR` (any subset: a rebuild per volume host, each adding to the index with -force).
 """
@@ -66,7 +70,7 @@ class LocalWalker:
     async def roots(self) -> list[Root]:
         found: list[Root] = []
         for host, folder in self.dirs.items():
-            names = [e.name for e in _entries(folder) if e.is_dir(follow_symlinks=False)]
+            names = [e.name for e in _entries(folder) if e.is_dir()]
             found += [Root(host, "/" + d) for d in sorted(names) if SUBVOLUME.fullmatch(d)]
             if any(HEX2.fullmatch(d) for d in names):
                 found.append(Root(host, ""))
@@ -81,8 +85,8 @@ class LocalWalker:
         try:
             entries = _entries(path)
             for e in entries:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
+                if e.is_file():
+                    st = e.stat()
                     out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
                 elif e.is_dir(follow_symlinks=False):
                     self.files(e.path, below + e.name + "/", out)
@@ -107,7 +111,7 @@ class LocalWalker:
         try:
             with it:
                 for e in it:
-                    if e.is_file(follow_symlinks=False):
+                    if e.is_file():
                         name = e.name
                         key = seen.get(name, b"")
                         if key == b"":
@@ -116,7 +120,7 @@ class LocalWalker:
                             skipped += 1
                             continue
                         try:
-                            st = e.stat(follow_symlinks=False)
+                            st = e.stat()
                         except FileNotFoundError:
                             continue  # deleted since the folder was read: a live server's DELETE
                         # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
@@ -149,7 +153,7 @@ class LocalWalker:
             bbs: dict[bytes, list[tuple[bytes, str]]] = {}
             for base, volume in bases:
                 for e in _entries(base + aa):
-                    if e.name in _HEX and e.is_dir(follow_symlinks=False):
+                    if e.name in _HEX and e.is_dir():
                         bbs.setdefault(e.name, []).append((base, volume))
             for bb in sorted(bbs):
                 group: dict[bytes, list[Found]] = {}
