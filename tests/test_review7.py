@@ -105,3 +105,25 @@ def test_a_local_rebuild_reads_a_subvolume_linked_from_another_disk(make_cluster
     placed = {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / "http").items()}
     assert sorted(placed) == sorted(k.encode() for k in keys)
     assert {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / "local").items()} == placed
+
+
+def test_a_volume_whose_top_cannot_be_listed_costs_the_walk_that_volume_only(make_cluster):
+    # its folder unreadable to nginx's workers (any user but root), so "/" answers 403 while
+    # the volume is up: Walker.roots raised, and verify and gc ended with a traceback, verify
+    # before checking any record
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    write(c, {f"/top/{i}": b"v" for i in range(10)})
+    ready(c)
+    c.index.stop()
+    top = c.volume_dir(c.names[0])
+    mode = top.stat().st_mode
+    os.chmod(top, 0)
+    try:
+        r = admin("verify", c)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "orphan search incomplete" in r.stderr and "10 keys seen" in r.stderr, r.stderr
+        r = admin("gc", c, "-delete-orphans")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "orphan search incomplete" in r.stderr, r.stderr
+    finally:
+        os.chmod(top, mode)

@@ -70,7 +70,11 @@ class LocalWalker:
     async def roots(self) -> list[Root]:
         found: list[Root] = []
         for host, folder in self.dirs.items():
-            names = [e.name for e in _entries(folder) if e.is_dir()]
+            try:
+                names = [e.name for e in _entries(folder) if e.is_dir()]
+            except OSError as e:  # as Walker.roots: this volume's keys are missing, said so
+                self.errors.append(f"cannot read {folder}: {e.strerror}")
+                continue
             found += [Root(host, "/" + d) for d in sorted(names) if SUBVOLUME.fullmatch(d)]
             if any(HEX2.fullmatch(d) for d in names):
                 found.append(Root(host, ""))

@@ -198,9 +198,11 @@ class Walker:
 
     async def roots(self) -> list[Root]:
         """Where each volume keeps files: its subvolume folders, and its top level when that holds
-        `<aa>` folders too (a volume written without subvolumes, or with both over time)."""
+        `<aa>` folders too (a volume written without subvolumes, or with both over time). One whose
+        top cannot be listed is an error (the walk is incomplete), not the end of the command."""
         found: list[Root] = []
-        for host, entries in zip(self.hosts, await asyncio.gather(*(self.listing(h, "/") for h in self.hosts))):
+        tops = await asyncio.gather(*(self._listing_or_error(Root(h, ""), "/") for h in self.hosts))
+        for host, entries in zip(self.hosts, tops):
             dirs = [e.get("name", "") for e in entries if e.get("type") == "directory"]
             found += [Root(host, "/" + d) for d in sorted(dirs) if SUBVOLUME.fullmatch(d)]
             if any(HEX2.fullmatch(d) for d in dirs):
