@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_admin import admin, ready, write  # noqa: E402
+from test_admin import admin, put_direct, ready, write  # noqa: E402
 from test_rebuild_fast import lmdb_records  # noqa: E402
 
 from minikv.index.record import decode_data  # noqa: E402
@@ -127,3 +127,24 @@ def test_a_volume_whose_top_cannot_be_listed_costs_the_walk_that_volume_only(mak
         assert "orphan search incomplete" in r.stderr, r.stderr
     finally:
         os.chmod(top, mode)
+
+
+def test_deleting_orphans_keeps_them_when_no_copy_the_record_names_is_left(make_cluster):
+    # a move killed between its copy and its switch leaves the new copy an orphan; the old copy,
+    # the one the record names, then lost with its disk: gc -delete-orphans deleted the orphan,
+    # the value's last copy, and said all went well
+    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
+    write(c, {"/moved": b"the value", "/other": b"x"})
+    ready(c)
+    c.index.stop()
+    named = copies(c, b"/moved")[0]
+    other = next(v for v in c.names if c.volume_dir(v) not in named.parents)
+    put_direct(other, "/moved", b"the value")  # by nginx: its DELETE would succeed
+    orphan = c.volume_dir(other) / key2path(b"/moved")[1:]
+    os.utime(orphan, (1, 1))
+    named.unlink()
+    for command, flags in (("gc", ["-age", "0s"]), ("repair", [])):
+        r = admin(command, c, "-delete-orphans", *flags)
+        assert r.returncode == 1, r.stderr
+        assert "may be the last ones" in r.stderr, r.stderr
+        assert orphan.read_bytes() == b"the value", command
