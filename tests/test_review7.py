@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_admin import admin, put_direct, ready, write  # noqa: E402
+from test_local_fast import put_file  # noqa: E402
+from test_local_fast import rebuild as local_rebuild  # noqa: E402
 from test_rebuild_fast import lmdb_records  # noqa: E402
 
 from minikv.index.record import decode_data  # noqa: E402
@@ -148,3 +150,20 @@ def test_deleting_orphans_keeps_them_when_no_copy_the_record_names_is_left(make_
         assert r.returncode == 1, r.stderr
         assert "may be the last ones" in r.stderr, r.stderr
         assert orphan.read_bytes() == b"the value", command
+
+
+def test_a_local_walk_goes_on_past_an_aa_folder_it_cannot_read(tmp_path):
+    # an `<aa>` that is a link to itself (as root, the way to make a folder that cannot be read;
+    # for any other user chmod 000 does the same): scandir raised, which ended the walk's
+    # process, and the other `<aa>` folders of its share went unread
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    keys = [b"/aa/%d" % i for i in range(40)]
+    for key in keys:
+        for folder in dirs:
+            put_file(folder, key, b"value")
+    bad = next(f"{a:02x}" for a in range(256) if not (dirs[0] / f"{a:02x}").exists())
+    os.symlink(bad, dirs[0] / bad)
+    r = local_rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
+    assert r.returncode == 1, r.stderr  # a folder not read: said, not a clean run
+    assert f"cannot read {dirs[0] / bad}" in r.stderr and "process exited" not in r.stderr, r.stderr
+    assert sorted(lmdb_records(tmp_path / "idx")) == sorted(keys)

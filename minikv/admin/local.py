@@ -5,9 +5,10 @@ same walk as admin/walk.py, `<aa>` by `<aa>`, one `<aa>/<bb>` folder across ever
 time, handing the caller the same `{key: [Found, ...]}` batches, but from the file system, with
 no HTTP and no JSON in between. Memory holds one `<aa>/<bb>` folder, never the whole listing.
 
-Symbolic links are followed as nginx follows them when it serves the files (a subvolume moved
-to another disk and linked back was left out, its keys lost from the index), except the folders
-below `<aa>/<bb>`: a link there to a folder above would make the walk endless.
+A subvolume, `<aa>` or `<bb>` folder that is a symbolic link is followed, as nginx follows it
+(a subvolume moved to another disk and linked back was left out, its keys lost from the index);
+below `<bb>` links are not (a link to a folder above would make the walk endless), nor links to
+files (no writer of a volume makes one).
 
 Volume folders are named on the command line as `DIR` (in the order of -volumes, one for each)
 or `VOLUME=DIR` (any subset: a rebuild per volume host, each adding to the index with -force).
@@ -52,6 +53,14 @@ def volume_dirs(volumes: list[str], given: list[str]) -> dict[str, str]:
     return out
 
 
+def _is_dir(e: os.DirEntry) -> bool:
+    """A folder, or a link to one (as nginx follows it); a link in a loop is neither."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
 def _entries(path: str | bytes) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
@@ -71,7 +80,7 @@ class LocalWalker:
         found: list[Root] = []
         for host, folder in self.dirs.items():
             try:
-                names = [e.name for e in _entries(folder) if e.is_dir()]
+                names = [e.name for e in _entries(folder) if _is_dir(e)]
             except OSError as e:  # as Walker.roots: this volume's keys are missing, said so
                 self.errors.append(f"cannot read {folder}: {e.strerror}")
                 continue
@@ -89,8 +98,8 @@ class LocalWalker:
         try:
             entries = _entries(path)
             for e in entries:
-                if e.is_file():
-                    st = e.stat()
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
                     out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
                 elif e.is_dir(follow_symlinks=False):
                     self.files(e.path, below + e.name + "/", out)
@@ -115,7 +124,7 @@ class LocalWalker:
         try:
             with it:
                 for e in it:
-                    if e.is_file():
+                    if e.is_file(follow_symlinks=False):
                         name = e.name
                         key = seen.get(name, b"")
                         if key == b"":
@@ -124,7 +133,7 @@ class LocalWalker:
                             skipped += 1
                             continue
                         try:
-                            st = e.stat()
+                            st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # deleted since the folder was read: a live server's DELETE
                         # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
@@ -156,8 +165,13 @@ class LocalWalker:
             aa = b"/%02x" % a
             bbs: dict[bytes, list[tuple[bytes, str]]] = {}
             for base, volume in bases:
-                for e in _entries(base + aa):
-                    if e.name in _HEX and e.is_dir():
+                try:
+                    entries = _entries(base + aa)
+                except OSError as e:  # unreadable, a link loop: that folder is missing, not the rest
+                    self.errors.append(f"cannot read {os.fsdecode(base + aa)}: {e.strerror}")
+                    continue
+                for e in entries:
+                    if e.name in _HEX and _is_dir(e):
                         bbs.setdefault(e.name, []).append((base, volume))
             for bb in sorted(bbs):
                 group: dict[bytes, list[Found]] = {}
