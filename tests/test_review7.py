@@ -167,3 +167,21 @@ def test_a_local_walk_goes_on_past_an_aa_folder_it_cannot_read(tmp_path):
     assert r.returncode == 1, r.stderr  # a folder not read: said, not a clean run
     assert f"cannot read {dirs[0] / bad}" in r.stderr and "process exited" not in r.stderr, r.stderr
     assert sorted(lmdb_records(tmp_path / "idx")) == sorted(keys)
+
+
+def test_an_index_html_on_a_volume_hides_none_of_its_keys(make_cluster):
+    # nginx served a folder's index.html in place of its listing: one at a volume's top (a
+    # stray file) and rebuild found no folder on that volume, left its keys out and said all
+    # went well
+    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
+    keys = {f"/ix/{i}": b"v%d" % i for i in range(20)}
+    write(c, keys)
+    ready(c)
+    c.index.stop()
+    for name in c.names:
+        (c.volume_dir(name) / "index.html").write_bytes(b"[]")
+    folder = copies(c, b"/ix/0")[0].parent
+    (folder / "index.html").write_bytes(b"[1]")
+    r = admin("rebuild", c, db=c.root / "again")
+    assert r.returncode == 0, r.stderr
+    assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)

@@ -186,6 +186,10 @@ class Walker:
                 return []  # deleted since its parent was listed
             if resp.status != 200:
                 raise VolumeError(host, f"answered {resp.status} to a listing of {path}")
+            if not resp.headers.get(b"content-type", b"").startswith(b"application/json"):
+                # nginx's `index` serves a folder's index.html in place of its listing: the
+                # folder would look empty, and a volume's top hid its every key
+                raise VolumeError(host, f"sent a file, not a listing, for {path} (an index.html in that folder?)")
             try:
                 # a name that is not UTF-8 (a stray file) is kept as surrogates, which no key's
                 # name has: skipped as foreign, not an error that costs the folder's other files
