@@ -5,8 +5,12 @@ real nginx volumes."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
+
+import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -185,3 +189,32 @@ def test_an_index_html_on_a_volume_hides_none_of_its_keys(make_cluster):
     r = admin("rebuild", c, db=c.root / "again")
     assert r.returncode == 0, r.stderr
     assert sorted(lmdb_records(c.root / "again")) == sorted(k.encode() for k in keys)
+
+
+def test_a_key_whose_folder_chain_is_over_a_thousand_deep_ends_no_walk(make_cluster):
+    # nginx takes a PUT of it (the Go original's PUT goes through), each folder of its chain two
+    # characters: the walks (rebuild over HTTP and from folders, verify) and gc's clean-up of
+    # empty folders went down the chain by recursion, and RecursionError ended their process
+    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
+    keys = {f"/deep/{i}": b"v" for i in range(20)}
+    write(c, keys)
+    ready(c)
+    c.index.stop()
+    deep = b"/aa" + b"\x03\xf0\x3f" * 600 + b"xy"  # "A/A/..." : 1,200 folders
+    assert key2path(deep).count("/") > 1100
+    volume = key2volume(deep, c.names, 1, 1)[0]
+    assert requests.put(f"http://{volume}{quote(key2path(deep))}", data=b"deep").status_code == 201
+    chain = c.volume_dir(volume) / key2path(deep)[1:].split("/")[0]
+    dirs = [str(c.volume_dir(v)) for v in c.names]
+    try:
+        for db, flags in (("http", []), ("local", dirs)):
+            r = admin("rebuild", c, *flags, db=c.root / db)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # the key is too long
+            assert "longer than the index holds" in r.stderr, r.stderr
+            assert sorted(lmdb_records(c.root / db)) == sorted(k.encode() for k in keys)
+        r = admin("verify", c, db=c.root / "http")
+        assert "Traceback" not in r.stderr and "20 ok" in r.stderr, r.stderr
+        r = admin("gc", c, "-age", "0s", *dirs, db=c.root / "http")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(chain)], check=True)  # shutil.rmtree recurses too

@@ -94,17 +94,20 @@ class LocalWalker:
 
     def files(self, path: str, below: str, out: list[tuple[str, int, int]]) -> None:
         """(name below the `<aa>/<bb>` folder, size, mtime_ms) of every file under `path`
-        (a base64 name holding `/` is a folder chain)."""
-        try:
-            entries = _entries(path)
-            for e in entries:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
-                elif e.is_dir(follow_symlinks=False):
-                    self.files(e.path, below + e.name + "/", out)
-        except OSError as e:
-            self.errors.append(f"cannot read {path}: {e.strerror}")
+        (a base64 name holding `/` is a folder chain, over a thousand deep for some keys of the
+        Go original: a stack, not recursion)."""
+        folders = [(path, below)]
+        while folders:
+            path, below = folders.pop()
+            try:
+                for e in _entries(path):
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
+                    elif e.is_dir(follow_symlinks=False):
+                        folders.append((e.path, below + e.name + "/"))
+            except OSError as e:
+                self.errors.append(f"cannot read {path}: {e.strerror}")
 
     def _folder_files(self, path: bytes, folder: bytes, volume: str,
                       group: dict[bytes, list[Found]], seen: dict[bytes, bytes | None]) -> int:

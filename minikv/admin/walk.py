@@ -213,25 +213,28 @@ class Walker:
                 found.append(Root(host, ""))
         return found
 
-    async def files(self, root: Root, path: str, budget: list[int] | None = None) -> list[tuple[str, int, int]]:
-        """(path below the root, size, mtime_ms) of every file below folder `path`, recursively
-        (a base64 name holding `/` is a folder chain), listing at most NESTED folders below it."""
-        if budget is None:
-            budget = [NESTED]
+    async def files(self, root: Root, path: str) -> list[tuple[str, int, int]]:
+        """(path below the root, size, mtime_ms) of every file below folder `path` (a base64 name
+        holding `/` is a folder chain), listing at most NESTED folders below it. A stack, not
+        recursion: a Go key's chain can be over a thousand folders deep (RecursionError)."""
         out: list[tuple[str, int, int]] = []
-        for e in await self.listing(root.host, root.prefix + path):
-            name = e.get("name", "")
-            if not name or "/" in name or name in (".", ".."):
-                continue
-            if e.get("type") == "directory":
-                budget[0] -= 1
-                if budget[0] >= 0:
-                    out += await self.files(root, path + name + "/", budget)
-                elif budget[0] == -1:
-                    self.errors.append(f"volume {root.host}: more than {NESTED} folders below {root.prefix}"
-                                       f"{path[:7]}, the rest left unwalked: a symbolic link to a folder above?")
-            elif e.get("type") == "file":
-                out.append((path + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
+        folders = [path]
+        listed = 0
+        while folders:
+            folder = folders.pop()
+            for e in await self.listing(root.host, root.prefix + folder):
+                name = e.get("name", "")
+                if not name or "/" in name or name in (".", ".."):
+                    continue
+                if e.get("type") == "directory":
+                    listed += 1
+                    if listed <= NESTED:
+                        folders.append(folder + name + "/")
+                    elif listed == NESTED + 1:
+                        self.errors.append(f"volume {root.host}: more than {NESTED} folders below {root.prefix}"
+                                           f"{path}, the rest left unwalked: a symbolic link to a folder above?")
+                elif e.get("type") == "file":
+                    out.append((folder + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
         return out
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
