@@ -28,14 +28,20 @@ def copies(c, key: bytes) -> list[Path]:
     return [c.volume_dir(v) / key2path(key)[1:] for v in key2volume(key, c.names, c.replicas, c.subvolumes)]
 
 
+def written(make_cluster, keys: dict[str, bytes], **layout):
+    """A cluster of `layout` holding `keys`, its index stopped: volumes to damage."""
+    c = make_cluster(**layout)
+    write(c, keys)
+    ready(c)
+    c.index.stop()
+    return c
+
+
 def test_empty_copies_left_by_a_crash_do_not_outvote_the_one_that_holds_the_value(make_cluster):
     # a crash can leave a file empty (its rename reached the disk, its data did not): two empty
     # copies won the size vote in rebuild, and repair then copied the empty value over the only
     # copy that held the bytes
-    c = make_cluster(volumes=3, replicas=3, subvolumes=1)
-    write(c, {"/crash/1": b"the value", "/crash/2": b"other"})
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, {"/crash/1": b"the value", "/crash/2": b"other"}, volumes=3, replicas=3, subvolumes=1)
     files = copies(c, b"/crash/1")
     for path in files[:2]:
         path.write_bytes(b"")
@@ -63,10 +69,7 @@ def long_key_files(c) -> tuple[bytes, list[Path]]:
 def test_deleting_orphans_keeps_the_files_of_a_key_longer_than_the_index_holds(make_cluster):
     # such a key's files are no record's, so an orphan to delete: locking its record first
     # raised (LMDB takes no key that long) and ended gc and repair with a traceback
-    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
-    write(c, {"/short": b"value"})
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, {"/short": b"value"}, volumes=2, replicas=2, subvolumes=1)
     _, paths = long_key_files(c)
     for command, flags in (("gc", ["-age", "0s"]), ("repair", [])):
         r = admin(command, c, "-delete-orphans", *flags)
@@ -78,11 +81,8 @@ def test_deleting_orphans_keeps_the_files_of_a_key_longer_than_the_index_holds(m
 def test_a_symbolic_link_loop_on_a_volume_ends_the_walk_with_an_error(make_cluster):
     # nginx follows links: two links to `.` in an `<aa>/<bb>` folder made its listings a tree
     # 2^40 folders deep, and the walk over HTTP (rebuild, verify, repair, gc) never ended
-    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
     keys = {f"/loop/{i}": b"v%d" % i for i in range(10)}
-    write(c, keys)
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, keys, volumes=2, replicas=2, subvolumes=1)
     folder = copies(c, b"/loop/0")[0].parent
     os.symlink(".", folder / "a")
     os.symlink(".", folder / "b")
@@ -95,11 +95,8 @@ def test_a_symbolic_link_loop_on_a_volume_ends_the_walk_with_an_error(make_clust
 def test_a_local_rebuild_reads_a_subvolume_linked_from_another_disk(make_cluster):
     # a subvolume moved to another disk and linked back, as nginx serves it: the local walk
     # skipped the link, and the index came out without its copies (with one replica, its keys)
-    c = make_cluster(volumes=2, replicas=1, subvolumes=2)
     keys = {f"/moved/{i}": b"v%d" % i for i in range(30)}
-    write(c, keys)
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, keys, volumes=2, replicas=1, subvolumes=2)
     sub = c.volume_dir(c.names[0]) / "sv01"
     assert any(sub.rglob("*")), "no key on the subvolume to move"
     sub.rename(c.root / "other-disk")
@@ -117,10 +114,7 @@ def test_a_volume_whose_top_cannot_be_listed_costs_the_walk_that_volume_only(mak
     # its folder unreadable to nginx's workers (any user but root), so "/" answers 403 while
     # the volume is up: Walker.roots raised, and verify and gc ended with a traceback, verify
     # before checking any record
-    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
-    write(c, {f"/top/{i}": b"v" for i in range(10)})
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, {f"/top/{i}": b"v" for i in range(10)}, volumes=2, replicas=2, subvolumes=1)
     top = c.volume_dir(c.names[0])
     mode = top.stat().st_mode
     os.chmod(top, 0)
@@ -139,10 +133,7 @@ def test_deleting_orphans_keeps_them_when_no_copy_the_record_names_is_left(make_
     # a move killed between its copy and its switch leaves the new copy an orphan; the old copy,
     # the one the record names, then lost with its disk: gc -delete-orphans deleted the orphan,
     # the value's last copy, and said all went well
-    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
-    write(c, {"/moved": b"the value", "/other": b"x"})
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, {"/moved": b"the value", "/other": b"x"}, volumes=2, replicas=1, subvolumes=1)
     named = copies(c, b"/moved")[0]
     other = next(v for v in c.names if c.volume_dir(v) not in named.parents)
     put_direct(other, "/moved", b"the value")  # by nginx: its DELETE would succeed
@@ -177,11 +168,8 @@ def test_an_index_html_on_a_volume_hides_none_of_its_keys(make_cluster):
     # nginx served a folder's index.html in place of its listing: one at a volume's top (a
     # stray file) and rebuild found no folder on that volume, left its keys out and said all
     # went well
-    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
     keys = {f"/ix/{i}": b"v%d" % i for i in range(20)}
-    write(c, keys)
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, keys, volumes=2, replicas=1, subvolumes=1)
     for name in c.names:
         (c.volume_dir(name) / "index.html").write_bytes(b"[]")
     folder = copies(c, b"/ix/0")[0].parent
@@ -195,11 +183,8 @@ def test_a_key_whose_folder_chain_is_over_a_thousand_deep_ends_no_walk(make_clus
     # nginx takes a PUT of it (the Go original's PUT goes through), each folder of its chain two
     # characters: the walks (rebuild over HTTP and from folders, verify) and gc's clean-up of
     # empty folders went down the chain by recursion, and RecursionError ended their process
-    c = make_cluster(volumes=2, replicas=1, subvolumes=1)
     keys = {f"/deep/{i}": b"v" for i in range(20)}
-    write(c, keys)
-    ready(c)
-    c.index.stop()
+    c = written(make_cluster, keys, volumes=2, replicas=1, subvolumes=1)
     deep = b"/aa" + b"\x03\xf0\x3f" * 600 + b"xy"  # "A/A/..." : 1,200 folders
     assert key2path(deep).count("/") > 1100
     volume = key2volume(deep, c.names, 1, 1)[0]
@@ -218,3 +203,4 @@ def test_a_key_whose_folder_chain_is_over_a_thousand_deep_ends_no_walk(make_clus
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(chain)], check=True)  # shutil.rmtree recurses too
+
