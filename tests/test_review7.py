@@ -204,3 +204,15 @@ def test_a_key_whose_folder_chain_is_over_a_thousand_deep_ends_no_walk(make_clus
     finally:
         subprocess.run(["rm", "-rf", str(chain)], check=True)  # shutil.rmtree recurses too
 
+
+def test_subvolumes_past_256_are_walked(make_cluster):
+    # `sv%02X` has three hex digits from 256 on (-subvolumes 300: sv100 to sv12B), which the
+    # walks took for stray folders: rebuild left those subvolumes' keys out and exited 0
+    keys = {f"/many/{i}": b"v" for i in range(40)}
+    c = written(make_cluster, keys, volumes=1, replicas=1, subvolumes=300)
+    placed = {k.encode(): key2volume(k.encode(), c.names, 1, 300) for k in keys}
+    assert any(len(v[0].rsplit("/sv", 1)[1]) == 3 for v in placed.values())
+    for db, flags in (("http", []), ("local", [str(c.volume_dir(c.names[0]))])):
+        r = admin("rebuild", c, *flags, db=c.root / db)
+        assert r.returncode == 0, r.stderr
+        assert {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / db).items()} == placed

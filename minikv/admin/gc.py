@@ -44,7 +44,7 @@ from minikv.admin.common import (
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
 from minikv.admin.uploads import clean_uploads
-from minikv.admin.walk import Walker
+from minikv.admin.walk import SUBVOLUME, Walker
 from minikv.http.client import Pool
 from minikv.index.record import (
     LIVE,
@@ -162,7 +162,6 @@ def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -
 
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
-_SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
 
 
 def _dirs(path: str, pattern: re.Pattern | None = None) -> list[str]:
@@ -178,7 +177,7 @@ def clean_folders(directory: str, age: float, dry_run: bool, progress: Progress)
     """Remove the empty folders older than `age` seconds below `<aa>/<bb>/` of a volume
     directory (and of its subvolumes)."""
     cutoff = time.time() - age
-    for root in [directory, *_dirs(directory, _SUBVOLUME)]:
+    for root in [directory, *_dirs(directory, SUBVOLUME)]:
         for aa in _dirs(root, _HEX2):
             for bb in _dirs(aa, _HEX2):
                 for folder in _dirs(bb):

@@ -27,7 +27,8 @@ from minikv.admin.lister import Lister
 from minikv.http.client import Pool, VolumeError
 from minikv.placement import key2path_bytes, path2key
 
-SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
+# `sv%02X` (placement.py, as the Go original): three hex digits and more past -subvolumes 256
+SUBVOLUME = re.compile(r"sv[0-9A-F]{2,8}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
 # nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
 _FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
