@@ -216,3 +216,18 @@ def test_subvolumes_past_256_are_walked(make_cluster):
         r = admin("rebuild", c, *flags, db=c.root / db)
         assert r.returncode == 0, r.stderr
         assert {k: decode_data(raw).volumes for k, raw in lmdb_records(c.root / db).items()} == placed
+
+
+def test_a_file_dated_before_1970_is_a_key_like_any_other(tmp_path):
+    # a clock or a restore gone wrong: its mtime is negative, which the record's unsigned field
+    # could not hold; struct.error ended the local walk's process and its share's keys were lost
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    keys = [b"/old/%d" % i for i in range(40)]
+    for key in keys:
+        for folder in dirs:
+            put_file(folder, key, b"value")
+            os.utime(folder / key2path(key)[1:], (-86400 * 400, -86400 * 400))
+    r = local_rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
+    assert r.returncode == 0, r.stderr
+    records = lmdb_records(tmp_path / "idx")
+    assert sorted(records) == sorted(keys) and {decode_data(raw).mtime_ms for raw in records.values()} == {0}

@@ -107,7 +107,8 @@ def make_record(key: bytes, found: list[Found], config: Config, md5: bytes = NO_
     chosen = [f for f in found if f.size == size]
     want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
     volumes = placement_order(key, [f.volume for f in chosen], config, want)
-    record = encode_data(LIVE, volumes, size, max(f.mtime_ms for f in chosen), md5, layout(key, volumes, config, want))
+    mtime = max(0, *(f.mtime_ms for f in chosen))  # 0, not negative, for a file dated before 1970
+    record = encode_data(LIVE, volumes, size, mtime, md5, layout(key, volumes, config, want))
     return record, [f for f in found if f.size != size]
 
 
