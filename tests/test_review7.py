@@ -147,15 +147,23 @@ def test_deleting_orphans_keeps_them_when_no_copy_the_record_names_is_left(make_
         assert orphan.read_bytes() == b"the value", command
 
 
+def volume_folders(tmp_path, keys: list[bytes], mtime: int | None = None) -> list[Path]:
+    """Two volume folders (test_local_fast's volumes) holding every key, for a local rebuild."""
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    for key in keys:
+        for folder in dirs:
+            put_file(folder, key, b"value")
+            if mtime is not None:
+                os.utime(folder / key2path(key)[1:], (mtime, mtime))
+    return dirs
+
+
 def test_a_local_walk_goes_on_past_an_aa_folder_it_cannot_read(tmp_path):
     # an `<aa>` that is a link to itself (as root, the way to make a folder that cannot be read;
     # for any other user chmod 000 does the same): scandir raised, which ended the walk's
     # process, and the other `<aa>` folders of its share went unread
-    dirs = [tmp_path / "v1", tmp_path / "v2"]
     keys = [b"/aa/%d" % i for i in range(40)]
-    for key in keys:
-        for folder in dirs:
-            put_file(folder, key, b"value")
+    dirs = volume_folders(tmp_path, keys)
     bad = next(f"{a:02x}" for a in range(256) if not (dirs[0] / f"{a:02x}").exists())
     os.symlink(bad, dirs[0] / bad)
     r = local_rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
@@ -221,12 +229,8 @@ def test_subvolumes_past_256_are_walked(make_cluster):
 def test_a_file_dated_before_1970_is_a_key_like_any_other(tmp_path):
     # a clock or a restore gone wrong: its mtime is negative, which the record's unsigned field
     # could not hold; struct.error ended the local walk's process and its share's keys were lost
-    dirs = [tmp_path / "v1", tmp_path / "v2"]
     keys = [b"/old/%d" % i for i in range(40)]
-    for key in keys:
-        for folder in dirs:
-            put_file(folder, key, b"value")
-            os.utime(folder / key2path(key)[1:], (-86400 * 400, -86400 * 400))
+    dirs = volume_folders(tmp_path, keys, mtime=-86400 * 400)
     r = local_rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
     assert r.returncode == 0, r.stderr
     records = lmdb_records(tmp_path / "idx")
