@@ -174,7 +174,8 @@ class LocalWalker:
                     self.errors.append(f"cannot read {os.fsdecode(base + aa)}: {e.strerror}")
                     continue
                 for e in entries:
-                    if e.name in _HEX and _is_dir(e):
+                    # a folder as before (a C call), a link to one through _is_dir
+                    if e.name in _HEX and (e.is_dir(follow_symlinks=False) or _is_dir(e)):
                         bbs.setdefault(e.name, []).append((base, volume))
             for bb in sorted(bbs):
                 group: dict[bytes, list[Found]] = {}
