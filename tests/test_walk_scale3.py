@@ -220,7 +220,7 @@ def test_names_that_need_the_careful_path_still_come_through():
             return real_answer(p)
         body = json.dumps([{"name": n, "type": "file", "mtime": MTIME, "size": 3}
                            for n in sorted(volume.dirs[p])]).encode()
-        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
     volume.answer = answer
 

@@ -44,7 +44,7 @@ from minikv.admin.common import (
 from minikv.admin.orphans import Orphans
 from minikv.admin.progress import Progress
 from minikv.admin.uploads import clean_uploads
-from minikv.admin.walk import Walker
+from minikv.admin.walk import SUBVOLUME, Walker
 from minikv.http.client import Pool
 from minikv.index.record import (
     LIVE,
@@ -162,7 +162,6 @@ def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -
 
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
-_SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
 
 
 def _dirs(path: str, pattern: re.Pattern | None = None) -> list[str]:
@@ -178,35 +177,42 @@ def clean_folders(directory: str, age: float, dry_run: bool, progress: Progress)
     """Remove the empty folders older than `age` seconds below `<aa>/<bb>/` of a volume
     directory (and of its subvolumes)."""
     cutoff = time.time() - age
-    for root in [directory, *_dirs(directory, _SUBVOLUME)]:
+    for root in [directory, *_dirs(directory, SUBVOLUME)]:
         for aa in _dirs(root, _HEX2):
             for bb in _dirs(aa, _HEX2):
                 for folder in _dirs(bb):
                     _prune(folder, cutoff, dry_run, progress)
 
 
-def _prune(folder: str, cutoff: float, dry_run: bool, progress: Progress) -> bool:
-    """Remove `folder` if it holds nothing but folders that are removed: True when it is
-    (or, with dry_run, would be) gone."""
-    try:
-        old = os.lstat(folder).st_mtime < cutoff  # before its subfolders go, which touches it
-        with os.scandir(folder) as it:
-            entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
-    except OSError:
-        return False
-    empty = True
-    for path, is_dir in entries:
-        if not (is_dir and _prune(path, cutoff, dry_run, progress)):
-            empty = False
-    if not (empty and old):
-        return False
-    if not dry_run:
+def _prune(top: str, cutoff: float, dry_run: bool, progress: Progress) -> bool:
+    """Remove `top` if it holds nothing but folders that are removed: True when it is (or, with
+    dry_run, would be) gone. Its folders are read first, then taken children before parents:
+    a stack, not recursion, since a Go key's chain can be over a thousand folders deep."""
+    order: list[tuple[str, bool, list[tuple[str, bool]] | None]] = []  # each folder after its parent
+    todo = [top]
+    while todo:
+        folder = todo.pop()
         try:
-            os.rmdir(folder)  # only ever an empty folder: a file put there meanwhile stays
+            old = os.lstat(folder).st_mtime < cutoff  # before its subfolders go, which touches it
+            with os.scandir(folder) as it:
+                entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in it]
         except OSError:
-            return False
-    progress.add("folders")
-    return True
+            order.append((folder, False, None))
+            continue
+        order.append((folder, old, entries))
+        todo += [path for path, is_dir in entries if is_dir]
+    gone: set[str] = set()
+    for folder, old, entries in reversed(order):
+        if entries is None or not old or not all(is_dir and path in gone for path, is_dir in entries):
+            continue
+        if not dry_run:
+            try:
+                os.rmdir(folder)  # only ever an empty folder: a file put there meanwhile stays
+            except OSError:
+                continue
+        progress.add("folders")
+        gone.add(folder)
+    return top in gone
 
 
 async def gc(args, config) -> int:

@@ -5,6 +5,11 @@ same walk as admin/walk.py, `<aa>` by `<aa>`, one `<aa>/<bb>` folder across ever
 time, handing the caller the same `{key: [Found, ...]}` batches, but from the file system, with
 no HTTP and no JSON in between. Memory holds one `<aa>/<bb>` folder, never the whole listing.
 
+A subvolume, `<aa>` or `<bb>` folder that is a symbolic link is followed, as nginx follows it
+(a subvolume moved to another disk and linked back was left out, its keys lost from the index);
+below `<bb>` links are not (a link to a folder above would make the walk endless), nor links to
+files (no writer of a volume makes one).
+
 Volume folders are named on the command line as `DIR` (in the order of -volumes, one for each)
 or `VOLUME=DIR` (any subset: a rebuild per volume host, each adding to the index with -force).
 """
@@ -48,6 +53,14 @@ def volume_dirs(volumes: list[str], given: list[str]) -> dict[str, str]:
     return out
 
 
+def _is_dir(e: os.DirEntry) -> bool:
+    """A folder, or a link to one (as nginx follows it); a link in a loop is neither."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
 def _entries(path: str | bytes) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
@@ -66,7 +79,11 @@ class LocalWalker:
     async def roots(self) -> list[Root]:
         found: list[Root] = []
         for host, folder in self.dirs.items():
-            names = [e.name for e in _entries(folder) if e.is_dir(follow_symlinks=False)]
+            try:
+                names = [e.name for e in _entries(folder) if _is_dir(e)]
+            except OSError as e:  # as Walker.roots: this volume's keys are missing, said so
+                self.errors.append(f"cannot read {folder}: {e.strerror}")
+                continue
             found += [Root(host, "/" + d) for d in sorted(names) if SUBVOLUME.fullmatch(d)]
             if any(HEX2.fullmatch(d) for d in names):
                 found.append(Root(host, ""))
@@ -77,17 +94,20 @@ class LocalWalker:
 
     def files(self, path: str, below: str, out: list[tuple[str, int, int]]) -> None:
         """(name below the `<aa>/<bb>` folder, size, mtime_ms) of every file under `path`
-        (a base64 name holding `/` is a folder chain)."""
-        try:
-            entries = _entries(path)
-            for e in entries:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
-                elif e.is_dir(follow_symlinks=False):
-                    self.files(e.path, below + e.name + "/", out)
-        except OSError as e:
-            self.errors.append(f"cannot read {path}: {e.strerror}")
+        (a base64 name holding `/` is a folder chain, over a thousand deep for some keys of the
+        Go original: a stack, not recursion)."""
+        folders = [(path, below)]
+        while folders:
+            path, below = folders.pop()
+            try:
+                for e in _entries(path):
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
+                    elif e.is_dir(follow_symlinks=False):
+                        folders.append((e.path, below + e.name + "/"))
+            except OSError as e:
+                self.errors.append(f"cannot read {path}: {e.strerror}")
 
     def _folder_files(self, path: bytes, folder: bytes, volume: str,
                       group: dict[bytes, list[Found]], seen: dict[bytes, bytes | None]) -> int:
@@ -148,8 +168,14 @@ class LocalWalker:
             aa = b"/%02x" % a
             bbs: dict[bytes, list[tuple[bytes, str]]] = {}
             for base, volume in bases:
-                for e in _entries(base + aa):
-                    if e.name in _HEX and e.is_dir(follow_symlinks=False):
+                try:
+                    entries = _entries(base + aa)
+                except OSError as e:  # unreadable, a link loop: that folder is missing, not the rest
+                    self.errors.append(f"cannot read {os.fsdecode(base + aa)}: {e.strerror}")
+                    continue
+                for e in entries:
+                    # a folder as before (a C call), a link to one through _is_dir
+                    if e.name in _HEX and (e.is_dir(follow_symlinks=False) or _is_dir(e)):
                         bbs.setdefault(e.name, []).append((base, volume))
             for bb in sorted(bbs):
                 group: dict[bytes, list[Found]] = {}

@@ -10,7 +10,8 @@ naming the orphan copies (PENDING(delete) with nothing before it for a key with 
 PENDING(rebalance) keeping the record otherwise), the files are deleted, and the record is put
 back. A PUT of the same key meanwhile gets 409 instead of having its new copy deleted, and a
 crash in between is resolved by recovery, whose rules for those two records delete exactly the
-orphans.
+orphans. The orphans of a LIVE key none of whose named copies answers with its size are kept:
+they may be the value's last copies.
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ from minikv.admin.move import named
 from minikv.admin.progress import Progress
 from minikv.admin.walk import Found
 from minikv.http.client import Pool, VolumeError
-from minikv.index.record import OP_DELETE, OP_REBALANCE, PENDING, encode_pending, now_ms
-from minikv.index.store import Store
+from minikv.index.record import (
+    LIVE,
+    OP_DELETE,
+    OP_REBALANCE,
+    PENDING,
+    decode_data,
+    encode_pending,
+    is_composite,
+    now_ms,
+)
+from minikv.index.store import MAX_KEY, Store
 
 
 class Orphans:
@@ -46,6 +56,13 @@ class Orphans:
                 extra = await self.confirm(key, extra)
             if not extra:
                 continue
+            if self.delete and len(key) > MAX_KEY:
+                # a key of the Go original (no limit) that no index of ours can hold: rebuild
+                # left it out and keeps its files, the only place its value is
+                self.progress.add("orphans", len(extra))
+                self.progress.problem(f"{show(key)[:80]}...: {len(key)} bytes, longer than the index holds "
+                                      f"({MAX_KEY}): its files are no record's, but not deleted")
+                continue
             if self.delete:
                 await self.drop(key, extra)
             else:
@@ -66,6 +83,19 @@ class Orphans:
         names = named(self.store.get(key))
         return [v for v in still if v not in names]
 
+    async def named_copy(self, key: bytes, raw: bytes) -> bool:
+        """Does a copy the LIVE record names answer, with the record's size? When none does, the
+        orphans may be all that is left of the value (a move killed before its switch, then the
+        old volume lost or left out of -volumes): they are not deleted."""
+        record = decode_data(raw)
+        for volume in record.volumes:
+            try:
+                if await replicas.exists(self.pool, volume, key) == record.size:
+                    return True
+            except VolumeError:
+                continue
+        return False
+
     async def drop(self, key: bytes, volumes: list[str]) -> None:
         p = self.progress
         raw = self.store.get(key)
@@ -74,6 +104,12 @@ class Orphans:
             return
         if raw is not None and raw[0] == PENDING:
             p.add("busy")
+            return
+        if raw is not None and raw[0] == LIVE and not is_composite(raw) and not await self.named_copy(key, raw):
+            p.add("orphans", len(volumes))
+            p.add("failed")
+            p.problem(f"{show(key)}: orphans on {', '.join(volumes)} not deleted: no copy its record names answers "
+                      "with the record's size, so they may be the last ones (see `minikv verify`)")
             return
         op = OP_DELETE if raw is None else OP_REBALANCE
         pending = encode_pending(op, os.getpid(), now_ms(), volumes, raw or b"")

@@ -25,8 +25,8 @@ What the volumes cannot tell, and so a rebuilt index does not know:
 - md5: records get none (Content-Md5 is then left out) unless `-md5` is given, which reads every
   value once, streamed, to compute it.
 - Copies that disagree on size (a truncated file): the size most copies have wins (the larger
-  on a tie); the others are left out of the record and show up in `verify` as orphans, and
-  `repair` copies a right one over them.
+  on a tie; an empty file, which a crash can leave, only when all are); the others are left out of
+  the record and show up in `verify` as orphans, and `repair` copies a right one over them.
 - Keys longer than the index holds (511 bytes; the Go original has no limit): each is named and
   left out, its files stay, and rebuild exits 1 once it has done the rest.
 
@@ -89,16 +89,26 @@ def layout(key: bytes, volumes: list[str], config: Config, want: list[str] | Non
     return 0
 
 
+def right_size(found: list[Found]) -> int:
+    """The size of a key's copies that disagree: the one most have (the larger on a tie), and 0
+    only when no copy holds bytes. An empty file is what a crash leaves (a rename that reached
+    the disk before the data); an empty value is rare (the plain API refuses it, S3 allows it).
+    Two empty copies that outvoted the only one holding the value would have `repair` overwrite
+    it: kept, the bytes can still be deleted; overwritten, they are gone."""
+    sizes = Counter(f.size for f in found)
+    return max(sizes, key=lambda s: (s > 0, sizes[s], s))
+
+
 def make_record(key: bytes, found: list[Found], config: Config, md5: bytes = NO_MD5) -> tuple[bytes, list[Found]]:
-    """The LIVE record for a key's files, and the files left out (another size than most)."""
+    """The LIVE record for a key's files, and the files left out (another size than right_size)."""
     size = found[0].size
     if any(f.size != size for f in found):
-        sizes = Counter(f.size for f in found)
-        size = max(sizes, key=lambda s: (sizes[s], s))
+        size = right_size(found)
     chosen = [f for f in found if f.size == size]
     want = key2volume(key, config.volumes, config.replicas, config.subvolumes)
     volumes = placement_order(key, [f.volume for f in chosen], config, want)
-    record = encode_data(LIVE, volumes, size, max(f.mtime_ms for f in chosen), md5, layout(key, volumes, config, want))
+    mtime = max(0, *(f.mtime_ms for f in chosen))  # 0, not negative, for a file dated before 1970
+    record = encode_data(LIVE, volumes, size, mtime, md5, layout(key, volumes, config, want))
     return record, [f for f in found if f.size != size]
 
 
@@ -154,8 +164,7 @@ class Rebuild:
 
     async def md5(self, key: bytes, found: list[Found]) -> bytes:
         """The md5 of a copy of the most common size, read as a stream (NO_MD5 if none reads)."""
-        sizes = Counter(f.size for f in found)
-        size = max(sizes, key=lambda s: (sizes[s], s))
+        size = right_size(found)
         for f in found:
             if f.size != size:
                 continue

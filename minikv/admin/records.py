@@ -61,7 +61,8 @@ class Placer:
                         break
                 else:
                     # the usual case: every copy where placement puts it, so the record lists placement
-                    return _HEAD.pack(LIVE, size, mtime, NO_MD5, self.epoch) + ",".join(want).encode(), []
+                    # a file dated before 1970 (a clock or a restore gone wrong) has a negative mtime
+                    return _HEAD.pack(LIVE, size, mtime if mtime > 0 else 0, NO_MD5, self.epoch) + ",".join(want).encode(), []
         from minikv.admin.rebuild import make_record  # a cycle at import time: rebuild imports us
 
         return make_record(key, found, self.config)

@@ -27,7 +27,8 @@ from minikv.admin.lister import Lister
 from minikv.http.client import Pool, VolumeError
 from minikv.placement import key2path_bytes, path2key
 
-SUBVOLUME = re.compile(r"sv[0-9A-F]{2}")
+# `sv%02X` (placement.py, as the Go original): three hex digits and more past -subvolumes 256
+SUBVOLUME = re.compile(r"sv[0-9A-F]{2,8}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
 # nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
 _FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
@@ -44,6 +45,10 @@ ATTEMPTS = 3
 # some 300 KB of answers at most.
 BATCH = 1024
 BATCHES = 4
+# Folders listed below one `<aa>/<bb>` folder of a (sub)volume at most. Its nested folders are
+# base64 names holding `/`, a few even at a billion keys; but nginx follows symbolic links, and
+# two links to `.` made the tree 2^40 listings deep (until the kernel's ELOOP): endless.
+NESTED = 4096
 
 
 class Found(NamedTuple):
@@ -182,6 +187,10 @@ class Walker:
                 return []  # deleted since its parent was listed
             if resp.status != 200:
                 raise VolumeError(host, f"answered {resp.status} to a listing of {path}")
+            if not resp.headers.get(b"content-type", b"").startswith(b"application/json"):
+                # nginx's `index` serves a folder's index.html in place of its listing: the
+                # folder would look empty, and a volume's top hid its every key
+                raise VolumeError(host, f"sent a file, not a listing, for {path} (an index.html in that folder?)")
             try:
                 # a name that is not UTF-8 (a stray file) is kept as surrogates, which no key's
                 # name has: skipped as foreign, not an error that costs the folder's other files
@@ -194,9 +203,11 @@ class Walker:
 
     async def roots(self) -> list[Root]:
         """Where each volume keeps files: its subvolume folders, and its top level when that holds
-        `<aa>` folders too (a volume written without subvolumes, or with both over time)."""
+        `<aa>` folders too (a volume written without subvolumes, or with both over time). One whose
+        top cannot be listed is an error (the walk is incomplete), not the end of the command."""
         found: list[Root] = []
-        for host, entries in zip(self.hosts, await asyncio.gather(*(self.listing(h, "/") for h in self.hosts))):
+        tops = await asyncio.gather(*(self._listing_or_error(Root(h, ""), "/") for h in self.hosts))
+        for host, entries in zip(self.hosts, tops):
             dirs = [e.get("name", "") for e in entries if e.get("type") == "directory"]
             found += [Root(host, "/" + d) for d in sorted(dirs) if SUBVOLUME.fullmatch(d)]
             if any(HEX2.fullmatch(d) for d in dirs):
@@ -204,17 +215,27 @@ class Walker:
         return found
 
     async def files(self, root: Root, path: str) -> list[tuple[str, int, int]]:
-        """(path below the root, size, mtime_ms) of every file below folder `path`, recursively
-        (a base64 name holding `/` is a folder chain)."""
+        """(path below the root, size, mtime_ms) of every file below folder `path` (a base64 name
+        holding `/` is a folder chain), listing at most NESTED folders below it. A stack, not
+        recursion: a Go key's chain can be over a thousand folders deep (RecursionError)."""
         out: list[tuple[str, int, int]] = []
-        for e in await self.listing(root.host, root.prefix + path):
-            name = e.get("name", "")
-            if not name or "/" in name or name in (".", ".."):
-                continue
-            if e.get("type") == "directory":
-                out += await self.files(root, path + name + "/")
-            elif e.get("type") == "file":
-                out.append((path + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
+        folders = [path]
+        listed = 0
+        while folders:
+            folder = folders.pop()
+            for e in await self.listing(root.host, root.prefix + folder):
+                name = e.get("name", "")
+                if not name or "/" in name or name in (".", ".."):
+                    continue
+                if e.get("type") == "directory":
+                    listed += 1
+                    if listed <= NESTED:
+                        folders.append(folder + name + "/")
+                    elif listed == NESTED + 1:
+                        self.errors.append(f"volume {root.host}: more than {NESTED} folders below {root.prefix}"
+                                           f"{path}, the rest left unwalked: a symbolic link to a folder above?")
+                elif e.get("type") == "file":
+                    out.append((folder + name, int(e.get("size", 0)), parse_mtime(e.get("mtime", ""))))
         return out
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],

@@ -167,6 +167,9 @@ def render_config(
         "",
         "    server {",
         f"        listen {listen_address(host, port)} default_server backlog=4096;",
+        # a folder is always listed: an index.html put in one (a stray file) was served in its
+        # place and hid its files from rebuild; no key's file name holds a "."
+        "        index .minikv-no-index;",
         "",
         "        location / {",
         *guard,
