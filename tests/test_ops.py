@@ -175,6 +175,9 @@ def test_a_stopped_volume_is_down_with_its_reason_everywhere_until_it_returns(ma
 
     out = wait_for(refused_in_status, what="minikv status gives the volume down, refusing")
     assert out.returncode == 1, out
+    # the leading worker logs what its own probes saw: the worker that answered the checks above
+    # may be the other one, so the volume stays down until the leader has seen it too
+    wait_for(lambda: f"volume {gone} is down" in c.index.log.read_text(), what="the leader logs the volume down")
 
     c.volumes[0].start()
     wait_for(lambda: requests.get(c.ops + "/readyz", timeout=10).status_code == 200, what="readyz 200 again")
