@@ -70,6 +70,10 @@ def test_composite_records_and_manifests_round_trip():
     key = b"/b/k\xff\n with\x00odd bytes"
     assert parse_manifest(manifest(key, 99, [1, 3])) == (key, 99, [1, 3])
     assert parse_manifest(b"not a manifest") is None and parse_manifest(b"minikv-composite 1\nzz\nx\n") is None
+    # what no record can hold is no manifest (it ended rebuild's multipart step)
+    for bad in (manifest(b"", 99, [1]), manifest(b"/k" * 300, 99, [1]), manifest(key, -1, [1]),
+                manifest(key, 1 << 64, [1]), manifest(key, 99, [0]), manifest(key, 99, [10_001])):
+        assert parse_manifest(bad) is None, bad
 
 
 def test_byte_ranges_of_a_composite_are_read_as_nginx_reads_them():

@@ -29,12 +29,14 @@ from collections.abc import AsyncIterator
 from minikv.http.response import ClientGone
 from minikv.index.engine import settle
 from minikv.index.record import LIVE, decode_composite, decode_data, is_composite, readable
+from minikv.index.store import MAX_KEY
 from minikv.s3.errors import S3Error
 
 PART_PREFIX = b"\x00s3/mpu/"
 MANIFEST_NUMBER = 0
 MANIFEST_MAGIC = b"minikv-composite 1\n"
 MANIFEST_LIMIT = 1 << 20  # 10,000 part numbers and a key fit many times over
+MAX_PART = 10_000  # S3's highest part number (s3/multipart.py)
 DELETES_AT_ONCE = 16
 _RANGE = re.compile(r"[bB][yY][tT][eE][sS]=\s*([0-9]{0,19})-([0-9]{0,19})\s*")  # bounded: no 5000-digit int()
 
@@ -59,9 +61,14 @@ def parse_manifest(data: bytes) -> tuple[bytes, int, list[int]] | None:
         return None
     try:
         key, mtime, numbers = data[len(MANIFEST_MAGIC):].split(b"\n")[:3]
-        return base64.b64decode(key, validate=True), int(mtime), [int(n) for n in numbers.split(b",")]
+        key, ms, parts = base64.b64decode(key, validate=True), int(mtime), [int(n) for n in numbers.split(b",")]
     except ValueError:
         return None
+    # a crafted or damaged one is no manifest: an empty key, or a mtime no record holds, ended
+    # rebuild's multipart step with an exception from the index or the record's encoding
+    if not 0 < len(key) <= MAX_KEY or not 0 <= ms < 1 << 63 or not all(0 < n <= MAX_PART for n in parts):
+        return None
+    return key, ms, parts
 
 
 async def parts(store, raw: bytes) -> list[tuple[bytes, bytes]]:
