@@ -61,13 +61,18 @@ def paced(items: Iterable) -> Iterable:
 
 
 def _paced(items: Iterable, hook: Callable[[], None]) -> Iterator:
-    global _counted
     for item in items:
         yield item
-        _counted += 1
-        if _counted >= PACE:
-            _counted = 0
-            hook()
+        counted(1, hook)
+
+
+def counted(n: int, hook: Callable[[], None]) -> None:
+    """`n` more records towards the next now_and_then() (`hook`)."""
+    global _counted
+    _counted += n
+    if _counted >= PACE:
+        _counted = 0
+        hook()
 
 
 class Store:
@@ -215,7 +220,6 @@ class Store:
         and no Python per key), and merge() runs for the keys already there. `items` sorted by
         key (and each key once) make the puts walk the tree in order. Returns how many keys
         were added."""
-        global _counted
         added = 0
         last_top = b"\0"  # no key's top: every chunk's first key is looked at
         with self.env.begin(write=True, db=self.keys) as txn:
@@ -236,10 +240,7 @@ class Store:
                             self._track_top(txn, top, True)
                             last_top = top
                 if now_and_then is not None:
-                    _counted += len(chunk)
-                    if _counted >= PACE:
-                        _counted = 0
-                        now_and_then()
+                    counted(len(chunk), now_and_then)
         return added
 
     def scan(self, prefix: bytes, start: bytes = b"", limit: int = 0,
