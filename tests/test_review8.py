@@ -1,0 +1,39 @@
+"""Review of the local rebuild, Store.add_many and the manifests' checks against hostile or
+damaged volume contents: each test here failed on the code reviewed."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_local_fast import put_file, rebuild  # noqa: E402
+from test_rebuild_fast import lmdb_records  # noqa: E402
+
+from minikv.index.record import decode_composite  # noqa: E402
+from minikv.s3.composite import PART_PREFIX, manifest, part_key  # noqa: E402
+
+
+def test_a_manifest_named_with_no_upload_id_of_ours_restores_no_object(tmp_path):
+    # a file on a volume can be named anything: a manifest's key whose upload id is not UTF-8
+    # ended rebuild's multipart step with UnicodeDecodeError (a traceback, the objects after it
+    # not restored); one whose id holds a `/` became a composite record no reader can decode
+    good = "0123456789abcdef" * 2
+    strays = {b"/not-utf8": PART_PREFIX + b"\x80\x81", b"/slash": PART_PREFIX + b"00/x"}
+    files = {part_key(good, 1): b"part", part_key(good, 0): manifest(b"/good", 5, [1])}
+    for obj, upload in strays.items():
+        files[upload + b"/00000"] = manifest(obj, 5, [1])
+        files[upload + b"/00001"] = b"part"
+    assert not any(b"//" in base64.b64encode(key) for key in files)  # each a file nginx could hold
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    for key, data in files.items():
+        for folder in dirs:
+            put_file(folder, key, data)
+    r = rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "1 multipart objects" in r.stderr and r.stderr.count("no upload's manifest") == 2, r.stderr
+    records = lmdb_records(tmp_path / "idx")
+    assert decode_composite(records[b"/good"]) == (good, [1])
+    assert not set(strays) & set(records), sorted(records)
