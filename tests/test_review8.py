@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_local_fast import put_file, rebuild  # noqa: E402
@@ -59,3 +61,26 @@ def test_a_nested_file_deleted_while_its_folder_is_walked_is_no_listing_error(tm
     walker.files(str(folder), "x/", out)
     deleter.join()
     assert walker.errors == [], walker.errors[:1]
+
+
+@pytest.mark.parametrize("engine", ["lmdb", "postgresql"], indirect=True)
+def test_gc_keeps_the_parts_of_a_completed_multipart_object(make_cluster):
+    # Complete drops the upload and keeps its parts (the object is made of them, its manifest
+    # says so): gc took them for the parts of an upload gone and deleted them, manifest too,
+    # and the object could no longer be read
+    pytest.importorskip("boto3")
+    from test_s3 import client
+    from test_s3_get_gc import _gc
+
+    c = make_cluster(volumes=2, replicas=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="mpu")
+    upload = s3.create_multipart_upload(Bucket="mpu", Key="done")["UploadId"]
+    parts = [b"a" * (5 << 20), b"b" * 1000]
+    etags = [s3.upload_part(Bucket="mpu", Key="done", UploadId=upload, PartNumber=n, Body=body)["ETag"]
+             for n, body in enumerate(parts, 1)]
+    s3.complete_multipart_upload(Bucket="mpu", Key="done", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]})
+    done = _gc(c)
+    assert done.returncode == 0 and "orphan parts" not in done.stderr, done.stderr
+    assert s3.get_object(Bucket="mpu", Key="done")["Body"].read() == b"".join(parts)
