@@ -102,7 +102,10 @@ class LocalWalker:
             try:
                 for e in _entries(path):
                     if e.is_file(follow_symlinks=False):
-                        st = e.stat(follow_symlinks=False)
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # deleted since the folder was read, as in _folder_files
                         out.append((below + e.name, st.st_size, st.st_mtime_ns // 1_000_000))
                     elif e.is_dir(follow_symlinks=False):
                         folders.append((e.path, below + e.name + "/"))

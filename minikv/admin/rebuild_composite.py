@@ -19,7 +19,7 @@ from minikv.http.client import Pool, VolumeError
 from minikv.index.record import LIVE, PENDING, decode_data, encode_composite, is_composite
 from minikv.index.store import Store
 from minikv.placement import key2path
-from minikv.s3.composite import MANIFEST_LIMIT, PART_PREFIX, parse_manifest, part_key
+from minikv.s3.composite import MANIFEST_LIMIT, PART_PREFIX, manifest_upload, parse_manifest, part_key
 
 PAGE = 10_000  # records read per scan of the parts
 
@@ -58,6 +58,11 @@ async def composites(store, pool: Pool, dirs: dict[str, str], progress: Progress
         for key, raw in pairs:
             if not key.endswith(b"/00000") or raw[0] != LIVE or is_composite(raw):
                 continue
+            upload_id = manifest_upload(key)
+            if upload_id is None:  # a file on a volume can be named anything
+                progress.add("failed")
+                progress.problem(f"{show(key)}: no upload's manifest (minikv makes no such upload id): left as it is")
+                continue
             data = await _manifest_bytes(pool, dirs, key, raw)
             parsed = parse_manifest(data) if data is not None else None
             if parsed is None:
@@ -65,7 +70,6 @@ async def composites(store, pool: Pool, dirs: dict[str, str], progress: Progress
                 progress.problem(f"{show(key)}: multipart manifest unreadable: the object it makes is not restored")
                 continue
             obj, mtime, numbers = parsed
-            upload_id = key[len(PART_PREFIX):-6].decode()
             sizes = []
             for n in numbers:
                 part = found.get(part_key(upload_id, n)) or store.get(part_key(upload_id, n))

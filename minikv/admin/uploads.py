@@ -6,7 +6,8 @@ every bucket: uploads started more than -uploads-older-than ago (7 days by defau
 rule people usually set) are aborted as AbortMultipartUpload would (s3/multipart.py: every
 part deleted like any S3 value, then the upload; an upload whose parts cannot all be deleted
 now stays, for the next run). Then parts whose upload no longer exists (a crash between the two
-steps of an abort) are deleted.
+steps of an abort) are deleted, but not those of a completed upload: its manifest says an object
+is made of them.
 
 Like the rest of gc this runs beside a live server: on LMDB it opens the S3 meta store
 (`<db>/s3`) as the server does (LMDB takes many processes); on PostgreSQL it uses the same
@@ -93,7 +94,8 @@ async def clean_uploads(config, store, pool, age: float, dry_run: bool, progress
 
 
 async def _orphan_parts(s3: _Front, dry_run: bool, progress: Progress) -> None:
-    """Delete the parts whose upload is gone, a page of part records at a time."""
+    """Delete the parts whose upload is gone and that no completed object is made of (its upload
+    has no manifest), a page of part records at a time."""
     start = b""
     known: dict[str, bool] = {}  # upload id -> exists, for the parts of one upload in a row
     while True:
@@ -101,7 +103,10 @@ async def _orphan_parts(s3: _Front, dry_run: bool, progress: Progress) -> None:
         for key, _ in pairs:
             upload_id = key[len(PART_PREFIX):len(PART_PREFIX) + 32].decode("latin-1")
             if upload_id not in known:
-                known = {upload_id: s3.meta.upload(upload_id) is not None}
+                # in progress, or completed: its manifest (number 0, the first of its keys) says an
+                # object is made of its parts (s3/composite.py), which Complete left in place
+                known = {upload_id: s3.meta.upload(upload_id) is not None
+                         or s3.store.get(key[:-5] + b"00000") is not None}
             if known[upload_id]:
                 continue
             if dry_run:

@@ -37,6 +37,7 @@ MANIFEST_NUMBER = 0
 MANIFEST_MAGIC = b"minikv-composite 1\n"
 MANIFEST_LIMIT = 1 << 20  # 10,000 part numbers and a key fit many times over
 MAX_PART = 10_000  # S3's highest part number (s3/multipart.py)
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # what meta.new_upload makes (secrets.token_hex(16))
 DELETES_AT_ONCE = 16
 _RANGE = re.compile(r"[bB][yY][tT][eE][sS]=\s*([0-9]{0,19})-([0-9]{0,19})\s*")  # bounded: no 5000-digit int()
 
@@ -53,6 +54,16 @@ def manifest(key: bytes, mtime_ms: int, numbers: list[int]) -> bytes:
     """The manifest's bytes: magic line, the object's key (base64), mtime, part numbers."""
     return b"".join((MANIFEST_MAGIC, base64.b64encode(key), b"\n%d\n" % mtime_ms,
                      b",".join(b"%d" % n for n in numbers), b"\n"))
+
+
+def manifest_upload(key: bytes) -> str | None:
+    """The upload id of `key` when it is a manifest's (`<PART_PREFIX><upload id>/00000`), else
+    None: a file on a volume can be named anything, and an id that is not UTF-8 ended rebuild's
+    multipart step, one holding `/` made a record no reader can decode."""
+    if not (key.startswith(PART_PREFIX) and key.endswith(b"/00000")):
+        return None
+    upload_id = key[len(PART_PREFIX):-6].decode("latin-1")
+    return upload_id if UPLOAD_ID.fullmatch(upload_id) else None
 
 
 def parse_manifest(data: bytes) -> tuple[bytes, int, list[int]] | None:

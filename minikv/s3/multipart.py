@@ -56,7 +56,7 @@ from minikv.index.record import (
 )
 from minikv.s3 import attrs as attributes
 from minikv.s3.common import Ctx, md5_etag, object_key, quoted
-from minikv.s3.composite import PART_PREFIX, manifest, manifest_key, part_key
+from minikv.s3.composite import PART_PREFIX, UPLOAD_ID, manifest, manifest_key, part_key
 from minikv.s3.composite import stream as composite_stream
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, decimal_in
@@ -69,12 +69,11 @@ MIN_PART_SIZE = 5 << 20  # every part but the last, as S3
 COMPLETE_BODY_LIMIT = 4 << 20
 DELETES_AT_ONCE = 16
 MAX_UPLOADS = 1000  # uploads in one ListMultipartUploads answer, as S3
-_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
     """The upload id of the request, checked to be in progress and to be for this key."""
-    if upload_id is None or not _UPLOAD_ID.fullmatch(upload_id):
+    if upload_id is None or not UPLOAD_ID.fullmatch(upload_id):
         raise S3Error("NoSuchUpload", "The specified upload does not exist.", UploadId=upload_id or "")
     found = await settle(s3.meta.upload(upload_id))
     if found is None or found[0] != ctx.key:
