@@ -1,5 +1,6 @@
-"""Review of the local rebuild, Store.add_many and the manifests' checks against hostile or
-damaged volume contents: each test here failed on the code reviewed."""
+"""Review of the local rebuild, Store.add_many, gc and the manifests' checks against hostile or
+damaged volume contents, and of the PostgreSQL index's wait for a database that is down: each
+test here failed on the code reviewed."""
 
 from __future__ import annotations
 
@@ -84,3 +85,40 @@ def test_gc_keeps_the_parts_of_a_completed_multipart_object(make_cluster):
     done = _gc(c)
     assert done.returncode == 0 and "orphan parts" not in done.stderr, done.stderr
     assert s3.get_object(Bucket="mpu", Key="done")["Body"].read() == b"".join(parts)
+
+
+def test_an_outage_clock_left_by_cancelled_waiters_does_not_fail_the_next_outage_at_once(monkeypatch):
+    # every request that waited through an outage was cancelled (their clients went) before the
+    # database was seen back: its clock stayed, and a later outage, however short, answered
+    # every request 503 at once instead of waiting up to WAIT for the database
+    import asyncio
+    import socket
+    import time
+
+    from minikv.index import pg
+
+    with socket.socket() as s:  # a loopback port nothing listens on: a database that is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(pg, "WAIT", 0.6)
+    store = pg.PgStore(f"postgresql://minikv@127.0.0.1:{port}/postgres", "review8")
+
+    async def one_get() -> float:
+        start = time.monotonic()
+        with pytest.raises(pg.IndexUnavailable):
+            await store.get(b"/k")
+        return time.monotonic() - start
+
+    async def main() -> tuple[float, float]:
+        waiter = asyncio.ensure_future(store.get(b"/k"))
+        await asyncio.sleep(0.2)
+        waiter.cancel()  # its client went while it waited
+        await asyncio.sleep(1.0)  # the database came back and went down again, unseen: longer than WAIT
+        later = await one_get()
+        right_after = await one_get()  # the same outage, its WAIT spent: at once
+        await store.close()
+        return later, right_after
+
+    later, right_after = asyncio.run(main())
+    assert later >= 0.5, f"the new outage failed after {later:.2f} s, without waiting for the database"
+    assert right_after < 0.4

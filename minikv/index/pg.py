@@ -246,6 +246,7 @@ class PgStore:
         self._writes = None  # the group commit of compare-and-sets (index/pg_write.py), made on first use
         self._held = None  # its connection: one of its own, not the pool's (run_held)
         self._unreachable: float | None = None  # since when the database cannot be reached (_wait_for_db)
+        self._failed = 0.0  # when a connection last failed to open
         # the records this process read or wrote last, by key: a guess of what a write may expect
         # (api/app_pg.py), checked by its compare-and-set, never an answer to a read
         self.recent: dict[bytes, bytes] = {}
@@ -292,12 +293,15 @@ class PgStore:
         """A connection from `opening()` once the database can be reached again (a restart takes
         a second or two): tried until WAIT seconds after this process first failed to reach it,
         then IndexUnavailable. Past that, each call tries once: a database that stays down does
-        not hold every request WAIT seconds."""
+        not hold every request WAIT seconds. An outage whose last failure is over WAIT old is
+        taken for over: its waiters may all have gone (cancelled) before it ended, and its clock
+        left behind would fail a later outage's every request at once."""
         pause = 0.05
         while True:
             now = time.monotonic()
-            if self._unreachable is None:
+            if self._unreachable is None or now - self._failed > WAIT:
                 self._unreachable = now
+            self._failed = now
             if now - self._unreachable >= WAIT:
                 raise _down(e) from None
             await asyncio.sleep(pause)
