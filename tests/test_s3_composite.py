@@ -315,23 +315,3 @@ def test_copy_index_carries_the_object_from_lmdb_to_postgresql(make_cluster, eng
     assert got["Body"].read() == data and got["ETag"] == done["ETag"]
     assert c.get(f"/{b}/copied").content == data
 
-
-def test_orphan_parts_are_those_of_an_upload_gone_without_a_manifest(tmp_path):
-    from minikv.index.record import encode_data
-    from minikv.index.store import Store
-    from minikv.s3.composite import manifest_key, part_key
-    from minikv.s3.meta import Meta
-    from minikv.s3.multipart import orphan_parts
-
-    store, meta = Store(str(tmp_path / "db")), Meta(str(tmp_path / "s3"))
-    try:
-        live = meta.new_upload(b"/b/live", 1)
-        completed, aborted = "c" * 32, "a" * 32  # neither is an upload any more
-        record = encode_data(LIVE, ["v:1"], 5, 1, bytes(16))
-        keys = [part_key(live, 1), manifest_key(completed), part_key(completed, 1), part_key(completed, 2),
-                part_key(aborted, 1), part_key(aborted, 3)]
-        store.merge_many([(k, record) for k in keys], lambda key, current, new: new)
-        assert orphan_parts(store, meta) == [part_key(aborted, 1), part_key(aborted, 3)]
-    finally:
-        store.close()
-        meta.close()

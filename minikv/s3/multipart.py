@@ -25,7 +25,7 @@ Complete checks the parts again, and Complete then fails, or is refused).
 
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
-the two steps of an abort) are found with `orphan_parts(store, meta)`. `minikv gc` can use these.
+the two steps of an abort) are deleted by `minikv gc` too (admin/uploads.py), which uses these.
 A part takes its key only once its body is complete, so an abort may not list one still being
 sent: the abort looks again after dropping the upload, and a part stored later finds its upload
 gone and deletes itself (NoSuchUpload). Neither ever removes a part of a completed upload (its
@@ -335,7 +335,7 @@ async def abort_upload(s3, upload_id: str) -> int:
     await settle(s3.meta.drop_upload(upload_id))
     # once more: a part whose body was still coming when the parts were listed is stored only
     # then, and one that checked for its upload before the drop kept itself (_still_wanted).
-    # One that cannot be deleted now is left to orphan_parts, as after a crash between the steps
+    # One that cannot be deleted now is left to gc's orphan parts, as after a crash between the steps
     more, _ = await _delete_parts(s3, upload_id)
     return deleted + more
 
@@ -371,11 +371,3 @@ def stale_uploads(meta, age: float) -> list[tuple[str, bytes, int]]:
     cutoff = (time.time() - age) * 1000
     return [u for u in meta.all_uploads() if u[2] < cutoff]
 
-
-def orphan_parts(store, meta) -> list[bytes]:
-    """Part keys whose upload no longer exists and that no completed object may use (its
-    upload has no manifest: composite.py)."""
-    pairs, _ = store.scan(PART_PREFIX)
-    completed = {k[:-5] for k, _ in pairs if k.endswith(b"/00000")}
-    return [k for k, _ in pairs if k[:-5] not in completed
-            and meta.upload(k[len(PART_PREFIX):len(PART_PREFIX) + 32].decode()) is None]
