@@ -10,7 +10,8 @@ composite record alone (it names no volume).
 The manifest: a small ordinary value under the upload's part number 0 (`.../00000`, a number no
 UploadPart can use) holding the object's key, mtime and part numbers. It is what `rebuild` turns
 back into the object's record (the index is not on the volumes), and while it exists the upload's
-parts belong to an object: UploadPart refuses to replace one, abort and gc's orphan parts (admin/uploads.py) leave them.
+parts belong to an object: UploadPart refuses to replace one, and abort and gc's clean-up of
+orphan parts (admin/uploads.py) leave them.
 
 Order of writes of Complete: manifest -> parts checked unchanged -> object's record (compare-and-
 set over whatever the key held) -> upload dropped -> unused parts deleted; then the previous
