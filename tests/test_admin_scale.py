@@ -112,35 +112,67 @@ def test_volume_dirs_maps_folders_to_volumes(tmp_path):
         raise AssertionError(f"{bad} was taken")
 
 
-def test_verify_notes_as_right_only_records_whose_every_copy_is_listed_with_its_size(tmp_path):
+def test_verify_takes_as_right_only_records_whose_every_copy_is_listed_with_its_size(tmp_path):
     from minikv.admin.progress import Progress
-    from minikv.admin.verify import Seen, Verify
+    from minikv.admin.seen import Notes
+    from minikv.admin.verify import Verify
     from minikv.admin.walk import Found
     from minikv.config import Config
-    from minikv.index.record import LIVE, NO_MD5, UNLINKED, encode_data
+    from minikv.index.record import LIVE, NO_MD5, PENDING, UNLINKED, encode_data
 
     store = Store(str(tmp_path / "index"))
     a, b = "v:1/sv00", "v:2/sv01"
-    recs = {b"/ok": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+    recs = {b"/extra": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
             b"/missing": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+            b"/none": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
+            b"/ok": encode_data(LIVE, [b, a], 5, 1, NO_MD5, 0),
+            b"/pending": bytes((PENDING,)) + b"p" + bytes(12) + a.encode() + b"\n",
             b"/short": encode_data(LIVE, [a, b], 5, 1, NO_MD5, 0),
             b"/unlinked": encode_data(UNLINKED, [a, b], 5, 1, NO_MD5, 0)}
     store.merge_many(list(recs.items()), lambda key, current, new: new)  # as rebuild writes
-    seen = Seen(str(tmp_path / "index"))
+    notes = Notes(str(tmp_path / "index"))
     job = Verify(Config(volumes=["v:1", "v:2"], db=str(tmp_path / "index")), store, None,
-                 Progress("verify", bar=False), False, seen)
-    group = {b"/ok": [Found(a, 5, 0), Found(b, 5, 0)], b"/missing": [Found(a, 5, 0)],
-             b"/short": [Found(a, 5, 0), Found(b, 4, 0)], b"/unlinked": [Found(a, 5, 0), Found(b, 5, 0)],
-             b"/norecord": [Found(a, 5, 0)]}
-    rest = job.walked_group(group)
-    seen.flush()
+                 Progress("verify", bar=False), False)
+    listed = {b"/extra": [Found(a, 5, 0), Found(b, 5, 0), Found("v:2/sv02", 5, 0)],
+              b"/missing": [Found(a, 5, 0)], b"/ok": [Found(a, 5, 0), Found(b, 5, 0)],
+              b"/pending": [Found(a, 5, 0)], b"/short": [Found(a, 5, 0), Found(b, 4, 0)],
+              b"/unlinked": [Found(a, 5, 0), Found(b, 5, 0)],
+              b"/a-norecord": [Found(a, 5, 0)], b"/z-norecord": [Found("v:1/sv005", 7, 0)]}
+    for key, found in listed.items():
+        notes.add(key, job.copies.encode(found))
+    notes.flush()
+    merge = notes.merge()
+    pairs = sorted(recs.items())
+    rest, orphans = job.quick(pairs[:3], merge)
+    rest2, orphans2 = job.quick(pairs[3:], merge)
+    tail = merge.rest(10)
+    merge.close()
+    # asked of the volumes: copies missing or of the wrong size, and every record not LIVE
+    assert [k for k, _ in rest + rest2] == [b"/missing", b"/none", b"/pending", b"/short", b"/unlinked"]
+    assert job.progress.counts["seen"] == 2  # /extra has its two copies right; the third is an orphan
     # what admin/orphans.py must look at: files of keys with no LIVE record, or not named by it
-    assert sorted(rest) == [b"/norecord", b"/unlinked"]
-    assert job.walked_group({b"/ok": [Found(a, 5, 0), Found("v:2/sv02", 5, 0)]}) != {}
-    assert [k for k, raw in recs.items() if seen.right(k, raw)] == [b"/ok"]
-    # a record changed since the walk is not taken as seen: verify asks the volumes again
-    assert not seen.right(b"/ok", encode_data(LIVE, [a, b], 6, 1, NO_MD5, 0))
-    path = seen.path
-    seen.close()
+    assert sorted(orphans) == [b"/a-norecord", b"/extra"]
+    assert sorted(orphans2) == [b"/pending", b"/unlinked"]
+    assert sorted(orphans[b"/extra"]) == sorted(listed[b"/extra"])
+    assert [(k, job.copies.decode(v)) for k, v in tail] == [(b"/z-norecord", listed[b"/z-norecord"])]
+    path = notes.path
+    notes.close()
     store.close()
     assert not os.path.exists(path) and os.listdir(tmp_path) == ["index"]
+
+
+def test_copies_are_noted_in_a_form_the_record_gives_too():
+    from minikv.admin.seen import Copies
+    from minikv.admin.walk import Found
+
+    c = Copies(["h:1", "h:2", "h:3"])
+    found = [Found("h:3/sv0A", 9, 5), Found("h:1", 9, 6), Found("h:2/sv1FF", 9, 7)]
+    noted = c.encode(found)
+    assert noted == c.encode(found[::-1]) == c.expected(["h:1", "h:2/sv1FF", "h:3/sv0A"], 9)
+    assert sorted(c.decode(noted)) == sorted(f._replace(mtime_ms=0) for f in found)
+    assert c.expected(["h:1", "h:2/sv1FF", "h:3/sv0A"], 8) != noted
+    assert c.expected(["h:1", "h:2/sv1FF"], 9) != noted
+    assert c.expected(["h:1", "h:4", "h:3/sv0A"], 9) is None  # not a volume of -volumes: never listed
+    # a subvolume folder named otherwise than placement names them keeps its name
+    odd = [Found("h:1/sv005", 3, 0), Found("h:2/sv05", 3, 0), Found("h:3/svXY", 3, 0)]
+    assert sorted(c.decode(c.encode(odd))) == odd

@@ -2,14 +2,15 @@
 
 Changes nothing. Two passes:
 1. every file on the volumes of -volumes, read from their listings (admin/walk.py), one
-   `<aa>/<bb>` folder at a time: orphans, copies no record names (admin/orphans.py); and each
-   LIVE record whose every copy is listed with its size is noted as right (in a scratch LMDB
-   beside -db, removed at the end: memory stays bounded whatever the number of keys).
-2. every LIVE record: unless the walk saw it right as it is now, each replica it names is asked
-   for (HEAD, or with -md5 read whole and hashed, streamed) and judged by admin/check.py:
-   missing, wrong size, wrong md5, unreachable. Per key: under-replicated (fewer right copies
-   than -replicas), lost (none), misplaced (not on the volumes placement names; `minikv
-   rebalance` or `repair` moves it).
+   `<aa>/<bb>` folder at a time: each key's copies and their sizes are noted (in a scratch LMDB
+   beside -db, removed at the end: memory stays bounded whatever the number of keys; see
+   admin/seen.py for why the walk asks the index nothing).
+2. every record, in key order beside those notes: a LIVE record whose every copy was listed
+   with its size is right; for any other, each replica it names is asked for (HEAD, or with
+   -md5 read whole and hashed, streamed) and judged by admin/check.py: missing, wrong size,
+   wrong md5, unreachable. Per key: under-replicated (fewer right copies than -replicas), lost
+   (none), misplaced (not on the volumes placement names; `minikv rebalance` or `repair` moves
+   it). Listed copies that no record names are orphans (admin/orphans.py asks again first).
 Pass 1 is shared out among -workers processes (default 2, admin/parts.py), a share of the
 256 `<aa>` folders each, as rebuild's walk is: it is CPU-bound (Python, and the kernel for local
 folders). A process that dies makes the run fail: its share's orphans were not searched (its
@@ -19,7 +20,7 @@ the walk finds suspect is asked again by HEAD before it is reported. Given the v
 on this machine (`minikv verify ... DIR DIR DIR` in the order of -volumes, or `VOLUME=DIR` for
 some, as rebuild and gc take them), pass 1 reads them straight from the file system (scandir
 and a stat per file: admin/local.py) instead of the listings; the rest is the same. With -md5 every copy is
-read (pass 2 for every key, the walk only for orphans).
+read (pass 2 for every key, the notes only for orphans).
 Each problem is one line on stderr; the summary counts them. Exit code 0 when all is well, 1
 when anything was found (then `minikv repair` fixes what can be fixed).
 UNLINKED keys and keys with a write in flight are counted, not checked.
@@ -28,12 +29,8 @@ UNLINKED keys and keys with a write in flight are counted, not checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import struct
 import sys
-import tempfile
 from typing import NamedTuple
 
 import lmdb
@@ -52,6 +49,7 @@ from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.orphans import Orphans
 from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
 from minikv.admin.progress import Progress
+from minikv.admin.seen import Copies, Merge, Notes
 from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
@@ -66,78 +64,25 @@ from minikv.index.record import (
     decode_data,
     is_composite,
 )
-from minikv.index.store import Store, paced
-from minikv.placement import _md5, epoch, key2volume, needs_rebalance
+from minikv.index.store import MAX_KEY, Store
+from minikv.placement import epoch, key2volume, needs_rebalance
 
 FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed")
 
 
-SEEN_BATCH = 4096  # keys the walk saw right per scratch LMDB transaction (its scattered dirty pages: memory)
-SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
 _SIZE = struct.Struct("<Q")  # a LIVE record's size, first of its fields
-
-
-class Seen:
-    """The LIVE records the walk saw right, by key: a scratch LMDB beside the index (its disk
-    has room for an index), so memory does not grow with the number of keys. Made by the
-    command, written by each process of the walk (`Seen.attach`), read by pass 2."""
-
-    def __init__(self, db: str, path: str = ""):
-        if path:  # a process of the walk: the command's scratch index, which the command removes
-            self.path, self.owner = path, False
-        else:
-            # a PostgreSQL index has no folder here: the system's temp folder then ($TMPDIR)
-            parent = None if is_url(db) else os.path.dirname(os.path.abspath(db))
-            self.path, self.owner = tempfile.mkdtemp(prefix=".verify-", dir=parent), True
-        # locked: the walk's processes write it at once
-        self.env = lmdb.open(self.path, map_size=1 << 40, sync=False, metasync=False)
-        self.batch: list[tuple[bytes, bytes]] = []
-
-    @classmethod
-    def attach(cls, path: str) -> Seen:
-        return cls("", path)
-
-    def add(self, key: bytes, raw: bytes) -> None:
-        self.batch.append((key, digest(raw)))
-        if len(self.batch) >= SEEN_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.env.begin(write=True) as txn:
-            for key, value in paced(self.batch):
-                txn.put(key, value)
-        self.batch = []
-
-    def right(self, key: bytes, raw: bytes) -> bool:
-        """Did the walk see this key's record, as it is now, with every copy right?"""
-        return self.env.begin().get(key) == digest(raw)
-
-    def reader(self):
-        """A read transaction for many `right` questions: `txn.get(key) == digest(raw)`."""
-        return self.env.begin()
-
-    def close(self) -> None:
-        self.env.close()
-        if self.owner:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
-def digest(raw: bytes) -> bytes:
-    """What Seen keeps of a record: enough to tell it changed since the walk, in 8 bytes (the
-    scratch index stays small: its pages count in the command's memory as it reads them)."""
-    return _md5(raw).digest()[:8]
+SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
+ORPHAN_BATCH = 1024  # keys with no record handed to the orphan search at once, after the last record
 
 
 class Verify:
-    def __init__(self, config: Config, store: Store, pool: Pool, progress: Progress, with_md5: bool,
-                 seen: Seen | None = None):
+    def __init__(self, config: Config, store: Store, pool: Pool, progress: Progress, with_md5: bool):
         self.config = config
         self.store = store
         self.pool = pool
         self.progress = progress
         self.with_md5 = with_md5
-        self.seen = seen
-        self.walked = set(config.volumes)
+        self.copies = Copies(config.volumes)
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
 
     def misplaced(self, key: bytes, record) -> list[str] | None:
@@ -155,62 +100,59 @@ class Verify:
             self.progress.problem(f"{show(key)}: misplaced: on {','.join(record.volumes)}, placement says "
                                   f"{','.join(want)}")
 
-    def quick(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Pass 2 for one page of records, without an await: every key the walk saw right (on a
-        healthy cluster, all) is judged here, in one read of the scratch LMDB; the others are
-        returned, for `key` to ask their volumes."""
-        if self.seen is None:
-            return pairs
+    def quick(self, pairs: list[tuple[bytes, bytes]], merge: Merge) -> tuple[list[tuple[bytes, bytes]],
+                                                                             dict[bytes, list[Found]]]:
+        """Pass 2 for one page of records, beside the walk's notes (`merge`), without an await.
+        Every LIVE record whose copies the walk listed, each with its size (on a healthy cluster,
+        all), is judged here. Returned: the records to ask the volumes about (`key`), and the
+        listed copies that may be orphans (no LIVE record, or one that does not name them)."""
         p = self.progress
         rest = []
+        orphans: dict[bytes, list[Found]] = {}
+        before: list[tuple[bytes, bytes]] = []
         counts = p.counts
         here, replicas = self.epoch.to_bytes(4, "little"), self.config.replicas
-        with self.seen.reader() as txn:
-            for key, raw in pairs:
-                if raw[0] != LIVE or txn.get(key) != digest(raw):
+        copies = self.copies
+        settled = 0
+        for key, raw in pairs:
+            noted = merge.upto(key, before)
+            if raw[0] != LIVE or is_composite(raw):
+                rest.append((key, raw))
+                if noted is not None:  # admin/orphans.py tells which of them the record names
+                    orphans[key] = copies.decode(noted)
+                continue
+            names = raw[VOLUMES_AT:].decode().split(",")
+            size = _SIZE.unpack_from(raw, 1)[0]
+            if noted is None:
+                rest.append((key, raw))
+                continue
+            if noted != copies.expected(names, size):  # not the usual case: look closer
+                found = copies.decode(noted)
+                if any(f.volume not in names for f in found):
+                    orphans[key] = found
+                sizes = {f.volume: f.size for f in found}
+                if self.with_md5 or not all(sizes.get(v) == size for v in names):
                     rest.append((key, raw))
                     continue
-                counts["seen"] += 1
-                if raw[EPOCH_AT:VOLUMES_AT] == here and raw.count(b",", VOLUMES_AT) >= replicas - 1:
-                    counts["ok"] += 1  # the usual case, without decoding: placed by this layout, all copies
-                    continue
-                record = decode_data(raw)
-                if len(record.volumes) < self.config.replicas:
-                    counts["under-replicated"] += 1
-                want = self.misplaced(key, record)
-                self.note_misplaced(key, record, want)
-                if want is None:
-                    counts["ok"] += 1
-        p.tick(len(pairs) - len(rest))
-        return rest
-
-    def walked_group(self, group: dict[bytes, list[Found]]) -> dict[bytes, list[Found]]:
-        """Pass 1: note the LIVE records whose every copy the listings show with its size.
-        Returns the part of `group` that may hold orphans (files no LIVE record names), for
-        admin/orphans.py to look at: most keys need nothing more than this one read."""
-        rest: dict[bytes, list[Found]] = {}
-        env = getattr(self.store, "env", None)  # LMDB: one read transaction for the group
-        with env.begin(db=self.store.keys) if env is not None else contextlib.nullcontext(self.store) as txn:
-            # paced: scattered lookups map pages faster than the trimming thread looks (a group is a
-            # batch of folders, ~700 keys at 1,000,000: admin/walk.py BATCH)
-            for key, found in paced(group.items()):
-                raw = txn.get(key)  # PostgreSQL (the bridge): a query per key
-                if raw is None or raw[0] != LIVE:
-                    rest[key] = found
-                    continue
-                size = _SIZE.unpack_from(raw, 1)[0]
-                names = raw[VOLUMES_AT:].decode().split(",")
-                if len(found) == len(names) and all(f.size == size and f.volume in names for f in found):
-                    if self.seen is not None:  # the usual case: every copy named and listed, nothing else
-                        self.seen.add(key, raw)
-                    continue
-                record = decode_data(raw)
-                sizes = {f.volume: f.size for f in found}
-                if len(sizes) > len(record.volumes) or any(f.volume not in record.volumes for f in found):
-                    rest[key] = found
-                if self.seen is not None and all(sizes.get(v) == record.size for v in record.volumes):
-                    self.seen.add(key, raw)
-        return rest
+            elif self.with_md5:
+                rest.append((key, raw))
+                continue
+            counts["seen"] += 1
+            settled += 1
+            if raw[EPOCH_AT:VOLUMES_AT] == here and len(names) >= replicas:
+                counts["ok"] += 1  # the usual case, without decoding: placed by this layout, all copies
+                continue
+            record = decode_data(raw)
+            if len(record.volumes) < replicas:
+                counts["under-replicated"] += 1
+            want = self.misplaced(key, record)
+            self.note_misplaced(key, record, want)
+            if want is None:
+                counts["ok"] += 1
+        for key, noted in before:  # files of keys with no record at all
+            orphans[key] = copies.decode(noted)
+        p.tick(settled)
+        return rest, orphans
 
     def composite(self, key: bytes, raw: bytes) -> None:
         """An S3 multipart object names no file of its own: its parts and manifest are keys
@@ -243,13 +185,6 @@ class Verify:
         c = self.config
         want = self.misplaced(key, record)
         misplaced = want is not None
-        if self.seen is not None and self.seen.right(key, raw):
-            if len(record.volumes) < c.replicas:
-                p.add("under-replicated")
-            self.note_misplaced(key, record, want)
-            if not misplaced:
-                p.add("ok")
-            return
         verdict = judge(record, await inspect(self.pool, key, record.volumes, self.with_md5))
         if (verdict.problems or verdict.conflict) and self.store.get(key) != raw:
             p.add("busy")  # written or deleted since we read it: what we saw is stale
@@ -278,26 +213,31 @@ class WalkPart(NamedTuple):
     config: Config
     dirs: dict[str, str]  # local mode: {volume: folder}
     hosts: list[str]  # else the volumes whose listings are read (those up)
-    seen: str | None  # the scratch LMDB's folder (None with -md5)
+    notes: str  # the scratch LMDB's folder (admin/seen.py)
     concurrency: int
     aas: list[int]
 
 
 async def walk_share(part: WalkPart, progress: Progress, stop: asyncio.Event, pool: Pool, store: Store,
-                     seen: Seen | None) -> list[str]:
-    """Walk the part's folders: note in `seen` what is right, count the orphans. The errors of
-    the walk (then the orphan search is incomplete)."""
-    job = Verify(part.config, store, pool, progress, seen is None, seen)
+                     notes: Notes) -> list[str]:
+    """Walk the part's folders, noting every key's copies; the errors of the walk (then what
+    its folders hold was not seen: their keys are asked for in pass 2, their orphans not)."""
+    copies = Copies(part.config.volumes)
     walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.hosts, part.concurrency)
     orphans = Orphans(store, pool, progress, delete=False)
 
     async def handle(group: dict[bytes, list[Found]]) -> None:
-        if rest := job.walked_group(group):
-            await orphans.handle(rest)
+        long = {}
+        for key, found in group.items():
+            if len(key) > MAX_KEY:  # a key of the Go original that no index of ours holds (nor the notes)
+                long[key] = found
+            else:
+                notes.add(key, copies.encode(found))
+        if long:
+            await orphans.handle(long)
 
     await walker.walk(await walker.roots(), handle, progress.tick, stop, part.aas)
-    if seen is not None:
-        seen.flush()
+    notes.flush()
     return walker.errors
 
 
@@ -306,20 +246,21 @@ async def walk_part(part: WalkPart, progress: Progress, stop: asyncio.Event, poo
     store = open_index(part.config, "verify")
     if store is None:
         return [f"cannot open the index {part.config.db}"]
-    seen = Seen.attach(part.seen) if part.seen else None
+    notes = Notes.attach(part.notes)
     try:
-        return await walk_share(part, progress, stop, pool, store, seen)
+        return await walk_share(part, progress, stop, pool, store, notes)
     finally:
-        if seen is not None:
-            seen.close()
+        notes.close()
         store.close()
 
 
-async def each_record_quick(store: Store, job: Verify, concurrency: int, stop: asyncio.Event) -> None:
-    """Pass 2 over every record, a page at a time: what `job.quick` settles costs no task; the
-    rest is asked of the volumes by `job.key`, `concurrency` at once (an error on one key is
-    counted and reported; the others go on)."""
+async def each_record_quick(store: Store, job: Verify, notes: Notes, concurrency: int, stop: asyncio.Event) -> None:
+    """Pass 2 over every record, a page at a time, beside the walk's notes: what `job.quick`
+    settles costs no task; the rest is asked of the volumes by `job.key`, `concurrency` at once
+    (an error on one key is counted and reported; the others go on), and the copies no record
+    names go to the orphan search."""
     p = job.progress
+    orphans = Orphans(store, job.pool, p, delete=False)
     slots = asyncio.Semaphore(concurrency)
     running: set[asyncio.Task] = set()
 
@@ -333,20 +274,29 @@ async def each_record_quick(store: Store, job: Verify, concurrency: int, stop: a
             slots.release()
             p.tick()
 
-    start = b""
-    while not stop.is_set():
-        pairs, start = store.scan(b"", start, PAGE)
-        for key, raw in job.quick(pairs):
-            await slots.acquire()
-            if stop.is_set():
-                slots.release()
+    merge = notes.merge()
+    try:
+        start = b""
+        while not stop.is_set():
+            pairs, start = store.scan(b"", start, PAGE)
+            rest, suspects = job.quick(pairs, merge)
+            if suspects:
+                await orphans.handle(suspects)
+            for key, raw in rest:
+                await slots.acquire()
+                if stop.is_set():
+                    slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(one(key, raw))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if not start:
                 break
-            task = asyncio.get_running_loop().create_task(one(key, raw))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        if not start:
-            break
-    await asyncio.gather(*running)
+        while not stop.is_set() and (tail := merge.rest(ORPHAN_BATCH)):  # keys after the last record's
+            await orphans.handle({key: job.copies.decode(noted) for key, noted in tail})
+        await asyncio.gather(*running)
+    finally:
+        merge.close()
 
 
 async def verify(args, config: Config) -> int:
@@ -367,10 +317,11 @@ async def verify(args, config: Config) -> int:
             print(f"minikv verify: {why}", file=sys.stderr)
             return 2
         try:
-            seen = None if args.md5 else Seen(config.db)
-        except OSError as e:
-            print(f"minikv verify: cannot make its scratch folder beside -db ({e}): make the folder "
-                  "that holds -db writable, or add -md5 (which needs none and reads every copy)", file=sys.stderr)
+            notes = Notes(config.db)
+        except (OSError, lmdb.Error) as e:
+            where = "in the system's temp folder" if is_url(config.db) else "beside -db"
+            print(f"minikv verify: cannot make its scratch folder {where} ({e}): make that folder writable",
+                  file=sys.stderr)
             return 2
         try:
             walk = Progress("verify", total=256, bar_unit="dirs")
@@ -380,13 +331,13 @@ async def verify(args, config: Config) -> int:
             procs = config.workers if "workers" in args.given else DEFAULT_PROCS if store.count() > SMALL else 1
             procs = max(1, min(procs, 256))
             # a volume that is down has no listing: its copies are asked for (unreachable) in pass 2
-            parts = [WalkPart(config, dirs, [v for v in config.volumes if v not in down], seen and seen.path,
+            parts = [WalkPart(config, dirs, [v for v in config.volumes if v not in down], notes.path,
                               args.concurrency, aas) for aas in shares(procs)]
             if procs == 1:
-                errors = await walk_share(parts[0], walk, stop, pool, store, seen)
+                errors = await walk_share(parts[0], walk, stop, pool, store, notes)
             else:
                 errors = await run_parts(walk_part, "verify", parts, walk, stop, shown="orphans")
-            job = Verify(config, store, pool, walk, args.md5, seen)
+            job = Verify(config, store, pool, walk, args.md5)
             walk.close()
             progress = job.progress = Progress("verify", total=store.count())
             progress.start = walk.start  # the summary's time and rate are the whole command's
@@ -397,10 +348,9 @@ async def verify(args, config: Config) -> int:
                 progress.problem(f"orphan search incomplete: {err}")
             if not stop.is_set():
                 stop_on_signal(stop, progress)
-                await each_record_quick(store, job, args.concurrency, stop)
+                await each_record_quick(store, job, notes, args.concurrency, stop)
         finally:
-            if seen is not None:
-                seen.close()
+            notes.close()
         progress.summary([("seen", "keys seen"), ("ok", "ok"), ("under-replicated", "under-replicated"),
                           ("lost", "lost"), ("misplaced", "misplaced"), ("missing", "missing files"),
                           ("wrong size", "files of wrong size"), ("wrong md5", "files with wrong md5"),
