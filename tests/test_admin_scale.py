@@ -143,8 +143,9 @@ def test_verify_takes_as_right_only_records_whose_every_copy_is_listed_with_its_
     notes.flush()
     merge = notes.merge()
     pairs = sorted(recs.items())
-    rest, orphans = job.quick(pairs[:3], merge)
-    rest2, orphans2 = job.quick(pairs[3:], merge)
+    rest, orphans, done = job.quick(pairs[:3], merge)
+    rest2, orphans2, done2 = job.quick(pairs[3:], merge)
+    assert (done, done2) == (3, len(pairs) - 3)
     tail = merge.rest(10)
     merge.close()
     # asked of the volumes: copies missing or of the wrong size, and every record not LIVE
@@ -159,6 +160,40 @@ def test_verify_takes_as_right_only_records_whose_every_copy_is_listed_with_its_
     notes.close()
     store.close()
     assert not os.path.exists(path) and os.listdir(tmp_path) == ["index"]
+
+
+def test_verify_hands_on_keys_with_no_record_a_batch_at_a_time(tmp_path, monkeypatch):
+    # an index that lacks most of what the volumes hold (the wrong -db, say) must not make
+    # pass 2 gather every note between two records in memory at once
+    from minikv.admin import verify
+    from minikv.admin.progress import Progress
+    from minikv.admin.seen import Notes
+    from minikv.admin.walk import Found
+    from minikv.config import Config
+    from minikv.index.record import LIVE, NO_MD5, encode_data
+
+    monkeypatch.setattr(verify, "ORPHAN_BATCH", 10)
+    store = Store(str(tmp_path / "index"))
+    notes = Notes(str(tmp_path / "index"))
+    job = verify.Verify(Config(volumes=["v:1"], db=str(tmp_path / "index")), store, None,
+                        Progress("verify", bar=False), False)
+    for i in range(35):
+        notes.add(b"/a%02d" % i, job.copies.encode([Found("v:1", 1, 0)]))
+    notes.add(b"/b", job.copies.encode([Found("v:1", 1, 0)]))
+    notes.flush()
+    pairs = [(b"/b", encode_data(LIVE, ["v:1"], 1, 1, NO_MD5, 0))]
+    merge = notes.merge()
+    sizes = []
+    while True:
+        rest, orphans, done = job.quick(pairs, merge)
+        sizes.append(len(orphans))
+        if done == len(pairs):
+            break
+        pairs = pairs[done:]
+    merge.close()
+    notes.close()
+    store.close()
+    assert sizes == [10, 10, 10, 5] and rest == [] and job.progress.counts["seen"] == 1
 
 
 def test_copies_are_noted_in_a_form_the_record_gives_too():

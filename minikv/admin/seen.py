@@ -137,25 +137,33 @@ class Notes:
 
 
 class Merge:
-    """The notes in key order, taken as the index's records go by (`upto`): one read
-    transaction for the whole second pass (nobody writes the notes by then)."""
+    """The notes in key order, taken as the index's records go by (`before`, then `take`): one
+    read transaction for the whole second pass (nobody writes the notes by then)."""
 
     def __init__(self, env: lmdb.Environment):
         self.txn = env.begin()
         self.items: Iterator[tuple[bytes, bytes]] = self.txn.cursor().iternext()
         self.next = next(self.items, None)
 
-    def upto(self, key: bytes, before: list[tuple[bytes, bytes]]) -> bytes | None:
-        """The copies noted for `key` (None: none listed); the keys noted before it go to
-        `before` (files of keys that have no record)."""
+    def before(self, key: bytes, out: list[tuple[bytes, bytes]], limit: int) -> bool:
+        """Move the notes of keys before `key` (files of keys that have no record) to `out`
+        while it holds fewer than `limit`; whether none is left before `key`."""
         nxt = self.next
         while nxt is not None and nxt[0] < key:
-            before.append(nxt)
+            if len(out) >= limit:
+                self.next = nxt
+                return False
+            out.append(nxt)
             nxt = next(self.items, None)
+        self.next = nxt
+        return True
+
+    def take(self, key: bytes) -> bytes | None:
+        """The copies noted for `key`, the next key of the notes after `before` (None: none listed)."""
+        nxt = self.next
         if nxt is not None and nxt[0] == key:
             self.next = next(self.items, None)
             return nxt[1]
-        self.next = nxt
         return None
 
     def rest(self, n: int) -> list[tuple[bytes, bytes]]:

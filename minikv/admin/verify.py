@@ -101,11 +101,13 @@ class Verify:
                                   f"{','.join(want)}")
 
     def quick(self, pairs: list[tuple[bytes, bytes]], merge: Merge) -> tuple[list[tuple[bytes, bytes]],
-                                                                             dict[bytes, list[Found]]]:
-        """Pass 2 for one page of records, beside the walk's notes (`merge`), without an await.
+                                                                             dict[bytes, list[Found]], int]:
+        """Pass 2 for a page of records, beside the walk's notes (`merge`), without an await.
         Every LIVE record whose copies the walk listed, each with its size (on a healthy cluster,
-        all), is judged here. Returned: the records to ask the volumes about (`key`), and the
-        listed copies that may be orphans (no LIVE record, or one that does not name them)."""
+        all), is judged here. Returned: the records to ask the volumes about (`key`), the listed
+        copies that may be orphans (no LIVE record, or one that does not name them), and how
+        many of `pairs` were looked at: it stops early when ORPHAN_BATCH keys with no record
+        came up, for the caller to hand them on and call again with the rest."""
         p = self.progress
         rest = []
         orphans: dict[bytes, list[Found]] = {}
@@ -114,8 +116,12 @@ class Verify:
         here, replicas = self.epoch.to_bytes(4, "little"), self.config.replicas
         copies = self.copies
         settled = 0
+        done = 0
         for key, raw in pairs:
-            noted = merge.upto(key, before)
+            if not merge.before(key, before, ORPHAN_BATCH):
+                break
+            done += 1
+            noted = merge.take(key)
             if raw[0] != LIVE or is_composite(raw):
                 rest.append((key, raw))
                 if noted is not None:  # admin/orphans.py tells which of them the record names
@@ -152,7 +158,7 @@ class Verify:
         for key, noted in before:  # files of keys with no record at all
             orphans[key] = copies.decode(noted)
         p.tick(settled)
-        return rest, orphans
+        return rest, orphans, done
 
     def composite(self, key: bytes, raw: bytes) -> None:
         """An S3 multipart object names no file of its own: its parts and manifest are keys
@@ -279,17 +285,21 @@ async def each_record_quick(store: Store, job: Verify, notes: Notes, concurrency
         start = b""
         while not stop.is_set():
             pairs, start = store.scan(b"", start, PAGE)
-            rest, suspects = job.quick(pairs, merge)
-            if suspects:
-                await orphans.handle(suspects)
-            for key, raw in rest:
-                await slots.acquire()
-                if stop.is_set():
-                    slots.release()
+            while not stop.is_set():
+                rest, suspects, done = job.quick(pairs, merge)
+                if suspects:
+                    await orphans.handle(suspects)
+                for key, raw in rest:
+                    await slots.acquire()
+                    if stop.is_set():
+                        slots.release()
+                        break
+                    task = asyncio.get_running_loop().create_task(one(key, raw))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if done == len(pairs):
                     break
-                task = asyncio.get_running_loop().create_task(one(key, raw))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                pairs = pairs[done:]  # stopped at ORPHAN_BATCH keys with no record: the page goes on
             if not start:
                 break
         while not stop.is_set() and (tail := merge.rest(ORPHAN_BATCH)):  # keys after the last record's
