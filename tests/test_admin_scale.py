@@ -196,6 +196,32 @@ def test_verify_hands_on_keys_with_no_record_a_batch_at_a_time(tmp_path, monkeyp
     assert sizes == [10, 10, 10, 5] and rest == [] and job.progress.counts["seen"] == 1
 
 
+def test_a_damaged_record_is_left_for_verify_to_report_not_the_end_of_its_run(tmp_path):
+    # pass 2 reads each LIVE record's size and volumes beside the notes: a truncated record, or
+    # volume names that are not UTF-8, raised there and ended the whole run with a traceback
+    from minikv.admin.progress import Progress
+    from minikv.admin.seen import Notes
+    from minikv.admin.verify import Verify
+    from minikv.admin.walk import Found
+    from minikv.config import Config
+    from minikv.index.record import LIVE, NO_MD5, encode_data
+
+    store = Store(str(tmp_path / "index"))
+    notes = Notes(str(tmp_path / "index"))
+    job = Verify(Config(volumes=["v:1"], db=str(tmp_path / "index")), store, None, Progress("verify", bar=False), False)
+    good = encode_data(LIVE, ["v:1"], 1, 1, NO_MD5, 0)
+    pairs = [(b"/a", b""), (b"/b", b"L\x01"), (b"/c", good[:-3] + b"\xff\xfe\xfd"), (b"/d", good)]
+    for key, _ in pairs:
+        notes.add(key, job.copies.encode([Found("v:1", 1, 0)]))
+    notes.flush()
+    merge = notes.merge()
+    rest, orphans, done = job.quick(pairs, merge)
+    merge.close()
+    notes.close()
+    store.close()
+    assert [k for k, _ in rest] == [b"/a", b"/b", b"/c"] and done == 4 and job.progress.counts["seen"] == 1
+
+
 def test_copies_are_noted_in_a_form_the_record_gives_too():
     from minikv.admin.seen import Copies
     from minikv.admin.walk import Found

@@ -122,13 +122,17 @@ class Verify:
                 break
             done += 1
             noted = merge.take(key)
-            if raw[0] != LIVE or is_composite(raw):
+            if not raw or raw[0] != LIVE or is_composite(raw):
                 rest.append((key, raw))
                 if noted is not None:  # admin/orphans.py tells which of them the record names
                     orphans[key] = copies.decode(noted)
                 continue
-            names = raw[VOLUMES_AT:].decode().split(",")
-            size = _SIZE.unpack_from(raw, 1)[0]
+            try:
+                names = raw[VOLUMES_AT:].decode().split(",")
+                size = _SIZE.unpack_from(raw, 1)[0]
+            except (UnicodeDecodeError, struct.error):  # a damaged record: `key` reports it, the run goes on
+                rest.append((key, raw))
+                continue
             if noted is None:
                 rest.append((key, raw))
                 continue
