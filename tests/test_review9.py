@@ -54,3 +54,12 @@ def test_the_orphans_between_two_records_go_to_the_orphan_search_a_batch_at_a_ti
         assert "2 keys seen, 2 ok" in err and f"{n} orphan files" in err, err
         assert sum(handed) == n and max(handed) <= verify.ORPHAN_BATCH, handed
 
+
+def test_a_key_with_control_characters_cannot_forge_an_admin_commands_lines():
+    # problem lines printed keys as they are: a key holding a newline (a client PUTs it as %0A)
+    # wrote a line of its own, one holding ESC or U+009B drove the operator's terminal
+    from minikv.admin.common import show
+
+    shown = show(b"/k\nverify: 0 lost\r\x1b[2J\xc2\x9b2J\x7f\x00/\xff/\xc3\xa9")
+    assert shown == "/k\\x0averify: 0 lost\\x0d\\x1b[2J\\u009b2J\\x7f\\x00/\\xff/é"
+    assert shown.isprintable()

@@ -32,8 +32,15 @@ from minikv.placement import host_of
 PAGE = 1000  # records read per LMDB transaction (none is held across an await)
 
 
+# C0 controls, DEL and C1 controls (U+009B starts a terminal escape as ESC [ does)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}
+
+
 def show(key: bytes) -> str:
-    return key.decode("utf-8", "backslashreplace")
+    """A key as text for a line of output: bytes that are not UTF-8 as \\xNN, and control
+    characters escaped, so that a key holding a newline or a terminal escape (a client can PUT
+    one as %0A or %1B) cannot forge or garble an admin command's lines."""
+    return key.decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
 def config_from(args, command: str) -> Config | None:
