@@ -72,7 +72,7 @@ FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed"
 
 _SIZE = struct.Struct("<Q")  # a LIVE record's size, first of its fields
 SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
-ORPHAN_BATCH = 1024  # keys with no record handed to the orphan search at once, after the last record
+ORPHAN_BATCH = 1024  # keys with no record handed to the orphan search at once (memory, and Ctrl-C between)
 
 
 class Verify:
