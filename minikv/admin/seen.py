@@ -3,8 +3,8 @@ index, key → the copies listed (volume, size), so memory does not grow with th
 
 The walk goes folder by folder (`<aa>/<bb>`: keys in the order of their md5), the index in
 key order. Asking the index about each file as it is found reads its pages at random: at
-1,000,000 keys, with admin/trim.py keeping the process's share of the map at 40 MB, half a
-walk process's time went to those reads and to faulting the pages back in. So the walk asks
+1,000,000 keys, with admin/trim.py keeping the process's share of the map at 40 MB, a third
+of a walk process's time went to those reads and to faulting the pages back in. So the walk asks
 the index nothing. It writes what it found here (sorted a batch at a time), and the second
 pass reads the index and these notes side by side, both in key order (Notes.merge): a record
 and the copies of its key meet there, and so do the copies that no record names (orphans).
@@ -120,7 +120,7 @@ class Notes:
             self.flush()
 
     def flush(self) -> None:
-        # in key order: neighbouring puts share their pages (a third fewer page faults than at random)
+        # in key order: neighbouring puts share their pages, and the tree is walked in order
         self.batch.sort()
         with self.env.begin(write=True) as txn:
             for key, value in paced(self.batch):
