@@ -37,6 +37,9 @@ def shares(procs: int) -> list[list[int]]:
 def _child(run: PartRun, command: str, part, done, conn) -> None:
     """One part's process: sends (counts, problem lines, stopped, errors) on `conn` at the end,
     and counts the folders it finished in `done` as it goes."""
+    # the parent alone answers Ctrl-C (run_parts); a SIGINT pending since the start is dropped
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     import uvloop
 
     from minikv.admin.trim import keep_trimmed
@@ -56,9 +59,7 @@ def _child(run: PartRun, command: str, part, done, conn) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        # Ctrl-C reaches the whole process group: the parent alone answers it, and tells each
-        # part with one SIGTERM to finish the folder in flight
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # the parent tells each part with one SIGTERM to finish the folder in flight
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         pool = part.config.pool()
         try:
@@ -77,12 +78,19 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     ctx = multiprocessing.get_context("spawn")
     done = ctx.Value("q", 0)
     running: dict[int, tuple] = {}
-    for i, part in enumerate(parts):
-        ours, theirs = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(run, command, part, done, theirs), daemon=True)
-        proc.start()
-        theirs.close()
-        running[i] = (proc, ours)
+    # A Ctrl-C reaches the whole process group: one while a part was still starting killed it,
+    # or raised a traceback, before it could ignore it. Parts start with SIGINT blocked (the mask
+    # outlives exec) and ignore it before they unblock it; here it waits until the starts are done.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for i, part in enumerate(parts):
+            ours, theirs = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(run, command, part, done, theirs), daemon=True)
+            proc.start()
+            theirs.close()
+            running[i] = (proc, ours)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     errors: list[str] = []
     shown_done, told = 0, False
     while running:
@@ -93,6 +101,8 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
                 proc.join()
                 counts, lines, stopped = {}, 0, False
                 errs = [f"a {command} process exited with {proc.exitcode} before it finished"]
+                if told and proc.exitcode == -signal.SIGTERM:
+                    stopped, errs = True, []  # our SIGTERM came before its handler: stopped, as asked
             if counts is None:
                 continue
             progress.counts.update(counts)
