@@ -237,3 +237,36 @@ def test_copies_are_noted_in_a_form_the_record_gives_too():
     # a subvolume folder named otherwise than placement names them keeps its name
     odd = [Found("h:1/sv005", 3, 0), Found("h:2/sv05", 3, 0), Found("h:3/svXY", 3, 0)]
     assert sorted(c.decode(c.encode(odd))) == odd
+
+
+def test_a_records_volumes_give_what_their_listing_is_noted_as_whatever_the_names(monkeypatch):
+    # verify's pass 2 compares a record with its notes through Copies.named (ids sorted without
+    # the size, remembered per volumes field): the same bytes as encode of the copies listed,
+    # for every mix of canonical, oddly named and absent subvolumes, in any order
+    import itertools
+    import random
+
+    from minikv.admin import seen
+    from minikv.admin.seen import Copies
+    from minikv.admin.walk import Found
+
+    monkeypatch.setattr(seen, "NAMED_MAX", 7)  # forgotten all at once past it, and right after
+    c = Copies(["h:1", "h:2", "h:3"])
+    kinds = ["", "/sv00", "/sv0A", "/sv1FF", "/sv005", "/svXY", "/sv0a", "/x"]
+    rng = random.Random(5)
+    for _ in range(400):
+        hosts = rng.sample(["h:1", "h:2", "h:3"], rng.randint(1, 3))
+        volumes = [h + rng.choice(kinds) for h in hosts]
+        extra = f"h:1/sv0{rng.randint(0, 9)}"
+        if rng.random() < 0.2 and extra not in volumes:
+            volumes.append(extra)  # two on one host
+        size = rng.choice([0, 1, 255, 256, 2**40 + 3])
+        names, ids = c.named(",".join(volumes).encode())
+        assert names == volumes
+        want = c.encode([Found(v, size, 0) for v in volumes])
+        assert ids is not None and want == c.expected(volumes, size)
+        tail = size.to_bytes(8, "little")
+        assert tail.join(ids) + tail == want, volumes
+    for volumes in itertools.permutations(["h:1/sv01", "h:4/sv01", "h:2"]):  # h:4: not a volume of -volumes
+        assert c.named(",".join(volumes).encode())[1] is None and c.expected(list(volumes), 1) is None
+    assert len(c._named) <= seen.NAMED_MAX

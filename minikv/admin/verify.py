@@ -128,7 +128,7 @@ class Verify:
                     orphans[key] = copies.decode(noted)
                 continue
             try:
-                names = raw[VOLUMES_AT:].decode().split(",")
+                names, ids = copies.named(raw[VOLUMES_AT:])
                 size = _SIZE.unpack_from(raw, 1)[0]
             except (UnicodeDecodeError, struct.error):  # a damaged record: `key` reports it, the run goes on
                 rest.append((key, raw))
@@ -136,7 +136,8 @@ class Verify:
             if noted is None:
                 rest.append((key, raw))
                 continue
-            if noted != copies.expected(names, size):  # not the usual case: look closer
+            tail = size.to_bytes(8, "little")
+            if ids is None or noted != tail.join(ids) + tail:  # not the usual case (Copies.expected): look closer
                 found = copies.decode(noted)
                 if any(f.volume not in names for f in found):
                     orphans[key] = found
