@@ -53,6 +53,11 @@ def test_a_plain_listing_keys_and_skips_names_as_path2key_does():
         assert (group_new, skipped_new) == (group_old, skipped_old), names
     assert list(group_new) == [b"/w/0"] and len(group_new[b"/w/0"]) == 2
     assert [e["name"] for e in json.loads(listing(odd))] == odd
+    # a folder spelled otherwise than key2path writes it holds no key, whatever its names
+    for other in (folder.upper(), folder[:-1], "/" + folder[4:6] + folder[:4], folder.replace("/", "_")):
+        group: dict = {}
+        assert add_plain(group, {}, "v:1/sv00", other.encode(), plain_entries(listing([name]))) == 1, other
+        assert group == {} and add_copies(group, {}, "v:1/sv00", plain_files(listing([name]), other)) == 1
 
 
 def test_what_is_not_a_plain_listing_goes_to_the_json_parser():
