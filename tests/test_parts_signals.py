@@ -17,9 +17,10 @@ from test_admin import ready, write  # noqa: E402
 from test_walk_scale import spawned  # noqa: E402
 
 
-def interrupted_at_start(c, command: str) -> subprocess.CompletedProcess:
+def interrupted_at_start(c, command: str, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
     """`minikv <command> -workers 2` given Ctrl-C (SIGINT to its process group, as a terminal
-    sends it) as soon as its walking processes exist, before they can set up their handlers."""
+    sends it; or `sig` so, as `kill -TERM -PGID` or systemd does) as soon as its walking processes
+    exist, before they can set up their handlers."""
     db = c.root / ("index" if command == "verify" else "rebuilt")
     args = [sys.executable, "-m", "minikv", command, "-volumes", ",".join(c.names), "-db", str(db),
             "-replicas", "2", "-subvolumes", "2", "-workers", "2"]
@@ -29,7 +30,7 @@ def interrupted_at_start(c, command: str) -> subprocess.CompletedProcess:
         while len(spawned(proc.pid)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, f"{command} walked without processes"
             time.sleep(0.001)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -51,3 +52,14 @@ def test_ctrl_c_as_the_walking_processes_start_stops_the_command_cleanly(make_cl
         assert "exited with" not in got.stderr, (command, got.stderr)
         assert "Traceback" not in got.stderr and "KeyboardInterrupt" not in got.stderr, (command, got.stderr)
         assert "incomplete" in got.stderr or "stopping" in got.stderr, (command, got.stderr)
+
+
+def test_a_sigterm_to_the_process_group_as_the_walking_processes_start_stops_it_cleanly(make_cluster):
+    # a part still starting died of it at once (-15) and was reported as a process that failed
+    c = make_cluster(volumes=2, replicas=2, subvolumes=2)
+    write(c, {f"/term/{i}": os.urandom(20) for i in range(40)})
+    ready(c)
+    for command in ("rebuild", "verify", "rebuild", "verify"):
+        got = interrupted_at_start(c, command, signal.SIGTERM)
+        assert got.returncode == 130, (command, got.returncode, got.stderr)
+        assert "exited with" not in got.stderr and "Traceback" not in got.stderr, (command, got.stderr)

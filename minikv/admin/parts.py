@@ -59,8 +59,10 @@ def _child(run: PartRun, command: str, part, done, conn) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        # the parent tells each part with one SIGTERM to finish the folder in flight
+        # the parent tells each part with one SIGTERM to finish the folder in flight; one that
+        # came while the part started (blocked since: run_parts) is delivered now, to stop.set
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         pool = part.config.pool()
         try:
             errors = await run(part, progress, stop, pool)
@@ -78,10 +80,12 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     ctx = multiprocessing.get_context("spawn")
     done = ctx.Value("q", 0)
     running: dict[int, tuple] = {}
-    # A Ctrl-C reaches the whole process group: one while a part was still starting killed it,
-    # or raised a traceback, before it could ignore it. Parts start with SIGINT blocked (the mask
-    # outlives exec) and ignore it before they unblock it; here it waits until the starts are done.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # A Ctrl-C, or a SIGTERM to the process group (`kill -TERM -PGID`, `timeout`, systemd),
+    # reaches every part: one still starting was killed by it, or raised a traceback, before it
+    # could set what it does with them. Parts start with both blocked (the mask outlives exec),
+    # ignore SIGINT and handle SIGTERM before they unblock them. Here the signal is handled as
+    # ever (the other threads of this process do not block it; the handler only notes it).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for i, part in enumerate(parts):
             ours, theirs = ctx.Pipe(duplex=False)
@@ -101,8 +105,8 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
                 proc.join()
                 counts, lines, stopped = {}, 0, False
                 errs = [f"a {command} process exited with {proc.exitcode} before it finished"]
-                if told and proc.exitcode == -signal.SIGTERM:
-                    stopped, errs = True, []  # our SIGTERM came before its handler: stopped, as asked
+                if stop.is_set() and proc.exitcode == -signal.SIGTERM:
+                    stopped, errs = True, []  # a SIGTERM after its loop ended: stopped, as asked
             if counts is None:
                 continue
             progress.counts.update(counts)
