@@ -210,7 +210,8 @@ def test_a_damaged_record_is_left_for_verify_to_report_not_the_end_of_its_run(tm
     notes = Notes(str(tmp_path / "index"))
     job = Verify(Config(volumes=["v:1"], db=str(tmp_path / "index")), store, None, Progress("verify", bar=False), False)
     good = encode_data(LIVE, ["v:1"], 1, 1, NO_MD5, 0)
-    pairs = [(b"/a", b""), (b"/b", b"L\x01"), (b"/c", good[:-3] + b"\xff\xfe\xfd"), (b"/d", good)]
+    long_name = encode_data(LIVE, ["v:1/" + "z" * 256], 1, 1, NO_MD5, 0)  # a lost comma: a name past 255 bytes
+    pairs = [(b"/a", b""), (b"/b", b"L\x01"), (b"/c", good[:-3] + b"\xff\xfe\xfd"), (b"/c2", long_name), (b"/d", good)]
     for key, _ in pairs:
         notes.add(key, job.copies.encode([Found("v:1", 1, 0)]))
     notes.flush()
@@ -219,7 +220,7 @@ def test_a_damaged_record_is_left_for_verify_to_report_not_the_end_of_its_run(tm
     merge.close()
     notes.close()
     store.close()
-    assert [k for k, _ in rest] == [b"/a", b"/b", b"/c"] and done == 4 and job.progress.counts["seen"] == 1
+    assert [k for k, _ in rest] == [b"/a", b"/b", b"/c", b"/c2"] and done == 5 and job.progress.counts["seen"] == 1
 
 
 def test_copies_are_noted_in_a_form_the_record_gives_too():

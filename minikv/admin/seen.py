@@ -29,7 +29,7 @@ SEEN_BATCH = 4096  # keys per scratch LMDB transaction (its dirty pages: memory)
 _ID = struct.Struct("<HI")  # a copy's volume: its host's place in -volumes, its subvolume (then its size, 8 bytes)
 NO_SUB = 0xFFFFFFFF  # a host without subvolumes
 BY_NAME = 0xFFFFFFFE  # a subvolume folder named otherwise than placement names them: its name follows
-NAMED_MAX = 65_536  # records' volume lists remembered at most (memory), forgotten all at once past it
+NAMED_MAX = 16_384  # records' volume lists remembered (about 10 MB at most, with long host names)
 _CANONICAL = re.compile(r"sv[0-9A-F]{2,7}")
 
 
@@ -89,16 +89,16 @@ class Copies:
 
     def named(self, field: bytes) -> tuple[list[str], list[bytes] | None]:
         """A record's volumes field (b"host:port/sv01,...") as its volume names, and their ids
-        sorted (None as in `expected`): remembered, since a cluster's records name few distinct
-        lists (at 3 volumes of 10 subvolumes, 6,000), and verify asks this of every record.
-        UnicodeDecodeError for a damaged field."""
+        sorted (None as in `expected`): verify asks this of every record. The first NAMED_MAX
+        distinct fields are remembered: a small cluster's records name few (at 3 volumes of 10
+        subvolumes, 6,000 lists), a big one's many more (720,000 at 10 volumes), which are then
+        worked out each time, as before. ValueError for a damaged field."""
         got = self._named.get(field)
         if got is None:
             names = field.decode().split(",")
             got = (names, self._sorted(names))
-            if len(self._named) >= NAMED_MAX:
-                self._named.clear()
-            self._named[field] = got
+            if len(self._named) < NAMED_MAX:
+                self._named[field] = got
         return got
 
     def decode(self, value: bytes) -> list[Found]:

@@ -130,7 +130,7 @@ class Verify:
             try:
                 names, ids = copies.named(raw[VOLUMES_AT:])
                 size = _SIZE.unpack_from(raw, 1)[0]
-            except (UnicodeDecodeError, struct.error):  # a damaged record: `key` reports it, the run goes on
+            except (ValueError, struct.error):  # a damaged record (not UTF-8, a name past 255 bytes): `key` reports it
                 rest.append((key, raw))
                 continue
             if noted is None:
