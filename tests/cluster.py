@@ -4,6 +4,7 @@ started as `python -m minikv ...` processes in their own process groups and stop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -96,6 +97,16 @@ class Proc:
     def send(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Stopped (SIGSTOP) for the block: connections are accepted and nothing is answered, as
+        a hung host does; continued after it, whatever happens in it."""
+        self.send(signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            self.send(signal.SIGCONT)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if self.proc is None:  # never started, or stopped already

@@ -23,22 +23,16 @@ def rebalance_through_a_stall(c, *flags: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "minikv", "rebalance", "-volumes", ",".join(c.names), "-db",
             str(c.root / "index"), "-replicas", "2", "-subvolumes", "2", "-concurrency", "2", *flags]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stopped = False
     try:
         deadline = time.monotonic() + 30
         while copied(c.volume_dir(c.names[-1])) < 10:
             assert proc.poll() is None and time.monotonic() < deadline, "rebalance ended before its moves were seen"
             time.sleep(0.005)
-        c.volumes[0].send(signal.SIGSTOP)
-        stopped = True
-        time.sleep(3.5)
-        assert proc.poll() is None, "rebalance ended before the stall was over: nothing tested"
-        c.volumes[0].send(signal.SIGCONT)
-        stopped = False
+        with c.volumes[0].held():
+            time.sleep(3.5)
+            assert proc.poll() is None, "rebalance ended before the stall was over: nothing tested"
         _, err = proc.communicate(timeout=120)
     finally:
-        if stopped:
-            c.volumes[0].send(signal.SIGCONT)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -136,7 +136,6 @@ def test_a_verify_process_that_dies_mid_walk_makes_the_command_fail(make_cluster
     args = [sys.executable, "-m", "minikv", "verify", "-volumes", ",".join(c.names), "-db", str(c.root / "index"),
             "-replicas", "2", "-subvolumes", "2", "-workers", "2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stopped = False
     try:
         deadline = time.monotonic() + 30
         while len(kids := spawned(proc.pid)) < 2:
@@ -144,16 +143,11 @@ def test_a_verify_process_that_dies_mid_walk_makes_the_command_fail(make_cluster
             time.sleep(0.005)
         # the volumes were probed before the walk began: hold one so the walk cannot end, then
         # kill a process of the walk in the middle of it
-        c.volumes[0].send(signal.SIGSTOP)
-        stopped = True
-        os.kill(kids[0], signal.SIGKILL)
-        time.sleep(0.5)
-        c.volumes[0].send(signal.SIGCONT)
-        stopped = False
+        with c.volumes[0].held():
+            os.kill(kids[0], signal.SIGKILL)
+            time.sleep(0.5)
         out, err = proc.communicate(timeout=120)
     finally:
-        if stopped:
-            c.volumes[0].send(signal.SIGCONT)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
