@@ -187,7 +187,9 @@ def parts(r: dict) -> str:
 
 def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dict:
     """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
-    children), its summary line, and the CPU time of the volumes meanwhile."""
+    children), its summary line, and the CPU time of the volumes meanwhile. The disk is settled
+    first (settle): what the command before wrote is not this one's to write back."""
+    os.sync()
     vol_cpu = group_cpu(VOLUME_GROUPS)
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
