@@ -34,7 +34,7 @@ PAGE = 1000  # records read per LMDB transaction (none is held across an await)
 # How long a volume may stay silent on an admin command's request unless -voltimeout says: the
 # server's 1 s is made to fail a client's read over fast; an admin command sends its requests in
 # batches (64 keys' DELETEs pipelined on one connection) to volumes that serve the cluster too,
-# and a 1,000,000-key rebalance on a loaded machine lost 10,923 deletes and 8 moves to that 1 s.
+# and a 1,000,000-key rebalance, its disk busy with its own writes, lost 10,923 deletes and 8 moves to that 1 s.
 ADMIN_VOLTIMEOUT = 5.0
 
 
