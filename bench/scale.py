@@ -188,7 +188,8 @@ def parts(r: dict) -> str:
 def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dict:
     """Run one command to its end; wall time, peak RSS (MB, wait4: the largest of it and its
     children), its summary line, and the CPU time of the volumes meanwhile. The disk is settled
-    first (settle): what the command before wrote is not this one's to write back."""
+    first (as settle does): what was written before it, the files, the folders the volumes gave
+    nginx's user at their start, the command before, is not this one's to write back."""
     os.sync()
     vol_cpu = group_cpu(VOLUME_GROUPS)
     start = time.monotonic()
@@ -587,7 +588,6 @@ def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)  # it gives the folders to nginx's user first
-    settle("the volumes' start")
     VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     go_flags = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
@@ -643,7 +643,6 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)
-    settle("the volumes' start")
     VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     db, db_old = tmp / "index", tmp / "index-old"
@@ -738,7 +737,6 @@ def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
         cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
     for proc, port in zip(cluster.procs, cluster.ports):
         wait_port(port, proc, "a volume", timeout=600)
-    settle("the volumes' start")
     VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]  # run() counts their CPU as the main run's
     common = ["-volumes", ",".join(three), "-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES),
               "-concurrency", str(opts.concurrency)]
