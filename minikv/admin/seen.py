@@ -70,11 +70,14 @@ class Copies:
         """What `encode` gives when exactly `volumes` hold a copy of `size` each; None when one
         of them is on no host of -volumes (never listed, so never noted)."""
         ids = self._sorted(volumes)
-        if ids is None:
-            return None
+        return None if ids is None else self.sized(ids, size)
+
+    @staticmethod
+    def sized(ids: list[bytes], size: int) -> bytes:
+        """`encode`'s bytes for copies of `size` on the volumes of `ids` (sorted, as `named`
+        gives them). No id is a prefix of another (a name's length comes before it): sorted
+        alone, they keep the order they have with their sizes after them."""
         tail = size.to_bytes(8, "little")
-        # no id is a prefix of another (a name's length comes before it): sorted alone, they
-        # keep the order they have with their sizes after them
         return tail.join(ids) + tail
 
     def _sorted(self, volumes: list[str]) -> list[bytes] | None:

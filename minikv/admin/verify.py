@@ -136,8 +136,7 @@ class Verify:
             if noted is None:
                 rest.append((key, raw))
                 continue
-            tail = size.to_bytes(8, "little")
-            if ids is None or noted != tail.join(ids) + tail:  # not the usual case (Copies.expected): look closer
+            if ids is None or noted != copies.sized(ids, size):  # not the usual case: look closer
                 found = copies.decode(noted)
                 if any(f.volume not in names for f in found):
                     orphans[key] = found
