@@ -6,7 +6,8 @@ the index, and each page it touched stays mapped into the process: at 1,000,000 
 counted some 200 MB in its RSS beside 17-26 MB of its own memory, and at a billion keys it
 would show the whole file. Those pages are the kernel's page cache, reclaimable, but a mapped
 page is reclaimed later than one nobody maps, and an operator reads RSS. So whenever the
-process's file-backed resident pages pass LIMIT (looked at 50 times a second: a walk reads
+process's file-backed resident pages pass those it had at the start (its libraries) by LIMIT
+(looked at 50 times a second: a walk reads
 150 MB a second here, and each page a random read faults in comes with up to 16 cached
 neighbours; long write transactions look every 256 puts as well), the mappings of LMDB data
 files are given MADV_DONTNEED: the pages stay in the page cache (a later read maps them again
@@ -26,7 +27,7 @@ import threading
 from minikv.index import store
 
 EVERY = 0.02  # seconds between looks at the resident set (a look reads /proc/self/statm: ~10 us)
-LIMIT = 40 << 20  # file-backed resident bytes that make a trim (what a look may find past it is the margin)
+LIMIT = 40 << 20  # LMDB's resident bytes that make a trim (what a look may find past it is the margin)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -69,14 +70,16 @@ def keep_trimmed(every: float = EVERY, limit: int = LIMIT) -> threading.Event | 
     bytes pass `limit`, looking every `every` seconds; and look within long write transactions
     too (index/store.py now_and_then). None where there is no /proc."""
     try:
-        shared_bytes()
+        # what is shared before any index page is read (the interpreter and its libraries): not
+        # ours to trim, and counted against `limit` it made a trim of the whole map every 0.1 s
+        base = shared_bytes()
     except OSError:
         return None
     stop = threading.Event()
 
     def look() -> None:
         try:
-            if not stop.is_set() and shared_bytes() > limit:
+            if not stop.is_set() and shared_bytes() - base > limit:
                 trim()
         except OSError:  # no file to read /proc with, say: the work goes on untrimmed
             pass
