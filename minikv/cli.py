@@ -91,7 +91,8 @@ FLAGS: dict[str, Flag] = {
     "log-json": Flag(bool, False, "with -v: log each request as a JSON object per line"),
     "metrics-port": Flag(int, 0, "server: port of the operations listener (/metrics, /healthz, /readyz, a status "
                                  "page at /); 0: off (up: -port + 100)"),
-    "workers": Flag(int, 0, "index worker processes (default: one per core)"),
+    "workers": Flag(int, 0, "index worker processes (default: one per core); rebuild, verify, rebalance: "
+                          "their processes (default 2)"),
     "verify-get": Flag(bool, False, "ask a replica (HEAD) before every redirect, as the Go original"),
     "fsync": Flag(bool, False, "fsync every index commit (survives power loss, slower writes)"),
     "secret": Flag(str, "", "shared secret: volumes take PUT/DELETE/listings only with it, the index sends it "

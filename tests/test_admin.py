@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 import requests
 
 from minikv.admin.check import Replica, judge
@@ -158,16 +159,19 @@ def test_rebuild_reads_volumes_without_subvolume_folders(make_cluster):
         assert c.get(key, allow_redirects=False).headers["Content-Md5"] == hashlib.md5(value).hexdigest()
 
 
-def test_rebalance_5_to_3_to_5_volumes(make_cluster):
+@pytest.mark.parametrize("workers", [[], ["-workers", "3"]], ids=["one process", "3 processes"])
+def test_rebalance_5_to_3_to_5_volumes(make_cluster, workers):
     c = make_cluster(volumes=5, replicas=2)
     keys = {f"/bal/{i}": os.urandom(100 + i) for i in range(60)}
     write(c, keys)
     for volumes in (c.names[:3], c.names):
         restart(c, volumes)
+        before = sum(1 for k in keys if holders(c, k) != placed(c, k, volumes))
         # offline rebalance while the index serves: the record is the lock either way
-        r = admin("rebalance", c, volumes=volumes)
+        r = admin("rebalance", c, *workers, volumes=volumes)
         assert r.returncode == 0, r.stderr
-        assert "0 failed" in r.stderr
+        # the processes' counts add up: each key seen once, moved once
+        assert f"{len(keys)} keys seen, {before} moved, 0 failed" in r.stderr, (before, r.stderr)
         for key, value in keys.items():
             assert c.get(key).content == value, key
             assert c.get(key, allow_redirects=False).headers["Key-Balance"] == "balanced"
@@ -365,7 +369,10 @@ def test_gc_removes_unlinked_files_stale_locks_and_temp_files_and_nothing_else(m
     assert c.put(stale, b"writable again").status_code == 201
 
 
-def test_rebalance_killed_half_way_completes_when_run_again(make_cluster):
+@pytest.mark.parametrize("workers", [[], ["-workers", "2"]], ids=["one process", "2 processes"])
+def test_rebalance_killed_half_way_completes_when_run_again(make_cluster, workers):
+    """kill -9 of the command (its first process only: the others end with it) leaves keys
+    locked; they stay readable, and the next run resolves them and completes."""
     c = make_cluster(volumes=5, replicas=2, subvolumes=4)
     keys = {f"/kill/{i}": os.urandom(20_000) for i in range(250)}
     write(c, keys)
@@ -380,7 +387,7 @@ def test_rebalance_killed_half_way_completes_when_run_again(make_cluster):
     store = Store(str(c.root / "index"))
     already = count_moved(store)
     args = [sys.executable, "-m", "minikv", "rebalance", "-volumes", ",".join(volumes), "-db",
-            str(c.root / "index"), "-replicas", "2", "-subvolumes", "4", "-concurrency", "2"]
+            str(c.root / "index"), "-replicas", "2", "-subvolumes", "4", "-concurrency", "2", *workers]
     proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -388,8 +395,12 @@ def test_rebalance_killed_half_way_completes_when_run_again(make_cluster):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
+        time.sleep(0.5)  # the other processes' ends (they get SIGKILL as their parent ends)
         left = store.pending_records()
         moved = count_moved(store) - already
+        time.sleep(1.0)
+        assert store.pending_records() == left and count_moved(store) - already == moved, \
+            "a process of the killed rebalance went on moving keys"
     finally:
         store.close()
     # half-way: some keys moved, some locked (mid-copy or waiting to delete old copies), some not

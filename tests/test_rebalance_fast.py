@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from urllib.parse import quote
 
@@ -102,7 +101,7 @@ def test_a_batched_move_never_overwrites_a_put_that_came_first(make_cluster):
             assert c.request("DELETE", quote(key.decode())).status_code == 204
             assert c.put(quote(key.decode()), newer[key.decode()]).status_code == 201
         config = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=c.subvolumes)
-        job = Offline(config, types.SimpleNamespace(dry_run=False), store, config.pool(),
+        job = Offline(config, False, store, config.pool(),
                       Progress("test", bar=False))
 
         async def main():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import types
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,7 +27,7 @@ from minikv.placement import key2path, key2volume  # noqa: E402
 def offline(config: Config, store: Store):
     from minikv.admin.rebalance import Offline
 
-    return Offline(config, types.SimpleNamespace(dry_run=False), store, config.pool(),
+    return Offline(config, False, store, config.pool(),
                    Progress("test", bar=False))
 
 

@@ -1,18 +1,21 @@
 """A walk of the volumes shared out among processes, each taking a share of the 256 `<aa>`
-folders: what rebuild and verify do to use more than one core.
+folders: what rebuild and verify do to use more than one core (and rebalance, whose parts share
+the index's keys instead: admin/rebalance.py).
 
 The walk is CPU-bound (Python around each listing or folder, and the kernel for local folders),
 so one process tops out at one core. Each part runs `run(part, progress, stop, pool)` in its own
 process, spawned: nothing of this one's event loop or LMDB handle crosses a fork. A part sends
-back its counts, its problem-line count and its errors once at the end, and counts the `<aa>`
-folders it finished in a shared counter as it goes, for the one bar the parent shows. A part that
-dies without a word (killed, out of memory) makes an error, so the command never reports a walk
-it did not finish as complete.
+back its counts, its problem-line count and its errors once at the end, and counts what it
+finished (`<aa>` folders; a rebalance's keys) in a shared counter as it goes, for the one bar
+the parent shows. A part that dies without a word (killed, out of memory) makes an error, so the
+command never reports a walk it did not finish as complete. A part ends with the command: one
+killed with SIGKILL takes its parts along (PR_SET_PDEATHSIG), and a second Ctrl-C kills them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import multiprocessing
 import os
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from minikv.admin.progress import Progress
 from minikv.http.client import Pool
 
+PR_SET_PDEATHSIG = 1  # prctl's: the signal this process gets when its parent ends
 DEFAULT_PROCS = 2  # processes walking the volumes (-workers): one per core of a small machine
 GC_THRESHOLDS = (10_000, 10, 10)  # a part's; Python's default is (700, 10, 10)
 
@@ -34,9 +38,24 @@ def shares(procs: int) -> list[list[int]]:
     return [list(range(i, 256, procs)) for i in range(procs)]
 
 
-def _child(run: PartRun, command: str, part, done, conn) -> None:
+def _die_with(parent: int) -> None:
+    """End this process when `parent` ends. A part outlived a parent killed by SIGKILL (which
+    gets no chance to stop it): a rebalance's part went on moving keys while the operator ran
+    the command again. Linux only; elsewhere a part goes on to its end, as before."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+def _child(run: PartRun, command: str, part, done, conn, parent: int) -> None:
     """One part's process: sends (counts, problem lines, stopped, errors) on `conn` at the end,
     and counts the folders it finished in `done` as it goes."""
+    _die_with(parent)
     # the parent alone answers Ctrl-C (run_parts); a SIGINT pending since the start is dropped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -74,7 +93,7 @@ def _child(run: PartRun, command: str, part, done, conn) -> None:
 
 
 async def run_parts(run: PartRun, command: str, parts: list, progress: Progress, stop: asyncio.Event,
-                    shown: str = "keys") -> list[str]:
+                    shown: str | None = "keys") -> list[str]:
     """Run each part in its own process, showing their progress on `progress` (and the count
     `shown` beside the bar); their errors, one for each part that died before it finished."""
     ctx = multiprocessing.get_context("spawn")
@@ -89,7 +108,7 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     try:
         for i, part in enumerate(parts):
             ours, theirs = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(run, command, part, done, theirs), daemon=True)
+            proc = ctx.Process(target=_child, args=(run, command, part, done, theirs, os.getpid()), daemon=True)
             proc.start()
             theirs.close()
             running[i] = (proc, ours)
@@ -97,32 +116,43 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     errors: list[str] = []
     shown_done, told = 0, False
-    while running:
-        for i, (proc, pipe) in list(running.items()):
-            try:
-                counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
-            except EOFError:  # it died without a word
+    try:
+        while running:
+            for i, (proc, pipe) in list(running.items()):
+                try:
+                    counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
+                except EOFError:  # it died without a word
+                    proc.join()
+                    counts, lines, stopped = {}, 0, False
+                    errs = [f"a {command} process exited with {proc.exitcode} before it finished "
+                            "(its counts are not in the summary)"]
+                    if stop.is_set() and proc.exitcode == -signal.SIGTERM:
+                        stopped, errs = True, []  # a SIGTERM after its loop ended: stopped, as asked
+                if counts is None:
+                    continue
+                progress.counts.update(counts)
+                progress.lines += lines
+                errors += errs
+                if stopped:
+                    stop.set()
                 proc.join()
-                counts, lines, stopped = {}, 0, False
-                errs = [f"a {command} process exited with {proc.exitcode} before it finished"]
-                if stop.is_set() and proc.exitcode == -signal.SIGTERM:
-                    stopped, errs = True, []  # a SIGTERM after its loop ended: stopped, as asked
-            if counts is None:
-                continue
-            progress.counts.update(counts)
-            progress.lines += lines
-            errors += errs
-            if stopped:
-                stop.set()
-            proc.join()
-            del running[i]
-        if stop.is_set() and not told:
-            told = True
-            for proc, _ in running.values():
-                if proc.pid is not None and proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
-        progress.tick(done.value - shown_done)
-        shown_done = done.value
-        progress.show(**{shown: progress.counts[shown]})
-        await asyncio.sleep(0.1)
+                del running[i]
+            if stop.is_set() and not told:
+                told = True
+                for proc, _ in running.values():
+                    if proc.pid is not None and proc.is_alive():
+                        os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
+            progress.tick(done.value - shown_done)
+            shown_done = done.value
+            if shown:
+                progress.show(**{shown: progress.counts[shown]})
+            await asyncio.sleep(0.1)
+    except BaseException:
+        # a second Ctrl-C (KeyboardInterrupt): quit at once, the parts too. A SIGTERM, as
+        # multiprocessing gives its children on the way out, would have them finish their work
+        # in flight first (what a rebalance left locked, its next run resolves)
+        for proc, _ in running.values():
+            if proc.is_alive():
+                proc.kill()
+        raise
     return errors

@@ -4,11 +4,16 @@ Run it after volumes were added to or removed from -volumes (and the index resta
 new list). Two ways, both safe while the index server keeps serving:
 
 - offline, `-volumes ... -db ...`: this process walks the index itself and moves each key that
-  is not where placement says with admin/move.py: lock the record (PENDING, owner: our pid),
+  is not where placement says with admin/move.py: lock the record (PENDING, owner: the pid of
+  the process moving it),
   copy to the new volumes (streamed volume to volume, never whole in memory), switch the record,
   then, a moment later and still locked, delete the copies on volumes no longer named. A key
   some other write holds is retried, then reported. Keys being moved stay readable throughout;
-  their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight.
+  their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight. Past SMALL
+  records of an LMDB index the keys are shared out among -workers processes (default 2,
+  admin/parts.py) by their crc32, each with -concurrency moves in flight: one process tops out
+  at one core (its HTTP requests and transactions) while the volumes' nginx left the other
+  half idle. A process killed with the command (or alone) leaves its locked keys to the next run.
 - online, `-server host:port`: pages through the running index's `GET /?list` and asks it to
   move each unbalanced key (`REBALANCE /key`), `-concurrency` at once. The server's own -volumes
   decide placement; -db and -volumes are not needed. (Keys that are not valid UTF-8 cannot be
@@ -24,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import NamedTuple
 from urllib.parse import quote
+from zlib import crc32
 
 from minikv.admin import move
 from minikv.admin.batch import Batched
@@ -39,11 +46,13 @@ from minikv.admin.common import (
     show,
     stop_on_signal,
 )
+from minikv.admin.parts import DEFAULT_PROCS, run_parts
 from minikv.admin.progress import Progress
 from minikv.admin.records import Placer
 from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
+from minikv.index.engine import is_url
 from minikv.index.record import LIVE, PENDING, UNLINKED, VOLUMES_AT, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import needs_rebalance
@@ -57,19 +66,27 @@ REBALANCE_TIMEOUT = 3600.0  # the server copies the whole value before it answer
 
 
 class Offline:
-    def __init__(self, config: Config, args, store: Store, pool: Pool, progress: Progress):
+    """The moves of one process: of every key, or (`share` = (i, n)) of the keys whose crc32
+    is i modulo n, for one of n processes."""
+
+    def __init__(self, config: Config, dry_run: bool, store: Store, pool: Pool, progress: Progress,
+                 share: tuple[int, int] = (0, 1)):
         self.config = config
-        self.dry_run = args.dry_run
+        self.dry_run = dry_run
         self.store = Batched(store)  # the keys in flight lock, switch and unlock in shared transactions
         self.pool = pool
         self.progress = progress
         self.placer = Placer(config)  # placement, with what does not depend on the key worked out once
         self.epoch = self.placer.epoch
+        self.share = share
 
     def quick(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """One page of records, without an await: the keys already where placement wants them
         and the UNLINKED ones are counted here (no task, no queue: after adding one volume to
         many, most keys); the others are returned, for `key` to move."""
+        i, n = self.share
+        if n > 1:
+            pairs = [pair for pair in pairs if crc32(pair[0]) % n == i]
         p = self.progress
         counts = p.counts
         counts["seen"] += len(pairs)
@@ -129,16 +146,22 @@ async def offline(args, config: Config) -> int:
             return 1
         if not args.dry_run and (n := await resolve_stale(store, pool)):
             print(f"rebalance: resolved {n} key(s) left locked by a process that died", file=sys.stderr)
-        progress = Progress("rebalance", total=store.count())
+        total = store.count()
+        progress = Progress("rebalance", total=total)
         stop = asyncio.Event()
         stop_on_signal(stop, progress)
-        job = Offline(config, args, store, pool, progress)
-        await each_record(store, job.key, args.concurrency, progress, stop, job.quick)
-        leftovers = await move.drain()
-        for reason in leftovers:
-            progress.problem(f"an old copy could not be deleted ({reason}); `minikv repair "
-                             "-delete-orphans` removes it later")
-        progress.add("leftovers", len(leftovers))
+        # LMDB only: each process of a PostgreSQL index would hold a bridge and a lease of its own
+        procs = 1 if is_url(config.db) else config.workers if "workers" in args.given else \
+            DEFAULT_PROCS if total > SMALL else 1
+        procs = max(1, min(procs, 64))
+        parts = [Part(config, args.dry_run, args.concurrency, (i, procs)) for i in range(procs)]
+        if procs == 1:
+            await moves(Offline(config, args.dry_run, store, pool, progress), args.concurrency, progress, stop)
+        else:
+            for error in await run_parts(run_part, "rebalance", parts, progress, stop, shown=None):
+                progress.add("failed")
+                progress.problem(f"{error}: the keys of its share that it had not moved stay where they "
+                                 "were (run rebalance again)")
         moved = "to move (dry run)" if args.dry_run else "moved"
         progress.summary([("seen", "keys seen"), ("moved", moved), ("failed", "failed"),
                           ("unlinked", "unlinked skipped"), ("leftovers", "old copies not deleted")])
@@ -148,6 +171,40 @@ async def offline(args, config: Config) -> int:
     finally:
         pool.close()
         store.close()
+
+
+SMALL = 20_000  # records up to which one process moves them all unless -workers says otherwise
+
+
+class Part(NamedTuple):
+    """What one process of a rebalance moves (admin/parts.py): the keys of its `share`."""
+    config: Config
+    dry_run: bool
+    concurrency: int
+    share: tuple[int, int]
+
+
+async def moves(job: Offline, concurrency: int, progress: Progress, stop: asyncio.Event) -> None:
+    """Every move of `job`, then the old copies' deletions still waiting their second."""
+    await each_record(job.store, job.key, concurrency, progress, stop, job.quick)
+    leftovers = await move.drain()
+    for reason in leftovers:
+        progress.problem(f"an old copy could not be deleted ({reason}); `minikv repair "
+                         "-delete-orphans` removes it later")
+    progress.add("leftovers", len(leftovers))
+
+
+async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
+    """One process's share of the moves (admin/parts.py runs it): one event loop moves at most
+    a core's worth (the HTTP requests, the index's transactions), and the volumes' nginx had
+    the other core half idle."""
+    store = Store(part.config.db, sync=part.config.fsync)
+    try:
+        await moves(Offline(part.config, part.dry_run, store, pool, progress, part.share), part.concurrency,
+                    progress, stop)
+    finally:
+        store.close()
+    return []
 
 
 # ---------------------------------------------------------------- online
