@@ -570,25 +570,31 @@ def table(opts, n: int, res: dict) -> str:
     ])
 
 
+def four_volumes(opts, tmp: Path, cluster: Cluster) -> tuple[list[str], list[str], list[str]]:
+    """The files of --keys keys written into the folders of the first 3 of 4 volumes, and the 4
+    volumes started on them (each gives its folders to nginx's user first); the folders, and
+    the names of the first 3 volumes and of all 4."""
+    dirs = [str(tmp / f"vol{i}") for i in range(4)]
+    print(f"bench: writing {opts.keys:,} keys' files ...", file=sys.stderr)
+    write_files(dirs[:3], cluster.names[:3], opts.keys, b"v" * opts.value_size, 2)
+    for i, port in enumerate(cluster.ports):
+        os.makedirs(dirs[i], exist_ok=True)
+        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
+    for proc, port in zip(cluster.procs, cluster.ports):
+        wait_port(port, proc, "a volume", timeout=600)
+    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]  # run() counts their CPU
+    return dirs, cluster.names[:3], cluster.names
+
+
 def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
     """Steps 1-5 of the module docstring; the results by step."""
-    n = opts.keys
     res: dict = {"go": {}}
     go, why = find_go(opts, tmp)
     res["go_note"] = ("The Go original was built from its public source with Debian's packages (bench/scale.py "
                       "build_go)." if go else f"Go original skipped: {why}.")
     if not go:
         print(f"bench: {res['go_note']}", file=sys.stderr)
-    dirs = [str(tmp / f"vol{i}") for i in range(4)]
-    three, four = cluster.names[:3], cluster.names
-    print(f"bench: writing {n:,} keys' files ...", file=sys.stderr)
-    write_files(dirs[:3], three, n, b"v" * opts.value_size, 2)
-    for i, port in enumerate(cluster.ports):
-        os.makedirs(dirs[i], exist_ok=True)
-        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
-    for proc, port in zip(cluster.procs, cluster.ports):
-        wait_port(port, proc, "a volume", timeout=600)  # it gives the folders to nginx's user first
-    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
+    dirs, three, four = four_volumes(opts, tmp, cluster)
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     go_flags = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES)]
     db = tmp / "index"
@@ -634,16 +640,7 @@ def ab_part(opts, tmp: Path, cluster: Cluster) -> str:
     old = Path(opts.old).resolve()
     old_py = str(old / ".venv" / "bin" / "python")
     go, why = find_go(opts, tmp)
-    dirs = [str(tmp / f"vol{i}") for i in range(4)]
-    three, four = cluster.names[:3], cluster.names
-    print(f"bench: writing {n:,} keys' files ...", file=sys.stderr)
-    write_files(dirs[:3], three, n, b"v" * opts.value_size, 2)
-    for i, port in enumerate(cluster.ports):
-        os.makedirs(dirs[i], exist_ok=True)
-        cluster.spawn(["volume", "-host", HOST, "-port", str(port), dirs[i]], f"vol{i}.log")
-    for proc, port in zip(cluster.procs, cluster.ports):
-        wait_port(port, proc, "a volume", timeout=600)
-    VOLUME_GROUPS[:] = [proc.pid for proc in cluster.procs]
+    dirs, three, four = four_volumes(opts, tmp, cluster)
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
     db, db_old = tmp / "index", tmp / "index-old"
     run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common, *dirs[:3]), "minikv rebuild (local)")
@@ -779,6 +776,39 @@ def walk_ab(opts, tmp: Path, cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
+def rebalance_ab(opts, tmp: Path, cluster: Cluster) -> str:
+    """--old DIR --rebalance-rounds N: the offline rebalance only, old code against new, N rounds
+    on the same files in one run, alternating (old, new, new, old, ...). Each side moves the keys
+    3 → 4 volumes and then back 4 → 3 (the same keys both ways), so every run starts from the same
+    layout and the disk's state drifts alike for both sides: ab_part's single old-then-new runs
+    differ by more than most changes do (54.8 against 87.7 s for the same code)."""
+    n = opts.keys
+    old = Path(opts.old).resolve()
+    sides = [("old", str(old / ".venv" / "bin" / "python"), old), ("new", sys.executable, ROOT)]
+    dirs, three, four = four_volumes(opts, tmp, cluster)
+    common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
+    db = str(tmp / "index")
+    run(minikv("rebuild", "-volumes", ",".join(three), "-db", db, *common, *dirs[:3]), "minikv rebuild (local)")
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for r in range(opts.rebalance_rounds):
+        for label, py, cwd in (sides if r % 2 == 0 else sides[::-1]):
+            for there in (four, three):
+                runs[label].append(run(minikv("rebalance", "-volumes", ",".join(there), "-db", db, *common, python=py),
+                                       f"{label} #{r + 1} rebalance to {len(there)}", cwd=cwd))
+    lines = [f"Rebalance A/B at {n:,} keys of {opts.value_size:,} bytes, 3 → 4 → 3 volumes, {opts.rebalance_rounds} "
+             f"round(s), -concurrency {opts.concurrency} ({machine()}):"]
+    for label, got in runs.items():
+        moved = [count(r["summary"], "moved") for r in got]
+        lines.append(f"- {label}: " + "; ".join(
+            f"{r['seconds']:.1f} s ({m / r['seconds']:,.0f} moves/s), ours {r['cpu']:.1f} / volumes {r['vol_cpu']:.1f} "
+            f"CPU-s ({r['cpu'] / max(m, 1) * 1e6:.0f} / {r['vol_cpu'] / max(m, 1) * 1e6:.0f} us a move)"
+            for r, m in zip(got, moved)))
+        walls = sorted(r["seconds"] for r in got)
+        cpus = sorted(r["cpu"] / max(m, 1) * 1e6 for r, m in zip(got, moved))
+        lines.append(f"  median {walls[len(walls) // 2]:.1f} s, our CPU {cpus[len(cpus) // 2]:.0f} us a move")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys whose files are written (0: skip)")
@@ -788,8 +818,12 @@ def main() -> int:
     ap.add_argument("--go-src", help="a checkout of github.com/geohot/minikeyvalue (or $MKV_GO_SRC)")
     ap.add_argument("--go-bin", help="the Go original, built")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--dir", default="/tmp", help="where the run's folder goes (/dev/shm: no disk in the figures, and "
+                                                  "no minutes of deleting at the end)")
     ap.add_argument("--old", help="an older checkout (with its .venv): A/B of rebalance and verify only (ab_part)")
     ap.add_argument("--rebalance-only", action="store_true", help="with --old: leave out the verify runs")
+    ap.add_argument("--rebalance-rounds", type=int, default=0,
+                    help="with --old: A/B of the offline rebalance only, this many alternating rounds (rebalance_ab)")
     ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
     ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
     ap.add_argument("--postgres", action="store_true",
@@ -798,7 +832,7 @@ def main() -> int:
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir=opts.dir))
     tmp.chmod(0o755)  # nginx workers run as www-data when we are root
     cluster = Cluster(tmp)
     cluster.ports = cluster.ports[:4]
@@ -806,7 +840,8 @@ def main() -> int:
     sections = []
     try:
         if opts.old:
-            print(walk_ab(opts, tmp, cluster) if opts.walk else ab_part(opts, tmp, cluster))
+            print(walk_ab(opts, tmp, cluster) if opts.walk else rebalance_ab(opts, tmp, cluster)
+                  if opts.rebalance_rounds else ab_part(opts, tmp, cluster))
             return 0
         if opts.keys:
             sections.append(table(opts, opts.keys, files_part(opts, tmp, cluster)))
