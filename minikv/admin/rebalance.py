@@ -60,6 +60,7 @@ from minikv.placement import needs_rebalance
 BUSY_TRIES = 6  # a key another write holds is looked at again after 0.1, 0.2, ... 3.2 s
 LIST_PAGE = 1000
 REBALANCE_TIMEOUT = 3600.0  # the server copies the whole value before it answers
+SMALL = 20_000  # records up to which one process moves them all unless -workers says otherwise
 
 
 # ---------------------------------------------------------------- offline
@@ -171,9 +172,6 @@ async def offline(args, config: Config) -> int:
     finally:
         pool.close()
         store.close()
-
-
-SMALL = 20_000  # records up to which one process moves them all unless -workers says otherwise
 
 
 class Part(NamedTuple):
