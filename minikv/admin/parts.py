@@ -27,10 +27,22 @@ from minikv.http.client import Pool
 
 PR_SET_PDEATHSIG = 1  # prctl's: the signal this process gets when its parent ends
 DEFAULT_PROCS = 2  # processes walking the volumes (-workers): one per core of a small machine
+SMALL = 20_000  # index records up to which verify and rebalance take one process unless -workers says
 GC_THRESHOLDS = (10_000, 10, 10)  # a part's; Python's default is (700, 10, 10)
 
 # run(part, progress, stop, pool) -> the walk's errors; a module-level function (it is pickled by name)
 PartRun = Callable[[object, Progress, asyncio.Event, Pool], Awaitable[list[str]]]
+
+
+def processes(args, config, records: int, most: int = 256) -> int:
+    """How many processes a command over `records` index records runs: -workers when given,
+    else DEFAULT_PROCS, or 1 for an index of up to SMALL records (starting others would cost
+    more than they save); from 1 to `most`."""
+    if "workers" in args.given:
+        wanted = config.workers
+    else:
+        wanted = DEFAULT_PROCS if records > SMALL else 1
+    return max(1, min(wanted, most))
 
 
 def shares(procs: int) -> list[list[int]]:
@@ -54,7 +66,7 @@ def _die_with(parent: int) -> None:
 
 def _child(run: PartRun, command: str, part, done, conn, parent: int) -> None:
     """One part's process: sends (counts, problem lines, stopped, errors) on `conn` at the end,
-    and counts the folders it finished in `done` as it goes."""
+    and counts what it finished in `done` as it goes."""
     _die_with(parent)
     # the parent alone answers Ctrl-C (run_parts); a SIGINT pending since the start is dropped
     signal.signal(signal.SIGINT, signal.SIG_IGN)

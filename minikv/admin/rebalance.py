@@ -9,8 +9,8 @@ new list). Two ways, both safe while the index server keeps serving:
   copy to the new volumes (streamed volume to volume, never whole in memory), switch the record,
   then, a moment later and still locked, delete the copies on volumes no longer named. A key
   some other write holds is retried, then reported. Keys being moved stay readable throughout;
-  their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight. Past SMALL
-  records of an LMDB index the keys are shared out among -workers processes (default 2,
+  their DELETE/UNLINK/PUT get 409 for that moment, as with any write in flight. Past
+  parts.SMALL records of an LMDB index the keys are shared out among -workers processes (default 2,
   admin/parts.py) by their crc32, each with -concurrency moves in flight: one process tops out
   at one core (its HTTP requests and transactions) while the volumes' nginx left the other
   half idle. A process killed with the command (or alone) leaves its locked keys to the next run.
@@ -46,7 +46,7 @@ from minikv.admin.common import (
     show,
     stop_on_signal,
 )
-from minikv.admin.parts import DEFAULT_PROCS, run_parts
+from minikv.admin.parts import processes, run_parts
 from minikv.admin.progress import Progress
 from minikv.admin.records import Placer
 from minikv.api.access import client_headers
@@ -60,7 +60,6 @@ from minikv.placement import needs_rebalance
 BUSY_TRIES = 6  # a key another write holds is looked at again after 0.1, 0.2, ... 3.2 s
 LIST_PAGE = 1000
 REBALANCE_TIMEOUT = 3600.0  # the server copies the whole value before it answers
-SMALL = 20_000  # records up to which one process moves them all unless -workers says otherwise
 
 
 # ---------------------------------------------------------------- offline
@@ -152,9 +151,7 @@ async def offline(args, config: Config) -> int:
         stop = asyncio.Event()
         stop_on_signal(stop, progress)
         # LMDB only: each process of a PostgreSQL index would hold a bridge and a lease of its own
-        procs = 1 if is_url(config.db) else config.workers if "workers" in args.given else \
-            DEFAULT_PROCS if total > SMALL else 1
-        procs = max(1, min(procs, 64))
+        procs = 1 if is_url(config.db) else processes(args, config, total, most=64)
         parts = [Part(config, args.dry_run, args.concurrency, (i, procs)) for i in range(procs)]
         if procs == 1:
             await moves(Offline(config, args.dry_run, store, pool, progress), args.concurrency, progress, stop)

@@ -47,7 +47,7 @@ from minikv.admin.common import (
 )
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.orphans import Orphans
-from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
+from minikv.admin.parts import processes, run_parts, shares
 from minikv.admin.progress import Progress
 from minikv.admin.seen import Copies, Merge, Notes
 from minikv.admin.walk import Found, Walker
@@ -71,7 +71,6 @@ FINDINGS = ("under-replicated", "lost", "misplaced", *KINDS, "orphans", "failed"
 
 
 _SIZE = struct.Struct("<Q")  # a LIVE record's size, first of its fields
-SMALL = 20_000  # records up to which the walk takes one process unless -workers says otherwise
 ORPHAN_BATCH = 1024  # keys with no record handed to the orphan search at once (memory, and Ctrl-C between)
 
 
@@ -341,9 +340,7 @@ async def verify(args, config: Config) -> int:
             walk = Progress("verify", total=256, bar_unit="dirs")
             stop = asyncio.Event()
             stop_on_signal(stop, walk)
-            # a small index is walked in one process: starting others would cost more than they save
-            procs = config.workers if "workers" in args.given else DEFAULT_PROCS if store.count() > SMALL else 1
-            procs = max(1, min(procs, 256))
+            procs = processes(args, config, store.count())
             # a volume that is down has no listing: its copies are asked for (unreachable) in pass 2
             parts = [WalkPart(config, dirs, [v for v in config.volumes if v not in down], notes.path,
                               args.concurrency, aas) for aas in shares(procs)]
