@@ -137,3 +137,24 @@ def test_config_refuses_what_would_store_fewer_copies_than_asked():
         Config(volumes=["a:1", "b:2"], db="x").check()
     with pytest.raises(ValueError, match="is not host:port"):
         Config(volumes=["a:1", "b"], db="x", replicas=1).check()
+
+
+def test_processes_one_for_a_small_index_else_default_and_workers_when_given():
+    from types import SimpleNamespace
+
+    from minikv.admin.parts import DEFAULT_PROCS, SMALL, processes
+
+    plain = parse_args(["rebalance"])
+    told = parse_args(["rebalance", "-workers", "3"])
+    assert "workers" not in plain.given and "workers" in told.given
+    cores = SimpleNamespace(workers=8)  # Config.workers when -workers is not given: the cores
+    # not given: one process up to SMALL records (starting others costs more than they save)
+    assert [processes(plain, cores, n) for n in (0, 1, SMALL)] == [1, 1, 1]
+    assert processes(plain, cores, SMALL + 1) == processes(plain, cores, 10**9) == DEFAULT_PROCS
+    # given: -workers wins both ways
+    assert processes(told, SimpleNamespace(workers=3), 0) == 3
+    assert processes(told, SimpleNamespace(workers=1), SMALL + 1) == 1
+    # from 1 to `most`
+    assert processes(told, SimpleNamespace(workers=100), 0, most=64) == 64
+    assert processes(told, SimpleNamespace(workers=-1), SMALL + 1) == 1
+    assert processes(plain, cores, SMALL + 1, most=1) == 1
