@@ -180,6 +180,33 @@ def test_rebalance_5_to_3_to_5_volumes(make_cluster, workers):
     assert again.returncode == 0 and "0 moved" in again.stderr
 
 
+def test_rebalance_dry_run_in_2_processes_counts_as_one_and_moves_nothing(make_cluster):
+    """Each process of a dry run counts its share (the keys it would move) and moves none of them."""
+    c = make_cluster(volumes=5, replicas=2)
+    restart(c, c.names[:3])
+    keys = {f"/dry/{i}": os.urandom(100 + i) for i in range(60)}
+    write(c, keys)
+    restart(c, c.names)  # two volumes added
+    before = sum(1 for k in keys if holders(c, k) != placed(c, k, c.names))
+    assert before > 0
+    files = all_files(c)
+    store = Store(str(c.root / "index"), readonly=True)
+    try:
+        records = store.scan(b"/dry/")[0]
+        for workers in ("1", "2"):
+            r = admin("rebalance", c, "-dry-run", "-workers", workers)
+            assert r.returncode == 0, r.stderr
+            counted = f"{len(keys)} keys seen, {before} to move (dry run), 0 failed"
+            assert counted in r.stderr, (workers, before, r.stderr)
+            assert all_files(c) == files, f"-workers {workers} moved files"
+            assert store.scan(b"/dry/")[0] == records, f"-workers {workers} changed records"
+    finally:
+        store.close()
+    r = admin("rebalance", c, "-workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{len(keys)} keys seen, {before} moved, 0 failed" in r.stderr, (before, r.stderr)
+
+
 def test_online_rebalance_pages_through_every_key(cluster):
     """The online mode lists the index page by page, each page starting at the key the last one
     named: every key comes exactly once, awkward ones included (once, `start` was quoted twice
