@@ -831,6 +831,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="with --walk: runs of each side, alternating (old new new old ...)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
+    if not opts.old:  # else they were ignored, and the run measured something else than asked
+        for flag, given in (("--rebalance-rounds", opts.rebalance_rounds),
+                            ("--rebalance-only", opts.rebalance_only), ("--profile", opts.profile)):
+            if given:
+                ap.error(f"{flag} needs --old DIR (an older checkout to compare with)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir=opts.dir))
     tmp.chmod(0o755)  # nginx workers run as www-data when we are root
