@@ -15,8 +15,9 @@ Steps, all on loopback in a fresh folder under /tmp, removed at the end. The fil
  4. rebalance 3 → 4 volumes (minikv, offline, on its rebuilt index); then the Go original
     rebuilds its index on the 4 volumes and rebalances 4 → 3: the same keys move (those whose
     placement differs between the two layouts), in the other direction;
- 5. minikv rebuilds on 3 volumes again (now where the Go original left the files), then
-    verify (sizes, no md5), gc and a full `?list` walk on that index.
+ 5. minikv rebuilds on 3 volumes again (now where the Go original left the files), and so does
+    the Go original (both on folders churned by the two rebalances); then verify (sizes, no
+    md5), gc and a full `?list` walk on minikv's index.
 The index part (--index-keys N; 0 skips it): an index of N records shaped as rebuild writes
 them, made without files (the index does not care where the bytes are): its size per key, a
 full `?list` walk, and one page's time at N keys against the same at 10,000.
@@ -179,6 +180,16 @@ def group_cpu(groups: list[int]) -> float:
 VOLUME_GROUPS: list[int] = []  # the volumes' process groups, whose CPU run() counts too
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (user, nice, system, irq and softirq of
+    /proc/stat; not idle, iowait or the hypervisor's steal): beside ours and the volumes', it
+    shows what else a command made the kernel do (writeback, its threads) or what other load
+    shared the cores."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def parts(r: dict) -> str:
     """The largest child process's peak RSS (a walk's parts), when there were children."""
     anon, file = r["child_mb"]
@@ -192,6 +203,7 @@ def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dic
     nginx's user at their start, the command before, is not this one's to write back."""
     os.sync()
     vol_cpu = group_cpu(VOLUME_GROUPS)
+    busy = machine_busy()
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
     peak: dict = {}
@@ -216,9 +228,9 @@ def run(argv: list[str], what: str, check: bool = True, cwd: Path = ROOT) -> dic
     result = {"seconds": elapsed, "rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak.get("RssAnon", 0) / 1024,
               "child_mb": (peak.get("child RssAnon", 0) / 1024, peak.get("child RssFile", 0) / 1024),
               "summary": summary, "code": code, "cpu": usage.ru_utime + usage.ru_stime,
-              "vol_cpu": group_cpu(VOLUME_GROUPS) - vol_cpu}
+              "vol_cpu": group_cpu(VOLUME_GROUPS) - vol_cpu, "busy": machine_busy() - busy}
     print(f"bench: {what}: {elapsed:.1f} s, {result['cpu']:.1f} s of CPU (the volumes "
-          f"{result['vol_cpu']:.1f} s), peak RSS {result['rss_mb']:.0f} MB "
+          f"{result['vol_cpu']:.1f} s, the machine {result['busy']:.1f} s), peak RSS {result['rss_mb']:.0f} MB "
           f"({result['anon_mb']:.0f} MB anonymous{parts(result)})  {summary}", file=sys.stderr)
     return result
 
@@ -493,7 +505,7 @@ def floor_lines(n: int, res: dict) -> list[str]:
     cores = os.cpu_count() or 1
     go = res.get("go", {})
     lines = []
-    for what, key in (("rebuild over HTTP", "rebuild"), ("rebalance", "rebalance")):
+    for what, key in (("rebuild over HTTP", "rebuild"), ("rebalance", "rebalance"), ("verify", "verify")):
         ours, theirs = res[key], go.get(key)
         bound = ours["vol_cpu"] / cores
         line = (f"- {what}: the volumes' nginx spent {ours['vol_cpu']:.1f} CPU-s on our requests (ours "
@@ -525,7 +537,7 @@ def table(opts, n: int, res: dict) -> str:
     go = res.get("go", {})
 
     def cpu(r: dict) -> str:
-        return f"{r['cpu']:.1f} / {r['vol_cpu']:.1f}"
+        return f"{r['cpu']:.1f} / {r['vol_cpu']:.1f} / {r['busy']:.1f}"
 
     def row(what: str, ours: dict, theirs: dict | None, keys: int, extra: str = "") -> None:
         ratio = f"{(keys / ours['seconds']) / (keys / theirs['seconds']):.2f}×" if theirs else "–"
@@ -534,6 +546,8 @@ def table(opts, n: int, res: dict) -> str:
                     f"{ours['rss_mb']:.0f} MB ({ours['anon_mb']:.0f} MB{parts(ours)}) | {cpu(ours)} | {g} | {ratio} |")
 
     row("rebuild over HTTP, 3 volumes", res["rebuild"], go.get("rebuild"), n)
+    if "again" in res:
+        row("rebuild over HTTP again, after both rebalances", res["again"], go.get("again"), n)
     row("rebuild from the local folders", res["local"], None, n)
     moved = count(res["rebalance"]["summary"], "moved")
     row("rebalance 3 → 4 volumes (Go: 4 → 3, the same keys)", res["rebalance"], go.get("rebalance"), n,
@@ -550,11 +564,12 @@ def table(opts, n: int, res: dict) -> str:
         f"{opts.concurrency}`. keys/s counts every key of the index; peak RSS is wait4's (the largest of the "
         "command and its children), which counts the pages of the LMDB files it touched (file-backed: the page "
         "cache); in brackets the anonymous part of the main process (sampled from /proc every 20 ms), its own "
-        "memory. CPU-s: the command's own (wait4, with its children) / the volumes' nginx meanwhile. "
+        "memory. CPU-s: the command's own (wait4, with its children) / the volumes' nginx meanwhile / the whole "
+        "machine busy meanwhile (/proc/stat: with the kernel's own threads, writeback among them). "
         f"Written by `{command(opts)}` ({machine()}). {res['go_note']}",
         "",
-        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | minikv CPU-s / volumes' | Go original "
-        "(rate, RSS, CPU-s / volumes') | minikv / Go |",
+        "| command | minikv time | minikv rate | minikv peak RSS (anonymous) | minikv CPU-s / volumes' / machine | "
+        "Go original (rate, RSS, CPU-s / volumes' / machine) | minikv / Go |",
         "|---|---|---|---|---|---|---|",
         *rows,
         f"| `?list` walk, pages of 1,000 | {lw['seconds']:.1f} s | {rate(n, lw)} keys/s | | | – | – |",
@@ -614,7 +629,12 @@ def files_part(opts, tmp: Path, cluster: Cluster) -> dict:
         res["go"]["rebalance"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go4"), *go_flags,
                                       "rebalance"], "Go rebalance 4 → 3")
         db = tmp / "again"  # the files are back on 3 volumes: an index of where they are
-        run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common), "minikv rebuild (again)")
+        res["again"] = run(minikv("rebuild", "-volumes", ",".join(three), "-db", str(db), *common),
+                           "minikv rebuild (again)")
+        # the folders have been churned by two rebalances (creates and unlinks): the Go original
+        # rebuilds from the same state, so the second rebuild has a fair ratio too
+        res["go"]["again"] = run([str(go), "-volumes", ",".join(three), "-db", str(tmp / "go3again"), *go_flags,
+                                  "rebuild"], "Go rebuild (again)")
         vols = three
     res["verify"] = run(minikv("verify", "-volumes", ",".join(vols), "-db", str(db), *common), "minikv verify")
     res["gc"] = run(minikv("gc", "-volumes", ",".join(vols), "-db", str(db), *common), "minikv gc")
