@@ -580,7 +580,7 @@ def table(opts, n: int, res: dict) -> str:
         "",
         "Summaries printed by the commands:",
         "",
-        *[f"- `{res[k]['summary']}`" for k in ("rebuild", "local", "rebalance", "verify", "gc")],
+        *[f"- `{res[k]['summary']}`" for k in ("rebuild", "again", "local", "rebalance", "verify", "gc") if k in res],
         END,
     ])
 
@@ -851,11 +851,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="with --walk: runs of each side, alternating (old new new old ...)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
-    if not opts.old:  # else they were ignored, and the run measured something else than asked
-        for flag, given in (("--rebalance-rounds", opts.rebalance_rounds),
-                            ("--rebalance-only", opts.rebalance_only), ("--profile", opts.profile)):
-            if given:
-                ap.error(f"{flag} needs --old DIR (an older checkout to compare with)")
+    # else they were ignored, and the run measured something else than asked
+    ab = bool(opts.old) and not opts.walk and not opts.rebalance_rounds  # ab_part: the only reader of two
+    for flag, given, needs, what in (
+            ("--rebalance-rounds", opts.rebalance_rounds, opts.old, "--old DIR"),
+            ("--walk", opts.walk, opts.old, "--old DIR"),
+            ("--rebalance-only", opts.rebalance_only, ab, "--old DIR, without --walk or --rebalance-rounds"),
+            ("--profile", opts.profile, ab, "--old DIR, without --walk or --rebalance-rounds"),
+            ("--rounds", opts.rounds != 1, opts.walk, "--old DIR --walk"),
+            ("--drop-caches", opts.drop_caches, opts.walk, "--old DIR --walk")):
+        if given and not needs:
+            ap.error(f"{flag} needs {what}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="minikv-bench-scale-", dir=opts.dir))
     tmp.chmod(0o755)  # nginx workers run as www-data when we are root
