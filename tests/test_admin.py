@@ -445,6 +445,84 @@ def test_rebalance_killed_half_way_completes_when_run_again(make_cluster, worker
     assert admin("verify", c, volumes=volumes).returncode == 0
 
 
+def _state(pid: int) -> tuple[str, int, str] | None:
+    """A live process's state letter, parent and command line; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return fields[0], int(fields[1]), cmdline
+
+
+def _parts_of(pid: int) -> list[int]:
+    """The processes `pid` spawned to do its work (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        st = _state(int(entry))
+        if st and st[1] == pid and "spawn_main" in st[2]:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    st = _state(pid)
+    return st is not None and st[0] != "Z"  # a zombie has ended, and waits for its parent
+
+
+def test_a_second_ctrl_c_ends_a_rebalance_and_its_processes_at_once(make_cluster):
+    """First Ctrl-C: finish the keys in flight. Second: quit now, the parts too, leaving what
+    was in flight locked for the next run. Before, the parts got SIGTERM on the way out and
+    finished their moves first (each waits a second before it deletes the old copies)."""
+    c = make_cluster(volumes=5, replicas=2, subvolumes=4)
+    keys = {f"/twice/{i}": os.urandom(20_000) for i in range(250)}
+    write(c, keys)
+    volumes = c.names[:3]
+    restart(c, volumes)
+    store = Store(str(c.root / "index"))
+    args = [sys.executable, "-m", "minikv", "rebalance", "-volumes", ",".join(volumes), "-db",
+            str(c.root / "index"), "-replicas", "2", "-subvolumes", "4", "-concurrency", "4", "-workers", "2"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not store.pending_records() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        parts = _parts_of(proc.pid)
+        assert len(parts) == 2, parts
+        err: list[str] = []
+        reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+        reader.start()
+        proc.send_signal(signal.SIGINT)
+        while not any("stopping" in line for line in err) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first was taken: the second is a second, not both at once
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        ended = time.monotonic()
+        reader.join(5)
+        assert proc.returncode != 0, err
+        while any(map(_running, parts)) and time.monotonic() < ended + 0.5:
+            time.sleep(0.02)
+        alive = [pid for pid in parts if _running(pid)]
+        left = store.pending_records()
+        time.sleep(1.5)  # longer than a move's wait before it deletes the old copies
+        assert store.pending_records() == left, "a process of the interrupted rebalance went on"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        store.close()
+    assert not alive, f"still running after the second Ctrl-C: {alive}"
+    assert left, "every move in flight finished: the second Ctrl-C did not stop them"
+    for key, value in keys.items():
+        assert c.get(key).content == value, key
+    r = admin("rebalance", c, volumes=volumes)
+    assert r.returncode == 0, r.stderr
+    assert "left locked by a process that died" in r.stderr
+    for key in keys:
+        assert holders(c, key) == placed(c, key, volumes), key
+
+
 def test_judging_copies():
     """Which copies count as right (pure: admin/check.py)."""
     record = decode_data(encode_data(LIVE, ["a", "b", "c"], 5, 0, NO_MD5))
