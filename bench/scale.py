@@ -852,7 +852,8 @@ def main() -> int:
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
     # else they were ignored, and the run measured something else than asked
-    ab = bool(opts.old) and not opts.walk and not opts.rebalance_rounds  # ab_part: the only reader of two
+    # ab_part is the only run that reads --rebalance-only and --profile
+    ab = bool(opts.old) and not opts.walk and not opts.rebalance_rounds
     for flag, given, needs, what in (
             ("--rebalance-rounds", opts.rebalance_rounds, opts.old, "--old DIR"),
             ("--walk", opts.walk, opts.old, "--old DIR"),
