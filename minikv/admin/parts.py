@@ -5,10 +5,12 @@ the index's keys instead: admin/rebalance.py).
 The walk is CPU-bound (Python around each listing or folder, and the kernel for local folders),
 so one process tops out at one core. Each part runs `run(part, progress, stop, pool)` in its own
 process, spawned: nothing of this one's event loop or LMDB handle crosses a fork. A part sends
-back its counts, its problem-line count and its errors once at the end, and counts what it
-finished (`<aa>` folders; a rebalance's keys) in a shared counter as it goes, for the one bar
-the parent shows. A part that dies without a word (killed, out of memory) makes an error, so the
-command never reports a walk it did not finish as complete. A part ends with the command: one
+back its counts and its problem-line count every REPORT_EVERY seconds and at the end (with its
+errors), and counts what it finished (`<aa>` folders; a rebalance's keys) in a shared counter
+as it goes, for the one bar the parent shows. A part that dies without a word (killed, out of
+memory) makes an error, so the command never reports a walk it did not finish as complete, and
+its counts up to its last report are in the summary (a rebalance's moves it made are then
+counted, but for its last second). A part ends with the command: one
 killed with SIGKILL takes its parts along (PR_SET_PDEATHSIG), and a second Ctrl-C kills them.
 """
 
@@ -29,6 +31,7 @@ PR_SET_PDEATHSIG = 1  # prctl's: the signal this process gets when its parent en
 DEFAULT_PROCS = 2  # processes walking the volumes (-workers): one per core of a small machine
 SMALL = 20_000  # index records up to which verify and rebalance take one process unless -workers says
 GC_THRESHOLDS = (10_000, 10, 10)  # a part's; Python's default is (700, 10, 10)
+REPORT_EVERY = 1.0  # seconds between a part's reports of its counts so far
 
 # run(part, progress, stop, pool) -> the walk's errors; a module-level function (it is pickled by name)
 PartRun = Callable[[object, Progress, asyncio.Event, Pool], Awaitable[list[str]]]
@@ -65,8 +68,9 @@ def _die_with(parent: int) -> None:
 
 
 def _child(run: PartRun, command: str, part, done, conn, parent: int) -> None:
-    """One part's process: sends (counts, problem lines, stopped, errors) on `conn` at the end,
-    and counts what it finished in `done` as it goes."""
+    """One part's process: sends ("so far", counts, problem lines) on `conn` every REPORT_EVERY
+    seconds, ("end", counts, problem lines, stopped, errors) at the end, and counts what it
+    finished in `done` as it goes."""
     _die_with(parent)
     # the parent alone answers Ctrl-C (run_parts); a SIGINT pending since the start is dropped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -95,11 +99,22 @@ def _child(run: PartRun, command: str, part, done, conn, parent: int) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         pool = part.config.pool()
+        reports = asyncio.get_running_loop().create_task(report())
         try:
             errors = await run(part, progress, stop, pool)
         finally:
+            reports.cancel()
             pool.close()
-        conn.send((dict(progress.counts), progress.lines, stop.is_set(), errors))
+        conn.send(("end", dict(progress.counts), progress.lines, stop.is_set(), errors))
+
+    async def report() -> None:
+        # so that a part killed mid-way leaves its counts: the moves it made happened
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            try:
+                conn.send(("so far", dict(progress.counts), progress.lines))
+            except OSError:  # the parent is gone, and this part with it (PR_SET_PDEATHSIG)
+                return
 
     uvloop.run(main())
 
@@ -127,17 +142,25 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     errors: list[str] = []
+    so_far: dict[int, tuple[dict, int]] = {}  # each part's counts and problem lines, last reported
     shown_done, told = 0, False
     try:
         while running:
             for i, (proc, pipe) in list(running.items()):
+                counts = None
                 try:
-                    counts, lines, stopped, errs = pipe.recv() if pipe.poll() else (None,) * 4
+                    while counts is None and pipe.poll():
+                        kind, *message = pipe.recv()
+                        if kind == "so far":
+                            so_far[i] = message[0], message[1]
+                        else:
+                            counts, lines, stopped, errs = message
                 except EOFError:  # it died without a word
                     proc.join()
-                    counts, lines, stopped = {}, 0, False
+                    counts, lines = so_far.get(i, ({}, 0))
+                    stopped = False
                     errs = [f"a {command} process exited with {proc.exitcode} before it finished "
-                            "(its counts are not in the summary)"]
+                            f"(the summary has its counts up to {REPORT_EVERY:g}s before it ended)"]
                     if stop.is_set() and proc.exitcode == -signal.SIGTERM:
                         stopped, errs = True, []  # a SIGTERM after its loop ended: stopped, as asked
                 if counts is None:

@@ -1,0 +1,61 @@
+"""admin/parts.py: the counts of a part process that dies reach the summary as of its last
+report. A rebalance part that moved keys and was then killed had made those moves: a summary
+without them said fewer keys moved than had been."""
+
+import asyncio
+import os
+import signal
+import time
+from typing import NamedTuple
+
+from minikv.admin import parts
+from minikv.admin.parts import run_parts
+from minikv.admin.progress import Progress
+from minikv.config import Config
+
+
+class Part(NamedTuple):
+    config: Config
+    moved: int
+    dies: bool
+
+
+async def move_then_maybe_die(part: Part, progress, stop, pool) -> list[str]:
+    """Counts `moved` keys; the part that `dies` then waits for two reports and kills itself."""
+    progress.add("moved", part.moved)
+    progress.problem("one problem line")
+    if part.dies:
+        await asyncio.sleep(2.5 * parts.REPORT_EVERY)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return []
+
+
+def test_a_part_killed_after_reporting_keeps_its_counts_and_is_an_error():
+    config = Config(volumes=[], db="")
+    progress = Progress("test", bar=False)
+    start = time.monotonic()
+    errors = asyncio.run(run_parts(move_then_maybe_die, "test", [Part(config, 7, False), Part(config, 5, True)],
+                                   progress, asyncio.Event()))
+    assert progress.counts["moved"] == 12, progress.counts
+    assert progress.lines == 2, progress.lines
+    assert len(errors) == 1 and "a test process exited with -9 before it finished" in errors[0], errors
+    assert time.monotonic() - start < 30
+
+
+def test_parts_that_end_are_counted_once_whatever_they_reported_before():
+    """The reports so far are replaced by the end's counts, never added to them."""
+    config = Config(volumes=[], db="")
+    progress = Progress("test", bar=False)
+
+    errors = asyncio.run(run_parts(slow_count, "test", [Part(config, 3, False), Part(config, 4, False)],
+                                   progress, asyncio.Event()))
+    assert errors == []
+    assert progress.counts["moved"] == 7 + 2, progress.counts
+
+
+async def slow_count(part: Part, progress, stop, pool) -> list[str]:
+    """Counts `moved`, lets two reports go out, then one more key."""
+    progress.add("moved", part.moved)
+    await asyncio.sleep(2.5 * parts.REPORT_EVERY)
+    progress.add("moved")
+    return []
