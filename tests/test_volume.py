@@ -20,6 +20,7 @@ import time
 import pytest
 import requests
 
+from minikv.ops import disk
 from minikv.volume import nginx as volume
 
 pytestmark = pytest.mark.skipif(
@@ -355,3 +356,45 @@ def test_listing_is_json(vol):
     r = requests.get(vol.url + "/")
     assert r.headers["Content-Type"].startswith("application/json")
     assert "body_temp" in [e["name"] for e in json.loads(r.text)]
+
+
+def fake_sys(root, st_dev: int, device: str, journal_task: str | None):
+    """A /sys with what ext4_without_journal reads: the block device of `st_dev`, and its
+    ext4 entry (none when `journal_task` is None)."""
+    block = root / "dev" / "block"
+    block.mkdir(parents=True)
+    (block / f"{os.major(st_dev)}:{os.minor(st_dev)}").symlink_to(f"../../devices/virtual/block/{device}")
+    if journal_task is not None:
+        (root / "fs" / "ext4" / device).mkdir(parents=True)
+        (root / "fs" / "ext4" / device / "journal_task").write_text(journal_task + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("journal_task, warned", [("<none>", True), ("jbd2/vdz-8", False), (None, False)])
+def test_ext4_without_journal_names_the_device_only_when_the_kernel_says_none(tmp_path, journal_task, warned):
+    data = tmp_path / "vol"
+    data.mkdir()
+    sys_root = fake_sys(tmp_path / "sys", os.stat(data).st_dev, "vdz", journal_task)
+    assert disk.ext4_without_journal(str(data), sys_root) == ("vdz" if warned else None)
+    assert disk.ext4_without_journal(str(tmp_path / "missing"), sys_root) is None
+
+
+def test_ext4_without_journal_agrees_with_the_journals_the_kernel_runs(tmp_path):
+    """On this machine's own file system: a journal found by name in /proc/fs/jbd2 (its
+    `<device>-<inode>` entries), or the folder not on an ext4 at all."""
+    device = disk.ext4_without_journal(str(tmp_path))
+    if device is None:
+        return  # a journal, or not an ext4: both are fine for a volume
+    assert os.path.isdir(f"/proc/fs/ext4/{device}")
+    journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []
+    assert not [j for j in journals if j.startswith(device + "-")], journals
+
+
+def test_a_volume_on_an_ext4_without_a_journal_says_so_at_start(start_volume, own_dir):
+    """Said once, as the volume starts, where its operator reads; and never on another disk."""
+    vol = start_volume()
+    device = disk.ext4_without_journal(own_dir)
+    said = read(vol.log)
+    assert said.count("without a journal") == (device is not None), said
+    if device is not None:
+        assert f"tune2fs -j /dev/{device}" in said, said
