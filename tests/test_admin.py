@@ -22,7 +22,16 @@ from minikv.admin.check import Replica, judge
 from minikv.admin.rebuild import make_record
 from minikv.admin.walk import Found
 from minikv.config import Config
-from minikv.index.record import LIVE, NO_MD5, OP_PUT, PENDING, decode_data, encode_data, encode_pending
+from minikv.index.record import (
+    LIVE,
+    NO_MD5,
+    OP_PUT,
+    PENDING,
+    decode_data,
+    decode_pending,
+    encode_data,
+    encode_pending,
+)
 from minikv.index.store import Store
 from minikv.placement import epoch, key2path, key2volume
 
@@ -205,6 +214,51 @@ def test_rebalance_dry_run_in_2_processes_counts_as_one_and_moves_nothing(make_c
     r = admin("rebalance", c, "-workers", "2")
     assert r.returncode == 0, r.stderr
     assert f"{len(keys)} keys seen, {before} moved, 0 failed" in r.stderr, (before, r.stderr)
+
+
+@pytest.mark.parametrize("size, count, at_once", [(1_000, 1500, 8), (40_000, 400, 2)], ids=["small", "streamed"])
+def test_rebalance_moves_4_small_values_for_each_of_concurrency_and_streams_no_more_than_it(
+        make_cluster, size, count, at_once):
+    """-concurrency 2: 8 small values' moves in flight (copied whole, on connections and index
+    transactions they share), but 2 streamed ones at most (each holds a connection and buffers).
+    Counted as the copy locks taken while the new volume holds every copy up (SIGSTOP)."""
+    c = make_cluster(volumes=4, replicas=2)
+    restart(c, c.names[:3])
+    keys = {f"/flight/{i}": os.urandom(size) for i in range(count)}
+    write(c, keys)
+    restart(c, c.names)
+    new = c.names[3]
+
+    def copying(store: Store) -> int:  # the relocks after a switch name old volumes only
+        return sum(1 for _, raw in store.pending_records()
+                   if any(v.startswith(new) for v in decode_pending(raw).volumes))
+
+    store = Store(str(c.root / "index"), readonly=True)
+    args = [sys.executable, "-m", "minikv", "rebalance", "-volumes", ",".join(c.names), "-db",
+            str(c.root / "index"), "-replicas", "2", "-subvolumes", str(c.subvolumes), "-concurrency", "2",
+            "-workers", "1"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not copying(store) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        most = 0
+        with c.volumes[3].held():
+            until = time.monotonic() + 1.5
+            while time.monotonic() < until:
+                most = max(most, copying(store))
+                time.sleep(0.01)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        store.close()
+    assert proc.returncode == 0, err
+    assert most == at_once, (most, err)
+    for key, value in keys.items():
+        assert c.get(key).content == value, key
+        assert holders(c, key) == placed(c, key, c.names), key
 
 
 def test_online_rebalance_pages_through_every_key(cluster):

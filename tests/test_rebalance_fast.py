@@ -102,7 +102,7 @@ def test_a_batched_move_never_overwrites_a_put_that_came_first(make_cluster):
             assert c.put(quote(key.decode()), newer[key.decode()]).status_code == 201
         config = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=c.subvolumes)
         job = Offline(config, False, store, config.pool(),
-                      Progress("test", bar=False))
+                      Progress("test", bar=False), 64)
 
         async def main():
             await asyncio.gather(*(job.key(key, raw) for key, raw in pairs))

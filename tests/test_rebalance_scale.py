@@ -28,7 +28,7 @@ def offline(config: Config, store: Store):
     from minikv.admin.rebalance import Offline
 
     return Offline(config, False, store, config.pool(),
-                   Progress("test", bar=False))
+                   Progress("test", bar=False), 64)
 
 
 def test_rebalance_settles_the_keys_in_place_a_page_at_a_time(tmp_path):
