@@ -15,7 +15,9 @@ new list). Two ways, both safe while the index server keeps serving:
   at one core (its HTTP requests and transactions) while the volumes' nginx left the other
   half idle. A value small enough to be copied whole on shared connections (replicas.SMALL)
   counts as a quarter of a move: its requests and index writes ride in the batches of the
-  others, and four times as many in flight made a move cost both us and nginx less. A process killed with the command (or alone) leaves its locked keys to the next run.
+  others, and four times as many in flight made a move cost both us and nginx less (on tmpfs;
+  BENCHMARKS.md). A process killed with the command (or alone) leaves its locked keys to the
+  next run.
 - online, `-server host:port`: pages through the running index's `GET /?list` and asks it to
   move each unbalanced key (`REBALANCE /key`), `-concurrency` at once. The server's own -volumes
   decide placement; -db and -volumes are not needed. (Keys that are not valid UTF-8 cannot be
