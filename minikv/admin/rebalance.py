@@ -135,7 +135,7 @@ class Offline:
             if self.dry_run:
                 p.add("moved")
                 return
-            if record.size <= SMALL:
+            if 0 < record.size <= SMALL:  # copied whole (replicas.copy_small); an empty one is streamed
                 settled, raw = await counted_move(p, self.pool, self.store, key, raw, want, self.epoch,
                                                   "moved", "not moved, it stays where it was")
             else:
