@@ -160,7 +160,8 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
                     counts, lines = so_far.get(i, ({}, 0))
                     stopped = False
                     errs = [f"a {command} process exited with {proc.exitcode} before it finished "
-                            f"(the summary has its counts up to {REPORT_EVERY:g}s before it ended)"]
+                            f"(the summary has its counts as of its last report; it reports every "
+                            f"{REPORT_EVERY:g}s)"]
                     if stop.is_set() and proc.exitcode == -signal.SIGTERM:
                         stopped, errs = True, []  # a SIGTERM after its loop ended: stopped, as asked
                 if counts is None:
