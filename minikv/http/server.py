@@ -87,6 +87,8 @@ class Body:
 
     # -- protocol side --
     def feed(self, data: bytes) -> None:
+        if not data:  # read() answers b"" only at the end: an empty chunk queued would end the body
+            return
         if self.discard:
             self.discard -= len(data)
             if self.discard <= 0 and self._conn is not None:
@@ -301,7 +303,8 @@ class Connection(asyncio.Protocol):
                 self._feed_rebalance(data)
             elif data[-1:] in _REBALANCE_LETTERS and (cut := _rebalance_prefix(data)):
                 # the read may end inside a REBALANCE method: keep it for the next read
-                self.parser.feed_data(data[:-cut])
+                if len(data) > cut:  # llhttp hands an empty piece inside a body on as an empty chunk
+                    self.parser.feed_data(data[:-cut])
                 if self._idle:
                     self._held = data[-cut:]
                 else:
@@ -353,14 +356,16 @@ class Connection(asyncio.Protocol):
         fed to the parser as REBIND (which we do not serve otherwise) and named back after."""
         pos = 0
         while (i := data.find(b"REBALANCE ", pos)) >= 0:
-            self.parser.feed_data(data[pos:i])
+            if i > pos:  # never an empty piece: inside a body llhttp passes it on as an empty chunk
+                self.parser.feed_data(data[pos:i])
             if self._idle:
                 self._rebalance = True
                 self.parser.feed_data(b"REBIND ")
             else:
                 self.parser.feed_data(b"REBALANCE ")
             pos = i + 10
-        self.parser.feed_data(data[pos:])
+        if pos < len(data):
+            self.parser.feed_data(data[pos:])
 
     def pause_writing(self) -> None:
         self._write_paused = True
