@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -74,6 +75,38 @@ def test_composite_records_and_manifests_round_trip():
     for bad in (manifest(b"", 99, [1]), manifest(b"/k" * 300, 99, [1]), manifest(key, -1, [1]),
                 manifest(key, 1 << 64, [1]), manifest(key, 99, [0]), manifest(key, 99, [10_001])):
         assert parse_manifest(bad) is None, bad
+
+
+def test_a_complete_takes_the_manifest_only_where_none_is_or_a_stale_one_no_object_uses():
+    from types import SimpleNamespace
+
+    from test_fuzz import MemStore
+
+    from minikv.index.record import OP_PUT, encode_data, now_ms
+    from minikv.s3.composite import manifest_key
+    from minikv.s3.multipart import STALE_MANIFEST, _only_complete
+
+    upload, key = "ab" * 16, b"/b/k"
+    s3 = SimpleNamespace(store=MemStore())
+
+    def check(previous: bytes | None) -> str:
+        """What the check says with the manifest locked by us over `previous`."""
+        s3.store.data[manifest_key(upload)] = encode_pending(OP_PUT, 1, now_ms(), ["v:1"], previous or b"")
+        try:
+            asyncio.run(_only_complete(s3, upload, key)())
+        except S3Error as e:
+            return e.code
+        return "taken"
+
+    young = encode_data(LIVE, ["v:1"], 10, now_ms() - 1000, b"m" * 16)
+    stale = encode_data(LIVE, ["v:1"], 10, now_ms() - int(STALE_MANIFEST * 1000) - 1000, b"m" * 16)
+    assert check(None) == "taken"
+    assert check(young) == "OperationAborted"  # another Complete is in flight
+    assert check(stale) == "taken"  # left by a Complete that failed and could not delete it
+    s3.store.data[key] = encode_composite(LIVE, 10, 1, upload, [1])
+    assert check(stale) == "OperationAborted"  # it is the manifest of the object: never replaced
+    s3.store.data[key] = encode_composite(LIVE, 10, 1, "cd" * 16, [1])
+    assert check(stale) == "taken"
 
 
 def test_byte_ranges_of_a_composite_are_read_as_nginx_reads_them():
@@ -186,6 +219,51 @@ def test_parts_of_a_completed_upload_cannot_be_replaced_nor_aborted_away(cluster
         s3.abort_multipart_upload(Bucket=b, Key="k", UploadId=upload)
     assert code(e.value) == "NoSuchUpload"
     assert s3.get_object(Bucket=b, Key="k")["Body"].read() == data
+
+
+def _complete_at(start: threading.Barrier, answers: list, i: int, port: int, b: str, key: str, upload: str,
+                 parts: list[dict]) -> None:
+    """answers[i]: the ETag or error code of a Complete sent when `start` lets every thread go."""
+    mine = client(port)
+    start.wait()
+    try:
+        answers[i] = _complete(mine, b, key, upload, parts)["ETag"]
+    except ClientError as e:
+        answers[i] = code(e)
+
+
+def test_two_completes_of_one_upload_at_once_make_one_whole_object_gc_keeps(make_cluster):
+    """Two Completes of one upload at once, naming different parts, each wrote the one manifest
+    and deleted the parts the other's object read: both answered 200 and GET gave 503, or the
+    object was left without its manifest and gc deleted a part it reads. Now the manifest is
+    written only where none is: one Complete makes the object, the other changes nothing."""
+    c = make_cluster(volumes=3, replicas=2)
+    s3 = client(c.port)
+    b = bucket()
+    made = {}
+    for trial in range(6):
+        key = f"race{trial}"
+        upload, parts, data = _upload(s3, b, key, [5 * MB, 10])
+        answers: list = [None, None]
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=_complete_at, args=(start, answers, i, c.port, b, key, upload, named))
+                   for i, named in enumerate((parts, parts[:1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        etag = s3.head_object(Bucket=b, Key=key)["ETag"]
+        assert etag in answers and all(a in (etag, "OperationAborted", "InvalidPart", "NoSuchUpload")
+                                       for a in answers), (trial, answers)
+        made[key] = data if etag.endswith('-2"') else data[:5 * MB]
+        assert s3.get_object(Bucket=b, Key=key)["Body"].read() == made[key], (trial, answers)
+    ready(c)
+    r = admin("verify", c, db=c.db)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = admin("gc", c, "-age", "0", db=c.db)
+    assert r.returncode == 0, r.stderr
+    for key, data in made.items():
+        assert s3.get_object(Bucket=b, Key=key)["Body"].read() == data, key
 
 
 def test_overwrite_delete_and_unlink_remove_the_parts(cluster, make_cluster):

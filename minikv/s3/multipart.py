@@ -21,7 +21,11 @@ Complete changes nothing the client sees (the upload stays, to complete again); 
 retried after it succeeded (its answer lost) finds the upload id in the object's attributes and
 gets the same answer again. While the manifest exists, UploadPart cannot replace a part of the
 upload (checked under the part's lock: a part sent during Complete either commits before
-Complete checks the parts again, and Complete then fails, or is refused).
+Complete checks the parts again, and Complete then fails, or is refused). The manifest is also
+what makes one Complete at a time: it is written only where none is, so a second Complete of
+the upload sent while the first runs (an SDK's retry, a second client) gets 409 and changes
+nothing. Two at once would each name the parts of its own list in one shared manifest, and each
+delete the parts the other's object reads.
 
 Abandoned uploads: `stale_uploads(meta, age)` lists uploads older than `age` seconds and
 `abort_upload(s3, id)` removes one with its parts; parts whose upload is gone (a crash between
@@ -69,6 +73,11 @@ MIN_PART_SIZE = 5 << 20  # every part but the last, as S3
 COMPLETE_BODY_LIMIT = 4 << 20
 DELETES_AT_ONCE = 16
 MAX_UPLOADS = 1000  # uploads in one ListMultipartUploads answer, as S3
+# A Complete gives up unless its object's record commits within COMPLETE_TAKES seconds of its
+# manifest, so a manifest older than STALE_MANIFEST that no object uses is one a failed Complete
+# could not delete (its volumes were down): the next Complete takes it over, not a 409 forever.
+COMPLETE_TAKES = 120.0
+STALE_MANIFEST = 600.0
 
 
 async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
@@ -114,6 +123,23 @@ def _not_completing(s3, upload_id: str):
         if await settle(s3.store.get(manifest_key(upload_id))) is not None:
             raise S3Error("NoSuchUpload", "The upload is being completed or was completed: its parts can no "
                           "longer be replaced; nothing was changed.", UploadId=upload_id)
+    return check
+
+
+def _only_complete(s3, upload_id: str, key: bytes):
+    """The check the manifest's write makes under its lock: no other Complete of the upload
+    holds the manifest (one in flight, or one that made the object), unless it is a stale
+    one's (STALE_MANIFEST)."""
+    async def check() -> None:
+        raw = await settle(s3.store.get(manifest_key(upload_id)))
+        previous = decode_pending(raw).previous if raw is not None and raw[0] == PENDING else None
+        if not previous:
+            return
+        stale = now_ms() - decode_data(previous).mtime_ms > STALE_MANIFEST * 1000
+        if stale and await _made_by(s3, key, upload_id) is None:
+            return
+        raise S3Error("OperationAborted", "another CompleteMultipartUpload of this upload is in flight or has "
+                      "completed it; nothing was changed: send it again for its result", UploadId=upload_id)
     return check
 
 
@@ -223,8 +249,9 @@ async def complete(s3, ctx: Ctx) -> bytes:
     numbers = [number for number, _ in wanted]
     mtime = now_ms()
     doc = manifest(ctx.key, mtime, numbers)
-    await s3.values.put(manifest_key(upload_id), _one(doc), len(doc))
+    deadline = asyncio.get_running_loop().time() + COMPLETE_TAKES
     try:
+        await s3.values.put(manifest_key(upload_id), _one(doc), len(doc), check=_only_complete(s3, upload_id, ctx.key))
         # a part sent again before the manifest existed may have replaced a file checked above:
         # its record tells (it changes before the file does); from now on none can (upload_part)
         for (number, named), (key, raw) in zip(wanted, parts):
@@ -235,12 +262,18 @@ async def complete(s3, ctx: Ctx) -> bytes:
         attrs = {"h": (await settle(s3.meta.upload_attrs(upload_id))).get("h", []), "e": etag,
                  "p": [decode_data(raw).size for _, raw in parts], "u": upload_id}
         record = encode_composite(LIVE, total, mtime, upload_id, numbers)
-        await s3.values.put_record(ctx.key, record, attributes.encode(attrs))
+        await s3.values.put_record(ctx.key, record, attributes.encode(attrs), deadline)
     except BaseException:
-        try:
-            await s3.values.delete(manifest_key(upload_id))
-        except S3Error:
-            pass  # left: the upload's parts cannot be replaced until a Complete succeeds or an abort
+        # the manifest goes if it is ours (its md5: its bytes name our mtime and parts; it may have
+        # been stored on fewer volumes than asked, which raises too) and no object was made after
+        # all (the failure came after the object's commit: the client gone, say)
+        current = await settle(s3.store.get(manifest_key(upload_id)))
+        if current is not None and current[0] == LIVE and current[17:33] == hashlib.md5(doc).digest() \
+                and await _made_by(s3, ctx.key, upload_id) is None:
+            try:
+                await s3.values.delete(manifest_key(upload_id))
+            except S3Error:
+                pass  # left: the upload's parts cannot be replaced until an abort or STALE_MANIFEST
         raise
     try:
         await settle(s3.meta.drop_upload(upload_id))
@@ -343,7 +376,12 @@ async def abort_upload(s3, upload_id: str) -> int:
 async def _object_of(s3, upload_id: str) -> bytes | None:
     """The composite record made by Complete of this (still listed) upload, if it is its key's value."""
     found = await settle(s3.meta.upload(upload_id))
-    raw = await settle(s3.store.get(found[0])) if found is not None else None
+    return await _made_by(s3, found[0], upload_id) if found is not None else None
+
+
+async def _made_by(s3, key: bytes, upload_id: str) -> bytes | None:
+    """The key's value (or the one a write in flight replaces), if a Complete of this upload made it."""
+    raw = await settle(s3.store.get(key))
     raw = raw if raw is None or raw[0] != PENDING else decode_pending(raw).previous
     if is_composite(raw) and decode_composite(raw)[0] == upload_id:
         return raw

@@ -334,12 +334,17 @@ class Values:
             await replicas.delete_all(self.pool, volumes, key)
         await settle(self.store.cas(key, pending, previous))
 
-    async def put_record(self, key: bytes, record: bytes, attrs: bytes | None = None) -> None:
+    async def put_record(self, key: bytes, record: bytes, attrs: bytes | None = None,
+                         deadline: float | None = None) -> None:
         """Make `record`, which names no file under `key` (a composite value), the key's
         record, with the encoded attributes `attrs`, after any write in flight; then drop what
-        only the value it replaced used."""
+        only the value it replaced used. Past `deadline` (loop time) nothing is changed."""
         pending, previous = await self.lock(key, [])
         try:
+            if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                await settle(self.store.cas(key, pending, previous))
+                raise S3Error("ServiceUnavailable", "the index took too long to commit the object; nothing was "
+                              "changed: send it again")
             if attrs and self.meta is not None:
                 await settle(self.meta.put_attrs(key, record, attrs))
             done, _ = await settle(self.store.cas(key, pending, record))
