@@ -151,3 +151,54 @@ def test_complete_naming_a_part_twice_takes_its_last_entry(s3):
     s3.complete_multipart_upload(Bucket=b, Key="twice", UploadId=upload, MultipartUpload={
         "Parts": [{"PartNumber": 1, "ETag": old}, {"PartNumber": 1, "ETag": new}]})
     assert s3.get_object(Bucket=b, Key="twice")["Body"].read() == b"A" * 8
+
+
+# Found by a review that attacked the S3 layer: an empty <Key> in DeleteObjects deleted the
+# plain-API key `/<bucket>/`; a Range nginx would refuse (`bytes=3-2`) was a 416 for an ordinary
+# value but ignored for a multipart one; `bytes=-3` of an empty multipart object gave
+# `Content-Range: bytes 0--1/0`; ListMultipartUploads with max-uploads=0 said more was to come.
+def test_s3_edges_an_attacker_found(s3, cluster):
+    from test_s3_objects_more import _multipart
+
+    b = bucket()
+    s3.create_bucket(Bucket=b)
+    assert cluster.put(f"/{b}/", b"plain").status_code == 201
+    # boto3 refuses an empty key itself: signed by hand
+    import base64
+
+    import requests
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    body = b"<Delete><Object><Key></Key></Object><Object><Key>other</Key></Object></Delete>"
+    req = AWSRequest(method="POST", url=f"http://127.0.0.1:{cluster.port}/{b}?delete", data=body,
+                     headers={"Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode()})
+    S3SigV4Auth(Credentials("test", "test"), "s3", "us-east-1").add_auth(req)
+    out = requests.post(req.url, data=body, headers=dict(req.headers), timeout=10)
+    assert out.status_code == 200 and b"<Code>UserKeyMustBeSpecified</Code>" in out.content, out.content
+    assert b"<Deleted><Key>other</Key></Deleted>" in out.content
+    assert cluster.get(f"/{b}/").content == b"plain"  # still there
+
+    s3.put_object(Bucket=b, Key="plain", Body=b"0123456789")
+    upload, parts, data = _multipart(s3, b, "multi", [5 << 20, 10])
+    s3.complete_multipart_upload(Bucket=b, Key="multi", UploadId=upload, MultipartUpload={"Parts": parts})
+    for key, value in (("plain", b"0123456789"), ("multi", data)):
+        for rng in ("bytes=3-2", "bytes=abc", "bytes=--1", "bytes=0-99999999999999999999"):
+            got = s3.get_object(Bucket=b, Key=key, Range=rng)
+            assert got["ResponseMetadata"]["HTTPStatusCode"] == 200 and got["Body"].read() == value, (key, rng)
+        got = s3.get_object(Bucket=b, Key=key, Range="bytes=-3")
+        assert got["ContentRange"] == f"bytes {len(value) - 3}-{len(value) - 1}/{len(value)}"
+        assert got["Body"].read() == value[-3:]
+
+    upload, parts, _ = _multipart(s3, b, "empty", [0])
+    s3.complete_multipart_upload(Bucket=b, Key="empty", UploadId=upload, MultipartUpload={"Parts": parts})
+    s3.put_object(Bucket=b, Key="empty-plain", Body=b"")
+    for key in ("empty", "empty-plain"):
+        got = s3.get_object(Bucket=b, Key=key, Range="bytes=-3")
+        assert got["ResponseMetadata"]["HTTPStatusCode"] == 200 and got["Body"].read() == b"", key
+        assert "ContentRange" not in got
+
+    s3.create_multipart_upload(Bucket=b, Key="waiting")
+    listed = s3.list_multipart_uploads(Bucket=b, MaxUploads=0)
+    assert not listed["IsTruncated"] and "Uploads" not in listed

@@ -174,9 +174,10 @@ async def remove(values, raw: bytes | None) -> list[str]:
 
 
 def byte_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) of a single `bytes=` range of a `size`-byte value, as nginx reads one for an
-    ordinary value; None for a header that is not one (the whole value is sent); 416
-    InvalidRange when it starts past the end."""
+    """(first, last) of a single `bytes=` range of a `size`-byte value; None for a header that
+    is not one (the whole value is sent, as S3 and RFC 9110 ignore a range they cannot read);
+    416 InvalidRange when it starts past the end. Every S3 GET reads its Range here, so an
+    ordinary value (nginx) and a composite one answer alike."""
     m = _RANGE.fullmatch(header.strip())
     if m is None:
         return None
@@ -186,6 +187,8 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
             return None
         if int(last_text) == 0:
             _unsatisfiable()
+        if size == 0:  # the last n bytes of nothing: the whole (empty) value, as nginx answers
+            return None
         return max(0, size - int(last_text)), size - 1
     first = int(first_text)
     if last_text and int(last_text) < first:

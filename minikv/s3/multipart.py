@@ -336,7 +336,7 @@ def list_uploads(s3, ctx: Ctx) -> bytes:
         start = base + key_marker + (b"\0" + id_marker.encode() + b"\0" if id_marker else b"\1")
     found = s3.meta.uploads_from(start, base + prefix, min(limit, MAX_UPLOADS) + 1)
     page = found[:min(limit, MAX_UPLOADS)]
-    truncated = len(found) > len(page)
+    truncated = bool(page) and len(found) > len(page)  # max-uploads=0: no page, so none to follow (as ListObjects)
     items: list[tuple] = [("Bucket", ctx.bucket.decode("utf-8", "replace")),
                           ("KeyMarker", key_marker.decode("utf-8", "replace")),
                           ("UploadIdMarker", id_marker if key_marker else "")]

@@ -118,7 +118,9 @@ def get_object(s3, ctx: Ctx):
             return ctx.respond(200, headers, length=0)
         forward.append(("Range", f"bytes={part[0]}-{part[1]}"))
     elif rng is not None and b"," not in rng:  # S3 serves one range; several: the whole value
-        forward.append(("Range", rng.decode("latin-1")))
+        # read here, not by nginx, which answers 416 to a range S3 ignores (`bytes=3-2`)
+        if (found := composite.byte_range(rng.decode("latin-1"), decode_data(raw).size)) is not None:
+            forward.append(("Range", f"bytes={found[0]}-{found[1]}"))
     return _send(s3, ctx, raw, headers, forward)
 
 
@@ -289,6 +291,9 @@ async def delete_objects(s3, ctx: Ctx) -> bytes:
     gate = asyncio.Semaphore(DELETES_AT_ONCE)
 
     async def one(name: str):
+        if not name:  # no object has it; `/<bucket>/` is a plain-API key no S3 call may delete
+            return name, S3Error("UserKeyMustBeSpecified", "an <Object> with an empty <Key> names no object; "
+                                 "nothing was deleted for it")
         key = b"/" + ctx.bucket + b"/" + name.encode("utf-8", "surrogateescape")
         async with gate:
             try:
