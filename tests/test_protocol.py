@@ -311,6 +311,99 @@ def test_a_first_read_of_body_mentioning_rebalance_is_passed_on_whole(body):
     assert hashlib.md5(body).hexdigest().encode() in t.out and b"HTTP/1.1 201 " in t.out
 
 
+def test_a_header_line_that_never_ends_is_431_not_held_growing():
+    loop, conn, t = make()
+    conn.data_received(b"GET /x HTTP/1.1\r\nX: ")
+    reads = 0
+    while not t.closed and reads < 100:
+        conn.data_received(b"a" * 65536)
+        reads += 1
+    assert bytes(t.out).startswith(b"HTTP/1.1 431 ") and reads <= 3, reads
+
+
+def test_headers_just_under_the_limits_in_many_reads_are_served():
+    loop, conn, t = make(Limits(max_url=4000, max_header_bytes=20_000))
+    data = (b"GET /" + b"u" * 3900 + b" HTTP/1.1\r\n" + b"".join(b"X-%02d: %s\r\n" % (i, b"v" * 1900) for i in range(10))
+            + b"\r\n")
+    for i in range(0, len(data), 100):
+        conn.data_received(data[i:i + 100])
+    flush(conn)
+    assert bytes(t.out).startswith(b"HTTP/1.1 200 ") and not t.closed
+
+
+class SlowReader(FakeTransport):
+    """A transport whose client reads nothing until told: pause_writing past `high` bytes, as
+    asyncio's transports do; `take()` is the client reading everything."""
+
+    def __init__(self, high: int):
+        super().__init__()
+        self.high = high
+        self.protocol = None
+        self.writing_paused = False
+
+    def write(self, data):
+        super().write(data)
+        if len(self.out) > self.high and not self.writing_paused:
+            self.writing_paused = True
+            self.protocol.pause_writing()
+
+    def take(self) -> bytes:
+        got, self.out = bytes(self.out), bytearray()
+        if self.writing_paused:
+            self.writing_paused = False
+            self.protocol.resume_writing()
+        return got
+
+
+def test_pipelined_requests_wait_while_the_client_does_not_take_its_answers():
+    """A client that sends many small requests for big answers in one read and reads nothing had
+    every answer held in memory (the index's RSS grew by the answers' size). Now what is not taken
+    stops reading and answering; every answer still comes, in order, as the client reads."""
+    loop = asyncio.new_event_loop()
+    conn = Connection(EchoApp(), Limits(), loop)
+    t = SlowReader(high=65536)
+    t.protocol = conn
+    conn.connection_made(t)
+    url = b"/" + b"k" * 4000  # EchoApp answers with the target: 4 KB an answer
+    conn.data_received(b"GET %s HTTP/1.1\r\n\r\n" % url * 150)
+    flush(conn)
+    assert len(t.out) < 65536 + 2 * 8192 and t.paused, len(t.out)  # not 150 answers: 600 KB
+    got = b""
+    for _ in range(200):
+        got += t.take()
+        flush(conn)
+        if len(responses(got)) == 150:
+            break
+    assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses(got)] == [url] * 150
+    assert not t.paused and not t.closed
+
+
+def test_a_body_of_1_byte_chunks_is_read_in_one_piece_not_a_read_per_byte():
+    loop = asyncio.new_event_loop()
+    reads = []
+
+    class CountingApp:
+        def handle(self, req):
+            return self._put(req)
+
+        async def _put(self, req):
+            data = b""
+            while chunk := await req.body.read():
+                reads.append(len(chunk))
+                data += chunk
+            return response(201, [], data)
+
+    conn = Connection(CountingApp(), Limits(), loop)
+    t = FakeTransport()
+    conn.connection_made(t)
+    value = bytes(range(97, 123)) * 40
+    conn.data_received(b"PUT /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + b"".join(b"1\r\n%c\r\n" % c for c in value) + b"0\r\n\r\n")
+    run(loop)
+    flush(conn)
+    assert bytes(t.out).endswith(b"\r\n\r\n" + value) and len(reads) == 1, reads[:5]
+
+
 def test_header_timeout_is_408():
     loop, conn, t = make(Limits(header_timeout=5))
     conn.data_received(b"GET / HTTP/1.1\r\nHost: sl")

@@ -8,7 +8,9 @@ future of the answer that a callback completes (a read that waits for a networke
 
 Rules it keeps:
 - pipelined requests are answered in order: while one is being handled, later ones wait in a
-  queue and reading pauses, so nothing is buffered without bound;
+  queue and reading pauses, so nothing is buffered without bound; the same while the client
+  does not take its answers (the transport's buffer is full): one read of many small requests
+  for big answers (`?list` pages) is not answered all at once into memory;
 - a request body is a flow-controlled stream (`Body`): reading from the socket pauses when
   more than BODY_HIGH bytes wait for the handler;
 - `Expect: 100-continue` is answered with `100 Continue` only when the handler starts reading
@@ -19,7 +21,8 @@ Rules it keeps:
   machine under wrk this is about 15% more reads served; the answers wait microseconds;
 - a response sent before its request body was fully read closes the connection afterwards,
   since the rest of that body would otherwise be taken for the next request;
-- limits on the URL (414) and headers (431), a timeout to read a request's headers (408),
+- limits on the URL (414) and headers (431), also while a header line is still coming (llhttp
+  holds it until it ends, growing), a timeout to read a request's headers (408),
   one for a stalled body (408), and one for idle keep-alive connections;
 - anything malformed gets a 400 with a reason and the connection is closed; nothing a client
   sends can raise out of this class.
@@ -46,6 +49,8 @@ from minikv.http.response import ClientGone, HTTPError, add_close, error
 
 BODY_HIGH = 1 << 20  # pause reading the client when this much body waits for the handler
 BODY_LOW = 256 << 10
+OUT_HIGH = 64 << 10  # answers held for the end of the loop's pass past this go out at once
+HEAD_SLACK = 8192  # a request's line and header separators, beyond the limits on URL and headers
 DISCARD_MAX = 1 << 20  # body bytes we read and drop after an early answer, to keep the connection
 IO = [0, 0]  # bytes this process received from and sent to clients (for minikv/ops: one add each)
 # minikv/ops's per-worker Counters when it counts requests (-metrics-port), else None: counted in
@@ -136,7 +141,12 @@ class Body:
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        if len(chunks) == 1:
+            chunk = chunks.popleft()
+        else:  # all that waits in one: a body sent in 1-byte chunks is not a pass of the handler each
+            chunk = b"".join(chunks)
+            chunks.clear()
         self._buffered -= len(chunk)
         if self._buffered < BODY_LOW and self._conn is not None:
             self._conn._resume("body")
@@ -254,6 +264,9 @@ class Connection(asyncio.Protocol):
         self._writes = 0  # response writes so far; compared with _answer_mark
         self._answer_mark = 0  # _writes when the current request started
         self._out: list[bytes] = []  # whole answers waiting for the end of the loop's pass
+        self._out_size = 0
+        self._messages = 0  # requests begun on this connection
+        self._head_fed = 0  # bytes of reads that held only the current request's headers
         self._rebalance = False
         self._held = b""  # the start of a REBALANCE method cut by the end of a read
         # bytes of the request body still to come, when its Content-Length said (else <= 0):
@@ -296,6 +309,7 @@ class Connection(asyncio.Protocol):
                 return
         if self._held:
             data, self._held = self._held + data, b""
+        head = self._messages if self._started is not None else -1  # inside a request's headers
         try:
             if self._body_left >= len(data):  # body bytes only: no request can start in them
                 self.parser.feed_data(data)
@@ -324,6 +338,12 @@ class Connection(asyncio.Protocol):
             self.parser = _DISCARD
         except httptools.HttpParserError as e:
             self._fail(400, f"malformed HTTP request: {_reason(e)}")
+        if head == self._messages and self._started is not None and not self.closed:
+            # the whole read was header bytes of one request: on_header checks the limit only
+            # once a line has ended, and until then llhttp grows the line (a copy per read)
+            self._head_fed += len(data)
+            if self._head_fed > self.limits.max_url + self.limits.max_header_bytes + HEAD_SLACK:
+                self._fail(431, f"request headers larger than {self.limits.max_header_bytes} bytes")
 
     def _simple(self, data: bytes) -> Request | None:
         """The request, when `data` is exactly one plain GET/HEAD; None sends it to the parser."""
@@ -369,10 +389,14 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._pause("write")  # no new requests while the client does not take its answers
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._resume("write")
         self._wake_drain()
+        if self._current is None and self._queue and not self.closed:
+            self._next()
 
     def eof_received(self):
         if self._reading is not None:  # the client stopped sending mid-body: it is gone
@@ -384,6 +408,8 @@ class Connection(asyncio.Protocol):
     # -- parser callbacks --
     def on_message_begin(self) -> None:
         self._idle = False
+        self._messages += 1
+        self._head_fed = 0
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -437,7 +463,7 @@ class Connection(asyncio.Protocol):
         req = Request(method, self._url, headers, keep_alive, body, self, body is not NO_BODY)
         self._started = None
         self._reading = req
-        if self._current is None:
+        if self._current is None and not self._write_paused:
             self._start(req)
         else:
             self._queue.append(req)
@@ -561,6 +587,8 @@ class Connection(asyncio.Protocol):
     def _next(self) -> None:
         self._current = None
         if self._queue:
+            if self._write_paused:
+                return  # resume_writing goes on with the queue
             nxt = self._queue.popleft()
             if not self._queue:
                 self._resume("pipeline")
@@ -593,6 +621,9 @@ class Connection(asyncio.Protocol):
             if not self._out:
                 self._batch.add(self)
             self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > OUT_HIGH:  # the transport says when the client is not reading
+                self._send_out()
 
     def send_interim(self, data: bytes) -> None:
         """Send now, after what is waiting, and not counted as an answer (a `100 Continue`)."""
@@ -604,8 +635,11 @@ class Connection(asyncio.Protocol):
 
     def _send_out(self) -> None:
         out = self._out
+        self._out_size = 0
         if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()  # before the write, which may call back into this connection (pause_writing)
+            self.transport.write(data)
         out.clear()
 
     async def drain(self) -> None:
