@@ -428,3 +428,28 @@ def test_an_error_answer_to_a_head_has_no_body(cluster):
     first, _, rest = out.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 400 "), out
     assert rest.startswith(b"HTTP/1.1 404 "), out  # not the 400's reason first
+
+
+# The probe's timers run on the index's own loop: a request that held it for over a second (a
+# body of 1-byte chunks, a header growing for seconds) made the probes of that second time out,
+# and every volume was marked down and refused reads and writes (503) though nginx was fine.
+def test_a_stalled_loop_does_not_mark_a_volume_down(cluster):
+    import uvloop
+
+    from minikv.health import Health
+    from minikv.http.client import Pool
+
+    host = cluster.names[0]
+
+    async def stalled_probe() -> set[str]:
+        pool = Pool(1.0)
+        health = Health(pool, [host])
+        probing = asyncio.get_running_loop().create_task(health.probe(host))
+        await asyncio.sleep(0)  # the probe is connecting
+        time.sleep(1.5)  # what a request holding the loop does
+        await probing
+        pool.close()
+        return health.down
+
+    for _ in range(3):
+        assert uvloop.run(stalled_probe()) == set()
