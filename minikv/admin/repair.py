@@ -18,7 +18,7 @@ import asyncio
 import sys
 
 from minikv.admin import move
-from minikv.admin.check import inspect, judge
+from minikv.admin.check import composite_missing, inspect, judge
 from minikv.admin.common import (
     all_up,
     command_main,
@@ -56,7 +56,12 @@ class Repair:
         c = self.config
         want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
         for attempt in range(BUSY_TRIES):
-            if raw is None or raw[0] == UNLINKED or is_composite(raw):  # a composite's parts are their own keys
+            if raw is not None and is_composite(raw):  # its parts are keys of their own, repaired as such
+                if (what := composite_missing(self.store, key, raw)) is not None:
+                    p.add("lost")
+                    p.problem(f"{show(key)}: lost, {what}: upload it again or DELETE it")
+                return
+            if raw is None or raw[0] == UNLINKED:
                 return
             if raw[0] == PENDING:
                 await asyncio.sleep(0.1 * 2 ** attempt)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import lmdb
 
-from minikv.admin.check import KINDS, inspect, judge
+from minikv.admin.check import KINDS, composite_missing, inspect, judge
 from minikv.admin.common import (
     PAGE,
     command_main,
@@ -60,7 +60,6 @@ from minikv.index.record import (
     PENDING,
     UNLINKED,
     VOLUMES_AT,
-    decode_composite,
     decode_data,
     is_composite,
 )
@@ -166,16 +165,9 @@ class Verify:
     def composite(self, key: bytes, raw: bytes) -> None:
         """An S3 multipart object names no file of its own: its parts and manifest are keys
         verified as any other; here only that each still has a record."""
-        # here, not at the top: the S3 modules cost each process of the walk ~0.4 CPU-s to import
-        from minikv.s3.composite import manifest_key, part_key
-
-        upload_id, numbers = decode_composite(raw)
-        missing = [k for k in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]
-                   if self.store.get(k) is None]
-        if missing and self.store.get(key) == raw:
+        if (what := composite_missing(self.store, key, raw)) is not None:
             self.progress.add("lost")
-            self.progress.problem(f"{show(key)}: multipart object whose {show(missing[0])} has no record "
-                                  f"({len(missing)} missing)")
+            self.progress.problem(f"{show(key)}: {what}")
         else:
             self.progress.add("ok")
 
