@@ -807,16 +807,23 @@ def rebalance_ab(opts, tmp: Path, cluster: Cluster) -> str:
     sides = [("old", str(old / ".venv" / "bin" / "python"), old), ("new", sys.executable, ROOT)]
     dirs, three, four = four_volumes(opts, tmp, cluster)
     common = ["-replicas", str(REPLICAS), "-subvolumes", str(SUBVOLUMES), "-concurrency", str(opts.concurrency)]
-    db = str(tmp / "index")
-    run(minikv("rebuild", "-volumes", ",".join(three), "-db", db, *common, *dirs[:3]), "minikv rebuild (local)")
-    runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for r in range(opts.rebalance_rounds):
-        for label, py, cwd in (sides if r % 2 == 0 else sides[::-1]):
-            for there in (four, three):
-                runs[label].append(run(minikv("rebalance", "-volumes", ",".join(there), "-db", db, *common, python=py),
-                                       f"{label} #{r + 1} rebalance to {len(there)}", cwd=cwd))
-    lines = [f"Rebalance A/B at {n:,} keys of {opts.value_size:,} bytes, 3 → 4 → 3 volumes, {opts.rebalance_rounds} "
-             f"round(s), -concurrency {opts.concurrency} ({machine()}):"]
+    # with --postgres the index is a database of a PostgreSQL of the run's own (one process a side)
+    pg = start_pg(tmp) if opts.postgres else None
+    try:
+        db = pg_database(pg, "rebalance") if pg else str(tmp / "index")
+        run(minikv("rebuild", "-volumes", ",".join(three), "-db", db, *common, *dirs[:3]), "minikv rebuild (local)")
+        runs: dict[str, list[dict]] = {"old": [], "new": []}
+        for r in range(opts.rebalance_rounds):
+            for label, py, cwd in (sides if r % 2 == 0 else sides[::-1]):
+                for there in (four, three):
+                    runs[label].append(run(minikv("rebalance", "-volumes", ",".join(there), "-db", db, *common,
+                                                  python=py), f"{label} #{r + 1} rebalance to {len(there)}", cwd=cwd))
+    finally:
+        if pg:
+            pg.stop()
+    index = "a PostgreSQL index" if pg else "an LMDB index"
+    lines = [f"Rebalance A/B at {n:,} keys of {opts.value_size:,} bytes on {index}, 3 → 4 → 3 volumes, "
+             f"{opts.rebalance_rounds} round(s), -concurrency {opts.concurrency} ({machine()}):"]
     for label, got in runs.items():
         moved = [count(r["summary"], "moved") for r in got]
         lines.append(f"- {label}: " + "; ".join(
@@ -847,7 +854,8 @@ def main() -> int:
     ap.add_argument("--profile", help="with --old: a folder for cProfile stats of our rebalance and verify")
     ap.add_argument("--walk", action="store_true", help="with --old: A/B of the walks only (rebuild, verify; walk_ab)")
     ap.add_argument("--postgres", action="store_true",
-                    help="the index part in PostgreSQL too (a throwaway instance; copy-index, size, pages)")
+                    help="the index part in PostgreSQL too (a throwaway instance; copy-index, size, pages); with "
+                         "--rebalance-rounds: the A/B on a PostgreSQL index")
     ap.add_argument("--rounds", type=int, default=1, help="with --walk: runs of each side, alternating (old new new old ...)")
     ap.add_argument("--drop-caches", action="store_true", help="with --walk, as root: the floors cold too")
     opts = ap.parse_args()
@@ -860,7 +868,9 @@ def main() -> int:
             ("--rebalance-only", opts.rebalance_only, ab, "--old DIR, without --walk or --rebalance-rounds"),
             ("--profile", opts.profile, ab, "--old DIR, without --walk or --rebalance-rounds"),
             ("--rounds", opts.rounds != 1, opts.walk, "--old DIR --walk"),
-            ("--drop-caches", opts.drop_caches, opts.walk, "--old DIR --walk")):
+            ("--drop-caches", opts.drop_caches, opts.walk, "--old DIR --walk"),
+            ("--postgres", opts.postgres, not opts.old or opts.rebalance_rounds,
+             "no --old, or --old DIR --rebalance-rounds N")):
         if given and not needs:
             ap.error(f"{flag} needs {what}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
