@@ -601,3 +601,15 @@ def test_fast_path_keeps_the_limits():
                  b"GET /k HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"):
         _, out, closed = read_by(Connection, [data], limits)
         assert out.startswith((b"HTTP/1.1 414", b"HTTP/1.1 431")) and closed, out
+
+
+# Python's int() took `1_0`, `+3` and ` 5` as a ?list limit: it is plain digits, else 400.
+@pytest.mark.parametrize("limit", [b"1_0", b"%2B3", b"%205", b"-1", b"x", b"1" * 31])
+def test_a_list_limit_that_is_not_plain_digits_is_400(limit):
+    t, _ = exchange([b"GET /?list&limit=" + limit + b" HTTP/1.1\r\n\r\n"])
+    assert statuses(t.out) == [400], bytes(t.out)
+
+
+def test_a_list_limit_of_plain_digits_is_taken():
+    t, _ = exchange([b"GET /?list&limit=10 HTTP/1.1\r\n\r\nGET /?list&limit=99999999999999999999 HTTP/1.1\r\n\r\n"])
+    assert statuses(t.out) == [200, 200], bytes(t.out)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
@@ -64,6 +65,7 @@ from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
 MAX_LIST = 1_000_000
+_DIGITS = re.compile(r"[0-9]{1,30}")  # a ?list limit: plain digits, never thousands of them
 LIST_CHUNK = 5000  # index records a listing reads between two turns of the event loop
 _random = random.random  # a bound builtin: cheaper than random.choice's Python frames
 
@@ -259,12 +261,10 @@ class App:
         that `&start=` followed by it as given resumes exactly where the page ended."""
         # latin-1 both ways: percent-escapes become the key's raw bytes, whatever they encode
         params = parse_qs(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
-        try:
-            limit = int(params.get("limit", ["0"])[0] or 0)
-        except ValueError:
-            raise HTTPError(400, "limit must be a whole number") from None
-        if limit < 0:
-            raise HTTPError(400, "limit must not be negative")
+        text = params.get("limit", ["0"])[0] or "0"
+        if not _DIGITS.fullmatch(text):  # int() would take "1_0", "+3", " 5"
+            raise HTTPError(400, f"limit must be a whole number of digits, not {text[:32]!r}")
+        limit = int(text)
         encoding = params.get("encoding", [""])[0]
         if encoding not in ("", "url"):
             raise HTTPError(400, "encoding must be url (percent-encoded keys) or absent")
