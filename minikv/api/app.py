@@ -65,6 +65,7 @@ from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
 MAX_LIST = 1_000_000
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _DIGITS = re.compile(r"[0-9]{1,30}")  # a ?list limit: plain digits, never thousands of them
 LIST_CHUNK = 5000  # index records a listing reads between two turns of the event loop
 _random = random.random  # a bound builtin: cheaper than random.choice's Python frames
@@ -83,8 +84,14 @@ def split_target(url: bytes) -> tuple[bytes, bytes, bytes]:
             raise HTTPError(400, "malformed request target") from None
         path, query = parsed.path or b"/", parsed.query or b""
     # find, not `in`: `bytes in bytes` first tries the operand as an int and pays for a TypeError
-    key = unquote_to_bytes(path) if path.find(b"%") >= 0 else path
-    return key, path, query
+    if path.find(b"%") < 0:
+        return path, path, query
+    if _BAD_ESCAPE.search(path):
+        # unquote would keep it as text, so /a%zz and /a%25zz would name one key; Go's net/http
+        # (minikeyvalue) answers 400 too
+        raise HTTPError(400, "malformed percent-escape in the URL: a % must be followed by two hex "
+                             "digits (write % itself as %25)")
+    return unquote_to_bytes(path), path, query
 
 
 def check_key(key: bytes) -> None:
