@@ -444,8 +444,11 @@ class Connection(asyncio.Protocol):
                 body = None
                 length = -1
                 codings = True
+        version = p.get_http_version()
+        if version[0] != "1":  # llhttp reads HTTP/0.9 and 2.0 request lines too: refused as Go's net/http does
+            raise HTTPError(400 if version[0] == "0" else 505, f"HTTP/{version} is not supported: send HTTP/1.1")
         if codings:
-            _check_codings(headers, p.get_http_version())
+            _check_codings(headers, version)
         if body is None:  # an Expect other than 100-continue is ignored, as S3 and nginx do
             body = Body(self, any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers))
             self._body_left = self._body_mark = length
