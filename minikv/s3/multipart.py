@@ -250,8 +250,16 @@ async def complete(s3, ctx: Ctx) -> bytes:
     mtime = now_ms()
     doc = manifest(ctx.key, mtime, numbers)
     deadline = asyncio.get_running_loop().time() + COMPLETE_TAKES
+    mine = None  # the manifest's record, once this Complete committed it
     try:
-        await s3.values.put(manifest_key(upload_id), _one(doc), len(doc), check=_only_complete(s3, upload_id, ctx.key))
+        try:
+            mine = await s3.values.put(manifest_key(upload_id), _one(doc), len(doc),
+                                       check=_only_complete(s3, upload_id, ctx.key))
+        except S3Error as e:
+            mine = getattr(e, "live", None)  # stored on fewer volumes than asked: ours all the same
+            if e.code == "OperationAborted" and (again := await _completed(s3, ctx, upload_id)) is not None:
+                return again  # the other Complete made the object: its answer, as for a retry
+            raise
         # a part sent again before the manifest existed may have replaced a file checked above:
         # its record tells (it changes before the file does); from now on none can (upload_part)
         for (number, named), (key, raw) in zip(wanted, parts):
@@ -264,11 +272,11 @@ async def complete(s3, ctx: Ctx) -> bytes:
         record = encode_composite(LIVE, total, mtime, upload_id, numbers)
         await s3.values.put_record(ctx.key, record, attributes.encode(attrs), deadline)
     except BaseException:
-        # the manifest goes if it is ours (its md5: its bytes name our mtime and parts; it may have
-        # been stored on fewer volumes than asked, which raises too) and no object was made after
-        # all (the failure came after the object's commit: the client gone, say)
-        current = await settle(s3.store.get(manifest_key(upload_id)))
-        if current is not None and current[0] == LIVE and current[17:33] == hashlib.md5(doc).digest() \
+        # the manifest goes if this Complete committed it (not one refused by the other's: the
+        # same parts in the same millisecond make the same bytes) and it is still that record,
+        # and no object was made after all (the failure came after the object's commit: the
+        # client gone, say)
+        if mine is not None and await settle(s3.store.get(manifest_key(upload_id))) == mine \
                 and await _made_by(s3, ctx.key, upload_id) is None:
             try:
                 await s3.values.delete(manifest_key(upload_id))

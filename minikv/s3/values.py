@@ -285,7 +285,9 @@ class Values:
         if previous is not None:
             await self.replaced(key, previous, live, volumes)
         if degraded:  # stored, but on fewer replicas than asked: the client must not take it as done
-            raise S3Error("ServiceUnavailable", degraded)
+            err = S3Error("ServiceUnavailable", degraded)
+            err.live = live  # the record committed all the same (multipart.complete's manifest is its own)
+            raise err
         return live
 
     async def replaced(self, key: bytes, previous: bytes, live: bytes, volumes: list[str]) -> None:
