@@ -131,7 +131,7 @@ def test_verify_and_repair_report_a_multipart_object_missing_a_part_or_its_manif
     from test_admin import admin, ready
     from test_s3 import client
 
-    from minikv.index.record import OP_DELETE, encode_pending, now_ms
+    from minikv.index.record import OP_DELETE, UNLINKED, encode_pending, now_ms, with_state
     from minikv.index.store import Store
     from minikv.s3.composite import manifest_key
 
@@ -139,7 +139,7 @@ def test_verify_and_repair_report_a_multipart_object_missing_a_part_or_its_manif
     s3 = client(c.port)
     s3.create_bucket(Bucket="mpu")
     uploads = {}
-    for key in ("no-part", "no-manifest", "whole"):
+    for key in ("no-part", "no-manifest", "whole", "unlinked"):
         upload = uploads[key] = s3.create_multipart_upload(Bucket="mpu", Key=key)["UploadId"]
         etag = s3.upload_part(Bucket="mpu", Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 100)["ETag"]
         s3.complete_multipart_upload(Bucket="mpu", Key=key, UploadId=upload,
@@ -147,7 +147,11 @@ def test_verify_and_repair_report_a_multipart_object_missing_a_part_or_its_manif
     ready(c)
     store = Store(str(c.root / "index"))
     try:
-        for key in (part_key(uploads["no-part"], 1), manifest_key(uploads["no-manifest"])):
+        # an UNLINKED one whose parts are gone too (gc's work half done) is no loss: it was deleted
+        raw = store.get(b"/mpu/unlinked")
+        assert store.cas(b"/mpu/unlinked", raw, with_state(raw, UNLINKED))[0]
+        for key in (part_key(uploads["no-part"], 1), manifest_key(uploads["no-manifest"]),
+                    part_key(uploads["unlinked"], 1)):
             raw = store.get(key)  # a record goes by way of a DELETE's lock: its files stay
             deleting = encode_pending(OP_DELETE, 1, now_ms(), [], raw)
             assert store.cas(key, raw, deleting)[0] and store.cas(key, deleting, None)[0]
@@ -157,5 +161,5 @@ def test_verify_and_repair_report_a_multipart_object_missing_a_part_or_its_manif
         r = admin(command, c)
         assert r.returncode == 1 and "2 lost" in r.stderr, (command, r.stderr)
         assert "/mpu/no-part: " in r.stderr and "part 1 has no record" in r.stderr, r.stderr
-        assert "/mpu/no-manifest: " in r.stderr and "its manifest has no record" in r.stderr, r.stderr
-        assert "/mpu/whole" not in r.stderr
+        assert "/mpu/no-manifest: " in r.stderr and "whose manifest has no record" in r.stderr, r.stderr
+        assert "/mpu/whole" not in r.stderr and "/mpu/unlinked" not in r.stderr

@@ -110,5 +110,5 @@ def composite_missing(store, key: bytes, raw: bytes) -> str | None:
                if store.get(k) is None]
     if not missing or store.get(key) != raw:
         return None
-    part = "its manifest" if missing[0] == manifest_key(upload_id) else f"part {int(missing[0][-5:])}"
+    part = "manifest" if missing[0] == manifest_key(upload_id) else f"part {int(missing[0][-5:])}"
     return f"multipart object whose {part} has no record ({len(missing)} missing)"

@@ -56,7 +56,7 @@ class Repair:
         c = self.config
         want = key2volume(key, c.volumes, c.replicas, c.subvolumes)
         for attempt in range(BUSY_TRIES):
-            if raw is not None and is_composite(raw):  # its parts are keys of their own, repaired as such
+            if raw is not None and raw[0] != UNLINKED and is_composite(raw):  # its parts are keys of their own
                 if (what := composite_missing(self.store, key, raw)) is not None:
                     p.add("lost")
                     p.problem(f"{show(key)}: lost, {what}: upload it again or DELETE it")
