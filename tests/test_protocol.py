@@ -404,6 +404,63 @@ def test_a_body_of_1_byte_chunks_is_read_in_one_piece_not_a_read_per_byte():
     assert bytes(t.out).endswith(b"\r\n\r\n" + value) and len(reads) == 1, reads[:5]
 
 
+def _slow_reader(high: int = 65536):
+    loop = asyncio.new_event_loop()
+    conn = Connection(EchoApp(), Limits(), loop)
+    t = SlowReader(high=high)
+    t.protocol = conn
+    conn.connection_made(t)
+    return loop, conn, t
+
+
+def test_a_thousand_pipelined_requests_behind_a_write_pause_are_answered_without_recursion():
+    # each queued request answered at once started the next from inside its own answer: 1,500
+    # of them overflowed the stack (RecursionError), and the connection hung with reading paused
+    loop, conn, t = _slow_reader()
+    big = b"GET /" + b"k" * 4000 + b" HTTP/1.1\r\n\r\n"
+    conn.data_received(big * 40 + b"GET /a HTTP/1.1\r\n\r\n" * 1500)
+    got = b""
+    for _ in range(100):
+        got += t.take()
+        flush(conn)
+        if len(responses(got)) == 1540:
+            break
+    assert len(responses(got)) == 1540 and not t.closed
+
+
+def test_a_client_that_takes_no_answer_is_dropped_after_the_idle_timeout_not_held():
+    # a queued PUT with its body cut short, behind answers the client never reads: no timer
+    # applied (reading paused), so the connection was held for good
+    loop, conn, t = _slow_reader()
+    conn.data_received((b"GET /" + b"k" * 4000 + b" HTTP/1.1\r\n\r\n") * 40
+                       + b"PUT /p HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+    flush(conn)
+    assert t.paused and not t.closed
+    conn.check_timeouts(loop.time() + 30)
+    assert not t.closed
+    conn.check_timeouts(loop.time() + Limits().idle_timeout + 1)
+    assert t.closed
+
+
+def test_an_empty_piece_of_body_is_not_queued_as_its_end():
+    from minikv.http.server import Body
+
+    loop = asyncio.new_event_loop()
+    body = Body(None, False)
+    body.feed(b"ab")
+    body.feed(b"")
+    body.feed(b"cd")
+    body.finish()
+
+    async def read_all() -> list[bytes]:
+        out = []
+        while chunk := await body.read():
+            out.append(chunk)
+        return out
+
+    assert b"".join(loop.run_until_complete(read_all())) == b"abcd"
+
+
 def test_header_timeout_is_408():
     loop, conn, t = make(Limits(header_timeout=5))
     conn.data_received(b"GET / HTTP/1.1\r\nHost: sl")

@@ -255,6 +255,8 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._paused: set[str] = set()
         self._write_paused = False
+        self._write_paused_at = 0.0
+        self._draining = False  # _next's loop runs: a request answered inside it leaves the next to it
         self._drain_waiter: asyncio.Future | None = None
         self._url = b""
         self._headers: list = []
@@ -389,10 +391,12 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_at = self.loop.time()
         self._pause("write")  # no new requests while the client does not take its answers
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.last = self.loop.time()  # the client took answers: it is not idle
         self._resume("write")
         self._wake_drain()
         if self._current is None and self._queue and not self.closed:
@@ -588,15 +592,24 @@ class Connection(asyncio.Protocol):
         self._next()
 
     def _next(self) -> None:
+        """The current request is done: start the queued ones, in a loop, not by recursion (a
+        request answered at once calls _next again: a thousand pipelined ones would overflow
+        the stack)."""
         self._current = None
-        if self._queue:
-            if self._write_paused:
-                return  # resume_writing goes on with the queue
-            nxt = self._queue.popleft()
-            if not self._queue:
-                self._resume("pipeline")
-            self._start(nxt)
-        else:
+        if self._draining:
+            return  # the loop below, further up the stack, goes on
+        self._draining = True
+        try:
+            while self._queue and self._current is None and not self.closed:
+                if self._write_paused:
+                    return  # resume_writing goes on with the queue
+                nxt = self._queue.popleft()
+                if not self._queue:
+                    self._resume("pipeline")
+                self._start(nxt)
+        finally:
+            self._draining = False
+        if not self._queue:
             self._resume("pipeline")
 
     def _fail(self, status: int, reason: str) -> None:
@@ -670,6 +683,14 @@ class Connection(asyncio.Protocol):
                 if req is not None:
                     req.body.fail(gone)
 
+    def _abort(self) -> None:
+        """Drop the connection and what waits to be sent on it."""
+        if not self.closed:
+            self._out.clear()
+            self.close()
+            getattr(self.transport, "abort", lambda: None)()
+            self._wake_drain()
+
     # -- flow control --
     def _pause(self, why: str) -> None:
         if not self._paused and not self.closed:
@@ -685,7 +706,11 @@ class Connection(asyncio.Protocol):
     # -- timers --
     def check_timeouts(self, now: float) -> None:
         lim = self.limits
-        if self._started is not None and now - self._started > lim.header_timeout:
+        if self._write_paused and now - self._write_paused_at > lim.idle_timeout:
+            # the client has taken none of its answers for that long (as nginx's send_timeout):
+            # dropped, without waiting to send what it will not read
+            self._abort()
+        elif self._started is not None and now - self._started > lim.header_timeout:
             self._fail(408, f"request headers not received within {lim.header_timeout:g}s")
         elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
@@ -697,7 +722,7 @@ class Connection(asyncio.Protocol):
                 self._reading.body.fail(ClientGone(f"request body slower than {lim.body_min_rate} bytes/s"))
                 self._fail(408, f"request body slower than {lim.body_min_rate} bytes/s on average "
                                 f"(-body-min-rate) after its first {lim.body_timeout:g}s")
-        elif self._current is None and self._started is None and now - self.last > (
+        elif self._current is None and not self._queue and self._started is None and now - self.last > (
                 lim.idle_timeout if self._writes else lim.header_timeout):
             # never answered: it has sent nothing since it connected (or only the start of a
             # method), so its first request's headers are late; it is closed as nginx does it
