@@ -158,3 +158,26 @@ def test_processes_one_for_a_small_index_else_default_and_workers_when_given():
     assert processes(told, SimpleNamespace(workers=100), 0, most=64) == 64
     assert processes(told, SimpleNamespace(workers=-1), SMALL + 1) == 1
     assert processes(plain, cores, SMALL + 1, most=1) == 1
+
+
+# The status page (no login) showed -db with its PostgreSQL password, and the path of
+# -s3-secret-key-file; a password given as libpq's `password=` parameter was neither redacted
+# nor warned about.
+def test_the_status_page_flags_and_messages_never_show_a_database_password():
+    from types import SimpleNamespace
+
+    from minikv.cli import FLAGS
+    from minikv.index.pg import describe, password_warning
+    from minikv.ops import shown_flags
+
+    for url in ("postgresql://minikv:hunter2@/postgres?host=/run/pg&port=5432",
+                "postgresql://minikv@/postgres?host=/run/pg&password=hunter2",
+                "postgresql://minikv@/postgres?password=hunter2&host=/run/pg"):
+        assert "hunter2" not in describe(url) and "***" in describe(url) and password_warning(url)
+        flags = {name: None for name in FLAGS}
+        flags.update({"db": url, "s3-secret-key-file": "/etc/minikv/s3-key", "uploads-older-than": 60.0})
+        shown = shown_flags(SimpleNamespace(flags=flags))
+        assert "hunter2" not in str(shown) and shown["s3-secret-key-file"] == "(set)"
+        assert "uploads-older-than" not in shown  # gc's, not the server's
+    assert describe("postgresql://minikv@/postgres?host=/run/pg") == "postgresql://minikv@/postgres?host=/run/pg"
+    assert not password_warning("postgresql://minikv@/postgres?host=/run/pg")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -64,12 +65,22 @@ def is_url(db: str) -> bool:
 
 
 def describe(db: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (in the user part, or libpq's `password=` parameter), for
+    messages, logs and the status page."""
     parts = urlsplit(db)
-    if parts.password is None:
-        return db
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if _QUERY_PASSWORD.search(parts.query):
+        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query))
+    return parts.geturl()
+
+
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
+
+
+def _has_password(db: str) -> bool:
+    parts = urlsplit(db)
+    return parts.password is not None or bool(_QUERY_PASSWORD.search(parts.query))
 
 
 def on_this_host(db: str) -> bool:
@@ -99,7 +110,7 @@ def default_workers(cores: int) -> int:
 def password_warning(db: str) -> str:
     """A warning when a database URL given on the command line holds a password, which every
     user of the machine can read there (ps); "" otherwise."""
-    if is_url(db) and urlsplit(db).password is not None:
+    if is_url(db) and _has_password(db):
         return ("warning: the password in the -db URL is visible to every user of this machine (ps); "
                 "leave it out and set PGPASSWORD, or put it in ~/.pgpass")
     return ""

@@ -27,8 +27,9 @@ import time
 
 _prepared: dict = {}  # this server's ops setup, made before the fork and inherited by workers
 FOLDER_PREFIX = "minikv-ops-"
-SECRET_FLAGS = ("secret", "s3-secret-key", "s3-access-key")
-ADMIN_FLAGS = ("data", "concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server")
+SECRET_FLAGS = ("secret", "s3-secret-key", "s3-access-key", "s3-secret-key-file")
+ADMIN_FLAGS = ("data", "concurrency", "dry-run", "force", "md5", "delete-orphans", "age", "server",
+               "uploads-older-than")
 
 
 def version() -> str:
@@ -52,6 +53,10 @@ def shown_flags(args) -> dict:
         value = args.flags.get(name)
         if name in SECRET_FLAGS:
             value = "(set)" if value else ""
+        elif name == "db" and value:
+            from minikv.index.pg import describe
+
+            value = describe(str(value))  # a PostgreSQL URL's password: the page needs no login
         shown[name] = value
     return shown
 
