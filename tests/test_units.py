@@ -181,3 +181,37 @@ def test_the_status_page_flags_and_messages_never_show_a_database_password():
         assert "uploads-older-than" not in shown  # gc's, not the server's
     assert describe("postgresql://minikv@/postgres?host=/run/pg") == "postgresql://minikv@/postgres?host=/run/pg"
     assert not password_warning("postgresql://minikv@/postgres?host=/run/pg")
+
+
+# /healthz waited for the index's refresh (3 s when PostgreSQL hangs), and 32 connections that
+# sent nothing made it answer 503: a liveness probe failed on a healthy server either way.
+def test_healthz_answers_at_once_past_idle_connections_and_a_stalled_index():
+    import asyncio
+    import time
+
+    from minikv.ops.listener import MAX_CLIENTS, Listener
+
+    class StalledIndex:
+        async def refresh(self):
+            await asyncio.sleep(3)
+
+        def readiness(self):
+            return []
+
+    async def main() -> tuple[bytes, float]:
+        server = await asyncio.start_server(Listener(StalledIndex()).client, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CLIENTS + 8)]
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        got = await asyncio.wait_for(reader.read(), 2)
+        took = time.monotonic() - start
+        for _, w in idle + [(reader, writer)]:
+            w.close()
+        server.close()
+        return got, took
+
+    got, took = asyncio.run(main())
+    assert got.startswith(b"HTTP/1.1 200 ") and took < 1, (got[:60], took)

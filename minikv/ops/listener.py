@@ -4,7 +4,10 @@ On its own port (the main port's URL space is all keys). Every worker accepts on
 the supervisor bound; each answer sums all workers (report.py), so which one answers does not
 matter. One request per connection, GET or HEAD, a head of at most MAX_HEAD bytes read within
 TIMEOUT seconds, at most MAX_CLIENTS at once per worker: a scraper, a load balancer and a person
-need no more, and whatever else comes is answered with a 4xx and closed.
+need no more, and whatever else comes is answered with a 4xx and closed. When all are taken, a
+new client drops the one that has waited longest without sending its head: connections that
+send nothing cannot keep a health check out. `/healthz` never waits for the index (a stalled
+PostgreSQL must not make a liveness probe fail and a healthy server restarted).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Listener:
     def __init__(self, reporter):
         self.reporter = reporter
         self.clients = 0
+        self.waiting: dict[asyncio.StreamWriter, None] = {}  # still sending their head, oldest first
 
     def route(self, method: str, target: str) -> bytes:
         head_only = method == "HEAD"
@@ -56,27 +60,35 @@ class Listener:
 
     async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            writer.write(answer(503, b"too many clients on the operations port\n"))
-            writer.close()
-            return
+            if not self.waiting:  # every one is being answered: they will be done in a moment
+                writer.write(answer(503, b"too many clients on the operations port\n"))
+                writer.close()
+                return
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.transport.abort()  # its read ends, and its task lets its place go
         self.clients += 1
+        self.waiting[writer] = None
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
             except asyncio.LimitOverrunError:
                 writer.write(answer(431, b"request head too large\n"))
                 return
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, ConnectionError):
                 return
             except asyncio.TimeoutError:
                 writer.write(answer(408, f"request head not received within {TIMEOUT:g}s\n".encode()))
                 return
+            finally:
+                self.waiting.pop(writer, None)
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
                 writer.write(answer(400, b"malformed HTTP request line\n"))
                 return
             try:
-                if (refresh := getattr(self.reporter, "refresh", None)) is not None:
+                refresh = getattr(self.reporter, "refresh", None)
+                if refresh is not None and not parts[1].startswith(b"/healthz"):
                     await refresh()  # an index that answers over the network (ops/pg_facts.py)
                 data = self.route(parts[0].decode("ascii"), parts[1].decode("ascii"))
             except UnicodeDecodeError:
