@@ -172,6 +172,11 @@ async def serve(config: Config, sock: socket.socket) -> None:
     if pg:  # the same S3 code, its meta store in the database too (s3/front_pg.py)
         from minikv.s3.front_pg import PgS3 as S3
     app.s3 = S3(app)
+    if pg:
+        from minikv.index import fence
+
+        fence.renewed(config.extra["lease_claimed"])
+        fence.use(lambda: lease.renew(store, config.extra["lease_token"]))
     keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"])) if pg else None
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)
     batch = Batch(loop)  # answers made in one pass of the loop are written together
@@ -287,7 +292,9 @@ def run_server(args) -> int:
                              "as the database's synchronous_commit makes them: drop -fsync")
         from minikv.index.pg import server_id
 
+        claimed = time.monotonic()
         config.extra["lease_token"] = start_sync(config.db, server_id(config.port), config.pool)
+        config.extra["lease_claimed"] = claimed  # the workers' fence starts from it (index/fence.py)
     else:
         lock_db(config.db)  # held until we exit; forked workers share it
     check_port_free(config.host, config.port)

@@ -637,3 +637,38 @@ def test_a_request_of_another_http_version_is_refused(line, status):
     app = make_app()
     t, _ = exchange([line + b"\r\nContent-Length: 1\r\n\r\nv"], app)
     assert statuses(t.out) == [status] and t.closed and not app.store.data
+
+
+# A server stopped (or cut off from a shared PostgreSQL) past its lease has its writes undone by
+# another, which then lets a client write the same key; the stopped one's uploads were still open,
+# and once resumed it sent their last bytes: nginx renamed the old write's file over the newer
+# acknowledged value. The last bytes now go only while the lease is surely still ours.
+def test_a_put_sends_its_last_bytes_only_while_the_lease_is_fresh(monkeypatch):
+    import time
+
+    from minikv.index import fence
+
+    app = make_app()
+    sent: list[bytes] = []
+    real = MemUpload.write
+    monkeypatch.setattr(MemUpload, "write", lambda self, chunk: (sent.append(chunk), real(self, chunk)))
+    put = b"PUT /k HTTP/1.1\r\nContent-Length: 8\r\n\r\n"
+    monkeypatch.setattr(fence, "_renewed_at", time.monotonic() - fence.LEASE / 2 - 1)
+    t, _ = exchange([put + b"aaaa", b"bbbb"], app)
+    assert statuses(t.out) == [503] and b"lease" in bytes(t.out)
+    assert b"bbbb" not in b"".join(sent) and b"/k" not in app.store.data  # the volumes never had it whole
+    monkeypatch.setattr(fence, "_renewed_at", time.monotonic())
+    t, _ = exchange([put + b"aaaa", b"bbbb"], app)
+    assert statuses(t.out) == [201] and app.store.data[b"/k"][0] == ord("L")
+    # a loss of the lease while a write streams refuses it, even with the lease fresh again
+    sent.clear()
+    conn = Conn(app, Limits(), _loop)
+    conn.connection_made(t := FakeTransport())
+    conn.data_received(b"PUT /k2 HTTP/1.1\r\nContent-Length: 8\r\n\r\naaaa")
+    settle()
+    fence.lost()
+    fence.renewed(time.monotonic())
+    conn.data_received(b"bbbb")
+    settle()
+    assert statuses(t.out) == [503] and b"taken over" in bytes(t.out) and b"bbbb" not in b"".join(sent)
+    assert b"/k2" not in app.store.data

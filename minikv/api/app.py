@@ -38,6 +38,7 @@ from minikv.health import Health
 from minikv.http.client import Pool, VolumeError
 from minikv.http.response import HTTPError, head, http_date_bytes, not_found, response
 from minikv.http.server import Request
+from minikv.index import fence
 from minikv.index.group import GroupCommit
 from minikv.index.record import (
     COMPOSITE_MARK,
@@ -402,6 +403,7 @@ class App:
     async def _put_body(self, req: Request, key: bytes, volumes: list[str], pending: bytes,
                         length: int | None, previous: bytes | None) -> bytes:
         # before the body is read, so `Expect: 100-continue` clients are refused before sending it
+        since = fence.epoch()
         await self._lock(key, previous, pending)
         uploads = []
         md5 = StreamingMd5() if self.config.md5sum else None
@@ -410,18 +412,25 @@ class App:
                 uploads.append(await self.pool.upload(host, path, length))
             size = 0
             limit = self.config.max_value_size
+            held = b""  # the last bytes, sent once the body is whole: they make nginx commit
             while chunk := await req.body.read():
                 size += len(chunk)
                 if limit and size > limit:
                     raise HTTPError(413, f"value is over the limit of {limit} bytes (-max-value-size)")
-                for u in uploads:
-                    u.write(chunk)
+                if held:
+                    for u in uploads:
+                        u.write(held)
+                held = chunk
                 if md5 is not None:
                     await md5.update(chunk)
                 for u in uploads:
                     if u.paused:
                         await u.drain()
+            if fence.suspect(since) and (why := await fence.refused(since)):  # a shared index's lease
+                raise HTTPError(503, f"{why}; nothing was stored")
             for u in uploads:
+                if held:
+                    u.write(held)
                 u.end()  # every replica has the whole value before we wait for any answer
             statuses = [await _status(u) for u in uploads]
             digest = await md5.digest() if md5 is not None else NO_MD5

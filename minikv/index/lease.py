@@ -27,12 +27,13 @@ import sys
 import time
 
 from minikv.http.client import Pool
+from minikv.index import fence
 from minikv.index.pg import PgStore, connect, create_schema, describe, start_error
 from minikv.index.record import decode_pending, now_ms
 from minikv.index.recovery import owner_alive, resolve
 from minikv.index.store import StoreError
 
-LEASE = 10.0  # seconds a server's records stay its own after its last renewal
+LEASE = fence.LEASE  # seconds a server's records stay its own after its last renewal
 RENEW_EVERY = 2.0
 ORPHAN_AGE = 5.0  # seconds: a dead worker's record older than this was missed by its supervisor
 RECOVERING = "#recovering"  # suffix of the owner of records taken over, being resolved
@@ -201,7 +202,12 @@ async def keep(store: PgStore, pool: Pool, token: str) -> None:
     held = True
     while True:
         try:
+            sent = time.monotonic()
             renewed = await renew(store, token)
+            if renewed:
+                fence.renewed(sent)  # a write's last bytes go only while this is recent
+            else:
+                fence.lost()  # and never for a write locked before this
             if not renewed and held:
                 log("this server's lease was taken over (the database was out of reach for longer than "
                     f"{LEASE:.0f}s): its writes in flight were undone by another server")

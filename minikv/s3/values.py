@@ -65,6 +65,7 @@ import lmdb
 from minikv import replicas
 from minikv.api.digest import StreamingMd5
 from minikv.http.client import VolumeError
+from minikv.index import fence
 from minikv.index.engine import settle
 from minikv.index.record import (
     LIVE,
@@ -401,6 +402,7 @@ class Values:
             # the whole body is here and checked: only now queue for the key (a writer that held
             # the lock while its client sent the body could wait on a client that first waits
             # for another write of the key to finish: both would stall)
+            since = fence.epoch()
             try:
                 taken += await self.lock(key, volumes, sent + UPLOAD_IDLE)
             except StoreError as e:
@@ -408,6 +410,8 @@ class Values:
                               "can") from None
             if check is not None:
                 await check()
+            if fence.suspect(since) and (why := await fence.refused(since)):  # a shared index's lease
+                raise S3Error("ServiceUnavailable", f"{why}; nothing was changed")
             # a volume that closed an upload before its end was sent (it restarted, or gave up
             # waiting) has dropped it: nothing renames there, so commit nowhere. Sent anyway, the
             # end would fail on it in a way that cannot be told from a rename that failed
