@@ -368,12 +368,7 @@ def test_pipelined_requests_wait_while_the_client_does_not_take_its_answers():
     conn.data_received(b"GET %s HTTP/1.1\r\n\r\n" % url * 150)
     flush(conn)
     assert len(t.out) < 65536 + 2 * 8192 and t.paused, len(t.out)  # not 150 answers: 600 KB
-    got = b""
-    for _ in range(200):
-        got += t.take()
-        flush(conn)
-        if len(responses(got)) == 150:
-            break
+    got = _read_answers(conn, t, 150)
     assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses(got)] == [url] * 150
     assert not t.paused and not t.closed
 
@@ -404,6 +399,17 @@ def test_a_body_of_1_byte_chunks_is_read_in_one_piece_not_a_read_per_byte():
     assert bytes(t.out).endswith(b"\r\n\r\n" + value) and len(reads) == 1, reads[:5]
 
 
+def _read_answers(conn, t: SlowReader, n: int) -> bytes:
+    """The client reads, a loop pass after each read, until it has `n` answers (or gives up)."""
+    got = b""
+    for _ in range(200):
+        got += t.take()
+        flush(conn)
+        if len(responses(got)) >= n:
+            break
+    return got
+
+
 def _slow_reader(high: int = 65536):
     loop = asyncio.new_event_loop()
     conn = Connection(EchoApp(), Limits(), loop)
@@ -419,13 +425,7 @@ def test_a_thousand_pipelined_requests_behind_a_write_pause_are_answered_without
     loop, conn, t = _slow_reader()
     big = b"GET /" + b"k" * 4000 + b" HTTP/1.1\r\n\r\n"
     conn.data_received(big * 40 + b"GET /a HTTP/1.1\r\n\r\n" * 1500)
-    got = b""
-    for _ in range(100):
-        got += t.take()
-        flush(conn)
-        if len(responses(got)) == 1540:
-            break
-    assert len(responses(got)) == 1540 and not t.closed
+    assert len(responses(_read_answers(conn, t, 1540))) == 1540 and not t.closed
 
 
 def test_a_client_that_takes_no_answer_is_dropped_after_the_idle_timeout_not_held():
