@@ -175,7 +175,7 @@ async def serve(config: Config, sock: socket.socket) -> None:
     if pg:
         from minikv.index import fence
 
-        fence.renewed(config.extra["lease_claimed"])
+        fence.renewed(config.extra["lease_claimed"], config.extra["lease_token"])
         fence.use(lambda: lease.renew(store, config.extra["lease_token"]))
     keeper = loop.create_task(lease.keep(store, pool, config.extra["lease_token"])) if pg else None
     ops.start(app)  # logs volumes going down/up; -metrics-port, -v: count, publish, listen (minikv/ops)

@@ -667,7 +667,7 @@ def test_a_put_sends_its_last_bytes_only_while_the_lease_is_fresh(monkeypatch):
     conn.data_received(b"PUT /k2 HTTP/1.1\r\nContent-Length: 8\r\n\r\naaaa")
     settle()
     fence.lost()
-    fence.renewed(time.monotonic())
+    fence.renewed(time.monotonic(), "t")
     conn.data_received(b"bbbb")
     settle()
     assert statuses(t.out) == [503] and b"taken over" in bytes(t.out) and b"bbbb" not in b"".join(sent)

@@ -25,7 +25,7 @@ def test_a_server_stopped_past_its_lease_does_not_commit_over_a_newer_write(make
     c = make_cluster(volumes=3)
     port = free_port()
     other = Proc(["server", "-port", str(port), "-volumes", ",".join(c.names), "-db", c.db,
-                  "-replicas", str(c.replicas), "-subvolumes", str(c.subvolumes), "-workers", "1"],
+                  "-replicas", str(c.replicas), "-subvolumes", str(c.subvolumes), "-workers", "2"],
                  port, c.root / "other.log").start()
     try:
         stalled = socket.create_connection(("127.0.0.1", port))

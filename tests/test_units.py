@@ -215,3 +215,21 @@ def test_healthz_answers_at_once_past_idle_connections_and_a_stalled_index():
 
     got, took = asyncio.run(main())
     assert got.startswith(b"HTTP/1.1 200 ") and took < 1, (got[:60], took)
+
+
+# Every worker of a server renews its one lease row: when the lease was lost and one worker
+# claimed it again, the others' renewals succeeded on the new row and they never knew, so
+# their writes locked before the loss could commit. The token claimed again differs.
+def test_a_lease_claimed_again_by_another_worker_is_a_loss_for_every_worker(monkeypatch):
+    import time
+
+    from minikv.index import fence
+
+    monkeypatch.setattr(fence, "_token", None)
+    monkeypatch.setattr(fence, "_renewed_at", None)
+    fence.renewed(time.monotonic(), "abc")
+    since = fence.epoch()
+    fence.renewed(time.monotonic(), "abc")
+    assert fence.epoch() == since and not fence.suspect(since)
+    fence.renewed(time.monotonic(), "abc#1234")  # another worker claimed it again meanwhile
+    assert fence.epoch() != since and fence.suspect(since)

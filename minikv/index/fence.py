@@ -19,15 +19,23 @@ LEASE = 10.0  # index/lease.py's
 _renewed_at: float | None = None  # time.monotonic() when the last successful renewal was sent
 
 
-def renewed(sent_at: float) -> None:
-    """A renewal sent at `sent_at` (time.monotonic(), one clock for every process) succeeded."""
-    global _renewed_at
+def renewed(sent_at: float, token: str) -> None:
+    """A renewal sent at `sent_at` (time.monotonic(), one clock for every process) succeeded,
+    and the lease row has `token`: one other than before means it was lost and claimed again
+    meanwhile, maybe by another worker of this server (index/lease.py renew)."""
+    global _renewed_at, _token
+    if _token is not None and token != _token:
+        lost()
+    _token = token
     if _renewed_at is None or sent_at > _renewed_at:
         _renewed_at = sent_at
 
 
+_token: str | None = None
+
+
 def use(renew) -> None:
-    """`renew()`: renew the lease now, True when it is still this server's (index/lease.py)."""
+    """`renew()`: renew the lease now; the lease row's token, None when it was lost (index/lease.py)."""
     global _renew
     _renew = renew
 
@@ -60,8 +68,8 @@ async def refused(since: int) -> str:
     if _renewed_at is not None and time.monotonic() - _renewed_at >= LEASE / 2 and _renew is not None:
         sent = time.monotonic()
         try:
-            if await _renew():
-                renewed(sent)
+            if (token := await _renew()) is not None:
+                renewed(sent, token)
             else:
                 lost()
         except Exception:  # noqa: BLE001 - the database still out of reach: refused as stale

@@ -157,16 +157,21 @@ async def resolve_dead_workers(store: PgStore, pool: Pool) -> int:
     return n
 
 
-async def renew(store: PgStore, token: str) -> bool:
-    """Push this server's lease RENEW_EVERY... LEASE seconds on; False when it was lost (taken
-    over while this server could not renew it): claimed again once the taker is done."""
-    if await store._run("fetchval", "UPDATE minikv_leases SET expires = now() + make_interval(secs => $3) "
-                        "WHERE id = $1 AND token = $2 RETURNING true", store.owner, token, LEASE):
-        return True
+async def renew(store: PgStore, token: str) -> str | None:
+    """Push this server's lease RENEW_EVERY... LEASE seconds on: the row's token, None when the
+    lease was lost (taken over while this server could not renew it). It is then claimed again
+    once the taker is done, as `<token>#<random>`: every worker of the server renews the one row,
+    so a token that changed tells each of them the lease was lost meanwhile (index/fence.py),
+    whichever of them claimed it again."""
+    got = await store._run("fetchval", "UPDATE minikv_leases SET expires = now() + make_interval(secs => $3) "
+                           "WHERE id = $1 AND (token = $2 OR token LIKE $2 || '#%') RETURNING token",
+                           store.owner, token, LEASE)
+    if got is not None:
+        return got
     await store._run("fetchval", "INSERT INTO minikv_leases (id, token, expires) VALUES "
                      "($1, $2, now() + make_interval(secs => $3)) ON CONFLICT (id) DO NOTHING",
-                     store.owner, token, LEASE)
-    return False
+                     store.owner, f"{token}#{secrets.token_hex(4)}", LEASE)
+    return None
 
 
 async def take_over(store: PgStore, pool: Pool) -> int:
@@ -203,9 +208,10 @@ async def keep(store: PgStore, pool: Pool, token: str) -> None:
     while True:
         try:
             sent = time.monotonic()
-            renewed = await renew(store, token)
+            got = await renew(store, token)
+            renewed = got is not None
             if renewed:
-                fence.renewed(sent)  # a write's last bytes go only while this is recent
+                fence.renewed(sent, got)  # a write's last bytes go only while this is recent
             else:
                 fence.lost()  # and never for a write locked before this
             if not renewed and held:
@@ -230,7 +236,8 @@ def release_sync(db: str, me: str, token: str) -> None:
     async def run() -> None:
         conn = await connect(db)
         try:
-            await conn.execute("DELETE FROM minikv_leases WHERE id = $1 AND token = $2", me, token)
+            await conn.execute("DELETE FROM minikv_leases WHERE id = $1 AND (token = $2 OR token LIKE $2 || '#%')",
+                               me, token)
         finally:
             await conn.close()
 

@@ -132,8 +132,8 @@ class SyncPgStore:
 
     async def _release(self) -> None:
         try:
-            await self.store._run("execute", "DELETE FROM minikv_leases WHERE id = $1 AND token = $2",
-                                  self.owner, self.token)
+            await self.store._run("execute", "DELETE FROM minikv_leases WHERE id = $1 AND "
+                                  "(token = $2 OR token LIKE $2 || '#%')", self.owner, self.token)
         finally:
             await self.store.close()
 
