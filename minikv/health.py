@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 
 from minikv.http.client import LOCAL_PREFIX, LocalError, Pool, VolumeError
 
 PROBE_PATH = "/.minikv-health-probe"
-TIMED_OUT = re.compile(r"within [0-9.e+-]+s$")
 
 
 class Health:
@@ -68,7 +66,7 @@ class Health:
             except LocalError:
                 return  # we could not even ask: the volume's state is unknown, so it stays as it was
             except VolumeError as e:
-                if attempt == 0 and TIMED_OUT.search(e.what):
+                if attempt == 0 and e.timed_out:
                     # the timer runs on our own loop: a request that held it for a second made
                     # every probe of that second late, whatever the volumes did. Asked again
                     continue

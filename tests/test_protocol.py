@@ -27,6 +27,9 @@ class FakeTransport:
     def close(self):
         self.closed = True
 
+    def abort(self):
+        self.closed = True
+
     def pause_reading(self):
         self.paused = True
         self.pauses += 1

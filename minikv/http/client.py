@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import re
 
 import httptools
 
@@ -42,6 +43,14 @@ class VolumeError(Exception):
         super().__init__(f"volume {host} {what}")
         self.host = host
         self.what = what
+
+    @property
+    def timed_out(self) -> bool:
+        """Did a timer of ours run out (connect or answer), rather than the volume refuse or close?"""
+        return _TIMED_OUT.search(self.what) is not None
+
+
+_TIMED_OUT = re.compile(r"within [0-9.e+-]+s$")  # every timeout's message here ends "... within <n>s"
 
 
 # connect() failing with these is the index's shortage, not the volume's fault

@@ -652,11 +652,10 @@ class Connection(asyncio.Protocol):
     def _send_out(self) -> None:
         out = self._out
         self._out_size = 0
-        if out and not self.closed:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()  # before the write, which may call back into this connection (pause_writing)
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()  # before the write, which may call back into this connection (pause_writing)
+        if data and not self.closed:
             self.transport.write(data)
-        out.clear()
 
     async def drain(self) -> None:
         """Wait until the client has taken what was written; ClientGone if it left."""
@@ -688,7 +687,7 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             self._out.clear()
             self.close()
-            getattr(self.transport, "abort", lambda: None)()
+            self.transport.abort()
             self._wake_drain()
 
     # -- flow control --

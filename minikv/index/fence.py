@@ -7,8 +7,8 @@ not: one still open would, once its last bytes arrive, rename its file over the 
 So a write sends its last bytes (the volumes' commit point) only while the last renewal of the
 lease that succeeded was sent less than LEASE/2 seconds ago (renewed there and then if it is
 older): the lease then runs for LEASE/2 more at least, and what is left to do in that time is a
-send. It narrows the window to a stop between the check and that send; it cannot close it. A server with an LMDB index has no
-lease: `renewed` is never called and nothing is refused.
+send. It narrows the window to a stop between the check and that send; it cannot close it.
+A server with an LMDB index has no lease: `renewed` is never called and nothing is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import time
 
 LEASE = 10.0  # index/lease.py's
 _renewed_at: float | None = None  # time.monotonic() when the last successful renewal was sent
+_token: str | None = None  # the lease row's token at that renewal
+_losses = 0  # times a renewal found the lease lost: writes locked before one never commit
+_renew = None  # renews the lease now (index/lease.py renew), given by the server: `use`
 
 
 def renewed(sent_at: float, token: str) -> None:
@@ -31,17 +34,11 @@ def renewed(sent_at: float, token: str) -> None:
         _renewed_at = sent_at
 
 
-_token: str | None = None
-
-
 def use(renew) -> None:
     """`renew()`: renew the lease now; the lease row's token, None when it was lost (index/lease.py)."""
     global _renew
     _renew = renew
 
-
-_renew = None
-_losses = 0  # times a renewal found the lease lost: writes locked before one never commit
 
 
 def lost() -> None:

@@ -88,7 +88,7 @@ class Listener:
                 return
             try:
                 refresh = getattr(self.reporter, "refresh", None)
-                if refresh is not None and not parts[1].startswith(b"/healthz"):
+                if refresh is not None and parts[1].partition(b"?")[0] != b"/healthz":
                     await refresh()  # an index that answers over the network (ops/pg_facts.py)
                 data = self.route(parts[0].decode("ascii"), parts[1].decode("ascii"))
             except UnicodeDecodeError:
