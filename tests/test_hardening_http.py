@@ -175,6 +175,64 @@ def test_pipelined_then_upgrade_each_get_one_answer_in_order(how):
     assert t.closed
 
 
+class HeldGetApp(EchoApp):
+    """GET /held answers only once `go` is set: a request in flight while the next ones are read."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = None
+
+    def handle(self, req):
+        if req.url == b"/held":
+            return self._held()
+        return super().handle(req)
+
+    async def _held(self):
+        self.go = asyncio.get_running_loop().create_future()
+        await self.go
+        return response(200, [], b"held")
+
+
+# A protocol error in a pipelined request behind one in flight is that later request's answer:
+# sent at once, the client would take it for the answer of the first (and the 201 of a PUT
+# that was stored would be lost on it).
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+@pytest.mark.parametrize("bad, statuses", [
+    (b"GET /big HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", (431,)),
+    # a header line that never ends: 431 once reads of it alone pass the limit, else the 408 of
+    # the header timeout
+    (b"GET /big HTTP/1.1\r\nX: " + b"a" * 100000, (431, 408)),
+    (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", (400,)),
+    (b"PUT /k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n", (400,)),  # a queued body
+    (NEXT + b"GET /x HTTP/2.0\r\n\r\n" + NEXT, (505,)),
+])
+def test_an_error_in_a_later_pipelined_request_waits_for_the_answers_before_it(bad, statuses, how):
+    loop, conn, t = make(app=HeldGetApp())
+    feed(conn, b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n" + bad, how)
+    assert bytes(t.out) == b"" and not t.closed  # nothing goes out before the held answer
+    conn.check_timeouts(loop.time() + 1000)  # nor the timeout of a head that will never end
+    assert bytes(t.out) == b"" and not t.closed
+    conn.app.go.set_result(None)
+    for _ in range(3):
+        flush(conn)
+    out = responses(bytes(t.out))
+    assert out[0].endswith(b"held")
+    assert out[0].startswith(b"HTTP/1.1 200 ")
+    assert [r.split(b" ")[1] for r in out[1:-1]] == [b"200"] * (bad.count(NEXT) > 0)
+    assert int(out[-1].split(b" ")[1]) in statuses
+    assert t.closed
+    assert (b"PUT", b"/k") not in conn.app.seen  # a request with a bad body is never handled
+
+
+def test_a_put_pipelined_before_a_request_too_large_gets_its_201_first(cluster):
+    key = fresh()
+    out = exchange(cluster.port, f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                   .encode() + b"GET /big HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 201 "), out[:200]
+    assert b"HTTP/1.1 431 " in out
+    assert cluster.get(key).content == b"hello"
+
+
 @pytest.mark.parametrize("how", HOW)
 def test_an_upgrade_request_with_a_body_gets_one_400(how):
     loop, conn, t = make()

@@ -271,6 +271,7 @@ class Connection(asyncio.Protocol):
         self._head_fed = 0  # bytes of reads that held only the current request's headers
         self._rebalance = False
         self._held = b""  # the start of a REBALANCE method cut by the end of a read
+        self._failed: bytes | None = None  # a later message's error, sent once those before it are answered
         # bytes of the request body still to come, when its Content-Length said (else <= 0):
         # a read of body bytes only is not searched for REBALANCE (9% of a big PUT's CPU)
         self._body_left = 0
@@ -330,7 +331,7 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, HTTPError):
-                self._fail(cause.status, cause.reason)
+                self._fail(cause.status, cause.reason, parsing=True)
             else:
                 self._internal_error(cause or e)
         except httptools.HttpParserUpgrade:
@@ -339,13 +340,13 @@ class Connection(asyncio.Protocol):
             self._pause("upgrade")
             self.parser = _DISCARD
         except httptools.HttpParserError as e:
-            self._fail(400, f"malformed HTTP request: {_reason(e)}")
+            self._fail(400, f"malformed HTTP request: {_reason(e)}", parsing=True)
         if head == self._messages and self._started is not None and not self.closed:
             # the whole read was header bytes of one request: on_header checks the limit only
             # once a line has ended, and until then llhttp grows the line (a copy per read)
             self._head_fed += len(data)
             if self._head_fed > self.limits.max_url + self.limits.max_header_bytes + HEAD_SLACK:
-                self._fail(431, f"request headers larger than {self.limits.max_header_bytes} bytes")
+                self._fail(431, f"request headers larger than {self.limits.max_header_bytes} bytes", parsing=True)
 
     def _simple(self, data: bytes) -> Request | None:
         """The request, when `data` is exactly one plain GET/HEAD; None sends it to the parser."""
@@ -611,9 +612,29 @@ class Connection(asyncio.Protocol):
             self._draining = False
         if not self._queue:
             self._resume("pipeline")
+            if self._failed is not None and self._current is None:
+                self.write_soon(self._failed)
+                self.close()
 
-    def _fail(self, status: int, reason: str) -> None:
-        """A protocol error: answer it (unless another answer is under way) and close."""
+    def _fail(self, status: int, reason: str, parsing: bool = False) -> None:
+        """A protocol error: answer it (unless another answer is under way) and close.
+
+        `parsing`: the error is the parser's, about the message it is reading. When requests
+        before that one are still to be answered, it waits its turn: sent now, the client would
+        take it for the answer of the first of them."""
+        if parsing and not self.closed:
+            reading = self._reading
+            if reading is not None and reading is not self._current:  # a queued request's body
+                self._queue.remove(reading)
+                self._reading = None
+                reading.body.fail(ClientGone(reason))
+            if (self._current is not None and self._current is not reading) or self._queue:
+                self._failed = add_close(error(status, reason))
+                self._started = None
+                self._idle = False  # no request is read past it, not even a simple GET
+                self._pause("failed")
+                self.parser = _DISCARD  # nothing after the bad message is read
+                return
         if not self.closed and (self._current is None or self._writes == self._answer_mark):
             self.write(add_close(error(status, reason)))
         self.close()
@@ -710,7 +731,7 @@ class Connection(asyncio.Protocol):
             # dropped, without waiting to send what it will not read
             self._abort()
         elif self._started is not None and now - self._started > lim.header_timeout:
-            self._fail(408, f"request headers not received within {lim.header_timeout:g}s")
+            self._fail(408, f"request headers not received within {lim.header_timeout:g}s", parsing=True)
         elif self._reading is not None and not self._paused and now - self.last > lim.body_timeout:
             self._reading.body.fail(ClientGone(f"no request body bytes for {lim.body_timeout:g}s"))
             self._fail(408, f"request body stalled for {lim.body_timeout:g}s")
