@@ -172,7 +172,9 @@ def test_the_status_page_flags_and_messages_never_show_a_database_password():
 
     for url in ("postgresql://minikv:hunter2@/postgres?host=/run/pg&port=5432",
                 "postgresql://minikv@/postgres?host=/run/pg&password=hunter2",
-                "postgresql://minikv@/postgres?password=hunter2&host=/run/pg"):
+                "postgresql://minikv@/postgres?password=hunter2&host=/run/pg",
+                "postgresql://minikv@/postgres?host=/run/pg&pass%77ord=hunter2",  # the driver decodes names
+                "postgresql://minikv@/postgres?host=/run/pg&sslpassword=hunter2&sslkey=/k"):
         assert "hunter2" not in describe(url) and "***" in describe(url) and password_warning(url)
         flags = {name: None for name in FLAGS}
         flags.update({"db": url, "s3-secret-key-file": "/etc/minikv/s3-key", "uploads-older-than": 60.0})

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from minikv.index.record import PENDING, check_transition
 from minikv.index.store import StoreError, top_of
@@ -70,17 +69,29 @@ def describe(db: str) -> str:
     parts = urlsplit(db)
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
-    if _QUERY_PASSWORD.search(parts.query):
-        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query))
+    if _secret_params(parts.query):
+        parts = parts._replace(query="&".join(
+            item.partition("=")[0] + "=***" if _is_secret(item) else item for item in parts.query.split("&")))
     return parts.geturl()
 
 
-_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")
+# libpq's parameters that hold a secret (sslpassword: the client key's passphrase), by their
+# decoded names, as the driver reads them (`pass%77ord=` is a password too)
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def _is_secret(item: str) -> bool:
+    name, eq, _ = item.partition("=")
+    return bool(eq) and unquote_plus(name).strip().lower() in _SECRET_PARAMS
+
+
+def _secret_params(query: str) -> bool:
+    return any(_is_secret(item) for item in query.split("&"))
 
 
 def _has_password(db: str) -> bool:
     parts = urlsplit(db)
-    return parts.password is not None or bool(_QUERY_PASSWORD.search(parts.query))
+    return parts.password is not None or _secret_params(parts.query)
 
 
 def on_this_host(db: str) -> bool:
