@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from minikv.api.digest import StreamingMd5
 from minikv.http.client import Pool, VolumeError
 from minikv.placement import key2path
 
@@ -60,6 +61,28 @@ async def exists(pool: Pool, volume: str, key: bytes) -> int | None:
     if resp.status == 404:
         return None
     raise VolumeError(host, f"answered {resp.status} to HEAD")
+
+
+async def md5_of(pool: Pool, volume: str, key: bytes) -> tuple[int, bytes] | None:
+    """(size, md5) of the key's file on `volume`, read back as a stream (hashed off the event
+    loop when big); None when there is none; VolumeError if it cannot be read whole."""
+    host, path = locate(volume, key)
+    conn, body = await pool.download(host, path)
+    md5, size = StreamingMd5(), 0
+    try:
+        if conn.status == 404:
+            return None
+        if conn.status != 200:
+            raise VolumeError(host, f"answered {conn.status} to GET of {path}")
+        while chunk := await asyncio.wait_for(body.read(), pool.stall):
+            await md5.update(chunk)
+            size += len(chunk)
+        return size, await md5.digest()
+    except asyncio.TimeoutError:
+        raise VolumeError(host, f"sent nothing for {pool.stall:g}s") from None
+    finally:
+        await md5.close()
+        pool.finish_download(conn)
 
 
 SMALL = 32 << 10  # a copy of a file up to this size goes whole, on pipes (see copy_small)

@@ -9,7 +9,6 @@ majority none of them can be called wrong (reported as a conflict, left alone).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import Counter
 from typing import NamedTuple
 
@@ -25,31 +24,10 @@ class Replica(NamedTuple):
     error: str | None  # the volume could not be asked
 
 
-async def md5_of(pool: Pool, volume: str, key: bytes) -> tuple[int, bytes] | None:
-    """(size, md5) of the key's file on `volume`, read as a stream; None when there is none."""
-    host, path = replicas.locate(volume, key)
-    conn, body = await pool.download(host, path)
-    try:
-        if conn.status == 404:
-            return None
-        if conn.status != 200:
-            raise VolumeError(host, f"answered {conn.status} to GET of {path}")
-        digest, size = hashlib.md5(), 0
-        try:
-            while chunk := await asyncio.wait_for(body.read(), pool.stall):
-                digest.update(chunk)
-                size += len(chunk)
-        except asyncio.TimeoutError:
-            raise VolumeError(host, f"sent nothing for {pool.stall:g}s") from None
-        return size, digest.digest()
-    finally:
-        pool.finish_download(conn)
-
-
 async def inspect_one(pool: Pool, volume: str, key: bytes, with_md5: bool) -> Replica:
     try:
         if with_md5:
-            got = await md5_of(pool, volume, key)
+            got = await replicas.md5_of(pool, volume, key)
             return Replica(volume, *(got if got else (None, None)), None)
         return Replica(volume, await replicas.exists(pool, volume, key), None, None)
     except VolumeError as e:

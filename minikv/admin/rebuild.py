@@ -47,7 +47,6 @@ import time
 from collections import Counter
 from typing import NamedTuple
 
-from minikv.admin.check import md5_of
 from minikv.admin.common import all_up, command_main, open_index, show, stop_on_signal
 from minikv.admin.local import LocalWalker, volume_dirs
 from minikv.admin.parts import DEFAULT_PROCS, run_parts, shares
@@ -61,6 +60,7 @@ from minikv.index.engine import is_url
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data, is_composite
 from minikv.index.store import MAX_KEY, Store
 from minikv.placement import epoch, host_of, key2path, key2volume
+from minikv.replicas import md5_of
 
 FLUSH = 16384  # records per write transaction: one commit (and fsync with -fsync) each
 FLUSH_AFTER = 0.5  # seconds a found key waits at most before it is written

@@ -1,7 +1,12 @@
 """Undoing the writes a crash interrupted, so no key stays locked (409) and none is a phantom.
 
 Every PENDING record names the volumes it was touching and the record it replaced:
-- put: the value was never acknowledged; delete whatever reached the volumes, drop the record;
+- put: the value was never acknowledged; delete whatever reached the volumes, drop the record.
+  Unless it replaced a value whose files lie under the same paths (an S3 overwrite): the
+  volumes' renames may have put the new value in place of the old one already, and deleting it
+  would delete the acknowledged old value too. Each volume is asked what it holds (the size,
+  and the md5 when the sizes agree): if none holds the new value the old record is put back,
+  else the new value is rolled forward (copied to the rest, recorded where it is);
 - delete: finish it; if a replica cannot be deleted now, leave the key UNLINKED (DELETE again);
 - rebalance: delete the new copies, put the old record back (its replicas were never touched).
 A composite value (an S3 multipart object: its bytes are other keys' files, none under its own
@@ -19,16 +24,21 @@ import asyncio
 import os
 
 from minikv import replicas
-from minikv.http.client import Pool
+from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import settle
 from minikv.index.record import (
+    LIVE,
+    NO_MD5,
     OP_DELETE,
     OP_PUT,
     OP_REBALANCE,
     UNLINKED,
+    Data,
     decode_data,
     decode_pending,
+    encode_data,
     is_composite,
+    now_ms,
     with_state,
 )
 from minikv.index.store import Store, StoreError
@@ -97,6 +107,9 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
         await replicas.delete_all(pool, [v for v in p.volumes if v not in old], key)
         await settle(cas(key, raw, p.previous))
     else:
+        if p.op == OP_PUT and p.volumes and p.previous[:1] == bytes((LIVE,)) and not is_composite(p.previous):
+            await _overwrite(pool, key, raw, p, cas)
+            return
         failed = await replicas.delete_all(pool, p.volumes, key)
         if p.op == OP_DELETE and is_composite(p.previous):
             await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
@@ -107,6 +120,54 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
         else:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
+
+
+async def _holds(pool: Pool, volume: str, key: bytes, old: Data) -> tuple[str, int | None]:
+    """What `volume` holds under `key` after a crashed overwrite of `old`: ("old"|"new"|"none"|
+    "unknown", its size). nginx renames an upload into place only when it is whole, so a file
+    that is not the old value is the new one."""
+    try:
+        size = await replicas.exists(pool, volume, key)
+        if size is None:
+            return "none", None
+        if size != old.size:
+            return "new", size
+        if old.md5 == NO_MD5:
+            return "unknown", size  # the same size and nothing to compare with: either is whole
+        got = await replicas.md5_of(pool, volume, key)
+    except VolumeError:
+        return "unknown", None
+    if got is None:
+        return "none", None
+    return ("old" if got[1] == old.md5 else "new"), size
+
+
+async def _overwrite(pool: Pool, key: bytes, raw: bytes, p, cas) -> None:
+    """Resolve a PUT that crashed while replacing the value of record `p.previous` at the same paths."""
+    old = decode_data(p.previous)
+    asked = list(dict.fromkeys([*p.volumes, *old.volumes]))
+    state = dict(zip(asked, await asyncio.gather(*(_holds(pool, v, key, old) for v in asked))))
+    new = [v for v in p.volumes if state[v][0] == "new"]
+    if not new:  # no volume renamed: the old value is whole wherever it was
+        await settle(cas(key, raw, p.previous))
+        return
+    size = state[new[0]][1]
+    got = await replicas.md5_of(pool, new[0], key)
+    md5 = got[1] if got is not None and got[0] == size else NO_MD5
+    kept = list(new)
+    for dst in [v for v in p.volumes if v not in new]:
+        for src in new:
+            try:
+                await replicas.copy(pool, key, src, dst, size)
+                kept.append(dst)
+                break
+            except VolumeError:
+                continue
+    # epoch 0: off its layout, so that verify and rebalance look at it (it may lack replicas)
+    live = encode_data(LIVE, [v for v in p.volumes if v in kept], size, now_ms(), md5, 0)
+    done, _ = await settle(cas(key, raw, live))
+    if done:  # the old value's files on volumes the new record does not name are stale copies
+        await replicas.delete_all(pool, [v for v in old.volumes if v not in kept], key)
 
 
 def retry_when_writable(change) -> None:

@@ -38,9 +38,10 @@ the commit. Order of writes for a PUT (PutObject, UploadPart, CopyObject, Comple
    way the key keeps a whole value, the old or the new, and is never deleted for this.
 
 A crash in step 1 changes nothing (nginx drops unfinished uploads). A crash in steps 2-4 leaves
-PENDING(put), which recovery (index/recovery.py) resolves like any PUT: the files on the new
-volumes are deleted and the record dropped, so the key is gone (not stuck, not a phantom); it
-never holds a mix of two values.
+PENDING(put), which recovery (index/recovery.py) resolves as step 4 does: a new key's files are
+deleted and its record dropped; a replaced value is kept if no volume renamed, else the new
+value is rolled forward. The key is never stuck, never a phantom, and never holds a mix of two
+values; an acknowledged value is never deleted for a write that was not.
 
 Parts of multipart uploads are values too, under internal keys (multipart.py), so all of this
 applies to them.
@@ -498,7 +499,8 @@ class Values:
         try:
             found = await replicas.exists(self.pool, volume, key)
             if found == size and found == old_size:
-                found_md5 = await self._md5(key, volume)
+                got = await replicas.md5_of(self.pool, volume, key)
+                found_md5 = got[1] if got is not None else None
                 if found_md5 == digest:
                     return "new"
                 return "old" if found_md5 == old_md5 else "unknown"
@@ -509,23 +511,6 @@ class Values:
         if found == old_size:
             return "old"
         return "unknown"
-
-    async def _md5(self, key: bytes, volume: str) -> bytes:
-        """The md5 of the key's file on `volume` (VolumeError if it cannot be read whole)."""
-        host, path = replicas.locate(volume, key)
-        conn, body = await self.pool.download(host, path)
-        md5 = StreamingMd5()
-        try:
-            if conn.status != 200:
-                raise VolumeError(host, f"answered {conn.status} to GET")
-            while chunk := await read_chunk(body, self.pool.stall):
-                await md5.update(chunk)
-            return await md5.digest()
-        except asyncio.TimeoutError:
-            raise VolumeError(host, f"sent nothing for {self.pool.stall:g}s") from None
-        finally:
-            await md5.close()
-            self.pool.finish_download(conn)
 
     # -- deletes --
     async def delete(self, key: bytes, protect: bool = False) -> bool:
