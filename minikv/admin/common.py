@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -220,9 +221,39 @@ def foreign_names(store: Store, config: Config, sample: int = 1000) -> str | Non
     """Why the volume names in the index seem not to be -volumes' (None when they match). A
     record says `localhost:3001` where -volumes says `127.0.0.1:3001`, and every file would look
     like an orphan: refuse before deleting any."""
-    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING and not is_composite(v))
-    hosts = {host_of(v) for _, raw in pairs for v in decode_data(raw).volumes}
+    hosts = indexed_hosts(store, sample)
     if hosts and not hosts & set(config.volumes):
         return (f"the index names volumes {', '.join(sorted(hosts)[:5])} and -volumes names "
                 f"{', '.join(config.volumes)}: give -volumes exactly as the server was given it")
+    return aliases(hosts, config.volumes)
+
+
+def indexed_hosts(store: Store, sample: int = 1000) -> set[str]:
+    """The volume servers the first `sample` records name."""
+    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING and not is_composite(v))
+    return {host_of(v) for _, raw in pairs for v in decode_data(raw).volumes}
+
+
+def aliases(indexed: set[str], volumes: list[str]) -> str | None:
+    """Why two of these volume names are one server (None when none are). A record's copy on
+    `127.0.0.1:3002` and -volumes' `localhost:3002` are one file under two names: compared as
+    text, a rebalance would delete the copy it just wrote, and gc the copies records name."""
+    seen: dict[tuple, str] = {}
+    for name in sorted(set(volumes)) + sorted(indexed - set(volumes)):
+        for address in _addresses(name):
+            other = seen.setdefault(address, name)
+            if other != name:
+                where = "the index names" if name in indexed and name not in volumes else "-volumes names"
+                return (f"{other} and {name} are one server under two names ({where} {name}): give "
+                        "-volumes exactly as the index names its volumes")
     return None
+
+
+def _addresses(name: str) -> set[tuple]:
+    """The socket addresses `host:port` resolves to (none if it does not)."""
+    host, _, port = name.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError, UnicodeError):
+        return set()
+    return {info[4][:2] for info in infos}

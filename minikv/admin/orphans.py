@@ -16,6 +16,7 @@ they may be the value's last copies.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from minikv import replicas
@@ -35,6 +36,7 @@ from minikv.index.record import (
     now_ms,
 )
 from minikv.index.store import MAX_KEY, Store
+from minikv.placement import host_of
 
 
 class Orphans:
@@ -96,6 +98,28 @@ class Orphans:
                 continue
         return False
 
+    async def linked(self, key: bytes, volumes: list[str], names: set[str]) -> list[str]:
+        """The orphan copies that may be a named copy's own file seen through a linked folder (a
+        subvolume linked to another, as nginx and the walks follow links): those on a server that
+        also holds a named copy with the same nginx ETag (mtime and size), or whose ETag cannot be
+        read. Deleting one would delete the copy its record names."""
+        out = []
+        for volume in volumes:
+            beside = [n for n in names if host_of(n) == host_of(volume)]
+            if beside:
+                tags = await asyncio.gather(*(self._etag(key, v) for v in [volume, *beside]))
+                if tags[0] is None or tags[0] in tags[1:]:
+                    out.append(volume)
+        return out
+
+    async def _etag(self, key: bytes, volume: str) -> bytes | None:
+        host, path = replicas.locate(volume, key)
+        try:
+            resp = await self.pool.request(host, "HEAD", path)
+        except VolumeError:
+            return None
+        return resp.headers.get(b"etag") if resp.status == 200 else None
+
     async def drop(self, key: bytes, volumes: list[str]) -> None:
         p = self.progress
         raw = self.store.get(key)
@@ -111,6 +135,14 @@ class Orphans:
             p.problem(f"{show(key)}: orphans on {', '.join(volumes)} not deleted: no copy its record names answers "
                       "with the record's size, so they may be the last ones (see `minikv verify`)")
             return
+        if raw is not None and (linked := await self.linked(key, volumes, named(raw))):
+            p.add("orphans", len(linked))
+            p.add("failed")
+            p.problem(f"{show(key)}: orphans on {', '.join(linked)} not deleted: each is the same file as a copy "
+                      "its record names on that server (a folder linked to another?), or could not be told apart")
+            volumes = [v for v in volumes if v not in linked]
+            if not volumes:
+                return
         op = OP_DELETE if raw is None else OP_REBALANCE
         pending = encode_pending(op, os.getpid(), now_ms(), volumes, raw or b"")
         done, _ = self.store.cas(key, raw, pending)

@@ -40,10 +40,12 @@ from zlib import crc32
 from minikv.admin import move
 from minikv.admin.batch import Batched
 from minikv.admin.common import (
+    aliases,
     all_up,
     command_main,
     counted_move,
     each_record,
+    indexed_hosts,
     open_index,
     resolve_stale,
     run,
@@ -159,6 +161,9 @@ async def offline(args, config: Config) -> int:
                             "start them, or leave the dead ones out of -volumes (their copies are then read "
                             "from the other replicas)"):
             return 1
+        if why := aliases(indexed_hosts(store), config.volumes):
+            print(f"minikv rebalance: {why}", file=sys.stderr)
+            return 2
         if not args.dry_run and (n := await resolve_stale(store, pool)):
             print(f"rebalance: resolved {n} key(s) left locked by a process that died", file=sys.stderr)
         total = store.count()
