@@ -549,11 +549,23 @@ class App:
             return not_found()
         if raw[0] == PENDING:
             raise self._conflict(raw)
+        if is_composite(raw):  # an S3 multipart object: its bytes are its parts', moved as their own keys
+            return self._rebalance_composite(raw)
         volumes = self._volumes(key)
-        if decode_data(raw).volumes == volumes or is_composite(raw):  # a composite's parts move as their own keys
+        if decode_data(raw).volumes == volumes:
             return head(204)
         pending = encode_pending(OP_REBALANCE, self.pid, now_ms(), volumes, raw)
         return self._rebalance(key, raw, volumes, pending)
+
+    async def _rebalance_composite(self, raw: bytes) -> bytes:
+        from minikv.s3 import composite
+        from minikv.s3.errors import S3Error
+
+        try:
+            await composite.rebalance(self.s3.values, raw)
+        except S3Error as e:
+            raise HTTPError(e.status, e.message) from None
+        return head(204)
 
     async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
         from minikv.admin.move import LostLock, move_key

@@ -29,7 +29,17 @@ from collections.abc import AsyncIterator
 
 from minikv.http.response import ClientGone
 from minikv.index.engine import settle
-from minikv.index.record import LIVE, decode_composite, decode_data, is_composite, readable
+from minikv.index.record import (
+    LIVE,
+    OP_REBALANCE,
+    UNLINKED,
+    decode_composite,
+    decode_data,
+    encode_pending,
+    is_composite,
+    now_ms,
+    readable,
+)
 from minikv.index.store import MAX_KEY
 from minikv.s3.errors import S3Error
 
@@ -101,6 +111,40 @@ async def parts(store, raw: bytes) -> list[tuple[bytes, bytes]]:
     if sum(decode_data(r).size for _, r in out) != decode_data(raw).size:
         raise S3Error("InternalError", f"the parts of upload {upload_id} do not add up to the object's size")
     return out
+
+
+async def rebalance(values, raw: bytes) -> None:
+    """Move the manifest and parts of the composite record `raw` onto the volumes placement names
+    for them now, one after the other: they are ordinary values, but under internal keys no URL
+    names, so a REBALANCE of the object (what `rebalance -server` sends) is what reaches them.
+    S3Error: 409 when one is being written or moved, 503 when a copy fails (it stays where it was)."""
+    from minikv.admin.move import LostLock, move_key
+    from minikv.http.client import VolumeError
+
+    upload_id, numbers = decode_composite(raw)
+    for key in [manifest_key(upload_id), *(part_key(upload_id, n) for n in numbers)]:
+        part = await settle(values.store.get(key))
+        if part is None or part[0] == UNLINKED:
+            continue  # nothing to move: `minikv verify` reports the object's missing part
+        if part[0] != LIVE:
+            raise S3Error("OperationAborted", "a part of this object is being written or moved: try again")
+        volumes = values.placement(key)
+        if decode_data(part).volumes == volumes:
+            continue
+        pending = encode_pending(OP_REBALANCE, values.pid, now_ms(), volumes, part)
+        done, _ = await settle(values.store.cas(key, part, pending))
+        if not done:
+            raise S3Error("OperationAborted", "a part of this object is being written or moved: try again")
+        try:
+            await move_key(values.pool, values.store, key, part, volumes, pending, values.health.is_up,
+                           values.epoch, detach=True)
+        except VolumeError as e:
+            raise S3Error("ServiceUnavailable", f"{e}; that part stays where it was") from None
+        except LostLock as e:
+            raise S3Error("OperationAborted", str(e)) from None
+        except Exception:
+            await settle(values.store.cas(key, pending, part))  # a bug must not leave the part locked
+            raise
 
 
 async def stream(values, store, raw: bytes, first: int = 0, last: int | None = None) -> AsyncIterator[bytes]:
