@@ -402,3 +402,39 @@ def test_gc_does_not_follow_a_link_in_the_upload_spool(planted, where, capsys):
         assert progress.counts["failed"] == 1 and "is a symlink" in capsys.readouterr().err
     else:  # the real old upload is gone, the link's target stays
         assert progress.counts["temp files"] == 1 and os.listdir(spool) == ["sub"]
+
+
+def test_no_nginx_process_holds_the_config_with_the_secret():
+    """The workers' user (www-data, often another web server's too) could read a descriptor of
+    the config they inherited through /proc/<worker>/fd, and with it the volume's secret: only
+    the master reads the config, through a path to minikv's own descriptor, and closes it."""
+    top = open_dir()  # a folder the workers' user can reach
+    directory = str(top / "vol")
+    os.mkdir(directory)
+    env = {**os.environ, "MINIKV_SECRET": "s3cretForTheVolumes"}
+    port = vol_port()
+    log = top / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "minikv", "volume", "-host", HOST, "-port", str(port),
+                                 directory], stdout=out, stderr=out, env=env, start_new_session=True)
+    try:
+        wait_port(port, proc)
+        master = int(next(ln for ln in log.read_text().splitlines() if "nginx pid" in ln).rsplit(" ", 1)[1]
+                     .rstrip(")"))
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True,
+                                  text=True).stdout.split()
+        assert children  # the workers
+        for pid in [master, *map(int, children)]:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert not [ln for ln in links if "minikv-nginx.conf" in ln], (pid, links)
+        # the config is still there for a reload: the volume answers after a SIGHUP
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(1)
+        assert requests.put(f"http://{HOST}:{port}/ab/cd/a2V5", data=b"v").status_code == 403  # no secret
+        assert requests.put(f"http://{HOST}:{port}/ab/cd/a2V5", data=b"v",
+                            headers={"X-Minikv-Secret": "s3cretForTheVolumes"}).status_code == 201
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        shutil.rmtree(top, ignore_errors=True)

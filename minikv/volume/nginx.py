@@ -14,7 +14,8 @@ volume's directories, so no system nginx setup is needed either way.
 That user can plant symlinks anywhere in the volume, and root must not follow them: folders are
 opened with O_NOFOLLOW (a link is refused, with the reason), owners changed through the open
 folder (fchown), DIR/.nginx stays root's and is made anew if it was not, and nginx reaches its
-folders and config only through descriptors we opened (/proc/self/fd/N, the config in a memfd),
+folders and config only through descriptors we opened (/proc/self/fd/N; the config is a memfd of
+ours, which nginx's workers do not inherit: it holds the secret),
 so renaming or swapping a folder inside the volume later redirects nothing root writes.
 """
 
@@ -421,8 +422,9 @@ def exit_code(returncode: int) -> int:
 
 def serve(nginx: str, directory: str, config: str, port: int, folders: tuple[int, int]) -> int:
     """Run nginx on `config` until it exits, forward signals. nginx inherits the open folders
-    (body_temp, .nginx) and reads the config from memory: no file of it is left anywhere, even
-    by a SIGKILLed minikv, and none can be swapped under nginx (which reads it again on SIGHUP)."""
+    (body_temp, .nginx) and reads the config from our memory: no file of it is left anywhere,
+    even by a SIGKILLed minikv, and none can be swapped under nginx (which reads it again on
+    SIGHUP, while we run)."""
     conf = os.memfd_create("minikv-nginx.conf")
     os.write(conf, config.encode())
     previous = {}
@@ -440,7 +442,10 @@ def serve(nginx: str, directory: str, config: str, port: int, folders: tuple[int
         # nginx with us (PDEATHSIG), though the port already answered
         for sig in FORWARDED_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
-        proc = start_nginx(nginx, fd_path(folders[1]), fd_path(conf), (conf, *folders))
+        # the config by our own descriptor's path, not one nginx inherits: its master (root, or
+        # us) opens it, reads it and closes it, so the workers never hold it. Their user (www-data,
+        # shared with other services) could read an inherited one through /proc, secret and all
+        proc = start_nginx(nginx, fd_path(folders[1]), f"/proc/{os.getpid()}/fd/{conf}", folders)
         for signum in early:
             proc.send_signal(signum)
         print(f"minikv volume: serving {directory} on :{port} (nginx pid {proc.pid})", file=sys.stderr)
