@@ -86,3 +86,29 @@ def test_an_online_rebalance_moves_the_parts_of_multipart_objects(make_cluster):
         v.stop()  # the old volumes are retired
     assert s3.get_object(Bucket="mig", Key="obj")["Body"].read() == b"".join(parts)
     assert s3.get_object(Bucket="mig", Key="plain")["Body"].read() == b"plain value"
+
+
+# -max-value-size was checked for each part of a multipart upload, never for their sum: three
+# parts of 5 MB made a 15 MB object past a 6 MB limit.
+def test_a_multipart_object_over_max_value_size_is_refused_at_complete(make_cluster):
+    import pytest
+
+    pytest.importorskip("boto3")
+    from botocore.exceptions import ClientError
+    from test_s3 import client
+
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1, flags=["-max-value-size", "6000000"])
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="big")
+    upload = s3.create_multipart_upload(Bucket="big", Key="obj")["UploadId"]
+    etags = [s3.upload_part(Bucket="big", Key="obj", UploadId=upload, PartNumber=n, Body=b"x" * (5 << 20))["ETag"]
+             for n in (1, 2)]
+    with pytest.raises(ClientError) as e:
+        s3.complete_multipart_upload(Bucket="big", Key="obj", UploadId=upload, MultipartUpload={
+            "Parts": [{"PartNumber": n, "ETag": t} for n, t in zip((1, 2), etags)]})
+    assert e.value.response["Error"]["Code"] == "EntityTooLarge"
+    assert c.request("HEAD", "/big/obj").status_code == 404
+    # within the limit, the same upload completes
+    done = s3.complete_multipart_upload(Bucket="big", Key="obj", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": 1, "ETag": etags[0]}]})
+    assert done["ETag"].endswith('-1"')

@@ -244,6 +244,10 @@ async def complete(s3, ctx: Ctx) -> bytes:
                           PartNumber=str(number), MinSizeAllowed=str(MIN_PART_SIZE))
         parts.append((key, raw))
     total = sum(decode_data(raw).size for _, raw in parts)
+    limit = s3.values.config.max_value_size
+    if limit and total > limit:  # each part was within it: the object must be too
+        raise S3Error("EntityTooLarge", f"the parts add up to {total} bytes, over the limit of {limit} bytes "
+                      "(-max-value-size); nothing was changed", MaxSizeAllowed=str(limit))
     etag = hashlib.md5(b"".join(raw[17:33] for _, raw in parts)).hexdigest() + f"-{len(parts)}"
 
     numbers = [number for number, _ in wanted]
