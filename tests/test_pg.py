@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from cluster import HOST, Cluster, Proc, free_port, open_dir, wait_closed, wait_port
+from pg import PASSWORD
 
 from minikv.index.lease import LEASE, RENEW_EVERY
 
@@ -536,6 +537,7 @@ def test_rebuild_into_a_postgresql_index(postgres):
         assert r.returncode == 0, r.stderr
         r = admin(c, "rebuild")
         assert r.returncode == 2 and "already holds 30 records" in r.stderr, r.stderr
+        assert PASSWORD in c.db and PASSWORD not in r.stderr  # the URL as describe() shows it
         c.index = c._index(2, [])
         c.index.start()
         for key, value in keys.items():

@@ -57,6 +57,7 @@ from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
+from minikv.index.pg import describe
 from minikv.index.record import LIVE, NO_MD5, PENDING, decode_data, encode_data, is_composite
 from minikv.index.store import MAX_KEY, Store
 from minikv.placement import epoch, host_of, key2path, key2volume
@@ -235,7 +236,7 @@ async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Po
     if part.db is not None:
         store = open_index(part.config, "rebuild") if is_url(part.db) else Store(part.db, sync=part.config.fsync)
         if store is None:
-            return [f"cannot open the index {part.db}"]
+            return [f"cannot open the index {describe(part.db)}"]
     try:
         walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.config.volumes, part.concurrency)
         roots = await walker.roots()
@@ -290,7 +291,7 @@ async def rebuild(args, config: Config) -> int:
             n = store.count()
             store.close()  # each part opens its own: an LMDB handle must not cross into another process
             if not fresh and n and not args.force:
-                print(f"minikv rebuild: the index at {config.db} already holds {n} records. Rebuild into "
+                print(f"minikv rebuild: the index at {describe(config.db)} already holds {n} records. Rebuild into "
                       "a new path, or add -force to add what the volumes hold to it (its records are "
                       "kept)", file=sys.stderr)
                 return 2

@@ -54,6 +54,7 @@ from minikv.admin.walk import Found, Walker
 from minikv.config import Config
 from minikv.http.client import Pool
 from minikv.index.engine import is_url
+from minikv.index.pg import describe
 from minikv.index.record import (
     EPOCH_AT,
     LIVE,
@@ -246,7 +247,7 @@ async def walk_part(part: WalkPart, progress: Progress, stop: asyncio.Event, poo
     """walk_share in a process of its own, with its own handles on the index and the notes."""
     store = open_index(part.config, "verify")
     if store is None:
-        return [f"cannot open the index {part.config.db}"]
+        return [f"cannot open the index {describe(part.config.db)}"]
     notes = Notes.attach(part.notes)
     try:
         return await walk_share(part, progress, stop, pool, store, notes)
