@@ -72,6 +72,9 @@ class Config:
                              f"-volumes names {len(self.volumes)}")
         if self.subvolumes < 1:
             raise ValueError("-subvolumes must be at least 1")
+        if not self.voltimeout > 0:  # 0 would time out every volume request: all "unreachable"
+            raise ValueError(f"-voltimeout {self.voltimeout:g}s: give how long a volume may take to answer, "
+                             "more than 0 (default 1s)")
         if self.signed and not self.secret:
             raise ValueError("-signed needs -secret (or MINIKV_SECRET): the signature is made with it")
         if bool(self.s3_access_key) != bool(self.s3_secret_key):

@@ -112,3 +112,14 @@ def test_a_multipart_object_over_max_value_size_is_refused_at_complete(make_clus
     done = s3.complete_multipart_upload(Bucket="big", Key="obj", UploadId=upload, MultipartUpload={
         "Parts": [{"PartNumber": 1, "ETag": etags[0]}]})
     assert done["ETag"].endswith('-1"')
+
+
+# -voltimeout 0 timed out every request to the volumes: verify reported a healthy cluster's
+# every key lost (exit 1, as if it were true). It is refused as the other bad flags are.
+def test_a_voltimeout_of_0_is_refused(make_cluster):
+    c = _written(make_cluster, 3)
+    c.index.stop()
+    for command in ("verify", "repair", "rebalance", "rebuild"):
+        r = admin(command, c, "-voltimeout", "0")
+        assert r.returncode == 2 and "-voltimeout 0s" in r.stderr, (command, r.returncode, r.stderr)
+    assert admin("verify", c).returncode == 0
