@@ -378,6 +378,53 @@ def test_folders_swapped_for_links_while_running_redirect_nothing(planted):
     untouched(outside)
 
 
+def _chain(top: str, depth: int) -> str:
+    """A chain of `depth` folders below `top` (made through descriptors: os.makedirs recurses
+    too), with an old file at its end; the chain's last folder."""
+    fd = os.open(top, os.O_RDONLY)
+    path = top
+    for _ in range(depth):
+        os.mkdir("x", dir_fd=fd)
+        child = os.open("x", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, path = child, path + "/x"
+    os.close(os.open("0000000001", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.utime("0000000001", (time.time() - 7200,) * 2, dir_fd=fd)
+    os.close(fd)
+    return path
+
+
+# The Go original's keys make folder chains over a thousand deep: the take-over of a root-run
+# volume's folders and gc's clean-up of the spool walked them with os.fwalk, which recurses, and
+# died of RecursionError (the volume did not start).
+@needs_root
+def test_a_volume_with_folder_chains_deeper_than_pythons_recursion_starts(planted):
+    directory, _ = planted
+    os.makedirs(os.path.join(directory, "ab", "cd"))
+    deepest = _chain(os.path.join(directory, "ab", "cd"), 1500)
+    server = Volume(directory)
+    try:
+        assert os.stat(deepest).st_uid == volume.worker_user()[2]
+    finally:
+        server.stop()
+        subprocess.run(["rm", "-rf", os.path.join(directory, "ab")])  # shutil.rmtree recurses too
+
+
+def test_gc_cleans_a_spool_with_folder_chains_deeper_than_pythons_recursion(planted):
+    from minikv.admin.gc import clean_spool
+    from minikv.admin.progress import Progress
+
+    directory, _ = planted
+    os.mkdir(os.path.join(directory, "body_temp"))
+    deepest = _chain(os.path.join(directory, "body_temp"), 1500)
+    progress = Progress("gc", bar=False)
+    try:
+        clean_spool(directory, 3600, False, progress)
+        assert os.listdir(deepest) == [] and progress.counts.get("temp files") == 1
+    finally:
+        subprocess.run(["rm", "-rf", os.path.join(directory, "body_temp")])  # shutil.rmtree recurses too
+
+
 @needs_root
 @pytest.mark.parametrize("where", ["body_temp", "body_temp/sub"])
 def test_gc_does_not_follow_a_link_in_the_upload_spool(planted, where, capsys):

@@ -61,8 +61,7 @@ from minikv.index.record import (
 from minikv.index.recovery import owner_alive
 from minikv.index.store import Store
 from minikv.s3.composite import manifest_key, part_key
-
-BODY_TEMP = "body_temp"  # as minikv/volume/nginx.py names nginx's upload spool
+from minikv.volume.nginx import BODY_TEMP, walk_folders
 
 
 class Collect:
@@ -143,7 +142,7 @@ def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -
         return
     cutoff = time.time() - age
     try:
-        for root, _dirs, files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+        for root, fd, files in walk_folders(top):
             for name in files:
                 path = os.path.normpath(os.path.join(spool, root, name))
                 try:

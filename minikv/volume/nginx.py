@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from minikv.ops.disk import ext4_without_journal
 from minikv.ops.disk import start_reporter as start_disk_reporter
@@ -278,16 +279,65 @@ def take_over_directories(top: int, uid: int, gid: int) -> int:
     changed through that descriptor. Returns how many data directories changed owner."""
     os.fchown(top, uid, gid)
     changed = 0
-    for root, dirs, _files, fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+    # nginx's own folders are set up by prepare_directory
+    for root, fd, _files in walk_folders(top, skip=(BODY_TEMP, STATE_DIR)):
         if root == ".":
-            # nginx's own folders: set up by prepare_directory
-            dirs[:] = [d for d in dirs if d not in (BODY_TEMP, STATE_DIR)]
             continue
         st = os.fstat(fd)
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.fchown(fd, uid, gid)
             changed += 1
     return changed
+
+
+def walk_folders(top: int, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, int, list[str]]]:
+    """(path below `top`, its open descriptor, the names of what in it is not a folder) of the
+    folder open as `top` and every folder below it, parents first; folders named in `skip` right
+    below `top` are left out. As os.fwalk(follow_symlinks=False): each folder is opened through
+    its parent without following a link (one swapped in since it was listed is skipped). But
+    with a stack instead of recursion, and its parent closed once its last child is open: the
+    Go original's folder chains run over a thousand deep (fwalk dies of RecursionError there)."""
+    def entries(fd: int) -> tuple[list[str], list[str]]:
+        folders, others = [], []
+        with os.scandir(fd) as it:
+            for e in it:
+                (folders if e.is_dir(follow_symlinks=False) else others).append(e.name)
+        return folders, others
+
+    folders, others = entries(top)
+    stack = [(top, ".", [f for f in folders if f not in skip])]
+    try:
+        yield ".", top, others
+        while stack:
+            fd, path, names = stack[-1]
+            if not names:
+                stack.pop()
+                if fd != top:
+                    os.close(fd)
+                continue
+            name = names.pop()
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue  # gone since it was listed, or a link now
+                raise
+            if not names:  # its last child: nothing more to open through it
+                stack.pop()
+                if fd != top:
+                    os.close(fd)
+            below = name if path == "." else path + "/" + name
+            try:
+                folders, others = entries(child)
+            except BaseException:
+                os.close(child)
+                raise
+            stack.append((child, below, folders))
+            yield below, child, others
+    finally:
+        for fd, _, _ in stack:
+            if fd != top:
+                os.close(fd)
 
 
 def _own_state_dir(top: int, directory: str) -> int:
