@@ -1,11 +1,13 @@
-"""Review of the admin commands against odd volumes (a red-team round): one server named two
-ways, a subvolume folder linked to another. Each test here failed on the code reviewed, against
-real nginx volumes and a real index."""
+"""A red-team round of the admin commands and the S3 paths they meet: one server named two ways,
+a subvolume folder linked to another, multipart objects and -rebalance -server, limits, and
+listings that are not nginx's. Each test here failed on the code reviewed, against real nginx
+volumes and a real index."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from cluster import HOST
 from test_admin import admin, all_files
 
@@ -63,7 +65,6 @@ def test_an_online_rebalance_moves_the_parts_of_multipart_objects(make_cluster):
     import subprocess
     import sys
 
-    import pytest
 
     pytest.importorskip("boto3")
     from test_s3 import client
@@ -91,7 +92,6 @@ def test_an_online_rebalance_moves_the_parts_of_multipart_objects(make_cluster):
 # -max-value-size was checked for each part of a multipart upload, never for their sum: three
 # parts of 5 MB made a 15 MB object past a 6 MB limit.
 def test_a_multipart_object_over_max_value_size_is_refused_at_complete(make_cluster):
-    import pytest
 
     pytest.importorskip("boto3")
     from botocore.exceptions import ClientError
@@ -123,3 +123,82 @@ def test_a_voltimeout_of_0_is_refused(make_cluster):
         r = admin(command, c, "-voltimeout", "0")
         assert r.returncode == 2 and "-voltimeout 0s" in r.stderr, (command, r.returncode, r.stderr)
     assert admin("verify", c).returncode == 0
+
+
+class _FakeVolume:
+    """Something in a volume's place that answers every GET with `body` (JSON, as nginx's
+    listings say they are), on a loopback port of its own."""
+
+    def __init__(self, body):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - the server's name for it
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if callable(body):  # endless: chunked until the client gives up
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for chunk in body():
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.name = f"{HOST}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _endless():
+    entry = b'{ "name":"x", "type":"file", "mtime":"Fri, 04 Dec 2026 10:00:00 GMT", "size":1 },\n' * 10_000
+    yield b"[\n"
+    for _ in range(2_000):  # 1.6 GB if nothing stops it: bounded all the same
+        yield entry
+
+
+# A listing that is JSON but not nginx's (entries that are not objects, names that are not text,
+# sizes that are not numbers or are negative) crashed rebuild and verify with a traceback; an
+# answer that never ends was gathered whole (4 GB in 3 s). Each is now that volume's error.
+@pytest.mark.parametrize("body", [
+    b'[1, 2, "x", null]',
+    b'[{ "name": 12, "type": "directory" }]',
+    b'[{ "name": "sv00", "type": "directory", "mtime": "x" }, { "name": "f", "type": "file", "size": "abc" }]',
+    b'[{ "name": "ab", "type": "file", "mtime": "x", "size": -5 }]',
+    b'{"not": "a list"}',
+    _endless,
+])
+def test_a_listing_that_is_not_nginxs_is_that_volumes_error(make_cluster, tmp_path, body):
+    import resource
+    import subprocess
+    import sys
+
+    c = _written(make_cluster, 3)
+    fake = _FakeVolume(body)
+    try:
+        for command, db in (("rebuild", tmp_path / "new"), ("verify", c.root / "index")):
+            args = [sys.executable, "-m", "minikv", command, "-volumes", ",".join([*c.names, fake.name]),
+                    "-db", str(db), "-replicas", "2", "-subvolumes", "2", "-workers", "1"]
+            r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 1 and fake.name in r.stderr, (command, r.returncode, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert "minikv volume" in r.stderr or "not JSON" in r.stderr, r.stderr[-2000:]
+    finally:
+        fake.close()
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_000_000  # KB: no answer gathered whole

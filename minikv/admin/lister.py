@@ -20,7 +20,7 @@ import asyncio
 
 import httptools
 
-from minikv.http.client import VOLUME_REQUESTS, Pool, _Link
+from minikv.http.client import MAX_ANSWER, VOLUME_REQUESTS, Pool, _Link, too_big
 
 Answer = tuple[int, bytes]  # status, body
 MAX_IDLE = 16  # idle connections kept per volume
@@ -39,6 +39,7 @@ class _Batch(_Link):
         self.want = 0  # answers the batch in flight waits for
         self.answers: list[Answer] = []
         self.parts: list[bytes] = []
+        self.gathered = 0  # bytes of this batch's answers
         self.done: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_rx = 0.0
@@ -52,6 +53,9 @@ class _Batch(_Link):
 
     def on_body(self, data: bytes) -> None:
         self.parts.append(data)
+        self.gathered += len(data)
+        if self.gathered > MAX_ANSWER:  # the batch's answers together (a few hundred KB as a rule)
+            raise too_big(self.host)
 
     def on_message_complete(self) -> None:
         parts = self.parts
@@ -109,6 +113,7 @@ class Lister:
         VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + len(paths)
         conn.want = len(paths)
         conn.answers = []
+        conn.gathered = 0
         conn.done = conn.loop.create_future()
         conn.last_rx = conn.loop.time()
         conn.transport.write(b"".join([head + p.encode("latin-1") + tail for p in paths]))

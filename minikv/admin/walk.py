@@ -31,7 +31,7 @@ from minikv.placement import key2path_bytes, path2key
 SUBVOLUME = re.compile(r"sv[0-9A-F]{2,8}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
 # nginx's `autoindex_format json`, a file a line: `{ "name":"...", "type":"file", "mtime":"...", "size":N }`
-_FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d+) \}'
+_FILE_ENTRY = rb'\{ "name":"([^"\\]+)", "type":"file", "mtime":"([^"]*)", "size":(\d{1,18}) \}'
 _FILE = re.compile(_FILE_ENTRY)
 _BB = re.compile(rb'\{ "name":"([0-9a-f]{2})", "type":"directory", "mtime":"[^"]*" \}')  # an <aa>'s <bb>
 _ENTRY_START = b'{ "name":'  # cannot occur inside a name: JSON escapes its `"`
@@ -144,6 +144,16 @@ def add_plain(group: dict[bytes, list[Found]], names: dict[bytes, bytes | None],
     return skipped
 
 
+def _is_entry(e) -> bool:
+    """Is `e` an entry as nginx lists one (what the walk reads of it has the right types)?"""
+    if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("type"), str)):
+        return False
+    if e["type"] != "file":
+        return True
+    size = e.get("size")
+    return type(size) is int and 0 <= size < 1 << 63 and isinstance(e.get("mtime", ""), str)
+
+
 def parse_mtime(text: str) -> int:
     ms = _MTIMES.get(text)
     if ms is None:
@@ -198,7 +208,10 @@ class Walker:
             except ValueError:
                 raise VolumeError(host, f"sent a listing of {path} that is not JSON: is it a minikv "
                                         "volume (nginx with `autoindex_format json`)?") from None
-            return entries if isinstance(entries, list) else []
+            if not isinstance(entries, list) or not all(map(_is_entry, entries)):
+                raise VolumeError(host, f"sent a listing of {path} that is not nginx's (a list of entries, each "
+                                        "with a name and a type, and a file's size and mtime): is it a minikv volume?")
+            return entries
         raise AssertionError("unreachable")
 
     async def roots(self) -> list[Root]:

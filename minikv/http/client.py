@@ -121,7 +121,8 @@ class _Link(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._lost(VolumeError(self.host, f"sent a malformed response: {e}"))
+            cause = e.__context__  # a callback's own refusal (too big, unasked) says what it was
+            self._lost(cause if isinstance(cause, VolumeError) else VolumeError(self.host, f"sent a malformed response: {e}"))
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
@@ -176,6 +177,7 @@ class _Conn(_Link):
         self.head = None if collect else loop.create_future()
         self.done = loop.create_future()
         self.parts: list[bytes] | None = [] if collect else None
+        self.gathered = 0  # bytes in parts
         self.body = None if collect else Body(self, False)
         self.got_bytes = False
         self.last_rx = loop.time()
@@ -261,6 +263,9 @@ class _Conn(_Link):
     def on_body(self, data: bytes) -> None:
         if self.parts is not None:
             self.parts.append(data)
+            self.gathered += len(data)
+            if self.gathered > MAX_ANSWER:
+                raise too_big(self.host)
         else:
             self.body.feed(data)
 
@@ -282,13 +287,23 @@ class _Conn(_Link):
 
 
 PIPE_MAX = 64 << 10  # writes up to this size (head and body) go whole on a pipe
+# The most of an answer gathered whole (listings, HEADs, DELETEs, small GETs: a folder's listing
+# is some 100 bytes a file): past it the answer is refused, so that a volume (or anything in its
+# place) that sends without end cannot take the memory of the index or an admin command.
+MAX_ANSWER = 64 << 20
+
+
+def too_big(host: str) -> VolumeError:
+    return VolumeError(host, f"sent an answer over {MAX_ANSWER >> 20} MB to a request answered in a few "
+                             "(a listing, a HEAD): is it a minikv volume?")
 PIPELINED = frozenset(("PUT", "DELETE"))  # quick for nginx to answer, and answered in a few bytes
 
 
 class _Exchange:
     """One pipelined request and, once it has come, its answer."""
 
-    __slots__ = ("data", "timeout", "what", "status", "headers", "parts", "done", "keep_alive", "started")
+    __slots__ = ("data", "timeout", "what", "status", "headers", "parts", "gathered", "done", "keep_alive",
+                 "started")
 
     def __init__(self, loop, data: bytes, timeout: float, what: str):
         self.data = data  # the whole request, kept to send it again
@@ -297,6 +312,7 @@ class _Exchange:
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.parts: list[bytes] = []
+        self.gathered = 0
         self.done = loop.create_future()
         self.keep_alive = True
         self.started = False  # a byte of its answer came
@@ -375,7 +391,11 @@ class _Pipe(_Link):
         ex.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, data: bytes) -> None:
-        self.queue[0].parts.append(data)
+        ex = self.queue[0]
+        ex.parts.append(data)
+        ex.gathered += len(data)
+        if ex.gathered > MAX_ANSWER:
+            raise too_big(self.host)
 
     def on_message_complete(self) -> None:
         ex = self.queue.popleft()
