@@ -75,9 +75,11 @@ DELETES_AT_ONCE = 16
 MAX_UPLOADS = 1000  # uploads in one ListMultipartUploads answer, as S3
 # A Complete gives up unless its object's record commits within COMPLETE_TAKES seconds of its
 # manifest, so a manifest older than STALE_MANIFEST that no object uses is one a failed Complete
-# could not delete (its volumes were down): the next Complete takes it over, not a 409 forever.
+# could not delete (its volumes were down), or one whose worker died: the next Complete takes it
+# over, not a 409 forever. The margin covers a commit under way at the deadline and the clocks of
+# index servers sharing a PostgreSQL index; more only keeps a crashed Complete's upload stuck.
 COMPLETE_TAKES = 120.0
-STALE_MANIFEST = 600.0
+STALE_MANIFEST = COMPLETE_TAKES + 60.0
 
 
 async def _upload(s3, ctx: Ctx, upload_id: str | None) -> str:
