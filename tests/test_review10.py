@@ -202,3 +202,30 @@ def test_a_listing_that_is_not_nginxs_is_that_volumes_error(make_cluster, tmp_pa
     finally:
         fake.close()
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_000_000  # KB: no answer gathered whole
+
+
+# -protect kept a plain DELETE from destroying a value, and S3's DeleteObject only unlinked, but
+# an S3 write over the object replaced it all the same.
+def test_protect_refuses_s3_writes_over_an_object(make_cluster):
+    pytest.importorskip("boto3")
+    from botocore.exceptions import ClientError
+    from test_s3 import client
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, flags=["-protect"])
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="k", Body=b"first")
+    s3.put_object(Bucket="keep", Key="src", Body=b"other")
+    upload = s3.create_multipart_upload(Bucket="keep", Key="k")["UploadId"]
+    etag = s3.upload_part(Bucket="keep", Key="k", UploadId=upload, PartNumber=1, Body=b"part")["ETag"]
+    for write in (lambda: s3.put_object(Bucket="keep", Key="k", Body=b"second"),
+                  lambda: s3.copy_object(Bucket="keep", Key="k", CopySource={"Bucket": "keep", "Key": "src"}),
+                  lambda: s3.complete_multipart_upload(Bucket="keep", Key="k", UploadId=upload, MultipartUpload={
+                      "Parts": [{"PartNumber": 1, "ETag": etag}]})):
+        with pytest.raises(ClientError) as e:
+            write()
+        assert e.value.response["Error"]["Code"] == "AccessDenied"
+        assert s3.get_object(Bucket="keep", Key="k")["Body"].read() == b"first"
+    s3.delete_object(Bucket="keep", Key="k")  # unlinks it: now it may be written again
+    s3.put_object(Bucket="keep", Key="k", Body=b"second")
+    assert s3.get_object(Bucket="keep", Key="k")["Body"].read() == b"second"

@@ -250,6 +250,8 @@ class Values:
         order above, with the encoded attributes `attrs` (attrs.py); the new LIVE record.
         `source` raises at its end if a check fails; so does `check()` (a coroutine function),
         called once the key's lock is taken, before the commit."""
+        if self.config.protect:  # refused before the body is read, if it can be told now
+            self.protected(key, await settle(self.store.get(key)))
         volumes = self.placement(key)
         taken: list = []  # [pending, previous] once the key's lock is taken, at the commit point
         budget, counted = self.uploads, 0
@@ -291,6 +293,14 @@ class Values:
             err.live = live  # the record committed all the same (multipart.complete's manifest is its own)
             raise err
         return live
+
+    def protected(self, key: bytes, raw: bytes | None) -> None:
+        """With -protect, an object's value is destroyed only by way of an unlink (DeleteObject
+        unlinks): a write over a LIVE object is refused. Parts of uploads (internal keys) are not
+        objects."""
+        if key[:1] == b"/" and raw is not None and readable(raw) is not None:
+            raise S3Error("AccessDenied", "the index runs with -protect: an object is not replaced; delete it "
+                          "first (DeleteObject unlinks it), then write it again")
 
     async def replaced(self, key: bytes, previous: bytes, live: bytes, volumes: list[str]) -> None:
         """After the commit of `live` (files on `volumes`) over `previous`: drop what only the
@@ -345,13 +355,17 @@ class Values:
         only the value it replaced used. Past `deadline` (loop time) nothing is changed."""
         pending, previous = await self.lock(key, [])
         try:
+            if self.config.protect:
+                self.protected(key, previous)
             if deadline is not None and asyncio.get_running_loop().time() > deadline:
-                await settle(self.store.cas(key, pending, previous))
                 raise S3Error("ServiceUnavailable", "the index took too long to commit the object; nothing was "
                               "changed: send it again")
             if attrs and self.meta is not None:
                 await settle(self.meta.put_attrs(key, record, attrs))
             done, _ = await settle(self.store.cas(key, pending, record))
+        except S3Error:
+            await settle(self.store.cas(key, pending, previous))
+            raise
         except (StoreError, lmdb.Error) as e:
             await settle(self.store.cas(key, pending, previous))
             raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
@@ -409,6 +423,8 @@ class Values:
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
+            if self.config.protect:
+                self.protected(key, taken[1])
             if check is not None:
                 await check()
             if fence.suspect(since) and (why := await fence.refused(since)):  # a shared index's lease
