@@ -183,6 +183,14 @@ def test_the_status_page_flags_and_messages_never_show_a_database_password():
         assert "uploads-older-than" not in shown  # gc's, not the server's
     assert describe("postgresql://minikv@/postgres?host=/run/pg") == "postgresql://minikv@/postgres?host=/run/pg"
     assert not password_warning("postgresql://minikv@/postgres?host=/run/pg")
+    # credentials from the environment (as `up` passes them) are shown set: the server uses them
+    from minikv.config import Config
+
+    flags = {name: None for name in FLAGS}
+    used = Config(volumes=["v:1"], db="idx", secret="hunter2", s3_access_key="AKID", s3_secret_key="hunter3")
+    shown = shown_flags(SimpleNamespace(flags=flags), used)
+    assert [shown[n] for n in ("secret", "s3-access-key", "s3-secret-key")] == ["(set)"] * 3
+    assert "hunter" not in str(shown)
 
 
 # /healthz waited for the index's refresh (3 s when PostgreSQL hangs), and 32 connections that

@@ -42,15 +42,18 @@ def version() -> str:
         return "unknown"
 
 
-def shown_flags(args) -> dict:
-    """The server's flags for the page: secrets only as set or not."""
+def shown_flags(args, config=None) -> dict:
+    """The server's flags for the page: secrets only as set or not, as the server uses them
+    (`config`: credentials from the environment count, as `up` passes them that way)."""
     from minikv.cli import FLAGS
 
+    used = {} if config is None else {"secret": config.secret, "s3-access-key": config.s3_access_key,
+                                      "s3-secret-key": config.s3_secret_key}
     shown = {}
     for name in FLAGS:
         if name in ADMIN_FLAGS:
             continue
-        value = args.flags.get(name)
+        value = used.get(name) or args.flags.get(name)
         if name in SECRET_FLAGS:
             value = "(set)" if value else ""
         elif name == "db" and value:
@@ -112,7 +115,7 @@ def prepare(config, args) -> None:
 
     write_json(folder, "server.json", {
         "pid": owner, "started": time.time(), "version": version(), "port": config.port,
-        "metrics_port": port, "workers": config.workers, "flags": shown_flags(args),
+        "metrics_port": port, "workers": config.workers, "flags": shown_flags(args, config),
     })
     _prepared.update(sock=sock, folder=folder, verbose=bool(config.verbose),
                      json_logs=bool(args.flags.get("log-json")))
