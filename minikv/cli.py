@@ -240,6 +240,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# The flags a volume server reads; and those of `up` and the admin commands, which the index
+# server does not. Any other given to them is said to do nothing there: a limit that seems set
+# but is not is worse than none.
+VOLUME_READS = frozenset(("port", "host", "secret", "signed"))
+SERVER_IGNORES = frozenset(("data", "postgres", "concurrency", "dry-run", "force", "md5", "delete-orphans", "age",
+                            "uploads-older-than", "server"))
+
+
+def unused_flags(args: Args) -> list[str]:
+    """The flags given to `volume` or `server` that they do not read."""
+    if args.command == "volume":
+        return sorted(n for n in args.given if n not in VOLUME_READS)
+    if args.command == "server":
+        return sorted(n for n in args.given if n in SERVER_IGNORES)
+    return []
+
+
 def _need(args: Args, *names: str) -> None:
     for name in names:
         if not args.flags[name]:
@@ -252,6 +269,11 @@ def run(args: Args) -> int:
 
     for line in argv_warnings(args.given):
         print(f"minikv {cmd}: {line}", file=sys.stderr)
+    if unused := unused_flags(args):
+        whose = "the index server's (minikv server) or the admin commands'" if cmd == "volume" else \
+            "`up`'s or the admin commands'"
+        print(f"minikv {cmd}: warning: {', '.join('-' + n for n in unused)} {'does' if len(unused) == 1 else 'do'} "
+              f"nothing here: {'it is' if len(unused) == 1 else 'they are'} {whose}", file=sys.stderr)
     from minikv.index.pg import password_warning
 
     for db in [str(args.db or ""), *(args.positionals if cmd == "copy-index" else [])]:

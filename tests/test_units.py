@@ -243,3 +243,14 @@ def test_a_lease_claimed_again_by_another_worker_is_a_loss_for_every_worker(monk
     assert fence.epoch() == since and not fence.suspect(since)
     fence.renewed(time.monotonic(), "abc#1234")  # another worker claimed it again meanwhile
     assert fence.epoch() != since and fence.suspect(since)
+
+
+def test_flags_a_volume_or_the_server_does_not_read_are_named():
+    # `minikv volume -max-value-size 10 -protect DIR` started without a word, and wrote any size
+    from minikv.cli import parse_args, unused_flags
+
+    assert unused_flags(parse_args(["volume", "-protect", "-max-value-size", "10", "-port", "1", "-secret",
+                                    "x" * 16, "d"])) == ["max-value-size", "protect"]
+    assert unused_flags(parse_args(["server", "-data", "x", "-concurrency", "3", "-volumes", "a:1", "-db", "i",
+                                    "-protect"])) == ["concurrency", "data"]
+    assert unused_flags(parse_args(["rebuild", "-concurrency", "3"])) == []
