@@ -254,3 +254,14 @@ def test_flags_a_volume_or_the_server_does_not_read_are_named():
     assert unused_flags(parse_args(["server", "-data", "x", "-concurrency", "3", "-volumes", "a:1", "-db", "i",
                                     "-protect"])) == ["concurrency", "data"]
     assert unused_flags(parse_args(["rebuild", "-concurrency", "3"])) == []
+
+
+def test_status_of_something_that_is_not_a_minikv_status_is_a_message(monkeypatch, capsys):
+    # an answer in the status's place that is JSON of another shape gave a traceback
+    from minikv.cli import parse_args
+    from minikv.ops import status
+
+    for report in ({}, [], {"index": 1}, {"version": "x", "index": {}, "in_flight": {}}):
+        monkeypatch.setattr(status, "find", lambda server, r=report: ("h:1", r))
+        assert status.main(parse_args(["status", "-server", "h:1"])) == 2
+        assert "cannot read" in capsys.readouterr().err

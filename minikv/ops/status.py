@@ -78,6 +78,13 @@ def main(args) -> int:
         print(f"minikv status: no operations listener answers at {' or '.join(where)}: start the server with "
               f"-metrics-port N and give -server HOST:N", file=sys.stderr)
         return 2
-    print(render(where, report))
-    down = [v for v in report["volumes"] if not v["up"]]
-    return 0 if report["ready"] and not down else 1
+    try:
+        shown = render(where, report)
+        down = [v for v in report["volumes"] if not v["up"]]
+        ready = report["ready"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # something else answered in its place
+        print(f"minikv status: {where} answered with a status this version cannot read ({type(e).__name__}: "
+              f"{e}): is it a minikv server of the same version?", file=sys.stderr)
+        return 2
+    print(shown)
+    return 0 if ready and not down else 1
