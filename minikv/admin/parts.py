@@ -22,6 +22,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 from minikv.admin.progress import Progress
@@ -43,6 +44,9 @@ def processes(args, config, records: int, most: int = 256) -> int:
     more than they save); from 1 to `most`."""
     if "workers" in args.given:
         wanted = config.workers
+        if wanted > most:
+            print(f"minikv {args.command}: -workers {wanted}: runs {most} processes, the most it splits its "
+                  "work into (more than the cores only adds switching)", file=sys.stderr)
     else:
         wanted = DEFAULT_PROCS if records > SMALL else 1
     return max(1, min(wanted, most))
