@@ -6,10 +6,16 @@ volumes and a real index."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from cluster import HOST
 from test_admin import admin, all_files
+
+
+def _values(c) -> dict:
+    """Every key file on the volumes with its bytes (not the disk reports the volumes rewrite)."""
+    return {p: p.read_bytes() for p in all_files(c) if not p.name.startswith(".minikv")}
 
 
 def _written(make_cluster, n: int = 30):
@@ -24,7 +30,7 @@ def _written(make_cluster, n: int = 30):
 # copies, and gc -delete-orphans deleted every file of that volume as no record's.
 def test_a_volume_named_two_ways_is_refused_before_anything_is_moved_or_deleted(make_cluster):
     c = _written(make_cluster)
-    before = {p: p.read_bytes() for p in all_files(c)}
+    before = _values(c)
     c.index.stop()
     respelled = [n.replace(HOST, "localhost") if i == 1 else n for i, n in enumerate(c.names)]
     for command, flags in (("rebalance", []), ("gc", ["-delete-orphans", "-age", "0s"]),
@@ -34,7 +40,7 @@ def test_a_volume_named_two_ways_is_refused_before_anything_is_moved_or_deleted(
     both = [*c.names, c.names[0].replace(HOST, "localhost")]  # one server twice in -volumes
     r = admin("rebalance", c, volumes=both)
     assert r.returncode == 2 and "one server under two names" in r.stderr, r.stderr
-    assert {p: p.read_bytes() for p in all_files(c)} == before
+    assert _values(c) == before
     r = admin("verify", c)
     assert r.returncode == 0, r.stderr
 
@@ -46,12 +52,12 @@ def test_orphans_seen_through_a_linked_subvolume_are_not_deleted(make_cluster):
     c = _written(make_cluster)
     top = c.volume_dir(c.names[0])
     os.symlink("sv01", top / "sv07")
-    before = {p: p.read_bytes() for p in all_files(c) if "sv07" not in p.parts}
+    before = {p: v for p, v in _values(c).items() if "sv07" not in p.parts}
     c.index.stop()
     for command, flags in (("repair", ["-delete-orphans"]), ("gc", ["-delete-orphans", "-age", "0s"])):
         r = admin(command, c, *flags)
         assert "a folder linked to another" in r.stderr, (command, r.stderr)
-        assert {p: p.read_bytes() for p in all_files(c) if "sv07" not in p.parts} == before, command
+        assert {p: v for p, v in _values(c).items() if "sv07" not in p.parts} == before, command
     (top / "sv07").unlink()
     r = admin("verify", c)
     assert r.returncode == 0, r.stderr
@@ -139,19 +145,20 @@ class _FakeVolume:
             def do_GET(self):  # noqa: N802 - the server's name for it
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                if callable(body):  # endless: chunked until the client gives up
+                answer = body(self.path) if callable(body) else body
+                if not isinstance(answer, bytes):  # endless: chunked until the client gives up
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     try:
-                        for chunk in body():
+                        for chunk in answer:
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     except OSError:
                         pass
                     self.close_connection = True
                     return
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(answer)
 
             def log_message(self, *args):
                 pass
@@ -166,7 +173,7 @@ class _FakeVolume:
         self.server.server_close()
 
 
-def _endless():
+def _endless(path: str):
     entry = b'{ "name":"x", "type":"file", "mtime":"Fri, 04 Dec 2026 10:00:00 GMT", "size":1 },\n' * 10_000
     yield b"[\n"
     for _ in range(2_000):  # 1.6 GB if nothing stops it: bounded all the same
@@ -229,3 +236,57 @@ def test_protect_refuses_s3_writes_over_an_object(make_cluster):
     s3.delete_object(Bucket="keep", Key="k")  # unlinks it: now it may be written again
     s3.put_object(Bucket="keep", Key="k", Body=b"second")
     assert s3.get_object(Bucket="keep", Key="k")["Body"].read() == b"second"
+
+
+def _drip(path: str):
+    """The top lists a subvolume; every other listing comes a byte every 0.2 s, without end."""
+    if path == "/":
+        return b'[\n{ "name":"sv00", "type":"directory", "mtime":"Fri, 04 Dec 2026 10:00:00 GMT" }\n]\n'
+
+    def bytes_slowly():
+        yield b"["
+        while True:
+            time.sleep(0.2)
+            yield b" "
+    return bytes_slowly()
+
+
+# A volume that answered its listings a byte at a time was waited for without end (the limit was
+# on silence only): every listing now has a total time, and a volume that fails one for good is
+# left out of the rest of the walk instead of being waited for folder after folder.
+def test_a_volume_that_lists_a_byte_at_a_time_is_left_out_not_waited_for(make_cluster, monkeypatch):
+    import asyncio
+
+    from minikv.admin import lister, walk
+    from minikv.http.client import Pool
+
+    monkeypatch.setattr(lister, "LIST_TOTAL", 2.0)
+    monkeypatch.setattr(walk, "LIST_TIMEOUT", 1.0)
+    c = _written(make_cluster, 20)
+    fake = _FakeVolume(_drip)
+
+    async def run():
+        pool = Pool(1.0)
+        walker = walk.Walker(pool, [*c.names, fake.name], 4)
+        found: dict = {}
+
+        async def handle(group):
+            found.update(group)
+
+        try:
+            await walker.walk(await walker.roots(), handle, lambda: None)
+        finally:
+            pool.close()
+        return walker, found
+
+    started = time.monotonic()
+    try:
+        walker, found = asyncio.run(run())
+    finally:
+        fake.close()
+    assert time.monotonic() - started < 60
+    assert len(found) == 20  # the real volumes' keys, all of them
+    # one error for each listing that was in flight when the volume failed (4 walk at once), not
+    # one for each of its 256 folders
+    assert 1 <= len(walker.errors) <= 4, walker.errors
+    assert all(fake.name in e and "left out of this walk" in e for e in walker.errors), walker.errors

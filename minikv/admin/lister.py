@@ -24,6 +24,7 @@ from minikv.http.client import MAX_ANSWER, VOLUME_REQUESTS, Pool, _Link, too_big
 
 Answer = tuple[int, bytes]  # status, body
 MAX_IDLE = 16  # idle connections kept per volume
+LIST_TOTAL = 300.0  # the longest a listing (or a batch of them) may take in all
 
 
 class _Batch(_Link):
@@ -43,6 +44,7 @@ class _Batch(_Link):
         self.done: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_rx = 0.0
+        self.started = 0.0  # when the batch in flight was sent
 
     def _idle(self) -> bool:
         return False  # the Pool's watch on its idle connections: not for these
@@ -77,10 +79,11 @@ class _Batch(_Link):
             self.done.set_result(None)
 
     def _check(self, timeout: float) -> None:
-        """The batch's timer: the volume may stay silent for `timeout`, however long the batch."""
+        """The batch's timer: the volume may stay silent for `timeout`, and take LIST_TOTAL in all
+        (a batch of listings takes a second or so; one sent a byte at a time would take for ever)."""
         if self.done is None or self.done.done():
             return
-        left = self.last_rx + timeout - self.loop.time()
+        left = min(self.last_rx + timeout, self.started + LIST_TOTAL) - self.loop.time()
         if left <= 0:
             self.close()
         else:
@@ -115,7 +118,7 @@ class Lister:
         conn.answers = []
         conn.gathered = 0
         conn.done = conn.loop.create_future()
-        conn.last_rx = conn.loop.time()
+        conn.last_rx = conn.started = conn.loop.time()
         conn.transport.write(b"".join([head + p.encode("latin-1") + tail for p in paths]))
 
     async def many(self, targets: list[tuple[str, str]], timeout: float) -> list[Answer | None]:

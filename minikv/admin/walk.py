@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import quote
 
+from minikv.admin import lister
 from minikv.admin.lister import Lister
 from minikv.http.client import Pool, VolumeError
 from minikv.placement import key2path_bytes, path2key
@@ -49,6 +50,10 @@ BATCHES = 4
 # base64 names holding `/`, a few even at a billion keys; but nginx follows symbolic links, and
 # two links to `.` made the tree 2^40 listings deep (until the kernel's ELOOP): endless.
 NESTED = 4096
+
+
+class _Skipped(VolumeError):
+    """A listing not asked: its volume failed one for good earlier in the walk (said once)."""
 
 
 class Found(NamedTuple):
@@ -178,19 +183,28 @@ class Walker:
         self.requests = asyncio.Semaphore(concurrency)
         self.lister = Lister(pool)
         self.errors: list[str] = []  # listings that failed for good: the walk is incomplete
+        # volumes that could not give a listing in ATTEMPTS tries (down, or answering too slowly
+        # for LIST_TOTAL): the rest of their folders are left out of this walk, not waited for
+        # one after the other
+        self.broken: dict[str, str] = {}
 
     async def listing(self, host: str, path: str) -> list[dict]:
         """The entries of one folder (`path` ends in `/`); [] when it is gone."""
         url = path if _PLAIN.fullmatch(path) else quote(path, errors="surrogateescape")
         for attempt in range(ATTEMPTS):
+            if host in self.broken:
+                raise _Skipped(host, self.broken[host])
             try:
                 async with self.requests:
                     # pipelined: the listings of one pass share a connection and a write per volume
-                    resp = await self.pool.request(host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT),
-                                                   pipelined=True)
-            except VolumeError:
+                    resp = await asyncio.wait_for(self.pool.request(
+                        host, "GET", url, timeout=max(self.pool.timeout, LIST_TIMEOUT), pipelined=True), lister.LIST_TOTAL)
+            except (VolumeError, asyncio.TimeoutError) as e:
                 if attempt == ATTEMPTS - 1:
-                    raise
+                    if not isinstance(e, VolumeError):
+                        e = VolumeError(host, f"took more than {lister.LIST_TOTAL:g}s to list {path}")
+                    self.broken.setdefault(host, f"left out of this walk after: {e}")
+                    raise e from None
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             if resp.status == 404:
@@ -300,6 +314,7 @@ class Walker:
         each other) to `group` by key; the names skipped. The listings are asked at once (one
         Lister.many) and read by plain_entries. A listing that failed, or that needs more (a
         nested folder, an escaped name), goes the careful way: files(), retried."""
+        batch = [(r, path) for r, path in batch if r.host not in self.broken]
         answers = await self.lister.many([(r.host, r.prefix + path) for r, path in batch],
                                          max(self.pool.timeout, LIST_TIMEOUT))
         skipped = 0
@@ -321,17 +336,25 @@ class Walker:
     async def _listing_or_error(self, root: Root, path: str) -> list[dict]:
         try:
             return await self.listing(root.host, root.prefix + path)
-        except VolumeError as e:
-            self.errors.append(f"{e} (listing {root.prefix}{path})")
+        except _Skipped:
             return []
+        except VolumeError as e:
+            self.errors.append(self._failed(root, path, e))
+            return []
+
+    def _failed(self, root: Root, path: str, e: VolumeError) -> str:
+        left = "; its other folders are left out of this walk" if root.host in self.broken else ""
+        return f"{e} (listing {root.prefix}{path}){left}"
 
     async def _bbs(self, roots: list[Root], aa: str) -> list[list[str]]:
         """The `<bb>` folder names of `<aa>` on each root: asked in one batch, read by plain_bbs;
         what that leaves goes the careful way (_bbs_or_error)."""
-        answers = await self.lister.many([(r.host, f"{r.prefix}/{aa}/") for r in roots],
-                                         max(self.pool.timeout, LIST_TIMEOUT))
+        asked = [r for r in roots if r.host not in self.broken]
+        answers = dict(zip(asked, await self.lister.many([(r.host, f"{r.prefix}/{aa}/") for r in asked],
+                                                         max(self.pool.timeout, LIST_TIMEOUT))))
         out = []
-        for root, resp in zip(roots, answers):
+        for root in roots:
+            resp = answers.get(root)
             names = None
             if resp is not None:
                 names = [] if resp[0] == 404 else plain_bbs(resp[1]) if resp[0] == 200 else None
@@ -348,6 +371,8 @@ class Walker:
     async def _files_or_error(self, root: Root, path: str) -> list[tuple[str, int, int]]:
         try:
             return await self.files(root, path)
+        except _Skipped:
+            return []
         except VolumeError as e:
-            self.errors.append(f"{e} (listing {root.prefix}{path})")
+            self.errors.append(self._failed(root, path, e))
             return []
