@@ -34,7 +34,7 @@ def test_a_volume_named_two_ways_is_refused_before_anything_is_moved_or_deleted(
     c.index.stop()
     respelled = [n.replace(HOST, "localhost") if i == 1 else n for i, n in enumerate(c.names)]
     for command, flags in (("rebalance", []), ("gc", ["-delete-orphans", "-age", "0s"]),
-                           ("repair", ["-delete-orphans"]), ("verify", [])):
+                           ("repair", ["-delete-orphans"]), ("repair", []), ("verify", [])):
         r = admin(command, c, *flags, volumes=respelled)
         assert r.returncode == 2 and "one server under two names" in r.stderr, (command, r.stderr)
     both = [*c.names, c.names[0].replace(HOST, "localhost")]  # one server twice in -volumes

@@ -20,11 +20,13 @@ import sys
 from minikv.admin import move
 from minikv.admin.check import composite_missing, inspect, judge
 from minikv.admin.common import (
+    aliases,
     all_up,
     command_main,
     counted_move,
     each_record,
     foreign_names,
+    indexed_hosts,
     open_index,
     resolve_stale,
     show,
@@ -107,7 +109,10 @@ async def repair(args, config: Config) -> int:
                             "copies are made on the volumes of -volumes, so all must be up: start "
                             "them, or leave the dead ones out of -volumes"):
             return 1
-        if args.delete_orphans and (why := foreign_names(store, config)):
+        # repair moves keys too (those off their placement): a volume named two ways would have
+        # its copies "moved" onto themselves and deleted, with or without -delete-orphans
+        why = foreign_names(store, config) if args.delete_orphans else aliases(indexed_hosts(store), config.volumes)
+        if why:
             print(f"minikv repair: {why}", file=sys.stderr)
             return 2
         if not args.dry_run and (n := await resolve_stale(store, pool)):
