@@ -410,6 +410,30 @@ def test_a_volume_with_folder_chains_deeper_than_pythons_recursion_starts(plante
         subprocess.run(["rm", "-rf", os.path.join(directory, "ab")])  # shutil.rmtree recurses too
 
 
+@needs_root
+def test_gc_of_the_spool_goes_past_a_folder_it_cannot_read(planted):
+    """gc run as another user than the spool's folders' stopped at the first it could not open
+    (os.fwalk skipped it): the rest of the spool was left, and so was the rest of gc."""
+    directory, _ = planted
+    spool = os.path.join(directory, "body_temp")
+    os.makedirs(os.path.join(spool, "1"), mode=0o700)  # root's, closed
+    os.makedirs(os.path.join(spool, "3"))
+    old_file = os.path.join(spool, "3", "0000000001")
+    with open(old_file, "w") as f:
+        f.write("old upload")
+    os.utime(old_file, (time.time() - 7200,) * 2)
+    for path in (directory, spool, os.path.join(spool, "3"), old_file):
+        os.chown(path, 65534, 65534)
+    code = ("import sys; from minikv.admin.gc import clean_spool; from minikv.admin.progress import Progress; "
+            "p = Progress('gc', bar=False); clean_spool(sys.argv[1], 3600, False, p); "
+            "print(p.counts.get('temp files'), p.counts.get('failed'))")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                        directory], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"], (r.stdout, r.stderr)
+    assert not os.path.exists(old_file) and "cannot read" in r.stderr
+
+
 def test_gc_cleans_a_spool_with_folder_chains_deeper_than_pythons_recursion(planted):
     from minikv.admin.gc import clean_spool
     from minikv.admin.progress import Progress

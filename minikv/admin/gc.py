@@ -142,7 +142,11 @@ def clean_spool(directory: str, age: float, dry_run: bool, progress: Progress) -
         return
     cutoff = time.time() - age
     try:
-        for root, fd, files in walk_folders(top):
+        def unreadable(path: str, e: OSError) -> None:
+            progress.add("failed")
+            progress.problem(f"cannot read {os.path.join(spool, path)}: {e.strerror}; its files are left")
+
+        for root, fd, files in walk_folders(top, onerror=unreadable):
             for name in files:
                 path = os.path.normpath(os.path.join(spool, root, name))
                 try:

@@ -290,13 +290,15 @@ def take_over_directories(top: int, uid: int, gid: int) -> int:
     return changed
 
 
-def walk_folders(top: int, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, int, list[str]]]:
+def walk_folders(top: int, skip: tuple[str, ...] = (), onerror=None) -> Iterator[tuple[str, int, list[str]]]:
     """(path below `top`, its open descriptor, the names of what in it is not a folder) of the
     folder open as `top` and every folder below it, parents first; folders named in `skip` right
     below `top` are left out. As os.fwalk(follow_symlinks=False): each folder is opened through
     its parent without following a link (one swapped in since it was listed is skipped). But
     with a stack instead of recursion, and its parent closed once its last child is open: the
-    Go original's folder chains run over a thousand deep (fwalk dies of RecursionError there)."""
+    Go original's folder chains run over a thousand deep (fwalk dies of RecursionError there).
+    A folder that cannot be opened or read is skipped after `onerror(path, error)` when given (as
+    fwalk's onerror), else the error is raised."""
     def entries(fd: int) -> tuple[list[str], list[str]]:
         folders, others = [], []
         with os.scandir(fd) as it:
@@ -316,19 +318,28 @@ def walk_folders(top: int, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, in
                     os.close(fd)
                 continue
             name = names.pop()
+            below = name if path == "." else path + "/" + name
             try:
                 child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     continue  # gone since it was listed, or a link now
-                raise
+                if onerror is None:
+                    raise
+                onerror(below, e)
+                continue
             if not names:  # its last child: nothing more to open through it
                 stack.pop()
                 if fd != top:
                     os.close(fd)
-            below = name if path == "." else path + "/" + name
             try:
                 folders, others = entries(child)
+            except OSError as e:
+                os.close(child)
+                if onerror is None:
+                    raise
+                onerror(below, e)
+                continue
             except BaseException:
                 os.close(child)
                 raise
