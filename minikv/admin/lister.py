@@ -40,7 +40,7 @@ class _Batch(_Link):
         self.want = 0  # answers the batch in flight waits for
         self.answers: list[Answer] = []
         self.parts: list[bytes] = []
-        self.gathered = 0  # bytes of this batch's answers
+        self.gathered = 0  # bytes of the answer coming
         self.done: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_rx = 0.0
@@ -56,12 +56,13 @@ class _Batch(_Link):
     def on_body(self, data: bytes) -> None:
         self.parts.append(data)
         self.gathered += len(data)
-        if self.gathered > MAX_ANSWER:  # the batch's answers together (a few hundred KB as a rule)
+        if self.gathered > MAX_ANSWER:  # one answer (a batch's answers together may be more)
             raise too_big(self.host)
 
     def on_message_complete(self) -> None:
         parts = self.parts
         self.parts = []
+        self.gathered = 0
         self.answers.append((self.parser.get_status_code(), parts[0] if len(parts) == 1 else b"".join(parts)))
         if not self.parser.should_keep_alive():
             self.close()  # what is left of the batch goes unanswered
