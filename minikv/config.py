@@ -86,7 +86,7 @@ class Config:
             raise ValueError(f"-open-api {self.open_api} closes the plain API to clients without credentials, "
                              "and none are set: give -s3-access-key and MINIKV_S3_SECRET_KEY")
         for i, v in enumerate(self.volumes):
-            if "," in v or "/" in v or not v.rpartition(":")[2].isdigit():
+            if "," in v or "/" in v or ";" in v or not v.rpartition(":")[2].isdigit():
                 raise ValueError(f"volume {v!r} is not host:port")
             if v in self.volumes[:i]:
                 # placement would put two replicas of a key in one file: fewer copies than asked

@@ -482,10 +482,13 @@ def test_races_between_the_apis_give_the_right_statuses(make_cluster):
 # A crash while an S3 PUT replaced a value: recovery deleted "the new files" and dropped the
 # record, but the volumes that had renamed held the new value in place of the old one at the same
 # path, so the acknowledged old value was deleted with them. Now the volumes are asked what they
-# hold: the old record comes back when none renamed, else the new value is rolled forward.
-@pytest.mark.parametrize("renamed", [0, 2])
+# hold, told apart by the new value's size and md5 that the record keeps: the value more of them
+# hold whole is kept there (the new one on a tie), the other's files deleted, nothing copied.
+@pytest.mark.parametrize("renamed", [0, 1, 2, 3])
 @pytest.mark.parametrize("same_size", [False, True])  # the same size: told apart by md5
-def test_a_crash_in_the_middle_of_an_s3_overwrite_keeps_one_whole_value(make_cluster, renamed, same_size):
+@pytest.mark.parametrize("fingerprint", [True, False])  # False: a record of an older minikv
+def test_a_crash_in_the_middle_of_an_s3_overwrite_keeps_one_whole_value(make_cluster, renamed, same_size,
+                                                                         fingerprint):
     import hashlib
     import subprocess
 
@@ -504,16 +507,104 @@ def test_a_crash_in_the_middle_of_an_s3_overwrite_keeps_one_whole_value(make_clu
         volumes = decode_data(live).volumes
         gone = subprocess.Popen(["true"])
         gone.wait()  # the writer: a worker that died
-        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live))[0]
+        value = (len(new), hashlib.md5(new).digest()) if fingerprint else None
+        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
     finally:
         store.close()
     files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
     for f in files[:renamed]:  # the volumes whose rename happened before the crash
         f.write_bytes(new)
     c.restart_index()  # recovery of the dead writer's records at start-up
-    want = new if renamed else old
+    want, holders = (new, renamed) if renamed >= 2 else (old, 3 - renamed)
     got = s3.get_object(Bucket="owr", Key="k")
     assert got["Body"].read() == want
     assert got["ETag"] == f'"{hashlib.md5(want).hexdigest()}"'
-    assert [f.read_bytes() == want for f in files] == [True] * 3  # rolled forward onto the third
+    assert [f.read_bytes() for f in files if f.exists()] == [want] * holders  # the other value's are gone
     assert c.get("/owr/k").content == want
+
+
+def test_a_file_of_neither_size_after_a_crashed_overwrite_is_not_taken_for_the_value(make_cluster):
+    # without the new value's size in the record, a truncated file (a power loss on a volume)
+    # was taken for the new value and rolled forward over the old one's copies
+    import hashlib
+    import subprocess
+
+    from minikv import replicas
+    from minikv.index.record import decode_data, now_ms
+
+    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="trn")
+    s3.put_object(Bucket="trn", Key="k", Body=b"o" * 5000)
+    key = b"/trn/k"
+    store = Store(str(c.root / "index"))
+    try:
+        live = store.get(key)
+        volumes = decode_data(live).volumes
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        value = (4000, hashlib.md5(b"n" * 4000).digest())
+        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
+    finally:
+        store.close()
+    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    files[0].write_bytes(b"o" * 10)  # truncated: neither value
+    c.restart_index()
+    assert s3.get_object(Bucket="trn", Key="k")["Body"].read() == b"o" * 5000
+    assert [f.read_bytes() for f in files[1:]] == [b"o" * 5000] * 2
+
+
+def test_an_overwrite_whose_record_cannot_be_committed_keeps_the_new_value(make_cluster, tmp_path):
+    # every volume renamed, then the index refused the commit (a full disk): the new files were
+    # deleted as if the value had been new, and the old one they had replaced was gone with them
+    import hashlib
+
+    from minikv.index.record import decode_data
+    from minikv.index.store import StoreError
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    c.index.stop()
+    config = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+    store = Store(config.db)
+    key = b"/full/k"
+
+    class FullAtTheCommit:
+        """The store, refusing one commit of a LIVE record of `key`."""
+
+        armed = False
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def cas(self, k, expect, new):
+            if self.armed and k == key and new is not None and new[:1] == b"L":
+                self.armed = False
+                raise StoreError("the index's disk is full")
+            return store.cas(k, expect, new)
+
+    async def run():
+        pool = Pool()
+        full = FullAtTheCommit()
+        values = Values(config, full, pool, Health(pool, config.hosts))
+
+        async def body(data):
+            yield data
+
+        await values.put(key, body(b"old value"), 9)
+        full.armed = True
+        with pytest.raises(S3Error) as e:
+            await values.put(key, body(b"the new one"), 11)
+        assert e.value.code == "ServiceUnavailable" and "becomes the key's" in e.value.message
+        for _ in range(50):  # committed once the index takes writes again (a second on)
+            await asyncio.sleep(0.1)
+            if store.get(key)[:1] == b"L":
+                break
+        pool.close()
+
+    try:
+        asyncio.run(run())
+        record = decode_data(store.get(key))
+        assert record.size == 11 and record.md5 == hashlib.md5(b"the new one").digest()
+        assert sorted(record.volumes) == sorted(c.names)  # subvolume 1: the volumes themselves
+    finally:
+        store.close()

@@ -4,12 +4,13 @@ A record is one LMDB value. Its first byte is the state:
 
     LIVE      b"L" + <QQ16sI size, mtime_ms, md5, epoch> + volumes (utf-8, comma separated)
     UNLINKED  b"U" + same fields as LIVE (soft deleted: unreadable, listed by ?unlinked)
-    PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes + b"\\n" + previous record
+    PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes [+ b";" size b":" md5 hex] + b"\\n"
+              + previous record   (the size and md5 of an S3 write's value, known at its commit)
 
 PENDING is the per-key lock (HTTP 409): a write, delete or rebalance is in flight. It names the
 volumes being touched and keeps the record it replaced, so that whoever finds it after a crash
 knows what to undo (see index/recovery.py). An md5 of 16 zero bytes means "not computed"
-(`-md5sum=false`). Volume names never contain "," or "\\n" (nor NUL: they come from argv).
+(`-md5sum=false`). Volume names never contain ",", ";" or "\\n" (nor NUL: they come from argv).
 
 A composite value (an S3 object made by CompleteMultipartUpload, see s3/composite.py) is a
 LIVE/UNLINKED record whose volume list is replaced by NUL + <upload id> + "/" + its part numbers
@@ -96,6 +97,7 @@ class Pending(NamedTuple):
     started_ms: int
     volumes: list[str]
     previous: bytes  # the encoded record this one replaced, b"" if none
+    new: tuple[int, bytes] | None = None  # (size, md5) of an S3 write's value: what recovery looks for
 
 
 def encode_data(state: int, volumes: list[str], size: int, mtime_ms: int, md5: bytes, epoch: int = 0) -> bytes:
@@ -107,14 +109,23 @@ def decode_data(raw: bytes) -> Data:
     return Data(raw[0], raw[VOLUMES_AT:].decode().split(","), size, mtime_ms, md5, epoch)
 
 
-def encode_pending(op: bytes, owner: int, started_ms: int, volumes: list[str], previous: bytes = b"") -> bytes:
-    return b"P" + _PENDING.pack(op, owner, started_ms) + ",".join(volumes).encode() + b"\n" + previous
+def encode_pending(op: bytes, owner: int, started_ms: int, volumes: list[str], previous: bytes = b"",
+                   new: tuple[int, bytes] | None = None) -> bytes:
+    line = ",".join(volumes).encode()
+    if new is not None:  # after the volumes: `;<size>:<md5 hex>`
+        line += b";%d:%s" % (new[0], new[1].hex().encode())
+    return b"P" + _PENDING.pack(op, owner, started_ms) + line + b"\n" + previous
 
 
 def decode_pending(raw: bytes) -> Pending:
     op, owner, started_ms = _PENDING.unpack_from(raw, 1)
-    volumes, _, previous = raw[1 + _PENDING.size:].partition(b"\n")
-    return Pending(op, owner, started_ms, volumes.decode().split(",") if volumes else [], previous)
+    line, _, previous = raw[1 + _PENDING.size:].partition(b"\n")
+    volumes, _, mark = line.partition(b";")
+    new = None
+    if mark:
+        size, _, md5 = mark.partition(b":")
+        new = (int(size), bytes.fromhex(md5.decode()))
+    return Pending(op, owner, started_ms, volumes.decode().split(",") if volumes else [], previous, new)
 
 
 def with_state(raw: bytes, state: int) -> bytes:

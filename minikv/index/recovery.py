@@ -5,8 +5,8 @@ Every PENDING record names the volumes it was touching and the record it replace
   Unless it replaced a value whose files lie under the same paths (an S3 overwrite): the
   volumes' renames may have put the new value in place of the old one already, and deleting it
   would delete the acknowledged old value too. Each volume is asked what it holds (the size,
-  and the md5 when the sizes agree): if none holds the new value the old record is put back,
-  else the new value is rolled forward (copied to the rest, recorded where it is);
+  and the md5 when the sizes agree, told from the new value's that the record keeps): the
+  value more of them hold is kept there (the old record back when none renamed);
 - delete: finish it; if a replica cannot be deleted now, leave the key UNLINKED (DELETE again);
 - rebalance: delete the new copies, put the old record back (its replicas were never touched).
 A composite value (an S3 multipart object: its bytes are other keys' files, none under its own
@@ -122,52 +122,69 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
 
 
-async def _holds(pool: Pool, volume: str, key: bytes, old: Data) -> tuple[str, int | None]:
-    """What `volume` holds under `key` after a crashed overwrite of `old`: ("old"|"new"|"none"|
-    "unknown", its size). nginx renames an upload into place only when it is whole, so a file
-    that is not the old value is the new one."""
+async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple[int, bytes] | None) -> tuple[str, int]:
+    """What `volume` holds under `key` after a crashed overwrite of `old` by `new` (size, md5;
+    None in a record of an older minikv): ("old"|"new"|"none"|"unknown", its size). Sizes tell
+    the two apart, and the md5 read back when they are the same. A file that is neither (a
+    truncated one) is "unknown": never taken for either value. Without `new`, nginx renaming an
+    upload into place only whole, a file that is not the old value is taken for the new one."""
     try:
         size = await replicas.exists(pool, volume, key)
-        if size is None:
-            return "none", None
-        if size != old.size:
-            return "new", size
-        if old.md5 == NO_MD5:
-            return "unknown", size  # the same size and nothing to compare with: either is whole
+    except VolumeError:
+        return "unknown", -1
+    if size is None:
+        return "none", -1
+    if new is not None and size == new[0] != old.size:
+        return "new", size
+    if new is not None and size == old.size != new[0]:
+        return "old", size
+    if size != old.size:  # nor the new value's size
+        return ("unknown" if new is not None else "new"), size
+    try:  # the same size as the old value (and as the new one, if known): the content tells
         got = await replicas.md5_of(pool, volume, key)
     except VolumeError:
-        return "unknown", None
+        return "unknown", size
     if got is None:
-        return "none", None
-    return ("old" if got[1] == old.md5 else "new"), size
+        return "none", -1
+    if new is not None and got[1] == new[1]:
+        return "new", size
+    if old.md5 != NO_MD5 and got[1] == old.md5:
+        return "old", size
+    return ("new" if new is None and old.md5 != NO_MD5 else "unknown"), size
 
 
 async def _overwrite(pool: Pool, key: bytes, raw: bytes, p, cas) -> None:
-    """Resolve a PUT that crashed while replacing the value of record `p.previous` at the same paths."""
+    """Resolve a PUT that crashed while replacing the value of record `p.previous` at the same
+    paths. The value more volumes hold whole is kept (the new one on a tie: its commit had
+    begun), on those volumes, the record marked off its layout (epoch 0) so that verify and
+    rebalance complete its replicas. Nothing is copied here: recovery holds up the supervisor,
+    and a value may be gigabytes. The other value's files are deleted; a file that is neither is
+    left for verify to report."""
     old = decode_data(p.previous)
-    asked = list(dict.fromkeys([*p.volumes, *old.volumes]))
-    state = dict(zip(asked, await asyncio.gather(*(_holds(pool, v, key, old) for v in asked))))
+    state = dict(zip(p.volumes, await asyncio.gather(*(_holds(pool, v, key, old, p.new) for v in p.volumes))))
     new = [v for v in p.volumes if state[v][0] == "new"]
-    if not new:  # no volume renamed: the old value is whole wherever it was
-        await settle(cas(key, raw, p.previous))
+    # volumes of the old record the write did not touch still hold it
+    olds = [v for v in old.volumes if v not in state or state[v][0] == "old"]
+    if not new or len(olds) > len(new):
+        kept = p.previous if olds == old.volumes else encode_data(LIVE, olds, old.size, old.mtime_ms, old.md5, 0)
+        done, _ = await settle(cas(key, raw, kept))
+        if done and new:
+            await replicas.delete_all(pool, new, key)
         return
-    size = state[new[0]][1]
-    got = await replicas.md5_of(pool, new[0], key)
-    md5 = got[1] if got is not None and got[0] == size else NO_MD5
-    kept = list(new)
-    for dst in [v for v in p.volumes if v not in new]:
-        for src in new:
+    size, md5 = p.new if p.new is not None else (state[new[0]][1], NO_MD5)
+    if p.new is None:  # a record of an older minikv: the md5 read back, if it can be
+        for v in new:
             try:
-                await replicas.copy(pool, key, src, dst, size)
-                kept.append(dst)
-                break
+                got = await replicas.md5_of(pool, v, key)
             except VolumeError:
                 continue
-    # epoch 0: off its layout, so that verify and rebalance look at it (it may lack replicas)
-    live = encode_data(LIVE, [v for v in p.volumes if v in kept], size, now_ms(), md5, 0)
-    done, _ = await settle(cas(key, raw, live))
-    if done:  # the old value's files on volumes the new record does not name are stale copies
-        await replicas.delete_all(pool, [v for v in old.volumes if v not in kept], key)
+            if got is not None and got[0] == size:
+                md5 = got[1]
+                break
+    done, _ = await settle(cas(key, raw, encode_data(LIVE, new, size, now_ms(), md5, 0)))
+    if done:
+        await replicas.delete_all(pool, [v for v in dict.fromkeys([*p.volumes, *old.volumes]) if v not in new
+                                         and state.get(v, ("old",))[0] == "old"], key)
 
 
 def retry_when_writable(change) -> None:

@@ -84,7 +84,7 @@ from minikv.index.record import (
     now_ms,
     with_state,
 )
-from minikv.index.recovery import drop_when_writable
+from minikv.index.recovery import drop_when_writable, retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
 from minikv.s3 import composite
@@ -233,12 +233,14 @@ class Values:
             delay = min(delay * 2, 0.05)
         return raw
 
-    async def lock(self, key: bytes, volumes: list[str], idle_until: float | None = None) -> tuple[bytes, bytes | None]:
+    async def lock(self, key: bytes, volumes: list[str], idle_until: float | None = None,
+                   new: tuple[int, bytes] | None = None) -> tuple[bytes, bytes | None]:
         """Take the key's record to PENDING(put) for `volumes`, after any write in flight (as
-        `unlocked`): (pending, previous record)."""
+        `unlocked`): (pending, previous record). `new`: the value's (size, md5), kept in the
+        record so that recovery can tell it on the volumes from the value it replaces."""
         while True:
             raw = await self.unlocked(key, idle_until)
-            pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"")
+            pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"", new)
             done, _ = await settle(self.store.cas(key, raw, pending))
             if done:
                 return pending, raw
@@ -283,6 +285,13 @@ class Values:
                 await settle(self.meta.put_attrs(key, live, attrs))
             done, _ = await settle(self.store.cas(key, pending, live))
         except (StoreError, lmdb.Error) as e:
+            if set(files_on(previous)) & set(volumes):
+                # the new value replaced the previous one's files at the same paths: deleting it
+                # would lose both. Its record is committed once the index can write (or by
+                # recovery, should this process end first)
+                self._commit_later(key, pending, live)
+                raise S3Error("ServiceUnavailable", f"{e}; the new value is on the volumes in place of the "
+                              "previous one, and becomes the key's once the index can write") from None
             raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
@@ -322,6 +331,14 @@ class Values:
             await settle(self.meta.drop_attrs(key, previous))
         except (lmdb.Error, StoreError):
             pass
+
+    def _commit_later(self, key: bytes, pending: bytes, live: bytes) -> None:
+        async def commit():
+            try:
+                return await settle(self.store.cas(key, pending, live))
+            except lmdb.Error as e:  # a full map: not yet
+                raise StoreError(str(e)) from None
+        retry_when_writable(commit)
 
     async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
         """The value is on the volumes but its record cannot be made LIVE: do what recovery
@@ -419,7 +436,7 @@ class Values:
             # for another write of the key to finish: both would stall)
             since = fence.epoch()
             try:
-                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE)
+                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE, (size, digest))
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
