@@ -102,6 +102,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def volume_names_clash(config: Config) -> str | None:
+    """Why -volumes cannot be served as given: two names of one server among them, or (LMDB) a
+    name of a server the index names otherwise. Volumes are told apart by name: a REBALANCE, an
+    S3 overwrite or a recovery would take a copy for another one's and delete it."""
+    from minikv.admin.common import aliases, indexed_hosts
+
+    if is_url(config.db):  # a sample would need a connection and a lease of its own: -volumes only
+        return aliases(set(), config.volumes)
+    if not os.path.exists(os.path.join(config.db, "data.mdb")):
+        return aliases(set(), config.volumes)
+    store = Store(config.db, readonly=True)
+    try:
+        return aliases(indexed_hosts(store), config.volumes)
+    finally:
+        store.close()
+
+
 def recover_pending(config: Config, owner: int | None = None) -> None:
     if is_url(config.db):  # PostgreSQL: a previous run's records were resolved at start (index/lease.py)
         if owner is not None:
@@ -297,6 +314,9 @@ def run_server(args) -> int:
         config.extra["lease_claimed"] = claimed  # the workers' fence starts from it (index/fence.py)
     else:
         lock_db(config.db)  # held until we exit; forked workers share it
+    if why := volume_names_clash(config):
+        print(f"minikv server: {why}", file=sys.stderr)
+        return 2
     check_port_free(config.host, config.port)
     ops.prepare(config, args)  # binds -metrics-port before the workers fork
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]

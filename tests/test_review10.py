@@ -290,3 +290,23 @@ def test_a_volume_that_lists_a_byte_at_a_time_is_left_out_not_waited_for(make_cl
     # one for each of its 256 folders
     assert 1 <= len(walker.errors) <= 4, walker.errors
     assert all(fake.name in e and "left out of this walk" in e for e in walker.errors), walker.errors
+
+
+# The server compares volumes by name as the admin commands do: restarted with -volumes naming a
+# server otherwise than its records, a REBALANCE (or an S3 overwrite) took a copy on that server
+# for another one's and deleted it after the move.
+def test_the_server_refuses_a_volume_named_two_ways(make_cluster):
+    import subprocess
+    import sys
+
+    from cluster import free_port
+
+    c = _written(make_cluster, 10)
+    c.index.stop()
+    respelled = ",".join(n.replace(HOST, "localhost") if i == 1 else n for i, n in enumerate(c.names))
+    twice = ",".join([*c.names, c.names[0].replace(HOST, "localhost")])
+    for volumes in (respelled, twice):
+        r = subprocess.run([sys.executable, "-m", "minikv", "server", "-port", str(free_port()), "-host", HOST,
+                            "-volumes", volumes, "-db", str(c.root / "index"), "-replicas", "2",
+                            "-subvolumes", "2"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "one server under two names" in r.stderr, r.stderr
