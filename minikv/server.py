@@ -301,6 +301,9 @@ def run_server(args) -> int:
         log(f"open-file limit {nofile}: at most {budget} client connections per worker "
             f"(raise `ulimit -n` for more)")
         config.max_connections = budget
+    if why := volume_names_clash(config):  # before any lease or recovery: nothing is touched
+        print(f"minikv server: {why}", file=sys.stderr)
+        return 2
     if is_url(config.db):  # shared by many servers: a lease instead of a lock (index/lease.py)
         from minikv.index.lease import start_sync
 
@@ -314,9 +317,6 @@ def run_server(args) -> int:
         config.extra["lease_claimed"] = claimed  # the workers' fence starts from it (index/fence.py)
     else:
         lock_db(config.db)  # held until we exit; forked workers share it
-    if why := volume_names_clash(config):
-        print(f"minikv server: {why}", file=sys.stderr)
-        return 2
     check_port_free(config.host, config.port)
     ops.prepare(config, args)  # binds -metrics-port before the workers fork
     sockets = [bind(config.host, config.port) for _ in range(config.workers)]
@@ -387,7 +387,11 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
         if i is None or stopping:
             continue
         log(f"worker {pid} died ({_describe(status)}); undoing its writes and starting another")
-        recover_pending(config, owner=pid)
+        try:
+            recover_pending(config, owner=pid)
+        except Exception as e:  # noqa: BLE001 - the index away or full: serve on, the keys stay locked
+            log(f"could not undo worker {pid}'s writes now ({e}); its keys stay locked until `minikv gc` "
+                "or the next start resolves them")
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < 10] + [now]
         if len(restarts) > 20:

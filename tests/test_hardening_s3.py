@@ -507,7 +507,7 @@ def test_a_crash_in_the_middle_of_an_s3_overwrite_keeps_one_whole_value(make_clu
         volumes = decode_data(live).volumes
         gone = subprocess.Popen(["true"])
         gone.wait()  # the writer: a worker that died
-        value = (len(new), hashlib.md5(new).digest()) if fingerprint else None
+        value = (len(new), hashlib.md5(new).digest(), now_ms()) if fingerprint else None
         assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
     finally:
         store.close()
@@ -543,7 +543,7 @@ def test_a_file_of_neither_size_after_a_crashed_overwrite_is_not_taken_for_the_v
         volumes = decode_data(live).volumes
         gone = subprocess.Popen(["true"])
         gone.wait()
-        value = (4000, hashlib.md5(b"n" * 4000).digest())
+        value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
         assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
     finally:
         store.close()
@@ -552,6 +552,44 @@ def test_a_file_of_neither_size_after_a_crashed_overwrite_is_not_taken_for_the_v
     c.restart_index()
     assert s3.get_object(Bucket="trn", Key="k")["Body"].read() == b"o" * 5000
     assert [f.read_bytes() for f in files[1:]] == [b"o" * 5000] * 2
+
+
+def test_a_crashed_overwrite_is_not_decided_while_a_volume_is_down(make_cluster):
+    # a volume that could not be asked counted for neither value: with the others split, the
+    # vote went to the new value on one volume and the old value's whole copy was deleted; with
+    # every volume down the key became a record naming no volume at all
+    import hashlib
+    import subprocess
+
+    from minikv import replicas
+    from minikv.index.record import decode_data, now_ms
+
+    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="dwn")
+    s3.put_object(Bucket="dwn", Key="k", Body=b"o" * 5000)
+    key = b"/dwn/k"
+    store = Store(str(c.root / "index"))
+    try:
+        live = store.get(key)
+        volumes = decode_data(live).volumes
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
+        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
+    finally:
+        store.close()
+    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    files[0].write_bytes(b"n" * 4000)  # one renamed; the second volume is down at recovery
+    down = c.volumes[c.names.index(replicas.locate(volumes[1], key)[0])]
+    down.stop()
+    c.restart_index()
+    store = Store(str(c.root / "index"), readonly=True)
+    try:
+        assert store.get(key) == live  # the old record, as it was
+    finally:
+        store.close()
+    assert [f.read_bytes() for f in files] == [b"n" * 4000, b"o" * 5000, b"o" * 5000]  # nothing deleted
 
 
 def test_an_overwrite_whose_record_cannot_be_committed_keeps_the_new_value(make_cluster, tmp_path):

@@ -25,6 +25,7 @@ from minikv.http.client import MAX_ANSWER, VOLUME_REQUESTS, Pool, _Link, too_big
 Answer = tuple[int, bytes]  # status, body
 MAX_IDLE = 16  # idle connections kept per volume
 LIST_TOTAL = 300.0  # the longest a listing (or a batch of them) may take in all
+MAX_BATCH = 8 * MAX_ANSWER  # a batch's answers together (a few hundred KB as a rule)
 
 
 class _Batch(_Link):
@@ -41,6 +42,7 @@ class _Batch(_Link):
         self.answers: list[Answer] = []
         self.parts: list[bytes] = []
         self.gathered = 0  # bytes of the answer coming
+        self.batch_bytes = 0  # bytes of the batch's answers
         self.done: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_rx = 0.0
@@ -56,7 +58,9 @@ class _Batch(_Link):
     def on_body(self, data: bytes) -> None:
         self.parts.append(data)
         self.gathered += len(data)
-        if self.gathered > MAX_ANSWER:  # one answer (a batch's answers together may be more)
+        self.batch_bytes += len(data)
+        # one answer, and the batch's answers together (kept until the batch ends)
+        if self.gathered > MAX_ANSWER or self.batch_bytes > MAX_BATCH:
             raise too_big(self.host)
 
     def on_message_complete(self) -> None:
@@ -117,7 +121,7 @@ class Lister:
         VOLUME_REQUESTS[host] = VOLUME_REQUESTS.get(host, 0) + len(paths)
         conn.want = len(paths)
         conn.answers = []
-        conn.gathered = 0
+        conn.gathered = conn.batch_bytes = 0
         conn.done = conn.loop.create_future()
         conn.last_rx = conn.started = conn.loop.time()
         conn.transport.write(b"".join([head + p.encode("latin-1") + tail for p in paths]))

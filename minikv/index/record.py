@@ -4,8 +4,8 @@ A record is one LMDB value. Its first byte is the state:
 
     LIVE      b"L" + <QQ16sI size, mtime_ms, md5, epoch> + volumes (utf-8, comma separated)
     UNLINKED  b"U" + same fields as LIVE (soft deleted: unreadable, listed by ?unlinked)
-    PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes [+ b";" size b":" md5 hex] + b"\\n"
-              + previous record   (the size and md5 of an S3 write's value, known at its commit)
+    PENDING   b"P" + <cIQ op, owner pid, started_ms> + volumes [+ b";" size b":" md5 hex b":" mtime]
+              + b"\\n" + previous record   (an S3 write's value, known at its commit, for recovery)
 
 PENDING is the per-key lock (HTTP 409): a write, delete or rebalance is in flight. It names the
 volumes being touched and keeps the record it replaced, so that whoever finds it after a crash
@@ -97,7 +97,7 @@ class Pending(NamedTuple):
     started_ms: int
     volumes: list[str]
     previous: bytes  # the encoded record this one replaced, b"" if none
-    new: tuple[int, bytes] | None = None  # (size, md5) of an S3 write's value: what recovery looks for
+    new: tuple[int, bytes, int] | None = None  # (size, md5, mtime_ms) of an S3 write's value, for recovery
 
 
 def encode_data(state: int, volumes: list[str], size: int, mtime_ms: int, md5: bytes, epoch: int = 0) -> bytes:
@@ -110,10 +110,10 @@ def decode_data(raw: bytes) -> Data:
 
 
 def encode_pending(op: bytes, owner: int, started_ms: int, volumes: list[str], previous: bytes = b"",
-                   new: tuple[int, bytes] | None = None) -> bytes:
+                   new: tuple[int, bytes, int] | None = None) -> bytes:
     line = ",".join(volumes).encode()
-    if new is not None:  # after the volumes: `;<size>:<md5 hex>`
-        line += b";%d:%s" % (new[0], new[1].hex().encode())
+    if new is not None:  # after the volumes: `;<size>:<md5 hex>:<mtime_ms>`
+        line += b";%d:%s:%d" % (new[0], new[1].hex().encode(), new[2])
     return b"P" + _PENDING.pack(op, owner, started_ms) + line + b"\n" + previous
 
 
@@ -123,8 +123,8 @@ def decode_pending(raw: bytes) -> Pending:
     volumes, _, mark = line.partition(b";")
     new = None
     if mark:
-        size, _, md5 = mark.partition(b":")
-        new = (int(size), bytes.fromhex(md5.decode()))
+        size, md5, mtime = mark.split(b":")
+        new = (int(size), bytes.fromhex(md5.decode()), int(mtime))
     return Pending(op, owner, started_ms, volumes.decode().split(",") if volumes else [], previous, new)
 
 

@@ -122,16 +122,16 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
 
 
-async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple[int, bytes] | None) -> tuple[str, int]:
-    """What `volume` holds under `key` after a crashed overwrite of `old` by `new` (size, md5;
-    None in a record of an older minikv): ("old"|"new"|"none"|"unknown", its size). Sizes tell
-    the two apart, and the md5 read back when they are the same. A file that is neither (a
-    truncated one) is "unknown": never taken for either value. Without `new`, nginx renaming an
-    upload into place only whole, a file that is not the old value is taken for the new one."""
+async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple | None) -> tuple[str, int]:
+    """What `volume` holds under `key` after a crashed overwrite of `old` by `new` (size, md5,
+    mtime; None in a record of an older minikv): ("old"|"new"|"none"|"neither"|"down", its size).
+    Sizes tell the two apart, and the md5 read back when they are the same. A file of neither
+    value (truncated) is never taken for one. Without `new`, nginx renaming an upload into place
+    only whole, a file that is not the old value is taken for the new one."""
     try:
         size = await replicas.exists(pool, volume, key)
     except VolumeError:
-        return "unknown", -1
+        return "down", -1
     if size is None:
         return "none", -1
     if new is not None and size == new[0] != old.size:
@@ -139,40 +139,48 @@ async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple[int,
     if new is not None and size == old.size != new[0]:
         return "old", size
     if size != old.size:  # nor the new value's size
-        return ("unknown" if new is not None else "new"), size
+        return ("neither" if new is not None else "new"), size
     try:  # the same size as the old value (and as the new one, if known): the content tells
         got = await replicas.md5_of(pool, volume, key)
     except VolumeError:
-        return "unknown", size
+        return "down", size
     if got is None:
         return "none", -1
     if new is not None and got[1] == new[1]:
         return "new", size
     if old.md5 != NO_MD5 and got[1] == old.md5:
         return "old", size
-    return ("new" if new is None and old.md5 != NO_MD5 else "unknown"), size
+    return ("new" if new is None and old.md5 != NO_MD5 else "neither"), size
 
 
 async def _overwrite(pool: Pool, key: bytes, raw: bytes, p, cas) -> None:
     """Resolve a PUT that crashed while replacing the value of record `p.previous` at the same
     paths. The value more volumes hold whole is kept (the new one on a tie: its commit had
     begun), on those volumes, the record marked off its layout (epoch 0) so that verify and
-    rebalance complete its replicas. Nothing is copied here: recovery holds up the supervisor,
-    and a value may be gigabytes. The other value's files are deleted; a file that is neither is
-    left for verify to report."""
+    rebalance complete its replicas, and the other value's files are deleted. When a volume
+    cannot be asked (down, as after a power loss), or none holds either value as far as can be
+    told, nothing is decided on a part of the picture: the old record comes back as it was and
+    nothing is deleted (a volume that renamed then holds a whole value its record does not
+    describe, which verify reports). Nothing is copied here: recovery holds up the supervisor,
+    and a value may be gigabytes."""
     old = decode_data(p.previous)
     state = dict(zip(p.volumes, await asyncio.gather(*(_holds(pool, v, key, old, p.new) for v in p.volumes))))
     new = [v for v in p.volumes if state[v][0] == "new"]
     # volumes of the old record the write did not touch still hold it
     olds = [v for v in old.volumes if v not in state or state[v][0] == "old"]
-    if not new or len(olds) > len(new):
+    if not new or any(s == "down" for s, _ in state.values()) or not olds and not new:
+        await settle(cas(key, raw, p.previous))
+        return
+    if len(olds) > len(new):
         kept = p.previous if olds == old.volumes else encode_data(LIVE, olds, old.size, old.mtime_ms, old.md5, 0)
         done, _ = await settle(cas(key, raw, kept))
-        if done and new:
+        if done:
             await replicas.delete_all(pool, new, key)
         return
-    size, md5 = p.new if p.new is not None else (state[new[0]][1], NO_MD5)
-    if p.new is None:  # a record of an older minikv: the md5 read back, if it can be
+    if p.new is not None:  # the value as its write would have recorded it: its S3 headers are found again
+        size, md5, mtime = p.new
+    else:  # a record of an older minikv: the md5 read back, if it can be
+        size, md5, mtime = state[new[0]][1], NO_MD5, now_ms()
         for v in new:
             try:
                 got = await replicas.md5_of(pool, v, key)
@@ -181,7 +189,7 @@ async def _overwrite(pool: Pool, key: bytes, raw: bytes, p, cas) -> None:
             if got is not None and got[0] == size:
                 md5 = got[1]
                 break
-    done, _ = await settle(cas(key, raw, encode_data(LIVE, new, size, now_ms(), md5, 0)))
+    done, _ = await settle(cas(key, raw, encode_data(LIVE, new, size, mtime, md5, 0)))
     if done:
         await replicas.delete_all(pool, [v for v in dict.fromkeys([*p.volumes, *old.volumes]) if v not in new
                                          and state.get(v, ("old",))[0] == "old"], key)

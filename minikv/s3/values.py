@@ -234,9 +234,9 @@ class Values:
         return raw
 
     async def lock(self, key: bytes, volumes: list[str], idle_until: float | None = None,
-                   new: tuple[int, bytes] | None = None) -> tuple[bytes, bytes | None]:
+                   new: tuple[int, bytes, int] | None = None) -> tuple[bytes, bytes | None]:
         """Take the key's record to PENDING(put) for `volumes`, after any write in flight (as
-        `unlocked`): (pending, previous record). `new`: the value's (size, md5), kept in the
+        `unlocked`): (pending, previous record). `new`: the value's (size, md5, mtime), kept in the
         record so that recovery can tell it on the volumes from the value it replaces."""
         while True:
             raw = await self.unlocked(key, idle_until)
@@ -276,20 +276,20 @@ class Values:
         finally:
             if counted:
                 budget.held_files -= counted
-        pending, previous = taken
+        pending, previous, mtime = taken
         # a record on fewer volumes than placement names is marked off its layout (epoch 0), so
         # that it reads as unbalanced and verify and rebalance look at it
-        live = encode_data(LIVE, volumes, size, now_ms(), md5, 0 if degraded else self.epoch)
+        live = encode_data(LIVE, volumes, size, mtime, md5, 0 if degraded else self.epoch)
         try:
             if attrs and self.meta is not None:  # before the record: never a new value with old headers
                 await settle(self.meta.put_attrs(key, live, attrs))
             done, _ = await settle(self.store.cas(key, pending, live))
         except (StoreError, lmdb.Error) as e:
-            if set(files_on(previous)) & set(volumes):
+            if previous is not None and previous[0] == LIVE and set(files_on(previous)) & set(volumes):
                 # the new value replaced the previous one's files at the same paths: deleting it
                 # would lose both. Its record is committed once the index can write (or by
-                # recovery, should this process end first)
-                self._commit_later(key, pending, live)
+                # recovery, should this process end first: the lock names the value)
+                self._commit_later(key, pending, previous, live, volumes, attrs)
                 raise S3Error("ServiceUnavailable", f"{e}; the new value is on the volumes in place of the "
                               "previous one, and becomes the key's once the index can write") from None
             raise S3Error("ServiceUnavailable", f"{e}; {await self._unstore(key, pending, previous, volumes)}") from None
@@ -332,12 +332,17 @@ class Values:
         except (lmdb.Error, StoreError):
             pass
 
-    def _commit_later(self, key: bytes, pending: bytes, live: bytes) -> None:
+    def _commit_later(self, key: bytes, pending: bytes, previous: bytes, live: bytes, volumes: list[str],
+                      attrs: bytes | None) -> None:
         async def commit():
             try:
-                return await settle(self.store.cas(key, pending, live))
+                if attrs and self.meta is not None:  # the object's headers first, as put does
+                    await settle(self.meta.put_attrs(key, live, attrs))
+                done, _ = await settle(self.store.cas(key, pending, live))
             except lmdb.Error as e:  # a full map: not yet
                 raise StoreError(str(e)) from None
+            if done:
+                await self.replaced(key, previous, live, volumes)
         retry_when_writable(commit)
 
     async def _unstore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> str:
@@ -436,7 +441,9 @@ class Values:
             # for another write of the key to finish: both would stall)
             since = fence.epoch()
             try:
-                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE, (size, digest))
+                mtime = now_ms()  # the value's, chosen before its lock names it (recovery keeps it)
+                taken += await self.lock(key, volumes, sent + UPLOAD_IDLE, (size, digest, mtime))
+                taken.append(mtime)
             except StoreError as e:
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed: write again once the index "
                               "can") from None
@@ -461,7 +468,7 @@ class Values:
                 self.health.mark_down(e.host, str(e))
                 raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
             raise
-        pending, previous = taken
+        pending, previous, _ = taken
         # the commit point: the last bytes make every volume rename its file into place
         if held:
             for u in uploads:
