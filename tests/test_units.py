@@ -53,7 +53,10 @@ def test_record_round_trip():
     assert d.md5_hex == bytes(range(16)).hex()
     assert record.decode_data(record.with_state(raw, record.UNLINKED)).state == record.UNLINKED
     p = record.encode_pending(record.OP_REBALANCE, 4242, 99, ["x:1"], raw)
-    assert record.decode_pending(p) == (record.OP_REBALANCE, 4242, 99, ["x:1"], raw)
+    assert record.decode_pending(p) == (record.OP_REBALANCE, 4242, 99, ["x:1"], raw, None)
+    # an S3 write's lock names its value (size, md5, mtime) after the volumes, for recovery
+    p = record.encode_pending(record.OP_PUT, 4242, 99, ["x:1", "y:2/sv03"], raw, (7, bytes(range(16)), 1234))
+    assert record.decode_pending(p) == (record.OP_PUT, 4242, 99, ["x:1", "y:2/sv03"], raw, (7, bytes(range(16)), 1234))
     assert record.decode_pending(record.encode_pending(record.OP_PUT, 1, 2, [])).volumes == []
 
 
