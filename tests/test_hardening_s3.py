@@ -479,6 +479,42 @@ def test_races_between_the_apis_give_the_right_statuses(make_cluster):
     assert seen["S3 GET"] and seen["plain DELETE"]
 
 
+def _crashed_overwrite(make_cluster, bucket: str, old: bytes, new: tuple | None):
+    """A cluster whose key `/<bucket>/k` holds `old` and is locked by an S3 overwrite (its value
+    `new`: size, md5, mtime, or None as an older minikv wrote the lock) whose worker died:
+    (cluster, S3 client, key, the old record, the key's file on each volume). The caller writes
+    the files the volumes renamed, then restarts the index (recovery at start-up)."""
+    import subprocess
+
+    from minikv import replicas
+    from minikv.index.record import decode_data, now_ms
+
+    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="k", Body=old)
+    key = f"/{bucket}/k".encode()
+    store = Store(str(c.root / "index"))
+    try:
+        live = store.get(key)
+        volumes = decode_data(live).volumes
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # the writer: a worker that died
+        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, new))[0]
+    finally:
+        store.close()
+    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    return c, s3, key, live, files
+
+
+def _record(c, key: bytes) -> bytes | None:
+    store = Store(str(c.root / "index"), readonly=True)
+    try:
+        return store.get(key)
+    finally:
+        store.close()
+
+
 # A crash while an S3 PUT replaced a value: recovery deleted "the new files" and dropped the
 # record, but the volumes that had renamed held the new value in place of the old one at the same
 # path, so the acknowledged old value was deleted with them. Now the volumes are asked what they
@@ -490,31 +526,15 @@ def test_races_between_the_apis_give_the_right_statuses(make_cluster):
 def test_a_crash_in_the_middle_of_an_s3_overwrite_keeps_one_whole_value(make_cluster, renamed, same_size,
                                                                          fingerprint):
     import hashlib
-    import subprocess
 
-    from minikv import replicas
-    from minikv.index.record import decode_data, now_ms
+    from minikv.index.record import now_ms
 
-    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
-    s3 = client(c.port)
-    s3.create_bucket(Bucket="owr")
     old, new = b"o" * 5000, b"n" * (5000 if same_size else 4321)
-    s3.put_object(Bucket="owr", Key="k", Body=old)
-    key = b"/owr/k"
-    store = Store(str(c.root / "index"))
-    try:
-        live = store.get(key)
-        volumes = decode_data(live).volumes
-        gone = subprocess.Popen(["true"])
-        gone.wait()  # the writer: a worker that died
-        value = (len(new), hashlib.md5(new).digest(), now_ms()) if fingerprint else None
-        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
-    finally:
-        store.close()
-    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    value = (len(new), hashlib.md5(new).digest(), now_ms()) if fingerprint else None
+    c, s3, _, _, files = _crashed_overwrite(make_cluster, "owr", old, value)
     for f in files[:renamed]:  # the volumes whose rename happened before the crash
         f.write_bytes(new)
-    c.restart_index()  # recovery of the dead writer's records at start-up
+    c.restart_index()
     want, holders = (new, renamed) if renamed >= 2 else (old, 3 - renamed)
     got = s3.get_object(Bucket="owr", Key="k")
     assert got["Body"].read() == want
@@ -527,34 +547,14 @@ def test_a_file_of_neither_size_after_a_crashed_overwrite_is_not_taken_for_the_v
     # without the new value's size in the record, a truncated file (a power loss on a volume)
     # was taken for the new value and rolled forward over the old one's copies
     import hashlib
-    import subprocess
 
-    from minikv import replicas
-    from minikv.index.record import decode_data, now_ms
+    from minikv.index.record import now_ms
 
-    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
-    s3 = client(c.port)
-    s3.create_bucket(Bucket="trn")
-    s3.put_object(Bucket="trn", Key="k", Body=b"o" * 5000)
-    key = b"/trn/k"
-    store = Store(str(c.root / "index"))
-    try:
-        live = store.get(key)
-        volumes = decode_data(live).volumes
-        gone = subprocess.Popen(["true"])
-        gone.wait()
-        value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
-        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
-    finally:
-        store.close()
-    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
+    c, _, key, live, files = _crashed_overwrite(make_cluster, "trn", b"o" * 5000, value)
     files[0].write_bytes(b"o" * 10)  # truncated: neither value
     c.restart_index()
-    store = Store(str(c.root / "index"), readonly=True)
-    try:
-        assert store.get(key) == live  # the old value's record, as it was (verify reports the truncated copy)
-    finally:
-        store.close()
+    assert _record(c, key) == live  # the old value's record, as it was (verify reports the truncated copy)
     assert [f.read_bytes() for f in files[1:]] == [b"o" * 5000] * 2
 
 
@@ -563,36 +563,17 @@ def test_a_crashed_overwrite_is_not_decided_while_a_volume_is_down(make_cluster)
     # vote went to the new value on one volume and the old value's whole copy was deleted; with
     # every volume down the key became a record naming no volume at all
     import hashlib
-    import subprocess
 
     from minikv import replicas
     from minikv.index.record import decode_data, now_ms
 
-    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
-    s3 = client(c.port)
-    s3.create_bucket(Bucket="dwn")
-    s3.put_object(Bucket="dwn", Key="k", Body=b"o" * 5000)
-    key = b"/dwn/k"
-    store = Store(str(c.root / "index"))
-    try:
-        live = store.get(key)
-        volumes = decode_data(live).volumes
-        gone = subprocess.Popen(["true"])
-        gone.wait()
-        value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
-        assert store.cas(key, live, encode_pending(OP_PUT, gone.pid, now_ms(), volumes, live, value))[0]
-    finally:
-        store.close()
-    files = [c.volume_dir(host) / path.lstrip("/") for host, path in replicas.locate_all(volumes, key)]
+    value = (4000, hashlib.md5(b"n" * 4000).digest(), now_ms())
+    c, _, key, live, files = _crashed_overwrite(make_cluster, "dwn", b"o" * 5000, value)
     files[0].write_bytes(b"n" * 4000)  # one renamed; the second volume is down at recovery
-    down = c.volumes[c.names.index(replicas.locate(volumes[1], key)[0])]
-    down.stop()
+    second = replicas.locate(decode_data(live).volumes[1], key)[0]
+    c.volumes[c.names.index(second)].stop()
     c.restart_index()
-    store = Store(str(c.root / "index"), readonly=True)
-    try:
-        assert store.get(key) == live  # the old record, as it was
-    finally:
-        store.close()
+    assert _record(c, key) == live  # the old record, as it was
     assert [f.read_bytes() for f in files] == [b"n" * 4000, b"o" * 5000, b"o" * 5000]  # nothing deleted
 
 
