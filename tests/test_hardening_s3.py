@@ -508,6 +508,10 @@ def _crashed_overwrite(make_cluster, bucket: str, old: bytes, new: tuple | None)
 
 
 def _record(c, key: bytes) -> bytes | None:
+    """The key's record once the restarted index serves: its port opens before recovery ends."""
+    from test_admin import ready
+
+    ready(c)
     store = Store(str(c.root / "index"), readonly=True)
     try:
         return store.get(key)
