@@ -9,7 +9,9 @@ A volume that stops closes the kept-alive connections the pool holds to it (the 
 one warm in every worker): the close of a connection nothing was asked on has that volume
 probed at once, so a stopped volume is down a fraction of a millisecond later, not at the next
 round; one that only closed connections (nginx reloading, its keepalive_timeout) answers the
-probe and nothing changes. A failure that is the index's own (out of open files: `LocalError`)
+probe and nothing changes. Such a probe must leave a kept connection behind to be told of the
+next close: one answered by a worker that exits right after it (nginx's workers stop one by one)
+leaves none, and is asked again a moment later until one is kept or the volume fails. A failure that is the index's own (out of open files: `LocalError`)
 says nothing of the volume and marks nothing. Nor does a probe that timed out once: its timer
 runs on our own loop, which one long request may have held past it; it is asked again first.
 """
@@ -22,6 +24,7 @@ import contextlib
 from minikv.http.client import LOCAL_PREFIX, LocalError, Pool, VolumeError
 
 PROBE_PATH = "/.minikv-health-probe"
+QUICK_PROBES = 12  # after a close: probes until one leaves a kept connection, 5 ms apart at first
 
 
 class Health:
@@ -83,11 +86,18 @@ class Health:
         if host in self._probing or host in self.down or host not in self.hosts:
             return
         try:
-            task = asyncio.get_running_loop().create_task(self.probe(host))
+            task = asyncio.get_running_loop().create_task(self._probe_until_kept(host))
         except RuntimeError:  # no loop runs (the pool is being closed at exit)
             return
         self._probing[host] = task
         task.add_done_callback(lambda _: self._probing.pop(host, None))
+
+    async def _probe_until_kept(self, host: str) -> None:
+        for attempt in range(QUICK_PROBES):
+            await self.probe(host)
+            if host in self.down or self.pool.holds_idle(host):
+                return
+            await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(h) for h in self.hosts))

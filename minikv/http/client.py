@@ -536,6 +536,10 @@ class Pool:
                 return conn
         return None
 
+    def holds_idle(self, host: str) -> bool:
+        """Whether a kept-alive connection to `host` waits in the pool (whose close we would see)."""
+        return any(not conn.closed for conn in self._idle.get(host, ()))
+
     def address(self, host: str) -> tuple[str, int]:
         """Where to connect for `host` ("name:port"): the address a first connection resolved it to."""
         name, _, port = host.rpartition(":")
