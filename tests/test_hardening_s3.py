@@ -635,3 +635,28 @@ def test_an_overwrite_whose_record_cannot_be_committed_keeps_the_new_value(make_
         assert sorted(record.volumes) == sorted(c.names)  # subvolume 1: the volumes themselves
     finally:
         store.close()
+
+
+# An S3 GET streams the volume's answer: a replica cut short (a power loss on its volume) was
+# sent whole as the object, 10 bytes under the 5,000-byte value's ETag, and a range inside the
+# value was answered 416 InvalidRange. The next replica is read instead.
+def test_a_short_replica_is_passed_over_by_s3_reads(make_cluster):
+    from minikv import replicas
+    from minikv.index.record import decode_data
+
+    c = make_cluster(volumes=3, replicas=3, subvolumes=2)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="shr")
+    value = bytes(range(256)) * 20
+    s3.put_object(Bucket="shr", Key="k", Body=value)
+    store = Store(str(c.root / "index"))
+    try:
+        volumes = decode_data(store.get(b"/shr/k")).volumes
+    finally:
+        store.close()
+    (host, path), *_ = replicas.locate_all(volumes, b"/shr/k")
+    (c.volume_dir(host) / path.lstrip("/")).write_bytes(value[:10])
+    for _ in range(12):  # the replica read first is chosen at random
+        assert s3.get_object(Bucket="shr", Key="k")["Body"].read() == value
+        assert s3.get_object(Bucket="shr", Key="k", Range="bytes=100-199")["Body"].read() == value[100:200]
+        assert s3.get_object(Bucket="shr", Key="k", Range="bytes=5-6")["Body"].read() == value[5:7]

@@ -168,10 +168,12 @@ class Values:
 
     async def open(self, key: bytes, raw: bytes, headers=(), moved: bool = False):
         """Start a GET of the value of record `raw` from one replica: (conn, body) with status
-        200 or 206. Tries each replica in turn; InvalidRange for a 416."""
+        200 or 206. Tries each replica in turn, past any whose file is not the record's size
+        (callers ask only for ranges inside the value)."""
         reasons = []
         missing = 0
-        for volume in self._replica_order(decode_data(raw).volumes):
+        data = decode_data(raw)
+        for volume in self._replica_order(data.volumes):
             host, path = replicas.locate(volume, key)
             try:
                 conn, body = await self.pool.download(host, path, headers)
@@ -180,10 +182,17 @@ class Values:
                 reasons.append(str(e))
                 continue
             if conn.status in (200, 206):
-                return conn, body
+                held = _whole_size(conn)
+                if held == data.size:
+                    return conn, body
+                # a damaged replica (cut short, or another value's): the next one may be whole
+                self.pool.discard(conn)
+                reasons.append(f"volume {host} holds {held} bytes of a {data.size}-byte value (run verify)")
+                continue
             self.pool.discard(conn)
-            if conn.status == 416:
-                raise S3Error("InvalidRange", "The requested range is not satisfiable")
+            if conn.status == 416:  # our ranges lie within the record's size: this copy is short
+                reasons.append(f"volume {host} holds less than the {data.size}-byte value (run verify)")
+                continue
             reasons.append(f"volume {host} answered {conn.status} to GET")
             missing += conn.status == 404
         if missing and (current := readable(await settle(self.store.get(key)))) != raw:
@@ -584,3 +593,12 @@ class Values:
         await self._forget(key, raw, None)
         await composite.remove(self, raw)  # the parts; one left is an orphan for `minikv gc`
         return True
+
+
+def _whole_size(conn) -> int | None:
+    """The size of the whole file a volume's 200 or 206 answer is of (None: it does not say)."""
+    if conn.status == 206:
+        total = conn.headers.get(b"content-range", b"").rpartition(b"/")[2]
+    else:
+        total = conn.headers.get(b"content-length", b"")
+    return int(total) if total.isdigit() and len(total) <= 18 else None
