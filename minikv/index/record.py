@@ -122,9 +122,11 @@ def decode_pending(raw: bytes) -> Pending:
     line, _, previous = raw[1 + _PENDING.size:].partition(b"\n")
     volumes, _, mark = line.partition(b";")
     new = None
-    if mark:
+    try:
         size, md5, mtime = mark.split(b":")
         new = (int(size), bytes.fromhex(md5.decode()), int(mtime))
+    except ValueError:  # none (an older minikv's lock, a plain PUT's) or damaged: not known
+        pass
     return Pending(op, owner, started_ms, volumes.decode().split(",") if volumes else [], previous, new)
 
 

@@ -168,7 +168,7 @@ async def _overwrite(pool: Pool, key: bytes, raw: bytes, p, cas) -> None:
     new = [v for v in p.volumes if state[v][0] == "new"]
     # volumes of the old record the write did not touch still hold it
     olds = [v for v in old.volumes if v not in state or state[v][0] == "old"]
-    if not new or any(s == "down" for s, _ in state.values()) or not olds and not new:
+    if not new or any(s == "down" for s, _ in state.values()):
         await settle(cas(key, raw, p.previous))
         return
     if len(olds) > len(new):
