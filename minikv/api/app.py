@@ -482,6 +482,10 @@ class App:
         await replicas.delete_all(self.pool, volumes, key)
         return await self._drop(key, pending)
 
+    async def _undo(self, key: bytes, pending: bytes, raw: bytes) -> None:
+        """Put the record `raw` back in place of our lock `pending`, if it is still there."""
+        await self._cas(key, pending, raw)
+
     async def _drop(self, key: bytes, pending: bytes) -> str:
         """Drop the PENDING record of a key whose files are gone: "" when done, else why it
         could not be now; it is then dropped once the database takes writes again."""
@@ -507,7 +511,13 @@ class App:
         return self._delete_files(key, volumes, pending, raw)
 
     async def _delete_files(self, key: bytes, volumes: list[str], pending: bytes, raw: bytes) -> bytes:
+        since = fence.epoch()
         await self._lock(key, raw, pending)
+        if fence.suspect(since) and (why := await fence.refused(since, "nothing was deleted")):
+            # a shared index's lease: another server may have undone this lock and let the key be
+            # written again, at the very paths these deletes would remove
+            await self._undo(key, pending, raw)  # when still ours (a stale renewal): as it was
+            raise HTTPError(503, why)
         failed = await replicas.delete_all(self.pool, volumes, key)
         if failed:
             await self._cas(key, pending, with_state(raw, UNLINKED))

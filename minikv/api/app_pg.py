@@ -234,6 +234,12 @@ class PgApp(App):
             return ""
         return await super()._abandon(key, pending, volumes)
 
+    async def _undo(self, key: bytes, pending: bytes, raw: bytes) -> None:
+        try:
+            await self.engine.cas(key, pending, raw)
+        except StoreError:
+            undo_later(self.engine, key, pending, raw)
+
     async def _drop(self, key: bytes, pending: bytes) -> str:
         try:
             await self.engine.cas(key, pending, None)

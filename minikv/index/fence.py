@@ -57,7 +57,7 @@ def suspect(since: int) -> bool:
     return _renewed_at is not None and (since != _losses or time.monotonic() - _renewed_at >= LEASE / 2)
 
 
-async def refused(since: int) -> str:
+async def refused(since: int, done: str = "the value was not committed") -> str:
     """"" when a write that locked its key at `epoch()` == `since` may commit now, after renewing
     the lease here if the last renewal is stale (the database was out of reach, and the upkeep's
     next renewal has not come yet); else why not, for its 503. A lease lost since the lock
@@ -72,9 +72,9 @@ async def refused(since: int) -> str:
         except Exception:  # noqa: BLE001 - the database still out of reach: refused as stale
             pass
     if since != _losses:
-        return ("this index server's lease on the index was taken over while the value was being written: "
-                "another server undid the write, so it was not committed")
+        return ("this index server's lease on the index was taken over since the key was locked: another "
+                f"server undid the lock, so {done}")
     if time.monotonic() - _renewed_at >= LEASE / 2:
         return (f"this index server last renewed its lease on the index {time.monotonic() - _renewed_at:.0f}s "
-                "ago and cannot now (the database out of reach?): the value was not committed")
+                f"ago and cannot now (the database out of reach?): {done}")
     return ""

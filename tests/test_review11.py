@@ -1,0 +1,53 @@
+"""A red-team round of the running system (the evening of 2026-12-04): what each fix guards,
+against real nginx volumes and a real index. Each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from minikv.api.app import App
+from minikv.config import Config
+from minikv.health import Health
+from minikv.http.client import Pool
+from minikv.http.response import HTTPError
+from minikv.index import fence
+from minikv.index.store import Store
+
+
+# A DELETE locks its key, then deletes the files. On a shared PostgreSQL index a server stopped
+# between the two past its lease has its lock undone by another server, which lets the key be
+# written anew at the same paths: the deletes must go only on a lease known to be its own, as a
+# PUT's last bytes do (index/fence.py). Here the lease is lost in this process's fence.
+def test_a_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluster, monkeypatch):
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    assert c.put("/fenced/del", b"value").status_code == 201
+
+    async def lost():
+        return None  # the lease row has another server's token
+
+    monkeypatch.setattr(fence, "_renewed_at", time.monotonic() - 2 * fence.LEASE)
+    monkeypatch.setattr(fence, "_token", "ours")
+    monkeypatch.setattr(fence, "_renew", lost)
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    async def delete() -> tuple[HTTPError, bytes | None, bytes | None]:
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(b"/fenced/del")
+            app = App(cfg, store, pool, Health(pool, cfg.hosts))
+            with pytest.raises(HTTPError) as e:
+                await app.delete(b"/fenced/del")
+            return e.value, raw, store.get(b"/fenced/del")
+        finally:
+            pool.close()
+            store.close()
+
+    err, raw, after = asyncio.run(delete())
+    assert err.status == 503 and "nothing was deleted" in err.reason, err.reason
+    assert after == raw  # the lock is undone
+    r = c.session.get(c.url("/fenced/del"))
+    assert r.status_code == 200 and r.content == b"value"  # still there
