@@ -51,3 +51,22 @@ def test_a_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluster, m
     assert after == raw  # the lock is undone
     r = c.session.get(c.url("/fenced/del"))
     assert r.status_code == 200 and r.content == b"value"  # still there
+
+
+# verify counts the copies on a volume that is down as unreachable; a volume that held none of
+# the keys gave no finding at all, and verify said all was well (exit 0) without having listed it
+# for orphans.
+def test_verify_with_a_volume_down_is_not_clean_even_when_no_key_is_on_it(make_cluster):
+    from test_admin import admin
+
+    from minikv.placement import key2volume
+
+    c = make_cluster(volumes=3, replicas=1, subvolumes=1)
+    keys = [k for k in (f"/down/{i}" for i in range(40)) if key2volume(k.encode(), c.names, 1, 1) != [c.names[2]]]
+    for k in keys[:8]:  # none of them placed on the third volume
+        assert c.put(k, b"v").status_code == 201
+    c.index.stop()
+    assert admin("verify", c).returncode == 0
+    c.volumes[2].stop()
+    r = admin("verify", c)
+    assert r.returncode == 1 and "orphan search incomplete" in r.stderr and c.names[2] in r.stderr, r.stderr[-2000:]

@@ -350,6 +350,10 @@ async def verify(args, config: Config) -> int:
             for err in errors:
                 progress.add("failed")
                 progress.problem(f"orphan search incomplete: {err}")
+            for host, reason in down.items():  # not listed: with no key on it, nothing else would tell
+                if host not in dirs:
+                    progress.add("failed")
+                    progress.problem(f"orphan search incomplete: {reason}")
             if not stop.is_set():
                 stop_on_signal(stop, progress)
                 await each_record_quick(store, job, notes, args.concurrency, stop)
