@@ -14,6 +14,7 @@ from minikv.health import Health
 from minikv.http.client import Pool
 from minikv.http.response import HTTPError
 from minikv.index import fence
+from minikv.index.record import UNLINKED
 from minikv.index.store import Store
 
 
@@ -70,3 +71,58 @@ def test_verify_with_a_volume_down_is_not_clean_even_when_no_key_is_on_it(make_c
     c.volumes[2].stop()
     r = admin("verify", c)
     assert r.returncode == 1 and "orphan search incomplete" in r.stderr and c.names[2] in r.stderr, r.stderr[-2000:]
+
+
+# Clearing a dead process's locks (a server starting; rebalance, repair and gc at their start)
+# read the list of locks once, then deleted each lock's files before its compare-and-set. Two of
+# them at once (a gc niced by cron beside a rebalance run again after a kill): the faster one
+# resolved a lock and moved the key on; the slower one, reaching the same lock in its old list,
+# deleted the key's new copies (236 keys lost in the red team's run, every command exiting 0).
+def test_a_lock_resolved_and_moved_on_meanwhile_is_not_resolved_again(make_cluster, monkeypatch):
+    import hashlib
+    import subprocess
+
+    from minikv import replicas
+    from minikv.index import recovery
+    from minikv.index.record import LIVE, OP_REBALANCE, encode_data, encode_pending, now_ms
+    from minikv.placement import key2volume
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1, workers=1)
+    key, value = b"/moved/on", b"the value"
+    assert c.put(key.decode(), value).status_code == 201
+    placed = key2volume(key, c.names, 2, 1)
+    elsewhere = [placed[0], next(n for n in c.names if n not in placed)]  # misplaced: one copy off
+    for host, path in replicas.locate_all(elsewhere, key):
+        (c.volume_dir(host) / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (c.volume_dir(host) / path.lstrip("/")).write_bytes(value)
+    for host, path in replicas.locate_all([placed[1]], key):
+        (c.volume_dir(host) / path.lstrip("/")).unlink()
+    live = encode_data(LIVE, elsewhere, len(value), now_ms(), hashlib.md5(value).digest())
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a rebalance that died: its lock, its copy made on the placed volume
+    lock = encode_pending(OP_REBALANCE, gone.pid, now_ms(), placed, live)
+    for host, path in replicas.locate_all([placed[1]], key):
+        (c.volume_dir(host) / path.lstrip("/")).write_bytes(value)
+    store = Store(str(c.root / "index"))
+    try:
+        assert store.cas(key, store.get(key), lock)[0]
+        old_list = list(store.pending_records())
+
+        async def clear() -> int:
+            pool = Pool()
+            try:
+                return await recovery.recover(store, pool)
+            finally:
+                pool.close()
+
+        assert asyncio.run(clear()) == 1  # the faster one: the lock undone
+        assert store.get(key) == live
+        r = c.session.request("REBALANCE", c.url(key.decode()))  # and the key moved on
+        assert r.status_code == 204, r.text
+        monkeypatch.setattr(store, "pending_records", lambda: iter(old_list))
+        assert asyncio.run(clear()) == 0  # the slower one, with its old list
+    finally:
+        store.close()
+    for host, path in replicas.locate_all(placed, key):
+        assert (c.volume_dir(host) / path.lstrip("/")).read_bytes() == value, host
+    assert c.session.get(c.url(key.decode())).content == value

@@ -87,6 +87,16 @@ def test_transition_table(before, after, ok):
             record.check_transition(enc[before], enc[after])
 
 
+def test_a_lock_may_change_hands_but_not_what_it_locks():
+    lock = record.encode_pending(record.OP_REBALANCE, 1, 1, ["v"], record.encode_data(record.LIVE, ["w"], 1, 1, b""))
+    record.check_transition(lock, record.reowned(lock, 2, 5))  # recovery claims it
+    assert record.decode_pending(record.reowned(lock, 2, 5))[1:] == (2, 5, ["v"], record.decode_pending(lock).previous, None)
+    for other in (record.encode_pending(record.OP_REBALANCE, 2, 5, ["x"], record.decode_pending(lock).previous),
+                  record.encode_pending(record.OP_PUT, 2, 5, ["v"], record.decode_pending(lock).previous)):
+        with pytest.raises(record.IllegalTransition):
+            record.check_transition(lock, other)
+
+
 def test_go_style_flags_anywhere():
     a = parse_args(["-volumes", "a:1,b:2", "-db", "/tmp/idx", "server", "-protect", "--replicas=2",
                     "-md5sum=false", "-voltimeout", "500ms"])

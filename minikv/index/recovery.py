@@ -39,6 +39,7 @@ from minikv.index.record import (
     encode_data,
     is_composite,
     now_ms,
+    reowned,
     with_state,
 )
 from minikv.index.store import Store, StoreError
@@ -93,7 +94,14 @@ async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
             continue
         if owner is None and owner_alive(p.owner, p.started_ms):
             continue
-        await resolve(pool, key, raw, store.cas)
+        # made ours first: the list is read once, and another process (an admin command, a
+        # server starting) may have resolved this record since, and the key moved on: its files
+        # are then another value's, and must not be deleted on the strength of this old list
+        claimed = reowned(raw, os.getpid(), now_ms())
+        done, _ = await settle(store.cas(key, raw, claimed))
+        if not done:
+            continue
+        await resolve(pool, key, claimed, store.cas)
         resolved += 1
     return resolved
 
