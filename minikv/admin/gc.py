@@ -114,12 +114,19 @@ class Collect:
             self.progress.add("busy")
             return
         upload_id, numbers = decode_composite(raw)
+        held = False
         for part in [manifest_key(upload_id)] + [part_key(upload_id, n) for n in numbers]:
             found = self.store.get(part)
             if found is not None and found[0] == LIVE and self.store.cas(part, found, with_state(found, UNLINKED))[0]:
                 found = with_state(found, UNLINKED)
             if found is not None and found[0] == UNLINKED:
                 await self.key(part, found)
+            elif found is not None:  # locked (a rebalance or repair moving it): it would stay for ever
+                held = True
+        if held:  # the object stays UNLINKED, for the next run to finish
+            self.store.cas(key, pending, raw)
+            self.progress.add("busy")
+            return
         self.store.cas(key, pending, None)
         self.progress.add("deleted")
 
