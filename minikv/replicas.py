@@ -8,6 +8,7 @@ never holds more than a few chunks in memory, or a small file (up to SMALL) whol
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 from minikv.api.digest import StreamingMd5
 from minikv.http.client import Pool, VolumeError
@@ -94,16 +95,25 @@ def wrong_size(host: str, path: str, got: int, size: int) -> VolumeError:
                              "that copy is not used (`minikv verify` finds such copies)")
 
 
-async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = None) -> None:
-    """Stream the key's file from volume `src` to volume `dst` (raises VolumeError). `size`:
-    what the record says the file holds; a small one is copied by copy_small, and a file of
-    another size is refused (VolumeError of `src`: the caller tries another replica)."""
+def wrong_md5(host: str, path: str) -> VolumeError:
+    """A copy of the right size whose bytes are not the value's (a flipped bit on its disk)."""
+    return VolumeError(host, f"holds other bytes at {path} than the key's record says (its md5 differs): "
+                             "that copy is not used (`minikv verify -md5` finds such copies)")
+
+
+async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = None,
+               md5: bytes | None = None) -> None:
+    """Stream the key's file from volume `src` to volume `dst` (raises VolumeError). `size`
+    and `md5`: what the record says of the file; a small one is copied by copy_small, and a
+    file of another size or md5 is refused (VolumeError of `src`: the caller tries another
+    replica). The last bytes, which make the volume keep the copy, go once the md5 is right."""
     src_host, src_path = locate(src, key)
     dst_host, dst_path = locate(dst, key)
     if size is not None and 0 < size <= SMALL and await copy_small(pool, src_host, src_path, dst_host, dst_path,
-                                                                   size):
+                                                                   size, md5):
         return
     conn, body = await pool.download(src_host, src_path)
+    digest = StreamingMd5() if md5 else None
     try:
         if conn.status != 200:
             raise VolumeError(src_host, f"answered {conn.status} to GET of {src_path}")
@@ -112,10 +122,19 @@ async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = No
             raise wrong_size(src_host, src_path, int(length), size)
         upload = await pool.upload(dst_host, dst_path, int(length) if length is not None else None)
         try:
+            held = b""
             while chunk := await asyncio.wait_for(body.read(), pool.stall):
-                upload.write(chunk)
+                if held:
+                    upload.write(held)
+                held = chunk
+                if digest is not None:
+                    await digest.update(chunk)
                 if upload.paused:
                     await upload.drain()
+            if digest is not None and await digest.digest() != md5:
+                raise wrong_md5(src_host, src_path)
+            if held:
+                upload.write(held)
             status = await upload.finish()
         except BaseException:
             upload.abort()
@@ -125,11 +144,13 @@ async def copy(pool: Pool, key: bytes, src: str, dst: str, size: int | None = No
     except asyncio.TimeoutError:
         raise VolumeError(src_host, f"sent nothing for {pool.stall:g}s") from None
     finally:
+        if digest is not None:
+            await digest.close()
         pool.finish_download(conn)
 
 
 async def copy_small(pool: Pool, src_host: str, src_path: str, dst_host: str, dst_path: str,
-                     size: int | None = None) -> bool:
+                     size: int | None = None, md5: bytes | None = None) -> bool:
     """Copy a small file as a GET and a PUT that share their connections and writes with the
     other keys in flight (a streamed copy takes a connection and a write of its own for the
     GET). The GET asks for the first SMALL bytes only, so a file bigger than its record says
@@ -151,6 +172,8 @@ async def copy_small(pool: Pool, src_host: str, src_path: str, dst_host: str, ds
         raise wrong_size(src_host, src_path, total, size)
     if total != len(resp.body):
         return False  # bigger than SMALL: streamed instead
+    if md5 and hashlib.md5(resp.body).digest() != md5:
+        raise wrong_md5(src_host, src_path)
     status = (await pool.request(dst_host, "PUT", dst_path, resp.body)).status
     if status not in (201, 204):
         raise VolumeError(dst_host, f"answered {status} to PUT of {dst_path}")

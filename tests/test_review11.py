@@ -163,3 +163,41 @@ def test_gc_leaves_an_unlinked_multipart_object_whose_manifest_is_locked_for_its
         assert [store.get(k) for k in (b"/mpgc/k", manifest_key(up), part_key(up, 1))] == [None, None, None]
     finally:
         store.close()
+
+
+# A move copied the first replica that answered with the right size: one whose bytes rotted on
+# its disk (one flipped byte) was copied to the new volumes, and the good copies were deleted as
+# stale. With the record's md5 known, a copy is checked before the volume keeps it, and the next
+# replica is used.
+@pytest.mark.parametrize("size", [10_000, 100_000])  # copied whole, and streamed
+def test_a_move_does_not_copy_a_replica_whose_bytes_differ_from_its_md5(make_cluster, size):
+    import hashlib
+    import os
+
+    from test_admin import admin
+
+    from minikv import replicas
+    from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending, now_ms
+    from minikv.placement import key2volume
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    key, value = b"/rot/k", bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    placed = key2volume(key, c.names, 2, 1)
+    rotten = next(n for n in c.names if n not in placed)
+    held = [rotten, placed[0]]  # the record names the rotten copy first, and one good one
+    c.index.stop()
+    for host, path in replicas.locate_all(held, key):
+        f = c.volume_dir(host) / path.lstrip("/")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(value if host != rotten else value[:100] + bytes((value[100] ^ 1,)) + value[101:])
+    live = encode_data(LIVE, held, len(value), now_ms(), hashlib.md5(value).digest())
+    store = Store(str(c.root / "index"))
+    try:
+        lock = encode_pending(OP_PUT, os.getpid(), now_ms(), held)
+        assert store.cas(key, None, lock)[0] and store.cas(key, lock, live)[0]
+    finally:
+        store.close()
+    r = admin("rebalance", c)
+    assert r.returncode == 0, r.stderr
+    for host, path in replicas.locate_all(placed, key):
+        assert (c.volume_dir(host) / path.lstrip("/")).read_bytes() == value, (host, r.stderr)

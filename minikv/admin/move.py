@@ -29,6 +29,7 @@ from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import settle
 from minikv.index.record import (
     LIVE,
+    NO_MD5,
     OP_REBALANCE,
     PENDING,
     decode_data,
@@ -84,7 +85,7 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
                 raise VolumeError(host_of(dst), "cannot get a copy: no replica of the key is good")
             for i, src in enumerate(sources):
                 try:
-                    await replicas.copy(pool, key, src, dst, old.size)
+                    await replicas.copy(pool, key, src, dst, old.size, old.md5 if old.md5 != NO_MD5 else None)
                     break
                 except VolumeError as e:
                     if e.host == host_of(dst) or i == len(sources) - 1:
