@@ -183,9 +183,9 @@ class Values:
                 continue
             if conn.status in (200, 206):
                 held = _whole_size(conn)
-                if held == data.size:
+                if held == data.size or await self._overwritten(key, raw, held):
                     return conn, body
-                # a damaged replica (cut short, or another value's): the next one may be whole
+                # a damaged replica (cut short): the next one may be whole
                 self.pool.discard(conn)
                 reasons.append(f"volume {host} holds {held} bytes of a {data.size}-byte value (run verify)")
                 continue
@@ -204,6 +204,18 @@ class Values:
                 return await self.open(key, current, headers, moved=True)
             reasons.append("the object was replaced while being read: retry")
         raise S3Error("ServiceUnavailable", "no replica could be read: " + "; ".join(reasons))
+
+    async def _overwritten(self, key: bytes, raw: bytes, held: int | None) -> bool:
+        """Is a file of another size than record `raw` says the value of an overwrite that has
+        renamed its files in since (committed, or about to: its lock names its size)? It is then
+        what the key holds, and sent as before; otherwise the copy is damaged."""
+        now = await settle(self.store.get(key))
+        if now is None or readable(now) != raw:
+            return now is not None
+        if now[0] == PENDING and now[1:2] == OP_PUT:
+            new = decode_pending(now).new
+            return new is not None and new[0] == held
+        return False
 
     async def stream(self, key: bytes, raw: bytes, headers=(), expect: int | None = None) -> AsyncIterator[bytes]:
         """The value's bytes (or a range of them) from one replica, flow-controlled."""
