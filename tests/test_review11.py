@@ -201,3 +201,26 @@ def test_a_move_does_not_copy_a_replica_whose_bytes_differ_from_its_md5(make_clu
     assert r.returncode == 0, r.stderr
     for host, path in replicas.locate_all(placed, key):
         assert (c.volume_dir(host) / path.lstrip("/")).read_bytes() == value, (host, r.stderr)
+
+
+# rebalance left UNLINKED keys where they were: once a volume the layout no longer names was
+# retired, such a key could never be deleted (gc failed on every run, DELETE answered 503 "the
+# key is now unlinked: DELETE it again later"). It is moved, and stays UNLINKED.
+def test_an_unlinked_key_is_moved_off_a_volume_being_retired(make_cluster):
+    from test_admin import admin, all_files, restart
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    for i in range(20):
+        assert c.put(f"/retire/{i}", b"v%d" % i).status_code == 201
+        assert c.request("UNLINK", f"/retire/{i}").status_code == 204
+    assert c.put("/retire/kept", b"kept").status_code == 201
+    restart(c, c.names[:2])
+    r = admin("rebalance", c, volumes=c.names[:2])
+    assert r.returncode == 0, r.stderr
+    retired = c.volume_dir(c.names[2])
+    assert [p for p in all_files(c) if retired in p.parents and not p.name.startswith(".minikv")] == []
+    c.volumes[2].stop()
+    assert c.session.get(c.url("/retire/3")).status_code == 404  # still unlinked
+    r = admin("gc", c, "-age", "0s", volumes=c.names[:2])
+    assert r.returncode == 0 and "20 unlinked keys deleted" in r.stderr, r.stderr
+    assert c.session.get(c.url("/retire/kept")).content == b"kept"

@@ -15,6 +15,7 @@ Why the second lock and the wait: a reader may have been redirected to an old co
 the switch and fetch it a moment later; deleting it at once would fail that read. During the
 wait the key is readable from LIVE(new) (the API reads a PENDING(rebalance) record's previous
 one) and the lock names the stale copies, so a crash during the wait still gets them deleted.
+An UNLINKED key (offline rebalance) goes the same way, and is UNLINKED where this says LIVE.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from minikv import replicas
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import settle
 from minikv.index.record import (
-    LIVE,
     NO_MD5,
     OP_REBALANCE,
     PENDING,
@@ -96,7 +96,7 @@ async def move_key(pool: Pool, store: Store, key: bytes, raw: bytes, volumes: li
         await replicas.delete_all(pool, [v for v in copied if v not in old.volumes], key)
         await settle(store.cas(key, pending, raw))
         raise
-    live = encode_data(LIVE, volumes, old.size, old.mtime_ms, old.md5, epoch)
+    live = encode_data(old.state, volumes, old.size, old.mtime_ms, old.md5, epoch)  # an UNLINKED key stays so
     stale = [v for v in old.volumes if v not in volumes]
     relock = encode_pending(OP_REBALANCE, os.getpid(), now_ms(), stale, live) if stale else None
     # switch, and lock again in the same transaction, so the stale copies are always named

@@ -24,8 +24,9 @@ new list). Two ways, both safe while the index server keeps serving:
   listed through the API: use the offline way for those.)
 
 It starts by resolving the PENDING records of processes that died (a killed earlier rebalance),
-so running it again after an interruption completes the work. UNLINKED keys are not moved:
-`minikv gc` deletes them.
+so running it again after an interruption completes the work. UNLINKED keys are moved too
+(offline; the online way sees only readable keys), and stay UNLINKED: a volume the layout no
+longer names must not keep the only copies of a key that DELETE and `gc` would then never reach.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
-from minikv.index.record import LIVE, PENDING, UNLINKED, VOLUMES_AT, decode_data, is_composite
+from minikv.index.record import PENDING, VOLUMES_AT, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import needs_rebalance
 from minikv.replicas import SMALL
@@ -93,8 +94,8 @@ class Offline:
 
     def quick(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """One page of records, without an await: the keys already where placement wants them
-        and the UNLINKED ones are counted here (no task, no queue: after adding one volume to
-        many, most keys); the others are returned, for `key` to move."""
+        are counted here (no task, no queue: after adding one volume to many, most keys); the
+        others are returned, for `key` to move."""
         i, n = self.share
         if n > 1:
             pairs = [pair for pair in pairs if crc32(pair[0]) % n == i]
@@ -104,13 +105,10 @@ class Offline:
         want = self.placer.want
         rest = []
         for key, raw in pairs:
-            state = raw[0]
-            if state == LIVE:
-                # a LIVE record ends with its volumes, joined by ",": compared as they are
+            if raw[0] != PENDING:
+                # a LIVE or UNLINKED record ends with its volumes, joined by ",": compared as they are
                 if raw[VOLUMES_AT:] != ",".join(want(key)).encode():
                     rest.append((key, raw))
-            elif state == UNLINKED:
-                counts["unlinked"] += 1
             else:
                 rest.append((key, raw))
         p.tick(len(pairs) - len(rest))
@@ -128,9 +126,6 @@ class Offline:
                 await asyncio.sleep(0.1 * 2 ** attempt)
                 raw = self.store.get(key)
                 continue
-            if raw[0] == UNLINKED:
-                p.add("unlinked")
-                return
             record = None if is_composite(raw) else decode_data(raw)
             if record is None or not needs_rebalance(want, record.volumes):  # parts move as keys
                 return
@@ -182,7 +177,7 @@ async def offline(args, config: Config) -> int:
                                  "were (run rebalance again)")
         moved = "to move (dry run)" if args.dry_run else "moved"
         progress.summary([("seen", "keys seen"), ("moved", moved), ("failed", "failed"),
-                          ("unlinked", "unlinked skipped"), ("leftovers", "old copies not deleted")])
+                          ("leftovers", "old copies not deleted")])
         if stop.is_set():
             return 130
         return 1 if progress.counts["failed"] else 0
