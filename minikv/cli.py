@@ -119,7 +119,8 @@ FLAGS: dict[str, Flag] = {
     "force": Flag(bool, False, "rebuild: write into a non-empty index"),
     "md5": Flag(bool, False, "verify, repair: also check every replica's md5; rebuild: compute it (reads all data)"),
     "delete-orphans": Flag(bool, False, "repair, gc: delete files that no record points to"),
-    "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this"),
+    "age": Flag("duration", 3600.0, "gc: only unlinked keys (by write time), orphans and temp files older than this "
+                                   "(a volume's temp files and empty folders: never younger than 10m)"),
     "uploads-older-than": Flag("duration", 7 * 86400.0, "gc: abort S3 multipart uploads started longer ago than "
                                                         "this, with their parts (S3's AbortIncompleteMultipartUpload; "
                                                         "default 7 days: 168h or 7d)"),

@@ -8,6 +8,7 @@ its server starts: a million PUTs would take minutes."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import requests
 from cluster import Cluster, open_dir
 
+from minikv.admin.gc import SPOOL_MIN_AGE
 from minikv.index.record import LIVE, UNLINKED, encode_data, now_ms, with_state
 from minikv.index.store import Store
 from minikv.placement import key2path, keys_above
@@ -375,6 +377,10 @@ def test_a_key_cannot_squat_anothers_file_and_gc_clears_the_folders_deletes_leav
     assert put_raw(c, b2, b"B2").status_code == 201
     young = gc_volumes(c, vol)  # -age 24h: the folder is younger
     assert young.returncode == 0 and folder.is_dir(), young.stderr
+    still = gc_volumes(c, "-age", "0", vol)  # younger than gc's floor for a volume's folders
+    assert still.returncode == 0 and folder.is_dir(), still.stderr
+    old = time.time() - 2 * SPOOL_MIN_AGE
+    os.utime(folder, (old, old))
     r = gc_volumes(c, "-age", "0", vol)
     assert r.returncode == 0 and "1 empty folders removed" in r.stderr, r.stderr
     assert not folder.exists()

@@ -224,3 +224,24 @@ def test_an_unlinked_key_is_moved_off_a_volume_being_retired(make_cluster):
     r = admin("gc", c, "-age", "0s", volumes=c.names[:2])
     assert r.returncode == 0 and "20 unlinked keys deleted" in r.stderr, r.stderr
     assert c.session.get(c.url("/retire/kept")).content == b"kept"
+
+
+# gc removes nginx's spool files older than -age: nginx writes an upload's file only as its
+# buffer fills, minutes apart for a slow client, so `gc -age 0s DIR` failed uploads in flight
+# (a 502 that did not say why). Spool files younger than SPOOL_MIN_AGE stay, whatever -age says.
+def test_gc_never_removes_a_spool_file_an_upload_may_still_be_writing(make_cluster):
+    import os
+
+    from test_admin import admin
+
+    from minikv.admin.gc import SPOOL_MIN_AGE
+
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1)
+    spool = c.volume_dir(c.names[0]) / "body_temp"
+    minutes, hours = spool / "0000000007", spool / "0000000008"
+    for f, age in ((minutes, SPOOL_MIN_AGE / 2), (hours, 2 * SPOOL_MIN_AGE)):
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - age, time.time() - age))
+    r = admin("gc", c, "-age", "0s", str(c.volume_dir(c.names[0])))
+    assert r.returncode == 0 and "1 temp files removed" in r.stderr, r.stderr
+    assert minutes.exists() and not hours.exists()

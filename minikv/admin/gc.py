@@ -10,10 +10,12 @@ take out the trash.
 - with -delete-orphans: files no record names, older than -age (admin/orphans.py).
 - S3 multipart uploads started more than -uploads-older-than ago (7 days by default): aborted
   with their parts, and parts whose upload is gone are deleted (admin/uploads.py).
-- nginx's upload spool: files in VOLUME_DIR/body_temp older than -age, for each volume
-  directory given (this part needs the volumes' disks, so run gc on their machine). nginx
-  removes its temp files itself; only a killed nginx leaves some behind.
-- empty folders below `<aa>/<bb>/` in those volume directories, older than -age. A key whose
+- nginx's upload spool: files in VOLUME_DIR/body_temp older than -age (and never younger than
+  SPOOL_MIN_AGE: nginx touches an upload's file only as its buffer fills, minutes apart for a
+  slow client, and removing it fails that upload), for each volume directory given (this part
+  needs the volumes' disks, so run gc on their machine). nginx removes its temp files itself;
+  only a killed nginx leaves some behind.
+- empty folders below `<aa>/<bb>/` in those volume directories, as old as the spool's. A key whose
   base64 name holds "/" has its file in folders of its own, which its DELETE leaves behind
   (the index never deletes a folder through nginx: a WebDAV DELETE of a folder is recursive,
   and could take a file another key's PUT just put there). Such a folder can block a key whose
@@ -62,6 +64,8 @@ from minikv.index.recovery import owner_alive
 from minikv.index.store import Store
 from minikv.s3.composite import manifest_key, part_key
 from minikv.volume.nginx import BODY_TEMP, walk_folders
+
+SPOOL_MIN_AGE = 600.0  # seconds: an upload in flight at 1 KiB/s fills nginx's 256 KB buffer in 256 s
 
 
 class Collect:
@@ -246,10 +250,11 @@ async def gc(args, config) -> int:
         await each_record(store, job.key, args.concurrency, progress, stop)
         if not stop.is_set():
             await clean_uploads(config, store, pool, args.uploads_older_than, args.dry_run, progress)
+        local_age = max(args.age, SPOOL_MIN_AGE)
         for directory in args.positionals:
-            clean_spool(directory, args.age, args.dry_run, progress)
+            clean_spool(directory, local_age, args.dry_run, progress)
             if os.path.isdir(os.path.join(directory, BODY_TEMP)):
-                clean_folders(directory, args.age, args.dry_run, progress)
+                clean_folders(directory, local_age, args.dry_run, progress)
         if args.delete_orphans and not stop.is_set():
             progress.close()
             walk = Progress("gc orphans", total=256, bar_unit="dirs")
