@@ -245,3 +245,26 @@ def test_gc_never_removes_a_spool_file_an_upload_may_still_be_writing(make_clust
     r = admin("gc", c, "-age", "0s", str(c.volume_dir(c.names[0])))
     assert r.returncode == 0 and "1 temp files removed" in r.stderr, r.stderr
     assert minutes.exists() and not hours.exists()
+
+
+# A killed admin command's locks stay until the next admin command or server start resolves
+# them: clients got "another write or delete of this key is in progress" for ever, with nothing
+# pointing at what to do.
+def test_a_409_for_an_old_lock_says_how_a_dead_processs_locks_go(make_cluster):
+    import subprocess
+
+    from minikv.index.record import OP_REBALANCE, decode_data, encode_pending, now_ms
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/locked/old", b"v").status_code == 201
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store = Store(str(c.root / "index"))
+    try:
+        raw = store.get(b"/locked/old")
+        lock = encode_pending(OP_REBALANCE, gone.pid, now_ms() - 3_600_000, decode_data(raw).volumes, raw)
+        assert store.cas(b"/locked/old", raw, lock)[0]
+    finally:
+        store.close()
+    r = c.delete("/locked/old")
+    assert r.status_code == 409 and "for 3600s" in r.text and "minikv gc" in r.text, r.text

@@ -66,6 +66,7 @@ from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
 MAX_LIST = 1_000_000
+STALE_LOCK = 60  # seconds a lock is held before a 409 says how a dead process's lock goes
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _DIGITS = re.compile(r"[0-9]{1,30}")  # a ?list limit: plain digits, never thousands of them
 LIST_CHUNK = 5000  # index records a listing reads between two turns of the event loop
@@ -333,7 +334,12 @@ class App:
         if current is None:
             return HTTPError(404)
         if current[0] == PENDING:
-            return HTTPError(409, "another write or delete of this key is in progress")
+            held = (now_ms() - decode_pending(current).started_ms) // 1000
+            if held < STALE_LOCK:
+                return HTTPError(409, "another write or delete of this key is in progress")
+            return HTTPError(409, f"another write or delete of this key is in progress, for {held}s (process "
+                                  f"{decode_pending(current).owner}): if that process is gone (a killed rebalance, "
+                                  "repair or gc), `minikv gc` resolves its locks")
         if current[0] == LIVE:
             return HTTPError(403, "key exists: DELETE it first")
         return HTTPError(409, "the key changed meanwhile")
