@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import lmdb
 import pytest
 
 from minikv.api.app import App
@@ -268,3 +269,38 @@ def test_a_409_for_an_old_lock_says_how_a_dead_processs_locks_go(make_cluster):
         store.close()
     r = c.delete("/locked/old")
     assert r.status_code == 409 and "for 3600s" in r.text and "minikv gc" in r.text, r.text
+
+
+# From the review of these fixes: S3's DeleteObject deletes files through its own path, which
+# the DELETE fence above did not reach.
+def test_an_s3_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluster, monkeypatch):
+    from minikv.s3.errors import S3Error
+    from minikv.s3.values import Values
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    assert c.put("/fenced/s3", b"value").status_code == 201
+
+    async def lost():
+        return None
+
+    monkeypatch.setattr(fence, "_renewed_at", time.monotonic() - 2 * fence.LEASE)
+    monkeypatch.setattr(fence, "_token", "ours")
+    monkeypatch.setattr(fence, "_renew", lost)
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    async def delete():
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(b"/fenced/s3")
+            with pytest.raises(S3Error) as e:
+                await Values(cfg, store, pool, Health(pool, cfg.hosts)).delete(b"/fenced/s3")
+            return e.value, raw, store.get(b"/fenced/s3")
+        finally:
+            pool.close()
+            store.close()
+
+    err, raw, after = asyncio.run(delete())
+    assert err.code == "ServiceUnavailable" and "nothing was deleted" in err.message, err.message
+    assert after == raw
+    assert c.session.get(c.url("/fenced/s3")).content == b"value"

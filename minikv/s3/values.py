@@ -587,9 +587,18 @@ class Values:
             return True
         volumes = files_on(raw)
         pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
+        since = fence.epoch()
         done, _ = await settle(self.store.cas(key, raw, pending))
         if not done:
             raise busy()
+        if fence.suspect(since) and (why := await fence.refused(since, "nothing was deleted")):
+            # a shared index's lease (see App._delete_files): the lock may have been undone and
+            # the key written anew at the paths these deletes would remove
+            try:
+                await settle(self.store.cas(key, pending, raw))
+            except StoreError:
+                retry_when_writable(lambda: self.store.cas(key, pending, raw))
+            raise S3Error("ServiceUnavailable", why)
         if is_composite(raw):  # the manifest first: once it is gone a rebuild cannot bring the object back
             why = await composite.drop_manifest(self, raw)
             failed = [why] if why else []
