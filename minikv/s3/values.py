@@ -210,8 +210,11 @@ class Values:
         renamed its files in since (committed, or about to: its lock names its size)? It is then
         what the key holds, and sent as before; otherwise the copy is damaged."""
         now = await settle(self.store.get(key))
-        if now is None or readable(now) != raw:
-            return now is not None
+        if now is None:
+            return False
+        current = readable(now)
+        if current is not None and current != raw:  # committed since: that value's size
+            return not is_composite(current) and decode_data(current).size == held
         if now[0] == PENDING and now[1:2] == OP_PUT:
             new = decode_pending(now).new
             return new is not None and new[0] == held
