@@ -304,3 +304,49 @@ def test_an_s3_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluste
     assert err.code == "ServiceUnavailable" and "nothing was deleted" in err.message, err.message
     assert after == raw
     assert c.session.get(c.url("/fenced/s3")).content == b"value"
+
+
+# From the review: a lock claimed for resolving whose resolve then failed kept the claimer's pid;
+# a server's supervisor being alive, no admin command would ever resolve it.
+def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(make_cluster):
+    import subprocess
+
+    from minikv.index import recovery
+    from minikv.index.record import OP_REBALANCE, decode_data, decode_pending, encode_pending, now_ms
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/claimed/k", b"v").status_code == 201
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store = Store(str(c.root / "index"))
+
+    class Failing:  # the index refuses the resolve's final write (a full disk)
+        def __init__(self):
+            self.calls = 0
+
+        def pending_records(self):
+            return store.pending_records()
+
+        def cas(self, key, expect, new):
+            self.calls += 1
+            if self.calls == 2:
+                raise lmdb.MapFullError("full")
+            return store.cas(key, expect, new)
+
+    async def clear(s) -> int:
+        pool = Pool()
+        try:
+            return await recovery.recover(s, pool)
+        finally:
+            pool.close()
+
+    try:
+        raw = store.get(b"/claimed/k")
+        lock = encode_pending(OP_REBALANCE, gone.pid, now_ms(), decode_data(raw).volumes, raw)
+        assert store.cas(b"/claimed/k", raw, lock)[0]
+        with pytest.raises(lmdb.MapFullError):
+            asyncio.run(clear(Failing()))
+        assert decode_pending(store.get(b"/claimed/k")).owner == gone.pid  # the dead owner's again
+        assert asyncio.run(clear(store)) == 1 and store.get(b"/claimed/k") == raw
+    finally:
+        store.close()

@@ -21,6 +21,7 @@ can hold a database: server.py locks it), and is left alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from minikv import replicas
@@ -101,7 +102,14 @@ async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
         done, _ = await settle(store.cas(key, raw, claimed))
         if not done:
             continue
-        await resolve(pool, key, claimed, store.cas)
+        try:
+            await resolve(pool, key, claimed, store.cas)
+        except BaseException:
+            # not resolved: the dead owner's again, for the next resolver (a live claimer, such
+            # as a server's supervisor, would keep the key locked until it stopped)
+            with contextlib.suppress(Exception):
+                await settle(store.cas(key, claimed, raw))
+            raise
         resolved += 1
     return resolved
 
