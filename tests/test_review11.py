@@ -350,3 +350,44 @@ def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(m
         assert asyncio.run(clear(store)) == 1 and store.get(b"/claimed/k") == raw
     finally:
         store.close()
+
+
+# From the review: an UNLINKED key whose files are all gone (a DELETE whose answer was lost, a
+# wiped volume) cannot be moved; rebalance said it failed on every run (exit 1) where it had
+# skipped it before. It is counted apart, and gc drops it.
+def test_an_unlinked_key_with_no_copy_left_is_not_a_rebalance_failure(make_cluster):
+    from test_admin import admin, all_files, restart
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    for i in range(6):
+        assert c.put(f"/nocopy/{i}", b"v").status_code == 201
+        assert c.request("UNLINK", f"/nocopy/{i}").status_code == 204
+    for f in all_files(c):
+        if not f.name.startswith(".minikv"):
+            f.unlink()
+    restart(c, c.names[:2])
+    r = admin("rebalance", c, volumes=c.names[:2])
+    assert r.returncode == 0 and "unlinked keys with no copy left" in r.stderr, r.stderr
+    r = admin("gc", c, "-age", "0s", volumes=c.names[:2])
+    assert r.returncode == 0 and "6 unlinked keys deleted" in r.stderr, r.stderr
+
+
+# From the review: while an UNLINKED key is being moved its record is a lock, and `?unlinked`
+# left it out.
+def test_an_unlinked_key_being_moved_is_still_listed_as_unlinked(make_cluster):
+    import os
+
+    from minikv.index.record import OP_REBALANCE, decode_data, encode_pending, now_ms
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/moving/u", b"v").status_code == 201
+    assert c.request("UNLINK", "/moving/u").status_code == 204
+    store = Store(str(c.root / "index"))
+    try:
+        raw = store.get(b"/moving/u")
+        assert store.cas(b"/moving/u", raw, encode_pending(OP_REBALANCE, os.getpid(), now_ms(),
+                                                             decode_data(raw).volumes, raw))[0]
+    finally:
+        store.close()
+    assert c.get("/moving?unlinked").json()["keys"] == ["/moving/u"]
+    assert c.get("/moving?list").json()["keys"] == []

@@ -38,6 +38,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 from zlib import crc32
 
+from minikv import replicas
 from minikv.admin import move
 from minikv.admin.batch import Batched
 from minikv.admin.common import (
@@ -60,7 +61,7 @@ from minikv.api.access import client_headers
 from minikv.config import Config
 from minikv.http.client import Pool, VolumeError
 from minikv.index.engine import is_url
-from minikv.index.record import PENDING, VOLUMES_AT, decode_data, is_composite
+from minikv.index.record import PENDING, UNLINKED, VOLUMES_AT, decode_data, is_composite
 from minikv.index.store import Store
 from minikv.placement import needs_rebalance
 from minikv.replicas import SMALL
@@ -132,6 +133,9 @@ class Offline:
             if self.dry_run:
                 p.add("moved")
                 return
+            if record.state == UNLINKED and not await self._has_copy(key, record.volumes):
+                p.add("unlinked gone")  # nothing to move, and not a failure: gc drops the record
+                return
             if 0 < record.size <= SMALL:  # copied whole (replicas.copy_small); an empty one is streamed
                 settled, raw = await counted_move(p, self.pool, self.store, key, raw, want, self.epoch,
                                                   "moved", "not moved, it stays where it was")
@@ -143,6 +147,18 @@ class Offline:
                 return  # else it changed since we read it: look again
         p.add("failed")
         p.problem(f"{show(key)}: another write kept it busy; not moved (run rebalance again)")
+
+
+    async def _has_copy(self, key: bytes, volumes: list[str]) -> bool:
+        """Does any volume hold a copy of an UNLINKED key (or cannot tell)? Its files may all be
+        gone (a DELETE whose answer was lost, a wiped volume): moving it would fail every run."""
+        for volume in volumes:
+            try:
+                if await replicas.exists(self.pool, volume, key) is not None:
+                    return True
+            except VolumeError:
+                return True  # cannot tell: the move says what went wrong
+        return False
 
 
 async def offline(args, config: Config) -> int:
@@ -177,6 +193,7 @@ async def offline(args, config: Config) -> int:
                                  "were (run rebalance again)")
         moved = "to move (dry run)" if args.dry_run else "moved"
         progress.summary([("seen", "keys seen"), ("moved", moved), ("failed", "failed"),
+                          ("unlinked gone", "unlinked keys with no copy left (gc drops them)"),
                           ("leftovers", "old copies not deleted")])
         if stop.is_set():
             return 130

@@ -282,9 +282,10 @@ class App:
         if state == LIVE:  # keys being moved are still there
             def keep(v: bytes) -> bool:
                 return v[0] == LIVE or (v[0] == PENDING and readable(v) is not None)
-        else:
+        else:  # an unlinked key being moved (offline rebalance) too
             def keep(v: bytes) -> bool:
-                return v[0] == state
+                return v[0] == state or (v[0] == PENDING and v[1:2] == OP_REBALANCE
+                                         and decode_pending(v).previous[:1] == b"U")
         # one key more than the page: it is `next` (or, without a limit, the sign of too many)
         want = min(limit, MAX_LIST) + 1 if limit else MAX_LIST + 1
         pairs, pos = self.store.scan(prefix, start, want, keep, LIST_CHUNK)
@@ -460,7 +461,8 @@ class App:
                 raise HTTPError(409, f"this key's file is a folder on volume {folders[0]}: other keys' "
                                      "files are below it (base64 names that continue this one's with '/'), "
                                      "or were: once those keys are deleted, `minikv gc` given the volume "
-                                     "directories removes the empty folders; nothing was stored")
+                                     "directories removes the empty folders (10 minutes after their last "
+                                     "change); nothing was stored")
             if failed:
                 raise HTTPError(502, "; ".join(failed) + "; nothing was stored")
             raise HTTPError(411, "empty body: empty values cannot be stored")
