@@ -19,6 +19,27 @@ from minikv.index.record import UNLINKED
 from minikv.index.store import Store
 
 
+def _dead_pid() -> int:
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def _lock_for(c, key: bytes, owner: int, started_ms: int) -> tuple[bytes, bytes]:
+    """Lock the key's record as a rebalance of process `owner` does: (its record, the lock)."""
+    from minikv.index.record import OP_REBALANCE, decode_data, encode_pending
+
+    store = Store(str(c.root / "index"))
+    try:
+        raw = store.get(key)
+        lock = encode_pending(OP_REBALANCE, owner, started_ms, decode_data(raw).volumes, raw)
+        assert store.cas(key, raw, lock)[0]
+        return raw, lock
+    finally:
+        store.close()
+
 # A DELETE locks its key, then deletes the files. On a shared PostgreSQL index a server stopped
 # between the two past its lease has its lock undone by another server, which lets the key be
 # written anew at the same paths: the deletes must go only on a lease known to be its own, as a
@@ -252,21 +273,11 @@ def test_gc_never_removes_a_spool_file_an_upload_may_still_be_writing(make_clust
 # them: clients got "another write or delete of this key is in progress" for ever, with nothing
 # pointing at what to do.
 def test_a_409_for_an_old_lock_says_how_a_dead_processs_locks_go(make_cluster):
-    import subprocess
-
-    from minikv.index.record import OP_REBALANCE, decode_data, encode_pending, now_ms
+    from minikv.index.record import now_ms
 
     c = make_cluster(volumes=2, replicas=2, subvolumes=1)
     assert c.put("/locked/old", b"v").status_code == 201
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    store = Store(str(c.root / "index"))
-    try:
-        raw = store.get(b"/locked/old")
-        lock = encode_pending(OP_REBALANCE, gone.pid, now_ms() - 3_600_000, decode_data(raw).volumes, raw)
-        assert store.cas(b"/locked/old", raw, lock)[0]
-    finally:
-        store.close()
+    _lock_for(c, b"/locked/old", _dead_pid(), now_ms() - 3_600_000)
     r = c.delete("/locked/old")
     assert r.status_code == 409 and "for 3600s" in r.text and "minikv gc" in r.text, r.text
 
@@ -309,15 +320,13 @@ def test_an_s3_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluste
 # From the review: a lock claimed for resolving whose resolve then failed kept the claimer's pid;
 # a server's supervisor being alive, no admin command would ever resolve it.
 def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(make_cluster):
-    import subprocess
-
     from minikv.index import recovery
-    from minikv.index.record import OP_REBALANCE, decode_data, decode_pending, encode_pending, now_ms
+    from minikv.index.record import decode_pending, now_ms
 
     c = make_cluster(volumes=2, replicas=2, subvolumes=1)
     assert c.put("/claimed/k", b"v").status_code == 201
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone = _dead_pid()
+    raw, _ = _lock_for(c, b"/claimed/k", gone, now_ms())
     store = Store(str(c.root / "index"))
 
     class Failing:  # the index refuses the resolve's final write (a full disk)
@@ -341,12 +350,9 @@ def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(m
             pool.close()
 
     try:
-        raw = store.get(b"/claimed/k")
-        lock = encode_pending(OP_REBALANCE, gone.pid, now_ms(), decode_data(raw).volumes, raw)
-        assert store.cas(b"/claimed/k", raw, lock)[0]
         with pytest.raises(lmdb.MapFullError):
             asyncio.run(clear(Failing()))
-        assert decode_pending(store.get(b"/claimed/k")).owner == gone.pid  # the dead owner's again
+        assert decode_pending(store.get(b"/claimed/k")).owner == gone  # the dead owner's again
         assert asyncio.run(clear(store)) == 1 and store.get(b"/claimed/k") == raw
     finally:
         store.close()
@@ -377,17 +383,11 @@ def test_an_unlinked_key_with_no_copy_left_is_not_a_rebalance_failure(make_clust
 def test_an_unlinked_key_being_moved_is_still_listed_as_unlinked(make_cluster):
     import os
 
-    from minikv.index.record import OP_REBALANCE, decode_data, encode_pending, now_ms
+    from minikv.index.record import now_ms
 
     c = make_cluster(volumes=2, replicas=2, subvolumes=1)
     assert c.put("/moving/u", b"v").status_code == 201
     assert c.request("UNLINK", "/moving/u").status_code == 204
-    store = Store(str(c.root / "index"))
-    try:
-        raw = store.get(b"/moving/u")
-        assert store.cas(b"/moving/u", raw, encode_pending(OP_REBALANCE, os.getpid(), now_ms(),
-                                                             decode_data(raw).volumes, raw))[0]
-    finally:
-        store.close()
+    _lock_for(c, b"/moving/u", os.getpid(), now_ms())
     assert c.get("/moving?unlinked").json()["keys"] == ["/moving/u"]
     assert c.get("/moving?list").json()["keys"] == []
