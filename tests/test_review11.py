@@ -4,6 +4,7 @@ against real nginx volumes and a real index. Each test here failed on the code b
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import lmdb
@@ -391,3 +392,48 @@ def test_an_unlinked_key_being_moved_is_still_listed_as_unlinked(make_cluster):
     _lock_for(c, b"/moving/u", os.getpid(), now_ms())
     assert c.get("/moving?unlinked").json()["keys"] == ["/moving/u"]
     assert c.get("/moving?list").json()["keys"] == []
+
+
+# The md5 of a big chunk is computed on a helper thread. The server's supervisor hashes when it
+# recovers a crashed S3 overwrite (the volumes' copies, read back), then forks its workers: the
+# executor they inherited listed a thread they did not have, every PUT of over 64 KB waited on
+# it for ever with its key locked, and the workers could not stop.
+def test_md5_on_a_helper_thread_works_in_a_process_forked_after_using_it():
+    import os
+
+    from minikv.api.digest import StreamingMd5
+
+    async def digest(data: bytes) -> bytes:
+        md5 = StreamingMd5()
+        await md5.update(data)
+        return await md5.digest()
+
+    big = b"x" * (1 << 20)
+    asyncio.run(digest(big))  # the thread starts in this process
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its hash comes
+        try:
+            code = 0 if asyncio.run(asyncio.wait_for(digest(big), 5)) == hashlib.md5(big).digest() else 1
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_workers_forked_after_recovering_a_big_crashed_overwrite_serve_big_puts(make_cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_hardening_s3 import _crashed_overwrite
+
+    from minikv.index.record import now_ms
+
+    old, new = b"o" * 200_000, b"n" * 200_000  # one size: the volumes' copies are hashed
+    c, s3, _, _, files = _crashed_overwrite(make_cluster, "bigr", old, (len(new), hashlib.md5(new).digest(),
+                                                                       now_ms()))
+    files[0].write_bytes(new)  # one volume renamed before the crash
+    c.restart_index()  # recovery in the supervisor, then the workers forked
+    with ThreadPoolExecutor(8) as ex:
+        statuses = list(ex.map(lambda i: c.session.put(c.url(f"/bigr/put{i}"), data=b"p" * 200_000,
+                                                       timeout=20).status_code, range(8)))
+    assert statuses == [201] * 8

@@ -11,12 +11,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 INLINE_MAX = 64 << 10  # hash smaller chunks on the loop itself
 BACKLOG_MAX = 8 << 20  # bytes queued for the thread before the writer waits for it
 
-_thread = ThreadPoolExecutor(1, thread_name_prefix="minikv-md5")  # one thread keeps chunks in order
+_thread: ThreadPoolExecutor | None = None  # one thread keeps chunks in order
+_thread_pid = 0
+
+
+def _executor() -> ThreadPoolExecutor:
+    """This process's hashing thread. Made in the process that uses it: the server's supervisor
+    hashes during recovery, then forks its workers, and an executor inherited across a fork
+    lists a thread the child does not have: every chunk given to it would wait for ever."""
+    global _thread, _thread_pid
+    if _thread is None or _thread_pid != os.getpid():
+        _thread, _thread_pid = ThreadPoolExecutor(1, thread_name_prefix="minikv-md5"), os.getpid()
+    return _thread
 
 
 class StreamingMd5:
@@ -29,7 +41,7 @@ class StreamingMd5:
         if not self._queued and len(chunk) < INLINE_MAX:
             self._hash.update(chunk)
             return
-        fut = asyncio.get_running_loop().run_in_executor(_thread, self._hash.update, chunk)
+        fut = asyncio.get_running_loop().run_in_executor(_executor(), self._hash.update, chunk)
         self._queued.append((fut, len(chunk)))
         self._backlog += len(chunk)
         while self._backlog > BACKLOG_MAX or (self._queued and self._queued[0][0].done()):
