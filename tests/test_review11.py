@@ -437,3 +437,57 @@ def test_workers_forked_after_recovering_a_big_crashed_overwrite_serve_big_puts(
         statuses = list(ex.map(lambda i: c.session.put(c.url(f"/bigr/put{i}"), data=b"p" * 200_000,
                                                        timeout=20).status_code, range(8)))
     assert statuses == [201] * 8
+
+
+# A plain PUT over an UNLINKED key writes at that value's very paths; one that failed (the client
+# gone mid-body) deleted the unlinked value's files and dropped its record, where a failed PUT
+# stores nothing and changes nothing.
+def test_a_failed_put_over_an_unlinked_key_leaves_it_unlinked_with_its_files(make_cluster):
+    import socket
+
+    from cluster import HOST
+    from test_admin import holders
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    assert c.put("/failed/u", b"the unlinked value").status_code == 201
+    assert c.request("UNLINK", "/failed/u").status_code == 204
+    where = holders(c, "/failed/u")
+    s = socket.create_connection((HOST, c.port))
+    s.sendall(b"PUT /failed/u HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000)
+    time.sleep(0.3)
+    s.close()  # gone mid-body
+    deadline = time.monotonic() + 10
+    while c.get("/failed?unlinked").json()["keys"] != ["/failed/u"]:  # the PUT's lock, then undone
+        assert time.monotonic() < deadline, c.get("/failed?unlinked").text
+        time.sleep(0.1)
+    assert holders(c, "/failed/u") == where
+    store = Store(str(c.root / "index"))
+    try:
+        assert store.get(b"/failed/u")[0] == UNLINKED
+    finally:
+        store.close()
+    assert c.delete("/failed/u").status_code == 204
+
+
+def test_a_crashed_put_over_an_unlinked_key_leaves_it_unlinked_with_its_files(make_cluster):
+    from test_admin import holders
+
+    from minikv.index.record import OP_PUT, decode_data, encode_pending, now_ms
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    assert c.put("/crashed/u", b"the unlinked value").status_code == 201
+    assert c.request("UNLINK", "/crashed/u").status_code == 204
+    where = holders(c, "/crashed/u")
+    store = Store(str(c.root / "index"))
+    try:
+        unlinked = store.get(b"/crashed/u")
+        lock = encode_pending(OP_PUT, _dead_pid(), now_ms(), decode_data(unlinked).volumes, unlinked)
+        assert store.cas(b"/crashed/u", unlinked, lock)[0]  # a PUT whose worker died
+    finally:
+        store.close()
+    c.restart_index()
+    deadline = time.monotonic() + 10
+    while c.get("/crashed?unlinked").json()["keys"] != ["/crashed/u"]:  # recovered
+        assert time.monotonic() < deadline, c.get("/crashed?unlinked").text
+        time.sleep(0.1)
+    assert holders(c, "/crashed/u") == where

@@ -61,7 +61,7 @@ from minikv.index.record import (
     readable,
     with_state,
 )
-from minikv.index.recovery import drop_when_writable
+from minikv.index.recovery import drop_when_writable, retry_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
@@ -486,7 +486,18 @@ class App:
 
     async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
         """Undo a PUT: remove whatever reached the volumes, then the record ("" or, see _drop,
-        why it stays for now)."""
+        why it stays for now). A PUT over an UNLINKED value writes at that value's very paths:
+        it stays there, UNLINKED as it was (still listed, DELETE-able, found by a rebuild)."""
+        previous = decode_pending(pending).previous
+        if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
+            kept = decode_data(previous).volumes
+            await replicas.delete_all(self.pool, [v for v in volumes if v not in kept], key)
+            try:
+                await self._undo(key, pending, previous)
+            except HTTPError as e:
+                retry_when_writable(lambda: self.store.cas(key, pending, previous))
+                return e.reason
+            return ""
         await replicas.delete_all(self.pool, volumes, key)
         return await self._drop(key, pending)
 

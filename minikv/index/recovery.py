@@ -126,6 +126,12 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
         if p.op == OP_PUT and p.volumes and p.previous[:1] == bytes((LIVE,)) and not is_composite(p.previous):
             await _overwrite(pool, key, raw, p, cas)
             return
+        if p.op == OP_PUT and p.previous[:1] == bytes((UNLINKED,)) and not is_composite(p.previous):
+            # a PUT over an UNLINKED value, at its very paths: that value stays, as it was
+            kept = decode_data(p.previous).volumes
+            await replicas.delete_all(pool, [v for v in p.volumes if v not in kept], key)
+            await settle(cas(key, raw, p.previous))
+            return
         failed = await replicas.delete_all(pool, p.volumes, key)
         if p.op == OP_DELETE and is_composite(p.previous):
             await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
