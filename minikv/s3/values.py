@@ -133,11 +133,6 @@ def files_on(raw: bytes | None) -> list[str]:
     return [] if raw is None or is_composite(raw) else decode_data(raw).volumes
 
 
-def busy() -> S3Error:
-    return S3Error("OperationAborted",
-                   "A conflicting operation is currently in progress against this key. Please try again.")
-
-
 class Values:
     """Reading, writing and deleting values for the S3 front (one per worker)."""
 
@@ -580,20 +575,21 @@ class Values:
     async def delete(self, key: bytes, protect: bool = False) -> bool:
         """Delete the key's value and record; False if there was none. With `protect`
         (-protect) a LIVE key is only unlinked, as the plain API would require first."""
-        raw = await self.unlocked(key)
-        if raw is None:
-            return False
-        if protect and raw[0] == LIVE:
-            done, _ = await settle(self.store.cas(key, raw, with_state(raw, UNLINKED)))
-            if not done:
-                raise busy()
-            return True
-        volumes = files_on(raw)
-        pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
-        since = fence.epoch()
-        done, _ = await settle(self.store.cas(key, raw, pending))
-        if not done:
-            raise busy()
+        while True:  # another request took the key between our read and our CAS: behind it, as a write
+            raw = await self.unlocked(key)
+            if raw is None:
+                return False
+            if protect and raw[0] == LIVE:
+                done, _ = await settle(self.store.cas(key, raw, with_state(raw, UNLINKED)))
+                if done:
+                    return True
+                continue
+            volumes = files_on(raw)
+            pending = encode_pending(OP_DELETE, self.pid, now_ms(), volumes, raw)
+            since = fence.epoch()
+            done, _ = await settle(self.store.cas(key, raw, pending))
+            if done:
+                break
         if fence.suspect(since) and (why := await fence.refused(since, "nothing was deleted")):
             # a shared index's lease (see App._delete_files): the lock may have been undone and
             # the key written anew at the paths these deletes would remove
