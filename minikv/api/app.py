@@ -209,7 +209,7 @@ class App:
         if raw[VOLUMES_AT] == COMPOSITE_MARK:  # an S3 multipart object: no file to redirect to
             from minikv.api import composite_read  # here: it needs the S3 modules, which need this one
 
-            return composite_read.read(self, raw, is_head, req)
+            return composite_read.read(self, key, raw, is_head, req)
         if self.config.verify_get:
             return self._get_verified(key, raw, raw[VOLUMES_AT:].decode().split(","))
         # bytes all the way: the volume name goes from the record into the response as it is

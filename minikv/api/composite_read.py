@@ -11,12 +11,13 @@ and a 302 (api/app.py checks one byte of the record).
 from __future__ import annotations
 
 from minikv.http.response import HTTPError, head
-from minikv.index.record import decode_data
+from minikv.index.engine import settle
+from minikv.index.record import LIVE, decode_data, readable
 from minikv.s3 import composite
 from minikv.s3.errors import S3Error
 
 
-def read(app, raw: bytes, is_head: bool, req):
+def read(app, key: bytes, raw: bytes, is_head: bool, req):
     size = decode_data(raw).size
     first, last, status, headers = 0, size - 1, 200, [("Accept-Ranges", "bytes")]
     rng = req.header(b"range") if req is not None else None
@@ -31,13 +32,16 @@ def read(app, raw: bytes, is_head: bool, req):
             headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
     if is_head or size == 0 or app.s3 is None:
         return head(status, headers, last - first + 1)
-    return _stream(app, raw, req, status, headers, first, last)
+    return _stream(app, key, raw, req, status, headers, first, last)
 
 
-async def _stream(app, raw: bytes, req, status: int, headers: list, first: int, last: int) -> None:
+async def _stream(app, key: bytes, raw: bytes, req, status: int, headers: list, first: int, last: int) -> None:
     values = app.s3.values
     try:
         await composite.send(values, values.store, raw, first, last, req.conn,
                              lambda: head(status, headers, last - first + 1))
     except S3Error as e:  # nothing was sent yet
+        now = await settle(values.store.get(key))
+        if e.code == "NoSuchKey" or now is None or readable(now) is None and now[0] != LIVE:
+            raise HTTPError(404) from None  # deleted (or unlinked) while being read
         raise HTTPError(503, e.message) from None
