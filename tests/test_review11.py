@@ -16,7 +16,7 @@ from minikv.health import Health
 from minikv.http.client import Pool
 from minikv.http.response import HTTPError
 from minikv.index import fence
-from minikv.index.record import UNLINKED
+from minikv.index.record import UNLINKED, with_state
 from minikv.index.store import Store
 
 
@@ -565,3 +565,40 @@ def test_a_plain_get_of_a_multipart_object_deleted_meanwhile_is_404(make_cluster
             store.close()
 
     assert asyncio.run(get_after_delete()).status == 404
+
+
+# From the review: under -protect an S3 delete only unlinks; one that lost the race to another
+# unlinking the key went on to delete it for real.
+def test_an_s3_delete_under_protect_that_loses_the_race_to_an_unlink_deletes_nothing(make_cluster):
+    from minikv.s3.values import Values
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/prot/k", b"value").status_code == 201
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    class Raced:  # another request unlinks the key just before our compare-and-set
+        def __init__(self, store):
+            self.store, self.raced = store, False
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def cas(self, key, expect, new):
+            if not self.raced:
+                self.raced = True
+                assert self.store.cas(key, expect, with_state(expect, UNLINKED))[0]
+                return False, self.store.get(key)
+            return self.store.cas(key, expect, new)
+
+    async def delete() -> bytes | None:
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            assert await Values(cfg, Raced(store), pool, Health(pool, cfg.hosts)).delete(b"/prot/k", protect=True)
+            return store.get(b"/prot/k")
+        finally:
+            pool.close()
+            store.close()
+
+    after = asyncio.run(delete())
+    assert after is not None and after[0] == UNLINKED

@@ -575,11 +575,15 @@ class Values:
     async def delete(self, key: bytes, protect: bool = False) -> bool:
         """Delete the key's value and record; False if there was none. With `protect`
         (-protect) a LIVE key is only unlinked, as the plain API would require first."""
+        unlinking = None  # under -protect: the record this request tried to unlink
         while True:  # another request took the key between our read and our CAS: behind it, as a write
             raw = await self.unlocked(key)
             if raw is None:
                 return False
+            if unlinking is not None and raw == with_state(unlinking, UNLINKED):
+                return True  # unlinked by another request meanwhile: what this one was to do
             if protect and raw[0] == LIVE:
+                unlinking = raw
                 done, _ = await settle(self.store.cas(key, raw, with_state(raw, UNLINKED)))
                 if done:
                     return True
