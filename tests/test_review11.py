@@ -567,6 +567,42 @@ def test_a_plain_get_of_a_multipart_object_deleted_meanwhile_is_404(make_cluster
     assert asyncio.run(get_after_delete()).status == 404
 
 
+def test_a_plain_get_of_a_multipart_object_replaced_meanwhile_is_not_404(make_cluster):
+    # from the review: the old object's parts go when an overwrite commits; the key still exists
+    from types import SimpleNamespace
+
+    from test_s3 import client
+
+    from minikv.api import composite_read
+    from minikv.s3.front import S3
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    s3 = client(c.port)
+    s3.create_bucket(Bucket="mprep")
+    up = s3.create_multipart_upload(Bucket="mprep", Key="k")["UploadId"]
+    etag = s3.upload_part(Bucket="mprep", Key="k", UploadId=up, PartNumber=1, Body=b"y" * 1000)["ETag"]
+    s3.complete_multipart_upload(Bucket="mprep", Key="k", UploadId=up,
+                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
+
+    async def get_after_overwrite() -> HTTPError:
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(b"/mprep/k")
+            s3.put_object(Bucket="mprep", Key="k", Body=b"a plain value now")
+            app = App(cfg, store, pool, Health(pool, cfg.hosts))
+            app.s3 = S3(app)
+            with pytest.raises(HTTPError) as e:
+                await composite_read._stream(app, b"/mprep/k", raw, SimpleNamespace(conn=None), 200, [], 0, 999)
+            return e.value
+        finally:
+            pool.close()
+            store.close()
+
+    assert asyncio.run(get_after_overwrite()).status == 503
+
+
 # From the review: under -protect an S3 delete only unlinks; one that lost the race to another
 # unlinking the key went on to delete it for real.
 def test_an_s3_delete_under_protect_that_loses_the_race_to_an_unlink_deletes_nothing(make_cluster):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from minikv.http.response import HTTPError, head
 from minikv.index.engine import settle
 from minikv.index.record import LIVE, decode_data, readable
+from minikv.index.store import StoreError
 from minikv.s3 import composite
 from minikv.s3.errors import S3Error
 
@@ -41,7 +42,10 @@ async def _stream(app, key: bytes, raw: bytes, req, status: int, headers: list, 
         await composite.send(values, values.store, raw, first, last, req.conn,
                              lambda: head(status, headers, last - first + 1))
     except S3Error as e:  # nothing was sent yet
-        now = await settle(values.store.get(key))
-        if e.code == "NoSuchKey" or now is None or readable(now) is None and now[0] != LIVE:
+        try:
+            now = await settle(values.store.get(key))
+        except StoreError:
+            now = raw  # cannot tell: the error as it was
+        if now is None or now[0] != LIVE and readable(now) is None:
             raise HTTPError(404) from None  # deleted (or unlinked) while being read
         raise HTTPError(503, e.message) from None
