@@ -603,6 +603,61 @@ def test_a_plain_get_of_a_multipart_object_replaced_meanwhile_is_not_404(make_cl
     assert asyncio.run(get_after_overwrite()).status == 503
 
 
+# From the review: the PUT over an UNLINKED value may have replaced it on some volumes before it
+# failed (an empty chunked body: every volume took an empty file; a volume that answered 201
+# beside one that failed); the old record must not come back for files it no longer describes.
+def test_a_put_over_an_unlinked_key_that_replaced_its_files_leaves_no_record_of_them(make_cluster):
+    import socket
+
+    from cluster import HOST
+    from test_admin import holders
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/emptied/u", b"the unlinked value").status_code == 201
+    assert c.request("UNLINK", "/emptied/u").status_code == 204
+    with socket.create_connection((HOST, c.port)) as s:
+        s.sendall(b"PUT /emptied/u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 411")
+    store = Store(str(c.root / "index"))
+    try:
+        assert store.get(b"/emptied/u") is None
+    finally:
+        store.close()
+    assert holders(c, "/emptied/u") == set()
+
+
+def test_a_crashed_put_over_an_unlinked_key_keeps_it_where_it_was_not_replaced(make_cluster):
+    from test_admin import holders
+
+    from minikv import replicas
+    from minikv.index.record import OP_PUT, decode_data, encode_pending, now_ms
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    assert c.put("/halfway/u", b"the unlinked value").status_code == 201
+    assert c.request("UNLINK", "/halfway/u").status_code == 204
+    store = Store(str(c.root / "index"))
+    try:
+        unlinked = store.get(b"/halfway/u")
+        volumes = decode_data(unlinked).volumes
+        lock = encode_pending(OP_PUT, _dead_pid(), now_ms(), volumes, unlinked)
+        assert store.cas(b"/halfway/u", unlinked, lock)[0]  # a PUT whose worker died...
+    finally:
+        store.close()
+    (host, path), _ = replicas.locate_all(volumes, b"/halfway/u")
+    (c.volume_dir(host) / path.lstrip("/")).write_bytes(b"the PUT's bytes, renamed in")  # ...after one rename
+    c.restart_index()
+    deadline = time.monotonic() + 10
+    while c.get("/halfway?unlinked").json()["keys"] != ["/halfway/u"]:  # recovered
+        assert time.monotonic() < deadline, c.get("/halfway?unlinked").text
+        time.sleep(0.1)
+    store = Store(str(c.root / "index"))
+    try:
+        assert decode_data(store.get(b"/halfway/u")).volumes == volumes[1:]
+    finally:
+        store.close()
+    assert holders(c, "/halfway/u") == {volumes[1]}
+
+
 # From the review: under -protect an S3 delete only unlinks; one that lost the race to another
 # unlinking the key went on to delete it for real.
 def test_an_s3_delete_under_protect_that_loses_the_race_to_an_unlink_deletes_nothing(make_cluster):
@@ -638,3 +693,4 @@ def test_an_s3_delete_under_protect_that_loses_the_race_to_an_unlink_deletes_not
 
     after = asyncio.run(delete())
     assert after is not None and after[0] == UNLINKED
+

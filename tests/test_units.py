@@ -284,3 +284,17 @@ def test_status_of_something_that_is_not_a_minikv_status_is_a_message(monkeypatc
         monkeypatch.setattr(status, "find", lambda server, r=report: ("h:1", r))
         assert status.main(parse_args(["status", "-server", "h:1"])) == 2
         assert "cannot read" in capsys.readouterr().err
+
+
+def test_what_a_failed_put_over_an_unlinked_value_leaves():
+    from minikv.index.recovery import unlinked_after
+
+    old = record.encode_data(record.UNLINKED, ["a:1", "b:2"], 18, 5, bytes(16), 77)
+    # nothing replaced: every copy stays, the record as it was; the PUT's other volume is cleaned
+    assert unlinked_after(old, ["a:1", "c:3"], []) == (["c:3"], old)
+    # one replaced: the other stays, its record names it alone (off its layout: epoch 0)
+    delete, kept = unlinked_after(old, ["a:1", "b:2"], ["a:1"])
+    assert delete == ["a:1"] and record.decode_data(kept) == (record.UNLINKED, ["b:2"], 18, 5, bytes(16), 0)
+    # every copy replaced: nothing of it is left, the record goes
+    assert unlinked_after(old, ["a:1", "b:2"], ["a:1", "b:2"]) == (["a:1", "b:2"], None)
+

@@ -61,7 +61,7 @@ from minikv.index.record import (
     readable,
     with_state,
 )
-from minikv.index.recovery import drop_when_writable, retry_when_writable
+from minikv.index.recovery import drop_when_writable, retry_when_writable, unlinked_after
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
@@ -413,6 +413,7 @@ class App:
         since = fence.epoch()
         await self._lock(key, previous, pending)
         uploads = []
+        ended = False
         md5 = StreamingMd5() if self.config.md5sum else None
         try:
             for host, path in replicas.locate_all(volumes, key):  # idle kept-alive connections: immediate
@@ -435,6 +436,7 @@ class App:
                         await u.drain()
             if fence.suspect(since) and (why := await fence.refused(since)):  # a shared index's lease
                 raise HTTPError(503, f"{why}; nothing was stored")
+            ended = True  # from here a volume may have the value in place of what was there
             for u in uploads:
                 if held:
                     u.write(held)
@@ -448,14 +450,15 @@ class App:
                 await md5.close()
             if isinstance(e, VolumeError):
                 self.health.mark_down(e.host, str(e))
-            await self._abandon(key, pending, volumes)
+            await self._abandon(key, pending, volumes, volumes if ended else ())
             if isinstance(e, VolumeError):
                 raise HTTPError(503, f"{e}; nothing was stored") from None
             raise  # ClientGone, an HTTPError of ours, or a bug (500)
         failed = [f"{s}" if isinstance(s, BaseException) else f"volume {host_of(v)} answered {s} to PUT"
                   for v, s in zip(volumes, statuses) if isinstance(s, BaseException) or s not in (201, 204)]
-        if failed or size == 0:
-            await self._abandon(key, pending, volumes)
+        if failed or size == 0:  # an empty body: empty files replaced what was there
+            await self._abandon(key, pending, volumes, volumes if size == 0 else
+                                [v for v, s in zip(volumes, statuses) if s in (201, 204)])
             if folders := [host_of(v) for v, s in zip(volumes, statuses) if s == 409]:
                 # nginx's 409 to PUT: the file's path is a folder (another key's file sits below it)
                 raise HTTPError(409, f"this key's file is a folder on volume {folders[0]}: other keys' "
@@ -471,7 +474,7 @@ class App:
             done, _ = await self._cas(key, pending, live)
         except HTTPError as e:  # the index cannot record the value: take it off the volumes
             why = e.reason
-            if await self._abandon(key, pending, volumes):
+            if await self._abandon(key, pending, volumes, volumes):
                 why += "; the key stays locked (409) until the index can write again"
             raise HTTPError(503, f"{why}; nothing was stored") from None
         if not done:
@@ -484,18 +487,21 @@ class App:
                 await replicas.delete_all(self.pool, stale, key)
         return head(201)
 
-    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str], touched=()) -> str:
         """Undo a PUT: remove whatever reached the volumes, then the record ("" or, see _drop,
         why it stays for now). A PUT over an UNLINKED value writes at that value's very paths:
-        it stays there, UNLINKED as it was (still listed, DELETE-able, found by a rebuild)."""
+        it stays UNLINKED (still listed, DELETE-able, found by a rebuild) on the volumes that
+        still hold it, those that did not take the PUT's bytes (`touched` did, or may have)."""
         previous = decode_pending(pending).previous
         if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
-            kept = decode_data(previous).volumes
-            await replicas.delete_all(self.pool, [v for v in volumes if v not in kept], key)
+            delete, record = unlinked_after(previous, volumes, list(touched))
+            await replicas.delete_all(self.pool, delete, key)
+            if record is None:
+                return await self._drop(key, pending)
             try:
-                await self._undo(key, pending, previous)
+                await self._undo(key, pending, record)
             except HTTPError as e:
-                retry_when_writable(lambda: self.store.cas(key, pending, previous))
+                retry_when_writable(lambda: self.store.cas(key, pending, record))
                 return e.reason
             return ""
         await replicas.delete_all(self.pool, volumes, key)

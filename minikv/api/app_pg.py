@@ -25,8 +25,8 @@ from minikv.http.client import VolumeError
 from minikv.http.response import HTTPError
 from minikv.index.pg import MAX_KEY, PgStore
 from minikv.index.pg_batch import Lookups
-from minikv.index.record import LIVE, OP_PUT, UNLINKED
-from minikv.index.recovery import retry_when_writable
+from minikv.index.record import LIVE, OP_PUT, UNLINKED, decode_pending, is_composite
+from minikv.index.recovery import retry_when_writable, unlinked_after
 from minikv.index.store import StoreError
 from minikv.placement import keys_above
 from minikv.s3.detect import claims as s3_claims
@@ -60,15 +60,21 @@ def undo_later(engine: PgStore, key: bytes, pending: bytes, back: bytes | None) 
     retry_when_writable(lambda: engine.cas(key, pending, back))  # done, or the lock was never taken
 
 
-def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: list[str]) -> None:
+def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: list[str], touched=()) -> None:
     """Undo a PUT once the database answers again, if its lock is still there: whether the
-    value's record became LIVE could not be told while it was down (a statement's answer lost)."""
+    value's record became LIVE could not be told while it was down (a statement's answer lost).
+    As App._abandon: an UNLINKED value it was written over stays where it still is."""
     from minikv import replicas
 
     async def abandon() -> None:
         if await engine.get(key) == pending:
-            await replicas.delete_all(pool, volumes, key)
-            await engine.cas(key, pending, None)
+            previous = decode_pending(pending).previous
+            if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
+                delete, record = unlinked_after(previous, volumes, list(touched))
+            else:
+                delete, record = volumes, None
+            await replicas.delete_all(pool, delete, key)
+            await engine.cas(key, pending, record)
 
     retry_when_writable(abandon)
 
@@ -222,17 +228,17 @@ class PgApp(App):
                 raise Stale(current)
             raise self._raced(current, pending[1:2] == OP_PUT)
 
-    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str]) -> str:
+    async def _abandon(self, key: bytes, pending: bytes, volumes: list[str], touched=()) -> str:
         # the files go only while the lock is ours: a LIVE-making statement whose answer was
         # lost may have landed, and then they are the key's value
         try:
             current = await self.engine.get(key)
         except StoreError as e:
-            abandon_later(self.engine, self.pool, key, pending, volumes)
+            abandon_later(self.engine, self.pool, key, pending, volumes, touched)
             return str(e)
         if current != pending:
             return ""
-        return await super()._abandon(key, pending, volumes)
+        return await super()._abandon(key, pending, volumes, touched)
 
     async def _undo(self, key: bytes, pending: bytes, raw: bytes) -> None:
         try:

@@ -127,10 +127,17 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await _overwrite(pool, key, raw, p, cas)
             return
         if p.op == OP_PUT and p.previous[:1] == bytes((UNLINKED,)) and not is_composite(p.previous):
-            # a PUT over an UNLINKED value, at its very paths: that value stays, as it was
-            kept = decode_data(p.previous).volumes
-            await replicas.delete_all(pool, [v for v in p.volumes if v not in kept], key)
-            await settle(cas(key, raw, p.previous))
+            # a PUT over an UNLINKED value, at its very paths: that value stays where it still is
+            old = decode_data(p.previous)
+            state = dict(zip(p.volumes, await asyncio.gather(*(_holds(pool, v, key, old, p.new)
+                                                                for v in p.volumes))))
+            if any(s == "down" for s, _ in state.values()):  # not decided on a part of the picture
+                await settle(cas(key, raw, p.previous))
+                return
+            delete, record = unlinked_after(p.previous, p.volumes, [v for v in p.volumes
+                                                                    if state[v][0] in ("new", "none")])
+            await replicas.delete_all(pool, delete, key)
+            await settle(cas(key, raw, record))
             return
         failed = await replicas.delete_all(pool, p.volumes, key)
         if p.op == OP_DELETE and is_composite(p.previous):
@@ -142,6 +149,21 @@ async def resolve(pool: Pool, key: bytes, raw: bytes, cas) -> None:
             await settle(cas(key, raw, with_state(p.previous, UNLINKED)))
         else:
             await settle(cas(key, raw, None))  # what could not be deleted is an orphan for `gc`
+
+
+def unlinked_after(previous: bytes, volumes: list[str], touched: list[str]) -> tuple[list[str], bytes | None]:
+    """A PUT over the UNLINKED value `previous` failed. It wrote at that value's very paths on
+    `volumes`, and on `touched` the value is gone (replaced by the PUT's bytes, or missing). The
+    copies to delete, and the record to put back: the unlinked value on the volumes that still
+    hold it, or None when none does (the record goes)."""
+    old = decode_data(previous)
+    kept = [v for v in old.volumes if v not in touched]
+    delete = [v for v in volumes if v not in kept]
+    if not kept:
+        return delete, None
+    if kept == old.volumes:
+        return delete, previous
+    return delete, encode_data(UNLINKED, kept, old.size, old.mtime_ms, old.md5, 0)
 
 
 async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple | None) -> tuple[str, int]:
