@@ -390,8 +390,8 @@ def supervise(config: Config, sockets: list[socket.socket]) -> int:
         try:
             recover_pending(config, owner=pid)
         except Exception as e:  # noqa: BLE001 - the index away or full: serve on, the keys stay locked
-            log(f"could not undo worker {pid}'s writes now ({e}); its keys stay locked until `minikv gc` "
-                "or the next start resolves them")
+            log(f"could not undo worker {pid}'s writes now ({e}); its keys stay locked until a worker dies "
+                "again, the next start or `minikv gc` resolves them")
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < 10] + [now]
         if len(restarts) > 20:

@@ -325,10 +325,38 @@ def test_an_s3_delete_on_a_lease_lost_since_its_lock_deletes_nothing(make_cluste
     assert c.session.get(c.url("/fenced/s3")).content == b"value"
 
 
+class _Full:
+    """An index whose compare-and-sets number `failing` (counted from 1) find the disk full."""
+
+    def __init__(self, store, failing: set[int]):
+        self.store, self.failing, self.calls = store, failing, 0
+
+    def pending_records(self):
+        return self.store.pending_records()
+
+    def cas(self, key, expect, new):
+        self.calls += 1
+        if self.calls in self.failing:
+            raise lmdb.MapFullError("full")
+        return self.store.cas(key, expect, new)
+
+
+def _recover(store, owner: int | None = None) -> int:
+    from minikv.index import recovery
+
+    async def clear() -> int:
+        pool = Pool()
+        try:
+            return await recovery.recover(store, pool, owner)
+        finally:
+            pool.close()
+
+    return asyncio.run(clear())
+
+
 # From the review: a lock claimed for resolving whose resolve then failed kept the claimer's pid;
 # a server's supervisor being alive, no admin command would ever resolve it.
 def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(make_cluster):
-    from minikv.index import recovery
     from minikv.index.record import decode_pending, now_ms
 
     c = make_cluster(volumes=2, replicas=2, subvolumes=1)
@@ -336,32 +364,33 @@ def test_a_claimed_lock_that_could_not_be_resolved_goes_back_to_its_dead_owner(m
     gone = _dead_pid()
     raw, _ = _lock_for(c, b"/claimed/k", gone, now_ms())
     store = Store(str(c.root / "index"))
-
-    class Failing:  # the index refuses the resolve's final write (a full disk)
-        def __init__(self):
-            self.calls = 0
-
-        def pending_records(self):
-            return store.pending_records()
-
-        def cas(self, key, expect, new):
-            self.calls += 1
-            if self.calls == 2:
-                raise lmdb.MapFullError("full")
-            return store.cas(key, expect, new)
-
-    async def clear(s) -> int:
-        pool = Pool()
-        try:
-            return await recovery.recover(s, pool)
-        finally:
-            pool.close()
-
     try:
-        with pytest.raises(lmdb.MapFullError):
-            asyncio.run(clear(Failing()))
+        with pytest.raises(lmdb.MapFullError):  # the index refuses the resolve's final write
+            _recover(_Full(store, {2}))
         assert decode_pending(store.get(b"/claimed/k")).owner == gone  # the dead owner's again
-        assert asyncio.run(clear(store)) == 1 and store.get(b"/claimed/k") == raw
+        assert _recover(store) == 1 and store.get(b"/claimed/k") == raw
+    finally:
+        store.close()
+
+
+def test_a_claimed_lock_that_could_not_be_given_back_is_resolved_by_its_claimers_next_recovery(make_cluster):
+    # a server's supervisor resolves a dead worker's locks; when the index takes no write at all,
+    # the claim cannot be given back either, and stays the (live) supervisor's: its next
+    # recovery, for the next worker that dies, takes it too
+    import os
+
+    from minikv.index.record import decode_pending, now_ms
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    assert c.put("/claimed/full", b"v").status_code == 201
+    raw, _ = _lock_for(c, b"/claimed/full", _dead_pid(), now_ms())
+    store = Store(str(c.root / "index"))
+    try:
+        with pytest.raises(lmdb.MapFullError):  # the claim is written; then the index is full
+            _recover(_Full(store, {2, 3}))
+        assert decode_pending(store.get(b"/claimed/full")).owner == os.getpid()  # stuck with us
+        assert _recover(store, _dead_pid()) == 1  # another worker died: ours come too
+        assert store.get(b"/claimed/full") == raw
     finally:
         store.close()
 

@@ -87,11 +87,14 @@ def owner_alive(pid: int, started_ms: int) -> bool:
 
 async def recover(store: Store, pool: Pool, owner: int | None = None) -> int:
     """Resolve the PENDING records of `owner` (a worker pid that died), or when None those of
-    every process that is gone. Returns how many were resolved."""
+    every process that is gone. Returns how many were resolved. Records this process claimed
+    before and could not resolve nor give back (the index could not be written) come too: a
+    server's supervisor, alive, would otherwise keep them locked until it stopped."""
     resolved = 0
+    me = os.getpid()
     for key, raw in store.pending_records():
         p = decode_pending(raw)
-        if owner is not None and p.owner != owner:
+        if owner is not None and p.owner not in (owner, me):
             continue
         if owner is None and owner_alive(p.owner, p.started_ms):
             continue
