@@ -680,3 +680,19 @@ def test_an_s3_delete_under_protect_that_loses_the_race_to_an_unlink_deletes_not
 
     deleted, after = _s3_delete_raced(c, b"/prot/k", unlink, protect=True)
     assert deleted and after is not None and after[0] == UNLINKED
+
+
+# Admin commands do not read the layout from the index: a rebalance given other -replicas or
+# -subvolumes than the server's (a flag forgotten: their defaults are 3 and 10) moves every key
+# to that layout, as minikeyvalue's does. It now says so before it starts.
+def test_rebalance_says_when_its_flags_change_the_layout(make_cluster):
+    from test_admin import admin
+
+    c = make_cluster(volumes=3, replicas=2, subvolumes=1)
+    for i in range(10):
+        assert c.put(f"/layout/{i}", b"v").status_code == 201
+    same = admin("rebalance", c, "-dry-run")
+    assert same.returncode == 0 and "every key is moved" not in same.stderr, same.stderr
+    other = admin("rebalance", c, "-dry-run", "-replicas", "3", "-subvolumes", "10")
+    assert "most records hold 2 copies and -replicas is 3" in other.stderr, other.stderr
+    assert "most records name no subvolumes and -subvolumes is 10" in other.stderr, other.stderr

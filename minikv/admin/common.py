@@ -13,6 +13,7 @@ needs that anyway).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 import signal
@@ -226,6 +227,27 @@ def foreign_names(store: Store, config: Config, sample: int = 1000) -> str | Non
         return (f"the index names volumes {', '.join(sorted(hosts)[:5])} and -volumes names "
                 f"{', '.join(config.volumes)}: give -volumes exactly as the server was given it")
     return aliases(hosts, config.volumes)
+
+
+def layout_change(store: Store, config: Config, sample: int = 1000) -> str | None:
+    """What -replicas and -subvolumes would change for the first `sample` records, when most of
+    them were written otherwise (None when they agree): the way to change a cluster's layout,
+    as in minikeyvalue, and also what a flag forgotten does (the defaults are 3 and 10)."""
+    pairs, _ = store.scan(b"", b"", sample, lambda v: v[0] != PENDING and not is_composite(v))
+    if not pairs:
+        return None
+    records = [decode_data(raw).volumes for _, raw in pairs]
+    copies = collections.Counter(len(v) for v in records).most_common(1)[0][0]
+    subs = sum("/" in v[0] for v in records if v) * 2 > len(records)
+    said = []
+    if copies != config.replicas:
+        said.append(f"most records hold {copies} cop{'y' if copies == 1 else 'ies'} and -replicas is "
+                    f"{config.replicas}")
+    if subs != (config.subvolumes > 1):
+        said.append(f"most records {'name' if subs else 'name no'} subvolumes and -subvolumes is {config.subvolumes}")
+    if not said:
+        return None
+    return "; ".join(said) + ": every key is moved to that layout (give the flags the server was given, if not)"
 
 
 def indexed_hosts(store: Store, sample: int = 1000) -> set[str]:

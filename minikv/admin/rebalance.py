@@ -48,6 +48,7 @@ from minikv.admin.common import (
     counted_move,
     each_record,
     indexed_hosts,
+    layout_change,
     open_index,
     resolve_stale,
     run,
@@ -175,6 +176,8 @@ async def offline(args, config: Config) -> int:
         if why := aliases(indexed_hosts(store), config.volumes):
             print(f"minikv rebalance: {why}", file=sys.stderr)
             return 2
+        if said := layout_change(store, config):
+            print(f"minikv rebalance: {said}", file=sys.stderr)
         if not args.dry_run and (n := await resolve_stale(store, pool)):
             print(f"rebalance: resolved {n} key(s) left locked by a process that died", file=sys.stderr)
         total = store.count()
