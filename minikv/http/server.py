@@ -52,6 +52,10 @@ BODY_LOW = 256 << 10
 OUT_HIGH = 64 << 10  # answers held for the end of the loop's pass past this go out at once
 HEAD_SLACK = 8192  # a request's line and header separators, beyond the limits on URL and headers
 DISCARD_MAX = 1 << 20  # body bytes we read and drop after an early answer, to keep the connection
+# after an early answer to a bigger body: seconds we go on reading and dropping what the client
+# sends before closing (in all, and with nothing coming), as nginx's lingering close does
+LINGER_TOTAL = 10.0
+LINGER_IDLE = 2.0
 IO = [0, 0]  # bytes this process received from and sent to clients (for minikv/ops: one add each)
 # minikv/ops's per-worker Counters when it counts requests (-metrics-port), else None: counted in
 # _start, inline, since a wrapper around app.handle (one more Python frame) cost 9% of a read;
@@ -249,6 +253,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.last = self.loop.time()
+        self._lingering = 0.0  # when the lingering close ends (0: not lingering; see _linger)
         self._queue: collections.deque[Request] = collections.deque()
         self._current: Request | None = None  # being handled
         self._reading: Request | None = None  # whose body the parser is on
@@ -305,6 +310,8 @@ class Connection(asyncio.Protocol):
             return
         IO[0] += len(data)
         self.last = self.loop.time()
+        if self._lingering:  # the rest of a refused body: dropped
+            return
         if self._idle and self._current is None and len(data) <= self._simple_max and not self._held:
             req = self._simple(data)
             if req is not None:
@@ -584,7 +591,10 @@ class Connection(asyncio.Protocol):
         if data:
             self.write_soon(add_close(data) if close else data)
         if close:
-            self.close()
+            if body.done:
+                self.close()
+            else:
+                self._linger()
             return
         if not body.done:
             body.discard = remaining + 1  # on_message_complete moves on
@@ -703,6 +713,28 @@ class Connection(asyncio.Protocol):
                 if req is not None:
                     req.body.fail(gone)
 
+    def _linger(self) -> None:
+        """Close after answering a request whose body is still coming: the answer goes out with
+        our end of the connection shut, and what the client still sends is read and dropped for
+        up to LINGER_TOTAL seconds. Closed at once, the unread bytes make the kernel answer with
+        a reset, which can destroy the answer before the client reads it (a client that sends
+        its whole body before reading, as Python's http.client does, then sees only the reset)."""
+        if self.closed or self._lingering:
+            return
+        self._send_out()
+        self._lingering = self.loop.time() + LINGER_TOTAL
+        gone = ClientGone("the request was answered before its body came")
+        for req in (self._reading, *self._queue):
+            if req is not None:
+                req.body.fail(gone)
+        if self._paused:
+            self._paused.clear()
+            self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except (AttributeError, NotImplementedError, RuntimeError, OSError):
+            self.close()
+
     def _abort(self) -> None:
         """Drop the connection and what waits to be sent on it."""
         if not self.closed:
@@ -726,7 +758,10 @@ class Connection(asyncio.Protocol):
     # -- timers --
     def check_timeouts(self, now: float) -> None:
         lim = self.limits
-        if self._write_paused and now - self._write_paused_at > lim.idle_timeout:
+        if self._lingering:
+            if now >= self._lingering or now - self.last > LINGER_IDLE:
+                self.close()
+        elif self._write_paused and now - self._write_paused_at > lim.idle_timeout:
             # the client has taken none of its answers for that long (as nginx's send_timeout):
             # dropped, without waiting to send what it will not read
             self._abort()
