@@ -207,7 +207,8 @@ async def serve(config: Config, sock: socket.socket) -> None:
     server.close()
     # let requests under way finish (their records are PENDING until they do)
     deadline = time.monotonic() + SHUTDOWN_GRACE
-    while any(c._current is not None for c in Connection.connections) and time.monotonic() < deadline:
+    while any(c._current is not None and not c._lingering for c in Connection.connections) \
+            and time.monotonic() < deadline:  # (a lingering one's request is answered)
         await asyncio.sleep(0.05)
     batch.flush()  # answers made in the last pass go out before the loop ends
     from minikv.admin import move

@@ -576,3 +576,34 @@ def test_a_client_sending_a_refused_body_whole_before_reading_gets_the_answer(cl
         r = conn.getresponse()
         assert r.status == 403 and b"key exists" in r.read()
         conn.close()
+
+
+def test_a_lingering_connection_does_not_hold_up_a_stop(make_cluster):
+    # a lingering connection's request is answered: a stopping worker does not wait for it
+    import threading
+
+    c = make_cluster(volumes=1, replicas=1, subvolumes=1, workers=1)
+    key = fresh()
+    assert c.put(key, b"v").status_code == 201
+    s = socket.create_connection((HOST, c.port))
+    s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {100 << 20}\r\n\r\n".encode())
+    assert s.recv(4096).startswith(b"HTTP/1.1 403")
+    done = threading.Event()
+
+    def trickle():  # a byte every 0.5 s: never idle long enough to be closed for it
+        while not done.is_set():
+            try:
+                s.sendall(b"x")
+            except OSError:
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        c.index.stop()
+        assert time.monotonic() - started < 5
+    finally:
+        done.set()
+        s.close()

@@ -722,7 +722,8 @@ class Connection(asyncio.Protocol):
         if self.closed or self._lingering:
             return
         self._send_out()
-        self._lingering = self.loop.time() + LINGER_TOTAL
+        self.last = self.loop.time()  # reading may have been paused for a while: silence counts from now
+        self._lingering = self.last + LINGER_TOTAL
         gone = ClientGone("the request was answered before its body came")
         for req in (self._reading, *self._queue):
             if req is not None:
@@ -760,7 +761,8 @@ class Connection(asyncio.Protocol):
         lim = self.limits
         if self._lingering:
             if now >= self._lingering or now - self.last > LINGER_IDLE:
-                self.close()
+                # an answer the client has not taken would hold the connection without end
+                self._abort() if self.transport.get_write_buffer_size() else self.close()
         elif self._write_paused and now - self._write_paused_at > lim.idle_timeout:
             # the client has taken none of its answers for that long (as nginx's send_timeout):
             # dropped, without waiting to send what it will not read
