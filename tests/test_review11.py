@@ -696,3 +696,13 @@ def test_rebalance_says_when_its_flags_change_the_layout(make_cluster):
     other = admin("rebalance", c, "-dry-run", "-replicas", "3", "-subvolumes", "10")
     assert "most records hold 2 copies and -replicas is 3" in other.stderr, other.stderr
     assert "most records name no subvolumes and -subvolumes is 10" in other.stderr, other.stderr
+
+
+def test_rebalance_says_when_records_name_subvolumes_beyond_its_flag(make_cluster):
+    from test_admin import admin
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=16)
+    for i in range(40):
+        assert c.put(f"/subs/{i}", b"v").status_code == 201
+    r = admin("rebalance", c, "-dry-run", "-subvolumes", "4")
+    assert "and -subvolumes is 4" in r.stderr and "records name subvolume sv" in r.stderr, r.stderr

@@ -239,15 +239,27 @@ def layout_change(store: Store, config: Config, sample: int = 1000) -> str | Non
     records = [decode_data(raw).volumes for _, raw in pairs]
     copies = collections.Counter(len(v) for v in records).most_common(1)[0][0]
     subs = sum("/" in v[0] for v in records if v) * 2 > len(records)
+    beyond = max((_sub_index(name) for v in records for name in v), default=-1)
     said = []
     if copies != config.replicas:
         said.append(f"most records hold {copies} cop{'y' if copies == 1 else 'ies'} and -replicas is "
                     f"{config.replicas}")
     if subs != (config.subvolumes > 1):
         said.append(f"most records {'name' if subs else 'name no'} subvolumes and -subvolumes is {config.subvolumes}")
+    elif beyond >= config.subvolumes > 1:
+        said.append(f"records name subvolume sv{beyond:02X} and -subvolumes is {config.subvolumes}")
     if not said:
         return None
     return "; ".join(said) + ": every key is moved to that layout (give the flags the server was given, if not)"
+
+
+def _sub_index(volume: str) -> int:
+    """The number of a `host:port/svXX` subvolume (-1 for a volume named without one)."""
+    sub = volume.partition("/")[2]
+    try:
+        return int(sub[2:], 16) if sub[:2] == "sv" else -1
+    except ValueError:
+        return -1
 
 
 def indexed_hosts(store: Store, sample: int = 1000) -> set[str]:
