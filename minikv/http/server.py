@@ -722,6 +722,11 @@ class Connection(asyncio.Protocol):
         if self.closed or self._lingering:
             return
         self._send_out()
+        try:
+            self.transport.write_eof()
+        except (AttributeError, NotImplementedError, RuntimeError, OSError):
+            self.close()
+            return
         self.last = self.loop.time()  # reading may have been paused for a while: silence counts from now
         self._lingering = self.last + LINGER_TOTAL
         gone = ClientGone("the request was answered before its body came")
@@ -731,10 +736,6 @@ class Connection(asyncio.Protocol):
         if self._paused:
             self._paused.clear()
             self.transport.resume_reading()
-        try:
-            self.transport.write_eof()
-        except (AttributeError, NotImplementedError, RuntimeError, OSError):
-            self.close()
 
     def _abort(self) -> None:
         """Drop the connection and what waits to be sent on it."""
