@@ -128,3 +128,29 @@ def test_a_key_longer_than_the_index_holds_is_left_out_and_the_rebuild_goes_on(t
         assert sorted(k for k, _ in store.scan(b"")[0]) == sorted(keys[1:])
     finally:
         store.close()
+
+
+def test_what_a_local_walk_finds_beside_the_bb_folders(tmp_path):
+    # the `<bb>` folders of an `<aa>` are taken by name (two hex digits), their type left to the
+    # scandir of each: a file or a dangling link so named is skipped, a link to a folder is
+    # followed (as nginx follows it), and one that cannot be read (a link to itself) is said
+    dirs = [tmp_path / "v1", tmp_path / "v2"]
+    keys = [b"/bb/%d" % i for i in range(60)]
+    for key in keys:
+        for folder in dirs:
+            put_file(folder, key, b"value")
+    aa = dirs[0] / key2path(keys[0])[1:3]
+    free = [f"{b:02x}" for b in range(256) if not (aa / f"{b:02x}").exists()]
+    (aa / free[0]).write_bytes(b"a file")
+    os.symlink("nowhere", aa / free[1])
+    moved = dirs[0] / key2path(keys[0])[1:6]
+    (tmp_path / "elsewhere").mkdir()
+    moved.rename(tmp_path / "elsewhere" / "bb")
+    os.symlink(tmp_path / "elsewhere" / "bb", moved)
+    r = rebuild(tmp_path, tmp_path / "idx", *map(str, dirs))
+    assert r.returncode == 0, r.stderr
+    assert f"{len(keys)} keys found, {2 * len(keys)} files" in r.stderr, r.stderr
+    os.symlink(free[2], aa / free[2])
+    r = rebuild(tmp_path, tmp_path / "idx2", *map(str, dirs))
+    assert r.returncode == 1, r.stderr  # a folder not read: said, not a clean run
+    assert f"cannot read {aa / free[2]}" in r.stderr and f"{len(keys)} keys found" in r.stderr, r.stderr

@@ -112,50 +112,57 @@ class LocalWalker:
             except OSError as e:
                 self.errors.append(f"cannot read {path}: {e.strerror}")
 
-    def _folder_files(self, path: bytes, folder: bytes, volume: str,
-                      group: dict[bytes, list[Found]], seen: dict[bytes, bytes | None]) -> int:
-        """Add the files of one `<aa>/<bb>` folder of `volume` to `group` by key, as add_copies
-        does, in one loop over scandir (the costly part of a local rebuild: a few calls per file);
-        `folder` is the folder's two bytes (name2key). Names stay bytes: no decoding of each. A
-        nested folder (a name holding `/`) goes through files(). The names skipped."""
+    def _bb_files(self, tail: bytes, folder: bytes, where: list[tuple[bytes, str]]) -> tuple[dict[bytes, list[Found]], int]:
+        """The files of one `<aa>/<bb>` folder (`tail`, its two bytes `folder`) on every root of
+        `where` ([(root folder, volume)]), by key, as add_copies makes them, and how many names
+        are no key. The costly part of a local rebuild, so one loop over scandir per folder:
+        copies are grouped by file name (bytes: nothing decoded per file) and each name is
+        decoded once at the end, for all its copies. A nested folder (a name holding `/`) goes
+        through files()."""
+        by_name: dict[bytes, list[Found]] = {}
+        nested: list[tuple[str, list]] = []
+        for base, volume in where:
+            path = base + tail
+            try:
+                it = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone since its parent was listed
+            except OSError as e:
+                self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+                continue
+            try:
+                with it:
+                    for e in it:
+                        if e.is_file(follow_symlinks=False):
+                            try:
+                                st = e.stat()  # of a file, not a link (is_file said): no keyword to parse
+                            except FileNotFoundError:
+                                continue  # deleted since the folder was read: a live server's DELETE
+                            # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
+                            found = _new(Found, (volume, st.st_size, st.st_mtime_ns // 1_000_000))
+                            name = e.name
+                            copies = by_name.get(name)
+                            if copies is None:
+                                by_name[name] = [found]
+                            else:
+                                copies.append(found)
+                        elif e.is_dir(follow_symlinks=False):
+                            files: list[tuple[str, int, int]] = []
+                            self.files(os.fsdecode(e.path), os.fsdecode(e.name) + "/", files)
+                            nested.append((volume, files))
+            except OSError as e:
+                self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+        group: dict[bytes, list[Found]] = {}
         skipped = 0
-        nested: list[tuple[str, int, int]] = []
-        try:
-            it = os.scandir(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return 0  # gone since its parent was listed
-        except OSError as e:
-            self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
-            return 0
-        try:
-            with it:
-                for e in it:
-                    if e.is_file(follow_symlinks=False):
-                        name = e.name
-                        key = seen.get(name, b"")
-                        if key == b"":
-                            key = seen[name] = name2key(folder, name)
-                        if key is None:
-                            skipped += 1
-                            continue
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # deleted since the folder was read: a live server's DELETE
-                        # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
-                        found = _new(Found, (volume, st.st_size, st.st_mtime_ns // 1_000_000))
-                        copies = group.get(key)
-                        if copies is None:
-                            group[key] = [found]
-                        else:
-                            copies.append(found)
-                    elif e.is_dir(follow_symlinks=False):
-                        self.files(os.fsdecode(e.path), os.fsdecode(e.name) + "/", nested)
-        except OSError as e:
-            self.errors.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
-        if nested:
-            skipped += add_copies(group, {}, volume, nested, f"/{folder.hex()[:2]}/{folder.hex()[2:]}/")
-        return skipped
+        for name, copies in by_name.items():
+            key = name2key(folder, name)
+            if key is None:
+                skipped += len(copies)
+            else:
+                group[key] = copies
+        for volume, files in nested:
+            skipped += add_copies(group, {}, volume, files, f"/{folder.hex()[:2]}/{folder.hex()[2:]}/")
+        return group, skipped
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
                    done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
@@ -170,23 +177,26 @@ class LocalWalker:
                 break
             aa = b"/%02x" % a
             bbs: dict[bytes, list[tuple[bytes, str]]] = {}
-            for base, volume in bases:
+            for root in bases:
                 try:
-                    entries = _entries(base + aa)
-                except OSError as e:  # unreadable, a link loop: that folder is missing, not the rest
-                    self.errors.append(f"cannot read {os.fsdecode(base + aa)}: {e.strerror}")
+                    # names only (no entry object, no type): a name of two hex digits is taken
+                    # for a `<bb>` folder, and a file so named fails its scandir, skipped there
+                    names = os.listdir(root[0] + aa)
+                except (FileNotFoundError, NotADirectoryError):
                     continue
-                for e in entries:
-                    # a folder as before (a C call), a link to one through _is_dir
-                    if e.name in _HEX and (e.is_dir(follow_symlinks=False) or _is_dir(e)):
-                        bbs.setdefault(e.name, []).append((base, volume))
+                except OSError as e:  # unreadable, a link loop: that folder is missing, not the rest
+                    self.errors.append(f"cannot read {os.fsdecode(root[0] + aa)}: {e.strerror}")
+                    continue
+                for name in names:
+                    if name in _HEX:
+                        where = bbs.get(name)
+                        if where is None:
+                            bbs[name] = [root]
+                        else:
+                            where.append(root)
             for bb in sorted(bbs):
-                group: dict[bytes, list[Found]] = {}
-                seen: dict[bytes, bytes | None] = {}  # a name is decoded once for all its copies
-                folder = bytes((a,)) + _HEX[bb]
-                tail = aa + b"/" + bb
-                for base, volume in bbs[bb]:
-                    skipped += self._folder_files(base + tail, folder, volume, group, seen)
+                group, n = self._bb_files(aa + b"/" + bb, bytes((a,)) + _HEX[bb], bbs[bb])
+                skipped += n
                 if group:
                     await handle(group)
                 folders += 1
