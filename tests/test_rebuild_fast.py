@@ -69,6 +69,49 @@ def test_add_many_puts_new_keys_and_merges_the_others(tmp_path):
         store.close()
 
 
+def test_a_rebuild_into_a_new_index_writes_its_large_batches_a_slice_of_keys_at_a_time(tmp_path, monkeypatch):
+    # into a new index the records of many folders are gathered and written FLUSH to a
+    # transaction, each a slice of the sorted batch: every key once, in order, nothing lost
+    import asyncio
+
+    from minikv.admin import rebuild
+    from minikv.admin.progress import Progress
+
+    monkeypatch.setattr(rebuild, "FLUSH", 7)
+    monkeypatch.setattr(rebuild, "FRESH_BATCH", 50)
+    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
+    config = Config(volumes=volumes, db=str(tmp_path / "db"), replicas=2, subvolumes=4)
+    store = Store(config.db)
+    slices = []
+    add_many = store.add_many
+    monkeypatch.setattr(store, "add_many", lambda items, merge: slices.append([k for k, _ in items]) or
+                        add_many(items, merge))
+    progress = Progress("rebuild", bar=False)
+    job = rebuild.Rebuild(config, False, None, store, progress, fresh=True)
+    placer = Placer(config)
+    keys = [f"/fresh/{i}".encode() for i in range(333)]
+    random.Random(4).shuffle(keys)
+    want = {}
+    try:
+        for i in range(0, len(keys), 9):  # a folder's group of keys at a time, as the walk hands them
+            group = {k: [Found(v, len(k), 1_000) for v in placer.want(k)] for k in keys[i:i + 9]}
+            want.update({k: placer.record(k, found)[0] for k, found in group.items()})
+            asyncio.run(job.handle(group))
+        job.flush()
+        assert dict(store.scan(b"")[0]) == want and progress.counts["written"] == len(keys)
+    finally:
+        store.close()
+    assert all(len(keys) <= 2 * 7 for keys in slices) and len(slices) >= len(keys) // 14
+    batches = []  # the slices of one batch follow each other in key order
+    for got in slices:
+        if batches and batches[-1][-1] < got[0]:
+            batches[-1] += got
+        else:
+            batches.append(list(got))
+    assert all(b == sorted(b) for b in batches) and sorted(k for b in batches for k in b) == sorted(keys)
+    assert len(batches) < len(slices)  # a batch went in more than one transaction
+
+
 def lmdb_records(db: Path) -> dict[bytes, bytes]:
     store = Store(str(db), readonly=True)
     try:
