@@ -112,6 +112,50 @@ def test_a_rebuild_into_a_new_index_writes_its_large_batches_a_slice_of_keys_at_
     assert len(batches) < len(slices)  # a batch went in more than one transaction
 
 
+def test_handlers_side_by_side_lose_no_record_when_one_flushes(tmp_path, monkeypatch):
+    # with -md5 over HTTP the walk's workers run handle() side by side, each awaiting values'
+    # md5s: one's flush() started a new batch while the others appended to the old one, which
+    # nothing wrote (records missing, exit 0); and a long key ends a fresh batch early
+    import asyncio
+
+    from minikv.admin import rebuild
+    from minikv.admin.progress import Progress
+
+    monkeypatch.setattr(rebuild, "FLUSH", 5)
+    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
+    config = Config(volumes=volumes, db=str(tmp_path / "db"), replicas=2, subvolumes=1)
+    placer = Placer(config)
+
+    def group(tag: str, n: int, length: int = 0) -> dict:
+        keys = [f"/{tag}/{i}".encode().ljust(length, b"k") for i in range(n)]
+        return {k: [Found(v, 3, 1_000) for v in placer.want(k)] for k in keys}
+
+    async def md5(key, found):
+        await asyncio.sleep(0.001)  # a GET of the value, as md5_of makes
+        return b"\1" * 16
+
+    async def side_by_side(job):
+        await asyncio.gather(*(job.handle(group(f"g{t}", 4)) for t in range(6)))
+        job.flush()
+
+    store = Store(config.db)
+    try:
+        progress = Progress("rebuild", bar=False)
+        job = rebuild.Rebuild(config, True, None, store, progress)
+        monkeypatch.setattr(job, "md5", md5)
+        asyncio.run(side_by_side(job))
+        assert store.count() == 24 and progress.counts["written"] == 24
+
+        monkeypatch.setattr(rebuild, "FRESH_KEY_BYTES", 1000)
+        job = rebuild.Rebuild(config, False, None, store, progress, fresh=True)
+        asyncio.run(job.handle(group("long", 3, 400)))  # 1200 bytes of keys: written at once
+        assert job.batch == [] and store.count() == 27
+        asyncio.run(job.handle(group("short", 3)))
+        assert len(job.batch) == 3  # short keys wait for more
+    finally:
+        store.close()
+
+
 def lmdb_records(db: Path) -> dict[bytes, bytes]:
     store = Store(str(db), readonly=True)
     try:

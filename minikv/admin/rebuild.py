@@ -15,8 +15,9 @@ each key is put only where it is absent and merged (below) where it is not, unde
 lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
 So a batch never overwrites a record a live server changed meanwhile. Into a new LMDB index a
 batch is FRESH_BATCH records, sorted and written a FLUSH-long slice of keys per transaction:
-fewer pages of the tree touched per key (no server can be using an index that did not exist,
-so the longer wait before a found key is written changes nothing). Memory holds one
+fewer pages of the tree touched per key. No server was using an index that did not exist; one
+started on it during the rebuild could see a key it deleted come back if the walk had found it
+in the FRESH_AFTER seconds before (0.5 s otherwise). Memory holds one
 `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of keys.
 
 S3 multipart objects (s3/composite.py) have no file of their own: their records are written last,
@@ -69,11 +70,15 @@ from minikv.replicas import md5_of
 
 FLUSH = 16384  # records per write transaction: one commit (and fsync with -fsync) each
 FLUSH_AFTER = 0.5  # seconds a found key waits at most before it is written
-# Into a new index (no server can be writing it) records are gathered in larger batches, still
-# written FLUSH to a transaction: sorted, each transaction then holds a slice of the key range
-# and touches that many fewer pages of the tree (1M keys: a third less of LMDB's work)
+# Into an index that did not exist when the rebuild started (no server was using it) records are
+# gathered in larger batches, still written FLUSH to a transaction: sorted, each transaction then
+# holds a slice of the key range and touches that many fewer pages of the tree (1M keys: a third
+# less of LMDB's work). A batch also ends at FRESH_KEY_BYTES of keys: long keys make it shorter,
+# so that its memory (~30 MB a process with short keys) does not grow with them.
 FRESH_BATCH = 131072
+FRESH_KEY_BYTES = 8 << 20
 FRESH_AFTER = 5.0
+SHOW_EVERY = 0.5  # seconds between updates of the keys and rate beside the bar
 _first = itemgetter(0)  # a batch sorts by key alone: bytes compared, not tuples
 
 
@@ -139,6 +144,8 @@ class Rebuild:
                  dirs: dict[str, str] | None = None, fresh: bool = False):
         self.config = config
         self.batch_size, self.batch_age = (FRESH_BATCH, FRESH_AFTER) if fresh else (FLUSH, FLUSH_AFTER)
+        self.key_bytes = 0  # of the batch's keys (FRESH_KEY_BYTES)
+        self.shown = 0.0
         self.with_md5 = md5
         self.flushed = time.monotonic()
         self.pool = pool
@@ -152,10 +159,7 @@ class Rebuild:
         p = self.progress
         p.add("keys", len(group))
         p.add("files", sum(map(len, group.values())))
-        # called once per `<aa>/<bb>` folder, for a few keys each: what is looked up per key is
-        # looked up here (a rebuild's Python per key is most of its time)
-        record = self.placer.record
-        append = self.batch.append
+        record = self.placer.record  # looked up once per folder: a rebuild's Python per key is most of its time
         for key, found in group.items():
             if len(key) > MAX_KEY:  # the Go original's goleveldb has no limit: one such key must not end the run
                 p.add("long")
@@ -170,12 +174,19 @@ class Rebuild:
                 p.add("conflicts")
                 p.problem(f"{show(key)}: copies on {', '.join(f.volume for f in left_out)} differ in size from "
                           "the others and are left out of the record (`minikv repair` replaces them)")
-            append((key, raw))
+            # self.batch each time: with -md5 over HTTP the walk's workers run handle() side by
+            # side, and one's flush() starts a new batch while another awaits a value's md5
+            self.batch.append((key, raw))
+        self.key_bytes += sum(map(len, group))
         # a batch is also written after FLUSH_AFTER seconds: what a live server deletes meanwhile
         # is not brought back from an old listing, and an interrupted run loses little
-        if len(self.batch) >= self.batch_size or time.monotonic() - self.flushed > self.batch_age:
-            p.show(keys=p.counts["keys"], rate=f"{p.counts['keys'] / max(p.elapsed, 1e-3):.0f} keys/s")
+        now = time.monotonic()
+        if (len(self.batch) >= self.batch_size or self.key_bytes >= FRESH_KEY_BYTES
+                or now - self.flushed > self.batch_age):
             self.flush()
+        if now - self.shown > SHOW_EVERY:
+            self.shown = now
+            p.show(keys=p.counts["keys"], rate=f"{p.counts['keys'] / max(p.elapsed, 1e-3):.0f} keys/s")
 
     async def md5(self, key: bytes, found: list[Found]) -> bytes:
         """The md5 of a copy of the most common size, read as a stream (NO_MD5 if none reads)."""
@@ -232,6 +243,7 @@ class Rebuild:
         elif self.batch:
             self.progress.add("written", len(self.batch))  # dry run: what would be written
         self.batch = []
+        self.key_bytes = 0
         self.flushed = time.monotonic()
 
 

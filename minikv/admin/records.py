@@ -17,6 +17,7 @@ from minikv.index.record import LIVE, NO_MD5, VOLUMES_AT
 from minikv.placement import _md5, epoch
 
 _HEAD = struct.Struct("<BQQ16sI")  # state and record.py's <QQ16sI, packed in one call
+TAGS = 2**32 - 1  # a score's tag is this minus its volume's place in -volumes
 assert _HEAD.size == VOLUMES_AT
 
 
@@ -32,13 +33,13 @@ class Placer:
         else:
             names = [[v] for v in config.volumes]
         # each volume's name to hash, and a tag that follows its score through a plain sort of
-        # bytes: 65535 - its place, so that equal scores keep the order of -volumes (stable, as
+        # bytes: TAGS - its place, so that equal scores keep the order of -volumes (stable, as
         # key2volume's sort), with no key function called per item
-        self.tagged = [(v.encode(), (65535 - i).to_bytes(2, "big")) for i, v in enumerate(config.volumes)]
-        self.names = {65535 - i: n for i, n in enumerate(names)}
+        self.tagged = [(v.encode(), (TAGS - i).to_bytes(4, "big")) for i, v in enumerate(config.volumes)]
+        self.names = {TAGS - i: n for i, n in enumerate(names)}
         chosen = min(config.replicas, len(config.volumes))
         # the chosen scores' last four bytes (the subvolume) and tags, read in one call
-        self.unpack = struct.Struct(">" + "12xIH" * chosen).unpack
+        self.unpack = struct.Struct(">" + "12xII" * chosen).unpack
         self.chosen = chosen
         self.epoch = epoch(config.volumes, config.replicas, config.subvolumes)
 
