@@ -25,7 +25,16 @@ from minikv.health import Health
 from minikv.http.client import Pool
 from minikv.http.response import HTTPError
 from minikv.http.server import Body, Request
-from minikv.index.record import LIVE, OP_DELETE, OP_PUT, UNLINKED, encode_data, encode_pending, with_state
+from minikv.index.record import (
+    LIVE,
+    OP_DELETE,
+    OP_PUT,
+    UNLINKED,
+    decode_data,
+    encode_data,
+    encode_pending,
+    with_state,
+)
 from minikv.index.store import Store
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, hex_size
@@ -409,30 +418,64 @@ def test_plain_delete_of_a_key_overwritten_meanwhile_is_409(tmp_path):
     assert _status_of(started) == 403
 
 
+def _s3_open_after(c, key: bytes, meanwhile) -> tuple[int, bytes] | S3Error:
+    """Values.open of `key`'s record as read before `meanwhile(store)` ran (another request's
+    change between the S3 GET's read of the record and its read of a replica): (status, body),
+    or the S3Error it raised."""
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=c.replicas, subvolumes=c.subvolumes)
+
+    async def read() -> tuple[int, bytes] | S3Error:
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            raw = store.get(key)  # what the GET read
+            await asyncio.to_thread(meanwhile, store)
+            try:
+                conn, body = await Values(cfg, store, pool, Health(pool, cfg.hosts)).open(key, raw)
+            except S3Error as e:
+                return e
+            try:
+                return conn.status, await body.read()
+            finally:
+                pool.discard(conn)
+        finally:
+            pool.close()
+            store.close()
+
+    return asyncio.run(read())
+
+
 def test_s3_get_of_a_key_deleted_while_being_read_is_404(make_cluster):
     """The S3 GET read the LIVE record, then a plain DELETE removed the files before the GET
     reached a volume: every replica answers 404, which was reported as 503."""
     c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
     key = b"/b/" + name().encode()
     assert c.put(key.decode(), b"value").status_code == 201
-    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=2, subvolumes=1)
 
-    async def read_after_delete():
-        store = Store(str(c.root / "index"))
-        pool = Pool()
-        try:
-            raw = store.get(key)  # what the GET read
-            assert (await asyncio.to_thread(c.delete, key.decode())).status_code == 204
-            values = Values(cfg, store, pool, Health(pool, cfg.hosts))
-            with pytest.raises(S3Error) as e:
-                await values.open(key, raw)
-            return e.value
-        finally:
-            pool.close()
-            store.close()
+    def delete(store):
+        assert c.delete(key.decode()).status_code == 204
 
-    err = asyncio.run(read_after_delete())
-    assert err.code == "NoSuchKey" and err.status == 404
+    err = _s3_open_after(c, key, delete)
+    assert isinstance(err, S3Error) and err.code == "NoSuchKey" and err.status == 404
+
+
+def test_s3_get_of_a_key_overwritten_then_being_deleted_sends_the_new_value(make_cluster):
+    """The S3 GET read the old record; an S3 overwrite committed, and a DELETE locked the key
+    before the GET reached a volume: every replica holds the new value, the index a DELETE's
+    lock over it. The copies were taken for damaged (503, seen in the races test below); they
+    are the value the key holds until the delete's end, sent as for a committed overwrite."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    key = b"/b/" + name().encode()
+    assert c.put(key.decode(), b"first").status_code == 201
+
+    def overwrite_then_lock(store):
+        put = requests.put(c.url(key.decode()), data=b"s3 value", headers={"User-Agent": "Boto3/1.0"}, timeout=10)
+        assert put.status_code == 200
+        new = store.get(key)
+        lock = encode_pending(OP_DELETE, os.getpid(), 1, decode_data(new).volumes, new)
+        assert store.cas(key, new, lock)[0]  # a DELETE that has not reached the volumes yet
+
+    assert _s3_open_after(c, key, overwrite_then_lock) == (200, b"s3 value")
 
 
 def test_races_between_the_apis_give_the_right_statuses(make_cluster):

@@ -202,12 +202,17 @@ class Values:
 
     async def _overwritten(self, key: bytes, raw: bytes, held: int | None) -> bool:
         """Is a file of another size than record `raw` says the value of an overwrite that has
-        renamed its files in since (committed, or about to: its lock names its size)? It is then
-        what the key holds, and sent as before; otherwise the copy is damaged."""
+        renamed its files in since (committed, or about to: its lock names its size; or committed
+        and now under a DELETE's lock)? It is then what the key holds, and sent as before;
+        otherwise the copy is damaged."""
         now = await settle(self.store.get(key))
         if now is None:
             return False
         current = readable(now)
+        if current is None and now[0] == PENDING and now[1:2] == OP_DELETE:
+            # committed since, and now being deleted: its files stay until the delete reaches them
+            previous = decode_pending(now).previous
+            current = previous if previous[:1] == bytes((LIVE,)) else None
         if current is not None and current != raw:  # committed since: that value's size
             return not is_composite(current) and decode_data(current).size == held
         if now[0] == PENDING and now[1:2] == OP_PUT:
