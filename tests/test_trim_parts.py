@@ -31,16 +31,18 @@ def _rss_file() -> int:
 
 async def read_everything(part: Part, progress, stop, pool) -> list[str]:
     """A part that maps every page of the index (40 MB more than the trim limit), then waits
-    (up to 10 s) for its file-backed RSS to come back under that limit; says what it came to."""
+    (up to 10 s) for its file-backed RSS to come back under that limit past what it was before
+    (its libraries: the trim counts from there); says what it started at, read and came to."""
+    start = _rss_file()
     env = lmdb.open(part.db, readonly=True, lock=False, readahead=False)
     try:
         with env.begin() as txn:
             assert sum(1 for _, v in txn.cursor() if v == VALUE) > 0
         read = _rss_file()
         deadline = time.monotonic() + 10
-        while _rss_file() > LIMIT and time.monotonic() < deadline:
+        while _rss_file() - start > LIMIT and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return [f"{read} {_rss_file()}"]
+        return [f"{start} {read} {_rss_file()}"]
     finally:
         env.close()
 
@@ -55,5 +57,8 @@ def test_each_part_process_trims_the_index_pages_it_maps(tmp_path):
     parts = [Part(Config(volumes=[], db=db), db)]
     out = asyncio.run(run_parts(read_everything, "test", parts, Progress("test", bar=False), asyncio.Event()))
     assert len(out) == 1, out
-    read, after = map(int, out[0].split())
-    assert after <= LIMIT, (read, after)
+    # the trim fires past LIMIT over the part's own file-backed pages at its start: measured
+    # against LIMIT alone, a last trim during the read that left 35 MB of index pages over 13
+    # of libraries failed the test (47 MB, never trimmed again: under the trim's own limit)
+    start, read, after = map(int, out[0].split())
+    assert after - start <= LIMIT, (start, read, after)
