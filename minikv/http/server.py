@@ -762,8 +762,10 @@ class Connection(asyncio.Protocol):
         lim = self.limits
         if self._lingering:
             if now >= self._lingering or now - self.last > LINGER_IDLE:
-                # an answer the client has not taken would hold the connection without end
-                self._abort() if self.transport.get_write_buffer_size() else self.close()
+                if self.transport.get_write_buffer_size():
+                    self._abort()  # an answer the client has not taken would hold the connection without end
+                else:
+                    self.close()
         elif self._write_paused and now - self._write_paused_at > lim.idle_timeout:
             # the client has taken none of its answers for that long (as nginx's send_timeout):
             # dropped, without waiting to send what it will not read
