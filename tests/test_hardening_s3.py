@@ -31,11 +31,14 @@ from minikv.index.record import (
     OP_PUT,
     UNLINKED,
     decode_data,
+    encode_composite,
     encode_data,
     encode_pending,
+    now_ms,
     with_state,
 )
 from minikv.index.store import Store
+from minikv.s3 import values as values_module
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, hex_size
 from minikv.s3.payload import Payload
@@ -476,6 +479,48 @@ def test_s3_get_of_a_key_overwritten_then_being_deleted_sends_the_new_value(make
         assert store.cas(key, new, lock)[0]  # a DELETE that has not reached the volumes yet
 
     assert _s3_open_after(c, key, overwrite_then_lock) == (200, b"s3 value")
+
+
+def test_s3_complete_over_a_plain_value_keeps_an_overwrite_queued_behind_it(make_cluster, monkeypatch):
+    """A Complete over a plain value deleted that value's files after it let go of the key.
+    An S3 PUT queued behind it wrote the same paths in between and was acknowledged, and the
+    Complete's delete then took its files: the PUT's value was lost. The delete is made late
+    here (an overwrite gets a second to land first); the files must go while the key is held."""
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1, workers=1)
+    key = b"/b/" + name().encode()
+    assert c.put(key.decode(), b"plain value").status_code == 201
+    s3 = {"User-Agent": "Boto3/1.0"}
+    cfg = Config(volumes=c.names, db=str(c.root / "index"), replicas=c.replicas, subvolumes=c.subvolumes)
+    delete_all = values_module.replicas.delete_all
+    answers: list[int] = []
+    writers: list[threading.Thread] = []
+
+    async def late_delete(*args, **kw):
+        writer = threading.Thread(target=lambda: answers.append(
+            requests.put(c.url(key.decode()), data=b"s3 value", headers=s3, timeout=30).status_code))
+        writer.start()
+        writers.append(writer)
+        await asyncio.sleep(1.0)
+        return await delete_all(*args, **kw)
+
+    monkeypatch.setattr(values_module.replicas, "delete_all", late_delete)
+
+    async def complete() -> None:
+        store = Store(str(c.root / "index"))
+        pool = Pool()
+        try:
+            values = Values(cfg, store, pool, Health(pool, cfg.hosts))
+            await values.put_record(key, encode_composite(LIVE, 1, now_ms(), name(), [1]))
+        finally:
+            pool.close()
+            store.close()
+
+    asyncio.run(complete())
+    assert len(writers) == 1  # the plain value's files were deleted, once
+    writers[0].join()
+    assert answers == [200]
+    got = requests.get(c.url(key.decode()), headers=s3, timeout=10)
+    assert (got.status_code, got.content) == (200, b"s3 value")
 
 
 def test_races_between_the_apis_give_the_right_statuses(make_cluster):

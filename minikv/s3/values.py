@@ -417,8 +417,46 @@ class Values:
             raise S3Error("ServiceUnavailable", f"{e}; nothing was changed") from None
         if not done:
             raise S3Error("InternalError", "lost the key's lock while writing (was the index recovered meanwhile?)")
-        if previous is not None:
+        if previous is None:
+            return
+        if not (files := files_on(previous)):
             await self.replaced(key, previous, record, [])
+            return
+        await self._forget(key, previous, record)
+        # A plain value's files are at the very paths the key's next write uses: deleted with
+        # the key let go, they could be that write's, acknowledged meanwhile. So the key is held
+        # again (readers get the object: the hold's previous record) while they are deleted;
+        # if another write took it first, its files are there now and nothing is deleted.
+        since = fence.epoch()
+        held = encode_pending(OP_PUT, self.pid, now_ms(), [], record)
+        try:
+            holding, _ = await settle(self.store.cas(key, record, held))
+        except (StoreError, lmdb.Error):
+            return  # the files are left to `minikv gc`, as orphans
+        if not holding:
+            return
+        try:
+            # a shared index's lease lost meanwhile (see delete): the hold may be undone and the
+            # key written anew at these paths; the files are then left to `minikv gc`
+            if not (fence.suspect(since) and await fence.refused(since, "the replaced files were kept")):
+                await replicas.delete_all(self.pool, files, key)  # one left is an orphan for `minikv gc`
+        finally:
+            await self._let_go(key, held, record)
+
+    async def _let_go(self, key: bytes, held: bytes, record: bytes) -> None:
+        """End the hold `held` of a committed `record` (put_record): now, or once the index can
+        write. Recovery of a hold left by a crash does the same (it restores the previous record)."""
+
+        async def let_go() -> None:
+            try:
+                await settle(self.store.cas(key, held, record))
+            except lmdb.Error as e:  # a full map: not yet
+                raise StoreError(str(e)) from None
+
+        try:
+            await let_go()
+        except StoreError:
+            retry_when_writable(let_go)
 
     async def _write(self, key, source, length, volumes, taken: list, check=None) -> tuple[int, bytes, list[str], str]:
         if length == 0:
