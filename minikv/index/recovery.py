@@ -261,6 +261,18 @@ def retry_when_writable(change) -> None:
     task.add_done_callback(_retries.discard)
 
 
+async def cas_or_later(engine, key: bytes, expect: bytes, new: bytes | None) -> str:
+    """Take `key`'s record from our lock `expect` to `new` now or, when the database cannot
+    write now, once it can (retry_when_writable): "" when done now, else why not. For a lock
+    that must not stay (a key held, a DELETE refused): a lock left behind is a key stuck in 409."""
+    try:
+        await settle(engine.cas(key, expect, new))
+    except StoreError as e:
+        retry_when_writable(lambda: engine.cas(key, expect, new))  # done, or someone resolved it already
+        return str(e)
+    return ""
+
+
 def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
     """Drop the PENDING record `pending` of `key`, whose files are already gone (a PUT undone,
     a DELETE done), as soon as the database takes a write again: a full disk then leaves the

@@ -120,8 +120,7 @@ async def rebalance(values, raw: bytes) -> None:
     S3Error: 409 when one is being written or moved, 503 when a copy fails (it stays where it was)."""
     from minikv.admin.move import LostLock, move_key
     from minikv.http.client import VolumeError
-    from minikv.index.recovery import retry_when_writable
-    from minikv.index.store import StoreError
+    from minikv.index.recovery import cas_or_later
 
     upload_id, numbers = decode_composite(raw)
     for key in [manifest_key(upload_id), *(part_key(upload_id, n) for n in numbers)]:
@@ -145,10 +144,7 @@ async def rebalance(values, raw: bytes) -> None:
         except LostLock as e:
             raise S3Error("OperationAborted", str(e)) from None
         except Exception:  # a bug, or the index away: the part must not stay locked
-            try:
-                await settle(values.store.cas(key, pending, part))
-            except StoreError:
-                retry_when_writable(lambda k=key, lock=pending, back=part: values.store.cas(k, lock, back))
+            await cas_or_later(values.store, key, pending, part)
             raise
 
 

@@ -84,7 +84,7 @@ from minikv.index.record import (
     now_ms,
     with_state,
 )
-from minikv.index.recovery import drop_when_writable, retry_when_writable
+from minikv.index.recovery import cas_or_later, drop_when_writable, retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
 from minikv.s3 import composite
@@ -441,22 +441,8 @@ class Values:
             if not (fence.suspect(since) and await fence.refused(since, "the replaced files were kept")):
                 await replicas.delete_all(self.pool, files, key)  # one left is an orphan for `minikv gc`
         finally:
-            await self._let_go(key, held, record)
-
-    async def _let_go(self, key: bytes, held: bytes, record: bytes) -> None:
-        """End the hold `held` of a committed `record` (put_record): now, or once the index can
-        write. Recovery of a hold left by a crash does the same (it restores the previous record)."""
-
-        async def let_go() -> None:
-            try:
-                await settle(self.store.cas(key, held, record))
-            except lmdb.Error as e:  # a full map: not yet
-                raise StoreError(str(e)) from None
-
-        try:
-            await let_go()
-        except StoreError:
-            retry_when_writable(let_go)
+            # recovery of a hold left by a crash does the same: it puts back the lock's previous record
+            await cas_or_later(self.store, key, held, record)
 
     async def _write(self, key, source, length, volumes, taken: list, check=None) -> tuple[int, bytes, list[str], str]:
         if length == 0:
@@ -640,10 +626,7 @@ class Values:
         if fence.suspect(since) and (why := await fence.refused(since, "nothing was deleted")):
             # a shared index's lease (see App._delete_files): the lock may have been undone and
             # the key written anew at the paths these deletes would remove
-            try:
-                await settle(self.store.cas(key, pending, raw))
-            except StoreError:
-                retry_when_writable(lambda: self.store.cas(key, pending, raw))
+            await cas_or_later(self.store, key, pending, raw)
             raise S3Error("ServiceUnavailable", why)
         if is_composite(raw):  # the manifest first: once it is gone a rebuild cannot bring the object back
             why = await composite.drop_manifest(self, raw)
