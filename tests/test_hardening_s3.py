@@ -29,15 +29,19 @@ from minikv.index.record import (
     LIVE,
     OP_DELETE,
     OP_PUT,
+    PENDING,
     UNLINKED,
     decode_data,
     encode_composite,
     encode_data,
     encode_pending,
+    is_composite,
     now_ms,
+    readable,
     with_state,
 )
-from minikv.index.store import Store
+from minikv.index.recovery import recover
+from minikv.index.store import Store, StoreError
 from minikv.s3 import values as values_module
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, hex_size
@@ -521,6 +525,73 @@ def test_s3_complete_over_a_plain_value_keeps_an_overwrite_queued_behind_it(make
     assert answers == [200]
     got = requests.get(c.url(key.decode()), headers=s3, timeout=10)
     assert (got.status_code, got.content) == (200, b"s3 value")
+
+
+def _plain_then_composite(store: Store, key: bytes) -> bytes:
+    """A plain value's record for `key` (on volumes nobody listens on), and a composite record to
+    put over it."""
+    volumes = [f"{HOST}:1", f"{HOST}:2"]
+    _set(store, key, encode_data(LIVE, volumes, 5, now_ms(), b"\1" * 16, 0))
+    return encode_composite(LIVE, 1, now_ms(), name(), [1])
+
+
+@pytest.mark.parametrize("step", ["lock", "hold"])
+def test_a_lock_whose_answer_was_lost_does_not_stay(tmp_path, step):
+    """A key taken to PENDING by an S3 write's lock (Values.lock) or a Complete's hold
+    (put_record), the statement's answer lost, as PostgreSQL raises IndexUnavailable for one
+    whose connection broke while it was out: the lock may be there, owned by a live worker, and
+    stayed: 409 until a restart. It is now put back once the index answers."""
+    taken_over = is_composite if step == "hold" else (lambda raw: raw is not None and raw[0] == LIVE)
+
+    class AnswerLost(Store):
+        def cas(self, key, expect, new):
+            done = super().cas(key, expect, new)
+            if new is not None and new[0] == PENDING and taken_over(expect):
+                raise StoreError("the connection broke while the statement was out")
+            return done
+
+    store = AnswerLost(str(tmp_path / "index"))
+    pool = Pool()
+    key = b"/b/" + step.encode()
+    record = _plain_then_composite(store, key)
+    before = store.get(key)
+    cfg = Config(volumes=[f"{HOST}:1", f"{HOST}:2"], db=str(tmp_path), replicas=2, subvolumes=1)
+
+    async def write() -> None:
+        values = Values(cfg, store, pool, Health(pool, cfg.hosts))
+        if step == "hold":
+            await values.put_record(key, record)
+        else:
+            with pytest.raises(StoreError):
+                await values.lock(key, [])
+        assert store.get(key)[0] == PENDING  # as the lost answer left it
+        await asyncio.sleep(1.5)  # RETRY_EVERY
+
+    try:
+        asyncio.run(write())
+        assert store.get(key) == (record if step == "hold" else before)
+    finally:
+        pool.close()
+        store.close()
+
+
+def test_a_hold_left_by_a_dead_worker_is_put_back_by_recovery(tmp_path):
+    """A worker that died while it held a key after a Complete (its old files half deleted):
+    recovery puts back the object, as it was committed; what is left of the files is gc's."""
+    store = Store(str(tmp_path / "index"))
+    pool = Pool()
+    key = b"/b/dead-hold"
+    record = _plain_then_composite(store, key)
+    _set(store, key, record)
+    held = encode_pending(OP_PUT, 2**31 - 1, now_ms(), [], record)  # no such pid
+    assert store.cas(key, record, held)[0]
+    try:
+        assert readable(held) == record  # readers get the object meanwhile
+        assert asyncio.run(recover(store, pool)) == 1
+        assert store.get(key) == record
+    finally:
+        pool.close()
+        store.close()
 
 
 def test_races_between_the_apis_give_the_right_statuses(make_cluster):

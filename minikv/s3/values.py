@@ -265,7 +265,12 @@ class Values:
         while True:
             raw = await self.unlocked(key, idle_until)
             pending = encode_pending(OP_PUT, self.pid, now_ms(), volumes, raw or b"", new)
-            done, _ = await settle(self.store.cas(key, raw, pending))
+            try:
+                done, _ = await settle(self.store.cas(key, raw, pending))
+            except StoreError:
+                # its answer lost (PostgreSQL): the lock may be ours, and must not stay
+                retry_when_writable(lambda lock=pending, back=raw: self.store.cas(key, lock, back))
+                raise
             if done:
                 return pending, raw
             # another writer took it between our read and our CAS: queue behind it
@@ -398,7 +403,9 @@ class Values:
                          deadline: float | None = None) -> None:
         """Make `record`, which names no file under `key` (a composite value), the key's
         record, with the encoded attributes `attrs`, after any write in flight; then drop what
-        only the value it replaced used. Past `deadline` (loop time) nothing is changed."""
+        only the value it replaced used (a plain value's files with the key held again: a lock
+        with no volumes whose previous record is `record`, which recovery puts back). Past
+        `deadline` (loop time) nothing is changed."""
         pending, previous = await self.lock(key, [])
         try:
             if self.config.protect:
@@ -431,8 +438,11 @@ class Values:
         held = encode_pending(OP_PUT, self.pid, now_ms(), [], record)
         try:
             holding, _ = await settle(self.store.cas(key, record, held))
-        except (StoreError, lmdb.Error):
-            return  # the files are left to `minikv gc`, as orphans
+        except StoreError:
+            # its answer lost (PostgreSQL): the hold may be there, and must not stay; the
+            # files are left to `minikv gc`, as orphans
+            retry_when_writable(lambda: self.store.cas(key, held, record))
+            return
         if not holding:
             return
         try:
