@@ -30,6 +30,7 @@ from minikv.s3.xml import iso_time, parse
 MAX_DELETE = 1000
 DELETE_BODY_LIMIT = 2 << 20
 DELETES_AT_ONCE = 16
+GET_TRIES = 5  # reads of the record a GET makes when overwrites keep replacing the value under it
 # response-* query parameters a (presigned) GET may use to set the answer's headers
 OVERRIDES = {"response-content-type": "Content-Type", "response-content-disposition": "Content-Disposition",
              "response-content-encoding": "Content-Encoding", "response-content-language": "Content-Language",
@@ -109,7 +110,12 @@ def head_object(s3, ctx: Ctx) -> bytes:
 
 def get_object(s3, ctx: Ctx):
     raw = _record(s3, ctx)
-    attrs = s3.meta.attrs(ctx.key, raw)
+    return _get(s3, ctx, raw, s3.meta.attrs(ctx.key, raw))
+
+
+def _get(s3, ctx: Ctx, raw: bytes, attrs: dict, tries: int = 1):
+    """The GET of the value of record `raw` (with its attributes): the answer, or a coroutine
+    that sends it. `tries`: how many times the record was read for it (_send)."""
     headers, _ = _object_headers(s3, ctx, raw, attrs)
     forward = []
     rng = ctx.header(b"range")
@@ -121,15 +127,27 @@ def get_object(s3, ctx: Ctx):
         # read here, not by nginx, which answers 416 to a range S3 ignores (`bytes=3-2`)
         if (found := composite.byte_range(rng.decode("latin-1"), decode_data(raw).size)) is not None:
             forward.append(("Range", f"bytes={found[0]}-{found[1]}"))
-    return _send(s3, ctx, raw, headers, forward)
+    return _send(s3, ctx, raw, headers, forward, tries)
 
 
-async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list) -> None:
+async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list, tries: int = 1):
     if decode_data(raw).size == 0 and not forward:
         return ctx.respond(200, headers, length=0)
     if is_composite(raw):
         return await _send_composite(s3, ctx, raw, headers, forward)
     conn, body = await s3.values.open(ctx.key, raw, forward)
+    if not await s3.values.still(ctx.key, raw, conn):
+        # an overwrite renamed its files in since the record was read: these bytes may be its,
+        # not those the headers (ETag, Last-Modified, preconditions) were made for
+        s3.pool.discard(conn)
+        if tries >= GET_TRIES:
+            raise S3Error("SlowDown", f"the object was overwritten {tries} times while it was being read: "
+                          "read it again")
+        current = readable(await s3.values.settled(ctx.key))
+        if current is None:
+            raise no_such_key(ctx)
+        answer = _get(s3, ctx, current, await settle(s3.meta.attrs(ctx.key, current)), tries + 1)
+        return await answer if asyncio.iscoroutine(answer) else answer
     out = ctx.req.conn
     try:
         length = conn.headers.get(b"content-length")

@@ -57,6 +57,7 @@ plain API's own PUT never overwrites (403), so clusters written only through it 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 from collections.abc import AsyncIterator
@@ -70,6 +71,8 @@ from minikv.index import fence
 from minikv.index.engine import settle
 from minikv.index.record import (
     LIVE,
+    MD5_AT,
+    NO_MD5,
     OP_DELETE,
     OP_PUT,
     OP_REBALANCE,
@@ -199,6 +202,39 @@ class Values:
                 return await self.open(key, current, headers, moved=True)
             reasons.append("the object was replaced while being read: retry")
         raise S3Error("ServiceUnavailable", "no replica could be read: " + "; ".join(reasons))
+
+    async def still(self, key: bytes, raw: bytes, conn) -> bool:
+        """Is the file `conn` answers with (opened by open(): nginx reads the file it opened,
+        whatever is renamed over it after) surely the value of record `raw`? A write renames its
+        file in only under its lock, so it is while the key holds that value, or a DELETE's or
+        a move's lock over it; not once an overwrite took the key (its file may be in already)."""
+        now = await settle(self.store.get(key))
+        if now is None or _whole_size(conn) != decode_data(raw).size:
+            return False
+        if now[0] == PENDING:
+            p = decode_pending(now)
+            if p.op == OP_PUT and p.volumes:
+                return _has_md5_of(conn, raw)
+            now = p.previous
+        # the same value (size, mtime, md5); else, with the answer in hand, the same bytes
+        return (now[:1] == bytes((LIVE,)) and now[1:33] == raw[1:33]) or _has_md5_of(conn, raw)
+
+    async def settled(self, key: bytes) -> bytes | None:
+        """The key's record once no overwrite is in flight (its file may be in, its record not
+        yet: poll, as `unlocked`); SlowDown after LOCK_WAIT seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        polls = 0
+        while (raw := await settle(self.store.get(key))) is not None and raw[0] == PENDING \
+                and raw[1:2] == OP_PUT and decode_pending(raw).volumes:
+            if loop.time() >= deadline:
+                raise S3Error("SlowDown", f"an overwrite of this key has been in flight for over {LOCK_WAIT:g}s; "
+                              "read it again later")
+            # an overwrite's lock lasts its last bytes and its commit (a few ms): looked at
+            # often at first, so that a key written without a pause still gets read between two
+            polls += 1
+            await asyncio.sleep(0.001 if polls <= 50 else 0.05)
+        return raw
 
     async def _overwritten(self, key: bytes, raw: bytes, held: int | None) -> bool:
         """Is a file of another size than record `raw` says the value of an overwrite that has
@@ -653,6 +689,15 @@ class Values:
         await self._forget(key, raw, None)
         await composite.remove(self, raw)  # the parts; one left is an orphan for `minikv gc`
         return True
+
+
+def _has_md5_of(conn, raw: bytes) -> bool:
+    """Is the volume's answer a whole value, all of it received (a small one comes with its
+    head), whose md5 is record `raw`'s? Then what is sent is what the headers say, whichever
+    write put it there: a key rewritten without a pause is read without a retry."""
+    md5 = raw[MD5_AT:MD5_AT + 16]
+    body = conn.body
+    return conn.status == 200 and body.done and md5 != NO_MD5 and hashlib.md5(b"".join(body._chunks)).digest() == md5
 
 
 def _whole_size(conn) -> int | None:
