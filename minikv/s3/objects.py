@@ -136,7 +136,12 @@ async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list, tries: i
     if is_composite(raw):
         return await _send_composite(s3, ctx, raw, headers, forward)
     conn, body = await s3.values.open(ctx.key, raw, forward)
-    if not await s3.values.still(ctx.key, raw, conn):
+    try:
+        same = await s3.values.still(ctx.key, raw, conn)
+    except BaseException:  # the index away: the volume's answer is not read, nor kept
+        s3.pool.discard(conn)
+        raise
+    if not same:
         # an overwrite renamed its files in since the record was read: these bytes may be its,
         # not those the headers (ETag, Last-Modified, preconditions) were made for
         s3.pool.discard(conn)

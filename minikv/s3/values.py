@@ -49,8 +49,10 @@ applies to them.
 An overwrite replaces the file at the same path: minikeyvalue's layout names a file after its
 key only, and `rebuild` reads keys back from file names, so there is no path per version. A
 plain-API 302 handed out before step 3 (with the old value's Content-Md5) and followed after it
-therefore fetches the new value; so does an S3 GET whose record was read before the rename (old
-ETag, new bytes). A download already under way keeps the file nginx opened, so it is whole. The
+therefore fetches the new value. An S3 GET reads the record again once a replica has answered
+(`still`): a value changed meanwhile is read again under its new record, so its headers are the
+bytes' (a stream of a copy source is not checked). A download already under way keeps the file
+nginx opened, so it is whole. The
 plain API's own PUT never overwrites (403), so clusters written only through it never see this.
 """
 
@@ -95,6 +97,7 @@ from minikv.s3.errors import S3Error
 
 OK = (200, 201, 204)
 LOCK_WAIT = 30.0  # seconds an S3 write or delete waits for the one in flight on its key
+SETTLE_WAIT = 5.0  # seconds an S3 GET waits for an overwrite in flight to commit (`settled`)
 # nginx drops an upload that sends it nothing for 60 s (client_body_timeout's default): a write
 # whose uploads wait, their last bytes held back, gives up its wait for the key well before
 UPLOAD_IDLE = 50.0
@@ -221,14 +224,14 @@ class Values:
 
     async def settled(self, key: bytes) -> bytes | None:
         """The key's record once no overwrite is in flight (its file may be in, its record not
-        yet: poll, as `unlocked`); SlowDown after LOCK_WAIT seconds."""
+        yet: poll, as `unlocked`); SlowDown after SETTLE_WAIT seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LOCK_WAIT
+        deadline = loop.time() + SETTLE_WAIT
         polls = 0
         while (raw := await settle(self.store.get(key))) is not None and raw[0] == PENDING \
                 and raw[1:2] == OP_PUT and decode_pending(raw).volumes:
             if loop.time() >= deadline:
-                raise S3Error("SlowDown", f"an overwrite of this key has been in flight for over {LOCK_WAIT:g}s; "
+                raise S3Error("SlowDown", f"an overwrite of this key has been in flight for over {SETTLE_WAIT:g}s; "
                               "read it again later")
             # an overwrite's lock lasts its last bytes and its commit (a few ms): looked at
             # often at first, so that a key written without a pause still gets read between two
@@ -239,8 +242,9 @@ class Values:
     async def _overwritten(self, key: bytes, raw: bytes, held: int | None) -> bool:
         """Is a file of another size than record `raw` says the value of an overwrite that has
         renamed its files in since (committed, or about to: its lock names its size; or committed
-        and now under a DELETE's lock)? It is then what the key holds, and sent as before;
-        otherwise the copy is damaged."""
+        and now under a DELETE's lock)? It is then what the key holds: streamed (a copy's
+        source), or read again under its record (an S3 GET, which `still` sends back); otherwise
+        the copy is damaged."""
         now = await settle(self.store.get(key))
         if now is None:
             return False
