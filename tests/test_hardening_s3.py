@@ -28,11 +28,14 @@ from minikv.http.response import HTTPError
 from minikv.http.server import Body, Request
 from minikv.index.record import (
     LIVE,
+    NO_MD5,
     OP_DELETE,
     OP_PUT,
+    OP_REBALANCE,
     PENDING,
     UNLINKED,
     decode_data,
+    decode_pending,
     encode_composite,
     encode_data,
     encode_pending,
@@ -635,6 +638,71 @@ def test_s3_gets_racing_same_size_overwrites_send_bytes_that_match_their_etag(ma
     # a GET overwritten GET_TRIES times in a row gets 503 SlowDown (S3's answer to a key written
     # too often; SDKs retry it): a key rewritten without a pause, as here, sees a few
     assert set(statuses) <= {200, 503} and statuses.get(503, 0) * 10 < sum(statuses.values()), statuses
+
+
+class _Answer:
+    """A volume's answer as Values.still reads it: status, head, and the body received so far
+    (a 206 here covers the whole file, so that only its status tells it from a 200)."""
+
+    def __init__(self, data: bytes, status: int = 200, whole: bool = True):
+        self.status = status
+        self.headers = {b"content-length": b"%d" % len(data)}
+        if status == 206:
+            self.headers[b"content-range"] = b"bytes 0-%d/%d" % (len(data) - 1, len(data))
+        self.body = Body(None, False)
+        self.body.feed(data)
+        if whole:
+            self.body.finish()
+
+
+_VALUE = b"the value"
+_RAW = encode_data(LIVE, [f"{HOST}:1"], len(_VALUE), 1_000, hashlib.md5(_VALUE).digest(), 0)
+_LOCKS = {  # the key's record when the replica has answered -> is what it sent surely _RAW's value?
+    "unchanged": (_RAW, True),
+    "moved, the same value": (encode_data(LIVE, [f"{HOST}:2"], len(_VALUE), 1_000, _RAW[17:33], 0), True),
+    "being deleted": (encode_pending(OP_DELETE, 1, 1, [f"{HOST}:1"], _RAW), True),
+    "being moved": (encode_pending(OP_REBALANCE, 1, 1, [f"{HOST}:2"], _RAW), True),
+    "being overwritten": (encode_pending(OP_PUT, 1, 1, [f"{HOST}:1"], _RAW), False),
+    "overwritten": (encode_data(LIVE, [f"{HOST}:1"], len(_VALUE), 2_000, bytes(range(16)), 0), False),
+    "held after a Complete": (encode_pending(OP_PUT, 1, 1, [], encode_composite(LIVE, 1, 3, "u", [1])), False),
+    "unlinked": (with_state(_RAW, UNLINKED), False),
+    "deleted": (None, False),
+}
+
+
+def _still(tmp_path, now: bytes | None, raw: bytes, conn) -> bool:
+    """Values.still of `raw` against `conn`, the key's record being `now`."""
+    store = Store(str(tmp_path / "index"))
+    try:
+        if now is not None:
+            locked = now[0] == PENDING
+            _set(store, b"/b/k", decode_pending(now).previous if locked else now)
+            if locked:
+                assert store.cas(b"/b/k", store.get(b"/b/k"), now)[0]
+        values = Values(Config(volumes=[f"{HOST}:1"], db=str(tmp_path)), store, None, None)
+        return asyncio.run(values.still(b"/b/k", raw, conn))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("state", list(_LOCKS))
+@pytest.mark.parametrize("answer", ["whole", "head only", "206", "other bytes"])
+def test_what_an_s3_get_may_send_after_reading_its_record_again(tmp_path, state, answer):
+    """Values.still, the rule an S3 GET follows once a replica has answered, state by state:
+    the record as it is then must show that no overwrite can have renamed its file in since;
+    else only a whole value received whole, whose md5 is the record's, tells (a range, or a
+    body still coming, is read again)."""
+    now, same = _LOCKS[state]
+    conn = {"whole": _Answer(_VALUE), "head only": _Answer(_VALUE, whole=False), "206": _Answer(_VALUE, 206),
+            "other bytes": _Answer(b"the other")}[answer]
+    assert _still(tmp_path, now, _RAW, conn) is (same or (answer == "whole" and now is not None))
+
+
+def test_a_record_with_no_md5_is_read_again_once_changed(tmp_path):
+    """A record with no md5 (a rebuild without -md5) cannot be told by its bytes."""
+    raw = _RAW[:17] + NO_MD5 + _RAW[33:]
+    assert _still(tmp_path, raw, raw, _Answer(_VALUE))
+    assert not _still(tmp_path, encode_pending(OP_PUT, 1, 1, [f"{HOST}:1"], raw), raw, _Answer(_VALUE))
 
 
 def test_races_between_the_apis_give_the_right_statuses(make_cluster):
