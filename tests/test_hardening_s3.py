@@ -613,6 +613,7 @@ def test_s3_gets_racing_same_size_overwrites_send_bytes_that_match_their_etag(ma
     stop = time.monotonic() + 4
     wrong: list[str] = []
     statuses: dict[int, int] = {}
+    counting = threading.Lock()
 
     def overwrite() -> None:
         with requests.Session() as session:
@@ -627,7 +628,8 @@ def test_s3_gets_racing_same_size_overwrites_send_bytes_that_match_their_etag(ma
                 if time.monotonic() >= stop:
                     break
                 got = session.get(c.url(key), headers=s3, timeout=10)
-                statuses[got.status_code] = statuses.get(got.status_code, 0) + 1
+                with counting:  # two readers
+                    statuses[got.status_code] = statuses.get(got.status_code, 0) + 1
                 if got.status_code == 200 and hashlib.md5(got.content).hexdigest() != got.headers["ETag"].strip('"'):
                     wrong.append(f"{got.content[:1]!r} under ETag {got.headers['ETag']}")
 

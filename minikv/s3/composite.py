@@ -15,9 +15,10 @@ orphan parts (admin/uploads.py) leave them.
 
 Order of writes of Complete: manifest -> parts checked unchanged -> object's record (compare-and-
 set over whatever the key held) -> a plain value's files it replaced deleted, the key held again
-meanwhile (values.put_record) -> upload dropped -> unused parts deleted. Removing a composite value (DELETE, overwrite): record changed first, then the
-manifest (so a rebuild no longer brings it back), then the parts; a part that cannot be deleted
-then is an orphan (upload and manifest gone), which `minikv gc` deletes.
+meanwhile (values.put_record) -> upload dropped -> unused parts deleted. Removing a composite
+value (DELETE, overwrite): record changed first, then the manifest (so a rebuild no longer
+brings it back), then the parts; a part that cannot be deleted then is an orphan (upload and
+manifest gone), which `minikv gc` deletes.
 """
 
 from __future__ import annotations
