@@ -64,7 +64,7 @@ from minikv.s3.composite import PART_PREFIX, UPLOAD_ID, manifest, manifest_key, 
 from minikv.s3.composite import stream as composite_stream
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal, decimal_in
-from minikv.s3.objects import _payload, copy_source
+from minikv.s3.objects import _payload, copied
 from minikv.s3.values import readable
 from minikv.s3.xml import iso_time, parse
 
@@ -148,7 +148,7 @@ def _only_complete(s3, upload_id: str, key: bytes):
 def _source(s3, src: bytes, raw: bytes, forward: list, length: int):
     """The bytes of the copy source `src` (record `raw`), or of the range `forward` names."""
     if not is_composite(raw):
-        return s3.values.stream(src, raw, forward, expect=length)
+        return s3.values.stream(src, raw, forward, expect=length, checked=True)
     first = 0
     if forward:
         first = int(forward[0][1][len("bytes="):].split("-")[0])
@@ -169,7 +169,15 @@ async def _still_wanted(s3, upload_id: str, key: bytes) -> None:
 
 
 async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
-    src, raw = await copy_source(s3, ctx)
+    live = await copied(s3, ctx, lambda src, raw: _copy_part(s3, ctx, upload_id, key, src, raw))
+    await _still_wanted(s3, upload_id, key)
+    data = decode_data(live)
+    return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
+                                      ("ETag", quoted(md5_etag(live)))])
+
+
+async def _copy_part(s3, ctx: Ctx, upload_id: str, key: bytes, src: bytes, raw: bytes) -> bytes:
+    """Store the part `key` from the copy source `src` (record `raw`): its new record."""
     size = decode_data(raw).size
     forward, length = [], size
     if (rng := ctx.header(b"x-amz-copy-source-range")) is not None:
@@ -183,12 +191,8 @@ async def _upload_part_copy(s3, ctx: Ctx, upload_id: str, key: bytes) -> bytes:
                           f"{size}-byte source object")
         forward = [("Range", rng.decode("latin-1"))]
         length = int(m[2]) - int(m[1]) + 1
-    live = await s3.values.put(key, _source(s3, src, raw, forward, length), length,
+    return await s3.values.put(key, _source(s3, src, raw, forward, length), length,
                                check=_not_completing(s3, upload_id))
-    await _still_wanted(s3, upload_id, key)
-    data = decode_data(live)
-    return ctx.xml("CopyPartResult", [("LastModified", iso_time(data.mtime_ms)),
-                                      ("ETag", quoted(md5_etag(live)))])
 
 
 async def _completed(s3, ctx: Ctx, upload_id: str | None) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
 from minikv.http import server, splice
@@ -24,7 +25,7 @@ from minikv.s3.common import Ctx, check_conditions, http_time, md5_etag, object_
 from minikv.s3.errors import S3Error
 from minikv.s3.numbers import decimal_in
 from minikv.s3.payload import Payload
-from minikv.s3.values import read_chunk, readable
+from minikv.s3.values import Overwritten, read_chunk, readable
 from minikv.s3.xml import iso_time, parse
 
 MAX_DELETE = 1000
@@ -242,15 +243,19 @@ async def put_object(s3, ctx: Ctx) -> bytes:
     return ctx.respond(200, [("ETag", quoted(md5_etag(live)))])
 
 
-async def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
+async def copy_source(s3, ctx: Ctx, settled: bool = False) -> tuple[bytes, bytes]:
     """(key, readable record) named by x-amz-copy-source: `/bucket/key` or `bucket/key`,
-    URL-encoded, maybe with `?versionId=` (there is only one version)."""
+    URL-encoded, maybe with `?versionId=` (there is only one version). `settled`: once no
+    overwrite is in flight (Values.settled), for a copy whose source was overwritten."""
     text = ctx.header(b"x-amz-copy-source") or b""
     src = text.split(b"?", 1)[0]
     src = b"/" + unquote_to_bytes(src.lstrip(b"/"))
     if b"/" not in src[1:]:
         raise S3Error("InvalidArgument", "x-amz-copy-source must be /bucket/key")
-    raw = readable(await settle(s3.store.get(src))) if len(src) <= 511 else None
+    if len(src) > 511:
+        raw = None
+    else:
+        raw = readable(await (s3.values.settled(src) if settled else settle(s3.store.get(src))))
     if raw is None:
         raise S3Error("NoSuchKey", "The specified key does not exist.", Key=src.decode("utf-8", "replace"))
     etag = await settle(s3.meta.etag(src, raw)) or md5_etag(raw)
@@ -258,30 +263,48 @@ async def copy_source(s3, ctx: Ctx) -> tuple[bytes, bytes]:
     return src, raw
 
 
+async def copied(s3, ctx: Ctx, copy: Callable[[bytes, bytes], Awaitable[bytes]]) -> bytes:
+    """`copy(src, raw)` of the copy source's key and record, read again (with the client's
+    conditions checked again) when an overwrite replaced the value while it was being read, up
+    to GET_TRIES times: else the bytes copied could be the new value's, stored with the old
+    one's headers, past an x-amz-copy-source-if-match made for the old one."""
+    for tries in range(1, GET_TRIES + 1):
+        src, raw = await copy_source(s3, ctx, settled=tries > 1)
+        try:
+            return await copy(src, raw)
+        except Overwritten:
+            continue  # nothing of the copy was stored: the put stops before its first byte
+    raise S3Error("SlowDown", f"the copy source was overwritten {GET_TRIES} times while it was being read: "
+                  "copy it again")
+
+
 async def copy_object(s3, ctx: Ctx) -> bytes:
     object_key(ctx.key)
     directive = (ctx.header(b"x-amz-metadata-directive") or b"COPY").strip().upper()
     if directive not in (b"COPY", b"REPLACE"):
         raise S3Error("InvalidArgument", "Unknown metadata directive: use COPY or REPLACE")
-    stored = attributes.from_headers(ctx.req.headers) if directive == b"REPLACE" else None
-    src, raw = await copy_source(s3, ctx)
-    source_attrs = await settle(s3.meta.attrs(src, raw))
-    if stored is None:
-        stored = source_attrs.get("h", [])
-    if src == ctx.key:
-        if directive != b"REPLACE":
-            raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an object "
-                          "to itself without changing the object's metadata, storage class, website redirect "
-                          "location or encryption attributes: use MetadataDirective=REPLACE")
-        # same bytes, new headers: the value's attributes are replaced in place
-        kept = {k: v for k, v in source_attrs.items() if k in ("e", "p")}
-        await settle(s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored})))
-    else:
+    replace = attributes.from_headers(ctx.req.headers) if directive == b"REPLACE" else None
+
+    async def copy(src: bytes, raw: bytes) -> bytes:
+        source_attrs = await settle(s3.meta.attrs(src, raw))
+        stored = source_attrs.get("h", []) if replace is None else replace
+        if src == ctx.key:
+            if replace is None:
+                raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an "
+                              "object to itself without changing the object's metadata, storage class, website "
+                              "redirect location or encryption attributes: use MetadataDirective=REPLACE")
+            # same bytes, new headers: the value's attributes are replaced in place
+            kept = {k: v for k, v in source_attrs.items() if k in ("e", "p")}
+            await settle(s3.meta.put_attrs(ctx.key, raw, attributes.encode({**kept, "h": stored})))
+            return raw
         size = decode_data(raw).size
         source = composite.stream(s3.values, s3.store, raw) if is_composite(raw) \
-            else s3.values.stream(src, raw, expect=size)
-        raw = await s3.values.put(ctx.key, source, size, _encoded({"h": stored}))
+            else s3.values.stream(src, raw, expect=size, checked=True)
+        live = await s3.values.put(ctx.key, source, size, _encoded({"h": stored}))
         await settle(s3.meta.drop_etag(ctx.key))
+        return live
+
+    raw = await copied(s3, ctx, copy)
     data = decode_data(raw)
     return ctx.xml("CopyObjectResult", [("LastModified", iso_time(data.mtime_ms)),
                                         ("ETag", quoted(await settle(s3.meta.etag(ctx.key, raw)) or md5_etag(raw)))])

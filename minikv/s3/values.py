@@ -139,6 +139,11 @@ def files_on(raw: bytes | None) -> list[str]:
     return [] if raw is None or is_composite(raw) else decode_data(raw).volumes
 
 
+class Overwritten(Exception):
+    """A copy's source was overwritten between the read of its record and its volume's answer
+    (`stream(checked=True)`): its bytes may be the new value's; the copy reads the record again."""
+
+
 class Values:
     """Reading, writing and deleting values for the S3 front (one per worker)."""
 
@@ -167,10 +172,11 @@ class Values:
         return ([v for v in shuffled if host_of(v) not in self.health.down]
                 + [v for v in shuffled if host_of(v) in self.health.down])
 
-    async def open(self, key: bytes, raw: bytes, headers=(), moved: bool = False):
+    async def open(self, key: bytes, raw: bytes, headers=(), moved: bool = False, checked: bool = False):
         """Start a GET of the value of record `raw` from one replica: (conn, body) with status
         200 or 206. Tries each replica in turn, past any whose file is not the record's size
-        (callers ask only for ranges inside the value)."""
+        (callers ask only for ranges inside the value). `checked`: Overwritten when the files
+        are gone because another value took the key (a copy then reads its source again)."""
         reasons = []
         missing = 0
         data = decode_data(raw)
@@ -202,25 +208,32 @@ class Values:
             if current is None:
                 raise S3Error("NoSuchKey", "The specified key does not exist (it was deleted while being read).")
             if current[1:33] == raw[1:33] and not moved:  # same value (size, mtime, md5), moved: once more
-                return await self.open(key, current, headers, moved=True)
+                return await self.open(key, current, headers, moved=True, checked=checked)
+            if checked:
+                raise Overwritten(key)
             reasons.append("the object was replaced while being read: retry")
         raise S3Error("ServiceUnavailable", "no replica could be read: " + "; ".join(reasons))
 
-    async def still(self, key: bytes, raw: bytes, conn) -> bool:
+    async def still(self, key: bytes, raw: bytes, conn, strict: bool = False) -> bool:
         """Is the file `conn` answers with (opened by open(): nginx reads the file it opened,
         whatever is renamed over it after) surely the value of record `raw`? A write renames its
         file in only under its lock, so it is while the key holds that value, or a DELETE's or
-        a move's lock over it; not once an overwrite took the key (its file may be in already)."""
+        a move's lock over it; not once an overwrite took the key (its file may be in already).
+        `strict`: and were the value's attributes, read since `raw`, surely its own? Only while
+        the key still holds `raw`: a committed overwrite drops them, and one of the same bytes
+        (a re-PUT to fix a Content-Type) left a copy with no headers at all. A GET sends what it
+        read at once; a copy stores it."""
         now = await settle(self.store.get(key))
         if now is None or _whole_size(conn) != decode_data(raw).size:
             return False
         if now[0] == PENDING:
             p = decode_pending(now)
             if p.op == OP_PUT and p.volumes:
-                return _has_md5_of(conn, raw)
+                return (not strict or p.previous[1:33] == raw[1:33]) and _has_md5_of(conn, raw)
             now = p.previous
         # the same value (size, mtime, md5); else, with the answer in hand, the same bytes
-        return (now[:1] == bytes((LIVE,)) and now[1:33] == raw[1:33]) or _has_md5_of(conn, raw)
+        same = now[:1] == bytes((LIVE,)) and now[1:33] == raw[1:33]
+        return same or (not strict and _has_md5_of(conn, raw))
 
     async def settled(self, key: bytes) -> bytes | None:
         """The key's record once no overwrite is in flight (its file may be in, its record not
@@ -260,9 +273,22 @@ class Values:
             return new is not None and new[0] == held
         return False
 
-    async def stream(self, key: bytes, raw: bytes, headers=(), expect: int | None = None) -> AsyncIterator[bytes]:
-        """The value's bytes (or a range of them) from one replica, flow-controlled."""
-        conn, body = await self.open(key, raw, headers)
+    async def stream(self, key: bytes, raw: bytes, headers=(), expect: int | None = None,
+                     checked: bool = False) -> AsyncIterator[bytes]:
+        """The value's bytes (or a range of them) from one replica, flow-controlled. `checked`:
+        Overwritten, before any byte, unless they are surely record `raw`'s value with its
+        attributes (`still`), which the client's conditions were checked against (a copy's
+        source)."""
+        conn, body = await self.open(key, raw, headers, checked=checked)
+        if checked:
+            try:
+                same = await self.still(key, raw, conn, strict=True)
+            except BaseException:  # the index away: the volume's answer is not read, nor kept
+                self.pool.discard(conn)
+                raise
+            if not same:
+                self.pool.discard(conn)
+                raise Overwritten(key)
         size = 0
         try:
             while chunk := await read_chunk(body, self.pool.stall):
