@@ -77,7 +77,6 @@ from minikv.index.record import (
     NO_MD5,
     OP_DELETE,
     OP_PUT,
-    OP_REBALANCE,
     PENDING,
     UNLINKED,
     VOLUMES_AT,
@@ -89,6 +88,7 @@ from minikv.index.record import (
     now_ms,
     with_state,
 )
+from minikv.index.record import readable as kept_readable
 from minikv.index.recovery import cas_or_later, drop_when_writable, retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
@@ -109,13 +109,7 @@ def readable(raw: bytes | None) -> bytes | None:
     replaces it, the one it replaces (its replicas stay complete until the switch)."""
     if raw is None:
         return None
-    if raw[0] == LIVE:
-        return raw
-    if raw[0] == PENDING:
-        p = decode_pending(raw)
-        if p.op in (OP_PUT, OP_REBALANCE) and p.previous and p.previous[0] == LIVE:
-            return p.previous
-    return None
+    return raw if raw[0] == LIVE else kept_readable(raw)
 
 
 async def read_chunk(body, stall: float) -> bytes:
