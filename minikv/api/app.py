@@ -61,7 +61,7 @@ from minikv.index.record import (
     readable,
     with_state,
 )
-from minikv.index.recovery import drop_when_writable, retry_when_writable, unlinked_after
+from minikv.index.recovery import abandoned, retry_when_writable
 from minikv.index.store import MAX_KEY, Store, StoreError
 from minikv.placement import epoch, host_of, key2path_bytes, key2volume, keys_above, name_too_long
 
@@ -492,34 +492,24 @@ class App:
         why it stays for now). A PUT over an UNLINKED value writes at that value's very paths:
         it stays UNLINKED (still listed, DELETE-able, found by a rebuild) on the volumes that
         still hold it, those that did not take the PUT's bytes (`touched` did, or may have)."""
-        previous = decode_pending(pending).previous
-        if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
-            delete, record = unlinked_after(previous, volumes, list(touched))
-            await replicas.delete_all(self.pool, delete, key)
-            if record is None:
-                return await self._drop(key, pending)
-            try:
-                await self._undo(key, pending, record)
-            except HTTPError as e:
-                retry_when_writable(lambda: self.store.cas(key, pending, record))
-                return e.reason
-            return ""
-        await replicas.delete_all(self.pool, volumes, key)
-        return await self._drop(key, pending)
+        delete, record = abandoned(pending, volumes, touched)
+        await replicas.delete_all(self.pool, delete, key)
+        return await self._undo(key, pending, record)
 
-    async def _undo(self, key: bytes, pending: bytes, raw: bytes) -> None:
-        """Put the record `raw` back in place of our lock `pending`, if it is still there."""
-        await self._cas(key, pending, raw)
-
-    async def _drop(self, key: bytes, pending: bytes) -> str:
-        """Drop the PENDING record of a key whose files are gone: "" when done, else why it
-        could not be now; it is then dropped once the database takes writes again."""
+    async def _undo(self, key: bytes, pending: bytes, raw: bytes | None) -> str:
+        """Put the record `raw` back (None: no record) in place of our lock `pending`, if it is
+        still there: "" when done, else why it could not be now; it is then done once the
+        database takes writes again (a lock left behind is a key stuck in 409)."""
         try:
-            await self._cas(key, pending, None)
+            await self._cas(key, pending, raw)
         except HTTPError as e:
-            drop_when_writable(self.store, key, pending)
+            retry_when_writable(lambda: self.store.cas(key, pending, raw))  # done, or resolved by someone
             return e.reason
         return ""
+
+    async def _drop(self, key: bytes, pending: bytes) -> str:
+        """Drop the PENDING record of a key whose files are gone (as _undo)."""
+        return await self._undo(key, pending, None)
 
     def delete(self, key: bytes):
         raw = self.store.get(key) if len(key) <= MAX_KEY else None

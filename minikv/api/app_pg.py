@@ -25,8 +25,8 @@ from minikv.http.client import VolumeError
 from minikv.http.response import HTTPError
 from minikv.index.pg import MAX_KEY, PgStore
 from minikv.index.pg_batch import Lookups
-from minikv.index.record import LIVE, OP_PUT, UNLINKED, decode_pending, is_composite
-from minikv.index.recovery import retry_when_writable, unlinked_after
+from minikv.index.record import LIVE, OP_PUT, UNLINKED
+from minikv.index.recovery import abandoned, cas_or_later, retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import keys_above
 from minikv.s3.detect import claims as s3_claims
@@ -68,11 +68,7 @@ def abandon_later(engine: PgStore, pool, key: bytes, pending: bytes, volumes: li
 
     async def abandon() -> None:
         if await engine.get(key) == pending:
-            previous = decode_pending(pending).previous
-            if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
-                delete, record = unlinked_after(previous, volumes, list(touched))
-            else:
-                delete, record = volumes, None
+            delete, record = abandoned(pending, volumes, touched)
             await replicas.delete_all(pool, delete, key)
             await engine.cas(key, pending, record)
 
@@ -240,19 +236,8 @@ class PgApp(App):
             return ""
         return await super()._abandon(key, pending, volumes, touched)
 
-    async def _undo(self, key: bytes, pending: bytes, raw: bytes) -> None:
-        try:
-            await self.engine.cas(key, pending, raw)
-        except StoreError:
-            undo_later(self.engine, key, pending, raw)
-
-    async def _drop(self, key: bytes, pending: bytes) -> str:
-        try:
-            await self.engine.cas(key, pending, None)
-        except StoreError as e:
-            undo_later(self.engine, key, pending, None)
-            return str(e)
-        return ""
+    async def _undo(self, key: bytes, pending: bytes, raw: bytes | None) -> str:
+        return await cas_or_later(self.engine, key, pending, raw)  # not App's: no group commit here
 
     async def _rebalance(self, key: bytes, raw: bytes, volumes: list[str], pending: bytes) -> bytes:
         from minikv.admin.move import LostLock, move_key

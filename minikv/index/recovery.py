@@ -169,6 +169,17 @@ def unlinked_after(previous: bytes, volumes: list[str], touched: list[str]) -> t
     return delete, encode_data(UNLINKED, kept, old.size, old.mtime_ms, old.md5, 0)
 
 
+def abandoned(pending: bytes, volumes: list[str], touched) -> tuple[list[str], bytes | None]:
+    """A PUT that held `pending` on `volumes` is given up (`touched`: those that took, or may
+    have taken, its bytes): the copies to delete, and the record to put back in place of its
+    lock (None: the record goes). Over an UNLINKED value that value stays where it still is
+    (unlinked_after); otherwise every copy goes."""
+    previous = decode_pending(pending).previous
+    if previous[:1] == bytes((UNLINKED,)) and not is_composite(previous):
+        return unlinked_after(previous, volumes, list(touched))
+    return volumes, None
+
+
 async def _holds(pool: Pool, volume: str, key: bytes, old: Data, new: tuple | None) -> tuple[str, int]:
     """What `volume` holds under `key` after a crashed overwrite of `old` by `new` (size, md5,
     mtime; None in a record of an older minikv): ("old"|"new"|"none"|"neither"|"down", its size).
@@ -271,10 +282,3 @@ async def cas_or_later(engine, key: bytes, expect: bytes, new: bytes | None) -> 
         retry_when_writable(lambda: engine.cas(key, expect, new))  # done, or someone resolved it already
         return str(e)
     return ""
-
-
-def drop_when_writable(store: Store, key: bytes, pending: bytes) -> None:
-    """Drop the PENDING record `pending` of `key`, whose files are already gone (a PUT undone,
-    a DELETE done), as soon as the database takes a write again: a full disk then leaves the
-    key locked for as long as it stays full, not until the next restart."""
-    retry_when_writable(lambda: store.cas(key, pending, None))  # done, or someone resolved it already

@@ -89,7 +89,7 @@ from minikv.index.record import (
     with_state,
 )
 from minikv.index.record import readable as kept_readable
-from minikv.index.recovery import cas_or_later, drop_when_writable, retry_when_writable
+from minikv.index.recovery import cas_or_later, retry_when_writable
 from minikv.index.store import StoreError
 from minikv.placement import epoch, host_of, key2volume
 from minikv.s3 import composite
@@ -446,12 +446,7 @@ class Values:
     async def _drop(self, key: bytes, pending: bytes) -> str:
         """Drop the PENDING record of a key whose files are gone: "" when done, else why it
         could not be now; it is then dropped once the database takes writes again."""
-        try:
-            await settle(self.store.cas(key, pending, None))
-        except StoreError as e:
-            drop_when_writable(self.store, key, pending)
-            return str(e)
-        return ""
+        return await cas_or_later(self.store, key, pending, None)
 
     async def _restore(self, key: bytes, pending: bytes, previous: bytes | None, volumes: list[str]) -> None:
         """Nothing was committed on any volume: put the previous record back (or none)."""
