@@ -21,7 +21,9 @@ def interrupted_at_start(c, command: str, sig: int = signal.SIGINT) -> subproces
     """`minikv <command> -workers 2` given Ctrl-C (SIGINT to its process group, as a terminal
     sends it; or `sig` so, as `kill -TERM -PGID` or systemd does) as soon as its walking processes
     exist, before they can set up their handlers."""
-    db = c.root / ("index" if command == "verify" else "rebuilt")
+    # a rebuild into an index of its own each time: one stopped after its first folders has
+    # written them, and the next would refuse to add to that index without -force (exit 2)
+    db = c.root / ("index" if command == "verify" else f"rebuilt-{time.monotonic_ns()}")
     args = [sys.executable, "-m", "minikv", command, "-volumes", ",".join(c.names), "-db", str(db),
             "-replicas", "2", "-subvolumes", "2", "-workers", "2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
