@@ -154,3 +154,39 @@ def test_what_a_local_walk_finds_beside_the_bb_folders(tmp_path):
     r = rebuild(tmp_path, tmp_path / "idx2", *map(str, dirs))
     assert r.returncode == 1, r.stderr  # a folder not read: said, not a clean run
     assert f"cannot read {aa / free[2]}" in r.stderr and f"{len(keys)} keys found" in r.stderr, r.stderr
+
+
+def test_a_folder_whose_files_cannot_be_read_is_one_error_and_the_walk_goes_on(tmp_path, monkeypatch):
+    # a `<bb>` folder that lists but whose files cannot be looked at (a chmod gone wrong; a
+    # folder replaced meanwhile): one "cannot read" for the folder, as its listing's error
+    # would be, not one line per file; the other folders are walked
+    import asyncio
+
+    from minikv.admin.local import LocalWalker
+
+    folder = tmp_path / "v1"
+    where = key2path(b"/bad/0")[1:6]  # an `<aa>/<bb>` folder, and five keys of it
+    keys = [b"/bad/%d" % i for i in range(1_000_000) if key2path(b"/bad/%d" % i)[1:6] == where][:5]
+    others = [b"/good/%d" % i for i in range(20)]
+    for key in keys + others:
+        put_file(folder, key, b"v")
+    bad = os.fsencode(folder / where)
+    lstat = os.lstat
+
+    def refuse(path, *args, **kwargs):
+        if os.fsencode(path).startswith(bad + b"/"):
+            raise PermissionError(13, "Permission denied")
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", refuse)
+    walker = LocalWalker({VOLUMES[0]: str(folder)})
+    found: dict = {}
+
+    async def walk():
+        async def handle(group):
+            found.update(group)
+        return await walker.walk(await walker.roots(), handle, lambda: None)
+
+    assert asyncio.run(walk()) == 0
+    assert walker.errors == [f"cannot read {os.fsdecode(bad)}: Permission denied"], walker.errors
+    assert len(keys) == 5 and sorted(found) == sorted(k for k in others if key2path(k)[1:6] != where)

@@ -1,4 +1,4 @@
-"""Reading which files the volumes hold straight from their folders on this machine (scandir).
+"""Reading which files the volumes hold straight from their folders on this machine.
 
 What an operator runs on a volume host (or where the index host holds the volumes too): the
 same walk as admin/walk.py, `<aa>` by `<aa>`, one `<aa>/<bb>` folder across every volume at a
@@ -115,8 +115,8 @@ class LocalWalker:
     def _bb_files(self, tail: bytes, folder: bytes, where: list[tuple[bytes, str]]) -> tuple[dict[bytes, list[Found]], int]:
         """The files of one `<aa>/<bb>` folder (`tail`, its two bytes `folder`) on every root of
         `where` ([(root folder, volume)]), by key, as add_copies makes them, and how many names
-        are no key. The costly part of a local rebuild, so one loop over scandir per folder:
-        copies are grouped by file name (bytes: nothing decoded per file) and each name is
+        are no key. The costly part of a local rebuild, so one listdir per folder and one lstat
+        per name: copies are grouped by file name (bytes: nothing decoded per file) and each name is
         decoded once at the end, for all its copies. A nested folder (a name holding `/`) goes
         through files()."""
         by_name: dict[bytes, list[Found]] = {}
@@ -138,9 +138,11 @@ class LocalWalker:
                     st = os.lstat(path + name)
                 except FileNotFoundError:
                     continue  # deleted since the folder was read: a live server's DELETE
-                except OSError as e:
-                    self.errors.append(f"cannot read {os.fsdecode(path + name)}: {e.strerror}")
-                    continue
+                except NotADirectoryError:
+                    break  # the folder is gone since it was read, as above
+                except OSError as e:  # one error for the folder, as its listing's (not one per name)
+                    self.errors.append(f"cannot read {os.fsdecode(path[:-1])}: {e.strerror}")
+                    break
                 kind = st.st_mode & 0o170000
                 if kind == 0o100000:  # a regular file
                     # tuple.__new__: a NamedTuple's own __new__ is a Python call, twice the cost
@@ -182,7 +184,7 @@ class LocalWalker:
             for root in bases:
                 try:
                     # names only (no entry object, no type): a name of two hex digits is taken
-                    # for a `<bb>` folder, and a file so named fails its scandir, skipped there
+                    # for a `<bb>` folder, and a file so named fails its listdir, skipped there
                     names = os.listdir(root[0] + aa)
                 except (FileNotFoundError, NotADirectoryError):
                     continue

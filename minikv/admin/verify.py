@@ -18,8 +18,8 @@ keys are still checked, by pass 2 asking their volumes).
 So a healthy cluster costs one listing per folder instead of one HEAD per copy, and whatever
 the walk finds suspect is asked again by HEAD before it is reported. Given the volumes' folders
 on this machine (`minikv verify ... DIR DIR DIR` in the order of -volumes, or `VOLUME=DIR` for
-some, as rebuild and gc take them), pass 1 reads them straight from the file system (scandir
-and a stat per file: admin/local.py) instead of the listings; the rest is the same. With -md5 every copy is
+some, as rebuild and gc take them), pass 1 reads them straight from the file system (listdir
+and an lstat per file: admin/local.py) instead of the listings; the rest is the same. With -md5 every copy is
 read (pass 2 for every key, the notes only for orphans).
 Each problem is one line on stderr; the summary counts them. Exit code 0 when all is well, 1
 when anything was found (then `minikv repair` fixes what can be fixed).
