@@ -136,16 +136,13 @@ async def _send(s3, ctx: Ctx, raw: bytes, headers: list, forward: list, tries: i
         return ctx.respond(200, headers, length=0)
     if is_composite(raw):
         return await _send_composite(s3, ctx, raw, headers, forward)
-    conn, body = await s3.values.open(ctx.key, raw, forward)
     try:
-        same = await s3.values.still(ctx.key, raw, conn)
-    except BaseException:  # the index away: the volume's answer is not read, nor kept
-        s3.pool.discard(conn)
-        raise
-    if not same:
+        conn, body = await s3.values.open(ctx.key, raw, forward, checked=True)
+    except Overwritten:
+        conn = None  # its files are gone: another value took the key
+    if conn is None or not await s3.values.kept(ctx.key, raw, conn):
         # an overwrite renamed its files in since the record was read: these bytes may be its,
         # not those the headers (ETag, Last-Modified, preconditions) were made for
-        s3.pool.discard(conn)
         if tries >= GET_TRIES:
             raise S3Error("SlowDown", f"the object was overwritten {tries} times while it was being read: "
                           "read it again")

@@ -49,11 +49,11 @@ applies to them.
 An overwrite replaces the file at the same path: minikeyvalue's layout names a file after its
 key only, and `rebuild` reads keys back from file names, so there is no path per version. A
 plain-API 302 handed out before step 3 (with the old value's Content-Md5) and followed after it
-therefore fetches the new value. An S3 GET reads the record again once a replica has answered
-(`still`): a value changed meanwhile is read again under its new record, so its headers are the
-bytes' (a stream of a copy source is not checked). A download already under way keeps the file
-nginx opened, so it is whole. The
-plain API's own PUT never overwrites (403), so clusters written only through it never see this.
+therefore fetches the new value. An S3 GET, and the read of a copy's source, look at the record
+again once a replica has answered (`kept`): a value changed meanwhile is read again under its new
+record, so its headers are the bytes'. A download already under way keeps the file nginx opened,
+so it is whole. The plain API's own PUT never overwrites (403), so clusters written only through
+it never see this.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def files_on(raw: bytes | None) -> list[str]:
 
 
 class Overwritten(Exception):
-    """A copy's source was overwritten between the read of its record and its volume's answer
-    (`stream(checked=True)`): its bytes may be the new value's; the copy reads the record again."""
+    """A value was overwritten between the read of its record and its volume's answer (`open`
+    and `stream` with checked=True): its bytes may be the new value's, or gone; the reader (a
+    GET, a copy) reads the record again."""
 
 
 class Values:
@@ -170,7 +171,7 @@ class Values:
         """Start a GET of the value of record `raw` from one replica: (conn, body) with status
         200 or 206. Tries each replica in turn, past any whose file is not the record's size
         (callers ask only for ranges inside the value). `checked`: Overwritten when the files
-        are gone because another value took the key (a copy then reads its source again)."""
+        are gone because another value took the key (the caller then reads the record again)."""
         reasons = []
         missing = 0
         data = decode_data(raw)
@@ -229,6 +230,17 @@ class Values:
         same = now[:1] == bytes((LIVE,)) and now[1:33] == raw[1:33]
         return same or (not strict and _has_md5_of(conn, raw))
 
+    async def kept(self, key: bytes, raw: bytes, conn, strict: bool = False) -> bool:
+        """`still`, with the volume's answer `conn` let go of (neither read nor kept) when not."""
+        try:
+            same = await self.still(key, raw, conn, strict)
+        except BaseException:  # the index away
+            self.pool.discard(conn)
+            raise
+        if not same:
+            self.pool.discard(conn)
+        return same
+
     async def settled(self, key: bytes) -> bytes | None:
         """The key's record once no overwrite is in flight (its file may be in, its record not
         yet: poll, as `unlocked`); SlowDown after SETTLE_WAIT seconds."""
@@ -274,15 +286,8 @@ class Values:
         attributes (`still`), which the client's conditions were checked against (a copy's
         source)."""
         conn, body = await self.open(key, raw, headers, checked=checked)
-        if checked:
-            try:
-                same = await self.still(key, raw, conn, strict=True)
-            except BaseException:  # the index away: the volume's answer is not read, nor kept
-                self.pool.discard(conn)
-                raise
-            if not same:
-                self.pool.discard(conn)
-                raise Overwritten(key)
+        if checked and not await self.kept(key, raw, conn, strict=True):
+            raise Overwritten(key)
         size = 0
         try:
             while chunk := await read_chunk(body, self.pool.stall):
