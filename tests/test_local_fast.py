@@ -171,10 +171,11 @@ def test_a_folder_whose_files_cannot_be_read_is_one_error_and_the_walk_goes_on(t
     for key in keys + others:
         put_file(folder, key, b"v")
     bad = os.fsencode(folder / where)
+    bad_names = {os.fsencode(key2path(key).rsplit("/", 1)[1]) for key in keys}
     lstat = os.lstat
 
-    def refuse(path, *args, **kwargs):
-        if os.fsencode(path).startswith(bad + b"/"):
+    def refuse(path, *args, **kwargs):  # by the file's name: the walk may look it up from its folder
+        if os.fsencode(path).rsplit(b"/", 1)[-1] in bad_names:
             raise PermissionError(13, "Permission denied")
         return lstat(path, *args, **kwargs)
 
@@ -190,3 +191,48 @@ def test_a_folder_whose_files_cannot_be_read_is_one_error_and_the_walk_goes_on(t
     assert asyncio.run(walk()) == 0
     assert walker.errors == [f"cannot read {os.fsdecode(bad)}: Permission denied"], walker.errors
     assert len(keys) == 5 and sorted(found) == sorted(k for k in others if key2path(k)[1:6] != where)
+
+
+def test_a_walk_finds_the_same_with_its_folders_open_or_not(tmp_path, monkeypatch):
+    # files are looked up from their open `<aa>` folder; past OPEN_FOLDERS, or with no file
+    # descriptor left (EMFILE), by their whole path: the same files either way, and every
+    # folder opened is closed again
+    import asyncio
+    import errno
+
+    from minikv.admin import local
+
+    folder = tmp_path / "v1"
+    keys = [b"/fd/%d" % i for i in range(300)] + [b"/nested/xyz?a"]
+    for i, key in enumerate(keys):
+        put_file(folder / f"sv{i % 3:02X}", key, b"v" * (i % 7 + 1))
+
+    def walk():
+        walker = local.LocalWalker({VOLUMES[0]: str(folder)})
+        found: dict = {}
+
+        async def run():
+            async def handle(group):
+                found.update(group)
+            await walker.walk(await walker.roots(), handle, lambda: None)
+
+        before = len(os.listdir("/proc/self/fd"))
+        asyncio.run(run())
+        assert len(os.listdir("/proc/self/fd")) == before
+        return found, walker.errors
+
+    want, errors = walk()
+    assert errors == [] and sorted(want) == sorted(keys)
+    assert {f.volume for copies in want.values() for f in copies} == {f"{VOLUMES[0]}/sv0{i}" for i in range(3)}
+    monkeypatch.setattr(local, "OPEN_FOLDERS", 1)  # the first root's `<aa>` open, the others' not
+    assert walk() == (want, [])
+    monkeypatch.setattr(local, "OPEN_FOLDERS", 256)
+    real_open = os.open
+
+    def no_descriptor_left(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECTORY:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_descriptor_left)
+    assert walk() == (want, [])
