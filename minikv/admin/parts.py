@@ -33,6 +33,7 @@ DEFAULT_PROCS = 2  # processes walking the volumes (-workers): one per core of a
 SMALL = 20_000  # index records up to which verify and rebalance take one process unless -workers says
 GC_THRESHOLDS = (10_000, 10, 10)  # a part's; Python's default is (700, 10, 10)
 REPORT_EVERY = 1.0  # seconds between a part's reports of its counts so far
+SHOW_EVERY = 0.1  # seconds between two updates of the parent's bar
 
 # run(part, progress, stop, pool) -> the walk's errors; a module-level function (it is pickled by name)
 PartRun = Callable[[object, Progress, asyncio.Event, Pool], Awaitable[list[str]]]
@@ -148,6 +149,12 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     errors: list[str] = []
     so_far: dict[int, tuple[dict, int]] = {}  # each part's counts and problem lines, last reported
     shown_done, told = 0, False
+    # a part's word (or its end: EOF) wakes the loop at once, so that the summary does not wait
+    # out a poll's sleep; the bar is drawn at least every SHOW_EVERY seconds anyway
+    loop = asyncio.get_running_loop()
+    heard = asyncio.Event()
+    for _, pipe in running.values():
+        loop.add_reader(pipe.fileno(), heard.set)
     try:
         while running:
             for i, (proc, pipe) in list(running.items()):
@@ -176,6 +183,8 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
                 if stopped:
                     stop.set()
                 proc.join()
+                loop.remove_reader(pipe.fileno())
+                pipe.close()
                 del running[i]
             if stop.is_set() and not told:
                 told = True
@@ -186,7 +195,13 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
             shown_done = done.value
             if shown:
                 progress.show(**{shown: progress.counts[shown]})
-            await asyncio.sleep(0.1)
+            if not running:
+                break  # the last part has ended: no wait for a word that cannot come
+            try:
+                await asyncio.wait_for(heard.wait(), SHOW_EVERY)
+            except TimeoutError:
+                pass
+            heard.clear()
     except BaseException:
         # a second Ctrl-C (KeyboardInterrupt): quit at once, the parts too. A SIGTERM, as
         # multiprocessing gives its children on the way out, would have them finish their work
@@ -195,4 +210,7 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
             if proc.is_alive():
                 proc.kill()
         raise
+    finally:
+        for _, pipe in running.values():
+            loop.remove_reader(pipe.fileno())
     return errors
