@@ -59,3 +59,35 @@ async def slow_count(part: Part, progress, stop, pool) -> list[str]:
     await asyncio.sleep(2.5 * parts.REPORT_EVERY)
     progress.add("moved")
     return []
+
+
+class ClaimPart(NamedTuple):
+    config: Config
+    aas: object  # what parts.shares gave this part
+    name: str
+    delay: float  # seconds spent on each folder
+
+
+async def take_folders(part: ClaimPart, progress, stop, pool) -> list[str]:
+    """Counts each folder it is handed, and how many went to it."""
+    for aa in part.aas:
+        progress.add(f"aa{aa}")
+        progress.add(part.name)
+        await asyncio.sleep(part.delay)
+    return []
+
+
+def test_parts_share_the_folders_out_one_at_a_time_each_to_one_part():
+    # the part that is ahead takes more folders, so that both end together; no folder is
+    # walked twice or left out
+    config = Config(volumes=[], db="")
+    progress = Progress("test", bar=False)
+    fast, slow = parts.shares(2)
+    errors = asyncio.run(run_parts(take_folders, "test", [ClaimPart(config, fast, "fast", 0.0),
+                                                          ClaimPart(config, slow, "slow", 0.02)],
+                                   progress, asyncio.Event()))
+    assert errors == []
+    assert all(progress.counts[f"aa{aa}"] == 1 for aa in range(256)), progress.counts
+    assert progress.counts["fast"] + progress.counts["slow"] == 256
+    assert progress.counts["fast"] > 2 * progress.counts["slow"], progress.counts
+    assert parts.shares(1) == [range(256)]  # one part: all of them, no counter to share

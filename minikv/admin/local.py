@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root, add_copies
 from minikv.placement import name2key
@@ -176,7 +176,7 @@ class LocalWalker:
         return group, skipped
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
-                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
+                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: Iterable[int] = range(256)) -> int:
         """As Walker.walk, over the folders `<aa>` of `aas`. Returns the files skipped."""
         skipped = 0
         folders = 0

@@ -49,6 +49,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -255,7 +256,7 @@ class Part(NamedTuple):
     db: str | None
     md5: bool
     concurrency: int
-    aas: list[int]
+    aas: Iterable[int]  # parts.shares
     fresh: bool = False  # into an index that did not exist: larger batches (Rebuild)
 
 

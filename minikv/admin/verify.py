@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import sys
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import lmdb
@@ -217,7 +218,7 @@ class WalkPart(NamedTuple):
     hosts: list[str]  # else the volumes whose listings are read (those up)
     notes: str  # the scratch LMDB's folder (admin/seen.py)
     concurrency: int
-    aas: list[int]
+    aas: Iterable[int]  # parts.shares
 
 
 async def walk_share(part: WalkPart, progress: Progress, stop: asyncio.Event, pool: Pool, store: Store,

@@ -19,7 +19,7 @@ import binascii
 import email.utils
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 from urllib.parse import quote
 
@@ -266,15 +266,14 @@ class Walker:
         return out
 
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
-                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: range | list = range(256)) -> int:
+                   done: Callable[[], None], stop: asyncio.Event | None = None, aas: Iterable[int] = range(256)) -> int:
         """Call handle({key: [Found, ...]}) once per batch of `<aa>/<bb>` folders of one `<aa>`
         (BATCH listings; up to BATCHES batches, at most `concurrency`, in flight), and done()
-        after each `<aa>` of `aas` (all 256 by default; a rebuild in several processes gives
-        each a share). Returns how many files were skipped as not minikeyvalue's (names that
+        after each `<aa>` of `aas` (all 256 by default; the parts of a command in several
+        processes take them from one parts.Claims). Returns how many files were skipped as not minikeyvalue's (names that
         do not decode)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        for aa in aas:
-            queue.put_nowait(f"{aa:02x}")
+        # taken one at a time as a worker is free: `aas` may be shared with other processes (Claims)
+        claims = iter(aas)
         skipped = 0
 
         async def one_batch(batch: list[tuple[Root, str]]) -> None:
@@ -286,8 +285,11 @@ class Walker:
                 await handle(group)
 
         async def worker() -> None:
-            while not queue.empty() and not (stop is not None and stop.is_set()):
-                aa = queue.get_nowait()
+            while not (stop is not None and stop.is_set()):
+                a = next(claims, None)
+                if a is None:
+                    break
+                aa = f"{a:02x}"
                 bbs: dict[str, list[Root]] = {}
                 for root, names in zip(roots, await self._bbs(roots, aa)):
                     for bb in names:
