@@ -221,11 +221,24 @@ def test_a_walk_finds_the_same_with_its_folders_open_or_not(tmp_path, monkeypatc
         assert len(os.listdir("/proc/self/fd")) == before
         return found, walker.errors
 
+    lstat = os.lstat
+    from_folder = 0
+
+    def counted(path, *, dir_fd=None):
+        nonlocal from_folder
+        from_folder += dir_fd is not None
+        return lstat(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "lstat", counted)
     want, errors = walk()
     assert errors == [] and sorted(want) == sorted(keys)
     assert {f.volume for copies in want.values() for f in copies} == {f"{VOLUMES[0]}/sv0{i}" for i in range(3)}
+    assert from_folder >= len(keys) - 1  # looked up from their open folder (the nested one by path)
     monkeypatch.setattr(local, "OPEN_FOLDERS", 1)  # the first root's `<aa>` open, the others' not
     assert walk() == (want, [])
+    from_folder = 0
+    monkeypatch.setattr(local, "OPEN_FOLDERS", 0)
+    assert walk() == (want, []) and from_folder == 0
     monkeypatch.setattr(local, "OPEN_FOLDERS", 256)
     real_open = os.open
 
@@ -236,3 +249,60 @@ def test_a_walk_finds_the_same_with_its_folders_open_or_not(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "open", no_descriptor_left)
     assert walk() == (want, [])
+
+
+def test_a_walk_leaves_descriptors_to_spare_under_a_low_limit(tmp_path):
+    # 120 subvolumes, one `<aa>` each, under a limit of 60 descriptors more than the process
+    # has open: the walk opens a quarter of its limit at most and finds every copy, no error
+    folder = tmp_path / "v1"
+    for i in range(120):
+        put_file(folder / f"sv{i:02X}", b"/low/0", b"v")
+    script = f"""
+import asyncio, os, resource
+from minikv.admin.local import LocalWalker
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 60, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+walker = LocalWalker({{"127.0.0.1:1": {str(folder)!r}}})
+found = {{}}
+async def handle(group):
+    found.update(group)
+async def run():
+    await walker.walk(await walker.roots(), handle, lambda: None)
+asyncio.run(run())
+print(sum(map(len, found.values())), walker.open_most, walker.errors)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    copies, open_most, errors = r.stdout.split(" ", 2)
+    assert copies == "120" and errors.strip() == "[]", r.stdout
+    assert 0 < int(open_most) <= 30, r.stdout
+
+
+def test_an_aa_folder_replaced_while_it_is_walked_is_an_error(tmp_path):
+    # a subvolume that is a link, re-pointed mid-walk: its `<bb>` folders are then listed in the
+    # new place and their files looked up in the old one, so files may be missed: said
+    import asyncio
+    import shutil
+
+    from minikv.admin.local import LocalWalker
+
+    real, other = tmp_path / "disk1", tmp_path / "disk2"
+    keys = [b"/moved/%d" % i for i in range(40)]
+    for key in keys:
+        put_file(real, key, b"v")
+    shutil.copytree(real, other)
+    (tmp_path / "v1").mkdir()
+    link = tmp_path / "v1" / "sv00"
+    os.symlink(real, link)
+    walker = LocalWalker({VOLUMES[0]: str(tmp_path / "v1")})
+
+    async def handle(group):
+        if link.readlink() == real:  # once, at the first folder with files
+            link.unlink()
+            os.symlink(other, link)
+
+    async def run():
+        await walker.walk(await walker.roots(), handle, lambda: None)
+
+    asyncio.run(run())
+    assert any("was replaced while it was walked" in e for e in walker.errors), walker.errors

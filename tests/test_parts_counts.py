@@ -91,3 +91,27 @@ def test_parts_share_the_folders_out_one_at_a_time_each_to_one_part():
     assert progress.counts["fast"] + progress.counts["slow"] == 256
     assert progress.counts["fast"] > 2 * progress.counts["slow"], progress.counts
     assert parts.shares(1) == [range(256)]  # one part: all of them, no counter to share
+
+
+def test_a_lock_left_taken_by_a_killed_part_is_an_error_not_a_wait_without_end(monkeypatch):
+    import multiprocessing
+
+    import pytest
+
+    monkeypatch.setattr(parts, "LOCK_WAIT", 0.2)
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    lock = counter.get_lock()
+    taker = multiprocessing.get_context("spawn").Process(target=_take_and_die, args=(counter,))
+    taker.start()
+    taker.join(30)
+    assert taker.exitcode == -9  # killed with the lock taken
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="stayed taken"):
+        next(iter(parts.Claims(counter)))
+    assert time.monotonic() - start < 5
+    assert not lock.acquire(timeout=0)  # still taken: nothing else could have given it back
+
+
+def _take_and_die(counter) -> None:
+    counter.get_lock().acquire()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -98,6 +98,43 @@ def test_the_walk_finds_every_copy_at_a_few_python_calls_a_listing(make_cluster)
     assert per_listing < 12, (per_listing, listings)
 
 
+def test_the_walk_takes_its_folders_one_at_a_time_as_a_worker_is_free(make_cluster):
+    # the `<aa>` folders may be shared with the other processes of the command (parts.Claims):
+    # taken all at once, one process would hold every folder and the others none
+    from minikv.admin.walk import BATCHES
+
+    c = make_cluster(volumes=2, replicas=2, subvolumes=1)
+    write(c, {f"/lazy/{i}": b"v" for i in range(50)})
+    finished = 0
+    taken_when: list[int] = []  # the folders finished when each was taken
+
+    def folders():
+        for aa in range(256):
+            taken_when.append(finished)
+            yield aa
+
+    def done():
+        nonlocal finished
+        finished += 1
+
+    async def handle(group):
+        pass
+
+    async def main() -> list[str]:
+        pool = Pool(timeout=2.0)
+        walker = Walker(pool, c.names, 64)
+        try:
+            await walker.walk(await walker.roots(), handle, done, None, folders())
+        finally:
+            pool.close()
+        return walker.errors
+
+    assert asyncio.run(main()) == []
+    assert finished == 256 and len(taken_when) == 256
+    # each worker holds one folder at a time: never more than BATCHES taken and not finished
+    assert max(i - when for i, when in enumerate(taken_when)) <= BATCHES, taken_when
+
+
 class FakeVolume:
     """A volume's JSON listings of `keys` (one file each, no subvolumes) on loopback, pipelined,
     that cuts the connection with no word after every `cut`-th answer, or (`silent`) never

@@ -17,8 +17,8 @@ or `VOLUME=DIR` (any subset: a rebuild per volume host, each adding to the index
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import resource
 from collections.abc import Awaitable, Callable, Iterable
 
 from minikv.admin.walk import HEX2, SUBVOLUME, Found, Root, add_copies
@@ -78,6 +78,11 @@ class LocalWalker:
     def __init__(self, dirs: dict[str, str]):
         self.dirs = dirs
         self.errors: list[str] = []
+        # a quarter of the descriptors this process may have, at most: the rest stay for what
+        # the walk's handler opens (an index, a value read for its md5, connections); after the
+        # first that cannot be opened, none is (every file by path then, as when they are not)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.open_most = OPEN_FOLDERS if soft == resource.RLIM_INFINITY else min(OPEN_FOLDERS, soft // 4)
 
     async def roots(self) -> list[Root]:
         found: list[Root] = []
@@ -175,6 +180,20 @@ class LocalWalker:
             skipped += add_copies(group, {}, volume, files, f"/{folder.hex()[:2]}/{folder.hex()[2:]}/")
         return group, skipped
 
+    def _still(self, fds: list[tuple[bytes, int]]) -> None:
+        """An error for each `<aa>` folder (path, open descriptor) whose path now leads elsewhere
+        (a link re-pointed, a mount): its `<bb>` folders were listed by path and their files
+        looked up in the one opened, so some of its files may have been missed."""
+        for path, fd in fds:
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            then = os.fstat(fd)
+            if now is None or (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+                self.errors.append(f"{os.fsdecode(path)} was replaced while it was walked (a link re-pointed, "
+                                   "a mount?): some of its files may be missed; walk it again")
+
     async def walk(self, roots: list[Root], handle: Callable[[dict[bytes, list[Found]]], Awaitable[None]],
                    done: Callable[[], None], stop: asyncio.Event | None = None, aas: Iterable[int] = range(256)) -> int:
         """As Walker.walk, over the folders `<aa>` of `aas`. Returns the files skipped."""
@@ -188,18 +207,20 @@ class LocalWalker:
                 break
             aa = b"/%02x" % a
             bbs: dict[bytes, list[tuple[bytes, str, int | None]]] = {}
-            fds: list[int] = []  # the `<aa>` folders open, closed when done with them
+            fds: list[tuple[bytes, int]] = []  # the `<aa>` folders open, closed when done with them
             try:
                 for base, volume in bases:
                     try:
                         # names only (no entry object, no type): a name of two hex digits is taken
                         # for a `<bb>` folder, and a file so named fails its listdir, skipped there
                         names = os.listdir(base + aa)
-                        opened = None  # not open: too many are, or no descriptor is left
-                        if len(fds) < OPEN_FOLDERS:
-                            with contextlib.suppress(OSError):  # EMFILE: this root's files by path
+                        opened = None  # not open: too many are, or one could not be
+                        if len(fds) < self.open_most:
+                            try:
                                 opened = os.open(base + aa, _AT_FOLDER)
-                                fds.append(opened)
+                                fds.append((base + aa, opened))
+                            except OSError:  # EMFILE: no descriptor to spare
+                                self.open_most = 0
                     except (FileNotFoundError, NotADirectoryError):
                         continue
                     except OSError as e:  # unreadable, a link loop: that folder is missing, not the rest
@@ -221,8 +242,9 @@ class LocalWalker:
                     folders += 1
                     if folders % YIELD_EVERY == 0:
                         await asyncio.sleep(0)  # let Ctrl-C and the progress bar through
+                self._still(fds)
             finally:
-                for fd in fds:
+                for _, fd in fds:
                     os.close(fd)
             done()
         return skipped

@@ -17,6 +17,7 @@ killed with SIGKILL takes its parts along (PR_SET_PDEATHSIG), and a second Ctrl-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import multiprocessing
@@ -34,6 +35,7 @@ SMALL = 20_000  # index records up to which verify and rebalance take one proces
 GC_THRESHOLDS = (10_000, 10, 10)  # a part's; Python's default is (700, 10, 10)
 REPORT_EVERY = 1.0  # seconds between a part's reports of its counts so far
 SHOW_EVERY = 0.1  # seconds between two updates of the parent's bar
+LOCK_WAIT = 10.0  # seconds a part waits for a lock it shares with the others (held for microseconds)
 
 # run(part, progress, stop, pool) -> the walk's errors; a module-level function (it is pickled by name)
 PartRun = Callable[[object, Progress, asyncio.Event, Pool], Awaitable[list[str]]]
@@ -53,6 +55,20 @@ def processes(args, config, records: int, most: int = 256) -> int:
     return max(1, min(wanted, most))
 
 
+@contextlib.contextmanager
+def held(lock) -> Iterator[None]:
+    """`with lock:` for a lock shared with the other parts, which one of them may have taken with
+    it when it was killed: then an error (this part ends, the walk is said to be incomplete)
+    instead of a wait without end."""
+    if not lock.acquire(timeout=LOCK_WAIT):
+        raise RuntimeError(f"a lock shared with the other processes stayed taken for {LOCK_WAIT:g}s: "
+                           "one of them was killed holding it?")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Claims:
     """The 256 `<aa>` folders, handed out one at a time to whichever part asks first, so that the
     parts end together (a fixed share of every other folder each left one of a local rebuild's
@@ -64,11 +80,12 @@ class Claims:
 
     def __iter__(self) -> Iterator[int]:
         while True:
-            with self.counter.get_lock():
-                aa = self.counter.value
+            with held(self.counter.get_lock()):
+                count = self.counter.get_obj()  # the number itself: its lock is held already
+                aa = count.value
                 if aa >= 256:
                     return
-                self.counter.value = aa + 1
+                count.value = aa + 1
             yield aa
 
 
@@ -114,7 +131,7 @@ def _child(run: PartRun, command: str, part, done, conn, parent: int) -> None:
     progress = Progress(command, bar=False)
 
     def tick(n: int = 1) -> None:  # the parent shows one bar for all parts
-        with done.get_lock():
+        with held(done.get_lock()):
             done.value += n
 
     progress.tick = tick
@@ -205,23 +222,25 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
                 if stopped:
                     stop.set()
                 proc.join()
+                del running[i]
                 loop.remove_reader(pipe.fileno())
                 pipe.close()
-                del running[i]
             if stop.is_set() and not told:
                 told = True
                 for proc, _ in running.values():
                     if proc.pid is not None and proc.is_alive():
                         os.kill(proc.pid, signal.SIGTERM)  # it finishes its folder in flight
-            progress.tick(done.value - shown_done)
-            shown_done = done.value
+            # read without its lock, which a part killed while holding it would keep forever
+            finished = done.get_obj().value
+            progress.tick(finished - shown_done)
+            shown_done = finished
             if shown:
                 progress.show(**{shown: progress.counts[shown]})
             if not running:
                 break  # the last part has ended: no wait for a word that cannot come
             try:
                 await asyncio.wait_for(heard.wait(), SHOW_EVERY)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
             heard.clear()
     except BaseException:
@@ -235,4 +254,5 @@ async def run_parts(run: PartRun, command: str, parts: list, progress: Progress,
     finally:
         for _, pipe in running.values():
             loop.remove_reader(pipe.fileno())
+            pipe.close()
     return errors
