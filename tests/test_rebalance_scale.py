@@ -93,7 +93,9 @@ def test_old_copies_of_many_moved_keys_are_retired_together_after_their_grace(ma
     finally:
         store.close()
     moved = [k for k in keys if placed(c, k, c.names) != before[k]]
-    assert len(moved) > 20 and job.progress.counts["moved"] == len(moved), job.progress.counts
+    # half the keys on average move (the new volume among a key's two best): 30 +- 4 of 60, as
+    # placement falls for the run's ports; 20 or fewer came once in a few hundred runs
+    assert len(moved) >= 10 and job.progress.counts["moved"] == len(moved), job.progress.counts
     assert tails == 1  # one task waits for their grace, not one each
     assert sorted(locked) == sorted(moved)
     for key in moved:
