@@ -3,7 +3,9 @@ against another checkout's, one server each on one PostgreSQL of the run's own, 
 thrash in the same run, in alternating rounds (nginx, A, B, B, A, nginx, ...). --fetch: GET of a
 stored key (302, 100 connections) against nginx's 404 instead. --servers 2: two servers of each
 checkout on the one database, one wrk per server at once (half the threads and connections each,
-rates added), as bench/run.py measures its "2 servers" figures. --lmdb: this checkout's
+rates added), as bench/run.py measures its "2 servers" figures. --s3: a stored value
+read through S3 (unsigned, with x-amz-date), which the index streams from a volume after its
+index reads, against nginx's 404. --lmdb: this checkout's
 servers on an LMDB index of their own instead (what the PostgreSQL path adds, in the same run).
 --wal: after the rounds, one more thrash of each side, then PostgreSQL's WAL counters per loop
 (pg_stat_wal; read after PGSTAT's idle flush, ~11 s later).
@@ -12,7 +14,7 @@ Each figure is a ratio to the nginx runs of its round; the index's and PostgreSQ
 are read from /proc over the same seconds. The other checkout runs on this one's .venv with its
 source first on PYTHONPATH (e.g. a worktree of main):
 
-    .venv/bin/python bench/pg_thrash_ab.py --old ../wt-main [--rounds 3] [--secs 5] [--fetch] [--servers 2]
+    .venv/bin/python bench/pg_thrash_ab.py --old ../wt-main [--rounds 3] [--secs 5] [--fetch | --s3] [--servers 2]
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def thrash(ports: list[int], mode: str, secs: int, pids: dict[str, list[int]]) -
     if mode in ("fetch", "404"):
         res = wrk_many([u + ("/ab-present" if mode == "fetch" else "/ab/missing") for u in urls], secs, 2, 100)
         res.extra["thrash_loops"] = str(res.requests)
+    elif mode == "s3":
+        res = wrk_many([u + S3_PATH for u in urls], secs, 2, 100, headers=(S3_DATE,))
+        res.extra["thrash_loops"] = str(res.requests)
     else:
         res = wrk_many(urls, secs, 16, 16, [str(THRASH_LUA), mode, f"/thrash/{secrets.token_hex(4)}"])
     used = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
@@ -87,6 +92,24 @@ def thrash(ports: list[int], mode: str, secs: int, pids: dict[str, list[int]]) -
     if errors:
         print(f"  {mode} on {ports}: {errors} errors {res.extra.get('thrash_bad', '')[:120]}", file=sys.stderr)
     return res.rps, int(res.extra.get("thrash_loops", "0")), used
+
+
+S3_PATH = "/ab-s3/present"  # bucket ab-s3, key present: the plain key of the same name
+S3_DATE = "x-amz-date: 20250101T000000Z"  # makes a request S3's; unsigned, as no credentials are set
+
+
+def s3_status(port: int) -> tuple[int, bytes]:
+    """An S3 GET of S3_PATH: (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        name, value = S3_DATE.split(": ")
+        conn.request("GET", S3_PATH, headers={name: value})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 WAL = ("SELECT wal_records, wal_bytes, wal_write, wal_sync, (SELECT sum(xact_commit) FROM pg_stat_database) "
@@ -115,6 +138,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--fetch", action="store_true", help="GET of a stored key instead of thrash")
+    ap.add_argument("--s3", action="store_true", help="a stored value read through S3 instead of thrash")
     ap.add_argument("--servers", type=int, default=1, help="servers of each checkout on the database")
     ap.add_argument("--lmdb", action="store_true", help="B: this checkout on LMDB instead of PostgreSQL")
     ap.add_argument("--wal", action="store_true", help="then PostgreSQL's WAL writes and syncs per loop")
@@ -144,12 +168,18 @@ def main() -> int:
         rates: dict[str, list[float]] = {"A": [], "B": []}
         per_loop: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
         mode, ref_mode = ("fetch", "404") if opts.fetch else ("index", "nginx")
+        if opts.s3:
+            mode, ref_mode = "s3", "404"
         expect_status(ports["A"][0], "PUT", "/ab-present", 201, SMALL_BODY)
+        expect_status(ports["A"][0], "PUT", S3_PATH, 201, SMALL_BODY)
         if opts.lmdb:  # B's own index
             expect_status(ports["B"][0], "PUT", "/ab-present", 201, SMALL_BODY)
+            expect_status(ports["B"][0], "PUT", S3_PATH, 201, SMALL_BODY)
         for side in ("A", "B"):  # warm up
             for port in ports[side]:
                 expect_status(port, "GET", "/ab-present", 302)
+                if s3_status(port) != (200, SMALL_BODY):
+                    raise SystemExit(f"an S3 GET of {S3_PATH} on {side} did not answer the value: {s3_status(port)}")
             thrash(ports[side], mode, 1, {})
 
         def pids(side: str) -> dict[str, list[int]]:

@@ -391,8 +391,11 @@ def interleaved(runs: dict[str, Callable[[], WrkResult]]) -> dict[str, WrkResult
     return {name: merge(results) for name, results in done.items()}
 
 
-def wrk(url: str, duration: int, threads: int, conns: int, script: list[str] | None = None) -> WrkResult:
+def wrk(url: str, duration: int, threads: int, conns: int, script: list[str] | None = None,
+        headers: tuple[str, ...] = ()) -> WrkResult:
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s"]
+    for header in headers:
+        argv += ["-H", header]
     if script:
         argv += ["-s", script[0], url, "--", *script[1:]]
     else:
@@ -407,10 +410,10 @@ def wrk(url: str, duration: int, threads: int, conns: int, script: list[str] | N
 
 
 def wrk_many(urls: list[str], duration: int, threads: int, conns: int,
-             script: list[str] | None = None) -> WrkResult:
+             script: list[str] | None = None, headers: tuple[str, ...] = ()) -> WrkResult:
     """wrk on each URL at once, the threads and connections split between them; rates added."""
     if len(urls) == 1:
-        return wrk(urls[0], duration, threads, conns, script)
+        return wrk(urls[0], duration, threads, conns, script, headers)
     n = len(urls)
     found: list = [None] * n
 
@@ -418,7 +421,7 @@ def wrk_many(urls: list[str], duration: int, threads: int, conns: int,
         # each wrk its own key prefix: their Lua counters start alike
         mine = script and [*script[:-1], f"{script[-1]}-{i}"]
         try:
-            found[i] = wrk(urls[i], duration, max(1, threads // n), max(1, conns // n), mine)
+            found[i] = wrk(urls[i], duration, max(1, threads // n), max(1, conns // n), mine, headers)
         except BenchError as e:
             found[i] = e
 
