@@ -270,8 +270,8 @@ class Walker:
         """Call handle({key: [Found, ...]}) once per batch of `<aa>/<bb>` folders of one `<aa>`
         (BATCH listings; up to BATCHES batches, at most `concurrency`, in flight), and done()
         after each `<aa>` of `aas` (all 256 by default; the parts of a command in several
-        processes take them from one parts.Claims). Returns how many files were skipped as not minikeyvalue's (names that
-        do not decode)."""
+        processes take them from one parts.Claims). Returns how many files were skipped as not
+        minikeyvalue's (names that do not decode)."""
         # taken one at a time as a worker is free: `aas` may be shared with other processes (Claims)
         claims = iter(aas)
         skipped = 0
