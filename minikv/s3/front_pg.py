@@ -12,21 +12,29 @@ S3's code reads the index and its meta store in two kinds of places:
 `Bridge` gives both from one object: called on the worker's loop, an engine call returns its
 coroutine; called from a helper thread, its value. So LMDB's path is untouched, and S3's rules
 stay written once.
+
+A GET or HEAD of an object is the exception, as it is most of S3's traffic:
+its two reads (the record, its attributes) are awaited on the loop first, then S3's code runs
+on the loop too, answered from them (`Ready`). Through a helper thread the same GET cost the
+index five times the CPU it costs on LMDB, most of it in the threads waking each other
+(BENCHMARKS.md). Should the code ask anything else (a bucket's lookup for a 404, a
+sub-resource's reads), it runs again the thread's way: what ran before that read nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import inspect
 import threading
 
 from minikv.http.response import HTTPError
 from minikv.index.pg import QUERY_TIMEOUT, IndexUnavailable, PgStore
-from minikv.index.store import StoreError
+from minikv.index.store import MAX_KEY, StoreError
 from minikv.s3.front import S3
 from minikv.s3.meta_pg import PgMeta
-from minikv.s3.values import Values
+from minikv.s3.values import Values, readable
 
 CALL_TIMEOUT = 3 * QUERY_TIMEOUT  # a helper thread never waits forever for the loop
 
@@ -58,6 +66,37 @@ class Bridge:
         return call
 
 
+class NotReady(BaseException):
+    """S3's code, run on the loop, asked Ready for a read it was not given (a BaseException: S3's
+    code turns every Exception into an answer)."""
+
+
+class Ready:
+    """A Bridge for one request whose reads were made before its code ran on the loop's thread:
+    a call made then gets its read's value, or raises NotReady if it was not made. Once the code
+    has returned (`started`), its coroutine's calls go to the Bridge, as do a helper thread's."""
+
+    def __init__(self, bridge: Bridge, answers: dict, loop_thread: int):
+        self._bridge = bridge
+        self._answers = answers  # {(method name, args): value}
+        self._thread = loop_thread
+        self.started = False
+
+    def __getattr__(self, name: str):
+        found = getattr(self._bridge, name)
+        if not callable(found):
+            return found
+
+        def call(*args, **kwargs):
+            if not kwargs and (name, args) in self._answers:
+                return self._answers[name, args]
+            if self.started or threading.get_ident() != self._thread:
+                return found(*args, **kwargs)
+            raise NotReady(name)
+
+        return call
+
+
 class PgS3(S3):
     def __init__(self, app):
         engine: PgStore = app.engine
@@ -80,14 +119,44 @@ class PgS3(S3):
 
     async def handle(self, req, key: bytes, path: bytes, query: bytes):
         try:
-            answer = await asyncio.to_thread(S3.handle, self, req, key, path, query)
+            answer = None
+            # an object's GET or HEAD (not ListParts: its reads are others, made on the loop anyway)
+            if req.method in (b"GET", b"HEAD") and b"/" in key[1:-1] and len(key) <= MAX_KEY \
+                    and b"uploadId" not in query:
+                answer = await self._on_loop(req, key, path, query)
+            if answer is None:
+                answer = await asyncio.to_thread(S3.handle, self, req, key, path, query)
             if not isinstance(answer, bytes):
                 answer = await answer  # S3._finish: the operation's coroutine, on the loop
         except StoreError as e:  # the database went away while an error was being told
             raise HTTPError(503, str(e)) from None
         return answer
 
+    async def _on_loop(self, req, key: bytes, path: bytes, query: bytes):
+        """S3.handle of an object's GET or HEAD on the loop, its reads awaited first; None when
+        it must go the thread's way (no readable record: a 404 looks its bucket up; a read
+        failed: that way tells the client what; the code asked another read)."""
+        try:
+            raw = await self.store.get(key)
+            found = readable(raw)
+            if found is None:
+                return None
+            attrs = await self.meta.attrs(key, found)
+        except Exception:
+            return None
+        view = copy.copy(self)  # this request's: its store and meta answer the reads made
+        view.store = Ready(self.store, {("get", (key,)): raw}, self._thread)
+        view.meta = Ready(self.meta, {("attrs", (key, found)): attrs}, self._thread)
+        try:
+            answer = S3.handle(view, req, key, path, query)
+        except NotReady:
+            return None
+        view.store.started = view.meta.started = True
+        return answer
+
     def _error(self, ctx, e):
-        if threading.get_ident() == self._thread:  # from _finish, on the loop: its lookup may wait
+        # only a NoSuchKey looks its bucket up: on the loop (from _finish or _on_loop) that
+        # lookup may wait, in a helper thread; any other error is told at once (a 304, a 412)
+        if e.code == "NoSuchKey" and threading.get_ident() == self._thread:
             return asyncio.to_thread(S3._error, self, ctx, e)
         return S3._error(self, ctx, e)
