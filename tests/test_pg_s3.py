@@ -285,12 +285,14 @@ def test_an_object_s_head_and_get_are_answered_on_the_loop_the_rest_through_a_th
     """On PostgreSQL an object's HEAD (and GET, up to its streaming) awaits its two reads on the
     loop and runs S3's code there: no helper thread, whose hops cost five times LMDB's CPU. A
     304 is told at once; what needs another read (a 404's bucket, ListParts) goes the
-    thread's way and answers as before."""
+    thread's way and answers as before, given the read made. A read that fails is a 503, made
+    once; with credentials, an unsigned request is refused before any read."""
     from minikv.api.app_pg import PgApp
     from minikv.config import Config
     from minikv.health import Health
     from minikv.http.client import Pool
     from minikv.http.server import Body, Request
+    from minikv.index.pg import IndexUnavailable
     from minikv.index.record import LIVE, OP_PUT, encode_data, encode_pending
     from minikv.s3 import objects
     from minikv.s3.front_pg import PgS3
@@ -335,8 +337,17 @@ def test_an_object_s_head_and_get_are_answered_on_the_loop_the_rest_through_a_th
             assert same.startswith(b"HTTP/1.1 304 ") and threads == [], (same, threads)
             part = await ask(s3, b"HEAD", b"/b/k", b"partNumber=1")  # a query: still on the loop
             assert part.startswith(b"HTTP/1.1 200 ") and threads == [], (part, threads)
+            reads = []
+            real_get = store.get
+
+            async def get(key):
+                reads.append(key)
+                return await real_get(key)
+
+            store.get = get
             missing = await ask(s3, b"HEAD", b"/b/nothing")
             assert missing.startswith(b"HTTP/1.1 404 ") and threads == ["handle"], (missing, threads)
+            assert reads == [b"/b/nothing"]  # the thread's way is given the read made, not made again
             parts = await ask(s3, b"GET", b"/b/k", b"uploadId=" + b"0" * 32)  # ListParts: none of its reads
             assert b"NoSuchUpload" in parts and threads == ["handle"], (parts, threads)
             real_head = objects.head_object
@@ -349,6 +360,22 @@ def test_an_object_s_head_and_get_are_answered_on_the_loop_the_rest_through_a_th
             again = await ask(s3, b"HEAD", b"/b/k")
             assert again.startswith(b"HTTP/1.1 200 ") and b"ETag: " + etag in again, again
             assert b"Content-Length: 5\r\n" in again and threads == ["handle"], (again, threads)
+            monkeypatch.setattr(objects, "head_object", real_head)
+
+            async def unavailable(key):
+                reads.append(key)
+                raise IndexUnavailable("the index database did not answer")
+
+            store.get = unavailable
+            reads.clear()
+            down = await ask(s3, b"HEAD", b"/b/k")  # a read that fails: told, not made again
+            assert down.startswith(b"HTTP/1.1 503 ") and reads == [b"/b/k"] and threads == [], (down, reads, threads)
+            store.get = get
+            reads.clear()
+            locked = PgS3(PgApp(Config(volumes=cfg.volumes, db=db, replicas=1, subvolumes=1, s3_access_key="ak",
+                                       s3_secret_key="sk"), store, pool, app.health))
+            refused = await ask(locked, b"HEAD", b"/b/k")  # unsigned: refused before any read
+            assert refused.startswith(b"HTTP/1.1 403 ") and reads == [], (refused, reads)
         finally:
             s3.close()
             pool.close()

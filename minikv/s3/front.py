@@ -27,7 +27,7 @@ from minikv.s3.common import Ctx, md5_etag
 from minikv.s3.detect import claims
 from minikv.s3.errors import S3Error, from_http
 from minikv.s3.meta import Meta
-from minikv.s3.sigv4 import parse_query, verify
+from minikv.s3.sigv4 import Signed, parse_query, verify
 from minikv.s3.values import Values
 
 # sub-resources of S3 this front does not implement: answered NotImplemented, never mistaken
@@ -77,13 +77,15 @@ class S3:
         return self.meta.etag(key, raw) or md5_etag(raw)
 
     # -- entry point --
-    def handle(self, req, key: bytes, path: bytes, query: bytes):
+    def handle(self, req, key: bytes, path: bytes, query: bytes, signed: Signed | None = None):
+        """The answer to one request; `signed`: its signature, checked already (front_pg.py)."""
         ctx = Ctx(req, key, path, query)
         try:
             if query:
                 ctx.params = {n.decode("latin-1"): v for n, v in parse_query(query)}
             if self.secret_key:
-                ctx.signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
+                ctx.signed = signed or verify(req.method, path, key, query, req.headers, self.access_key,
+                                              self.secret_key)
             result = self._dispatch(ctx)
         except S3Error as e:
             return self._error(ctx, e)

@@ -13,12 +13,12 @@ S3's code reads the index and its meta store in two kinds of places:
 coroutine; called from a helper thread, its value. So LMDB's path is untouched, and S3's rules
 stay written once.
 
-A GET or HEAD of an object is the exception, as it is most of S3's traffic:
-its two reads (the record, its attributes) are awaited on the loop first, then S3's code runs
-on the loop too, answered from them (`Ready`). Through a helper thread the same GET cost the
-index five times the CPU it costs on LMDB, most of it in the threads waking each other
-(BENCHMARKS.md). Should the code ask anything else (a bucket's lookup for a 404, a
-sub-resource's reads), it runs again the thread's way: what ran before that read nothing.
+A GET or HEAD of an object is the exception, as it is most of S3's traffic: its signature is
+checked, its two reads (the record, its attributes) are awaited on the loop, then S3's code
+runs on the loop too, answered from them (`Ready`). Through a helper thread the same GET cost
+the index five times the CPU it costs on LMDB, most of it in the threads waking each other
+(BENCHMARKS.md). A record that is not readable (a 404 looks its bucket up), or code that asks
+another read, goes the thread's way, given the reads made; what ran before that read nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ import threading
 from minikv.http.response import HTTPError
 from minikv.index.pg import QUERY_TIMEOUT, IndexUnavailable, PgStore
 from minikv.index.store import MAX_KEY, StoreError
+from minikv.s3.common import Ctx
+from minikv.s3.errors import S3Error
 from minikv.s3.front import S3
 from minikv.s3.meta_pg import PgMeta
+from minikv.s3.sigv4 import verify
 from minikv.s3.values import Values, readable
 
 CALL_TIMEOUT = 3 * QUERY_TIMEOUT  # a helper thread never waits forever for the loop
@@ -73,12 +76,14 @@ class NotReady(BaseException):
 
 class Ready:
     """A Bridge for one request whose reads were made before its code ran on the loop's thread:
-    a call made then gets its read's value, or raises NotReady if it was not made. Once the code
-    has returned (`started`), its coroutine's calls go to the Bridge, as do a helper thread's."""
+    a call made then (or from a helper thread running that code) gets its read's value, or raises
+    NotReady if it was not made (a helper thread's goes to the Bridge). Once the code has
+    returned (`started`), every call goes to the Bridge: its coroutine's reads are fresh ones."""
 
     def __init__(self, bridge: Bridge, answers: dict, loop_thread: int):
         self._bridge = bridge
         self._answers = answers  # {(method name, args): value}
+        self._names = {name for name, _ in answers}  # looked at first: other calls' args may not hash
         self._thread = loop_thread
         self.started = False
 
@@ -88,9 +93,11 @@ class Ready:
             return found
 
         def call(*args, **kwargs):
-            if not kwargs and (name, args) in self._answers:
+            if self.started:
+                return found(*args, **kwargs)
+            if not kwargs and name in self._names and (name, args) in self._answers:
                 return self._answers[name, args]
-            if self.started or threading.get_ident() != self._thread:
+            if threading.get_ident() != self._thread:
                 return found(*args, **kwargs)
             raise NotReady(name)
 
@@ -119,40 +126,50 @@ class PgS3(S3):
 
     async def handle(self, req, key: bytes, path: bytes, query: bytes):
         try:
-            answer = None
+            answer, s3, signed = None, self, None
             # an object's GET or HEAD (not ListParts: its reads are others, made on the loop anyway)
             if req.method in (b"GET", b"HEAD") and b"/" in key[1:-1] and len(key) <= MAX_KEY \
                     and b"uploadId" not in query:
-                answer = await self._on_loop(req, key, path, query)
+                answer, s3, signed = await self._on_loop(req, key, path, query)
             if answer is None:
-                answer = await asyncio.to_thread(S3.handle, self, req, key, path, query)
+                answer = await asyncio.to_thread(S3.handle, s3, req, key, path, query, signed)
+            if s3 is not self:
+                s3.store.started = s3.meta.started = True  # the coroutine's reads: the Bridge's
             if not isinstance(answer, bytes):
                 answer = await answer  # S3._finish: the operation's coroutine, on the loop
         except StoreError as e:  # the database went away while an error was being told
             raise HTTPError(503, str(e)) from None
+        except NotReady as e:  # a read out of turn must cost the request, not leave it unanswered
+            raise HTTPError(500, f"internal error: the S3 code read {e} out of turn") from None
         return answer
 
     async def _on_loop(self, req, key: bytes, path: bytes, query: bytes):
-        """S3.handle of an object's GET or HEAD on the loop, its reads awaited first; None when
-        it must go the thread's way (no readable record: a 404 looks its bucket up; a read
-        failed: that way tells the client what; the code asked another read)."""
+        """S3.handle of an object's GET or HEAD on the loop, its signature checked and its reads
+        awaited first: (its answer, or None to run it in a helper thread; the S3 to run it with;
+        the signature). A record that is not readable goes the thread's way (a 404 looks its
+        bucket up), with the read made; so does code that asks another read. A read that fails
+        is the 503 the thread's way would answer, not made twice."""
+        signed = None
+        if self.secret_key:
+            try:
+                signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
+            except S3Error:
+                return None, self, None  # told by S3.handle, which reads nothing before
         try:
             raw = await self.store.get(key)
             found = readable(raw)
-            if found is None:
-                return None
-            attrs = await self.meta.attrs(key, found)
-        except Exception:
-            return None
+            attrs = await self.meta.attrs(key, found) if found is not None else None
+        except StoreError as e:
+            return Ctx(req, key, path, query).error(S3Error("ServiceUnavailable", str(e))), self, None
         view = copy.copy(self)  # this request's: its store and meta answer the reads made
         view.store = Ready(self.store, {("get", (key,)): raw}, self._thread)
-        view.meta = Ready(self.meta, {("attrs", (key, found)): attrs}, self._thread)
+        view.meta = Ready(self.meta, {} if found is None else {("attrs", (key, found)): attrs}, self._thread)
+        if found is None:
+            return None, view, signed
         try:
-            answer = S3.handle(view, req, key, path, query)
+            return S3.handle(view, req, key, path, query, signed), view, signed
         except NotReady:
-            return None
-        view.store.started = view.meta.started = True
-        return answer
+            return None, view, signed
 
     def _error(self, ctx, e):
         # only a NoSuchKey looks its bucket up: on the loop (from _finish or _on_loop) that
