@@ -286,7 +286,7 @@ def test_an_object_s_head_and_get_are_answered_on_the_loop_the_rest_through_a_th
     loop and runs S3's code there: no helper thread, whose hops cost five times LMDB's CPU. A
     304 is told at once; what needs another read (a 404's bucket, ListParts) goes the
     thread's way and answers as before, given the read made. A read that fails is a 503, made
-    once; with credentials, an unsigned request is refused before any read."""
+    once (what S3 refuses unread is still its 501); with credentials, an unsigned request is refused before any read."""
     from minikv.api.app_pg import PgApp
     from minikv.config import Config
     from minikv.health import Health
@@ -370,6 +370,8 @@ def test_an_object_s_head_and_get_are_answered_on_the_loop_the_rest_through_a_th
             reads.clear()
             down = await ask(s3, b"HEAD", b"/b/k")  # a read that fails: told, not made again
             assert down.startswith(b"HTTP/1.1 503 ") and reads == [b"/b/k"] and threads == [], (down, reads, threads)
+            refused = await ask(s3, b"GET", b"/b/k", b"acl")  # refused unread: its 501, database or not
+            assert refused.startswith(b"HTTP/1.1 501 ") and threads == [], (refused, threads)
             store.get = get
             reads.clear()
             locked = PgS3(PgApp(Config(volumes=cfg.volumes, db=db, replicas=1, subvolumes=1, s3_access_key="ak",

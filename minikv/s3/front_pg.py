@@ -32,7 +32,6 @@ import threading
 from minikv.http.response import HTTPError
 from minikv.index.pg import QUERY_TIMEOUT, IndexUnavailable, PgStore
 from minikv.index.store import MAX_KEY, StoreError
-from minikv.s3.common import Ctx
 from minikv.s3.errors import S3Error
 from minikv.s3.front import S3
 from minikv.s3.meta_pg import PgMeta
@@ -74,6 +73,13 @@ class NotReady(BaseException):
     code turns every Exception into an answer)."""
 
 
+class Failed:
+    """A read made for Ready that failed: its error, raised where S3's code makes that read."""
+
+    def __init__(self, error: StoreError):
+        self.error = error
+
+
 class Ready:
     """A Bridge for one request whose reads were made before its code ran on the loop's thread:
     a call made then (or from a helper thread running that code) gets its read's value, or raises
@@ -96,7 +102,10 @@ class Ready:
             if self.started:
                 return found(*args, **kwargs)
             if not kwargs and name in self._names and (name, args) in self._answers:
-                return self._answers[name, args]
+                answer = self._answers[name, args]
+                if isinstance(answer, Failed):
+                    raise answer.error
+                return answer
             if threading.get_ident() != self._thread:
                 return found(*args, **kwargs)
             raise NotReady(name)
@@ -147,24 +156,27 @@ class PgS3(S3):
         """S3.handle of an object's GET or HEAD on the loop, its signature checked and its reads
         awaited first: (its answer, or None to run it in a helper thread; the S3 to run it with;
         the signature). A record that is not readable goes the thread's way (a 404 looks its
-        bucket up), with the read made; so does code that asks another read. A read that fails
-        is the 503 the thread's way would answer, not made twice."""
+        bucket up), with the read made; so does code that asks another read. A read that failed
+        fails where the code makes it (a 503, or first the 501 of what it refuses unread), not
+        made twice."""
         signed = None
         if self.secret_key:
             try:
                 signed = verify(req.method, path, key, query, req.headers, self.access_key, self.secret_key)
             except S3Error:
                 return None, self, None  # told by S3.handle, which reads nothing before
+        found = None
         try:
             raw = await self.store.get(key)
             found = readable(raw)
             attrs = await self.meta.attrs(key, found) if found is not None else None
-        except StoreError as e:
-            return Ctx(req, key, path, query).error(S3Error("ServiceUnavailable", str(e))), self, None
+        except StoreError as e:  # S3's code raises it where it reads, after what it refuses unread (a 501)
+            failed = Failed(e)
+            raw, attrs = (failed, None) if found is None else (raw, failed)
         view = copy.copy(self)  # this request's: its store and meta answer the reads made
         view.store = Ready(self.store, {("get", (key,)): raw}, self._thread)
         view.meta = Ready(self.meta, {} if found is None else {("attrs", (key, found)): attrs}, self._thread)
-        if found is None:
+        if found is None and not isinstance(raw, Failed):
             return None, view, signed
         try:
             return S3.handle(view, req, key, path, query, signed), view, signed
