@@ -6,6 +6,7 @@ volumes, real PostgreSQL, rebuild as its own process."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -110,6 +111,53 @@ def test_a_rebuild_into_a_new_index_writes_its_large_batches_a_slice_of_keys_at_
             batches.append(list(got))
     assert all(b == sorted(b) for b in batches) and sorted(k for b in batches for k in b) == sorted(keys)
     assert len(batches) < len(slices)  # a batch went in more than one transaction
+
+
+def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, monkeypatch):
+    # the parts walk at one pace: with batches of one size they wrote them at the same moments,
+    # each waiting for LMDB's write lock while the other held it. Part i of n makes its first
+    # batch (i + 1) / n of the others, so their writes fall between each other's
+    import asyncio
+
+    from minikv.admin import rebuild
+    from minikv.admin.progress import Progress
+
+    monkeypatch.setattr(rebuild, "FRESH_BATCH", 40)
+    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
+    config = Config(volumes=volumes, db=str(tmp_path / "db"), replicas=2, subvolumes=1)
+    placer = Placer(config)
+    store = Store(config.db)
+    written = []
+    add_many = store.add_many
+    monkeypatch.setattr(store, "add_many", lambda items, merge: written.append(len(items)) or add_many(items, merge))
+    try:
+        for first, sizes in ((0.5, [20, 40, 40, 30]), (1.0, [40, 40, 40, 10])):
+            written.clear()
+            job = rebuild.Rebuild(config, False, None, store, Progress("rebuild", bar=False), fresh=True, first=first)
+            for i in range(0, 130, 10):  # a folder of 10 keys at a time
+                keys = [f"/t{first}/{j}".encode() for j in range(i, i + 10)]
+                asyncio.run(job.handle({k: [Found(v, 3, 1_000) for v in placer.want(k)] for k in keys}))
+            job.flush()
+            assert written == sizes
+    finally:
+        store.close()
+
+    # the command gives its parts 1/n, 2/n, ... 1 (its processes stood in for, not run)
+    seen = []
+
+    async def run_parts(run, name, parts, progress, stop):
+        seen.extend(parts)
+        return []
+
+    monkeypatch.setattr(rebuild, "run_parts", run_parts)
+    folders = [str(tmp_path / f"vol{i}") for i in range(3)]
+    for folder in folders:
+        os.mkdir(folder)
+    config = Config(volumes=volumes, db=str(tmp_path / "new"), replicas=2, subvolumes=1, workers=4)
+    args = argparse.Namespace(positionals=folders, dry_run=False, force=False, given={"workers"}, md5=False,
+                              concurrency=1)
+    assert asyncio.run(rebuild.rebuild(args, config)) == 0
+    assert [p.first for p in seen] == [0.25, 0.5, 0.75, 1.0] and all(p.fresh for p in seen)
 
 
 def test_handlers_side_by_side_lose_no_record_when_one_flushes(tmp_path, monkeypatch):

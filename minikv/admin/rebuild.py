@@ -142,9 +142,13 @@ def local_md5(dirs: dict[str, str], volume: str, key: bytes) -> tuple[int, bytes
 
 class Rebuild:
     def __init__(self, config: Config, md5: bool, pool: Pool, store: Store | None, progress: Progress,
-                 dirs: dict[str, str] | None = None, fresh: bool = False):
+                 dirs: dict[str, str] | None = None, fresh: bool = False, first: float = 1.0):
         self.config = config
-        self.batch_size, self.batch_age = (FRESH_BATCH, FRESH_AFTER) if fresh else (FLUSH, FLUSH_AFTER)
+        self.full_batch, self.batch_age = (FRESH_BATCH, FRESH_AFTER) if fresh else (FLUSH, FLUSH_AFTER)
+        # the first batch a fraction of the others (Part.first): the parts, walking at one pace,
+        # then write their batches in turns instead of all at once, each waiting for LMDB's write
+        # lock while another holds it (a core idle for 0.3-0.5 s a batch)
+        self.batch_size = max(1, int(self.full_batch * first))
         self.key_bytes = 0  # of the batch's keys (FRESH_KEY_BYTES)
         self.shown = 0.0
         self.with_md5 = md5
@@ -244,6 +248,7 @@ class Rebuild:
         elif self.batch:
             self.progress.add("written", len(self.batch))  # dry run: what would be written
         self.batch = []
+        self.batch_size = self.full_batch
         self.key_bytes = 0
         self.flushed = time.monotonic()
 
@@ -258,6 +263,7 @@ class Part(NamedTuple):
     concurrency: int
     aas: Iterable[int]  # parts.shares
     fresh: bool = False  # into an index that did not exist: larger batches (Rebuild)
+    first: float = 1.0  # the first batch's size, a fraction of the others' (Rebuild)
 
 
 async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
@@ -272,7 +278,7 @@ async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Po
         walker = LocalWalker(part.dirs) if part.dirs else Walker(pool, part.config.volumes, part.concurrency)
         roots = await walker.roots()
         progress.add("roots", len(roots))
-        job = Rebuild(part.config, part.md5, pool, store, progress, part.dirs, part.fresh)
+        job = Rebuild(part.config, part.md5, pool, store, progress, part.dirs, part.fresh, part.first)
         try:
             progress.add("skipped", await walker.walk(roots, job.handle, progress.tick, stop, part.aas))
         finally:
@@ -331,8 +337,8 @@ async def rebuild(args, config: Config) -> int:
         stop_on_signal(stop, progress)
         procs = max(1, min(config.workers if "workers" in args.given else DEFAULT_PROCS, 256))
         db = None if args.dry_run else config.db
-        parts = [Part(config, dirs, db, args.md5, args.concurrency, aas, not args.dry_run and fresh)
-                 for aas in shares(procs)]
+        parts = [Part(config, dirs, db, args.md5, args.concurrency, aas, not args.dry_run and fresh, (i + 1) / procs)
+                 for i, aas in enumerate(shares(procs))]
         if procs == 1:
             errors = await run_part(parts[0], progress, stop, pool)
         else:
