@@ -102,7 +102,7 @@ def test_a_rebuild_into_a_new_index_writes_its_large_batches_a_slice_of_keys_at_
         assert dict(store.scan(b"")[0]) == want and progress.counts["written"] == len(keys)
     finally:
         store.close()
-    assert all(len(keys) <= 2 * 7 for keys in slices) and len(slices) >= len(keys) // 14
+    assert all(len(keys) <= 7 for keys in slices) and len(slices) >= len(keys) // 7
     batches = []  # the slices of one batch follow each other in key order
     for got in slices:
         if batches and batches[-1][-1] < got[0]:

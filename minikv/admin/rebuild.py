@@ -239,8 +239,9 @@ class Rebuild:
     def flush(self) -> None:
         if self.batch and isinstance(self.store, Store):
             self.batch.sort(key=_first)  # the puts then walk the tree in order (a key is in a batch once)
-            n = max(1, len(self.batch) // FLUSH)
-            step = -(-len(self.batch) // n)
+            # FLUSH keys a transaction at most: LMDB allocates a page for each page a transaction
+            # changes, and keeps them for the next (up to 2*FLUSH made it 60 MB at 1M keys)
+            step = -(-len(self.batch) // -(-len(self.batch) // FLUSH))
             for i in range(0, len(self.batch), step):
                 self.progress.add("written", self.store.add_many(self.batch[i:i + step], self.merge))
         elif self.batch and self.store is not None:  # PostgreSQL: COPY, then one insert (rebuild_pg.py)
