@@ -44,15 +44,22 @@ def log(msg: str) -> None:
     print(f"minikv server [{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
+LOCK_FILE = "minikv-server.lock"  # in the index's folder: held by the server that serves it
+
+
+def _lock_file(path: str, command: str) -> int:
+    try:
+        os.makedirs(path, exist_ok=True)
+        return os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        what = "is a file, not a folder" if os.path.isfile(path) else f"cannot be written: {e.strerror}"
+        raise SystemExit(f"minikv {command}: -db {path} {what} (the index database is a folder)") from None
+
+
 def lock_db(path: str) -> int:
     """Hold an exclusive lock on the database for as long as this server (or a worker of it)
     runs; wait a little for a previous server's workers that are still stopping."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, "minikv-server.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        what = "is a file, not a folder" if os.path.isfile(path) else f"cannot be written: {e.strerror}"
-        raise SystemExit(f"minikv server: -db {path} {what} (the index database is a folder)") from None
+    fd = _lock_file(path, "server")
     deadline = time.monotonic() + SHUTDOWN_GRACE + 5
     waiting = False
     while True:
@@ -62,11 +69,24 @@ def lock_db(path: str) -> int:
         except BlockingIOError:
             if not waiting:
                 waiting = True
-                log(f"another minikv server holds -db {path}; waiting up to {deadline - time.monotonic():.0f}s "
-                    "for it to stop")
+                log(f"another minikv server holds -db {path} (or a rebuild writing it anew); waiting up "
+                    f"to {deadline - time.monotonic():.0f}s for it to stop")
             if time.monotonic() > deadline:
-                raise SystemExit(f"minikv server: another minikv server uses -db {path}: stop it first") from None
+                raise SystemExit(f"minikv server: another minikv server uses -db {path}, or a rebuild is writing "
+                                 "it: stop the server, or let the rebuild finish") from None
             time.sleep(0.2)
+
+
+def try_lock_db(path: str, command: str) -> int | None:
+    """lock_db without the wait, for an admin command: the lock's descriptor (the lock goes with
+    it), or None when a server holds it."""
+    fd = _lock_file(path, command)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
 
 
 def bind_error(host: str, port: int) -> OSError | None:

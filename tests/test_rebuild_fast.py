@@ -160,6 +160,51 @@ def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, mo
     assert [p.first for p in seen] == [0.25, 0.5, 0.75, 1.0] and all(p.fresh for p in seen)
 
 
+def test_a_rebuild_into_a_new_index_keeps_servers_off_it_until_it_ends(tmp_path, monkeypatch):
+    # its batches reach the index up to FRESH_AFTER seconds after the walk found their keys: a
+    # server on it meanwhile could see a key it deleted come back. The rebuild holds the servers'
+    # lock on a new index (lock_db: a server waits, then refuses), not on one that exists
+    import asyncio
+
+    from minikv.admin import rebuild
+    from minikv.server import try_lock_db
+
+    seen = []
+
+    async def run_parts(run, name, parts, progress, stop):
+        fd = try_lock_db(parts[0].db, "test")  # as a server starting on it would find it
+        seen.append((fd is None, parts[0].fresh))
+        if fd is not None:
+            os.close(fd)
+        return []
+
+    monkeypatch.setattr(rebuild, "run_parts", run_parts)
+    folders = [str(tmp_path / f"vol{i}") for i in range(3)]
+    for folder in folders:
+        os.mkdir(folder)
+    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
+
+    def run(db: str, force: bool = False) -> int:
+        config = Config(volumes=volumes, db=db, replicas=2, subvolumes=1, workers=2)
+        args = argparse.Namespace(positionals=folders, dry_run=False, force=force, given={"workers"}, md5=False,
+                                  concurrency=1)
+        return asyncio.run(rebuild.rebuild(args, config))
+
+    db = str(tmp_path / "new")
+    assert run(db) == 0 and seen.pop() == (True, True)  # held while it writes
+    fd = try_lock_db(db, "test")
+    assert fd is not None  # and let go at its end
+    os.close(fd)
+    assert run(db, force=True) == 0 and seen.pop() == (False, False)  # an index that exists: servers may run
+    # a server already on a path that has no data.mdb yet (it is starting): the index is not new
+    other = str(tmp_path / "starting")
+    fd = try_lock_db(other, "test")
+    try:
+        assert run(other) == 0 and seen.pop() == (True, False)
+    finally:
+        os.close(fd)
+
+
 def test_handlers_side_by_side_lose_no_record_when_one_flushes(tmp_path, monkeypatch):
     # with -md5 over HTTP the walk's workers run handle() side by side, each awaiting values'
     # md5s: one's flush() started a new batch while the others appended to the old one, which

@@ -15,9 +15,12 @@ each key is put only where it is absent and merged (below) where it is not, unde
 lock; on PostgreSQL the batch is COPYed in and inserted in one statement (admin/rebuild_pg.py).
 So a batch never overwrites a record a live server changed meanwhile. Into a new LMDB index a
 batch is FRESH_BATCH records, sorted and written a FLUSH-long slice of keys per transaction:
-fewer pages of the tree touched per key. No server was using an index that did not exist; one
-started on it during the rebuild could see a key it deleted come back if the walk had found it
-in the FRESH_AFTER seconds before (0.5 s otherwise). Memory holds one
+fewer pages of the tree touched per key. No server uses an index that did not exist: the rebuild
+holds the servers' lock on it (minikv-server.lock) until it ends, so a server started on it
+meanwhile waits, then refuses, rather than see a key it deleted come back from a batch up to
+FRESH_AFTER seconds old. (With -force into an index a server runs on, a batch is 0.5 s old at
+most: a key deleted in that time can come back, as from any listing older than the delete.)
+Memory holds one
 `<aa>/<bb>` folder per listing in flight and one batch, whatever the number of keys.
 
 S3 multipart objects (s3/composite.py) have no file of their own: their records are written last,
@@ -313,6 +316,7 @@ async def rebuild(args, config: Config) -> int:
         print(f"minikv rebuild: {e}", file=sys.stderr)
         return 2
     pool = config.pool()
+    held = None  # the servers' lock on a new LMDB index, while we write it
     try:
         if not dirs and not await all_up(pool, config, "rebuild",
                                          "every volume must be up, or its copies would be missing from the "
@@ -324,7 +328,16 @@ async def rebuild(args, config: Config) -> int:
                     return 2
                 fresh = False
             else:
-                fresh = not os.path.exists(os.path.join(config.db, "data.mdb"))
+                from minikv.server import try_lock_db  # here: the server's code is not the walk's
+
+                # a new index is ours alone until we end (FRESH_AFTER): a server started on it
+                # waits for the lock, then refuses. One that holds it already serves an index
+                # that exists, with its own records: not new.
+                held = try_lock_db(config.db, "rebuild")
+                fresh = held is not None and not os.path.exists(os.path.join(config.db, "data.mdb"))
+                if held is not None and not fresh:
+                    os.close(held)  # an index that exists: a server may serve it meanwhile (-force)
+                    held = None
                 store = Store(config.db, sync=config.fsync)
             n = store.count()
             store.close()  # each part opens its own: an LMDB handle must not cross into another process
@@ -368,6 +381,8 @@ async def rebuild(args, config: Config) -> int:
         return 1 if c["failed"] or c["long"] else 0
     finally:
         pool.close()
+        if held is not None:
+            os.close(held)  # servers may start on it now
 
 
 main = command_main("rebuild", rebuild)
