@@ -139,6 +139,16 @@ def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, mo
                 asyncio.run(job.handle({k: [Found(v, 3, 1_000) for v in placer.want(k)] for k in keys}))
             job.flush()
             assert written == sizes
+        # long keys end batches by their bytes (FRESH_KEY_BYTES): the first one's limit is as short
+        monkeypatch.setattr(rebuild, "FRESH_KEY_BYTES", 400)
+        for first, sizes in ((0.5, [10, 20, 20, 20, 20, 20, 20, 0]), (1.0, [20, 20, 20, 20, 20, 20, 10])):
+            written.clear()
+            job = rebuild.Rebuild(config, False, None, store, Progress("rebuild", bar=False), fresh=True, first=first)
+            for i in range(0, 130, 10):
+                keys = [f"/long{first}/{j}".encode().ljust(20, b"k") for j in range(i, i + 10)]
+                asyncio.run(job.handle({k: [Found(v, 3, 1_000) for v in placer.want(k)] for k in keys}))
+            job.flush()
+            assert written == [n for n in sizes if n]
     finally:
         store.close()
 

@@ -151,7 +151,9 @@ class Rebuild:
         # the first batch a fraction of the others (Part.first): the parts, walking at one pace,
         # then write their batches in turns instead of all at once, each waiting for LMDB's write
         # lock while another holds it (a core idle for 0.3-0.5 s a batch)
+        # (both its limits: long keys end batches by their bytes, and would line them up again)
         self.batch_size = max(1, int(self.full_batch * first))
+        self.key_limit = max(1, int(FRESH_KEY_BYTES * first))
         self.key_bytes = 0  # of the batch's keys (FRESH_KEY_BYTES)
         self.shown = 0.0
         self.with_md5 = md5
@@ -189,7 +191,7 @@ class Rebuild:
         # a batch is also written after FLUSH_AFTER seconds: what a live server deletes meanwhile
         # is not brought back from an old listing, and an interrupted run loses little
         now = time.monotonic()
-        if (len(self.batch) >= self.batch_size or self.key_bytes >= FRESH_KEY_BYTES
+        if (len(self.batch) >= self.batch_size or self.key_bytes >= self.key_limit
                 or now - self.flushed > self.batch_age):
             self.flush()
         if now - self.shown > SHOW_EVERY:
@@ -253,6 +255,7 @@ class Rebuild:
             self.progress.add("written", len(self.batch))  # dry run: what would be written
         self.batch = []
         self.batch_size = self.full_batch
+        self.key_limit = FRESH_KEY_BYTES
         self.key_bytes = 0
         self.flushed = time.monotonic()
 
