@@ -168,6 +168,33 @@ def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, mo
                               concurrency=1)
     assert asyncio.run(rebuild.rebuild(args, config)) == 0
     assert [p.first for p in seen] == [0.25, 0.5, 0.75, 1.0] and all(p.fresh for p in seen)
+    assert [p.early for p in seen] == [224, 232, 240, 248]  # each writes its batch early, at its own folder
+
+
+def test_a_part_writes_its_batch_before_each_folder_from_its_early_one_on(tmp_path):
+    # the parts end together, each with up to a batch to write, in turns at LMDB's lock: written
+    # before a folder near the end (another for each part), only a few folders' keys are left
+    import asyncio
+
+    from minikv.admin import rebuild
+    from minikv.admin.progress import Progress
+
+    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
+    config = Config(volumes=volumes, db=str(tmp_path / "db"), replicas=2, subvolumes=1)
+    placer = Placer(config)
+    store = Store(config.db)
+    try:
+        job = rebuild.Rebuild(config, False, None, store, Progress("rebuild", bar=False), fresh=True)
+        counts = []
+        for a in rebuild.written_early(iter([0, 3, 5, 6, 9, 12]), 6, job):  # a part's folders, as Claims gives them
+            counts.append((a, store.count(), len(job.batch)))
+            keys = [f"/early/{a}/{j}".encode() for j in range(5)]
+            asyncio.run(job.handle({k: [Found(v, 3, 1_000) for v in placer.want(k)] for k in keys}))
+        assert counts == [(0, 0, 0), (3, 0, 5), (5, 0, 10), (6, 15, 0), (9, 20, 0), (12, 25, 0)]
+        job.flush()
+        assert store.count() == 30
+    finally:
+        store.close()
 
 
 def test_a_rebuild_into_a_new_index_keeps_servers_off_it_until_it_ends(tmp_path, monkeypatch):

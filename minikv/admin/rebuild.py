@@ -52,7 +52,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -83,6 +83,7 @@ FRESH_BATCH = 131072
 FRESH_KEY_BYTES = 8 << 20
 FRESH_AFTER = 5.0
 SHOW_EVERY = 0.5  # seconds between updates of the keys and rate beside the bar
+EARLY = 8  # `<aa>` folders between the parts' early writes of their batches (written_early)
 _first = itemgetter(0)  # a batch sorts by key alone: bytes compared, not tuples
 
 
@@ -271,6 +272,19 @@ class Part(NamedTuple):
     aas: Iterable[int]  # parts.shares
     fresh: bool = False  # into an index that did not exist: larger batches (Rebuild)
     first: float = 1.0  # the first batch's size, a fraction of the others' (Rebuild)
+    early: int = 256  # the `<aa>` folder from which on the batch is written before each, whatever its size (written_early)
+
+
+def written_early(aas: Iterable[int], early: int, job: Rebuild) -> Iterator[int]:
+    """The folders of `aas`, the batch written before each from `early` on. The parts end
+    together (parts.Claims), each with up to a batch to write, in turns at LMDB's write lock:
+    a core stood idle for 0.2-0.3 s of the last. Written before a folder near the end (another
+    for each part, EARLY apart), a batch goes in while the others still walk; after it, a
+    batch is a folder's keys, and so is what is left at the end."""
+    for a in aas:
+        if a >= early:
+            job.flush()
+        yield a
 
 
 async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Pool) -> list[str]:
@@ -286,8 +300,9 @@ async def run_part(part: Part, progress: Progress, stop: asyncio.Event, pool: Po
         roots = await walker.roots()
         progress.add("roots", len(roots))
         job = Rebuild(part.config, part.md5, pool, store, progress, part.dirs, part.fresh, part.first)
+        aas = written_early(part.aas, part.early, job)
         try:
-            progress.add("skipped", await walker.walk(roots, job.handle, progress.tick, stop, part.aas))
+            progress.add("skipped", await walker.walk(roots, job.handle, progress.tick, stop, aas))
         finally:
             job.flush()
         return walker.errors
@@ -354,7 +369,8 @@ async def rebuild(args, config: Config) -> int:
         stop_on_signal(stop, progress)
         procs = max(1, min(config.workers if "workers" in args.given else DEFAULT_PROCS, 256))
         db = None if args.dry_run else config.db
-        parts = [Part(config, dirs, db, args.md5, args.concurrency, aas, not args.dry_run and fresh, (i + 1) / procs)
+        parts = [Part(config, dirs, db, args.md5, args.concurrency, aas, not args.dry_run and fresh, (i + 1) / procs,
+                      max(128, 256 - EARLY * (procs - i)) if procs > 1 else 256)
                  for i, aas in enumerate(shares(procs))]
         if procs == 1:
             errors = await run_part(parts[0], progress, stop, pool)
