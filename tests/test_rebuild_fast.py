@@ -171,7 +171,7 @@ def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, mo
     assert [p.early for p in seen] == [224, 232, 240, 248]  # each writes its batch early, at its own folder
 
 
-def test_a_part_writes_its_batch_before_each_folder_from_its_early_one_on(tmp_path):
+def test_a_part_writes_its_batch_before_each_folder_from_its_early_one_on(tmp_path, monkeypatch):
     # the parts end together, each with up to a batch to write, in turns at LMDB's lock: written
     # before a folder near the end (another for each part), only a few folders' keys are left
     import asyncio
@@ -195,6 +195,19 @@ def test_a_part_writes_its_batch_before_each_folder_from_its_early_one_on(tmp_pa
         assert store.count() == 30
     finally:
         store.close()
+
+    # and a part's walk takes its folders through it: from `early` on, a write before each
+    flushes = []
+    monkeypatch.setattr(rebuild.Rebuild, "flush", lambda self: flushes.append(1))
+    dirs = {}
+    for v in volumes:
+        dirs[v] = str(tmp_path / v.replace(":", "_"))
+        os.mkdir(dirs[v])
+    for early, want in ((250, 6 + 1), (256, 1)):  # folders 250-255, and the last write at the end
+        flushes.clear()
+        part = rebuild.Part(config, dirs, None, False, 1, range(256), True, 1.0, early)
+        assert asyncio.run(rebuild.run_part(part, Progress("rebuild", bar=False), asyncio.Event(), None)) == []
+        assert len(flushes) == want
 
 
 def test_a_rebuild_into_a_new_index_keeps_servers_off_it_until_it_ends(tmp_path, monkeypatch):

@@ -279,8 +279,9 @@ def written_early(aas: Iterable[int], early: int, job: Rebuild) -> Iterator[int]
     """The folders of `aas`, the batch written before each from `early` on. The parts end
     together (parts.Claims), each with up to a batch to write, in turns at LMDB's write lock:
     a core stood idle for 0.2-0.3 s of the last. Written before a folder near the end (another
-    for each part, EARLY apart), a batch goes in while the others still walk; after it, a
-    batch is a folder's keys, and so is what is left at the end."""
+    for each part, EARLY apart; from the 17th part on, all at folder 128), a batch goes in while
+    the others still walk; after it, a batch is a folder's keys, and so is what is left at the
+    end."""
     for a in aas:
         if a >= early:
             job.flush()
