@@ -113,6 +113,24 @@ def test_a_rebuild_into_a_new_index_writes_its_large_batches_a_slice_of_keys_at_
     assert len(batches) < len(slices)  # a batch went in more than one transaction
 
 
+def rebuild_with(monkeypatch, tmp_path: Path, run_parts, db: str, workers: int = 2, force: bool = False) -> int:
+    """The rebuild command over three empty local folders, its processes stood in for by
+    `run_parts` (which sees the parts it would have started)."""
+    import asyncio
+
+    from minikv.admin import rebuild
+
+    monkeypatch.setattr(rebuild, "run_parts", run_parts)
+    folders = [str(tmp_path / f"vol{i}") for i in range(3)]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    config = Config(volumes=[f"127.0.0.1:{3000 + i}" for i in range(3)], db=db, replicas=2, subvolumes=1,
+                    workers=workers)
+    args = argparse.Namespace(positionals=folders, dry_run=False, force=force, given={"workers"}, md5=False,
+                              concurrency=1)
+    return asyncio.run(rebuild.rebuild(args, config))
+
+
 def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, monkeypatch):
     # the parts walk at one pace: with batches of one size they wrote them at the same moments,
     # each waiting for LMDB's write lock while the other held it. Part i of n makes its first
@@ -159,14 +177,7 @@ def test_the_parts_first_batches_differ_so_that_they_write_in_turns(tmp_path, mo
         seen.extend(parts)
         return []
 
-    monkeypatch.setattr(rebuild, "run_parts", run_parts)
-    folders = [str(tmp_path / f"vol{i}") for i in range(3)]
-    for folder in folders:
-        os.mkdir(folder)
-    config = Config(volumes=volumes, db=str(tmp_path / "new"), replicas=2, subvolumes=1, workers=4)
-    args = argparse.Namespace(positionals=folders, dry_run=False, force=False, given={"workers"}, md5=False,
-                              concurrency=1)
-    assert asyncio.run(rebuild.rebuild(args, config)) == 0
+    assert rebuild_with(monkeypatch, tmp_path, run_parts, str(tmp_path / "new"), workers=4) == 0
     assert [p.first for p in seen] == [0.25, 0.5, 0.75, 1.0] and all(p.fresh for p in seen)
     assert [p.early for p in seen] == [224, 232, 240, 248]  # each writes its batch early, at its own folder
 
@@ -214,9 +225,7 @@ def test_a_rebuild_into_a_new_index_keeps_servers_off_it_until_it_ends(tmp_path,
     # its batches reach the index up to FRESH_AFTER seconds after the walk found their keys: a
     # server on it meanwhile could see a key it deleted come back. The rebuild holds the servers'
     # lock on a new index (lock_db: a server waits, then refuses), not on one that exists
-    import asyncio
 
-    from minikv.admin import rebuild
     from minikv.server import try_lock_db
 
     seen = []
@@ -228,17 +237,8 @@ def test_a_rebuild_into_a_new_index_keeps_servers_off_it_until_it_ends(tmp_path,
             os.close(fd)
         return []
 
-    monkeypatch.setattr(rebuild, "run_parts", run_parts)
-    folders = [str(tmp_path / f"vol{i}") for i in range(3)]
-    for folder in folders:
-        os.mkdir(folder)
-    volumes = [f"127.0.0.1:{3000 + i}" for i in range(3)]
-
     def run(db: str, force: bool = False) -> int:
-        config = Config(volumes=volumes, db=db, replicas=2, subvolumes=1, workers=2)
-        args = argparse.Namespace(positionals=folders, dry_run=False, force=force, given={"workers"}, md5=False,
-                                  concurrency=1)
-        return asyncio.run(rebuild.rebuild(args, config))
+        return rebuild_with(monkeypatch, tmp_path, run_parts, db, force=force)
 
     db = str(tmp_path / "new")
     assert run(db) == 0 and seen.pop() == (True, True)  # held while it writes
