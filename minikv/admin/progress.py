@@ -47,13 +47,11 @@ class Progress:
         self.unit = unit
         if not (sys.stderr.isatty() if bar is None else bar):
             self.bar = _NoBar()
-            self.write = _NoBar.write
         else:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit=bar_unit or unit, desc=command, file=sys.stderr, dynamic_ncols=True,
                             smoothing=0.05, mininterval=0.25)
-            self.write = tqdm.write  # a line above the bar, which tqdm then draws again
 
     def tick(self, n: int = 1) -> None:
         """`n` more units of work done (moves the bar)."""
@@ -73,7 +71,7 @@ class Progress:
 
     def say(self, message: str) -> None:
         """An operator-facing line that does not break the bar."""
-        self.write(f"{self.command}: {message}", file=sys.stderr)
+        self.bar.write(f"{self.command}: {message}", file=sys.stderr)  # tqdm: above the bar, drawn again
 
     def problem(self, message: str) -> None:
         self.lines += 1

@@ -149,10 +149,9 @@ class Rebuild:
                  dirs: dict[str, str] | None = None, fresh: bool = False, first: float = 1.0):
         self.config = config
         self.full_batch, self.batch_age = (FRESH_BATCH, FRESH_AFTER) if fresh else (FLUSH, FLUSH_AFTER)
-        # the first batch a fraction of the others (Part.first): the parts, walking at one pace,
-        # then write their batches in turns instead of all at once, each waiting for LMDB's write
-        # lock while another holds it (a core idle for 0.3-0.5 s a batch)
-        # (both its limits: long keys end batches by their bytes, and would line them up again)
+        # the first batch a fraction of the others (Part.first), by count and by bytes (long keys
+        # end batches by their bytes): the parts, walking at one pace, then write their batches in
+        # turns instead of all at once, each waiting for LMDB's write lock while another holds it
         self.batch_size = max(1, int(self.full_batch * first))
         self.key_limit = max(1, int(FRESH_KEY_BYTES * first))
         self.key_bytes = 0  # of the batch's keys (FRESH_KEY_BYTES)
